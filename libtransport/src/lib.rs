@@ -1,1 +1,4 @@
 //! libtransport
+#![deny(missing_docs)]
+pub mod proto;
+pub mod store;

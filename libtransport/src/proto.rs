@@ -1,0 +1,20 @@
+//! The protocol core, without I/O: frames, messages, names, manifests.
+//!
+//! Nothing in here touches a socket, a file, a clock or tokio. Drivers in
+//! [`crate::transport`] read bytes, hand them to these decoders and write what the encoders
+//! produce. Every decoder is bounded: lengths are checked against limits before any
+//! allocation, and hostile input yields a typed error, never a panic.
+
+pub mod frame;
+pub mod manifest;
+pub mod message;
+pub mod name;
+
+pub use frame::{Frame, FrameError, FrameHeader, FrameKind};
+pub use manifest::{
+    ChunkError, ChunkIndex, ChunkSet, Digest, Manifest, ManifestBuilder, ManifestError,
+};
+pub use message::{
+    DecodeError, ErrorCode, Hello, HelloAck, ObjectEntry, Request, Response, TransferId,
+};
+pub use name::{DatasetName, NameError, ObjectPath};

@@ -1,0 +1,559 @@
+//! Local objects: datasets as directories, manifests, confined reads, verified writes.
+//!
+//! A dataset is a directory named by a [`DatasetName`] under the store's root; its objects
+//! are the regular files beneath it. Every path a peer names is resolved beneath the
+//! dataset's directory (see `store/fs.rs`), so `..`, absolute paths and symlinks pointing
+//! outside never reach a file. Names starting with `.transportd` belong to the store.
+//!
+//! Manifests are computed once per file version and cached, in memory and (if a state
+//! directory is configured) on disk, keyed by the file's size, mtime and inode. A file whose
+//! bytes change without its metadata changing (bit rot, a careless in-place edit) keeps its
+//! old manifest, so receivers detect the damage instead of accepting it as good.
+//!
+//! All methods here block; the server calls them from `spawn_blocking`.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use tracing::{debug, warn};
+
+use crate::proto::manifest::chunk_bytes_for;
+use crate::proto::name::RESERVED_PREFIX;
+use crate::proto::{DatasetName, Digest, Manifest, ManifestBuilder, ObjectEntry, ObjectPath};
+
+mod fs;
+pub mod partial;
+
+pub use partial::{PartialFile, WriteError};
+
+/// The objects this node serves and receives.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    state_dir: Option<PathBuf>,
+    chunk_bytes: u32,
+    manifests: Mutex<ManifestCache>,
+    writing: Arc<Mutex<HashSet<(DatasetName, ObjectPath)>>>,
+}
+
+impl Store {
+    /// Opens a store over the datasets under `root`. `state_dir`, if given, keeps computed
+    /// manifests across restarts. `chunk_bytes` is the preferred chunk size for manifests.
+    pub fn open(
+        root: impl Into<PathBuf>,
+        state_dir: Option<PathBuf>,
+        chunk_bytes: u32,
+    ) -> Result<Self, StoreError> {
+        let root = root.into();
+        let meta = std::fs::metadata(&root).map_err(|e| StoreError::Root {
+            path: root.clone(),
+            source: e,
+        })?;
+        if !meta.is_dir() {
+            return Err(StoreError::Root {
+                path: root,
+                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        if let Some(dir) = &state_dir {
+            std::fs::create_dir_all(dir.join("manifests")).map_err(|e| StoreError::Root {
+                path: dir.clone(),
+                source: e,
+            })?;
+        }
+        Ok(Self {
+            root,
+            state_dir,
+            chunk_bytes: chunk_bytes_for(0, chunk_bytes)
+                .unwrap_or(crate::proto::manifest::DEFAULT_CHUNK_BYTES),
+            manifests: Mutex::new(HashMap::new()),
+            writing: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    /// The directory holding the datasets.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The preferred chunk size of manifests this store builds.
+    pub fn chunk_bytes(&self) -> u32 {
+        self.chunk_bytes
+    }
+
+    /// Every dataset: the root's subdirectories with valid names, sorted.
+    pub fn datasets(&self) -> Result<Vec<DatasetName>, StoreError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| DatasetName::new(n).ok())
+            else {
+                continue;
+            };
+            // Follows a symlink at this level: the operator may link a dataset in.
+            if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// One page of a dataset's objects in path order, with a flag saying whether more follow.
+    pub fn list(
+        &self,
+        dataset: &DatasetName,
+        prefix: &str,
+        start_after: Option<&ObjectPath>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectEntry>, bool), StoreError> {
+        let dir = self.dataset_dir(dataset)?;
+        let base = self.root.join(dataset.as_str());
+        let mut all = Vec::new();
+        walk(&dir, &base, "", &mut all)?;
+        all.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut page: Vec<ObjectEntry> = all
+            .into_iter()
+            .filter(|e| e.path.as_str().starts_with(prefix))
+            .filter(|e| start_after.is_none_or(|s| e.path > *s))
+            .take(limit + 1)
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
+    }
+
+    /// Opens an object for reading and returns it with its manifest, computing the manifest
+    /// if this version of the file has none yet (which reads the whole file).
+    pub fn open_read(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+    ) -> Result<ObjectReader, StoreError> {
+        let dir = self.dataset_dir(dataset)?;
+        let file = fs::open_file_beneath(&dir, object).map_err(not_found)?;
+        let stamp = Stamp::of(&file.metadata()?);
+        let manifest = self.manifest_for(dataset, object, &file, stamp)?;
+        Ok(ObjectReader { file, manifest })
+    }
+
+    /// Starts (or resumes) receiving an object. `owner` scopes the temporary file, so one
+    /// identity never resumes another's upload. Fails with `Conflict` while another transfer
+    /// writes the same object.
+    pub fn open_write(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        manifest: Arc<Manifest>,
+        owner: &str,
+    ) -> Result<ObjectWriter, StoreError> {
+        let key = (dataset.clone(), object.clone());
+        if !self
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone())
+        {
+            return Err(StoreError::Conflict);
+        }
+        let guard = WriteGuard {
+            set: self.writing.clone(),
+            key,
+        };
+        let dir = self.dataset_dir(dataset)?;
+        let parent = fs::create_parent_beneath(&dir, object).map_err(not_found)?;
+        let final_name = object.segments().last().unwrap_or_default().to_owned();
+        let mut h = blake3::Hasher::new_derive_key(PARTIAL_CONTEXT);
+        for part in [owner, dataset.as_str(), object.as_str()] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(&manifest.root().0);
+        let tmp_name = format!("{RESERVED_PREFIX}-partial-{}", &h.finalize().to_hex()[..32]);
+        let partial = PartialFile::open(parent, tmp_name, final_name, manifest)?;
+        Ok(ObjectWriter {
+            partial,
+            _guard: guard,
+        })
+    }
+
+    /// Records the manifest of an object just committed, so it is not recomputed.
+    pub fn remember(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        manifest: Arc<Manifest>,
+    ) -> Result<(), StoreError> {
+        let dir = self.dataset_dir(dataset)?;
+        let file = fs::open_file_beneath(&dir, object).map_err(not_found)?;
+        let stamp = Stamp::of(&file.metadata()?);
+        self.cache(dataset, object, stamp, manifest);
+        Ok(())
+    }
+
+    fn dataset_dir(&self, dataset: &DatasetName) -> Result<File, StoreError> {
+        fs::open_dir(&self.root.join(dataset.as_str())).map_err(not_found)
+    }
+
+    fn manifest_for(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        file: &File,
+        stamp: Stamp,
+    ) -> Result<Arc<Manifest>, StoreError> {
+        let key = (dataset.clone(), object.clone());
+        if let Some((s, m)) = self.lock_manifests().get(&key)
+            && *s == stamp
+        {
+            return Ok(m.clone());
+        }
+        if let Some(m) = self.load_persisted(dataset, object, stamp) {
+            let m = Arc::new(m);
+            self.lock_manifests().insert(key, (stamp, m.clone()));
+            return Ok(m);
+        }
+        let m = Arc::new(compute_manifest(file, stamp.len, self.chunk_bytes)?);
+        debug!(
+            dataset = %dataset,
+            object.digest = %object.digest().short(),
+            bytes = stamp.len,
+            chunks = m.chunk_count(),
+            "manifest computed"
+        );
+        self.cache(dataset, object, stamp, m.clone());
+        Ok(m)
+    }
+
+    fn cache(&self, dataset: &DatasetName, object: &ObjectPath, stamp: Stamp, m: Arc<Manifest>) {
+        {
+            let mut map = self.lock_manifests();
+            if map.len() >= MAX_CACHED_MANIFESTS {
+                // Cheap bound: forget everything; manifests on disk survive.
+                map.clear();
+            }
+            map.insert((dataset.clone(), object.clone()), (stamp, m.clone()));
+        }
+        if let Err(e) = self.persist(dataset, object, stamp, &m) {
+            warn!(error = %e, "could not persist a manifest; it will be recomputed after restart");
+        }
+    }
+
+    fn persisted_path(&self, dataset: &DatasetName, object: &ObjectPath) -> Option<PathBuf> {
+        let dir = self.state_dir.as_ref()?;
+        Some(
+            dir.join("manifests")
+                .join(dataset.as_str())
+                .join(object.digest().to_hex()),
+        )
+    }
+
+    fn persist(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        stamp: Stamp,
+        m: &Manifest,
+    ) -> io::Result<()> {
+        let Some(path) = self.persisted_path(dataset, object) else {
+            return Ok(());
+        };
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(parent)?;
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(PERSIST_MAGIC);
+        stamp.encode(&mut buf);
+        buf.extend_from_slice(&(object.as_str().len() as u32).to_be_bytes());
+        buf.extend_from_slice(object.as_str().as_bytes());
+        m.encode(&mut buf);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &buf)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    fn load_persisted(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        stamp: Stamp,
+    ) -> Option<Manifest> {
+        let bytes = std::fs::read(self.persisted_path(dataset, object)?).ok()?;
+        let mut r = bytes.strip_prefix(PERSIST_MAGIC.as_slice())?;
+        if Stamp::decode(&mut r)? != stamp {
+            return None;
+        }
+        let n = u32::from_be_bytes(r.get(..4)?.try_into().ok()?) as usize;
+        // The digest names the file; the stored path guards against a digest collision.
+        if r.get(4..4 + n)? != object.as_str().as_bytes() {
+            return None;
+        }
+        r = &r[4 + n..];
+        let m = Manifest::decode(&mut r).ok()?;
+        (r.is_empty() && m.size() == stamp.len).then_some(m)
+    }
+
+    fn lock_manifests(&self) -> std::sync::MutexGuard<'_, ManifestCache> {
+        self.manifests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Manifests by object, with the file version each describes.
+type ManifestCache = HashMap<(DatasetName, ObjectPath), (Stamp, Arc<Manifest>)>;
+
+/// An object open for reading, pinned to the file version its manifest describes: a file
+/// replaced by rename while a transfer runs keeps serving the old version.
+#[derive(Debug)]
+pub struct ObjectReader {
+    file: File,
+    manifest: Arc<Manifest>,
+}
+
+impl ObjectReader {
+    /// The object's manifest.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer. Blocking. A file that has become
+    /// shorter than its manifest says fails with `Corrupt`.
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        let mut buf = BytesMut::zeroed(len);
+        self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                StoreError::Corrupt
+            } else {
+                StoreError::Io(e)
+            }
+        })?;
+        Ok(buf.freeze())
+    }
+}
+
+/// An object being received; holds the object's write lock until dropped.
+#[derive(Debug)]
+pub struct ObjectWriter {
+    partial: PartialFile,
+    _guard: WriteGuard,
+}
+
+impl ObjectWriter {
+    /// The temporary file.
+    pub fn partial(&self) -> &PartialFile {
+        &self.partial
+    }
+
+    /// Makes the object durable under its name. Blocking.
+    pub fn commit(self) -> Result<Arc<Manifest>, WriteError> {
+        let m = self.partial.manifest().clone();
+        self.partial.commit()?;
+        Ok(m)
+    }
+}
+
+#[derive(Debug)]
+struct WriteGuard {
+    set: Arc<Mutex<HashSet<(DatasetName, ObjectPath)>>>,
+    key: (DatasetName, ObjectPath),
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store's root or state directory is unusable.
+    #[error("store directory {path}: {source}")]
+    Root {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// No such dataset or object (or the path leaves its dataset).
+    #[error("not found")]
+    NotFound,
+    /// Another transfer is writing this object.
+    #[error("object is being written by another transfer")]
+    Conflict,
+    /// The stored file does not match its manifest.
+    #[error("stored object does not match its manifest")]
+    Corrupt,
+    /// The object cannot be described by one manifest.
+    #[error(transparent)]
+    Manifest(#[from] crate::proto::ManifestError),
+    /// The file system failed.
+    #[error("storage: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime_ns: i128,
+    ino: u64,
+    dev: u64,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        out.extend_from_slice(&self.len.to_be_bytes());
+        out.extend_from_slice(&self.mtime_ns.to_be_bytes());
+        out.extend_from_slice(&self.ino.to_be_bytes());
+        out.extend_from_slice(&self.dev.to_be_bytes());
+    }
+
+    fn decode(r: &mut &[u8]) -> Option<Self> {
+        let take = |r: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+            let head = r.get(..n)?.to_vec();
+            *r = &r[n..];
+            Some(head)
+        };
+        Some(Self {
+            len: u64::from_be_bytes(take(r, 8)?.try_into().ok()?),
+            mtime_ns: i128::from_be_bytes(take(r, 16)?.try_into().ok()?),
+            ino: u64::from_be_bytes(take(r, 8)?.try_into().ok()?),
+            dev: u64::from_be_bytes(take(r, 8)?.try_into().ok()?),
+        })
+    }
+}
+
+/// Computes the manifest of the first `len` bytes of `file`.
+pub fn compute_manifest(
+    mut file: &File,
+    len: u64,
+    preferred_chunk_bytes: u32,
+) -> Result<Manifest, StoreError> {
+    let chunk_bytes = chunk_bytes_for(len, preferred_chunk_bytes)?;
+    let mut b = ManifestBuilder::new(len, chunk_bytes)?;
+    let mut buf = vec![0u8; READ_BUF_BYTES];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(StoreError::Corrupt);
+        }
+        b.update(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(b.finish()?)
+}
+
+fn walk(dir: &File, base: &Path, rel: &str, out: &mut Vec<ObjectEntry>) -> Result<(), StoreError> {
+    let path = if rel.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rel)
+    };
+    for entry in std::fs::read_dir(&path)? {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        let child = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let Ok(obj) = ObjectPath::new(&child) else {
+            continue;
+        };
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            walk(dir, base, &child, out)?;
+        } else if ft.is_file() {
+            out.push(ObjectEntry {
+                path: obj,
+                size: entry.metadata()?.len(),
+            });
+        } else if ft.is_symlink() {
+            // Listed only if it resolves to a regular file inside the dataset; symlinked
+            // directories are not descended, so a loop cannot trap the walk.
+            if let Ok(f) = fs::open_file_beneath(dir, &obj) {
+                out.push(ObjectEntry {
+                    path: obj,
+                    size: f.metadata()?.len(),
+                });
+            }
+        }
+        if out.len() > MAX_WALK_ENTRIES {
+            return Err(StoreError::Io(io::Error::other(
+                "dataset holds too many objects to list",
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn not_found(e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => StoreError::NotFound,
+        _ => StoreError::Io(e),
+    }
+}
+
+/// Digest of a file's bytes, for tests and reports that compare whole files.
+pub fn digest_file(path: &Path) -> io::Result<Digest> {
+    let mut h = blake3::Hasher::new();
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; READ_BUF_BYTES];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest(h.finalize().into()))
+}
+
+/// Key-derivation context for temporary file names.
+const PARTIAL_CONTEXT: &str = "transportd 2026-11 partial file name v1";
+
+/// Marks a persisted manifest file, version 1.
+const PERSIST_MAGIC: &[u8; 8] = b"TPDMAN01";
+
+/// Read size when hashing files: large reads keep the syscall count low.
+const READ_BUF_BYTES: usize = 4 << 20;
+
+/// Manifests kept in memory; each is at most 512 KiB, usually a few hundred bytes.
+const MAX_CACHED_MANIFESTS: usize = 65_536;
+
+/// Listing walks the whole dataset; this bounds the work one request can cause.
+const MAX_WALK_ENTRIES: usize = 1_000_000;
+
+#[cfg(test)]
+mod tests;
