@@ -1,1 +1,15 @@
-//! benches
+//! transport-bench: measures what security costs by running the plaintext baseline, TLS/TCP
+//! and QUIC/mTLS over the same workload, on the same machine, in one invocation.
+//!
+//! Every mode moves the same object through the same protocol, store and client code; only
+//! the transport underneath differs. The plaintext baseline exists only here (through
+//! libtransport's `bench-plaintext` feature); the daemon cannot run without TLS.
+
+#![forbid(unsafe_code)]
+// A benchmark reads the clock directly; the product injects it.
+#![allow(clippy::disallowed_methods)]
+
+pub mod mode;
+pub mod report;
+pub mod setup;
+pub mod stats;

@@ -29,7 +29,7 @@ use crate::proto::{DatasetName, Digest, Manifest, ManifestBuilder, ObjectEntry, 
 mod fs;
 pub mod partial;
 
-pub use partial::{PartialFile, WriteError};
+pub use partial::{ChunkWriter, PartialFile, WriteError};
 
 /// The objects this node serves and receives.
 #[derive(Debug)]
@@ -178,7 +178,7 @@ impl Store {
         }
         h.update(&manifest.root().0);
         let tmp_name = format!("{RESERVED_PREFIX}-partial-{}", &h.finalize().to_hex()[..32]);
-        let partial = PartialFile::open(parent, tmp_name, final_name, manifest)?;
+        let partial = Arc::new(PartialFile::open(parent, tmp_name, final_name, manifest)?);
         Ok(ObjectWriter {
             partial,
             _guard: guard,
@@ -344,20 +344,22 @@ impl ObjectReader {
 /// An object being received; holds the object's write lock until dropped.
 #[derive(Debug)]
 pub struct ObjectWriter {
-    partial: PartialFile,
+    partial: Arc<PartialFile>,
     _guard: WriteGuard,
 }
 
 impl ObjectWriter {
-    /// The temporary file.
-    pub fn partial(&self) -> &PartialFile {
+    /// The temporary file, shared with chunk writers.
+    pub fn partial(&self) -> &Arc<PartialFile> {
         &self.partial
     }
 
-    /// Makes the object durable under its name. Blocking.
+    /// Makes the object durable under its name. Blocking. Fails with `Incomplete` if a
+    /// chunk is missing or a chunk writer is still running.
     pub fn commit(self) -> Result<Arc<Manifest>, WriteError> {
         let m = self.partial.manifest().clone();
-        self.partial.commit()?;
+        let partial = Arc::into_inner(self.partial).ok_or(WriteError::Incomplete)?;
+        partial.commit()?;
         Ok(m)
     }
 }

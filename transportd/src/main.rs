@@ -1,1 +1,95 @@
-fn main() {}
+//! transportd: the node daemon and its commands. `main` parses the command line, starts
+//! logging, and maps failures to exit codes: 64 usage, 65 data failed verification,
+//! 69 a node could not be reached, 77 refused or not permitted, 78 configuration, 1 other.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+mod cmd;
+mod config;
+mod demo;
+mod env;
+mod role;
+mod telemetry;
+
+use cli::{CaCommand, Cli, Command, ConfigCommand};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let default_log = match cli.command {
+        Command::Node { .. } => "info",
+        _ => "warn",
+    };
+    if let Err(e) = telemetry::init(default_log) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(78);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("transportd")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cmd::exit_code(&e))
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Node { config } => role::node::run(&config).await,
+        Command::Ca(CaCommand::Init {
+            trust_domain,
+            out,
+            validity,
+            force,
+        }) => cmd::ca::init(&trust_domain, &out, validity.into(), force),
+        Command::Ca(CaCommand::Csr { id, out }) => cmd::ca::csr(&id, &out),
+        Command::Ca(CaCommand::Issue {
+            ca,
+            id,
+            csr,
+            ttl,
+            out,
+        }) => cmd::ca::issue(&ca, &id, csr.as_deref(), ttl.into(), &out),
+        Command::Config(ConfigCommand::Check { file }) => cmd::config_check(&file),
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+        Command::Ls { conn, target, json } => cmd::client::ls(&conn, target.as_deref(), json).await,
+        Command::Pull {
+            conn,
+            source,
+            dest,
+            transfer,
+        } => cmd::client::pull(&conn, &source, &dest, &transfer).await,
+        Command::Push {
+            conn,
+            src,
+            dest,
+            transfer,
+        } => cmd::client::push(&conn, &src, &dest, &transfer).await,
+        Command::Demo { size, keep, json } => demo::run(size.as_u64(), keep, json).await,
+    }
+}

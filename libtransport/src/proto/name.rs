@@ -55,6 +55,19 @@ impl fmt::Debug for DatasetName {
     }
 }
 
+impl serde::Serialize for DatasetName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DatasetName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::str::FromStr for DatasetName {
     type Err = NameError;
 
@@ -142,6 +155,12 @@ impl fmt::Debug for ObjectPath {
     // Debug output ends up in logs more easily than Display: show the digest only.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ObjectPath(#{})", self.digest().short())
+    }
+}
+
+impl serde::Serialize for ObjectPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

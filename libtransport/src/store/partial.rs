@@ -67,33 +67,16 @@ impl PartialFile {
 
     /// Verifies a chunk held in pieces and, if it matches, writes it in place. Blocking.
     /// Safe to call from several threads for different chunks.
-    pub fn write_chunk(&self, index: ChunkIndex, pieces: &[Bytes]) -> Result<(), WriteError> {
-        let range = self
-            .manifest
-            .chunk_range(index)
-            .ok_or(ChunkError::OutOfRange(index))?;
-        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        if len != range.end - range.start {
-            return Err(ChunkError::Length {
-                index,
-                expected: range.end - range.start,
-                actual: len,
-            }
-            .into());
-        }
-        let mut hasher = blake3::Hasher::new();
+    pub fn write_chunk(
+        self: &Arc<Self>,
+        index: ChunkIndex,
+        pieces: &[Bytes],
+    ) -> Result<(), WriteError> {
+        let mut w = ChunkWriter::new(self.clone(), index)?;
         for p in pieces {
-            hasher.update(p);
+            w.feed(p)?;
         }
-        self.manifest
-            .check_digest(index, Digest(hasher.finalize().into()))?;
-        let mut at = range.start;
-        for p in pieces {
-            self.file.write_all_at(p, at)?;
-            at += p.len() as u64;
-        }
-        self.lock().insert(index);
-        Ok(())
+        w.finish()
     }
 
     /// Makes the object durable under its final name: fsync, rename, fsync the directory.
@@ -115,6 +98,78 @@ impl PartialFile {
     fn lock(&self) -> std::sync::MutexGuard<'_, ChunkSet> {
         // The set is always consistent between statements, so a poisoned lock is usable.
         self.have.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Receives one chunk in pieces: each piece is hashed and written in place as it arrives,
+/// and the chunk counts only once the whole of it matches the manifest. Memory stays at
+/// one piece, whatever the chunk size. Blocking calls; move it into `spawn_blocking`.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    partial: Arc<PartialFile>,
+    index: ChunkIndex,
+    start: u64,
+    len: u64,
+    written: u64,
+    hasher: blake3::Hasher,
+}
+
+impl ChunkWriter {
+    /// Starts receiving chunk `index`.
+    pub fn new(partial: Arc<PartialFile>, index: ChunkIndex) -> Result<Self, WriteError> {
+        let range = partial
+            .manifest
+            .chunk_range(index)
+            .ok_or(ChunkError::OutOfRange(index))?;
+        Ok(Self {
+            partial,
+            index,
+            start: range.start,
+            len: range.end - range.start,
+            written: 0,
+            hasher: blake3::Hasher::new(),
+        })
+    }
+
+    /// The chunk being received.
+    pub fn index(&self) -> ChunkIndex {
+        self.index
+    }
+
+    /// Hashes and writes the next piece. Fails, writing nothing, if the chunk would grow
+    /// past its length.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        if self.written + data.len() as u64 > self.len {
+            return Err(ChunkError::Length {
+                index: self.index,
+                expected: self.len,
+                actual: self.written + data.len() as u64,
+            }
+            .into());
+        }
+        self.hasher.update(data);
+        self.partial
+            .file
+            .write_all_at(data, self.start + self.written)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks length and hash; only then does the chunk count.
+    pub fn finish(self) -> Result<(), WriteError> {
+        if self.written != self.len {
+            return Err(ChunkError::Length {
+                index: self.index,
+                expected: self.len,
+                actual: self.written,
+            }
+            .into());
+        }
+        self.partial
+            .manifest
+            .check_digest(self.index, Digest(self.hasher.finalize().into()))?;
+        self.partial.lock().insert(self.index);
+        Ok(())
     }
 }
 
@@ -195,7 +250,7 @@ mod tests {
             )
             .unwrap()
         };
-        let p = open();
+        let p = Arc::new(open());
         let mut bad = chunk(&data, &m, 1).to_vec();
         bad[0] ^= 0xff;
         assert!(matches!(
@@ -210,7 +265,7 @@ mod tests {
         drop(p);
 
         // Reopen: chunks 0 and 2 survive; 1 and 3 are missing.
-        let p = open();
+        let p = Arc::new(open());
         let have = p.have();
         assert!(have.contains(ChunkIndex(0)) && have.contains(ChunkIndex(2)));
         assert_eq!(
@@ -218,9 +273,13 @@ mod tests {
             vec![ChunkIndex(1), ChunkIndex(3)]
         );
         let p = {
+            let p = Arc::into_inner(p).unwrap();
             assert!(matches!(p.commit(), Err(WriteError::Incomplete)));
-            open()
+            Arc::new(open())
         };
+        // A chunk that would grow past its length is refused before anything is written.
+        let mut w = ChunkWriter::new(p.clone(), ChunkIndex(3)).unwrap();
+        assert!(w.feed(&[0u8; 101]).is_err());
         // A chunk in two pieces.
         let c1 = chunk(&data, &m, 1);
         p.write_chunk(ChunkIndex(1), &[c1.slice(..10), c1.slice(10..)])

@@ -1,0 +1,148 @@
+//! Reports: medians per mode, ratios to the plaintext baseline, the machine they ran on; as
+//! a table, JSON and markdown.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::mode::RunResult;
+use crate::stats::median;
+
+/// One mode's summary over all runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeSummary {
+    /// Mode name.
+    pub mode: &'static str,
+    /// Median throughput, 10^9 bytes/s.
+    pub gbps: f64,
+    /// Median throughput over the baseline's median (1.0 for the baseline; absent without it).
+    pub ratio_to_plaintext: Option<f64>,
+    /// Median CPU seconds per GB, both sides.
+    pub cpu_s_per_gb: f64,
+    /// Median of each run's p50 small-request latency.
+    pub p50_us: u64,
+    /// Median of each run's p99 small-request latency.
+    pub p99_us: u64,
+    /// Median p99.9.
+    pub p999_us: u64,
+    /// Largest latency seen in any run.
+    pub max_us: u64,
+    /// Median connection set-up time.
+    pub connect_us: u64,
+    /// Throughput of each run, in order.
+    pub runs_gbps: Vec<f64>,
+}
+
+/// Summarises runs by mode, in `order`.
+pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary> {
+    let mut out: Vec<ModeSummary> = order
+        .iter()
+        .map(|&mode| {
+            let rs: Vec<&RunResult> = runs.iter().filter(|r| r.mode == mode).collect();
+            let med = |f: &dyn Fn(&RunResult) -> f64| median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            ModeSummary {
+                mode,
+                gbps: round(med(&|r| r.gbps), 3),
+                ratio_to_plaintext: None,
+                cpu_s_per_gb: round(med(&|r| r.cpu_s_per_gb), 3),
+                p50_us: med(&|r| r.latency.p50_us as f64) as u64,
+                p99_us: med(&|r| r.latency.p99_us as f64) as u64,
+                p999_us: med(&|r| r.latency.p999_us as f64) as u64,
+                max_us: rs.iter().map(|r| r.latency.max_us).max().unwrap_or(0),
+                connect_us: med(&|r| r.connect_us as f64) as u64,
+                runs_gbps: rs.iter().map(|r| round(r.gbps, 3)).collect(),
+            }
+        })
+        .collect();
+    let base = out.iter().find(|m| m.mode == "plaintext-tcp").map(|m| m.gbps);
+    if let Some(base) = base.filter(|b| *b > 0.0) {
+        for m in &mut out {
+            m.ratio_to_plaintext = Some(round(m.gbps / base, 3));
+        }
+    }
+    out
+}
+
+/// Facts about the machine and build, recorded with every result.
+pub fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let mtu = std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": kernel,
+        "loopback_mtu": mtu,
+        "commit": commit,
+        "time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    })
+}
+
+/// A plain-text table for the terminal.
+pub fn table(summary: &[ModeSummary]) -> String {
+    let mut s = format!(
+        "{:<14} {:>7} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10}\n",
+        "mode", "GB/s", "ratio", "CPU s/GB", "p50 us", "p99 us", "p99.9 us", "connect us"
+    );
+    for m in summary {
+        s.push_str(&format!(
+            "{:<14} {:>7.3} {:>9} {:>9.3} {:>8} {:>8} {:>9} {:>10}\n",
+            m.mode,
+            m.gbps,
+            m.ratio_to_plaintext
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+            m.cpu_s_per_gb,
+            m.p50_us,
+            m.p99_us,
+            m.p999_us,
+            m.connect_us
+        ));
+    }
+    s
+}
+
+/// The same table in markdown, for `benches/results/`.
+pub fn markdown(summary: &[ModeSummary], machine: &Value, params: &Value) -> String {
+    let mut s = String::from("| mode | GB/s (median) | ratio to plaintext | CPU s/GB | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|\n");
+    for m in summary {
+        s.push_str(&format!(
+            "| {} | {:.3} | {} | {:.3} | {} | {} | {} |\n",
+            m.mode,
+            m.gbps,
+            m.ratio_to_plaintext
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+            m.cpu_s_per_gb,
+            m.p50_us,
+            m.p99_us,
+            m.runs_gbps
+                .iter()
+                .map(|g| format!("{g:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    s.push_str(&format!("\nMachine: `{machine}`\n\nParameters: `{params}`\n"));
+    s
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (x * f).round() / f
+}

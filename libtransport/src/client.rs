@@ -1,0 +1,555 @@
+//! The API a data loader uses: connect with an identity, then list, stat, read, fetch, push.
+//!
+//! [`Client::connect`] returns only after the TLS handshake *and* a first round trip
+//! (`Hello` / `HelloAck`) have succeeded: in TLS 1.3 a server refuses a client certificate
+//! only after the client has finished its side of the handshake, so without that round trip
+//! a refused client would look connected. A refusal comes back as a typed
+//! [`ConnectError::Rejected`].
+//!
+//! Transfers verify every chunk against the manifest before it counts, keep many chunks in
+//! flight on separate streams, resume from what a previous attempt left, and reconnect on
+//! network failures as their [`RetryPolicy`] allows.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use certs::Usage;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::ClientConfig;
+use crate::error::{ConnectError, Rejection, RequestError};
+use crate::identity::{FailureSlot, Peer, peer_identity};
+use crate::proto::{
+    DatasetName, ErrorCode, Frame, FrameKind, Hello, HelloAck, Manifest, ObjectEntry, ObjectPath,
+    Request, Response,
+};
+use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, tcp};
+
+mod fetch;
+mod push;
+
+pub use fetch::{FetchOptions, FetchReport};
+pub use push::{PushOptions, PushReport};
+
+/// A connection to one server, re-established on demand.
+#[derive(Debug)]
+pub struct Client {
+    config: ClientConfig,
+    addr: SocketAddr,
+    path: Path,
+    endpoint: Option<quinn::Endpoint>,
+    conn: Mutex<Arc<Connection>>,
+    /// Set only for the bench's plaintext baseline: the server identity we assume.
+    #[cfg(feature = "bench-plaintext")]
+    plaintext: Option<certs::SpiffeId>,
+}
+
+impl Client {
+    /// Connects to `addr` over `path` and completes the first round trip.
+    pub async fn connect(
+        config: ClientConfig,
+        addr: SocketAddr,
+        path: Path,
+    ) -> Result<Self, ConnectError> {
+        let endpoint = match path {
+            Path::Quic => Some(
+                quic::client_endpoint(addr, &config.transport)
+                    .map_err(|e| ConnectError::Local(format!("UDP socket: {e}")))?,
+            ),
+            Path::Tcp => None,
+        };
+        let conn = establish(&config, endpoint.as_ref(), addr, path).await?;
+        Ok(Self {
+            config,
+            addr,
+            path,
+            endpoint,
+            conn: Mutex::new(Arc::new(conn)),
+            #[cfg(feature = "bench-plaintext")]
+            plaintext: None,
+        })
+    }
+
+    /// Tries each path in order, moving on only after a network failure (an unreachable
+    /// address or a timeout, which is what blocked UDP looks like); a refusal is final.
+    pub async fn connect_any(
+        config: ClientConfig,
+        addr: SocketAddr,
+        paths: &[Path],
+    ) -> Result<Self, ConnectError> {
+        let mut last = None;
+        for &path in paths {
+            match Self::connect(config.clone(), addr, path).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.is_network() => {
+                    tracing::warn!(path = %path, error = %e, "path failed; trying the next");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ConnectError::Local("no path to try".into())))
+    }
+
+    /// The server, as authenticated by its SVID.
+    pub fn server(&self) -> Peer {
+        self.current().peer.clone()
+    }
+
+    /// The transport in use.
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    /// The server's limits and chunk size, from its `HelloAck`.
+    pub fn server_limits(&self) -> HelloAck {
+        self.current().ack.clone()
+    }
+
+    /// Datasets this identity may see.
+    pub async fn list_datasets(&self) -> Result<Vec<DatasetName>, RequestError> {
+        match self.call(&Request::ListDatasets).await? {
+            Response::Datasets(d) => Ok(d),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every object of a dataset whose path starts with `prefix`, in path order.
+    pub async fn list_objects(
+        &self,
+        dataset: &DatasetName,
+        prefix: &str,
+    ) -> Result<Vec<ObjectEntry>, RequestError> {
+        let mut out = Vec::new();
+        let mut start_after = None;
+        loop {
+            let req = Request::ListObjects {
+                dataset: dataset.clone(),
+                prefix: prefix.to_owned(),
+                start_after: start_after.clone(),
+                limit: crate::proto::message::MAX_LIST_ENTRIES as u32,
+            };
+            match self.call(&req).await? {
+                Response::Objects { entries, more } => {
+                    start_after = entries.last().map(|e| e.path.clone());
+                    out.extend(entries);
+                    if !more || start_after.is_none() {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// An object's manifest: size, chunk hashes, root hash.
+    pub async fn stat(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+    ) -> Result<Manifest, RequestError> {
+        let req = Request::Stat {
+            dataset: dataset.clone(),
+            object: object.clone(),
+        };
+        match self.call(&req).await? {
+            Response::Manifest(m) => Ok(m),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.current().close();
+    }
+
+    /// One request, one response, on a fresh stream.
+    pub(crate) async fn call(&self, req: &Request) -> Result<Response, RequestError> {
+        self.connection().await.map_err(|e| {
+            RequestError::Stream(crate::transport::StreamError::ConnectionLost(e.to_string()))
+        })?
+        .call(req)
+        .await
+    }
+
+    /// The current connection, re-established if it has ended.
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>, ConnectError> {
+        let current = self.current();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        tracing::info!(path = %self.path, "reconnecting");
+        #[cfg(feature = "bench-plaintext")]
+        if let Some(server) = &self.plaintext {
+            let fresh = Arc::new(establish_plaintext(&self.config, self.addr, server).await?);
+            *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+            return Ok(fresh);
+        }
+        let fresh = Arc::new(establish(&self.config, self.endpoint.as_ref(), self.addr, self.path).await?);
+        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+        Ok(fresh)
+    }
+
+    fn current(&self) -> Arc<Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+}
+
+/// How often and how patiently a transfer reconnects after a network failure.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Reconnect attempts after the first failure (0: fail at once).
+    pub attempts: u32,
+    /// Wait before the first attempt; doubles each time, up to 30 s.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries.
+    pub fn none() -> Self {
+        Self {
+            attempts: 0,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        self.backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(Duration::from_secs(30))
+    }
+}
+
+/// One established, authenticated connection.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    inner: Inner,
+    pub(crate) peer: Peer,
+    pub(crate) ack: HelloAck,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Quic(quinn::Connection),
+    Mux(mux::MuxClient),
+}
+
+impl Connection {
+    /// Opens a request stream.
+    pub(crate) async fn stream(&self) -> Result<RequestStream, RequestError> {
+        match &self.inner {
+            Inner::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(|e| {
+                    RequestError::Stream(crate::transport::StreamError::ConnectionLost(
+                        quic::describe(&e),
+                    ))
+                })?;
+                Ok(RequestStream {
+                    sink: FrameSink::quic(send, self.timeout),
+                    source: FrameSource::quic(recv, self.timeout),
+                })
+            }
+            Inner::Mux(m) => Ok(m.open().await?),
+        }
+    }
+
+    /// Sends a request and waits for its single response.
+    pub(crate) async fn call(&self, req: &Request) -> Result<Response, RequestError> {
+        let mut s = self.stream().await?;
+        s.sink.send(FrameKind::Request, req.encode()).await?;
+        s.sink.finish();
+        response(&mut s.source).await
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        match &self.inner {
+            Inner::Quic(c) => c.close_reason().is_some(),
+            Inner::Mux(m) => m.is_closed(),
+        }
+    }
+
+    fn close(&self) {
+        match &self.inner {
+            Inner::Quic(c) => c.close(quinn::VarInt::from_u32(0), b"done"),
+            Inner::Mux(m) => m.close("closed by client"),
+        }
+    }
+}
+
+/// Reads one `Response` (or `Error`) frame.
+pub(crate) async fn response(source: &mut FrameSource) -> Result<Response, RequestError> {
+    let frame = source
+        .recv()
+        .await?
+        .ok_or_else(|| RequestError::Protocol("stream ended without a response".into()))?;
+    match frame.kind {
+        FrameKind::Response => {
+            Response::decode(&frame.payload).map_err(|e| RequestError::Protocol(e.to_string()))
+        }
+        FrameKind::Error => Err(remote(&frame)),
+        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+    }
+}
+
+pub(crate) fn remote(frame: &Frame) -> RequestError {
+    match ErrorCode::decode(&frame.payload) {
+        Ok(code) => RequestError::Remote(code),
+        Err(e) => RequestError::Protocol(format!("malformed error frame: {e}")),
+    }
+}
+
+pub(crate) fn unexpected(r: &Response) -> RequestError {
+    RequestError::Protocol(format!(
+        "unexpected response {:?}",
+        std::mem::discriminant(r)
+    ))
+}
+
+async fn establish(
+    config: &ClientConfig,
+    endpoint: Option<&quinn::Endpoint>,
+    addr: SocketAddr,
+    path: Path,
+) -> Result<Connection, ConnectError> {
+    let failure = FailureSlot::default();
+    let tls = crate::tls::client_config(
+        &config.identity,
+        config.server_id.clone(),
+        failure.clone(),
+        config.clock.clone(),
+    )
+    .map_err(|e| ConnectError::Local(format!("TLS configuration: {e}")))?;
+    let t = &config.transport;
+    let timeout = t.handshake_timeout;
+    let (inner, chain, ack) = match (path, endpoint) {
+        (Path::Quic, Some(endpoint)) => {
+            let qc = quic::client_config(tls, t).map_err(|e| ConnectError::Local(e.to_string()))?;
+            let connecting = endpoint
+                .connect_with(qc, addr, crate::tls::SERVER_NAME)
+                .map_err(|e| ConnectError::Local(e.to_string()))?;
+            let conn = match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(quic_connect_error(&e, &failure)),
+                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            if alpn.as_deref() != Some(crate::tls::ALPN) {
+                return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
+            }
+            let chain = conn
+                .peer_identity()
+                .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .map(|c| *c)
+                .unwrap_or_default();
+            let ack = match tokio::time::timeout(timeout, quic_hello(&conn, t.io_timeout)).await {
+                Ok(Ok(ack)) => ack,
+                Ok(Err(e)) => {
+                    // A server that refused our certificate closed with a TLS alert.
+                    return Err(match conn.close_reason() {
+                        Some(reason) => quic_connect_error(&reason, &failure),
+                        None => e,
+                    });
+                }
+                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+            };
+            (Inner::Quic(conn), chain, ack)
+        }
+        (Path::Tcp, _) | (Path::Quic, None) => {
+            let socket = tcp::connect(addr, timeout)
+                .await
+                .map_err(|source| match source.kind() {
+                    std::io::ErrorKind::TimedOut => ConnectError::Timeout { addr, timeout },
+                    _ => ConnectError::Unreachable { addr, source },
+                })?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+            let name = ServerName::try_from(crate::tls::SERVER_NAME)
+                .map_err(|e| ConnectError::Local(e.to_string()))?;
+            let mut stream = match tokio::time::timeout(timeout, connector.connect(name, socket)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
+                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+            };
+            let (_, session) = stream.get_ref();
+            if session.alpn_protocol() != Some(crate::tls::ALPN) {
+                return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
+            }
+            let chain: Vec<CertificateDer<'static>> = session
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            stream.get_mut().1.set_buffer_limit(Some(4 << 20));
+            let ack = match tokio::time::timeout(timeout, stream_hello(&mut stream)).await {
+                Ok(Ok(ack)) => ack,
+                Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
+                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+            }?;
+            let m = mux::client(stream, ack.max_streams, t.io_timeout);
+            (Inner::Mux(m), chain, ack)
+        }
+    };
+    let creds = config.identity.current();
+    let verified = peer_identity(&chain, &creds, config.clock.now(), Usage::Server)
+        .map_err(ConnectError::ServerNotTrusted)?;
+    Ok(Connection {
+        inner,
+        peer: Peer {
+            id: verified.id,
+            serial: verified.serial,
+            not_after: verified.not_after,
+            addr,
+            path,
+        },
+        ack,
+        timeout: t.io_timeout,
+    })
+}
+
+/// The bench's plaintext baseline: same protocol, bare TCP, assumed identities.
+#[cfg(feature = "bench-plaintext")]
+pub(crate) async fn connect_plaintext(
+    config: ClientConfig,
+    addr: SocketAddr,
+    server: certs::SpiffeId,
+) -> Result<Client, ConnectError> {
+    let conn = establish_plaintext(&config, addr, &server).await?;
+    Ok(Client {
+        config,
+        addr,
+        path: Path::Tcp,
+        endpoint: None,
+        conn: Mutex::new(Arc::new(conn)),
+        plaintext: Some(server),
+    })
+}
+
+#[cfg(feature = "bench-plaintext")]
+async fn establish_plaintext(
+    config: &ClientConfig,
+    addr: SocketAddr,
+    server: &certs::SpiffeId,
+) -> Result<Connection, ConnectError> {
+    let t = &config.transport;
+    let mut socket = tcp::connect(addr, t.handshake_timeout)
+        .await
+        .map_err(|source| ConnectError::Unreachable { addr, source })?;
+    let ack = stream_hello(&mut socket)
+        .await
+        .map_err(|e| ConnectError::Lost(e.to_string()))??;
+    Ok(Connection {
+        inner: Inner::Mux(mux::client(socket, ack.max_streams, t.io_timeout)),
+        peer: Peer {
+            id: server.clone(),
+            serial: "plaintext".into(),
+            not_after: std::time::SystemTime::UNIX_EPOCH,
+            addr,
+            path: Path::Tcp,
+        },
+        ack,
+        timeout: t.io_timeout,
+    })
+}
+
+async fn quic_hello(conn: &quinn::Connection, timeout: Duration) -> Result<HelloAck, ConnectError> {
+    let lost = |e: &dyn std::fmt::Display| ConnectError::Lost(e.to_string());
+    let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let mut sink = FrameSink::quic(send, timeout);
+    let mut source = FrameSource::quic(recv, timeout);
+    sink.send(FrameKind::Hello, Hello::current().encode())
+        .await
+        .map_err(|e| lost(&e))?;
+    sink.finish();
+    let frame = source
+        .recv()
+        .await
+        .map_err(|e| lost(&e))?
+        .ok_or_else(|| ConnectError::Lost("server closed the hello stream".into()))?;
+    hello_ack(&frame)
+}
+
+/// Hello over a byte stream; an I/O error is returned as such so a TLS alert can be read.
+async fn stream_hello<S>(stream: &mut S) -> std::io::Result<Result<HelloAck, ConnectError>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let hello = Frame::new(FrameKind::Hello, 0, Hello::current().encode());
+    mux::write_frame(stream, &hello).await?;
+    stream.flush().await?;
+    Ok(match mux::read_frame(stream).await? {
+        Some(frame) => hello_ack(&frame),
+        None => Err(ConnectError::Lost("server closed the connection".into())),
+    })
+}
+
+fn hello_ack(frame: &Frame) -> Result<HelloAck, ConnectError> {
+    match frame.kind {
+        FrameKind::HelloAck => {
+            let ack = HelloAck::decode(&frame.payload)
+                .map_err(|e| ConnectError::Lost(format!("malformed hello answer: {e}")))?;
+            if ack.version != crate::proto::message::PROTOCOL_VERSION {
+                return Err(ConnectError::Version);
+            }
+            Ok(ack)
+        }
+        FrameKind::Error => Err(ConnectError::Version),
+        k => Err(ConnectError::Lost(format!("unexpected {k:?} frame instead of hello answer"))),
+    }
+}
+
+fn take_failure(failure: &FailureSlot) -> Option<certs::SvidError> {
+    failure.lock().unwrap_or_else(PoisonError::into_inner).take()
+}
+
+fn quic_connect_error(e: &quinn::ConnectionError, failure: &FailureSlot) -> ConnectError {
+    if let Some(svid) = take_failure(failure) {
+        return ConnectError::ServerNotTrusted(svid);
+    }
+    if let Some(alert) = quic::alert_of(e) {
+        return ConnectError::Rejected(Rejection::from_alert(rustls::AlertDescription::from(alert)));
+    }
+    match e {
+        quinn::ConnectionError::TimedOut => ConnectError::Lost("handshake timed out".into()),
+        other => ConnectError::Tls(other.to_string()),
+    }
+}
+
+fn tls_connect_error(e: &std::io::Error, failure: &FailureSlot) -> ConnectError {
+    if let Some(svid) = take_failure(failure) {
+        return ConnectError::ServerNotTrusted(svid);
+    }
+    let tls = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            ConnectError::Rejected(Rejection::from_alert(*alert))
+        }
+        Some(other) => ConnectError::Tls(other.to_string()),
+        None => match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                ConnectError::Lost(e.to_string())
+            }
+            _ => ConnectError::Tls(e.to_string()),
+        },
+    }
+}

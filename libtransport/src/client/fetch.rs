@@ -1,0 +1,559 @@
+//! Pulling objects: into a file (resumable) or into memory, chunks verified before they count.
+//!
+//! A pull opens a read transfer (getting the manifest), then runs `parallel` workers, each
+//! reading one chunk at a time on its own stream. Into a file, each `Data` frame is hashed
+//! and written in place as it arrives; a chunk counts once its hash matches. The file lives
+//! under a temporary name beside the destination until every chunk is verified, then is
+//! fsynced and renamed. A later pull to the same destination keeps the chunks that still
+//! verify and fetches only the rest.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use certs::SpiffeId;
+use tokio::task::JoinSet;
+
+use super::{Client, Connection, RetryPolicy, remote, unexpected};
+use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
+use crate::error::{FetchError, RequestError};
+use crate::proto::{
+    ChunkError, ChunkIndex, DatasetName, Digest, FrameKind, Manifest, ObjectPath, Request,
+    Response, TransferId,
+};
+use crate::store::{ChunkWriter, PartialFile, WriteError};
+use crate::transport::{FrameSource, Path};
+
+/// How a pull runs.
+#[derive(Clone, Default)]
+pub struct FetchOptions {
+    /// Chunks in flight at once (default: the client's `parallel_chunks`).
+    pub parallel: Option<u32>,
+    /// Reconnects after network failures.
+    pub retry: RetryPolicy,
+    /// Called with (bytes verified so far, total bytes) as chunks complete.
+    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+impl fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("parallel", &self.parallel)
+            .field("retry", &self.retry)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FetchReport {
+    /// The server that served it.
+    pub server: SpiffeId,
+    /// The transport used.
+    pub path: Path,
+    /// Object size.
+    pub size: u64,
+    /// Bytes received over the network (less than `size` when resuming).
+    pub fetched_bytes: u64,
+    /// Chunks in the object.
+    pub chunks: u32,
+    /// Chunks already present and verified before this pull.
+    pub chunks_reused: u32,
+    /// Chunks fetched by this pull.
+    pub chunks_fetched: u32,
+    /// The object's BLAKE3 root.
+    pub root: Digest,
+    /// Wall time.
+    #[serde(serialize_with = "millis")]
+    pub elapsed: Duration,
+    /// Reconnections needed.
+    pub retries: u32,
+}
+
+impl Client {
+    /// Pulls an object into `dest`, resuming whatever an earlier pull left there. `dest`
+    /// appears only once complete and verified.
+    pub async fn fetch_to_file(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        dest: &FsPath,
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
+        let (dir, name) = split_dest(dest)?;
+        let started = self.config().clock.instant();
+        let fetched = Arc::new(AtomicU64::new(0));
+        let mut first_reuse: Option<u32> = None;
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .fetch_file_once(dataset, object, &dir, &name, opts, &fetched, &mut first_reuse)
+                .await;
+            match result {
+                Ok((conn, manifest)) => {
+                    let report = FetchReport {
+                        server: conn.peer.id.clone(),
+                        path: conn.peer.path,
+                        size: manifest.size(),
+                        fetched_bytes: fetched.load(Ordering::Relaxed),
+                        chunks: manifest.chunk_count(),
+                        chunks_reused: first_reuse.unwrap_or(0),
+                        chunks_fetched: manifest.chunk_count() - first_reuse.unwrap_or(0),
+                        root: manifest.root(),
+                        elapsed: self.config().clock.instant().saturating_duration_since(started),
+                        retries: attempt,
+                    };
+                    self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
+                    return Ok(report);
+                }
+                Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
+                    tracing::warn!(error = %e, attempt, "pull interrupted; resuming");
+                    tokio::time::sleep(opts.retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Pulls a whole object into memory, refusing objects larger than `limit` bytes.
+    pub async fn fetch(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        limit: u64,
+        opts: &FetchOptions,
+    ) -> Result<Bytes, FetchError> {
+        self.read_range_limited(dataset, object, None, limit, opts)
+            .await
+    }
+
+    /// Reads `range` of an object, verifying every chunk it touches.
+    pub async fn read_range(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        let limit = range.end.saturating_sub(range.start);
+        self.read_range_limited(dataset, object, Some(range), limit, &FetchOptions::default())
+            .await
+    }
+
+    async fn read_range_limited(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        range: Option<Range<u64>>,
+        limit: u64,
+        opts: &FetchOptions,
+    ) -> Result<Bytes, FetchError> {
+        let mut attempt = 0;
+        loop {
+            match self.read_once(dataset, object, range.clone(), limit, opts).await {
+                Ok(b) => return Ok(b),
+                Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
+                    tokio::time::sleep(opts.retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn read_once(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        range: Option<Range<u64>>,
+        limit: u64,
+        opts: &FetchOptions,
+    ) -> Result<Bytes, FetchError> {
+        let conn = self.connection().await?;
+        let (transfer, manifest) = open_read(&conn, dataset, object).await?;
+        let manifest = Arc::new(manifest);
+        let size = manifest.size();
+        let range = range.unwrap_or(0..size);
+        if range.start > range.end || range.end > size {
+            close(&conn, transfer).await;
+            return Err(FetchError::Range {
+                start: range.start,
+                end: range.end,
+                size,
+            });
+        }
+        if range.end - range.start > limit {
+            close(&conn, transfer).await;
+            return Err(FetchError::TooLarge {
+                size: range.end - range.start,
+                limit,
+            });
+        }
+        let chunks = manifest.chunks_covering(range.clone());
+        let first = manifest
+            .chunk_range(ChunkIndex(chunks.start))
+            .map_or(0, |r| r.start);
+        let last = manifest
+            .chunk_range(ChunkIndex(chunks.end.saturating_sub(1)))
+            .map_or(0, |r| r.end);
+        // One buffer for all chunks, split into per-chunk views and rejoined without copying.
+        let mut all = BytesMut::zeroed((last.max(first) - first) as usize);
+        let mut slots = Vec::new();
+        for i in chunks.clone() {
+            let r = manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
+            slots.push(Some(all.split_to((r.end - r.start) as usize)));
+        }
+        let slots = Arc::new(Mutex::new(slots));
+        let work = chunks.clone().map(ChunkIndex).collect();
+        let base = chunks.start;
+        let total = last - first;
+        let done = Arc::new(AtomicU64::new(0));
+        let result = {
+            let (conn, manifest, slots, progress) =
+                (conn.clone(), manifest.clone(), slots.clone(), opts.progress.clone());
+            run_workers(self.parallel(opts), work, move |index| {
+                let (conn, manifest, slots, done, progress) = (
+                    conn.clone(),
+                    manifest.clone(),
+                    slots.clone(),
+                    done.clone(),
+                    progress.clone(),
+                );
+                async move {
+                    let slot = (index.0 - base) as usize;
+                    let buf = slots
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_mut(slot)
+                        .and_then(Option::take)
+                        .ok_or(FetchError::Corrupt(index))?;
+                    let buf = read_chunk_mem(&conn, transfer, &manifest, index, buf).await?;
+                    let n = buf.len() as u64;
+                    slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
+                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                    if let Some(p) = &progress {
+                        p(so_far, total);
+                    }
+                    Ok(())
+                }
+            })
+            .await
+        };
+        close(&conn, transfer).await;
+        result?;
+        let mut joined = BytesMut::new();
+        for piece in Arc::try_unwrap(slots)
+            .map_err(|_| FetchError::Corrupt(ChunkIndex(base)))?
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .into_iter()
+            .flatten()
+        {
+            joined.unsplit(piece);
+        }
+        let joined = joined.freeze();
+        Ok(joined.slice((range.start - first) as usize..(range.end - first) as usize))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_file_once(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        dir: &FsPath,
+        name: &str,
+        opts: &FetchOptions,
+        fetched: &Arc<AtomicU64>,
+        first_reuse: &mut Option<u32>,
+    ) -> Result<(Arc<Connection>, Manifest), FetchError> {
+        let conn = self.connection().await?;
+        let (transfer, manifest) = open_read(&conn, dataset, object).await?;
+        let manifest = Arc::new(manifest);
+        let tmp = format!(".{name}.transportd-partial");
+        let partial = {
+            let (dir, name, m) = (dir.to_path_buf(), name.to_owned(), manifest.clone());
+            tokio::task::spawn_blocking(move || {
+                let d = std::fs::File::open(&dir)?;
+                PartialFile::open(d, tmp, name, m)
+            })
+            .await
+            .map_err(|e| FetchError::Local(std::io::Error::other(e)))??
+        };
+        let partial = Arc::new(partial);
+        let have = partial.have();
+        first_reuse.get_or_insert(have.count());
+        let work: VecDeque<ChunkIndex> = have.missing().collect();
+        tracing::debug!(
+            object.digest = %object.digest().short(),
+            chunks = manifest.chunk_count(),
+            reused = have.count(),
+            "pull starting"
+        );
+        let total = manifest.size();
+        let done = Arc::new(AtomicU64::new(
+            have.missing()
+                .fold(total, |left, i| {
+                    left - manifest.chunk_range(i).map_or(0, |r| r.end - r.start)
+                }),
+        ));
+        let result = {
+            let (conn, partial, fetched, progress) = (
+                conn.clone(),
+                partial.clone(),
+                fetched.clone(),
+                opts.progress.clone(),
+            );
+            run_workers(self.parallel(opts), work.into_iter().collect(), move |index| {
+                let (conn, partial, fetched, done, progress) = (
+                    conn.clone(),
+                    partial.clone(),
+                    fetched.clone(),
+                    done.clone(),
+                    progress.clone(),
+                );
+                async move {
+                    let n = read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
+                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                    if let Some(p) = &progress {
+                        p(so_far, total);
+                    }
+                    Ok(())
+                }
+            })
+            .await
+        };
+        close(&conn, transfer).await;
+        result?;
+        let partial = Arc::into_inner(partial)
+            .ok_or_else(|| FetchError::Local(std::io::Error::other("chunk writer still running")))?;
+        tokio::task::spawn_blocking(move || partial.commit())
+            .await
+            .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+            .map_err(|e| match e {
+                WriteError::Io(e) => FetchError::Local(e),
+                other => FetchError::Local(std::io::Error::other(other)),
+            })?;
+        Ok((conn, (*manifest).clone()))
+    }
+
+    fn parallel(&self, opts: &FetchOptions) -> usize {
+        opts.parallel
+            .unwrap_or(self.config().transport.parallel_chunks)
+            .max(1) as usize
+    }
+
+    fn audit_pull(
+        &self,
+        conn: &Connection,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        report: &FetchReport,
+        outcome: Outcome,
+    ) {
+        let record = AuditRecord {
+            time: self.config().clock.now(),
+            event: AuditEvent::Transfer {
+                peer: conn.peer.id.clone(),
+                direction: Direction::In,
+                dataset: dataset.clone(),
+                object: object.clone(),
+                bytes: report.fetched_bytes,
+                root: report.root,
+                path: conn.peer.path,
+                outcome,
+                duration_ms: report.elapsed.as_millis() as u64,
+            },
+        };
+        if let Err(e) = self.config().audit.record(&record) {
+            tracing::error!(error = %e, "audit record lost");
+        }
+    }
+}
+
+async fn open_read(
+    conn: &Connection,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+) -> Result<(TransferId, Manifest), RequestError> {
+    let req = Request::OpenRead {
+        dataset: dataset.clone(),
+        object: object.clone(),
+    };
+    match conn.call(&req).await? {
+        Response::OpenedRead { transfer, manifest } => Ok((transfer, manifest)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn close(conn: &Connection, transfer: TransferId) {
+    // Best effort: the server also ends transfers when the connection ends.
+    let _ = conn.call(&Request::Close { transfer }).await;
+}
+
+/// Asks for one chunk and hands each `Data` payload to the caller; `None` at `End`.
+async fn request_chunk(
+    conn: &Connection,
+    transfer: TransferId,
+    range: &Range<u64>,
+) -> Result<FrameSource, RequestError> {
+    let mut s = conn.stream().await?;
+    let req = Request::Read {
+        transfer,
+        offset: range.start,
+        len: range.end - range.start,
+    };
+    s.sink.send(FrameKind::Request, req.encode()).await?;
+    s.sink.finish();
+    Ok(s.source)
+}
+
+async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>, RequestError> {
+    let frame = source
+        .recv()
+        .await?
+        .ok_or_else(|| RequestError::Protocol("stream ended before End".into()))?;
+    match frame.kind {
+        FrameKind::Data => Ok(Some(frame.payload)),
+        FrameKind::End => Ok(None),
+        FrameKind::Error => Err(remote(&frame)),
+        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+    }
+}
+
+async fn read_chunk_file(
+    conn: &Connection,
+    transfer: TransferId,
+    partial: Arc<PartialFile>,
+    index: ChunkIndex,
+    fetched: &AtomicU64,
+) -> Result<u64, FetchError> {
+    let range = partial
+        .manifest()
+        .chunk_range(index)
+        .ok_or(FetchError::Corrupt(index))?;
+    let mut source = request_chunk(conn, transfer, &range).await?;
+    let mut writer = ChunkWriter::new(partial, index).map_err(|_| FetchError::Corrupt(index))?;
+    while let Some(piece) = next_data(&mut source).await? {
+        fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        writer = tokio::task::spawn_blocking(move || writer.feed(&piece).map(|()| writer))
+            .await
+            .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+            .map_err(|e| chunk_failure(e, index))?;
+    }
+    writer.finish().map_err(|e| chunk_failure(e, index))?;
+    Ok(range.end - range.start)
+}
+
+async fn read_chunk_mem(
+    conn: &Connection,
+    transfer: TransferId,
+    manifest: &Manifest,
+    index: ChunkIndex,
+    mut buf: BytesMut,
+) -> Result<BytesMut, FetchError> {
+    let range = manifest.chunk_range(index).ok_or(FetchError::Corrupt(index))?;
+    let mut source = request_chunk(conn, transfer, &range).await?;
+    let mut at = 0usize;
+    let mut hasher = blake3::Hasher::new();
+    while let Some(piece) = next_data(&mut source).await? {
+        if at + piece.len() > buf.len() {
+            return Err(FetchError::Corrupt(index));
+        }
+        let (b, h) = tokio::task::spawn_blocking(move || {
+            buf[at..at + piece.len()].copy_from_slice(&piece);
+            hasher.update(&piece);
+            (buf, hasher)
+        })
+        .await
+        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
+        buf = b;
+        hasher = h;
+        at += piece.len();
+    }
+    if at != buf.len() {
+        return Err(FetchError::Corrupt(index));
+    }
+    manifest
+        .check_digest(index, Digest(hasher.finalize().into()))
+        .map_err(|_| FetchError::Corrupt(index))?;
+    Ok(buf)
+}
+
+fn chunk_failure(e: WriteError, index: ChunkIndex) -> FetchError {
+    match e {
+        WriteError::Chunk(ChunkError::Corrupt(i)) => FetchError::Corrupt(i),
+        WriteError::Chunk(_) | WriteError::Incomplete => FetchError::Corrupt(index),
+        WriteError::Io(e) => FetchError::Local(e),
+    }
+}
+
+/// Runs `f` over `work` with `parallel` workers; the first error stops everything.
+pub(crate) async fn run_workers<F, Fut, E>(parallel: usize, work: VecDeque<ChunkIndex>, f: F) -> Result<(), E>
+where
+    F: Fn(ChunkIndex) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let queue = Arc::new(Mutex::new(work));
+    let mut set = JoinSet::new();
+    for _ in 0..parallel {
+        let (queue, f) = (queue.clone(), f.clone());
+        set.spawn(async move {
+            loop {
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                let Some(i) = next else { return Ok(()) };
+                f(i).await?;
+            }
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                set.abort_all();
+                return Err(e);
+            }
+            // A worker panicked: surface it rather than report a partial success.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn retriable(e: &FetchError) -> bool {
+    match e {
+        FetchError::Request(r) => r.is_connection(),
+        FetchError::Connect(c) => c.is_network() || matches!(c, crate::error::ConnectError::Lost(_)),
+        _ => false,
+    }
+}
+
+fn split_dest(dest: &FsPath) -> Result<(std::path::PathBuf, String), FetchError> {
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            FetchError::Local(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "destination must name a file",
+            ))
+        })?
+        .to_owned();
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    Ok((dir, name))
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}

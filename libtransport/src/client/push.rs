@@ -1,0 +1,333 @@
+//! Pushing objects from a file or from memory into a writable dataset.
+//!
+//! The client builds the manifest, opens a write transfer (learning which chunks the server
+//! already holds from an interrupted attempt), sends the missing chunks on parallel streams,
+//! then commits. The server verifies every chunk before it counts and makes the object
+//! visible only at commit, durably; a `Committed` answer means the object is on disk.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use certs::SpiffeId;
+
+use super::fetch::run_workers;
+use super::{Client, Connection, RetryPolicy, response, unexpected};
+use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
+use crate::error::{PushError, RequestError};
+use crate::proto::manifest::chunk_bytes_for;
+use crate::proto::{
+    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request,
+    Response, TransferId,
+};
+use crate::transport::Path;
+
+/// How a push runs.
+#[derive(Clone, Default)]
+pub struct PushOptions {
+    /// Chunks in flight at once (default: the client's `parallel_chunks`).
+    pub parallel: Option<u32>,
+    /// Reconnects after network failures.
+    pub retry: RetryPolicy,
+    /// Called with (bytes acknowledged so far, total bytes).
+    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+impl fmt::Debug for PushOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PushOptions")
+            .field("parallel", &self.parallel)
+            .field("retry", &self.retry)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PushReport {
+    /// The server that stored it.
+    pub server: SpiffeId,
+    /// The transport used.
+    pub path: Path,
+    /// Object size.
+    pub size: u64,
+    /// Bytes sent over the network (less than `size` when resuming).
+    pub sent_bytes: u64,
+    /// Chunks in the object.
+    pub chunks: u32,
+    /// Chunks the server already held.
+    pub chunks_skipped: u32,
+    /// The object's BLAKE3 root, as the server committed it.
+    pub root: Digest,
+    /// Wall time, including hashing the source.
+    #[serde(serialize_with = "millis")]
+    pub elapsed: Duration,
+    /// Reconnections needed.
+    pub retries: u32,
+}
+
+/// Where chunk bytes come from.
+#[derive(Debug, Clone)]
+enum Source {
+    File(Arc<File>),
+    Memory(Bytes),
+}
+
+impl Source {
+    /// Reads one chunk. Blocking for files.
+    fn chunk(&self, range: std::ops::Range<u64>) -> std::io::Result<Bytes> {
+        match self {
+            Self::Memory(b) => Ok(b.slice(range.start as usize..range.end as usize)),
+            Self::File(f) => {
+                let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+                f.read_exact_at(&mut buf, range.start)?;
+                Ok(buf.freeze())
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Pushes a local file as `object` of `dataset`.
+    pub async fn push_file(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        src: &FsPath,
+        opts: &PushOptions,
+    ) -> Result<PushReport, PushError> {
+        let started = self.config().clock.instant();
+        let preferred = self.config().transport.chunk_bytes;
+        let src = src.to_path_buf();
+        let (file, manifest) = tokio::task::spawn_blocking(move || {
+            let file = File::open(&src)?;
+            let len = file.metadata()?.len();
+            let m = crate::store::compute_manifest(&file, len, preferred).map_err(|e| match e {
+                crate::store::StoreError::Manifest(m) => PushError::Manifest(m),
+                crate::store::StoreError::Io(e) => PushError::Local(e),
+                other => PushError::Local(std::io::Error::other(other)),
+            })?;
+            Ok::<_, PushError>((file, m))
+        })
+        .await
+        .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
+        self.push(dataset, object, Source::File(Arc::new(file)), manifest, opts, started)
+            .await
+    }
+
+    /// Pushes bytes held in memory as `object` of `dataset`.
+    pub async fn push_bytes(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        data: Bytes,
+        opts: &PushOptions,
+    ) -> Result<PushReport, PushError> {
+        let started = self.config().clock.instant();
+        let cb = chunk_bytes_for(data.len() as u64, self.config().transport.chunk_bytes)?;
+        let d = data.clone();
+        let manifest = tokio::task::spawn_blocking(move || Manifest::of_bytes(&d, cb))
+            .await
+            .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
+        self.push(dataset, object, Source::Memory(data), manifest, opts, started)
+            .await
+    }
+
+    async fn push(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        source: Source,
+        manifest: Manifest,
+        opts: &PushOptions,
+        started: std::time::Instant,
+    ) -> Result<PushReport, PushError> {
+        let manifest = Arc::new(manifest);
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut skipped: Option<u32> = None;
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .push_once(dataset, object, &source, &manifest, opts, &sent, &mut skipped)
+                .await;
+            match result {
+                Ok((conn, root)) => {
+                    let report = PushReport {
+                        server: conn.peer.id.clone(),
+                        path: conn.peer.path,
+                        size: manifest.size(),
+                        sent_bytes: sent.load(Ordering::Relaxed),
+                        chunks: manifest.chunk_count(),
+                        chunks_skipped: skipped.unwrap_or(0),
+                        root,
+                        elapsed: self.config().clock.instant().saturating_duration_since(started),
+                        retries: attempt,
+                    };
+                    let record = AuditRecord {
+                        time: self.config().clock.now(),
+                        event: AuditEvent::Transfer {
+                            peer: conn.peer.id.clone(),
+                            direction: Direction::Out,
+                            dataset: dataset.clone(),
+                            object: object.clone(),
+                            bytes: report.sent_bytes,
+                            root,
+                            path: conn.peer.path,
+                            outcome: Outcome::Complete,
+                            duration_ms: report.elapsed.as_millis() as u64,
+                        },
+                    };
+                    if let Err(e) = self.config().audit.record(&record) {
+                        tracing::error!(error = %e, "audit record lost");
+                    }
+                    return Ok(report);
+                }
+                Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
+                    tracing::warn!(error = %e, attempt, "push interrupted; resuming");
+                    tokio::time::sleep(opts.retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn push_once(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        source: &Source,
+        manifest: &Arc<Manifest>,
+        opts: &PushOptions,
+        sent: &Arc<AtomicU64>,
+        skipped: &mut Option<u32>,
+    ) -> Result<(Arc<Connection>, Digest), PushError> {
+        let conn = self.connection().await?;
+        let req = Request::OpenWrite {
+            dataset: dataset.clone(),
+            object: object.clone(),
+            manifest: (**manifest).clone(),
+        };
+        let (transfer, have) = match conn.call(&req).await? {
+            Response::OpenedWrite { transfer, have } => (transfer, have),
+            other => return Err(unexpected(&other).into()),
+        };
+        if have.len() != manifest.chunk_count() {
+            return Err(RequestError::Protocol("chunk set does not match the manifest".into()).into());
+        }
+        skipped.get_or_insert(have.count());
+        let total = manifest.size();
+        let done = Arc::new(AtomicU64::new(
+            (0..manifest.chunk_count())
+                .map(ChunkIndex)
+                .filter(|i| have.contains(*i))
+                .map(|i| manifest.chunk_range(i).map_or(0, |r| r.end - r.start))
+                .sum(),
+        ));
+        let work: VecDeque<ChunkIndex> = have.missing().collect();
+        let result = {
+            let (conn, manifest, source, sent, progress) = (
+                conn.clone(),
+                manifest.clone(),
+                source.clone(),
+                sent.clone(),
+                opts.progress.clone(),
+            );
+            run_workers(self.parallel_push(opts), work, move |index| {
+                let (conn, manifest, source, sent, done, progress) = (
+                    conn.clone(),
+                    manifest.clone(),
+                    source.clone(),
+                    sent.clone(),
+                    done.clone(),
+                    progress.clone(),
+                );
+                async move {
+                    let n = send_chunk(&conn, transfer, &manifest, &source, index).await?;
+                    sent.fetch_add(n, Ordering::Relaxed);
+                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                    if let Some(p) = &progress {
+                        p(so_far, total);
+                    }
+                    Ok::<_, PushError>(())
+                }
+            })
+            .await
+        };
+        if let Err(e) = result {
+            let _ = conn.call(&Request::Close { transfer }).await;
+            return Err(e);
+        }
+        match conn.call(&Request::Commit { transfer }).await? {
+            Response::Committed { root } if root == manifest.root() => Ok((conn, root)),
+            Response::Committed { .. } => Err(RequestError::Protocol(
+                "server committed another root than the manifest's".into(),
+            )
+            .into()),
+            other => Err(unexpected(&other).into()),
+        }
+    }
+
+    fn parallel_push(&self, opts: &PushOptions) -> usize {
+        opts.parallel
+            .unwrap_or(self.config().transport.parallel_chunks)
+            .max(1) as usize
+    }
+}
+
+async fn send_chunk(
+    conn: &Connection,
+    transfer: TransferId,
+    manifest: &Manifest,
+    source: &Source,
+    index: ChunkIndex,
+) -> Result<u64, PushError> {
+    let range = manifest
+        .chunk_range(index)
+        .ok_or_else(|| RequestError::Protocol(format!("chunk {index} outside the object")))?;
+    let src = source.clone();
+    let r = range.clone();
+    let data = tokio::task::spawn_blocking(move || src.chunk(r))
+        .await
+        .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
+    let n = data.len() as u64;
+    let mut s = conn.stream().await?;
+    s.sink
+        .send(FrameKind::Request, Request::WriteChunk { transfer, chunk: index }.encode())
+        .await
+        .map_err(RequestError::from)?;
+    s.sink.send_data(data).await.map_err(RequestError::from)?;
+    s.sink
+        .send(FrameKind::End, Bytes::new())
+        .await
+        .map_err(RequestError::from)?;
+    s.sink.finish();
+    match response(&mut s.source).await {
+        Ok(Response::ChunkStored(i)) if i == index => Ok(n),
+        Ok(other) => Err(unexpected(&other).into()),
+        Err(RequestError::Remote(ErrorCode::Corrupt)) => Err(PushError::Corrupt(index)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn retriable(e: &PushError) -> bool {
+    match e {
+        PushError::Request(r) => r.is_connection(),
+        PushError::Connect(c) => {
+            c.is_network() || matches!(c, crate::error::ConnectError::Lost(_))
+        }
+        _ => false,
+    }
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}

@@ -1,0 +1,414 @@
+//! Configuration: tuning knobs ([`TransportConfig`]) and the security choices of servers and
+//! clients ([`ServerConfig`], [`ClientConfig`]), which can only be built once identity,
+//! policy and store are given.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::SpiffeId;
+use tokio::sync::watch;
+
+use crate::audit::{AuditSink, NoAudit};
+use crate::clock::{Clock, SystemClock};
+use crate::identity::IdentityHandle;
+use crate::policy::Authorizer;
+use crate::proto::manifest::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use crate::store::Store;
+
+/// Tuning knobs. The defaults suit a data-center network between storage and GPU nodes:
+/// large windows so one connection can fill a fast link, limits that keep a hostile or
+/// broken peer from holding more than a few hundred MiB.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub(crate) max_streams: u32,
+    pub(crate) max_transfers: u32,
+    pub(crate) max_connections: u32,
+    pub(crate) max_buffered_bytes: u64,
+    pub(crate) parallel_chunks: u32,
+    pub(crate) chunk_bytes: u32,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) keep_alive: Duration,
+    pub(crate) io_timeout: Duration,
+    pub(crate) stream_window: u32,
+    pub(crate) connection_window: u32,
+    pub(crate) initial_mtu: u16,
+    pub(crate) max_mtu: u16,
+    pub(crate) socket_buffer_bytes: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 64,
+            max_transfers: 64,
+            max_connections: 1024,
+            max_buffered_bytes: 64 << 20,
+            parallel_chunks: 8,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(60),
+            stream_window: 8 << 20,
+            connection_window: 64 << 20,
+            initial_mtu: 1200,
+            max_mtu: 1452,
+            socket_buffer_bytes: 8 << 20,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Requests a server runs at once per connection (default 64).
+    pub fn max_streams(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_streams = in_range("max_streams", n, 1, 4096)?;
+        Ok(self)
+    }
+
+    /// Transfers a connection may hold open (default 64).
+    pub fn max_transfers(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_transfers = in_range("max_transfers", n, 1, 4096)?;
+        Ok(self)
+    }
+
+    /// Connections a server serves at once; more are turned away (default 1024).
+    pub fn max_connections(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_connections = in_range("max_connections", n, 1, 1 << 20)?;
+        Ok(self)
+    }
+
+    /// Bytes a server reads from disk ahead of the network, per connection (default 64 MiB).
+    pub fn max_buffered_bytes(&mut self, n: u64) -> Result<&mut Self, ConfigError> {
+        if n < (1 << 20) {
+            return Err(ConfigError::Range {
+                field: "max_buffered_bytes",
+                min: 1 << 20,
+                max: u64::MAX,
+            });
+        }
+        self.max_buffered_bytes = n;
+        Ok(self)
+    }
+
+    /// Chunks a client keeps in flight per transfer, each on its own stream (default 8).
+    pub fn parallel_chunks(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.parallel_chunks = in_range("parallel_chunks", n, 1, 256)?;
+        Ok(self)
+    }
+
+    /// Preferred chunk size for manifests this side builds (default 4 MiB; a power of two
+    /// between 64 KiB and 64 MiB).
+    pub fn chunk_bytes(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        if !n.is_power_of_two() || !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&n) {
+            return Err(ConfigError::Range {
+                field: "chunk_bytes",
+                min: u64::from(MIN_CHUNK_BYTES),
+                max: u64::from(MAX_CHUNK_BYTES),
+            });
+        }
+        self.chunk_bytes = n;
+        Ok(self)
+    }
+
+    /// Longest a TLS handshake plus hello may take (default 10 s).
+    pub fn handshake_timeout(&mut self, d: Duration) -> &mut Self {
+        self.handshake_timeout = d;
+        self
+    }
+
+    /// A connection with no traffic for this long is closed (default 60 s). Keep it well
+    /// above the longest network outage transfers should survive.
+    pub fn idle_timeout(&mut self, d: Duration) -> &mut Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// Interval of keep-alive packets on idle QUIC connections (default 5 s).
+    pub fn keep_alive(&mut self, d: Duration) -> &mut Self {
+        self.keep_alive = d;
+        self
+    }
+
+    /// A stream with no progress for this long fails (default 60 s).
+    pub fn io_timeout(&mut self, d: Duration) -> &mut Self {
+        self.io_timeout = d;
+        self
+    }
+
+    /// QUIC flow-control windows per stream and per connection (defaults 8 and 64 MiB).
+    pub fn windows(&mut self, stream: u32, connection: u32) -> &mut Self {
+        self.stream_window = stream;
+        self.connection_window = connection.max(stream);
+        self
+    }
+
+    /// QUIC datagram sizes: the size to start with and the ceiling path-MTU discovery may
+    /// reach (defaults 1200 and 1452; raise the ceiling on jumbo-frame networks).
+    pub fn mtu(&mut self, initial: u16, max: u16) -> Result<&mut Self, ConfigError> {
+        let initial = in_range("initial_mtu", u32::from(initial), 1200, 65_527)?;
+        let max = in_range("max_mtu", u32::from(max), initial, 65_527)?;
+        // Both are bounded by 65 527 above.
+        self.initial_mtu = initial as u16;
+        self.max_mtu = max as u16;
+        Ok(self)
+    }
+
+    /// Socket send and receive buffer sizes to ask the kernel for (default 8 MiB).
+    pub fn socket_buffer_bytes(&mut self, n: usize) -> &mut Self {
+        self.socket_buffer_bytes = n;
+        self
+    }
+}
+
+/// A knob set out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The value is outside the allowed range.
+    #[error("{field} must be between {min} and {max}")]
+    Range {
+        /// Which knob.
+        field: &'static str,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+}
+
+fn in_range(field: &'static str, v: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Range {
+            field,
+            min: u64::from(min),
+            max: u64::from(max),
+        })
+    }
+}
+
+/// Publishes the current authorization policy; requests decide against the latest.
+#[derive(Debug, Clone)]
+pub struct PolicyHandle {
+    tx: Arc<watch::Sender<Arc<dyn Authorizer>>>,
+}
+
+impl PolicyHandle {
+    /// Starts publishing `policy`.
+    pub fn new(policy: Arc<dyn Authorizer>) -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(policy)),
+        }
+    }
+
+    /// Replaces the policy for every request from now on.
+    pub fn update(&self, policy: Arc<dyn Authorizer>) {
+        self.tx.send_replace(policy);
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<dyn Authorizer> {
+        self.tx.borrow().clone()
+    }
+}
+
+/// Everything a server needs. Build with [`ServerConfig::builder`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub(crate) identity: IdentityHandle,
+    pub(crate) policy: PolicyHandle,
+    pub(crate) store: Arc<Store>,
+    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) transport: Arc<TransportConfig>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl ServerConfig {
+    /// Starts a builder; identity, policy and store must be given before `build`.
+    pub fn builder() -> ServerConfigBuilder<(), (), ()> {
+        ServerConfigBuilder {
+            identity: (),
+            policy: (),
+            store: (),
+            audit: Arc::new(NoAudit),
+            transport: Arc::new(TransportConfig::default()),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The server's identity handle (to rotate its SVID).
+    pub fn identity(&self) -> &IdentityHandle {
+        &self.identity
+    }
+
+    /// The policy handle (to reload the policy).
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
+    }
+}
+
+/// Builds a [`ServerConfig`]: `.identity(..).policy(..).store(..)` in any order, then `build`.
+#[derive(Debug)]
+pub struct ServerConfigBuilder<I, P, S> {
+    identity: I,
+    policy: P,
+    store: S,
+    audit: Arc<dyn AuditSink>,
+    transport: Arc<TransportConfig>,
+    clock: Arc<dyn Clock>,
+}
+
+impl<I, P, S> ServerConfigBuilder<I, P, S> {
+    /// Who the server is and whom it trusts.
+    pub fn identity(self, identity: IdentityHandle) -> ServerConfigBuilder<IdentityHandle, P, S> {
+        ServerConfigBuilder {
+            identity,
+            policy: self.policy,
+            store: self.store,
+            audit: self.audit,
+            transport: self.transport,
+            clock: self.clock,
+        }
+    }
+
+    /// Who may do what.
+    pub fn policy(self, policy: PolicyHandle) -> ServerConfigBuilder<I, PolicyHandle, S> {
+        ServerConfigBuilder {
+            identity: self.identity,
+            policy,
+            store: self.store,
+            audit: self.audit,
+            transport: self.transport,
+            clock: self.clock,
+        }
+    }
+
+    /// The datasets served and received.
+    pub fn store(self, store: Arc<Store>) -> ServerConfigBuilder<I, P, Arc<Store>> {
+        ServerConfigBuilder {
+            identity: self.identity,
+            policy: self.policy,
+            store,
+            audit: self.audit,
+            transport: self.transport,
+            clock: self.clock,
+        }
+    }
+
+    /// Where audit records go (default: nowhere; a node daemon always sets one).
+    pub fn audit(mut self, audit: Arc<dyn AuditSink>) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Tuning knobs.
+    pub fn transport(mut self, transport: TransportConfig) -> Self {
+        self.transport = Arc::new(transport);
+        self
+    }
+
+    /// The clock (tests inject one).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+impl ServerConfigBuilder<IdentityHandle, PolicyHandle, Arc<Store>> {
+    /// Finishes the configuration.
+    pub fn build(self) -> ServerConfig {
+        ServerConfig {
+            identity: self.identity,
+            policy: self.policy,
+            store: self.store,
+            audit: self.audit,
+            transport: self.transport,
+            clock: self.clock,
+        }
+    }
+}
+
+/// Everything a client needs. Build with [`ClientConfig::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub(crate) identity: IdentityHandle,
+    pub(crate) server_id: Option<SpiffeId>,
+    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) transport: Arc<TransportConfig>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl ClientConfig {
+    /// Starts a builder; the identity must be given before `build`.
+    pub fn builder() -> ClientConfigBuilder<()> {
+        ClientConfigBuilder {
+            identity: (),
+            server_id: None,
+            audit: Arc::new(NoAudit),
+            transport: Arc::new(TransportConfig::default()),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Builds a [`ClientConfig`].
+#[derive(Debug)]
+pub struct ClientConfigBuilder<I> {
+    identity: I,
+    server_id: Option<SpiffeId>,
+    audit: Arc<dyn AuditSink>,
+    transport: Arc<TransportConfig>,
+    clock: Arc<dyn Clock>,
+}
+
+impl<I> ClientConfigBuilder<I> {
+    /// Who the client is and whom it trusts.
+    pub fn identity(self, identity: IdentityHandle) -> ClientConfigBuilder<IdentityHandle> {
+        ClientConfigBuilder {
+            identity,
+            server_id: self.server_id,
+            audit: self.audit,
+            transport: self.transport,
+            clock: self.clock,
+        }
+    }
+
+    /// Insist that the server presents this SPIFFE ID (default: any ID of the trust domain).
+    pub fn server_id(mut self, id: SpiffeId) -> Self {
+        self.server_id = Some(id);
+        self
+    }
+
+    /// Where the client records its transfers (default: nowhere).
+    pub fn audit(mut self, audit: Arc<dyn AuditSink>) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Tuning knobs.
+    pub fn transport(mut self, transport: TransportConfig) -> Self {
+        self.transport = Arc::new(transport);
+        self
+    }
+
+    /// The clock (tests inject one).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+impl ClientConfigBuilder<IdentityHandle> {
+    /// Finishes the configuration.
+    pub fn build(self) -> ClientConfig {
+        ClientConfig {
+            identity: self.identity,
+            server_id: self.server_id,
+            audit: self.audit,
+            transport: self.transport,
+            clock: self.clock,
+        }
+    }
+}

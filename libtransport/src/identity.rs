@@ -1,0 +1,333 @@
+//! Who we are and whom we trust, as both TLS sides see it.
+//!
+//! [`Credentials`] pair our SVID with the trust bundle. An [`IdentityHandle`] publishes them
+//! through a `watch` channel: every new handshake reads the latest (so a rotated SVID or a
+//! new bundle takes effect without a restart) while open connections keep theirs.
+//!
+//! The verifiers here replace rustls's WebPKI verifier on both sides with
+//! [`certs::TrustBundle::verify`], which adds the SPIFFE rules WebPKI lacks: exactly one
+//! `spiffe://` URI SAN, in our trust domain, on a leaf that is not a CA. The peer's
+//! [`SpiffeId`] taken from a verified SVID is the identity every later decision uses.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use certs::{SpiffeId, Svid, SvidError, TrustBundle, Usage, VerifiedSvid};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use tokio::sync::watch;
+
+/// Our SVID and the trust bundle we verify peers against.
+pub struct Credentials {
+    svid: Svid,
+    bundle: TrustBundle,
+    key: Arc<CertifiedKey>,
+}
+
+impl Credentials {
+    /// Pairs an SVID with a bundle. The SVID must belong to the bundle's trust domain.
+    pub fn new(svid: Svid, bundle: TrustBundle) -> Result<Self, IdentityError> {
+        if !svid.id().is_member_of(bundle.trust_domain()) {
+            return Err(IdentityError::ForeignSvid {
+                id: svid.id().clone(),
+                trust_domain: bundle.trust_domain().to_string(),
+            });
+        }
+        let signing = crate::tls::provider()
+            .key_provider
+            .load_private_key(svid.key())
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing));
+        Ok(Self { svid, bundle, key })
+    }
+
+    /// Our SPIFFE ID.
+    pub fn id(&self) -> &SpiffeId {
+        self.svid.id()
+    }
+
+    /// Our SVID.
+    pub fn svid(&self) -> &Svid {
+        &self.svid
+    }
+
+    /// The bundle peers are verified against.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("id", self.svid.id())
+            .field("not_after", &self.svid.not_after())
+            .field("trust_domain", self.bundle.trust_domain())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Publishes our current credentials to every connection that starts from now on.
+#[derive(Clone, Debug)]
+pub struct IdentityHandle {
+    tx: Arc<watch::Sender<Arc<Credentials>>>,
+}
+
+impl IdentityHandle {
+    /// Starts publishing `creds`.
+    pub fn new(creds: Credentials) -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(Arc::new(creds))),
+        }
+    }
+
+    /// Replaces the credentials: new handshakes use these; open connections keep theirs.
+    pub fn update(&self, creds: Credentials) {
+        self.tx.send_replace(Arc::new(creds));
+    }
+
+    /// The credentials new handshakes use now.
+    pub fn current(&self) -> Arc<Credentials> {
+        self.tx.borrow().clone()
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<Arc<Credentials>> {
+        self.tx.subscribe()
+    }
+}
+
+/// The authenticated peer of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The SPIFFE ID from the peer's verified SVID.
+    pub id: SpiffeId,
+    /// The SVID's serial number, lowercase hex.
+    pub serial: String,
+    /// When the peer's SVID expires.
+    pub not_after: SystemTime,
+    /// The peer's network address.
+    pub addr: SocketAddr,
+    /// Which transport carries the connection.
+    pub path: crate::transport::Path,
+}
+
+/// Why credentials could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The SVID names another trust domain than the bundle.
+    #[error("SVID {id} is not in trust domain {trust_domain} of the bundle")]
+    ForeignSvid {
+        /// The SVID's ID.
+        id: SpiffeId,
+        /// The bundle's trust domain.
+        trust_domain: String,
+    },
+    /// The private key could not be loaded for signing.
+    #[error("private key cannot be used for TLS: {0}")]
+    Key(String),
+}
+
+/// Serves our current SVID to every handshake, on both sides.
+#[derive(Debug)]
+pub(crate) struct CertResolver(pub(crate) watch::Receiver<Arc<Credentials>>);
+
+impl rustls::client::ResolvesClientCert for CertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.borrow().key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.borrow().key.clone())
+    }
+}
+
+/// Where a client verifier leaves the reason it refused a server, so the caller gets a
+/// typed error rather than a TLS alert's string.
+pub(crate) type FailureSlot = Arc<Mutex<Option<SvidError>>>;
+
+/// Verifies the peer's SVID chain against the current bundle, then the SPIFFE rules.
+#[derive(Debug)]
+pub(crate) struct SvidVerifier {
+    creds: watch::Receiver<Arc<Credentials>>,
+    algorithms: WebPkiSupportedAlgorithms,
+    /// For clients: the server ID to insist on, if any.
+    expect: Option<SpiffeId>,
+    failure: Option<FailureSlot>,
+}
+
+impl SvidVerifier {
+    pub(crate) fn new(
+        creds: watch::Receiver<Arc<Credentials>>,
+        provider: &CryptoProvider,
+        expect: Option<SpiffeId>,
+        failure: Option<FailureSlot>,
+    ) -> Self {
+        Self {
+            creds,
+            algorithms: provider.signature_verification_algorithms,
+            expect,
+            failure,
+        }
+    }
+
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<VerifiedSvid, rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        // Hold the credentials (an Arc) rather than the borrow: verification takes a while.
+        let creds = self.creds.borrow().clone();
+        let result = creds.bundle.verify(&chain, now, usage).and_then(|v| match &self.expect {
+            Some(want) if *want != v.id => Err(SvidError::Other(format!(
+                "server is {} but {} was expected",
+                v.id, want
+            ))),
+            _ => Ok(v),
+        });
+        result.map_err(|e| {
+            let mapped = to_rustls_error(&e);
+            if let Some(slot) = &self.failure {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+            }
+            mapped
+        })
+    }
+}
+
+impl ServerCertVerifier for SvidVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now, Usage::Server)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Our configs offer TLS 1.3 only; a 1.2 signature means something is very wrong.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SvidVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now, Usage::Client)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Re-derives the peer's identity from the chain a finished handshake verified.
+pub(crate) fn peer_identity(
+    chain: &[CertificateDer<'static>],
+    creds: &Credentials,
+    now: SystemTime,
+    usage: Usage,
+) -> Result<VerifiedSvid, SvidError> {
+    creds.bundle.verify(chain, now, usage)
+}
+
+/// Picks the TLS alert that best tells the peer why, without saying more than it should.
+fn to_rustls_error(e: &SvidError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(match e {
+        SvidError::Expired { .. } => CertificateError::Expired,
+        SvidError::NotYetValid { .. } => CertificateError::NotValidYet,
+        SvidError::UnknownIssuer => CertificateError::UnknownIssuer,
+        other => CertificateError::Other(OtherError(Arc::new(SvidRefusal(other.to_string())))),
+    })
+}
+
+/// An SVID refusal carried inside a rustls error (which needs `Error + Send + Sync`).
+#[derive(Debug)]
+struct SvidRefusal(String);
+
+impl fmt::Display for SvidRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SvidRefusal {}

@@ -1,0 +1,199 @@
+//! Authorization: default deny, one decision point for every request.
+//!
+//! Every request (list, read, write) asks an [`Authorizer`] for a [`Decision`] about an
+//! [`Access`]. The decision is pure: no I/O, no clock. [`AccessList`] is the simple
+//! allow-list the node config describes; a richer engine plugs in behind the same trait.
+//! Anything an authorizer does not explicitly allow is denied.
+
+use std::fmt;
+
+use certs::SpiffeId;
+
+use crate::proto::{DatasetName, ObjectPath};
+
+/// What a peer wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// See that a dataset exists and list its objects.
+    List,
+    /// Read objects (stat, open, read).
+    Read,
+    /// Create or replace objects.
+    Write,
+}
+
+impl Action {
+    /// A lower-case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One access to decide.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    /// The authenticated peer.
+    pub peer: &'a SpiffeId,
+    /// What it wants to do.
+    pub action: Action,
+    /// Which dataset.
+    pub dataset: &'a DatasetName,
+    /// Which object, if the request names one.
+    pub object: Option<&'a ObjectPath>,
+}
+
+/// The outcome of a decision, with what decided it (for the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the named rule.
+    Allow {
+        /// Which rule allowed it.
+        rule: String,
+    },
+    /// Denied, and why.
+    Deny {
+        /// Why; "no rule allows it" for the default.
+        reason: String,
+    },
+}
+
+impl Decision {
+    /// True if allowed.
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Self::Allow { .. })
+    }
+}
+
+/// Decides accesses. Implementations must deny anything they do not explicitly allow.
+pub trait Authorizer: fmt::Debug + Send + Sync {
+    /// Decides one access.
+    fn decide(&self, access: &Access<'_>) -> Decision;
+}
+
+/// The node config's allow-list: SPIFFE IDs mapped to datasets with read and/or write.
+/// Either grant also lets the peer list the dataset.
+#[derive(Debug, Clone, Default)]
+pub struct AccessList {
+    grants: Vec<Grant>,
+}
+
+impl AccessList {
+    /// An empty list: denies everything.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a grant.
+    pub fn grant(&mut self, grant: Grant) -> &mut Self {
+        self.grants.push(grant);
+        self
+    }
+
+    /// The grants, in order.
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+}
+
+impl Authorizer for AccessList {
+    fn decide(&self, access: &Access<'_>) -> Decision {
+        for (i, g) in self.grants.iter().enumerate() {
+            if g.peer != *access.peer || g.dataset != *access.dataset {
+                continue;
+            }
+            let allowed = match access.action {
+                Action::List => g.read || g.write,
+                Action::Read => g.read,
+                Action::Write => g.write,
+            };
+            if allowed {
+                return Decision::Allow {
+                    rule: format!("access[{i}]"),
+                };
+            }
+        }
+        Decision::Deny {
+            reason: "no rule allows it".into(),
+        }
+    }
+}
+
+/// One allow-list entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Who.
+    pub peer: SpiffeId,
+    /// Which dataset.
+    pub dataset: DatasetName,
+    /// May read (and list).
+    pub read: bool,
+    /// May write (and list).
+    pub write: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn ds(s: &str) -> DatasetName {
+        DatasetName::new(s).unwrap()
+    }
+
+    #[test]
+    fn default_deny_and_grants() {
+        let loader = id("spiffe://td/gpu/loader");
+        let trainer = id("spiffe://td/gpu/trainer");
+        let mut acl = AccessList::new();
+        acl.grant(Grant {
+            peer: loader.clone(),
+            dataset: ds("scans"),
+            read: true,
+            write: false,
+        })
+        .grant(Grant {
+            peer: trainer.clone(),
+            dataset: ds("ckpt"),
+            read: false,
+            write: true,
+        });
+        let decide = |peer: &SpiffeId, action, d: &str| {
+            acl.decide(&Access {
+                peer,
+                action,
+                dataset: &ds(d),
+                object: None,
+            })
+        };
+        assert!(decide(&loader, Action::Read, "scans").is_allow());
+        assert!(decide(&loader, Action::List, "scans").is_allow());
+        assert!(!decide(&loader, Action::Write, "scans").is_allow());
+        assert!(!decide(&loader, Action::Read, "ckpt").is_allow());
+        assert!(decide(&trainer, Action::Write, "ckpt").is_allow());
+        assert!(decide(&trainer, Action::List, "ckpt").is_allow());
+        assert!(!decide(&trainer, Action::Read, "ckpt").is_allow());
+        // Same path in another trust domain is another identity.
+        assert!(!decide(&id("spiffe://other/gpu/loader"), Action::Read, "scans").is_allow());
+        assert!(!AccessList::new().decide(&Access {
+            peer: &loader,
+            action: Action::List,
+            dataset: &ds("scans"),
+            object: None
+        })
+        .is_allow());
+    }
+}

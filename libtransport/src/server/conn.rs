@@ -1,0 +1,188 @@
+//! Per-connection state: the authenticated peer, its open transfers, its read budget.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+use super::{Shared, record};
+use crate::audit::{AuditEvent, Direction, Outcome};
+use crate::identity::Peer;
+use crate::policy::{Access, Action, Decision};
+use crate::proto::{DatasetName, Digest, ErrorCode, ObjectPath, TransferId};
+use crate::store::{ObjectReader, ObjectWriter};
+
+/// One connection's state, shared by its request tasks.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) peer: Peer,
+    transfers: Mutex<Transfers>,
+    /// Bytes read from disk ahead of the network, in KiB units.
+    pub(crate) budget: Arc<Semaphore>,
+}
+
+#[derive(Debug, Default)]
+struct Transfers {
+    next: u64,
+    open: HashMap<TransferId, Arc<Transfer>>,
+}
+
+/// An open transfer.
+#[derive(Debug)]
+pub(crate) struct Transfer {
+    pub(crate) dataset: DatasetName,
+    pub(crate) object: ObjectPath,
+    pub(crate) root: Digest,
+    pub(crate) kind: TransferKind,
+    pub(crate) started: Instant,
+    pub(crate) bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) enum TransferKind {
+    Read(ObjectReader),
+    /// `None` once committed.
+    Write(Mutex<Option<ObjectWriter>>),
+}
+
+impl ConnCtx {
+    pub(crate) fn new(shared: Arc<Shared>, peer: Peer) -> Self {
+        let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
+        Self {
+            shared,
+            peer,
+            transfers: Mutex::new(Transfers::default()),
+            budget: Arc::new(Semaphore::new(kib as usize)),
+        }
+    }
+
+    /// Asks the policy; a denial is audited and reads as "not found" to the peer.
+    pub(crate) fn authorize(
+        &self,
+        action: Action,
+        dataset: &DatasetName,
+        object: Option<&ObjectPath>,
+    ) -> Result<(), ErrorCode> {
+        let policy = self.shared.config.policy.current();
+        let decision = policy.decide(&Access {
+            peer: &self.peer.id,
+            action,
+            dataset,
+            object,
+        });
+        match decision {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { reason } => {
+                tracing::info!(
+                    peer.id = %self.peer.id,
+                    dataset = %dataset,
+                    action = %action,
+                    decision = "deny",
+                    "access denied"
+                );
+                record(
+                    &self.shared,
+                    AuditEvent::AccessDenied {
+                        peer: self.peer.id.clone(),
+                        action,
+                        dataset: dataset.clone(),
+                        object: object.cloned(),
+                        reason,
+                    },
+                );
+                Err(ErrorCode::NotFound)
+            }
+        }
+    }
+
+    /// Registers a transfer, within the per-connection limit.
+    pub(crate) fn open(
+        &self,
+        dataset: DatasetName,
+        object: ObjectPath,
+        root: Digest,
+        kind: TransferKind,
+    ) -> Result<TransferId, ErrorCode> {
+        let mut t = self.lock();
+        if t.open.len() >= self.shared.config.transport.max_transfers as usize {
+            return Err(ErrorCode::Busy);
+        }
+        t.next += 1;
+        let id = TransferId(t.next);
+        t.open.insert(
+            id,
+            Arc::new(Transfer {
+                dataset,
+                object,
+                root,
+                kind,
+                started: self.shared.config.clock.instant(),
+                bytes: AtomicU64::new(0),
+            }),
+        );
+        Ok(id)
+    }
+
+    pub(crate) fn get(&self, id: TransferId) -> Result<Arc<Transfer>, ErrorCode> {
+        self.lock()
+            .open
+            .get(&id)
+            .cloned()
+            .ok_or(ErrorCode::UnknownTransfer)
+    }
+
+    pub(crate) fn remove(&self, id: TransferId) -> Result<Arc<Transfer>, ErrorCode> {
+        self.lock()
+            .open
+            .remove(&id)
+            .ok_or(ErrorCode::UnknownTransfer)
+    }
+
+    /// Records a transfer's end in the audit trail.
+    pub(crate) fn ended(&self, t: &Transfer, outcome: Outcome) {
+        let direction = match &t.kind {
+            TransferKind::Read(_) => Direction::Out,
+            TransferKind::Write(_) => Direction::In,
+        };
+        let bytes = t.bytes.load(Ordering::Relaxed);
+        let elapsed = self.shared.config.clock.instant().saturating_duration_since(t.started);
+        tracing::info!(
+            peer.id = %self.peer.id,
+            dataset = %t.dataset,
+            object.digest = %t.object.digest().short(),
+            bytes,
+            elapsed_ms = elapsed.as_millis() as u64,
+            outcome = ?outcome,
+            "transfer ended"
+        );
+        record(
+            &self.shared,
+            AuditEvent::Transfer {
+                peer: self.peer.id.clone(),
+                direction,
+                dataset: t.dataset.clone(),
+                object: t.object.clone(),
+                bytes,
+                root: t.root,
+                path: self.peer.path,
+                outcome,
+                duration_ms: elapsed.as_millis() as u64,
+            },
+        );
+    }
+
+    /// The connection is over: transfers still open were interrupted.
+    pub(crate) fn finish(&self) {
+        let open: Vec<_> = self.lock().open.drain().map(|(_, t)| t).collect();
+        for t in open {
+            self.ended(&t, Outcome::Interrupted);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Transfers> {
+        self.transfers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,373 @@
+//! One request stream: decode the request, authorize it, answer it.
+//!
+//! Every failure ends the stream with an `Error` frame carrying a stable code. A request
+//! the policy denies and a request for something missing both answer `NotFound`.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use bytes::Bytes;
+use tracing::{debug, trace};
+
+use super::conn::{ConnCtx, Transfer, TransferKind};
+use crate::audit::Outcome;
+use crate::policy::Action;
+use crate::proto::frame::MAX_DATA_PAYLOAD;
+use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
+use crate::proto::{
+    ChunkIndex, DecodeError, ErrorCode, Frame, FrameKind, Request, Response, TransferId,
+};
+use crate::store::{ChunkWriter, StoreError, WriteError};
+use crate::transport::{FrameSink, FrameSource, RequestStream, StreamError};
+
+/// Serves one request stream to its end.
+pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: RequestStream) {
+    let frame = match first {
+        Some(f) => f,
+        None => match stream.source.recv().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "request stream failed before its request");
+                return;
+            }
+        },
+    };
+    let result = match decode(&frame) {
+        Ok(req) => {
+            let name = req.name();
+            let r = serve(&ctx, req, &mut stream).await;
+            trace!(req = name, ok = r.is_ok(), "request done");
+            r
+        }
+        Err(e) => {
+            debug!(peer.id = %ctx.peer.id, error = %e, "malformed request");
+            Err(Failure::Code(ErrorCode::Protocol))
+        }
+    };
+    match result {
+        Ok(()) => stream.sink.finish(),
+        Err(Failure::Code(code)) => {
+            if stream.sink.send_error(code).await.is_ok() {
+                stream.sink.finish();
+            }
+        }
+        Err(Failure::Stream(e)) => debug!(error = %e, "request stream failed"),
+    }
+}
+
+/// Why a request did not complete.
+enum Failure {
+    /// Tell the peer.
+    Code(ErrorCode),
+    /// The stream itself is gone; nothing to tell.
+    Stream(StreamError),
+}
+
+impl From<ErrorCode> for Failure {
+    fn from(c: ErrorCode) -> Self {
+        Self::Code(c)
+    }
+}
+
+impl From<StreamError> for Failure {
+    fn from(e: StreamError) -> Self {
+        Self::Stream(e)
+    }
+}
+
+fn decode(frame: &Frame) -> Result<Request, DecodeError> {
+    if frame.kind != FrameKind::Request {
+        return Err(DecodeError::Tag(frame.kind as u8));
+    }
+    Request::decode(&frame.payload)
+}
+
+async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Result<(), Failure> {
+    let store = ctx.shared.config.store.clone();
+    match req {
+        Request::ListDatasets => {
+            let all = blocking(move || store.datasets()).await?;
+            let policy = ctx.shared.config.policy.current();
+            let visible: Vec<_> = all
+                .into_iter()
+                .filter(|d| {
+                    policy
+                        .decide(&crate::policy::Access {
+                            peer: &ctx.peer.id,
+                            action: Action::List,
+                            dataset: d,
+                            object: None,
+                        })
+                        .is_allow()
+                })
+                .take(MAX_LIST_ENTRIES)
+                .collect();
+            respond(&mut s.sink, Response::Datasets(visible)).await
+        }
+        Request::ListObjects {
+            dataset,
+            prefix,
+            start_after,
+            limit,
+        } => {
+            ctx.authorize(Action::List, &dataset, None)?;
+            let limit = (limit as usize).clamp(1, MAX_LIST_ENTRIES);
+            let (entries, more) = blocking(move || {
+                store.list(&dataset, &prefix, start_after.as_ref(), limit)
+            })
+            .await?;
+            respond(&mut s.sink, Response::Objects { entries, more }).await
+        }
+        Request::Stat { dataset, object } => {
+            ctx.authorize(Action::Read, &dataset, Some(&object))?;
+            let reader = blocking(move || store.open_read(&dataset, &object)).await?;
+            respond(&mut s.sink, Response::Manifest((**reader.manifest()).clone())).await
+        }
+        Request::OpenRead { dataset, object } => {
+            ctx.authorize(Action::Read, &dataset, Some(&object))?;
+            let (d, o) = (dataset.clone(), object.clone());
+            let reader = blocking(move || store.open_read(&d, &o)).await?;
+            let manifest = (**reader.manifest()).clone();
+            let transfer =
+                ctx.open(dataset, object, manifest.root(), TransferKind::Read(reader))?;
+            respond(&mut s.sink, Response::OpenedRead { transfer, manifest }).await
+        }
+        Request::Read {
+            transfer,
+            offset,
+            len,
+        } => read(ctx, transfer, offset, len, s).await,
+        Request::OpenWrite {
+            dataset,
+            object,
+            manifest,
+        } => {
+            ctx.authorize(Action::Write, &dataset, Some(&object))?;
+            let manifest = Arc::new(manifest);
+            let (d, o, m) = (dataset.clone(), object.clone(), manifest.clone());
+            let owner = ctx.peer.id.to_string();
+            let writer = blocking(move || store.open_write(&d, &o, m, &owner)).await?;
+            let have = writer.partial().have();
+            let transfer = ctx.open(
+                dataset,
+                object,
+                manifest.root(),
+                TransferKind::Write(std::sync::Mutex::new(Some(writer))),
+            )?;
+            respond(&mut s.sink, Response::OpenedWrite { transfer, have }).await
+        }
+        Request::WriteChunk { transfer, chunk } => {
+            write_chunk(ctx, transfer, chunk, &mut s.source).await?;
+            respond(&mut s.sink, Response::ChunkStored(chunk)).await
+        }
+        Request::Commit { transfer } => commit(ctx, transfer, &mut s.sink).await,
+        Request::Close { transfer } => {
+            let t = ctx.remove(transfer)?;
+            let outcome = match &t.kind {
+                TransferKind::Read(r) if t.bytes.load(Ordering::Relaxed) >= r.manifest().size() => {
+                    Outcome::Complete
+                }
+                _ => Outcome::Incomplete,
+            };
+            ctx.ended(&t, outcome);
+            respond(&mut s.sink, Response::Closed).await
+        }
+    }
+}
+
+async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {
+    sink.send(FrameKind::Response, r.encode()).await?;
+    Ok(())
+}
+
+/// Streams `len` bytes at `offset` of a read transfer as `Data` frames, then `End`. Disk
+/// reads run one piece ahead of the network, within the connection's read budget.
+async fn read(
+    ctx: &Arc<ConnCtx>,
+    id: TransferId,
+    offset: u64,
+    len: u64,
+    s: &mut RequestStream,
+) -> Result<(), Failure> {
+    let t = ctx.get(id)?;
+    let TransferKind::Read(reader) = &t.kind else {
+        return Err(ErrorCode::UnknownTransfer.into());
+    };
+    if len > MAX_READ_BYTES {
+        return Err(ErrorCode::TooLarge.into());
+    }
+    let end = offset.checked_add(len).ok_or(ErrorCode::Range)?;
+    if end > reader.manifest().size() {
+        return Err(ErrorCode::Range.into());
+    }
+    let mut at = offset;
+    let mut next = (at < end).then(|| spawn_read(ctx, &t, at, end));
+    while let Some(pending) = next.take() {
+        let (piece, permit) = pending
+            .await
+            .map_err(|_| ErrorCode::Internal)?
+            .map_err(store_code)?;
+        at += piece.len() as u64;
+        if at < end {
+            next = Some(spawn_read(ctx, &t, at, end));
+        }
+        if s.source.try_recv_cancel() {
+            return Err(ErrorCode::Cancelled.into());
+        }
+        let n = piece.len() as u64;
+        s.sink.send(FrameKind::Data, piece).await?;
+        drop(permit);
+        t.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    s.sink.send(FrameKind::End, Bytes::new()).await?;
+    Ok(())
+}
+
+type ReadPiece =
+    tokio::task::JoinHandle<Result<(Bytes, tokio::sync::OwnedSemaphorePermit), StoreError>>;
+
+fn spawn_read(ctx: &Arc<ConnCtx>, t: &Arc<Transfer>, at: u64, end: u64) -> ReadPiece {
+    let n = (end - at).min(MAX_DATA_PAYLOAD as u64) as usize;
+    let budget = ctx.budget.clone();
+    let t = t.clone();
+    tokio::spawn(async move {
+        let kib = n.div_ceil(1024).max(1) as u32;
+        let permit = budget
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| StoreError::Io(std::io::Error::other("connection closing")))?;
+        let piece = tokio::task::spawn_blocking(move || match &t.kind {
+            TransferKind::Read(r) => r.read_at(at, n),
+            TransferKind::Write(_) => Err(StoreError::NotFound),
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Ok((piece, permit))
+    })
+}
+
+/// Receives one chunk of a write transfer: each `Data` frame is hashed and written as it
+/// arrives; the chunk counts once `End` arrives and the hash matches.
+async fn write_chunk(
+    ctx: &Arc<ConnCtx>,
+    id: TransferId,
+    index: ChunkIndex,
+    source: &mut FrameSource,
+) -> Result<(), Failure> {
+    let t = ctx.get(id)?;
+    let TransferKind::Write(w) = &t.kind else {
+        return Err(ErrorCode::UnknownTransfer.into());
+    };
+    let partial = w
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|w| w.partial().clone())
+        .ok_or(ErrorCode::UnknownTransfer)?;
+    let mut writer = ChunkWriter::new(partial, index).map_err(write_code)?;
+    loop {
+        let frame = source
+            .recv()
+            .await?
+            .ok_or(ErrorCode::Protocol)?;
+        match frame.kind {
+            FrameKind::Data => {
+                let n = frame.payload.len() as u64;
+                writer = tokio::task::spawn_blocking(move || {
+                    writer.feed(&frame.payload).map(|()| writer)
+                })
+                .await
+                .map_err(|_| ErrorCode::Internal)?
+                .map_err(write_code)?;
+                t.bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            FrameKind::End => break,
+            FrameKind::Cancel => return Err(ErrorCode::Cancelled.into()),
+            _ => return Err(ErrorCode::Protocol.into()),
+        }
+    }
+    writer.finish().map_err(|e| {
+        debug!(peer.id = %ctx.peer.id, chunk = index.0, error = %e, "pushed chunk refused");
+        write_code(e)
+    })?;
+    Ok(())
+}
+
+async fn commit(ctx: &Arc<ConnCtx>, id: TransferId, sink: &mut FrameSink) -> Result<(), Failure> {
+    let t = ctx.get(id)?;
+    let TransferKind::Write(w) = &t.kind else {
+        return Err(ErrorCode::UnknownTransfer.into());
+    };
+    let writer = {
+        let mut slot = w.lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(wr) if wr.partial().is_complete() => slot.take(),
+            Some(_) => return Err(ErrorCode::Incomplete.into()),
+            None => return Err(ErrorCode::UnknownTransfer.into()),
+        }
+    };
+    let Some(writer) = writer else {
+        return Err(ErrorCode::UnknownTransfer.into());
+    };
+    let store = ctx.shared.config.store.clone();
+    let (d, o) = (t.dataset.clone(), t.object.clone());
+    let committed = tokio::task::spawn_blocking(move || {
+        let m = writer.commit()?;
+        // The object is durable; failing to cache its manifest only costs a rehash.
+        let _ = store.remember(&d, &o, m.clone());
+        Ok::<_, WriteError>(m)
+    })
+    .await
+    .map_err(|_| ErrorCode::Internal)?;
+    let _ = ctx.remove(id);
+    match committed {
+        Ok(m) => {
+            ctx.ended(&t, Outcome::Complete);
+            respond(sink, Response::Committed { root: m.root() }).await
+        }
+        Err(e) => {
+            ctx.ended(&t, Outcome::Failed);
+            Err(write_code(e).into())
+        }
+    }
+}
+
+async fn blocking<T, F>(f: F) -> Result<T, ErrorCode>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ErrorCode::Internal)?
+        .map_err(store_code)
+}
+
+fn store_code(e: StoreError) -> ErrorCode {
+    match e {
+        StoreError::NotFound => ErrorCode::NotFound,
+        StoreError::Conflict => ErrorCode::Conflict,
+        StoreError::Corrupt => ErrorCode::Corrupt,
+        StoreError::Manifest(_) => ErrorCode::TooLarge,
+        StoreError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => ErrorCode::NoSpace,
+        other => {
+            tracing::warn!(error = %other, "store failure");
+            ErrorCode::Internal
+        }
+    }
+}
+
+fn write_code(e: WriteError) -> ErrorCode {
+    match e {
+        WriteError::Chunk(crate::proto::ChunkError::Corrupt(_)) => ErrorCode::Corrupt,
+        WriteError::Chunk(crate::proto::ChunkError::Length { .. }) => ErrorCode::TooLarge,
+        WriteError::Chunk(_) => ErrorCode::Range,
+        WriteError::Incomplete => ErrorCode::Incomplete,
+        e if e.is_no_space() => ErrorCode::NoSpace,
+        other => {
+            tracing::warn!(error = %other, "write failure");
+            ErrorCode::Internal
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Test helpers (feature `test-util`): a tracing subscriber, an in-memory audit sink,
+//! identities minted per test, and a loopback server over a temporary store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use certs::SpiffeId;
+use certs::test_util::TestPki;
+
+use crate::audit::{AuditError, AuditEvent, AuditRecord, AuditSink};
+use crate::config::{ClientConfig, PolicyHandle, ServerConfig, TransportConfig};
+use crate::identity::{Credentials, IdentityHandle};
+use crate::policy::{AccessList, Grant};
+use crate::proto::DatasetName;
+use crate::server::{Server, ServerHandle};
+use crate::store::Store;
+
+/// Routes `tracing` output to the test harness for the rest of the test. Set
+/// `TRANSPORTD_TEST_LOG` (an env-filter) for more than warnings.
+pub fn trace_init() -> tracing::subscriber::DefaultGuard {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRANSPORTD_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let sub = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(filter)
+        .finish();
+    tracing::subscriber::set_default(sub)
+}
+
+/// Keeps audit records in memory.
+#[derive(Debug, Default)]
+pub struct MemoryAudit {
+    records: Mutex<Vec<AuditRecord>>,
+}
+
+impl MemoryAudit {
+    /// Every event so far, in order.
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|r| r.event.clone())
+            .collect()
+    }
+}
+
+impl AuditSink for MemoryAudit {
+    fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(record.clone());
+        Ok(())
+    }
+}
+
+/// Credentials for `spiffe://<pki's trust domain><path>`, issued through the CSR path.
+pub fn identity(pki: &TestPki, path: &str) -> IdentityHandle {
+    let svid = pki.svid(path);
+    IdentityHandle::new(Credentials::new(svid, pki.bundle()).expect("test credentials"))
+}
+
+/// A client config for `path` in `pki`'s trust domain.
+pub fn client_config(pki: &TestPki, path: &str) -> ClientConfig {
+    ClientConfig::builder().identity(identity(pki, path)).build()
+}
+
+/// Deterministic pseudo-random bytes (BLAKE3 output stream of `seed`).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+/// A server on loopback (QUIC and TCP) over a temporary store.
+#[derive(Debug)]
+pub struct TestServer {
+    /// The running server.
+    pub handle: ServerHandle,
+    /// Holds the store and state directories.
+    pub dir: tempfile::TempDir,
+    /// What the server audited.
+    pub audit: Arc<MemoryAudit>,
+    /// The server's SPIFFE ID.
+    pub id: SpiffeId,
+    /// The configuration it runs with.
+    pub config: ServerConfig,
+}
+
+/// One access grant for [`TestServer::start`]: peer path, dataset, read, write.
+pub type TestGrant<'a> = (&'a str, &'a str, bool, bool);
+
+impl TestServer {
+    /// Starts a server identified as `/node/storage`, granting `grants` (peer paths are in
+    /// `pki`'s trust domain) and creating each granted dataset directory.
+    pub async fn start(pki: &TestPki, grants: &[TestGrant<'_>]) -> Self {
+        Self::start_with(pki, grants, TransportConfig::default()).await
+    }
+
+    /// Like [`TestServer::start`] with tuning knobs.
+    pub async fn start_with(
+        pki: &TestPki,
+        grants: &[TestGrant<'_>],
+        transport: TransportConfig,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("data");
+        let mut acl = AccessList::new();
+        let td = pki.bundle().trust_domain().clone();
+        for (peer, dataset, read, write) in grants {
+            std::fs::create_dir_all(root.join(dataset)).expect("dataset dir");
+            acl.grant(Grant {
+                peer: SpiffeId::from_parts(&td, peer).expect("peer id"),
+                dataset: DatasetName::new(dataset).expect("dataset name"),
+                read: *read,
+                write: *write,
+            });
+        }
+        std::fs::create_dir_all(&root).expect("store root");
+        let store = Store::open(&root, Some(dir.path().join("state")), transport.chunk_bytes)
+            .expect("store");
+        let identity = identity(pki, "/node/storage");
+        let id = identity.current().id().clone();
+        let audit = Arc::new(MemoryAudit::default());
+        let config = ServerConfig::builder()
+            .identity(identity)
+            .policy(PolicyHandle::new(Arc::new(acl)))
+            .store(Arc::new(store))
+            .audit(audit.clone())
+            .transport(transport)
+            .build();
+        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let server = Server::bind(config.clone(), Some(loopback), Some(loopback))
+            .await
+            .expect("bind");
+        Self {
+            handle: server.spawn(),
+            dir,
+            audit,
+            id,
+            config,
+        }
+    }
+
+    /// The store's root directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Writes an object straight into the store.
+    pub fn put(&self, dataset: &str, path: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.data_dir().join(dataset).join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("object dir");
+        }
+        std::fs::write(&p, bytes).expect("object");
+        p
+    }
+
+    /// The address for `path`.
+    pub fn addr(&self, path: crate::transport::Path) -> SocketAddr {
+        match path {
+            crate::transport::Path::Quic => self.handle.quic_addr(),
+            crate::transport::Path::Tcp => self.handle.tcp_addr(),
+        }
+        .expect("listening")
+    }
+}

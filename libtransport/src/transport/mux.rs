@@ -1,0 +1,527 @@
+//! Numbered request streams over one byte stream, for TLS/TCP (and the bench's baseline).
+//!
+//! One reader task decodes frames and routes them by stream number into small bounded
+//! queues; one writer task drains a bounded queue of outgoing frames into the connection
+//! with vectored writes (header and payload together, so TLS never makes a 12-byte record).
+//! A slow consumer fills its queue, which stalls the reader, which stalls TCP: backpressure
+//! reaches the peer and memory stays bounded.
+//!
+//! Rules: clients open streams with increasing odd numbers by sending a `Request`; at most
+//! `max_streams` are open at once (the server announced it in `HelloAck`), and a client that
+//! exceeds it is a protocol violation. The server's `Response`, `End` and `Error` frames end
+//! a stream; the server forgets a stream before queueing its last frame, so the client may
+//! reuse the slot as soon as it has read that frame. Frames for forgotten streams are
+//! dropped. A client abandons a stream with `Cancel`.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::{debug, trace};
+
+use super::{FrameSink, FrameSource, RequestStream, StreamError};
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::{Frame, FrameError, FrameHeader, FrameKind};
+
+/// Which end of the connection this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Client,
+    Server,
+}
+
+/// State shared by the reader, the writer and every stream of one connection.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    role: Role,
+    table: Mutex<Table>,
+    /// Why the connection ended, once it has.
+    error: OnceLock<String>,
+    out: mpsc::Sender<Frame>,
+    timeout: Duration,
+    /// Flips to true when the connection ends, waking the reader and the writer.
+    closed: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    streams: HashMap<u32, mpsc::Sender<Frame>>,
+    max_seen: u32,
+}
+
+impl Shared {
+    fn forget(&self, id: u32) {
+        self.lock().streams.remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, why: String) {
+        if self.error.set(why).is_ok() {
+            // Dropping every queue wakes every stream with "connection lost".
+            self.lock().streams.clear();
+            self.closed.send_replace(true);
+        }
+    }
+
+    async fn wait_closed(&self) {
+        let mut rx = self.closed.subscribe();
+        // An error means the sender is gone, which also means closed.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn lost(&self) -> StreamError {
+        StreamError::ConnectionLost(
+            self.error
+                .get()
+                .cloned()
+                .unwrap_or_else(|| "connection closed".into()),
+        )
+    }
+
+    /// True once the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.error.get().is_some() || self.out.is_closed()
+    }
+}
+
+/// The client's handle on a multiplexed connection. The connection closes when the last
+/// clone is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct MuxClient {
+    shared: Arc<Shared>,
+    next_id: Arc<Mutex<u32>>,
+    slots: Arc<Semaphore>,
+    _close: Arc<CloseOnDrop>,
+}
+
+#[derive(Debug)]
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.fail("closed by this side".into());
+    }
+}
+
+impl MuxClient {
+    /// Opens a stream, waiting while `max_streams` are open.
+    pub(crate) async fn open(&self) -> Result<RequestStream, StreamError> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.shared.lost())?;
+        if self.shared.is_closed() {
+            return Err(self.shared.lost());
+        }
+        let id = {
+            let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
+            let id = *next;
+            *next = next.checked_add(2).ok_or_else(|| {
+                StreamError::ConnectionLost("stream numbers exhausted; reconnect".into())
+            })?;
+            id
+        };
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE_FRAMES);
+        self.shared.lock().streams.insert(id, tx);
+        Ok(stream_pair(&self.shared, id, rx, Some(permit)))
+    }
+
+    /// True once the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+
+    /// Ends the connection.
+    pub(crate) fn close(&self, why: &str) {
+        self.shared.fail(why.to_owned());
+    }
+}
+
+/// The sending half of a multiplexed stream.
+#[derive(Debug)]
+pub(crate) struct MuxSink {
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+impl MuxSink {
+    pub(crate) async fn send(&mut self, kind: FrameKind, payload: Bytes) -> Result<(), StreamError> {
+        if payload.len() > crate::proto::frame::MAX_FRAME_PAYLOAD as usize {
+            return Err(FrameError::TooLarge {
+                len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+                max: crate::proto::frame::MAX_FRAME_PAYLOAD,
+            }
+            .into());
+        }
+        if self.shared.role == Role::Server && ends_stream(kind) {
+            self.shared.forget(self.id);
+        }
+        self.shared
+            .out
+            .send(Frame::new(kind, self.id, payload))
+            .await
+            .map_err(|_| self.shared.lost())
+    }
+
+    pub(crate) fn cancel(&mut self) {
+        if self.shared.role == Role::Client {
+            let _ = self
+                .shared
+                .out
+                .try_send(Frame::new(FrameKind::Cancel, self.id, Bytes::new()));
+        }
+        self.shared.forget(self.id);
+    }
+}
+
+/// The receiving half of a multiplexed stream.
+#[derive(Debug)]
+pub(crate) struct MuxSource {
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    shared: Arc<Shared>,
+    /// Set once the stream's last frame arrived (client side).
+    ended: bool,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl MuxSource {
+    pub(crate) async fn recv(&mut self) -> Result<Option<Frame>, StreamError> {
+        match self.rx.recv().await {
+            Some(f) => {
+                if self.shared.role == Role::Client && ends_stream(f.kind) {
+                    self.ended = true;
+                }
+                Ok(Some(f))
+            }
+            None => Err(self.shared.lost()),
+        }
+    }
+
+    pub(crate) fn try_recv_cancel(&mut self) -> bool {
+        matches!(self.rx.try_recv(), Ok(f) if f.kind == FrameKind::Cancel)
+    }
+}
+
+impl Drop for MuxSource {
+    fn drop(&mut self) {
+        self.shared.forget(self.id);
+        if self.shared.role == Role::Client && !self.ended && !self.shared.is_closed() {
+            // The server may still be working on it: tell it to stop.
+            let _ = self
+                .shared
+                .out
+                .try_send(Frame::new(FrameKind::Cancel, self.id, Bytes::new()));
+        }
+    }
+}
+
+fn stream_pair(
+    shared: &Arc<Shared>,
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    slot: Option<OwnedSemaphorePermit>,
+) -> RequestStream {
+    RequestStream {
+        sink: FrameSink::mux(
+            MuxSink {
+                id,
+                shared: shared.clone(),
+            },
+            shared.timeout,
+        ),
+        source: FrameSource::mux(
+            MuxSource {
+                id,
+                rx,
+                shared: shared.clone(),
+                ended: false,
+                _slot: slot,
+            },
+            shared.timeout,
+        ),
+    }
+}
+
+/// Starts the client side over `io` (after the hello exchange) with the server's stream limit.
+pub(crate) fn client<S>(io: S, max_streams: u32, timeout: Duration) -> MuxClient
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (shared, reader, writer) = start(io, Role::Client, timeout);
+    tokio::spawn(read_loop(reader, shared.clone(), None, max_streams));
+    tokio::spawn(writer);
+    MuxClient {
+        _close: Arc::new(CloseOnDrop(shared.clone())),
+        shared,
+        next_id: Arc::new(Mutex::new(1)),
+        slots: Arc::new(Semaphore::new(max_streams.max(1) as usize)),
+    }
+}
+
+/// Starts the server side over `io` (after the hello exchange). New streams arrive, with
+/// their `Request` frame, on the returned channel. Dropping that receiver ends the
+/// connection.
+pub(crate) fn server<S>(
+    io: S,
+    max_streams: u32,
+    timeout: Duration,
+) -> (Arc<Shared>, mpsc::Receiver<(Frame, RequestStream)>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (shared, reader, writer) = start(io, Role::Server, timeout);
+    let (tx, rx) = mpsc::channel(max_streams.max(1) as usize);
+    tokio::spawn(read_loop(reader, shared.clone(), Some(tx), max_streams));
+    tokio::spawn(writer);
+    (shared, rx)
+}
+
+type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
+
+fn start<S>(
+    io: S,
+    role: Role,
+    timeout: Duration,
+) -> (
+    Arc<Shared>,
+    Reader<S>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (rd, wr) = tokio::io::split(io);
+    let (out_tx, out_rx) = mpsc::channel(WRITE_QUEUE_FRAMES);
+    let shared = Arc::new(Shared {
+        role,
+        table: Mutex::new(Table::default()),
+        error: OnceLock::new(),
+        out: out_tx,
+        timeout,
+        closed: watch::Sender::new(false),
+    });
+    let writer = write_loop(wr, out_rx, shared.clone());
+    (shared, BufReader::with_capacity(READ_BUF_BYTES, rd), writer)
+}
+
+async fn read_loop<S>(
+    mut rd: Reader<S>,
+    shared: Arc<Shared>,
+    incoming: Option<mpsc::Sender<(Frame, RequestStream)>>,
+    max_streams: u32,
+) where
+    S: AsyncRead + Send + Unpin,
+{
+    let why = loop {
+        let read = tokio::select! {
+            r = read_frame(&mut rd) => r,
+            () = shared.wait_closed() => return,
+        };
+        let frame = match read {
+            Ok(Some(f)) => f,
+            Ok(None) => break "peer closed the connection".to_owned(),
+            Err(e) => break io_reason(&e),
+        };
+        trace!(kind = ?frame.kind, stream = frame.stream, bytes = frame.payload.len(), "frame in");
+        if let Err(why) = route(&shared, incoming.as_ref(), max_streams, frame).await {
+            break why;
+        }
+    };
+    debug!(reason = %why, "multiplexed connection ended");
+    shared.fail(why);
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    incoming: Option<&mpsc::Sender<(Frame, RequestStream)>>,
+    max_streams: u32,
+    frame: Frame,
+) -> Result<(), String> {
+    if frame.stream == 0 {
+        return match (shared.role, frame.kind) {
+            (Role::Client, FrameKind::Error) => Err(format!(
+                "server ended the connection: {}",
+                crate::proto::ErrorCode::decode(&frame.payload)
+                    .map(|c| c.describe())
+                    .unwrap_or("malformed error")
+            )),
+            (_, FrameKind::GoAway) => Err("peer is going away".into()),
+            (_, k) => Err(format!("protocol violation: {k:?} frame on stream 0")),
+        };
+    }
+    let existing = shared.lock().streams.get(&frame.stream).cloned();
+    if let Some(tx) = existing {
+        if frame.kind == FrameKind::Request {
+            return Err("protocol violation: request on an open stream".into());
+        }
+        // A closed queue means the stream's owner is gone: drop the frame.
+        let _ = tx.send(frame).await;
+        return Ok(());
+    }
+    let Some(incoming) = incoming else {
+        // Client: frames for streams we abandoned.
+        return Ok(());
+    };
+    let id = frame.stream;
+    let mut table = shared.lock();
+    if id <= table.max_seen {
+        // A stream the server already finished; the client may still be sending.
+        return Ok(());
+    }
+    if frame.kind != FrameKind::Request || id % 2 == 0 {
+        return Err(format!("protocol violation: {:?} opens stream {id}", frame.kind));
+    }
+    if table.streams.len() >= max_streams as usize {
+        return Err(format!(
+            "protocol violation: more than {max_streams} streams open"
+        ));
+    }
+    table.max_seen = id;
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE_FRAMES);
+    table.streams.insert(id, tx);
+    drop(table);
+    let pair = stream_pair(shared, id, rx, None);
+    incoming
+        .send((frame, pair))
+        .await
+        .map_err(|_| "server stopped accepting".to_owned())
+}
+
+/// Reads one frame; `None` on a clean end of stream at a frame boundary. An invalid frame
+/// is an `InvalidData` error wrapping the [`FrameError`].
+pub(crate) async fn read_frame<R>(rd: &mut R) -> std::io::Result<Option<Frame>>
+where
+    R: AsyncRead + Unpin,
+{
+    use std::io::{Error, ErrorKind};
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = rd.read(&mut header[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "connection ended inside a frame header",
+                ))
+            };
+        }
+        got += n;
+    }
+    let h = FrameHeader::decode(&header).map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
+    let len = h.len as usize;
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        let n = (&mut *rd)
+            .take((len - payload.len()) as u64)
+            .read_buf(&mut payload)
+            .await?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                "connection ended inside a frame",
+            ));
+        }
+    }
+    Ok(Some(Frame::new(h.kind, h.stream, payload.freeze())))
+}
+
+/// Writes one frame, header and payload in as few calls as the stream allows.
+pub(crate) async fn write_frame<W>(wr: &mut W, frame: &Frame) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let header = frame
+        .header()
+        .encode()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let total = HEADER_LEN + frame.payload.len();
+    let mut done = 0;
+    while done < total {
+        let n = if done < HEADER_LEN {
+            let parts = [
+                IoSlice::new(&header[done..]),
+                IoSlice::new(&frame.payload),
+            ];
+            wr.write_vectored(&parts).await?
+        } else {
+            wr.write(&frame.payload[done - HEADER_LEN..]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+async fn write_loop<W>(mut wr: W, mut rx: mpsc::Receiver<Frame>, shared: Arc<Shared>)
+where
+    W: AsyncWrite + Send + Unpin,
+{
+    let timeout = shared.timeout;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            f = rx.recv() => f,
+            // Wake up when the connection fails elsewhere, even with nothing to send.
+            () = shared.wait_closed() => None,
+        };
+        let Some(frame) = frame else { break };
+        let result = tokio::time::timeout(timeout, async {
+            write_frame(&mut wr, &frame).await?;
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.fail(io_reason(&e));
+                break;
+            }
+            Err(_) => {
+                shared.fail(format!("peer did not read for {timeout:?}"));
+                break;
+            }
+        }
+    }
+    // Best effort: tell TLS to send close_notify.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+}
+
+fn ends_stream(kind: FrameKind) -> bool {
+    matches!(kind, FrameKind::Response | FrameKind::End | FrameKind::Error)
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => format!("TLS: {tls}"),
+        None => e.to_string(),
+    }
+}
+
+/// Frames queued per stream before the reader waits: enough to keep a stream busy, few
+/// enough that a stalled stream pins at most a few MiB.
+const STREAM_QUEUE_FRAMES: usize = 4;
+
+/// Frames queued for the writer across all streams of a connection.
+const WRITE_QUEUE_FRAMES: usize = 16;
+
+/// Read buffer under TLS: large reads mean few system calls per MiB (rustls itself reads
+/// in 4 KiB steps).
+const READ_BUF_BYTES: usize = 1 << 20;

@@ -1,0 +1,216 @@
+//! The command line: every role and command, with help that teaches the set-up.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::env;
+
+/// transportd moves datasets between storage and GPU nodes encrypted (TLS 1.3 over QUIC or
+/// TCP), mutually authenticated by SPIFFE identity, verified chunk by chunk with BLAKE3, and
+/// recorded in an audit trail.
+///
+/// A first look, with nothing set up: `transportd demo`.
+///
+/// By hand: `ca init` makes a trust domain, `ca issue` gives each node an SVID, `node`
+/// serves datasets, and `ls`, `pull` and `push` move data with an SVID of their own.
+#[derive(Debug, Parser)]
+#[command(name = "transportd", version, propagate_version = true, max_term_width = 100)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a node: serve the datasets under the store root and accept pushes into writable
+    /// ones, over QUIC and TLS/TCP, to peers the access list allows.
+    ///
+    /// On SIGHUP the node re-reads its identity files and access list (the listeners stay).
+    /// SIGTERM or SIGINT stop it after in-flight requests finish (10 s at most).
+    Node {
+        /// The node's configuration file (see `transportd config example`).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Manage a trust domain's CA and issue X.509-SVIDs.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Check or print configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// List datasets, or the objects of a dataset, on a node.
+    Ls {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// `DATASET` or `DATASET/PREFIX`; without it, list the datasets you may see.
+        target: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an object (or a whole dataset) from a node, verified, into a local path.
+    ///
+    /// Every chunk is checked against the object's BLAKE3 manifest before it counts; the
+    /// destination appears only when complete. Rerun the same command after an
+    /// interruption: verified chunks are kept and only the missing ones are fetched.
+    Pull {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// `DATASET/OBJECT` for one object, or `DATASET` for every object in it.
+        source: String,
+        /// Destination file (one object) or directory (a dataset, or an object into a
+        /// directory).
+        dest: PathBuf,
+        #[command(flatten)]
+        transfer: TransferArgs,
+    },
+    /// Push a local file (or every file under a directory) into a writable dataset.
+    ///
+    /// The node verifies every chunk and makes the object visible only once all of it is
+    /// durable on disk. Rerun after an interruption to resume.
+    Push {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Local file or directory.
+        src: PathBuf,
+        /// `DATASET/OBJECT` for a file, or `DATASET[/PREFIX]` for a directory.
+        dest: String,
+        #[command(flatten)]
+        transfer: TransferArgs,
+    },
+    /// Show the whole thing working: a trust domain, a storage node and a GPU node on
+    /// loopback as separate processes with their own SVIDs, a synthetic dataset pulled over
+    /// QUIC/mTLS and TLS/TCP, a checkpoint pushed back, everything verified.
+    Demo {
+        /// Size of the synthetic dataset, e.g. 1GiB or 64MiB.
+        #[arg(long, default_value = "1GiB")]
+        size: bytesize::ByteSize,
+        /// Keep the trust domain, configs, data and audit trails in this directory (it
+        /// must be empty or not exist) instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Create a trust domain: a CA key and certificate, and a trust bundle holding it.
+    ///
+    /// Writes ca.pem, ca.key (mode 0600: guard it) and bundle.pem into the directory. Copy
+    /// bundle.pem to every node; ca.key stays where SVIDs are issued.
+    Init {
+        /// The trust domain, e.g. `hospital.example`.
+        #[arg(long)]
+        trust_domain: String,
+        /// Where to write the CA files.
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the CA certificate is valid.
+        #[arg(long, default_value = "365d")]
+        validity: humantime::Duration,
+        /// Overwrite existing CA files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create a private key and a certificate signing request on the node that will use
+    /// them, so the key never leaves it. Send the CSR to whoever runs `ca issue --csr`.
+    Csr {
+        /// The SPIFFE ID to request, e.g. `spiffe://hospital.example/node/gpu-0`.
+        #[arg(long)]
+        id: String,
+        /// Where to write svid.key (mode 0600) and svid.csr.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue an X.509-SVID signed by the CA.
+    ///
+    /// With `--csr`, signs that request (the key stays with whoever made it) and writes
+    /// svid.pem. Without it, also generates the key here and writes svid.key (for test
+    /// nodes and demos). bundle.pem is copied alongside either way.
+    Issue {
+        /// Directory holding ca.pem and ca.key (from `ca init`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The SPIFFE ID to certify, in the CA's trust domain.
+        #[arg(long)]
+        id: String,
+        /// A certificate signing request (PEM) from `ca csr`.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Validity of the SVID; never past the CA's own expiry.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// Where to write svid.pem (and svid.key, bundle.pem).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Validate a node configuration file: syntax, unknown fields, identity files,
+    /// addresses, store root. Exits 0 if the node would start with it.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print an annotated example node configuration.
+    Example,
+}
+
+/// How a client command reaches a node and proves who it is.
+#[derive(Debug, Args)]
+pub(crate) struct ConnArgs {
+    /// The node, `HOST:PORT`.
+    #[arg(long, short = 'n')]
+    pub(crate) node: String,
+    /// Directory holding svid.pem, svid.key and bundle.pem (as `ca issue` writes them).
+    #[arg(long, env = env::IDENTITY_DIR)]
+    pub(crate) identity: Option<PathBuf>,
+    /// Our SVID certificate chain (PEM), overriding --identity.
+    #[arg(long, env = env::SVID)]
+    pub(crate) svid: Option<PathBuf>,
+    /// Our SVID's private key (PEM), overriding --identity.
+    #[arg(long, env = env::KEY)]
+    pub(crate) key: Option<PathBuf>,
+    /// The trust bundle to verify the node against, overriding --identity.
+    #[arg(long, env = env::BUNDLE)]
+    pub(crate) bundle: Option<PathBuf>,
+    /// Insist that the node presents this SPIFFE ID (default: any in the trust domain).
+    #[arg(long)]
+    pub(crate) server_id: Option<String>,
+    /// Transport: QUIC, TLS over TCP, or QUIC falling back to TCP when UDP is blocked.
+    #[arg(long, value_enum, default_value_t = PathArg::Auto)]
+    pub(crate) path: PathArg,
+}
+
+/// Options of pulls and pushes.
+#[derive(Debug, Args)]
+pub(crate) struct TransferArgs {
+    /// Chunks in flight at once, each on its own stream.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) parallel: u32,
+    /// Reconnect attempts after a network failure before giving up.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) retries: u32,
+    /// Append a record of each transfer to this audit trail (JSON lines).
+    #[arg(long)]
+    pub(crate) audit: Option<PathBuf>,
+    /// Print a JSON report on stdout instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PathArg {
+    /// QUIC, then TLS/TCP if QUIC gets no answer.
+    Auto,
+    /// QUIC with mutual TLS 1.3.
+    Quic,
+    /// TLS 1.3 over TCP.
+    Tcp,
+}

@@ -1,0 +1,67 @@
+//! One-shot commands: CA management, configuration checks, and the client commands.
+
+use std::path::Path;
+
+use libtransport::clock::{Clock, SystemClock};
+use libtransport::proto::ErrorCode;
+use libtransport::{ConnectError, FetchError, PushError, RequestError};
+
+use crate::config::{ConfigError, NodeConfig};
+
+pub(crate) mod ca;
+pub(crate) mod client;
+
+/// `transportd config check FILE`.
+pub(crate) fn config_check(file: &Path) -> anyhow::Result<()> {
+    let cfg = NodeConfig::load(file)?;
+    let warnings = cfg.check(SystemClock.now())?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let creds = cfg.credentials()?;
+    println!(
+        "{}: ok (identity {}, {} access rules, store {})",
+        file.display(),
+        creds.id(),
+        cfg.acl.grants().len(),
+        cfg.store_root.display()
+    );
+    Ok(())
+}
+
+/// The exit code for a failure, from the most specific error in its chain.
+pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<ConfigError>() {
+            return 78;
+        }
+        if let Some(c) = cause.downcast_ref::<ConnectError>() {
+            return match c {
+                ConnectError::Rejected(_) | ConnectError::ServerNotTrusted(_) => 77,
+                ConnectError::Local(_) => 1,
+                _ => 69,
+            };
+        }
+        if let Some(f) = cause.downcast_ref::<FetchError>() {
+            if matches!(f, FetchError::Corrupt(_)) {
+                return 65;
+            }
+        }
+        if let Some(p) = cause.downcast_ref::<PushError>() {
+            if matches!(p, PushError::Corrupt(_)) {
+                return 65;
+            }
+        }
+        if let Some(r) = cause.downcast_ref::<RequestError>() {
+            return match r.code() {
+                Some(ErrorCode::NotFound) => 66,
+                Some(ErrorCode::Corrupt) => 65,
+                Some(ErrorCode::Busy | ErrorCode::Unavailable) => 75,
+                Some(_) => 1,
+                None if r.is_connection() => 69,
+                None => 1,
+            };
+        }
+    }
+    1
+}

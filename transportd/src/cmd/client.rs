@@ -1,0 +1,353 @@
+//! `transportd ls | pull | push`: client commands authenticated by SVID files.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use certs::SpiffeId;
+use indicatif::{ProgressBar, ProgressStyle};
+use libtransport::audit::FileSink;
+use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::{
+    Client, ClientConfig, FetchOptions, FetchReport, IdentityHandle, Path as Transport,
+    PushOptions, PushReport, RetryPolicy, TransportConfig,
+};
+use serde_json::json;
+
+use crate::cli::{ConnArgs, PathArg, TransferArgs};
+use crate::config::{IdentityPaths, load_credentials};
+
+/// `transportd ls`.
+pub(crate) async fn ls(conn: &ConnArgs, target: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let client = connect(conn, None, None).await?;
+    match target {
+        None => {
+            let names = client.list_datasets().await?;
+            if json {
+                println!("{}", json!({ "datasets": names }));
+            } else {
+                for n in names {
+                    println!("{n}");
+                }
+            }
+        }
+        Some(t) => {
+            let (dataset, prefix) = split_target(t)?;
+            let entries = client
+                .list_objects(&dataset, prefix.as_deref().unwrap_or(""))
+                .await
+                .with_context(|| format!("listing {dataset}"))?;
+            if json {
+                let list: Vec<_> = entries
+                    .iter()
+                    .map(|e| json!({ "path": e.path.as_str(), "size": e.size }))
+                    .collect();
+                println!("{}", json!({ "dataset": dataset, "objects": list }));
+            } else {
+                for e in entries {
+                    println!("{:>14}  {}", e.size, e.path);
+                }
+            }
+        }
+    }
+    client.close();
+    Ok(())
+}
+
+/// `transportd pull`.
+pub(crate) async fn pull(
+    conn: &ConnArgs,
+    source: &str,
+    dest: &Path,
+    args: &TransferArgs,
+) -> anyhow::Result<()> {
+    let client = connect(conn, args.audit.as_deref(), Some(args.parallel)).await?;
+    let (dataset, object) = split_target(source)?;
+    let jobs: Vec<(ObjectPath, PathBuf, u64)> = match object {
+        Some(o) => {
+            let object = ObjectPath::new(&o).with_context(|| format!("object path {o:?}"))?;
+            let to = if dest.is_dir() {
+                dest.join(object.segments().last().unwrap_or("object"))
+            } else {
+                dest.to_path_buf()
+            };
+            let size = client
+                .stat(&dataset, &object)
+                .await
+                .with_context(|| format!("{dataset}/{object}"))?
+                .size();
+            vec![(object, to, size)]
+        }
+        None => {
+            let entries = client
+                .list_objects(&dataset, "")
+                .await
+                .with_context(|| format!("listing {dataset}"))?;
+            entries
+                .into_iter()
+                .map(|e| {
+                    let to = e.path.segments().fold(dest.to_path_buf(), |p, s| p.join(s));
+                    (e.path, to, e.size)
+                })
+                .collect()
+        }
+    };
+    let total: u64 = jobs.iter().map(|j| j.2).sum();
+    let bar = progress_bar(total, args.json);
+    let mut reports: Vec<(String, FetchReport)> = Vec::new();
+    let mut base = 0;
+    for (object, to, size) in jobs {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let opts = FetchOptions {
+            parallel: Some(args.parallel),
+            retry: retry(args.retries),
+            progress: Some(progress_fn(&bar, base)),
+        };
+        let report = client
+            .fetch_to_file(&dataset, &object, &to, &opts)
+            .await
+            .with_context(|| format!("pulling {dataset}/{object} into {}", to.display()))?;
+        base += size;
+        reports.push((object.to_string(), report));
+    }
+    bar.finish_and_clear();
+    print_pulls(&client, &dataset, &reports, args.json);
+    client.close();
+    Ok(())
+}
+
+/// `transportd push`.
+pub(crate) async fn push(
+    conn: &ConnArgs,
+    src: &Path,
+    dest: &str,
+    args: &TransferArgs,
+) -> anyhow::Result<()> {
+    let (dataset, target) = split_target(dest)?;
+    let meta = std::fs::metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    let jobs: Vec<(PathBuf, ObjectPath, u64)> = if meta.is_dir() {
+        let mut files = Vec::new();
+        walk(src, src, &mut files)?;
+        files
+            .into_iter()
+            .map(|(path, rel, size)| {
+                let name = match &target {
+                    Some(prefix) => format!("{}/{rel}", prefix.trim_end_matches('/')),
+                    None => rel,
+                };
+                Ok((path, ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?, size))
+            })
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        let name = match target {
+            Some(t) => t,
+            None => src
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("source file name is not UTF-8")?
+                .to_owned(),
+        };
+        vec![(
+            src.to_path_buf(),
+            ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?,
+            meta.len(),
+        )]
+    };
+    let client = connect(conn, args.audit.as_deref(), Some(args.parallel)).await?;
+    let total: u64 = jobs.iter().map(|j| j.2).sum();
+    let bar = progress_bar(total, args.json);
+    let mut reports: Vec<(String, PushReport)> = Vec::new();
+    let mut base = 0;
+    for (path, object, size) in jobs {
+        let opts = PushOptions {
+            parallel: Some(args.parallel),
+            retry: retry(args.retries),
+            progress: Some(progress_fn(&bar, base)),
+        };
+        let report = client
+            .push_file(&dataset, &object, &path, &opts)
+            .await
+            .with_context(|| format!("pushing {} to {dataset}/{object}", path.display()))?;
+        base += size;
+        reports.push((object.to_string(), report));
+    }
+    bar.finish_and_clear();
+    let server = client.server();
+    if args.json {
+        let list: Vec<_> = reports
+            .iter()
+            .map(|(o, r)| json!({ "object": o, "report": r }))
+            .collect();
+        println!(
+            "{}",
+            json!({ "server": server.id, "dataset": dataset, "verified": true, "objects": list })
+        );
+    } else {
+        for (o, r) in &reports {
+            println!(
+                "{dataset}/{o}: {} bytes committed by {} over {} (sent {}, root {})",
+                r.size,
+                r.server,
+                r.path,
+                r.sent_bytes,
+                r.root.short()
+            );
+        }
+    }
+    client.close();
+    Ok(())
+}
+
+fn print_pulls(client: &Client, dataset: &DatasetName, reports: &[(String, FetchReport)], json: bool) {
+    let server = client.server();
+    if json {
+        let list: Vec<_> = reports
+            .iter()
+            .map(|(o, r)| json!({ "object": o, "report": r }))
+            .collect();
+        println!(
+            "{}",
+            json!({ "server": server.id, "dataset": dataset, "verified": true, "objects": list })
+        );
+        return;
+    }
+    for (o, r) in reports {
+        let resumed = if r.chunks_reused > 0 {
+            format!(", resumed: {} of {} chunks were already here", r.chunks_reused, r.chunks)
+        } else {
+            String::new()
+        };
+        println!(
+            "{dataset}/{o}: {} bytes verified from {} over {} (root {}){resumed}",
+            r.size,
+            r.server,
+            r.path,
+            r.root.short()
+        );
+    }
+}
+
+/// Connects as the identity in `conn`, falling back from QUIC to TCP under `auto`.
+pub(crate) async fn connect(
+    conn: &ConnArgs,
+    audit: Option<&Path>,
+    parallel: Option<u32>,
+) -> anyhow::Result<Client> {
+    let paths = identity_paths(conn)?;
+    let creds = load_credentials(&paths)?;
+    let mut transport = TransportConfig::default();
+    if let Some(p) = parallel {
+        transport
+            .parallel_chunks(p)
+            .context("--parallel")?;
+    }
+    let mut builder = ClientConfig::builder()
+        .identity(IdentityHandle::new(creds))
+        .transport(transport);
+    if let Some(id) = &conn.server_id {
+        builder = builder.server_id(SpiffeId::parse(id).context("--server-id")?);
+    }
+    if let Some(a) = audit {
+        let sink = FileSink::open(a).with_context(|| format!("opening audit trail {}", a.display()))?;
+        builder = builder.audit(Arc::new(sink));
+    }
+    let config = builder.build();
+    let addr = resolve(&conn.node).await?;
+    let client = match conn.path {
+        PathArg::Auto => Client::connect_any(config, addr, &[Transport::Quic, Transport::Tcp]).await,
+        PathArg::Quic => Client::connect(config, addr, Transport::Quic).await,
+        PathArg::Tcp => Client::connect(config, addr, Transport::Tcp).await,
+    }
+    .with_context(|| format!("connecting to {}", conn.node))?;
+    Ok(client)
+}
+
+fn identity_paths(conn: &ConnArgs) -> anyhow::Result<IdentityPaths> {
+    let from_dir = |name: &str| conn.identity.as_ref().map(|d| d.join(name));
+    let pick = |explicit: &Option<PathBuf>, name: &str, flag: &str| {
+        explicit.clone().or_else(|| from_dir(name)).with_context(|| {
+            format!(
+                "no identity: pass --identity DIR (holding svid.pem, svid.key and bundle.pem) or {flag}"
+            )
+        })
+    };
+    Ok(IdentityPaths {
+        svid: pick(&conn.svid, "svid.pem", "--svid")?,
+        key: pick(&conn.key, "svid.key", "--key")?,
+        bundle: pick(&conn.bundle, "bundle.pem", "--bundle")?,
+    })
+}
+
+async fn resolve(node: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(node)
+        .await
+        .with_context(|| format!("resolving {node:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{node:?} resolves to no address"))
+}
+
+/// `DATASET` or `DATASET/REST`.
+fn split_target(t: &str) -> anyhow::Result<(DatasetName, Option<String>)> {
+    let (d, rest) = match t.split_once('/') {
+        Some((d, r)) if !r.is_empty() => (d, Some(r.to_owned())),
+        Some((d, _)) => (d, None),
+        None => (t, None),
+    };
+    let dataset = DatasetName::new(d).with_context(|| format!("dataset name {d:?}"))?;
+    Ok((dataset, rest))
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String, u64)>) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            walk(root, &path, out)?;
+        } else if ft.is_file() {
+            let rel = path
+                .strip_prefix(root)
+                .ok()
+                .and_then(|p| p.to_str())
+                .with_context(|| format!("{} is not UTF-8", path.display()))?
+                .to_owned();
+            out.push((path.clone(), rel, e.metadata()?.len()));
+        } else if ft.is_symlink() {
+            bail!("{} is a symlink; push the file it points to", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn retry(attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        ..RetryPolicy::default()
+    }
+}
+
+/// A progress bar on stderr when it is a terminal (hidden otherwise, and with --json).
+fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn progress_fn(bar: &ProgressBar, base: u64) -> Arc<dyn Fn(u64, u64) + Send + Sync> {
+    let bar = bar.clone();
+    Arc::new(move |done, _total| bar.set_position(base + done))
+}

@@ -1,0 +1,289 @@
+//! The node configuration: parsed from TOML (`config/file.rs`), validated once, converted
+//! into library configuration. Every error names the field it is about.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use libtransport::policy::{AccessList, Grant};
+use libtransport::{Credentials, TransportConfig};
+
+mod file;
+
+pub(crate) use file::EXAMPLE;
+use file::{ActionFile, FileConfig};
+
+/// A validated node configuration.
+#[derive(Debug)]
+pub(crate) struct NodeConfig {
+    pub(crate) identity: IdentityPaths,
+    pub(crate) quic: Option<SocketAddr>,
+    pub(crate) tcp: Option<SocketAddr>,
+    pub(crate) store_root: PathBuf,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) audit_file: PathBuf,
+    pub(crate) acl: AccessList,
+    pub(crate) transport: TransportConfig,
+    /// Preferred chunk size of manifests this node builds.
+    pub(crate) chunk_bytes: u32,
+}
+
+/// Where the identity files are.
+#[derive(Debug, Clone)]
+pub(crate) struct IdentityPaths {
+    pub(crate) svid: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) bundle: PathBuf,
+}
+
+/// Why a configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+impl NodeConfig {
+    /// Reads and validates the file at `path` (without touching the files it names).
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text; relative paths are taken relative to `base`. Pure: no I/O.
+    pub(crate) fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("config"),
+            message: e.to_string(),
+        })?;
+        if f.listen.quic.is_none() && f.listen.tcp.is_none() {
+            return Err(invalid("listen", "give quic, tcp or both"));
+        }
+        let mut acl = AccessList::new();
+        for (i, a) in f.allow.iter().enumerate() {
+            if a.actions.is_empty() {
+                return Err(invalid(
+                    &format!("allow[{i}].actions"),
+                    "list at least one of \"read\", \"write\"",
+                ));
+            }
+            acl.grant(Grant {
+                peer: a.peer.clone(),
+                dataset: a.dataset.clone(),
+                read: a.actions.contains(&ActionFile::Read),
+                write: a.actions.contains(&ActionFile::Write),
+            });
+        }
+        let mut t = TransportConfig::default();
+        let mut chunk_bytes = libtransport::proto::manifest::DEFAULT_CHUNK_BYTES;
+        let l = &f.limits;
+        let range = |field: &str, e: libtransport::config::ConfigError| {
+            invalid(&format!("limits.{field}"), &e.to_string())
+        };
+        if let Some(n) = l.max_connections {
+            t.max_connections(n).map_err(|e| range("max_connections", e))?;
+        }
+        if let Some(n) = l.max_streams {
+            t.max_streams(n).map_err(|e| range("max_streams", e))?;
+        }
+        if let Some(n) = l.max_transfers {
+            t.max_transfers(n).map_err(|e| range("max_transfers", e))?;
+        }
+        if let Some(size) = l.chunk_size {
+            let n = u32::try_from(size.as_u64()).unwrap_or(u32::MAX);
+            t.chunk_bytes(n).map_err(|e| range("chunk_size", e))?;
+            chunk_bytes = n;
+        }
+        if let Some(d) = l.idle_timeout {
+            if d.as_secs() < 5 {
+                return Err(invalid("limits.idle_timeout", "must be at least 5s"));
+            }
+            t.idle_timeout(d);
+        }
+        if let Some(d) = l.io_timeout {
+            if d.as_secs() < 1 {
+                return Err(invalid("limits.io_timeout", "must be at least 1s"));
+            }
+            t.io_timeout(d);
+        }
+        if let Some(m) = l.max_mtu {
+            t.mtu(1200, m).map_err(|e| range("max_mtu", e))?;
+        }
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        Ok(Self {
+            identity: IdentityPaths {
+                svid: abs(&f.identity.svid),
+                key: abs(&f.identity.key),
+                bundle: abs(&f.identity.bundle),
+            },
+            quic: f.listen.quic,
+            tcp: f.listen.tcp,
+            store_root: abs(&f.store.root),
+            state_dir: f.store.state_dir.as_deref().map(abs),
+            audit_file: abs(&f.audit.file),
+            acl,
+            transport: t,
+            chunk_bytes,
+        })
+    }
+
+    /// Loads the identity files into credentials.
+    pub(crate) fn credentials(&self) -> Result<Credentials, ConfigError> {
+        load_credentials(&self.identity)
+    }
+
+    /// Checks what `parse` cannot: the files exist and fit together, the store root is a
+    /// directory. Returns warnings that do not stop a start.
+    pub(crate) fn check(&self, now: std::time::SystemTime) -> Result<Vec<String>, ConfigError> {
+        let creds = self.credentials()?;
+        let mut warnings = Vec::new();
+        let not_after = creds.svid().not_after();
+        if not_after <= now {
+            warnings.push(format!(
+                "identity.svid: expired at {}; peers will refuse it",
+                humantime::format_rfc3339_seconds(not_after)
+            ));
+        }
+        if !self.store_root.is_dir() {
+            return Err(invalid(
+                "store.root",
+                &format!("{} is not a directory", self.store_root.display()),
+            ));
+        }
+        if self.acl.grants().is_empty() {
+            warnings.push("allow: no rules, so every request will be denied".into());
+        }
+        Ok(warnings)
+    }
+}
+
+/// Reads an SVID, its key and a bundle from files.
+pub(crate) fn load_credentials(p: &IdentityPaths) -> Result<Credentials, ConfigError> {
+    let read = |field: &str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                field,
+                &format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let chain = read("identity.svid", &p.svid)?;
+    let key = zeroize::Zeroizing::new(read("identity.key", &p.key)?);
+    let bundle = read("identity.bundle", &p.bundle)?;
+    let svid = certs::Svid::from_pem(&chain, &key)
+        .map_err(|e| invalid("identity.svid", &e.to_string()))?;
+    let bundle = certs::TrustBundle::from_pem(&bundle)
+        .map_err(|e| invalid("identity.bundle", &e.to_string()))?;
+    Credentials::new(svid, bundle).map_err(|e| invalid("identity", &e.to_string()))
+}
+
+fn invalid(field: &str, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(text, Path::new("/etc/transportd"))
+    }
+
+    const MINIMAL: &str = r#"
+[identity]
+svid = "svid.pem"
+key = "/keys/svid.key"
+bundle = "bundle.pem"
+[listen]
+quic = "127.0.0.1:7443"
+[store]
+root = "data"
+[audit]
+file = "audit.jsonl"
+"#;
+
+    #[test]
+    fn example_parses_and_paths_resolve_against_the_file() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.acl.grants().len(), 2);
+        assert!(c.acl.grants()[1].write && c.acl.grants()[1].read);
+        assert!(!c.acl.grants()[0].write);
+        let m = parse(MINIMAL).unwrap();
+        assert_eq!(m.identity.svid, Path::new("/etc/transportd/svid.pem"));
+        assert_eq!(m.identity.key, Path::new("/keys/svid.key"));
+        assert_eq!(m.store_root, Path::new("/etc/transportd/data"));
+        assert!(m.tcp.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let text = MINIMAL.replace("[audit]", "[audit]\nfiel = \"x\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("unknown field `fiel`"), "{e}");
+        let text = format!("{MINIMAL}\n[limits]\nmax_stream = 3\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("max_stream"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases = [
+            (
+                MINIMAL.replace("quic = \"127.0.0.1:7443\"", ""),
+                "listen",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_streams = 0\n"),
+                "limits.max_streams",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nchunk_size = \"3MB\"\n"),
+                "limits.chunk_size",
+            ),
+            (
+                format!("{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/x\"\ndataset = \"d\"\nactions = []\n"),
+                "allow[0].actions",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{field}: {e}");
+        }
+        // Values with their own syntax: the TOML error points at the line.
+        let bad_id = format!(
+            "{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/a/../b\"\ndataset = \"d\"\nactions = [\"read\"]\n"
+        );
+        let e = parse(&bad_id).unwrap_err().to_string();
+        assert!(e.contains("peer") || e.contains("'.' or '..'"), "{e}");
+        let bad_action = format!(
+            "{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/a\"\ndataset = \"d\"\nactions = [\"delete\"]\n"
+        );
+        let e = parse(&bad_action).unwrap_err().to_string();
+        assert!(e.contains("delete"), "{e}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Environment variables the daemon and its commands read, in one place.
+
+/// Log filter (tracing env-filter syntax), e.g. `info` or `libtransport=debug`.
+pub(crate) const LOG: &str = "TRANSPORTD_LOG";
+/// Log format: `plain` (default) or `json`.
+pub(crate) const LOG_FORMAT: &str = "TRANSPORTD_LOG_FORMAT";
+/// Certificate chain (leaf first) of the SVID client commands present.
+pub(crate) const SVID: &str = "TRANSPORTD_SVID";
+/// Private key of that SVID.
+pub(crate) const KEY: &str = "TRANSPORTD_KEY";
+/// Trust bundle client commands verify servers against.
+pub(crate) const BUNDLE: &str = "TRANSPORTD_BUNDLE";
+/// Directory holding svid.pem, svid.key and bundle.pem.
+pub(crate) const IDENTITY_DIR: &str = "TRANSPORTD_IDENTITY";

@@ -1,0 +1,3 @@
+//! The daemon's long-running roles.
+
+pub(crate) mod node;
