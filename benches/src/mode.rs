@@ -71,7 +71,12 @@ pub struct RunResult {
 }
 
 /// Runs `mode` once: one bulk pull of the object into memory, then `requests` small ones.
-pub async fn run(bench: &Bench, mode: Mode, parallel: u32, requests: u32) -> anyhow::Result<RunResult> {
+pub async fn run(
+    bench: &Bench,
+    mode: Mode,
+    parallel: u32,
+    requests: u32,
+) -> anyhow::Result<RunResult> {
     let config = ClientConfig::builder()
         .identity(bench.client.clone())
         .transport(bench.transport.clone())
@@ -79,7 +84,12 @@ pub async fn run(bench: &Bench, mode: Mode, parallel: u32, requests: u32) -> any
     let started = Instant::now();
     let client = match mode {
         Mode::PlaintextTcp => {
-            libtransport::bench::dangerous_connect_plaintext(config, bench.plaintext, bench.server_id.clone()).await?
+            libtransport::bench::dangerous_connect_plaintext(
+                config,
+                bench.plaintext,
+                bench.server_id.clone(),
+            )
+            .await?
         }
         Mode::TlsTcp => Client::connect(config, addr(bench, Path::Tcp)?, Path::Tcp).await?,
         Mode::Quic => Client::connect(config, addr(bench, Path::Quic)?, Path::Quic).await?,
@@ -102,7 +112,7 @@ pub async fn run(bench: &Bench, mode: Mode, parallel: u32, requests: u32) -> any
     anyhow::ensure!(data.len() as u64 == bench.size, "{mode}: short read");
     drop(data);
 
-    let mut h = latency_histogram();
+    let mut h = latency_histogram()?;
     for _ in 0..requests {
         let t = Instant::now();
         client.stat(&bench.dataset, &bench.object).await?;

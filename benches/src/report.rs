@@ -38,7 +38,9 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
         .iter()
         .map(|&mode| {
             let rs: Vec<&RunResult> = runs.iter().filter(|r| r.mode == mode).collect();
-            let med = |f: &dyn Fn(&RunResult) -> f64| median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            let med = |f: &dyn Fn(&RunResult) -> f64| {
+                median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>())
+            };
             ModeSummary {
                 mode,
                 gbps: round(med(&|r| r.gbps), 3),
@@ -53,7 +55,10 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
             }
         })
         .collect();
-    let base = out.iter().find(|m| m.mode == "plaintext-tcp").map(|m| m.gbps);
+    let base = out
+        .iter()
+        .find(|m| m.mode == "plaintext-tcp")
+        .map(|m| m.gbps);
     if let Some(base) = base.filter(|b| *b > 0.0) {
         for m in &mut out {
             m.ratio_to_plaintext = Some(round(m.gbps / base, 3));
@@ -120,7 +125,9 @@ pub fn table(summary: &[ModeSummary]) -> String {
 
 /// The same table in markdown, for `benches/results/`.
 pub fn markdown(summary: &[ModeSummary], machine: &Value, params: &Value) -> String {
-    let mut s = String::from("| mode | GB/s (median) | ratio to plaintext | CPU s/GB | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|\n");
+    let mut s = String::from(
+        "| mode | GB/s (median) | ratio to plaintext | CPU s/GB | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|\n",
+    );
     for m in summary {
         s.push_str(&format!(
             "| {} | {:.3} | {} | {:.3} | {} | {} | {} |\n",
@@ -138,7 +145,9 @@ pub fn markdown(summary: &[ModeSummary], machine: &Value, params: &Value) -> Str
                 .join(", ")
         ));
     }
-    s.push_str(&format!("\nMachine: `{machine}`\n\nParameters: `{params}`\n"));
+    s.push_str(&format!(
+        "\nMachine: `{machine}`\n\nParameters: `{params}`\n"
+    ));
     s
 }
 

@@ -11,8 +11,7 @@ use libtransport::policy::{AccessList, Grant};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::store::Store;
 use libtransport::{
-    Credentials, IdentityHandle, PolicyHandle, Server, ServerConfig, ServerHandle,
-    TransportConfig,
+    Credentials, IdentityHandle, PolicyHandle, Server, ServerConfig, ServerHandle, TransportConfig,
 };
 use tokio::net::TcpListener;
 
@@ -47,8 +46,14 @@ impl Drop for Bench {
 }
 
 /// Builds identities, writes the object and starts the servers.
-pub async fn setup(size: u64, transport: TransportConfig, chunk_bytes: u32) -> anyhow::Result<Bench> {
-    let dir = tempfile::Builder::new().prefix("transport-bench-").tempdir()?;
+pub async fn setup(
+    size: u64,
+    transport: TransportConfig,
+    chunk_bytes: u32,
+) -> anyhow::Result<Bench> {
+    let dir = tempfile::Builder::new()
+        .prefix("transport-bench-")
+        .tempdir()?;
     let td = TrustDomain::new("bench.transportd.internal")?;
     let now = SystemTime::now();
     let ca = Ca::generate(&td, &CaParams::default(), now)?;
@@ -108,7 +113,12 @@ pub async fn setup(size: u64, transport: TransportConfig, chunk_bytes: u32) -> a
 }
 
 /// Issues an SVID the real way: key and CSR generated here, certificate from the CA.
-fn credentials(ca: &Ca, bundle: &TrustBundle, id: &SpiffeId, now: SystemTime) -> anyhow::Result<Credentials> {
+fn credentials(
+    ca: &Ca,
+    bundle: &TrustBundle,
+    id: &SpiffeId,
+    now: SystemTime,
+) -> anyhow::Result<Credentials> {
     let (key, csr) = certs::generate_key_and_csr(id, KeyAlgorithm::default())?;
     let issued = ca.issue(&csr, id, &IssueParams::default(), now)?;
     let svid = Svid::from_pem(&issued.chain_pem(), &key).context("loading issued SVID")?;
@@ -118,7 +128,9 @@ fn credentials(ca: &Ca, bundle: &TrustBundle, id: &SpiffeId, now: SystemTime) ->
 fn write_object(path: &std::path::Path, len: u64) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut xof = blake3::Hasher::new().update(b"transport-bench").finalize_xof();
+    let mut xof = blake3::Hasher::new()
+        .update(b"transport-bench")
+        .finalize_xof();
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
     while left > 0 {

@@ -22,7 +22,11 @@ pub struct BlockingClient {
 
 impl BlockingClient {
     /// Connects (see [`Client::connect`]).
-    pub fn connect(config: ClientConfig, addr: SocketAddr, path: Path) -> Result<Self, ConnectError> {
+    pub fn connect(
+        config: ClientConfig,
+        addr: SocketAddr,
+        path: Path,
+    ) -> Result<Self, ConnectError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("transport-client")
@@ -53,7 +57,11 @@ impl BlockingClient {
     }
 
     /// See [`Client::stat`].
-    pub fn stat(&self, dataset: &DatasetName, object: &ObjectPath) -> Result<Manifest, RequestError> {
+    pub fn stat(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+    ) -> Result<Manifest, RequestError> {
         self.rt.block_on(self.inner.stat(dataset, object))
     }
 
@@ -64,7 +72,8 @@ impl BlockingClient {
         object: &ObjectPath,
         range: Range<u64>,
     ) -> Result<Bytes, FetchError> {
-        self.rt.block_on(self.inner.read_range(dataset, object, range))
+        self.rt
+            .block_on(self.inner.read_range(dataset, object, range))
     }
 
     /// See [`Client::fetch`].
@@ -74,8 +83,10 @@ impl BlockingClient {
         object: &ObjectPath,
         limit: u64,
     ) -> Result<Bytes, FetchError> {
-        self.rt
-            .block_on(self.inner.fetch(dataset, object, limit, &FetchOptions::default()))
+        self.rt.block_on(
+            self.inner
+                .fetch(dataset, object, limit, &FetchOptions::default()),
+        )
     }
 
     /// See [`Client::fetch_to_file`].

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use certs::Usage;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::AsyncWriteExt;
@@ -168,11 +167,13 @@ impl Client {
 
     /// One request, one response, on a fresh stream.
     pub(crate) async fn call(&self, req: &Request) -> Result<Response, RequestError> {
-        self.connection().await.map_err(|e| {
-            RequestError::Stream(crate::transport::StreamError::ConnectionLost(e.to_string()))
-        })?
-        .call(req)
-        .await
+        self.connection()
+            .await
+            .map_err(|e| {
+                RequestError::Stream(crate::transport::StreamError::ConnectionLost(e.to_string()))
+            })?
+            .call(req)
+            .await
     }
 
     /// The current connection, re-established if it has ended.
@@ -188,13 +189,17 @@ impl Client {
             *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
             return Ok(fresh);
         }
-        let fresh = Arc::new(establish(&self.config, self.endpoint.as_ref(), self.addr, self.path).await?);
+        let fresh =
+            Arc::new(establish(&self.config, self.endpoint.as_ref(), self.addr, self.path).await?);
         *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
         Ok(fresh)
     }
 
     fn current(&self) -> Arc<Connection> {
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn config(&self) -> &ClientConfig {
@@ -375,21 +380,22 @@ async fn establish(
             (Inner::Quic(conn), chain, ack)
         }
         (Path::Tcp, _) | (Path::Quic, None) => {
-            let socket = tcp::connect(addr, timeout)
-                .await
-                .map_err(|source| match source.kind() {
-                    std::io::ErrorKind::TimedOut => ConnectError::Timeout { addr, timeout },
-                    _ => ConnectError::Unreachable { addr, source },
-                })?;
+            let socket =
+                tcp::connect(addr, timeout)
+                    .await
+                    .map_err(|source| match source.kind() {
+                        std::io::ErrorKind::TimedOut => ConnectError::Timeout { addr, timeout },
+                        _ => ConnectError::Unreachable { addr, source },
+                    })?;
             let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
             let name = ServerName::try_from(crate::tls::SERVER_NAME)
                 .map_err(|e| ConnectError::Local(e.to_string()))?;
-            let mut stream = match tokio::time::timeout(timeout, connector.connect(name, socket)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
-                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-            };
+            let mut stream =
+                match tokio::time::timeout(timeout, connector.connect(name, socket)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
+                    Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+                };
             let (_, session) = stream.get_ref();
             if session.alpn_protocol() != Some(crate::tls::ALPN) {
                 return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
@@ -512,12 +518,17 @@ fn hello_ack(frame: &Frame) -> Result<HelloAck, ConnectError> {
             Ok(ack)
         }
         FrameKind::Error => Err(ConnectError::Version),
-        k => Err(ConnectError::Lost(format!("unexpected {k:?} frame instead of hello answer"))),
+        k => Err(ConnectError::Lost(format!(
+            "unexpected {k:?} frame instead of hello answer"
+        ))),
     }
 }
 
 fn take_failure(failure: &FailureSlot) -> Option<certs::SvidError> {
-    failure.lock().unwrap_or_else(PoisonError::into_inner).take()
+    failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
 }
 
 fn quic_connect_error(e: &quinn::ConnectionError, failure: &FailureSlot) -> ConnectError {
@@ -525,7 +536,9 @@ fn quic_connect_error(e: &quinn::ConnectionError, failure: &FailureSlot) -> Conn
         return ConnectError::ServerNotTrusted(svid);
     }
     if let Some(alert) = quic::alert_of(e) {
-        return ConnectError::Rejected(Rejection::from_alert(rustls::AlertDescription::from(alert)));
+        return ConnectError::Rejected(Rejection::from_alert(rustls::AlertDescription::from(
+            alert,
+        )));
     }
     match e {
         quinn::ConnectionError::TimedOut => ConnectError::Lost("handshake timed out".into()),
@@ -537,9 +550,7 @@ fn tls_connect_error(e: &std::io::Error, failure: &FailureSlot) -> ConnectError 
     if let Some(svid) = take_failure(failure) {
         return ConnectError::ServerNotTrusted(svid);
     }
-    let tls = e
-        .get_ref()
-        .and_then(|i| i.downcast_ref::<rustls::Error>());
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     match tls {
         Some(rustls::Error::AlertReceived(alert)) => {
             ConnectError::Rejected(Rejection::from_alert(*alert))

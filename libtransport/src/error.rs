@@ -105,11 +105,19 @@ impl Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::CertificateExpired => f.write_str("our certificate has expired or is not yet valid"),
-            Self::UnknownCa => f.write_str("our certificate is not signed by a CA the server trusts"),
-            Self::BadCertificate => f.write_str("our certificate is not a valid SVID for the server's trust domain"),
+            Self::CertificateExpired => {
+                f.write_str("our certificate has expired or is not yet valid")
+            }
+            Self::UnknownCa => {
+                f.write_str("our certificate is not signed by a CA the server trusts")
+            }
+            Self::BadCertificate => {
+                f.write_str("our certificate is not a valid SVID for the server's trust domain")
+            }
             Self::CertificateRequired => f.write_str("we presented no certificate"),
-            Self::ProtocolVersion => f.write_str("we offered no TLS version it accepts (TLS 1.3 is required)"),
+            Self::ProtocolVersion => {
+                f.write_str("we offered no TLS version it accepts (TLS 1.3 is required)")
+            }
             Self::NoApplicationProtocol => f.write_str("we offered no protocol it speaks"),
             Self::AccessDenied => f.write_str("access denied"),
             Self::Other(code) => write!(f, "TLS alert {code}"),

@@ -20,7 +20,9 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use tokio::sync::watch;
 
 /// Our SVID and the trust bundle we verify peers against.
@@ -41,7 +43,7 @@ impl Credentials {
         }
         let signing = crate::tls::provider()
             .key_provider
-            .load_private_key(svid.key())
+            .load_private_key(svid.key().clone_key())
             .map_err(|e| IdentityError::Key(e.to_string()))?;
         let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing));
         Ok(Self { svid, bundle, key })
@@ -200,13 +202,16 @@ impl SvidVerifier {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
         // Hold the credentials (an Arc) rather than the borrow: verification takes a while.
         let creds = self.creds.borrow().clone();
-        let result = creds.bundle.verify(&chain, now, usage).and_then(|v| match &self.expect {
-            Some(want) if *want != v.id => Err(SvidError::Other(format!(
-                "server is {} but {} was expected",
-                v.id, want
-            ))),
-            _ => Ok(v),
-        });
+        let result = creds
+            .bundle
+            .verify(&chain, now, usage)
+            .and_then(|v| match &self.expect {
+                Some(want) if *want != v.id => Err(SvidError::Other(format!(
+                    "server is {} but {} was expected",
+                    v.id, want
+                ))),
+                _ => Ok(v),
+            });
         result.map_err(|e| {
             let mapped = to_rustls_error(&e);
             if let Some(slot) = &self.failure {

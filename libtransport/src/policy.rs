@@ -188,12 +188,15 @@ mod tests {
         assert!(!decide(&trainer, Action::Read, "ckpt").is_allow());
         // Same path in another trust domain is another identity.
         assert!(!decide(&id("spiffe://other/gpu/loader"), Action::Read, "scans").is_allow());
-        assert!(!AccessList::new().decide(&Access {
-            peer: &loader,
-            action: Action::List,
-            dataset: &ds("scans"),
-            object: None
-        })
-        .is_allow());
+        assert!(
+            !AccessList::new()
+                .decide(&Access {
+                    peer: &loader,
+                    action: Action::List,
+                    dataset: &ds("scans"),
+                    object: None
+                })
+                .is_allow()
+        );
     }
 }

@@ -44,7 +44,7 @@ pub struct Server {
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     slots: Arc<Semaphore>,
-    tls: tokio_rustls::TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     next_conn: AtomicU64,
 }
 
@@ -78,7 +78,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 slots,
-                tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                tls: Arc::new(tls),
                 next_conn: AtomicU64::new(1),
             }),
             quic,
@@ -218,7 +218,12 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
         .and_then(|d| d.protocol);
     if alpn.as_deref() != Some(crate::tls::ALPN) {
         conn.close(quinn::VarInt::from_u32(ErrorCode::Version as u32), b"ALPN");
-        return refused(&shared, addr, Path::Quic, "peer did not negotiate our ALPN".into());
+        return refused(
+            &shared,
+            addr,
+            Path::Quic,
+            "peer did not negotiate our ALPN".into(),
+        );
     }
     let chain = conn
         .peer_identity()
@@ -226,7 +231,10 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
         .map(|c| *c)
         .unwrap_or_default();
     let Some(peer) = authenticate(&shared, &chain, addr, Path::Quic) else {
-        conn.close(quinn::VarInt::from_u32(ErrorCode::Protocol as u32), b"identity");
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::Protocol as u32),
+            b"identity",
+        );
         return;
     };
     let io = shared.config.transport.io_timeout;
@@ -234,7 +242,10 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
     let hello = tokio::time::timeout(timeout, conn.accept_bi()).await;
     let Ok(Ok((send, recv))) = hello else {
         debug!("no hello; closing");
-        conn.close(quinn::VarInt::from_u32(ErrorCode::Protocol as u32), b"no hello");
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::Protocol as u32),
+            b"no hello",
+        );
         return;
     };
     let mut first = RequestStream {
@@ -296,14 +307,24 @@ async fn serve_tcp(
     _permit: OwnedSemaphorePermit,
 ) {
     let timeout = shared.config.transport.handshake_timeout;
-    let mut tls = match tokio::time::timeout(timeout, shared.tls.accept(socket)).await {
+    let mut tls = match tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsAcceptor::from(shared.tls.clone()).accept(socket),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refused(&shared, addr, Path::Tcp, tls_refusal(&e)),
         Err(_) => return refused(&shared, addr, Path::Tcp, "handshake timed out".into()),
     };
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(crate::tls::ALPN) {
-        return refused(&shared, addr, Path::Tcp, "peer did not negotiate our ALPN".into());
+        return refused(
+            &shared,
+            addr,
+            Path::Tcp,
+            "peer did not negotiate our ALPN".into(),
+        );
     }
     let chain: Vec<CertificateDer<'static>> = session
         .peer_certificates()
@@ -312,7 +333,9 @@ async fn serve_tcp(
     let Some(peer) = authenticate(&shared, &chain, addr, Path::Tcp) else {
         return;
     };
-    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
     serve_stream(shared, tls, peer).await;
 }
 
@@ -356,7 +379,7 @@ where
 #[cfg(feature = "bench-plaintext")]
 pub(crate) fn shared_for_bench(config: ServerConfig) -> Arc<Shared> {
     let tls = crate::tls::server_config(&config.identity, config.clock.clone())
-        .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+        .map(Arc::new)
         .expect("a TLS config for valid credentials");
     Arc::new(Shared {
         slots: Arc::new(Semaphore::new(config.transport.max_connections as usize)),
@@ -382,7 +405,10 @@ async fn hello_exchange(shared: &Shared, stream: &mut RequestStream) -> bool {
 
 fn hello_reply(shared: &Shared, frame: &Frame) -> Frame {
     let cfg = &shared.config.transport;
-    match Hello::decode(&frame.payload).ok().and_then(|h| h.negotiate()) {
+    match Hello::decode(&frame.payload)
+        .ok()
+        .and_then(|h| h.negotiate())
+    {
         Some(version) => {
             debug_assert_eq!(version, PROTOCOL_VERSION);
             let ack = HelloAck {

@@ -64,7 +64,9 @@ pub fn identity(pki: &TestPki, path: &str) -> IdentityHandle {
 
 /// A client config for `path` in `pki`'s trust domain.
 pub fn client_config(pki: &TestPki, path: &str) -> ClientConfig {
-    ClientConfig::builder().identity(identity(pki, path)).build()
+    ClientConfig::builder()
+        .identity(identity(pki, path))
+        .build()
 }
 
 /// Deterministic pseudo-random bytes (BLAKE3 output stream of `seed`).

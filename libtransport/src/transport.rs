@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::proto::frame::{HEADER_LEN, MAX_DATA_PAYLOAD};
 use crate::proto::{ErrorCode, Frame, FrameError, FrameHeader, FrameKind};
@@ -115,7 +114,11 @@ impl FrameSink {
     }
 
     /// Sends one frame.
-    pub(crate) async fn send(&mut self, kind: FrameKind, payload: Bytes) -> Result<(), StreamError> {
+    pub(crate) async fn send(
+        &mut self,
+        kind: FrameKind,
+        payload: Bytes,
+    ) -> Result<(), StreamError> {
         let timeout = self.timeout;
         let fut = async {
             match &mut self.inner {
@@ -127,7 +130,9 @@ impl FrameSink {
                     }
                     .encode()?;
                     let mut parts = [Bytes::copy_from_slice(&header), payload];
-                    s.write_all_chunks(&mut parts).await.map_err(quic::write_error)
+                    s.write_all_chunks(&mut parts)
+                        .await
+                        .map_err(quic::write_error)
                 }
                 SinkInner::Mux(s) => s.send(kind, payload).await,
             }
@@ -159,16 +164,6 @@ impl FrameSink {
                 let _ = s.finish();
             }
             SinkInner::Mux(_) => {}
-        }
-    }
-
-    /// Abandons the stream: the peer stops sending and discards what is in flight.
-    pub(crate) fn cancel(&mut self) {
-        match &mut self.inner {
-            SinkInner::Quic(s) => {
-                let _ = s.reset(quinn::VarInt::from_u32(ErrorCode::Cancelled as u32));
-            }
-            SinkInner::Mux(s) => s.cancel(),
         }
     }
 }
@@ -223,16 +218,6 @@ impl FrameSource {
             SourceInner::Mux(m) => m.try_recv_cancel(),
         }
     }
-
-    /// Stops receiving: the peer's further frames are discarded.
-    pub(crate) fn stop(&mut self) {
-        match &mut self.inner {
-            SourceInner::Quic(r) => {
-                let _ = r.stop(quinn::VarInt::from_u32(ErrorCode::Cancelled as u32));
-            }
-            SourceInner::Mux(_) => {}
-        }
-    }
 }
 
 async fn quic_recv(r: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamError> {
@@ -276,6 +261,3 @@ pub(crate) struct RequestStream {
     pub(crate) sink: FrameSink,
     pub(crate) source: FrameSource,
 }
-
-/// Channel type the TLS/TCP server hands new streams through.
-pub(crate) type IncomingStreams = mpsc::Receiver<(Frame, RequestStream)>;

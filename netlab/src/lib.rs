@@ -13,7 +13,9 @@
 #[non_exhaustive]
 pub enum LabError {
     /// Network namespaces need root (or CAP_NET_ADMIN and CAP_SYS_ADMIN).
-    #[error("netlab needs root to create network namespaces (running as uid {uid}); run the lab tests as root, e.g. with sudo")]
+    #[error(
+        "netlab needs root to create network namespaces (running as uid {uid}); run the lab tests as root, e.g. with sudo"
+    )]
     NotRoot {
         /// The effective uid we run as.
         uid: u32,
@@ -55,7 +57,11 @@ mod tests {
             Ok(()) => assert_eq!(uid, 0),
             Err(LabError::NotRoot { uid: u }) => {
                 assert_eq!(u, uid);
-                assert!(LabError::NotRoot { uid: u }.to_string().contains("needs root"));
+                assert!(
+                    LabError::NotRoot { uid: u }
+                        .to_string()
+                        .contains("needs root")
+                );
             }
         }
     }

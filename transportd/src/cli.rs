@@ -15,7 +15,12 @@ use crate::env;
 /// By hand: `ca init` makes a trust domain, `ca issue` gives each node an SVID, `node`
 /// serves datasets, and `ls`, `pull` and `push` move data with an SVID of their own.
 #[derive(Debug, Parser)]
-#[command(name = "transportd", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "transportd",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,

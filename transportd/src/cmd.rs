@@ -42,15 +42,11 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 69,
             };
         }
-        if let Some(f) = cause.downcast_ref::<FetchError>() {
-            if matches!(f, FetchError::Corrupt(_)) {
-                return 65;
-            }
+        if let Some(FetchError::Corrupt(_)) = cause.downcast_ref::<FetchError>() {
+            return 65;
         }
-        if let Some(p) = cause.downcast_ref::<PushError>() {
-            if matches!(p, PushError::Corrupt(_)) {
-                return 65;
-            }
+        if let Some(PushError::Corrupt(_)) = cause.downcast_ref::<PushError>() {
+            return 65;
         }
         if let Some(r) = cause.downcast_ref::<RequestError>() {
             return match r.code() {

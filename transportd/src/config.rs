@@ -97,7 +97,8 @@ impl NodeConfig {
             invalid(&format!("limits.{field}"), &e.to_string())
         };
         if let Some(n) = l.max_connections {
-            t.max_connections(n).map_err(|e| range("max_connections", e))?;
+            t.max_connections(n)
+                .map_err(|e| range("max_connections", e))?;
         }
         if let Some(n) = l.max_streams {
             t.max_streams(n).map_err(|e| range("max_streams", e))?;
@@ -182,12 +183,8 @@ impl NodeConfig {
 /// Reads an SVID, its key and a bundle from files.
 pub(crate) fn load_credentials(p: &IdentityPaths) -> Result<Credentials, ConfigError> {
     let read = |field: &str, path: &Path| {
-        std::fs::read_to_string(path).map_err(|e| {
-            invalid(
-                field,
-                &format!("cannot read {}: {e}", path.display()),
-            )
-        })
+        std::fs::read_to_string(path)
+            .map_err(|e| invalid(field, &format!("cannot read {}: {e}", path.display())))
     };
     let chain = read("identity.svid", &p.svid)?;
     let key = zeroize::Zeroizing::new(read("identity.key", &p.key)?);
@@ -253,10 +250,7 @@ file = "audit.jsonl"
     #[test]
     fn invalid_values_name_their_field() {
         let cases = [
-            (
-                MINIMAL.replace("quic = \"127.0.0.1:7443\"", ""),
-                "listen",
-            ),
+            (MINIMAL.replace("quic = \"127.0.0.1:7443\"", ""), "listen"),
             (
                 format!("{MINIMAL}\n[limits]\nmax_streams = 0\n"),
                 "limits.max_streams",
@@ -266,7 +260,9 @@ file = "audit.jsonl"
                 "limits.chunk_size",
             ),
             (
-                format!("{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/x\"\ndataset = \"d\"\nactions = []\n"),
+                format!(
+                    "{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/x\"\ndataset = \"d\"\nactions = []\n"
+                ),
                 "allow[0].actions",
             ),
         ];

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use certs::{Ca, CaParams, IssueParams, KeyAlgorithm, SpiffeId, TrustDomain};
@@ -39,7 +39,9 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
             (None, std::fs::canonicalize(&d)?)
         }
         None => {
-            let t = tempfile::Builder::new().prefix("transportd-demo-").tempdir()?;
+            let t = tempfile::Builder::new()
+                .prefix("transportd-demo-")
+                .tempdir()?;
             let p = t.path().to_path_buf();
             (Some(t), p)
         }
@@ -64,7 +66,10 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
     }
 
     let shards = shard_count(size);
-    say(&format!("writing a {} dataset in {shards} shards", human(size)));
+    say(&format!(
+        "writing a {} dataset in {shards} shards",
+        human(size)
+    ));
     let scans = dir.join("storage/datasets/scans");
     std::fs::create_dir_all(&scans)?;
     std::fs::create_dir_all(dir.join("storage/datasets/checkpoints"))?;
@@ -73,8 +78,7 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
         let len = size / shards + u64::from(i < size % shards);
         let path = scans.join(format!("train/shard-{i:04}.bin"));
         let p = path.clone();
-        tokio::task::spawn_blocking(move || synth(&p, len, u64::from(i)))
-            .await??;
+        tokio::task::spawn_blocking(move || synth(&p, len, i)).await??;
         sources.push((format!("train/shard-{i:04}.bin"), path, len));
     }
     write_storage_config(&dir)?;
@@ -86,7 +90,11 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
     let mut report = result?;
     report["identities"] = json!({ "storage": storage_id, "gpu": gpu_id });
     report["trust_domain"] = json!(TRUST_DOMAIN);
-    report["dir"] = json!(if _tmp.is_some() { Value::Null } else { json!(dir) });
+    report["dir"] = json!(if _tmp.is_some() {
+        Value::Null
+    } else {
+        json!(dir)
+    });
     let audit = json!({
         "storage": dir.join("storage/audit/audit.jsonl"),
         "gpu": dir.join("gpu/audit/audit.jsonl"),
@@ -118,7 +126,7 @@ async fn exercise(
     for (path, addr) in [("quic", &addrs.quic), ("tcp", &addrs.tcp)] {
         say(&format!("GPU node pulls the dataset over {path}"));
         let dest = dir.join("gpu/data").join(path);
-        let started = Instant::now();
+        let started = SystemClock.instant();
         let out = gpu_command(dir, addr, path, &["pull", "scans", path_str(&dest)?]).await?;
         let secs = started.elapsed().as_secs_f64();
         let mut ok = out["verified"].as_bool() == Some(true);
@@ -137,11 +145,14 @@ async fn exercise(
     }
 
     let ckpt_len = (size / 8).clamp(1 << 20, 256 << 20);
-    say(&format!("GPU node pushes a {} checkpoint back over quic", human(ckpt_len)));
+    say(&format!(
+        "GPU node pushes a {} checkpoint back over quic",
+        human(ckpt_len)
+    ));
     let ckpt = dir.join("gpu/checkpoints/step-1000.ckpt");
     let c = ckpt.clone();
     tokio::task::spawn_blocking(move || synth(&c, ckpt_len, 1000)).await??;
-    let started = Instant::now();
+    let started = SystemClock.instant();
     let out = gpu_command(
         dir,
         &addrs.quic,
@@ -248,7 +259,11 @@ impl StorageNode {
     }
 
     async fn stop(&mut self) {
-        if let Some(pid) = self.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        if let Some(pid) = self
+            .child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
@@ -347,7 +362,8 @@ fn count_lines(p: &Path) -> usize {
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 fn round3(x: f64) -> f64 {
@@ -360,9 +376,18 @@ fn human(n: u64) -> String {
 
 fn print_report(r: &Value, temporary: bool) {
     println!("transportd demo");
-    println!("  trust domain   {}", r["trust_domain"].as_str().unwrap_or("?"));
-    println!("  storage node   {}", r["identities"]["storage"].as_str().unwrap_or("?"));
-    println!("  GPU node       {}", r["identities"]["gpu"].as_str().unwrap_or("?"));
+    println!(
+        "  trust domain   {}",
+        r["trust_domain"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  storage node   {}",
+        r["identities"]["storage"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  GPU node       {}",
+        r["identities"]["gpu"].as_str().unwrap_or("?")
+    );
     println!(
         "  dataset        scans: {} in {} shards",
         human(r["dataset"]["bytes"].as_u64().unwrap_or(0)),
@@ -394,7 +419,9 @@ fn print_report(r: &Value, temporary: bool) {
         r["audit"]["gpu_records"]
     );
     if temporary {
-        println!("  (everything was in a temporary directory, now removed; pass --keep DIR to keep it)");
+        println!(
+            "  (everything was in a temporary directory, now removed; pass --keep DIR to keep it)"
+        );
     } else {
         println!("  kept in        {}", r["dir"].as_str().unwrap_or("?"));
     }

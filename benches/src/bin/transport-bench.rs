@@ -32,7 +32,11 @@ enum Command {
         #[arg(long, default_value = "1GiB")]
         size: bytesize::ByteSize,
         /// Modes to run, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "plaintext-tcp,tls-tcp,quic")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "plaintext-tcp,tls-tcp,quic"
+        )]
         modes: Vec<Mode>,
         /// Runs per mode.
         #[arg(long, default_value_t = 3)]
@@ -60,7 +64,9 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Local {
             size,
@@ -101,8 +107,12 @@ struct LocalArgs {
 async fn local(a: LocalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.size > 0, "--size must be more than zero");
     let mut transport = TransportConfig::default();
-    transport.chunk_bytes(a.chunk_bytes).context("--chunk-size")?;
-    transport.parallel_chunks(a.parallel).context("--parallel")?;
+    transport
+        .chunk_bytes(a.chunk_bytes)
+        .context("--chunk-size")?;
+    transport
+        .parallel_chunks(a.parallel)
+        .context("--parallel")?;
     transport.mtu(1200, a.max_mtu).context("--max-mtu")?;
     let bench = benches::setup::setup(a.size, transport, a.chunk_bytes).await?;
     let mut results = Vec::new();
@@ -110,7 +120,13 @@ async fn local(a: LocalArgs) -> anyhow::Result<()> {
         for &m in &a.modes {
             let r = mode::run(&bench, m, a.parallel, a.requests).await?;
             if !a.json {
-                eprintln!("run {}/{}: {:<14} {:.3} GB/s", run + 1, a.runs, m.name(), r.gbps);
+                eprintln!(
+                    "run {}/{}: {:<14} {:.3} GB/s",
+                    run + 1,
+                    a.runs,
+                    m.name(),
+                    r.gbps
+                );
             }
             results.push(r);
             mode::settle().await;
@@ -142,7 +158,10 @@ async fn local(a: LocalArgs) -> anyhow::Result<()> {
     if let Some(dir) = a.out {
         std::fs::create_dir_all(&dir)?;
         let stamp = chrono_stamp();
-        std::fs::write(dir.join(format!("local-{stamp}.json")), serde_json::to_string_pretty(&doc)?)?;
+        std::fs::write(
+            dir.join(format!("local-{stamp}.json")),
+            serde_json::to_string_pretty(&doc)?,
+        )?;
         std::fs::write(
             dir.join(format!("local-{stamp}.md")),
             report::markdown(&summary, &doc["machine"], &doc["params"]),
@@ -154,5 +173,8 @@ async fn local(a: LocalArgs) -> anyhow::Result<()> {
 /// `YYYYMMDD-HHMMSS` in UTC, for result file names.
 fn chrono_stamp() -> String {
     let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    t.replace(['-', ':'], "").replace('T', "-").trim_end_matches('Z').to_owned()
+    t.replace(['-', ':'], "")
+        .replace('T', "-")
+        .trim_end_matches('Z')
+        .to_owned()
 }

@@ -94,7 +94,15 @@ impl Client {
         let mut attempt = 0;
         loop {
             let result = self
-                .fetch_file_once(dataset, object, &dir, &name, opts, &fetched, &mut first_reuse)
+                .fetch_file_once(
+                    dataset,
+                    object,
+                    &dir,
+                    &name,
+                    opts,
+                    &fetched,
+                    &mut first_reuse,
+                )
                 .await;
             match result {
                 Ok((conn, manifest)) => {
@@ -107,7 +115,11 @@ impl Client {
                         chunks_reused: first_reuse.unwrap_or(0),
                         chunks_fetched: manifest.chunk_count() - first_reuse.unwrap_or(0),
                         root: manifest.root(),
-                        elapsed: self.config().clock.instant().saturating_duration_since(started),
+                        elapsed: self
+                            .config()
+                            .clock
+                            .instant()
+                            .saturating_duration_since(started),
                         retries: attempt,
                     };
                     self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
@@ -143,8 +155,14 @@ impl Client {
         range: Range<u64>,
     ) -> Result<Bytes, FetchError> {
         let limit = range.end.saturating_sub(range.start);
-        self.read_range_limited(dataset, object, Some(range), limit, &FetchOptions::default())
-            .await
+        self.read_range_limited(
+            dataset,
+            object,
+            Some(range),
+            limit,
+            &FetchOptions::default(),
+        )
+        .await
     }
 
     async fn read_range_limited(
@@ -157,7 +175,10 @@ impl Client {
     ) -> Result<Bytes, FetchError> {
         let mut attempt = 0;
         loop {
-            match self.read_once(dataset, object, range.clone(), limit, opts).await {
+            match self
+                .read_once(dataset, object, range.clone(), limit, opts)
+                .await
+            {
                 Ok(b) => return Ok(b),
                 Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
                     tokio::time::sleep(opts.retry.delay(attempt)).await;
@@ -216,8 +237,12 @@ impl Client {
         let total = last - first;
         let done = Arc::new(AtomicU64::new(0));
         let result = {
-            let (conn, manifest, slots, progress) =
-                (conn.clone(), manifest.clone(), slots.clone(), opts.progress.clone());
+            let (conn, manifest, slots, progress) = (
+                conn.clone(),
+                manifest.clone(),
+                slots.clone(),
+                opts.progress.clone(),
+            );
             run_workers(self.parallel(opts), work, move |index| {
                 let (conn, manifest, slots, done, progress) = (
                     conn.clone(),
@@ -241,7 +266,7 @@ impl Client {
                     if let Some(p) = &progress {
                         p(so_far, total);
                     }
-                    Ok(())
+                    Ok::<_, FetchError>(())
                 }
             })
             .await
@@ -297,12 +322,9 @@ impl Client {
             "pull starting"
         );
         let total = manifest.size();
-        let done = Arc::new(AtomicU64::new(
-            have.missing()
-                .fold(total, |left, i| {
-                    left - manifest.chunk_range(i).map_or(0, |r| r.end - r.start)
-                }),
-        ));
+        let done = Arc::new(AtomicU64::new(have.missing().fold(total, |left, i| {
+            left - manifest.chunk_range(i).map_or(0, |r| r.end - r.start)
+        })));
         let result = {
             let (conn, partial, fetched, progress) = (
                 conn.clone(),
@@ -310,29 +332,34 @@ impl Client {
                 fetched.clone(),
                 opts.progress.clone(),
             );
-            run_workers(self.parallel(opts), work.into_iter().collect(), move |index| {
-                let (conn, partial, fetched, done, progress) = (
-                    conn.clone(),
-                    partial.clone(),
-                    fetched.clone(),
-                    done.clone(),
-                    progress.clone(),
-                );
-                async move {
-                    let n = read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
-                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                    if let Some(p) = &progress {
-                        p(so_far, total);
+            run_workers(
+                self.parallel(opts),
+                work.into_iter().collect(),
+                move |index| {
+                    let (conn, partial, fetched, done, progress) = (
+                        conn.clone(),
+                        partial.clone(),
+                        fetched.clone(),
+                        done.clone(),
+                        progress.clone(),
+                    );
+                    async move {
+                        let n = read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
+                        let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                        if let Some(p) = &progress {
+                            p(so_far, total);
+                        }
+                        Ok::<_, FetchError>(())
                     }
-                    Ok(())
-                }
-            })
+                },
+            )
             .await
         };
         close(&conn, transfer).await;
         result?;
-        let partial = Arc::into_inner(partial)
-            .ok_or_else(|| FetchError::Local(std::io::Error::other("chunk writer still running")))?;
+        let partial = Arc::into_inner(partial).ok_or_else(|| {
+            FetchError::Local(std::io::Error::other("chunk writer still running"))
+        })?;
         tokio::task::spawn_blocking(move || partial.commit())
             .await
             .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
@@ -458,7 +485,9 @@ async fn read_chunk_mem(
     index: ChunkIndex,
     mut buf: BytesMut,
 ) -> Result<BytesMut, FetchError> {
-    let range = manifest.chunk_range(index).ok_or(FetchError::Corrupt(index))?;
+    let range = manifest
+        .chunk_range(index)
+        .ok_or(FetchError::Corrupt(index))?;
     let mut source = request_chunk(conn, transfer, &range).await?;
     let mut at = 0usize;
     let mut hasher = blake3::Hasher::new();
@@ -466,8 +495,9 @@ async fn read_chunk_mem(
         if at + piece.len() > buf.len() {
             return Err(FetchError::Corrupt(index));
         }
+        let n = piece.len();
         let (b, h) = tokio::task::spawn_blocking(move || {
-            buf[at..at + piece.len()].copy_from_slice(&piece);
+            buf[at..at + n].copy_from_slice(&piece);
             hasher.update(&piece);
             (buf, hasher)
         })
@@ -475,7 +505,7 @@ async fn read_chunk_mem(
         .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
         buf = b;
         hasher = h;
-        at += piece.len();
+        at += n;
     }
     if at != buf.len() {
         return Err(FetchError::Corrupt(index));
@@ -495,7 +525,11 @@ fn chunk_failure(e: WriteError, index: ChunkIndex) -> FetchError {
 }
 
 /// Runs `f` over `work` with `parallel` workers; the first error stops everything.
-pub(crate) async fn run_workers<F, Fut, E>(parallel: usize, work: VecDeque<ChunkIndex>, f: F) -> Result<(), E>
+pub(crate) async fn run_workers<F, Fut, E>(
+    parallel: usize,
+    work: VecDeque<ChunkIndex>,
+    f: F,
+) -> Result<(), E>
 where
     F: Fn(ChunkIndex) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -507,7 +541,10 @@ where
         let (queue, f) = (queue.clone(), f.clone());
         set.spawn(async move {
             loop {
-                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                let next = queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop_front();
                 let Some(i) = next else { return Ok(()) };
                 f(i).await?;
             }
@@ -531,7 +568,9 @@ where
 fn retriable(e: &FetchError) -> bool {
     match e {
         FetchError::Request(r) => r.is_connection(),
-        FetchError::Connect(c) => c.is_network() || matches!(c, crate::error::ConnectError::Lost(_)),
+        FetchError::Connect(c) => {
+            c.is_network() || matches!(c, crate::error::ConnectError::Lost(_))
+        }
         _ => false,
     }
 }

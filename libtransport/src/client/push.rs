@@ -10,8 +10,8 @@ use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path as FsPath;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,8 +23,8 @@ use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
 use crate::proto::{
-    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request,
-    Response, TransferId,
+    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request, Response,
+    TransferId,
 };
 use crate::transport::Path;
 
@@ -118,8 +118,15 @@ impl Client {
         })
         .await
         .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
-        self.push(dataset, object, Source::File(Arc::new(file)), manifest, opts, started)
-            .await
+        self.push(
+            dataset,
+            object,
+            Source::File(Arc::new(file)),
+            manifest,
+            opts,
+            started,
+        )
+        .await
     }
 
     /// Pushes bytes held in memory as `object` of `dataset`.
@@ -136,8 +143,15 @@ impl Client {
         let manifest = tokio::task::spawn_blocking(move || Manifest::of_bytes(&d, cb))
             .await
             .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
-        self.push(dataset, object, Source::Memory(data), manifest, opts, started)
-            .await
+        self.push(
+            dataset,
+            object,
+            Source::Memory(data),
+            manifest,
+            opts,
+            started,
+        )
+        .await
     }
 
     async fn push(
@@ -155,7 +169,15 @@ impl Client {
         let mut attempt = 0;
         loop {
             let result = self
-                .push_once(dataset, object, &source, &manifest, opts, &sent, &mut skipped)
+                .push_once(
+                    dataset,
+                    object,
+                    &source,
+                    &manifest,
+                    opts,
+                    &sent,
+                    &mut skipped,
+                )
                 .await;
             match result {
                 Ok((conn, root)) => {
@@ -167,7 +189,11 @@ impl Client {
                         chunks: manifest.chunk_count(),
                         chunks_skipped: skipped.unwrap_or(0),
                         root,
-                        elapsed: self.config().clock.instant().saturating_duration_since(started),
+                        elapsed: self
+                            .config()
+                            .clock
+                            .instant()
+                            .saturating_duration_since(started),
                         retries: attempt,
                     };
                     let record = AuditRecord {
@@ -221,7 +247,9 @@ impl Client {
             other => return Err(unexpected(&other).into()),
         };
         if have.len() != manifest.chunk_count() {
-            return Err(RequestError::Protocol("chunk set does not match the manifest".into()).into());
+            return Err(
+                RequestError::Protocol("chunk set does not match the manifest".into()).into(),
+            );
         }
         skipped.get_or_insert(have.count());
         let total = manifest.size();
@@ -301,7 +329,14 @@ async fn send_chunk(
     let n = data.len() as u64;
     let mut s = conn.stream().await?;
     s.sink
-        .send(FrameKind::Request, Request::WriteChunk { transfer, chunk: index }.encode())
+        .send(
+            FrameKind::Request,
+            Request::WriteChunk {
+                transfer,
+                chunk: index,
+            }
+            .encode(),
+        )
         .await
         .map_err(RequestError::from)?;
     s.sink.send_data(data).await.map_err(RequestError::from)?;
@@ -321,9 +356,7 @@ async fn send_chunk(
 fn retriable(e: &PushError) -> bool {
     match e {
         PushError::Request(r) => r.is_connection(),
-        PushError::Connect(c) => {
-            c.is_network() || matches!(c, crate::error::ConnectError::Lost(_))
-        }
+        PushError::Connect(c) => c.is_network() || matches!(c, crate::error::ConnectError::Lost(_)),
         _ => false,
     }
 }

@@ -148,7 +148,12 @@ impl ConnCtx {
             TransferKind::Write(_) => Direction::In,
         };
         let bytes = t.bytes.load(Ordering::Relaxed);
-        let elapsed = self.shared.config.clock.instant().saturating_duration_since(t.started);
+        let elapsed = self
+            .shared
+            .config
+            .clock
+            .instant()
+            .saturating_duration_since(t.started);
         tracing::info!(
             peer.id = %self.peer.id,
             dataset = %t.dataset,
@@ -183,6 +188,8 @@ impl ConnCtx {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Transfers> {
-        self.transfers.lock().unwrap_or_else(PoisonError::into_inner)
+        self.transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -113,16 +113,19 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
         } => {
             ctx.authorize(Action::List, &dataset, None)?;
             let limit = (limit as usize).clamp(1, MAX_LIST_ENTRIES);
-            let (entries, more) = blocking(move || {
-                store.list(&dataset, &prefix, start_after.as_ref(), limit)
-            })
-            .await?;
+            let (entries, more) =
+                blocking(move || store.list(&dataset, &prefix, start_after.as_ref(), limit))
+                    .await?;
             respond(&mut s.sink, Response::Objects { entries, more }).await
         }
         Request::Stat { dataset, object } => {
             ctx.authorize(Action::Read, &dataset, Some(&object))?;
             let reader = blocking(move || store.open_read(&dataset, &object)).await?;
-            respond(&mut s.sink, Response::Manifest((**reader.manifest()).clone())).await
+            respond(
+                &mut s.sink,
+                Response::Manifest((**reader.manifest()).clone()),
+            )
+            .await
         }
         Request::OpenRead { dataset, object } => {
             ctx.authorize(Action::Read, &dataset, Some(&object))?;
@@ -267,10 +270,7 @@ async fn write_chunk(
         .ok_or(ErrorCode::UnknownTransfer)?;
     let mut writer = ChunkWriter::new(partial, index).map_err(write_code)?;
     loop {
-        let frame = source
-            .recv()
-            .await?
-            .ok_or(ErrorCode::Protocol)?;
+        let frame = source.recv().await?.ok_or(ErrorCode::Protocol)?;
         match frame.kind {
             FrameKind::Data => {
                 let n = frame.payload.len() as u64;

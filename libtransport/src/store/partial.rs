@@ -280,13 +280,14 @@ mod tests {
         // A chunk that would grow past its length is refused before anything is written.
         let mut w = ChunkWriter::new(p.clone(), ChunkIndex(3)).unwrap();
         assert!(w.feed(&[0u8; 101]).is_err());
+        drop(w);
         // A chunk in two pieces.
         let c1 = chunk(&data, &m, 1);
         p.write_chunk(ChunkIndex(1), &[c1.slice(..10), c1.slice(10..)])
             .unwrap();
         p.write_chunk(ChunkIndex(3), &[chunk(&data, &m, 3)])
             .unwrap();
-        p.commit().unwrap();
+        Arc::into_inner(p).unwrap().commit().unwrap();
         assert_eq!(std::fs::read(tmp.path().join("x.bin")).unwrap(), data);
         assert!(!tmp.path().join(".x.part").exists());
     }

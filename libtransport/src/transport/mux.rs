@@ -154,7 +154,11 @@ pub(crate) struct MuxSink {
 }
 
 impl MuxSink {
-    pub(crate) async fn send(&mut self, kind: FrameKind, payload: Bytes) -> Result<(), StreamError> {
+    pub(crate) async fn send(
+        &mut self,
+        kind: FrameKind,
+        payload: Bytes,
+    ) -> Result<(), StreamError> {
         if payload.len() > crate::proto::frame::MAX_FRAME_PAYLOAD as usize {
             return Err(FrameError::TooLarge {
                 len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
@@ -170,16 +174,6 @@ impl MuxSink {
             .send(Frame::new(kind, self.id, payload))
             .await
             .map_err(|_| self.shared.lost())
-    }
-
-    pub(crate) fn cancel(&mut self) {
-        if self.shared.role == Role::Client {
-            let _ = self
-                .shared
-                .out
-                .try_send(Frame::new(FrameKind::Cancel, self.id, Bytes::new()));
-        }
-        self.shared.forget(self.id);
     }
 }
 
@@ -295,7 +289,7 @@ fn start<S>(
 ) -> (
     Arc<Shared>,
     Reader<S>,
-    impl std::future::Future<Output = ()> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
 )
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -373,23 +367,28 @@ async fn route(
         return Ok(());
     };
     let id = frame.stream;
-    let mut table = shared.lock();
-    if id <= table.max_seen {
-        // A stream the server already finished; the client may still be sending.
-        return Ok(());
-    }
-    if frame.kind != FrameKind::Request || id % 2 == 0 {
-        return Err(format!("protocol violation: {:?} opens stream {id}", frame.kind));
-    }
-    if table.streams.len() >= max_streams as usize {
-        return Err(format!(
-            "protocol violation: more than {max_streams} streams open"
-        ));
-    }
-    table.max_seen = id;
-    let (tx, rx) = mpsc::channel(STREAM_QUEUE_FRAMES);
-    table.streams.insert(id, tx);
-    drop(table);
+    let rx = {
+        let mut table = shared.lock();
+        if id <= table.max_seen {
+            // A stream the server already finished; the client may still be sending.
+            return Ok(());
+        }
+        if frame.kind != FrameKind::Request || id.is_multiple_of(2) {
+            return Err(format!(
+                "protocol violation: {:?} opens stream {id}",
+                frame.kind
+            ));
+        }
+        if table.streams.len() >= max_streams as usize {
+            return Err(format!(
+                "protocol violation: more than {max_streams} streams open"
+            ));
+        }
+        table.max_seen = id;
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE_FRAMES);
+        table.streams.insert(id, tx);
+        rx
+    };
     let pair = stream_pair(shared, id, rx, None);
     incoming
         .send((frame, pair))
@@ -451,10 +450,7 @@ where
     let mut done = 0;
     while done < total {
         let n = if done < HEADER_LEN {
-            let parts = [
-                IoSlice::new(&header[done..]),
-                IoSlice::new(&frame.payload),
-            ];
+            let parts = [IoSlice::new(&header[done..]), IoSlice::new(&frame.payload)];
             wr.write_vectored(&parts).await?
         } else {
             wr.write(&frame.payload[done - HEADER_LEN..]).await?
@@ -505,7 +501,10 @@ where
 }
 
 fn ends_stream(kind: FrameKind) -> bool {
-    matches!(kind, FrameKind::Response | FrameKind::End | FrameKind::Error)
+    matches!(
+        kind,
+        FrameKind::Response | FrameKind::End | FrameKind::Error
+    )
 }
 
 fn io_reason(e: &std::io::Error) -> String {

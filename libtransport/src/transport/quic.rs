@@ -124,5 +124,7 @@ pub(crate) fn alert_of(c: &ConnectionError) -> Option<u8> {
         ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
         _ => return None,
     };
-    (0x100..=0x1ff).contains(&code).then(|| (code - 0x100) as u8)
+    (0x100..=0x1ff)
+        .contains(&code)
+        .then(|| (code - 0x100) as u8)
 }

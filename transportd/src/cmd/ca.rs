@@ -11,7 +11,12 @@ use certs::{Ca, CaParams, Csr, IssueParams, KeyAlgorithm, SpiffeId, TrustDomain}
 use libtransport::clock::{Clock, SystemClock};
 
 /// Creates a CA in `out`.
-pub(crate) fn init(trust_domain: &str, out: &Path, validity: Duration, force: bool) -> anyhow::Result<()> {
+pub(crate) fn init(
+    trust_domain: &str,
+    out: &Path,
+    validity: Duration,
+    force: bool,
+) -> anyhow::Result<()> {
     let td = TrustDomain::new(trust_domain).context("--trust-domain")?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let key_path = out.join("ca.key");
@@ -29,10 +34,19 @@ pub(crate) fn init(trust_domain: &str, out: &Path, validity: Duration, force: bo
     write_secret(&key_path, ca.key_pem().as_bytes())?;
     write_public(&out.join("ca.pem"), ca.cert_pem().as_bytes())?;
     write_public(&out.join("bundle.pem"), ca.bundle().to_pem().as_bytes())?;
-    println!("trust domain {td}: CA valid until {}", humantime::format_rfc3339_seconds(ca.not_after()));
+    println!(
+        "trust domain {td}: CA valid until {}",
+        humantime::format_rfc3339_seconds(ca.not_after())
+    );
     println!("  {}  CA certificate", out.join("ca.pem").display());
-    println!("  {}  CA private key (mode 0600; keep it off data nodes)", key_path.display());
-    println!("  {}  trust bundle: copy to every node", out.join("bundle.pem").display());
+    println!(
+        "  {}  CA private key (mode 0600; keep it off data nodes)",
+        key_path.display()
+    );
+    println!(
+        "  {}  trust bundle: copy to every node",
+        out.join("bundle.pem").display()
+    );
     Ok(())
 }
 
@@ -40,26 +54,50 @@ pub(crate) fn init(trust_domain: &str, out: &Path, validity: Duration, force: bo
 pub(crate) fn csr(id: &str, out: &Path) -> anyhow::Result<()> {
     let id = SpiffeId::parse(id).context("--id")?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let (key, csr) = certs::generate_key_and_csr(&id, KeyAlgorithm::default()).context("generating the key")?;
+    let (key, csr) =
+        certs::generate_key_and_csr(&id, KeyAlgorithm::default()).context("generating the key")?;
     write_secret(&out.join("svid.key"), key.as_bytes())?;
-    write_public(&out.join("svid.csr"), csr.to_pem().context("encoding the CSR")?.as_bytes())?;
+    write_public(
+        &out.join("svid.csr"),
+        csr.to_pem().context("encoding the CSR")?.as_bytes(),
+    )?;
     println!("key and CSR for {id}:");
-    println!("  {}  private key (mode 0600; stays here)", out.join("svid.key").display());
-    println!("  {}  send to the CA: transportd ca issue --csr svid.csr ...", out.join("svid.csr").display());
+    println!(
+        "  {}  private key (mode 0600; stays here)",
+        out.join("svid.key").display()
+    );
+    println!(
+        "  {}  send to the CA: transportd ca issue --csr svid.csr ...",
+        out.join("svid.csr").display()
+    );
     Ok(())
 }
 
 /// Issues an SVID for `id` from the CA in `ca_dir`.
-pub(crate) fn issue(ca_dir: &Path, id: &str, csr: Option<&Path>, ttl: Duration, out: &Path) -> anyhow::Result<()> {
+pub(crate) fn issue(
+    ca_dir: &Path,
+    id: &str,
+    csr: Option<&Path>,
+    ttl: Duration,
+    out: &Path,
+) -> anyhow::Result<()> {
     let id = SpiffeId::parse(id).context("--id")?;
-    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let ca = Ca::from_pem(&read(&ca_dir.join("ca.pem"))?, &read(&ca_dir.join("ca.key"))?)
-        .with_context(|| format!("loading the CA from {}", ca_dir.display()))?;
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let ca = Ca::from_pem(
+        &read(&ca_dir.join("ca.pem"))?,
+        &read(&ca_dir.join("ca.key"))?,
+    )
+    .with_context(|| format!("loading the CA from {}", ca_dir.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let (csr, key) = match csr {
-        Some(p) => (Csr::from_pem(&read(p)?).with_context(|| format!("parsing {}", p.display()))?, None),
+        Some(p) => (
+            Csr::from_pem(&read(p)?).with_context(|| format!("parsing {}", p.display()))?,
+            None,
+        ),
         None => {
-            let (key, csr) = certs::generate_key_and_csr(&id, KeyAlgorithm::default()).context("generating the key")?;
+            let (key, csr) = certs::generate_key_and_csr(&id, KeyAlgorithm::default())
+                .context("generating the key")?;
             (csr, Some(key))
         }
     };

@@ -139,7 +139,11 @@ pub(crate) async fn push(
                     Some(prefix) => format!("{}/{rel}", prefix.trim_end_matches('/')),
                     None => rel,
                 };
-                Ok((path, ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?, size))
+                Ok((
+                    path,
+                    ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?,
+                    size,
+                ))
             })
             .collect::<anyhow::Result<_>>()?
     } else {
@@ -202,7 +206,12 @@ pub(crate) async fn push(
     Ok(())
 }
 
-fn print_pulls(client: &Client, dataset: &DatasetName, reports: &[(String, FetchReport)], json: bool) {
+fn print_pulls(
+    client: &Client,
+    dataset: &DatasetName,
+    reports: &[(String, FetchReport)],
+    json: bool,
+) {
     let server = client.server();
     if json {
         let list: Vec<_> = reports
@@ -217,7 +226,10 @@ fn print_pulls(client: &Client, dataset: &DatasetName, reports: &[(String, Fetch
     }
     for (o, r) in reports {
         let resumed = if r.chunks_reused > 0 {
-            format!(", resumed: {} of {} chunks were already here", r.chunks_reused, r.chunks)
+            format!(
+                ", resumed: {} of {} chunks were already here",
+                r.chunks_reused, r.chunks
+            )
         } else {
             String::new()
         };
@@ -241,9 +253,7 @@ pub(crate) async fn connect(
     let creds = load_credentials(&paths)?;
     let mut transport = TransportConfig::default();
     if let Some(p) = parallel {
-        transport
-            .parallel_chunks(p)
-            .context("--parallel")?;
+        transport.parallel_chunks(p).context("--parallel")?;
     }
     let mut builder = ClientConfig::builder()
         .identity(IdentityHandle::new(creds))
@@ -252,13 +262,16 @@ pub(crate) async fn connect(
         builder = builder.server_id(SpiffeId::parse(id).context("--server-id")?);
     }
     if let Some(a) = audit {
-        let sink = FileSink::open(a).with_context(|| format!("opening audit trail {}", a.display()))?;
+        let sink =
+            FileSink::open(a).with_context(|| format!("opening audit trail {}", a.display()))?;
         builder = builder.audit(Arc::new(sink));
     }
     let config = builder.build();
     let addr = resolve(&conn.node).await?;
     let client = match conn.path {
-        PathArg::Auto => Client::connect_any(config, addr, &[Transport::Quic, Transport::Tcp]).await,
+        PathArg::Auto => {
+            Client::connect_any(config, addr, &[Transport::Quic, Transport::Tcp]).await
+        }
         PathArg::Quic => Client::connect(config, addr, Transport::Quic).await,
         PathArg::Tcp => Client::connect(config, addr, Transport::Tcp).await,
     }
@@ -320,7 +333,10 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String, u64)>) -> anyho
                 .to_owned();
             out.push((path.clone(), rel, e.metadata()?.len()));
         } else if ft.is_symlink() {
-            bail!("{} is a symlink; push the file it points to", path.display());
+            bail!(
+                "{} is a symlink; push the file it points to",
+                path.display()
+            );
         }
     }
     Ok(())
