@@ -208,7 +208,11 @@ fn chain_error(e: webpki::Error) -> SvidError {
         webpki::Error::CertNotValidYet { not_before, .. } => SvidError::NotYetValid {
             not_before: svid::system_time(i64::try_from(not_before.as_secs()).unwrap_or(i64::MAX)),
         },
-        webpki::Error::UnknownIssuer => SvidError::UnknownIssuer,
+        // A CA of the bundle with the same name as the real issuer, whose key did not sign
+        // the chain, means the same thing to us: no CA of ours vouches for it.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            SvidError::UnknownIssuer
+        }
         webpki::Error::CaUsedAsEndEntity => SvidError::IsCa,
         other => SvidError::Chain(format!("{other:?}")),
     }

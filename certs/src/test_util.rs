@@ -22,7 +22,6 @@ pub struct TestPki {
 
 /// A way an SVID can be wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Defect {
     /// Expired an hour ago.
     Expired,
