@@ -51,7 +51,10 @@ fn ca_is_a_self_signed_p256_ca_naming_its_trust_domain() {
     assert!(!ku.value.digital_signature());
     assert_eq!(uris(&cert), vec!["spiffe://hospital.example".to_owned()]);
     // ecdsa-with-SHA256
-    assert_eq!(cert.signature_algorithm.algorithm.to_id_string(), "1.2.840.10045.4.3.2");
+    assert_eq!(
+        cert.signature_algorithm.algorithm.to_id_string(),
+        "1.2.840.10045.4.3.2"
+    );
     assert_eq!(ca.not_after(), now() + CaParams::default().validity);
     // And it reloads from its PEM files.
     let again = Ca::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
@@ -68,7 +71,10 @@ fn svid_has_one_uri_san_ca_false_critical_digital_signature_and_both_ekus() {
     assert_eq!(issued.chain.len(), 1);
     let (_, cert) = X509Certificate::from_der(&issued.chain[0]).unwrap();
     assert_eq!(uris(&cert), vec![id.to_string()]);
-    let bc = cert.basic_constraints().unwrap().expect("basic constraints present");
+    let bc = cert
+        .basic_constraints()
+        .unwrap()
+        .expect("basic constraints present");
     assert!(!bc.value.ca, "CA:false");
     let ku_ext = cert
         .extensions()
@@ -101,11 +107,10 @@ fn svid_has_one_uri_san_ca_false_critical_digital_signature_and_both_ekus() {
     let svid = Svid::from_pem(&issued.chain_pem(), &key).unwrap();
     assert_eq!(svid.id(), &id);
     assert_eq!(svid.serial(), issued.serial);
-    let csr_parsed = x509_parser::certification_request::X509CertificationRequest::from_der(
-        csr.der(),
-    )
-    .unwrap()
-    .1;
+    let csr_parsed =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr.der())
+            .unwrap()
+            .1;
     assert_eq!(
         cert.public_key().raw,
         csr_parsed.certification_request_info.subject_pki.raw
@@ -122,7 +127,14 @@ fn svids_never_outlive_their_ca() {
     let id = SpiffeId::parse("spiffe://hospital.example/w").unwrap();
     let (_, csr) = generate_key_and_csr(&id, KeyAlgorithm::default()).unwrap();
     let issued = ca
-        .issue(&csr, &id, &IssueParams { ttl: Duration::from_secs(7200) }, now())
+        .issue(
+            &csr,
+            &id,
+            &IssueParams {
+                ttl: Duration::from_secs(7200),
+            },
+            now(),
+        )
         .unwrap();
     assert_eq!(issued.not_after, ca.not_after());
     // And an expired CA issues nothing.
@@ -173,7 +185,12 @@ fn tampered_or_garbage_csrs_are_refused() {
     tampered[at] ^= 0x01;
     assert!(matches!(Csr::from_der(&tampered), Err(IssueError::Csr(_))));
     assert!(Csr::from_der(b"not a csr").is_err());
-    assert!(Csr::from_pem("-----BEGIN CERTIFICATE REQUEST-----\n!!\n-----END CERTIFICATE REQUEST-----\n").is_err());
+    assert!(
+        Csr::from_pem(
+            "-----BEGIN CERTIFICATE REQUEST-----\n!!\n-----END CERTIFICATE REQUEST-----\n"
+        )
+        .is_err()
+    );
     // The genuine one round-trips through PEM.
     let back = Csr::from_pem(&csr.to_pem().unwrap()).unwrap();
     assert_eq!(back.requested_id(), Some(&id));
@@ -183,7 +200,11 @@ fn tampered_or_garbage_csrs_are_refused() {
 fn every_key_algorithm_issues_and_loads() {
     let ca = ca();
     let id = SpiffeId::parse("spiffe://hospital.example/node/k").unwrap();
-    for alg in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Ed25519] {
+    for alg in [
+        KeyAlgorithm::EcdsaP256,
+        KeyAlgorithm::EcdsaP384,
+        KeyAlgorithm::Ed25519,
+    ] {
         let (key, csr) = generate_key_and_csr(&id, alg).unwrap();
         let issued = ca.issue(&csr, &id, &IssueParams::default(), now()).unwrap();
         Svid::from_pem(&issued.chain_pem(), &key).unwrap();

@@ -56,7 +56,11 @@ fn webpki_alone_accepts_what_the_spiffe_rules_refuse() {
     let anchor = webpki::anchor_from_trusted_cert(pki.ca().cert_der())
         .unwrap()
         .to_owned();
-    for defect in [Defect::ForeignTrustDomain, Defect::TwoUriSans, Defect::NoUriSan] {
+    for defect in [
+        Defect::ForeignTrustDomain,
+        Defect::TwoUriSans,
+        Defect::NoUriSan,
+    ] {
         let bad = pki.bad_svid("/node/x", defect);
         let ee = webpki::EndEntityCert::try_from(&bad.chain()[0]).unwrap();
         let t = UnixTime::since_unix_epoch(now().duration_since(SystemTime::UNIX_EPOCH).unwrap());
@@ -69,8 +73,14 @@ fn webpki_alone_accepts_what_the_spiffe_rules_refuse() {
             None,
             None,
         )
-        .unwrap_or_else(|e| panic!("{defect:?}: webpki itself refused ({e:?}); the control no longer shows the gap"));
-        assert!(pki.bundle().verify(bad.chain(), now(), Usage::Client).is_err());
+        .unwrap_or_else(|e| {
+            panic!("{defect:?}: webpki itself refused ({e:?}); the control no longer shows the gap")
+        });
+        assert!(
+            pki.bundle()
+                .verify(bad.chain(), now(), Usage::Client)
+                .is_err()
+        );
     }
 }
 
@@ -97,11 +107,19 @@ fn validity_is_judged_at_the_time_given() {
     let b = pki.bundle();
     assert!(b.verify(svid.chain(), now(), Usage::Server).is_ok());
     assert!(matches!(
-        b.verify(svid.chain(), now() + Duration::from_secs(3600), Usage::Server),
+        b.verify(
+            svid.chain(),
+            now() + Duration::from_secs(3600),
+            Usage::Server
+        ),
         Err(SvidError::Expired { .. })
     ));
     assert!(matches!(
-        b.verify(svid.chain(), now() - Duration::from_secs(3600), Usage::Server),
+        b.verify(
+            svid.chain(),
+            now() - Duration::from_secs(3600),
+            Usage::Server
+        ),
         Err(SvidError::NotYetValid { .. })
     ));
 }
@@ -142,10 +160,18 @@ fn malformed_bundles_are_refused() {
 #[test]
 fn svid_files_with_broken_leaves_do_not_load() {
     let pki = pki();
-    for defect in [Defect::TwoUriSans, Defect::NoUriSan, Defect::CaAsLeaf, Defect::CertSignKeyUsage] {
+    for defect in [
+        Defect::TwoUriSans,
+        Defect::NoUriSan,
+        Defect::CaAsLeaf,
+        Defect::CertSignKeyUsage,
+    ] {
         let bad = pki.bad_svid("/node/n", defect);
         let key = pem_key(&bad);
-        assert!(Svid::from_pem(&bad.chain_pem(), &key).is_err(), "{defect:?}");
+        assert!(
+            Svid::from_pem(&bad.chain_pem(), &key).is_err(),
+            "{defect:?}"
+        );
     }
     assert!(Svid::from_pem("", "").is_err());
 }
@@ -167,7 +193,11 @@ fn a_ca_of_another_trust_domain_does_not_vouch_for_ours() {
         now(),
     )
     .unwrap();
-    assert!(ca.bundle().verify(svid.chain(), now(), Usage::Client).is_err());
+    assert!(
+        ca.bundle()
+            .verify(svid.chain(), now(), Usage::Client)
+            .is_err()
+    );
 }
 
 proptest! {
@@ -183,7 +213,11 @@ fn pki_verify(bytes: &[u8]) -> Result<(), SvidError> {
     thread_local! { static PKI: TestPki = pki(); }
     PKI.with(|p| {
         p.bundle()
-            .verify(&[CertificateDer::from(bytes.to_vec())], now(), Usage::Client)
+            .verify(
+                &[CertificateDer::from(bytes.to_vec())],
+                now(),
+                Usage::Client,
+            )
             .map(|_| ())
     })
 }

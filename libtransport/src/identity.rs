@@ -46,6 +46,11 @@ impl Credentials {
             .load_private_key(svid.key().clone_key())
             .map_err(|e| IdentityError::Key(e.to_string()))?;
         let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing));
+        key.keys_match().map_err(|e| {
+            IdentityError::Key(format!(
+                "it does not belong to the SVID's certificate ({e})"
+            ))
+        })?;
         Ok(Self { svid, bundle, key })
     }
 

@@ -58,8 +58,12 @@ impl AuditSink for MemoryAudit {
 
 /// Credentials for `spiffe://<pki's trust domain><path>`, issued through the CSR path.
 pub fn identity(pki: &TestPki, path: &str) -> IdentityHandle {
-    let svid = pki.svid(path);
-    IdentityHandle::new(Credentials::new(svid, pki.bundle()).expect("test credentials"))
+    identity_of(pki.svid(path), pki.bundle())
+}
+
+/// Credentials from any SVID (broken ones too) and a bundle.
+pub fn identity_of(svid: certs::Svid, bundle: certs::TrustBundle) -> IdentityHandle {
+    IdentityHandle::new(Credentials::new(svid, bundle).expect("test credentials"))
 }
 
 /// A client config for `path` in `pki`'s trust domain.
@@ -110,6 +114,16 @@ impl TestServer {
         grants: &[TestGrant<'_>],
         transport: TransportConfig,
     ) -> Self {
+        Self::start_as(pki, identity(pki, "/node/storage"), grants, transport).await
+    }
+
+    /// Like [`TestServer::start_with`], presenting `identity` (which may be broken).
+    pub async fn start_as(
+        pki: &TestPki,
+        identity: IdentityHandle,
+        grants: &[TestGrant<'_>],
+        transport: TransportConfig,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("data");
         let mut acl = AccessList::new();
@@ -126,7 +140,6 @@ impl TestServer {
         std::fs::create_dir_all(&root).expect("store root");
         let store = Store::open(&root, Some(dir.path().join("state")), transport.chunk_bytes)
             .expect("store");
-        let identity = identity(pki, "/node/storage");
         let id = identity.current().id().clone();
         let audit = Arc::new(MemoryAudit::default());
         let config = ServerConfig::builder()

@@ -15,6 +15,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::message::ErrorCode;
+
 /// One frame: kind, the stream it belongs to, and its payload.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -209,6 +211,16 @@ pub enum FrameError {
     /// The reserved field was not zero.
     #[error("reserved frame field is not zero")]
     Reserved,
+}
+
+impl FrameError {
+    /// The error code that answers a peer who sent such a frame.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Protocol,
+        }
+    }
 }
 
 /// Bytes in a frame header.

@@ -29,6 +29,12 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
             Ok(None) => return,
             Err(e) => {
                 debug!(error = %e, "request stream failed before its request");
+                if let Failure::Code(code) = Failure::from(e) {
+                    // A malformed frame: say why, then close the stream.
+                    if stream.sink.send_error(code).await.is_ok() {
+                        stream.sink.finish();
+                    }
+                }
                 return;
             }
         },
@@ -71,8 +77,12 @@ impl From<ErrorCode> for Failure {
 }
 
 impl From<StreamError> for Failure {
+    /// A frame the peer got wrong is answered with a code; a broken stream is not.
     fn from(e: StreamError) -> Self {
-        Self::Stream(e)
+        match e {
+            StreamError::Frame(f) => Self::Code(f.code()),
+            other => Self::Stream(other),
+        }
     }
 }
 

@@ -324,7 +324,18 @@ async fn read_loop<S>(
         let frame = match read {
             Ok(Some(f)) => f,
             Ok(None) => break "peer closed the connection".to_owned(),
-            Err(e) => break io_reason(&e),
+            Err(e) => {
+                if shared.role == Role::Server
+                    && let Some(code) = frame_error_code(&e)
+                {
+                    // Framing is lost for the whole byte stream: say why on stream 0 (the
+                    // writer sends queued frames before it notices the close), then end.
+                    let _ = shared
+                        .out
+                        .try_send(Frame::new(FrameKind::Error, 0, code.encode()));
+                }
+                break io_reason(&e);
+            }
         };
         trace!(kind = ?frame.kind, stream = frame.stream, bytes = frame.payload.len(), "frame in");
         if let Err(why) = route(&shared, incoming.as_ref(), max_streams, frame).await {
@@ -498,6 +509,13 @@ where
     }
     // Best effort: tell TLS to send close_notify.
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+}
+
+/// The code for a malformed frame, if `e` is one (rather than an I/O failure).
+fn frame_error_code(e: &std::io::Error) -> Option<crate::proto::ErrorCode> {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<FrameError>())
+        .map(FrameError::code)
 }
 
 fn ends_stream(kind: FrameKind) -> bool {
