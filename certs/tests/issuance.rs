@@ -1,6 +1,8 @@
 //! The CA and the SVIDs it issues have the shape the X.509-SVID standard asks for, and
 //! issuance refuses what it must.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
 use std::time::{Duration, SystemTime};
 
 use certs::{

@@ -1,6 +1,8 @@
 //! SVID verification against a trust bundle: every SPIFFE rule refuses what it must, on
 //! both TLS sides, including the cases WebPKI path validation alone lets through.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
 use std::time::{Duration, SystemTime};
 
 use certs::test_util::{Defect, TestPki};

@@ -283,6 +283,15 @@ impl Connection {
         response(&mut s.source).await
     }
 
+    /// The QUIC connection underneath, for tests that speak raw bytes.
+    #[cfg(test)]
+    pub(crate) fn quic(&self) -> Option<&quinn::Connection> {
+        match &self.inner {
+            Inner::Quic(c) => Some(c),
+            Inner::Mux(_) => None,
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         match &self.inner {
             Inner::Quic(c) => c.close_reason().is_some(),

@@ -495,3 +495,6 @@ fn tls_refusal(e: &std::io::Error) -> String {
 /// TLS plaintext rustls accepts per write before pushing records out; large enough that a
 /// 1 MiB frame is encrypted and sent in one go.
 const TLS_SEND_BUFFER_BYTES: usize = 4 << 20;
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,8 @@
 //! Default-deny authorization, confinement of paths to their dataset, and detection of
 //! stored objects that no longer match their manifest, over real connections.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
 use certs::test_util::TestPki;
 use libtransport::audit::AuditEvent;
 use libtransport::policy::Action;

@@ -2,6 +2,8 @@
 //! with a typed error before any request is read, on the server (bad clients) and on the
 //! client (bad servers), and no dataset byte crosses.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -120,18 +122,21 @@ async fn server_refuses_every_bad_client_svid_with_a_typed_error() {
     assert_eq!(&got[..], CANARY);
 }
 
+/// Whether a refusal has the expected reason.
+type Check = fn(&SvidError) -> bool;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_refuses_every_bad_server_svid_with_a_typed_error() {
     let _trace = trace_init();
     let pki = TestPki::new("hospital.example");
     let other = TestPki::new("hospital.example");
-    let mut cases: Vec<(String, IdentityHandle, fn(&SvidError) -> bool)> = vec![(
+    let mut cases: Vec<(String, IdentityHandle, Check)> = vec![(
         "server SVID from another CA".into(),
         identity_of(other.svid("/node/storage"), pki.bundle()),
         |e| *e == SvidError::UnknownIssuer,
     )];
     for defect in Defect::ALL {
-        let check: fn(&SvidError) -> bool = match defect {
+        let check: Check = match defect {
             Defect::Expired => |e| matches!(e, SvidError::Expired { .. }),
             Defect::NotYetValid => |e| matches!(e, SvidError::NotYetValid { .. }),
             Defect::ForeignTrustDomain => |e| matches!(e, SvidError::ForeignTrustDomain { .. }),
@@ -188,8 +193,7 @@ async fn client_insisting_on_a_server_id_refuses_another() {
     for path in [Path::Quic, Path::Tcp] {
         let e = Client::connect(config.clone(), server.addr(path), path)
             .await
-            .err()
-            .expect("wrong server accepted");
+            .expect_err("wrong server accepted");
         assert!(
             matches!(e, ConnectError::ServerNotTrusted(SvidError::Other(_))),
             "{e}"
@@ -407,8 +411,7 @@ async fn a_tls12_only_peer_is_refused_both_ways() {
         Path::Tcp,
     )
     .await
-    .err()
-    .expect("client accepted a TLS 1.2 server");
+    .expect_err("client accepted a TLS 1.2 server");
     assert!(
         matches!(e, ConnectError::Rejected(Rejection::ProtocolVersion)),
         "{e}"

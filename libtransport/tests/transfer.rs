@@ -1,6 +1,8 @@
 //! Pulls and pushes of a multi-shard dataset over QUIC and TLS/TCP on loopback end
 //! byte-identical to the source; ranges, listing and the audit trail agree.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
