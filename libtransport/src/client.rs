@@ -257,8 +257,8 @@ enum Inner {
 }
 
 impl Connection {
-    /// Opens a request stream.
-    pub(crate) async fn stream(&self) -> Result<RequestStream, RequestError> {
+    /// Opens a request stream by sending `req`.
+    pub(crate) async fn open(&self, req: &Request) -> Result<RequestStream, RequestError> {
         match &self.inner {
             Inner::Quic(c) => {
                 let (send, recv) = c.open_bi().await.map_err(|e| {
@@ -266,19 +266,20 @@ impl Connection {
                         quic::describe(&e),
                     ))
                 })?;
-                Ok(RequestStream {
+                let mut s = RequestStream {
                     sink: FrameSink::quic(send, self.timeout),
                     source: FrameSource::quic(recv, self.timeout),
-                })
+                };
+                s.sink.send(FrameKind::Request, req.encode()).await?;
+                Ok(s)
             }
-            Inner::Mux(m) => Ok(m.open().await?),
+            Inner::Mux(m) => Ok(m.open(req.encode()).await?),
         }
     }
 
     /// Sends a request and waits for its single response.
     pub(crate) async fn call(&self, req: &Request) -> Result<Response, RequestError> {
-        let mut s = self.stream().await?;
-        s.sink.send(FrameKind::Request, req.encode()).await?;
+        let mut s = self.open(req).await?;
         s.sink.finish();
         response(&mut s.source).await
     }

@@ -430,13 +430,12 @@ async fn request_chunk(
     transfer: TransferId,
     range: &Range<u64>,
 ) -> Result<FrameSource, RequestError> {
-    let mut s = conn.stream().await?;
     let req = Request::Read {
         transfer,
         offset: range.start,
         len: range.end - range.start,
     };
-    s.sink.send(FrameKind::Request, req.encode()).await?;
+    let mut s = conn.open(&req).await?;
     s.sink.finish();
     Ok(s.source)
 }

@@ -327,18 +327,12 @@ async fn send_chunk(
         .await
         .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
     let n = data.len() as u64;
-    let mut s = conn.stream().await?;
-    s.sink
-        .send(
-            FrameKind::Request,
-            Request::WriteChunk {
-                transfer,
-                chunk: index,
-            }
-            .encode(),
-        )
-        .await
-        .map_err(RequestError::from)?;
+    let mut s = conn
+        .open(&Request::WriteChunk {
+            transfer,
+            chunk: index,
+        })
+        .await?;
     s.sink.send_data(data).await.map_err(RequestError::from)?;
     s.sink
         .send(FrameKind::End, Bytes::new())

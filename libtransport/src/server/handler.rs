@@ -58,7 +58,14 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
                 stream.sink.finish();
             }
         }
-        Err(Failure::Stream(e)) => debug!(error = %e, "request stream failed"),
+        Err(Failure::Stream(e)) => {
+            debug!(error = %e, "request stream failed");
+            // Every stream ends with a final frame (the multiplexer frees the client's slot
+            // on it); on a lost connection this fails quietly.
+            if stream.sink.send_error(ErrorCode::Cancelled).await.is_ok() {
+                stream.sink.finish();
+            }
+        }
     }
 }
 

@@ -204,8 +204,7 @@ async fn reads_beyond_limits_or_objects_are_refused() {
 
 /// Sends a read and collects its data, or the error code it ended with.
 async fn read(conn: &crate::client::Connection, req: Request) -> Result<Vec<u8>, ErrorCode> {
-    let mut s = conn.stream().await.unwrap();
-    s.sink.send(FrameKind::Request, req.encode()).await.unwrap();
+    let mut s = conn.open(&req).await.unwrap();
     s.sink.finish();
     let mut out = Vec::new();
     loop {

@@ -6,12 +6,16 @@
 //! A slow consumer fills its queue, which stalls the reader, which stalls TCP: backpressure
 //! reaches the peer and memory stays bounded.
 //!
-//! Rules: clients open streams with increasing odd numbers by sending a `Request`; at most
-//! `max_streams` are open at once (the server announced it in `HelloAck`), and a client that
-//! exceeds it is a protocol violation. The server's `Response`, `End` and `Error` frames end
-//! a stream; the server forgets a stream before queueing its last frame, so the client may
-//! reuse the slot as soon as it has read that frame. Frames for forgotten streams are
-//! dropped. A client abandons a stream with `Cancel`.
+//! Rules: clients open streams with increasing odd numbers by sending a `Request`, and the
+//! numbers reach the wire in increasing order (a client assigns the number and queues the
+//! `Request` under one lock), so a server can tell a new stream from a late frame of a
+//! finished one by the highest number it has seen. At most `max_streams` are open at once
+//! (the server announced it in `HelloAck`); a client that exceeds it breaks the protocol.
+//! The server's `Response`, `End` and `Error` frames end a stream, and every stream ends
+//! with one of them; the server forgets a stream before queueing its last frame, so the
+//! client may reuse the slot once it has read that frame. A client abandons a stream with
+//! `Cancel` and keeps its slot until the server's last frame for it arrives. Frames for
+//! forgotten streams are dropped.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -51,6 +55,8 @@ pub(crate) struct Shared {
 struct Table {
     streams: HashMap<u32, mpsc::Sender<Frame>>,
     max_seen: u32,
+    /// Client: slots of abandoned streams, held until the server ends them.
+    draining: HashMap<u32, OwnedSemaphorePermit>,
 }
 
 impl Shared {
@@ -65,7 +71,10 @@ impl Shared {
     fn fail(&self, why: String) {
         if self.error.set(why).is_ok() {
             // Dropping every queue wakes every stream with "connection lost".
-            self.lock().streams.clear();
+            let mut table = self.lock();
+            table.streams.clear();
+            table.draining.clear();
+            drop(table);
             self.closed.send_replace(true);
         }
     }
@@ -96,7 +105,8 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub(crate) struct MuxClient {
     shared: Arc<Shared>,
-    next_id: Arc<Mutex<u32>>,
+    /// The next stream number; held while a `Request` is queued, so numbers leave in order.
+    next_id: Arc<tokio::sync::Mutex<u32>>,
     slots: Arc<Semaphore>,
     _close: Arc<CloseOnDrop>,
 }
@@ -111,27 +121,33 @@ impl Drop for CloseOnDrop {
 }
 
 impl MuxClient {
-    /// Opens a stream, waiting while `max_streams` are open.
-    pub(crate) async fn open(&self) -> Result<RequestStream, StreamError> {
+    /// Opens a stream by sending `request`, waiting while `max_streams` are open.
+    pub(crate) async fn open(&self, request: Bytes) -> Result<RequestStream, StreamError> {
         let permit = self
             .slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| self.shared.lost())?;
+        let mut next = self.next_id.lock().await;
+        // A place in the write queue first, so the number is spent only if the frame goes.
+        let queued = self
+            .shared
+            .out
+            .reserve()
+            .await
+            .map_err(|_| self.shared.lost())?;
         if self.shared.is_closed() {
             return Err(self.shared.lost());
         }
-        let id = {
-            let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
-            let id = *next;
-            *next = next.checked_add(2).ok_or_else(|| {
-                StreamError::ConnectionLost("stream numbers exhausted; reconnect".into())
-            })?;
-            id
-        };
+        let id = *next;
+        *next = next.checked_add(2).ok_or_else(|| {
+            StreamError::ConnectionLost("stream numbers exhausted; reconnect".into())
+        })?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_FRAMES);
         self.shared.lock().streams.insert(id, tx);
+        queued.send(Frame::new(FrameKind::Request, id, request));
+        drop(next);
         Ok(stream_pair(&self.shared, id, rx, Some(permit)))
     }
 
@@ -185,7 +201,7 @@ pub(crate) struct MuxSource {
     shared: Arc<Shared>,
     /// Set once the stream's last frame arrived (client side).
     ended: bool,
-    _slot: Option<OwnedSemaphorePermit>,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl MuxSource {
@@ -208,9 +224,16 @@ impl MuxSource {
 
 impl Drop for MuxSource {
     fn drop(&mut self) {
-        self.shared.forget(self.id);
-        if self.shared.role == Role::Client && !self.ended && !self.shared.is_closed() {
-            // The server may still be working on it: tell it to stop.
+        let abandoned = self.shared.role == Role::Client && !self.ended && !self.shared.is_closed();
+        let mut table = self.shared.lock();
+        table.streams.remove(&self.id);
+        if abandoned {
+            // The server may still be working on it: tell it to stop, and keep the slot
+            // until its last frame says it has.
+            if let Some(slot) = self.slot.take() {
+                table.draining.insert(self.id, slot);
+            }
+            drop(table);
             let _ = self
                 .shared
                 .out
@@ -239,7 +262,7 @@ fn stream_pair(
                 rx,
                 shared: shared.clone(),
                 ended: false,
-                _slot: slot,
+                slot,
             },
             shared.timeout,
         ),
@@ -257,7 +280,7 @@ where
     MuxClient {
         _close: Arc::new(CloseOnDrop(shared.clone())),
         shared,
-        next_id: Arc::new(Mutex::new(1)),
+        next_id: Arc::new(tokio::sync::Mutex::new(1)),
         slots: Arc::new(Semaphore::new(max_streams.max(1) as usize)),
     }
 }
@@ -374,7 +397,10 @@ async fn route(
         return Ok(());
     }
     let Some(incoming) = incoming else {
-        // Client: frames for streams we abandoned.
+        // Client: a frame for a stream we abandoned; its last one frees the slot.
+        if ends_stream(frame.kind) {
+            shared.lock().draining.remove(&frame.stream);
+        }
         return Ok(());
     };
     let id = frame.stream;
@@ -542,3 +568,70 @@ const WRITE_QUEUE_FRAMES: usize = 16;
 /// Read buffer under TLS: large reads mean few system calls per MiB (rustls itself reads
 /// in 4 KiB steps).
 const READ_BUF_BYTES: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many tasks opening streams at once: every stream reaches the server and gets its
+    /// answer (numbers reach the wire in order, so none is mistaken for a finished one),
+    /// and abandoned streams give their slots back once the server ends them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_opens_all_arrive_and_abandoned_slots_return() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let max = 4;
+        let client = client(a, max, Duration::from_secs(10));
+        let (_server, mut incoming) = server(b, max, Duration::from_secs(10));
+        tokio::spawn(async move {
+            while let Some((frame, mut s)) = incoming.recv().await {
+                tokio::spawn(async move {
+                    // Answer slowly enough that streams overlap.
+                    tokio::task::yield_now().await;
+                    let _ = s.sink.send(FrameKind::Response, frame.payload).await;
+                });
+            }
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            let c = client.clone();
+            tasks.spawn(async move {
+                let mut s = c.open(Bytes::from(i.to_be_bytes().to_vec())).await?;
+                let f = s
+                    .source
+                    .recv()
+                    .await?
+                    .ok_or(StreamError::ConnectionLost("eof".into()))?;
+                assert_eq!(&f.payload[..], &i.to_be_bytes());
+                Ok::<_, StreamError>(())
+            });
+        }
+        let all = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap().unwrap();
+            }
+        })
+        .await;
+        assert!(all.is_ok(), "some streams never got an answer");
+
+        // Abandon `max` streams before their answers: their slots come back when the
+        // answers arrive, so the connection is not wedged and breaks no limit.
+        for i in 0..max {
+            drop(
+                client
+                    .open(Bytes::from(i.to_be_bytes().to_vec()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.open(Bytes::from_static(b"last")),
+        )
+        .await
+        .expect("slots of abandoned streams never returned")
+        .unwrap();
+        let f = s.source.recv().await.unwrap().unwrap();
+        assert_eq!(&f.payload[..], b"last");
+        assert!(!client.is_closed());
+    }
+}
