@@ -1,0 +1,560 @@
+//! The real `transportd` binary: the demo, the CA and config commands, a node with client
+//! commands against it, and a pull that resumes after the serving process was killed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use libtransport::proto::{DatasetName, Digest, ObjectPath};
+use libtransport::store::digest_file;
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_transportd"));
+    c.env_remove("TRANSPORTD_LOG").stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("transportd runs")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "transportd {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn write_data(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = libtransport::test_util::random_bytes(len, seed);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// A trust domain made with the CLI, a storage node's identity (key made on the node, CSR
+/// signed by the CA) and client identities.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        ok(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "hospital.example",
+            "--out",
+            p(&ca),
+            "--validity",
+            "30d",
+        ]);
+        let node = dir.path().join("storage/identity");
+        ok(&[
+            "ca",
+            "csr",
+            "--id",
+            "spiffe://hospital.example/node/storage",
+            "--out",
+            p(&node),
+        ]);
+        ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            p(&ca),
+            "--id",
+            "spiffe://hospital.example/node/storage",
+            "--csr",
+            p(&node.join("svid.csr")),
+            "--out",
+            p(&node),
+        ]);
+        for client in ["loader", "intruder"] {
+            let out = dir.path().join(client);
+            ok(&[
+                "ca",
+                "issue",
+                "--ca",
+                p(&ca),
+                "--id",
+                &format!("spiffe://hospital.example/gpu/{client}"),
+                "--out",
+                p(&out),
+            ]);
+        }
+        std::fs::create_dir_all(dir.path().join("storage/datasets/scans")).unwrap();
+        std::fs::create_dir_all(dir.path().join("storage/datasets/checkpoints")).unwrap();
+        std::fs::write(dir.path().join("storage/node.toml"), NODE_TOML).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("storage/node.toml")
+    }
+}
+
+const NODE_TOML: &str = r#"
+[identity]
+svid = "identity/svid.pem"
+key = "identity/svid.key"
+bundle = "identity/bundle.pem"
+
+[listen]
+quic = "127.0.0.1:0"
+tcp = "127.0.0.1:0"
+
+[store]
+root = "datasets"
+state_dir = "state"
+
+[audit]
+file = "audit/audit.jsonl"
+
+[[allow]]
+peer = "spiffe://hospital.example/gpu/loader"
+dataset = "scans"
+actions = ["read"]
+
+[[allow]]
+peer = "spiffe://hospital.example/gpu/loader"
+dataset = "checkpoints"
+actions = ["read", "write"]
+
+[limits]
+chunk_size = "1MiB"
+"#;
+
+/// A running `transportd node`, killed when dropped.
+struct Node {
+    child: Child,
+    quic: String,
+    tcp: String,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(site: &Site) -> Self {
+        let log = site.path(&format!("node-{}.log", rand_suffix()));
+        let mut child = bin()
+            .args(["node", "--config", p(&site.config())])
+            .env("TRANSPORTD_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!(
+                "node did not start: {}",
+                std::fs::read_to_string(&log).unwrap()
+            )
+        });
+        Self {
+            child,
+            quic: ready["quic"].as_str().unwrap().to_owned(),
+            tcp: ready["tcp"].as_str().unwrap().to_owned(),
+            log,
+        }
+    }
+
+    fn addr(&self, path: &str) -> &str {
+        if path == "tcp" { &self.tcp } else { &self.quic }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn client<'a>(site: &'a Site, who: &str, node: &'a Node, path: &'a str) -> Vec<String> {
+    vec![
+        "--node".into(),
+        node.addr(path).into(),
+        "--path".into(),
+        path.into(),
+        "--identity".into(),
+        p(&site.path(who)).into(),
+    ]
+}
+
+#[test]
+fn demo_moves_64mib_over_both_paths_and_verifies() {
+    let out = ok(&["demo", "--size", "64MiB", "--json"]);
+    let report = json(&out);
+    assert_eq!(report["verified"], true, "{report}");
+    let paths = report["paths"].as_array().unwrap();
+    let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(names, ["quic", "tcp"]);
+    for p in paths {
+        assert_eq!(p["bytes"], 64 << 20);
+        assert!(p["gbps"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(report["push"]["verified"], true);
+}
+
+#[test]
+fn demo_keep_leaves_the_trust_domain_data_and_audit_trails() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("demo");
+    let report = json(&ok(&[
+        "demo",
+        "--size",
+        "8MiB",
+        "--keep",
+        p(&keep),
+        "--json",
+    ]));
+    assert_eq!(report["verified"], true);
+    for f in [
+        "ca/bundle.pem",
+        "storage/node.toml",
+        "storage/audit/audit.jsonl",
+        "gpu/audit/audit.jsonl",
+    ] {
+        assert!(keep.join(f).is_file(), "{f} missing");
+    }
+    let trail = std::fs::read_to_string(keep.join("storage/audit/audit.jsonl")).unwrap();
+    assert!(trail.lines().any(|l| l.contains("\"connection_accepted\"")));
+    // A non-empty --keep directory is refused rather than mixed into.
+    let again = run(&["demo", "--size", "8MiB", "--keep", p(&keep)]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+}
+
+#[test]
+fn ca_keys_are_private_and_config_check_names_bad_fields() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    for key in ["ca/ca.key", "storage/identity/svid.key", "loader/svid.key"] {
+        let mode = std::fs::metadata(site.path(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    // Refuses to overwrite a CA without --force.
+    let again = run(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "hospital.example",
+        "--out",
+        p(&site.path("ca")),
+    ]);
+    assert!(!again.status.success());
+
+    let out = ok(&["config", "check", p(&site.config())]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("spiffe://hospital.example/node/storage")
+    );
+    let bad = site.path("storage/bad.toml");
+    std::fs::write(&bad, NODE_TOML.replace("[store]", "[store]\nroots = \"x\"")).unwrap();
+    let out = run(&["config", "check", p(&bad)]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("roots"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An identity file that does not exist is named.
+    std::fs::write(
+        &bad,
+        NODE_TOML.replace("identity/svid.key", "identity/missing.key"),
+    )
+    .unwrap();
+    let out = run(&["config", "check", p(&bad)]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("identity.key"));
+    // The printed example is a valid file apart from its paths.
+    let example = ok(&["config", "example"]);
+    assert!(String::from_utf8_lossy(&example.stdout).contains("[[allow]]"));
+}
+
+#[test]
+fn help_teaches_and_usage_errors_exit_64() {
+    let out = ok(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("demo") && text.contains("ca") && text.contains("pull"));
+    let out = ok(&["pull", "--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("interruption"));
+    assert_eq!(run(&["pull"]).status.code(), Some(64));
+    assert_eq!(run(&["no-such-command"]).status.code(), Some(64));
+}
+
+#[test]
+fn client_commands_against_a_node() {
+    let site = Site::new();
+    let data = write_data(
+        &site.path("storage/datasets/scans/ward-7/patient-0042.bin"),
+        (5 << 20) + 3,
+        1,
+    );
+    let small = write_data(
+        &site.path("storage/datasets/scans/ward-7/notes.bin"),
+        1000,
+        2,
+    );
+    let node = Node::start(&site);
+
+    for path in ["quic", "tcp"] {
+        let mut args = vec!["ls".to_owned()];
+        args.extend(client(&site, "loader", &node, path));
+        args.push("--json".into());
+        let listed = json(&ok(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert_eq!(
+            listed["datasets"],
+            serde_json::json!(["checkpoints", "scans"])
+        );
+
+        // Pull the whole dataset.
+        let dest = site.path(&format!("gpu-{path}"));
+        let mut args = vec!["pull".to_owned()];
+        args.extend(client(&site, "loader", &node, path));
+        args.extend(["--json".into(), "scans".into(), p(&dest).into()]);
+        let report = json(&ok(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert_eq!(report["verified"], true);
+        assert_eq!(
+            std::fs::read(dest.join("ward-7/patient-0042.bin")).unwrap(),
+            data
+        );
+        assert_eq!(std::fs::read(dest.join("ward-7/notes.bin")).unwrap(), small);
+
+        // Push a checkpoint back.
+        let ckpt = site.path(&format!("step-{path}.ckpt"));
+        let ck = write_data(&ckpt, (3 << 20) + 11, 3);
+        let mut args = vec!["push".to_owned()];
+        args.extend(client(&site, "loader", &node, path));
+        args.extend([
+            "--json".into(),
+            p(&ckpt).into(),
+            format!("checkpoints/run-1/step-{path}.ckpt"),
+        ]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stored = site.path(&format!(
+            "storage/datasets/checkpoints/run-1/step-{path}.ckpt"
+        ));
+        assert_eq!(std::fs::read(stored).unwrap(), ck);
+
+        // An identity with no grant: a missing dataset and a forbidden one look alike.
+        let mut args = vec!["pull".to_owned()];
+        args.extend(client(&site, "intruder", &node, path));
+        args.extend([
+            "scans/ward-7/notes.bin".into(),
+            p(&site.path("stolen.bin")).into(),
+        ]);
+        let denied = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            denied.status.code(),
+            Some(66),
+            "{}",
+            String::from_utf8_lossy(&denied.stderr)
+        );
+        let at = args.len() - 2;
+        args[at] = "no-such/ward-7/notes.bin".into();
+        let missing = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(missing.status.code(), Some(66));
+        assert!(!site.path("stolen.bin").exists());
+    }
+
+    // A client from another trust domain's CA is refused at the handshake (exit 77).
+    let other = site.path("other-ca");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "hospital.example",
+        "--out",
+        p(&other),
+    ]);
+    ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        p(&other),
+        "--id",
+        "spiffe://hospital.example/gpu/loader",
+        "--out",
+        p(&site.path("rogue")),
+    ]);
+    // It trusts our node, so the refusal is the node's.
+    std::fs::copy(site.path("ca/bundle.pem"), site.path("rogue/bundle.pem")).unwrap();
+    let mut args = vec!["ls".to_owned()];
+    args.extend(client(&site, "rogue", &node, "tcp"));
+    let refused = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        refused.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
+
+    // The audit trail names who moved what; the debug log never names the object or
+    // carries its bytes.
+    let trail = std::fs::read_to_string(site.path("storage/audit/audit.jsonl")).unwrap();
+    let records: Vec<Value> = trail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let transfers: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "transfer")
+        .collect();
+    assert!(
+        transfers
+            .iter()
+            .any(|r| r["object"] == "ward-7/patient-0042.bin"
+                && r["peer"] == "spiffe://hospital.example/gpu/loader"
+                && r["outcome"] == "complete"
+                && r["root"].as_str().is_some_and(|s| s.len() == 64))
+    );
+    assert!(
+        records.iter().any(|r| r["event"] == "access_denied"
+            && r["peer"] == "spiffe://hospital.example/gpu/intruder")
+    );
+    assert!(records.iter().any(|r| r["event"] == "connection_refused"));
+    let log = std::fs::read(&node.log).unwrap();
+    let log = String::from_utf8_lossy(&log);
+    assert!(
+        log.contains("connection accepted"),
+        "the log check looked at an empty log"
+    );
+    assert!(
+        !log.contains("patient-0042"),
+        "an object name reached the log"
+    );
+    let needle = &data[1000..1016];
+    assert!(!std::str::from_utf8(needle).is_ok_and(|s| log.contains(s)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_resumes_after_the_serving_node_is_killed() {
+    let site = Site::new();
+    let len = 96 << 20;
+    let data = write_data(&site.path("storage/datasets/scans/big.bin"), len, 9);
+    let mut node = Node::start(&site);
+    let identity = |dir: &str| {
+        let read = |f: &str| std::fs::read_to_string(site.path(dir).join(f)).unwrap();
+        let svid = certs::Svid::from_pem(&read("svid.pem"), &read("svid.key")).unwrap();
+        let bundle = certs::TrustBundle::from_pem(&read("bundle.pem")).unwrap();
+        libtransport::IdentityHandle::new(libtransport::Credentials::new(svid, bundle).unwrap())
+    };
+    // Notice the dead node within seconds rather than the default minute.
+    let mut t = libtransport::TransportConfig::default();
+    t.idle_timeout(std::time::Duration::from_secs(5))
+        .io_timeout(std::time::Duration::from_secs(5));
+    let config = libtransport::ClientConfig::builder()
+        .identity(identity("loader"))
+        .transport(t)
+        .build();
+    let client =
+        libtransport::Client::connect(config, node.quic.parse().unwrap(), libtransport::Path::Quic)
+            .await
+            .unwrap();
+
+    // Kill the node with SIGKILL once a third of the object has arrived.
+    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
+    let killed = Arc::new(AtomicBool::new(false));
+    let k = killed.clone();
+    let opts = libtransport::FetchOptions {
+        parallel: Some(2),
+        retry: libtransport::RetryPolicy::none(),
+        progress: Some(Arc::new(move |done, total| {
+            if done * 3 >= total && !k.swap(true, Ordering::SeqCst) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        })),
+    };
+    let dest = site.path("gpu/big.bin");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    let dataset = DatasetName::new("scans").unwrap();
+    let object = ObjectPath::new("big.bin").unwrap();
+    let first = client.fetch_to_file(&dataset, &object, &dest, &opts).await;
+    assert!(killed.load(Ordering::SeqCst), "the node was never killed");
+    assert!(
+        first.is_err(),
+        "the pull finished although its node was killed"
+    );
+    assert!(!dest.exists(), "a partial object became visible");
+    node.kill();
+
+    // Restart the node and run the same pull again with the CLI.
+    let node = Node::start(&site);
+    let mut args = vec!["pull".to_owned()];
+    args.extend(client_args(&site, &node));
+    args.extend(["--json".into(), "scans/big.bin".into(), p(&dest).into()]);
+    let out = tokio::task::spawn_blocking(move || {
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    let report = &json(&out)["objects"][0]["report"];
+    let chunks = report["chunks"].as_u64().unwrap();
+    let reused = report["chunks_reused"].as_u64().unwrap();
+    let fetched = report["fetched_bytes"].as_u64().unwrap();
+    assert_eq!(chunks, 96, "1 MiB chunks");
+    assert!(
+        reused >= 30,
+        "only {reused} chunks kept from the first attempt"
+    );
+    assert!(reused < chunks, "nothing was left to fetch");
+    // Only the missing chunks crossed the network again.
+    assert_eq!(fetched, (chunks - reused) << 20);
+    assert_eq!(digest_file(&dest).unwrap(), Digest::of(&data));
+    let leftovers: Vec<_> = std::fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "temporary files left behind: {leftovers:?}"
+    );
+}
+
+fn client_args(site: &Site, node: &Node) -> Vec<String> {
+    client(site, "loader", node, "quic")
+}
