@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     slots: Arc<Semaphore>,
     tls: Arc<rustls::ServerConfig>,
     next_conn: AtomicU64,
+    /// Flips to true on shutdown: accept no more connections or requests.
+    stop: watch::Sender<bool>,
 }
 
 impl Server {
@@ -80,6 +82,7 @@ impl Server {
                 slots,
                 tls: Arc::new(tls),
                 next_conn: AtomicU64::new(1),
+                stop: watch::Sender::new(false),
             }),
             quic,
             tcp,
@@ -98,19 +101,18 @@ impl Server {
 
     /// Serves in background tasks until the handle is shut down or dropped.
     pub fn spawn(self) -> ServerHandle {
-        let (stop_tx, stop_rx) = watch::channel(false);
         let quic_addr = self.quic_addr();
         let tcp_addr = self.tcp_addr();
         let mut tasks = JoinSet::new();
         if let Some(endpoint) = self.quic.clone() {
-            tasks.spawn(accept_quic(self.shared.clone(), endpoint, stop_rx.clone()));
+            tasks.spawn(accept_quic(self.shared.clone(), endpoint));
         }
         if let Some(listener) = self.tcp {
-            tasks.spawn(accept_tcp(self.shared.clone(), listener, stop_rx));
+            tasks.spawn(accept_tcp(self.shared.clone(), listener));
         }
         info!(quic = ?quic_addr, tcp = ?tcp_addr, "listening");
         ServerHandle {
-            stop: stop_tx,
+            shared: self.shared,
             tasks,
             quic: self.quic,
             quic_addr,
@@ -122,7 +124,7 @@ impl Server {
 /// A running server. Dropping it stops accepting and closes every connection.
 #[derive(Debug)]
 pub struct ServerHandle {
-    stop: watch::Sender<bool>,
+    shared: Arc<Shared>,
     tasks: JoinSet<()>,
     quic: Option<Endpoint>,
     quic_addr: Option<SocketAddr>,
@@ -140,21 +142,30 @@ impl ServerHandle {
         self.tcp_addr
     }
 
-    /// Stops accepting, lets open connections finish for up to `grace`, then closes them.
+    /// Stops accepting connections and requests, lets requests in flight finish for up to
+    /// `grace`, then closes every connection.
     pub async fn shutdown(mut self, grace: Duration) {
-        self.stop.send_replace(true);
-        if let Some(endpoint) = &self.quic {
-            let _ = tokio::time::timeout(grace, endpoint.wait_idle()).await;
-            endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
+        self.shared.stop.send_replace(true);
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(grace = ?grace, "requests still running at shutdown; closing them");
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(endpoint) = &self.quic {
+            endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.shared.stop.send_replace(true);
+        self.tasks.abort_all();
         if let Some(endpoint) = &self.quic {
             endpoint.close(quinn::VarInt::from_u32(0), b"server stopped");
         }
@@ -181,7 +192,8 @@ pub enum ServeError {
     Tls(String),
 }
 
-async fn accept_quic(shared: Arc<Shared>, endpoint: Endpoint, mut stop: watch::Receiver<bool>) {
+async fn accept_quic(shared: Arc<Shared>, endpoint: Endpoint) {
+    let mut stop = shared.stop.subscribe();
     let mut conns = JoinSet::new();
     loop {
         let incoming = tokio::select! {
@@ -201,7 +213,8 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: Endpoint, mut stop: watch::R
         // Reap finished connections so the set does not grow.
         while conns.try_join_next().is_some() {}
     }
-    conns.abort_all();
+    // Connections see the stop too: they finish their requests in flight and close.
+    while conns.join_next().await.is_some() {}
 }
 
 async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: OwnedSemaphorePermit) {
@@ -259,7 +272,13 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
     drop(first);
     let ctx = Arc::new(ConnCtx::new(shared.clone(), peer));
     let mut requests = JoinSet::new();
-    while let Ok((send, recv)) = conn.accept_bi().await {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Ok((send, recv)) = accepted else { break };
         let stream = RequestStream {
             sink: FrameSink::quic(send, io),
             source: FrameSource::quic(recv, io),
@@ -267,11 +286,13 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
         requests.spawn(handler::handle(ctx.clone(), None, stream).in_current_span());
         while requests.try_join_next().is_some() {}
     }
-    requests.abort_all();
+    finish_requests(&mut requests, io).await;
+    conn.close(quinn::VarInt::from_u32(0), b"server shutting down");
     ctx.finish();
 }
 
-async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
+    let mut stop = shared.stop.subscribe();
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -297,7 +318,8 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, mut stop: watch:
         conns.spawn(serve_tcp(shared.clone(), socket, addr, permit).instrument(span));
         while conns.try_join_next().is_some() {}
     }
-    conns.abort_all();
+    // Connections see the stop too: they finish their requests in flight and close.
+    while conns.join_next().await.is_some() {}
 }
 
 async fn serve_tcp(
@@ -366,13 +388,35 @@ where
     let (mux, mut incoming) = mux::server(io, cfg.max_streams, cfg.io_timeout);
     let ctx = Arc::new(ConnCtx::new(shared.clone(), peer));
     let mut requests = JoinSet::new();
-    while let Some((frame, stream)) = incoming.recv().await {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let next = tokio::select! {
+            n = incoming.recv() => n,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some((frame, stream)) = next else { break };
         requests.spawn(handler::handle(ctx.clone(), Some(frame), stream).in_current_span());
         while requests.try_join_next().is_some() {}
     }
-    drop(mux);
-    requests.abort_all();
+    // Requests arriving from now on are turned away; those in flight finish.
+    let refuse = tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.recv().await {
+            let _ = stream.sink.send_error(ErrorCode::Unavailable).await;
+        }
+    });
+    finish_requests(&mut requests, cfg.io_timeout).await;
+    refuse.abort();
+    // Frames already queued still go out before the connection closes.
+    mux.close("server shutting down");
     ctx.finish();
+}
+
+/// Lets requests in flight finish (each is bounded by the I/O timeout), then ends the rest.
+async fn finish_requests(requests: &mut JoinSet<()>, io_timeout: Duration) {
+    let all = async { while requests.join_next().await.is_some() {} };
+    if tokio::time::timeout(io_timeout, all).await.is_err() {
+        requests.abort_all();
+    }
 }
 
 /// Shared state for serving without a TLS listener (the bench's plaintext baseline).
@@ -386,6 +430,7 @@ pub(crate) fn shared_for_bench(config: ServerConfig) -> Arc<Shared> {
         config,
         tls,
         next_conn: AtomicU64::new(1),
+        stop: watch::Sender::new(false),
     })
 }
 

@@ -156,6 +156,20 @@ impl FrameSink {
         self.send(FrameKind::Error, code.encode()).await
     }
 
+    /// Ends the sending side and waits (within the I/O timeout) until the peer has
+    /// everything sent, so closing the connection afterwards loses nothing.
+    pub(crate) async fn finish_delivered(&mut self) {
+        match &mut self.inner {
+            SinkInner::Quic(s) => {
+                if s.finish().is_ok() {
+                    let _ = tokio::time::timeout(self.timeout, s.stopped()).await;
+                }
+            }
+            // The writer task sends queued frames before it closes the connection.
+            SinkInner::Mux(_) => {}
+        }
+    }
+
     /// Ends the sending side cleanly.
     pub(crate) fn finish(&mut self) {
         match &mut self.inner {

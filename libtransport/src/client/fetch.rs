@@ -24,8 +24,8 @@ use super::{Client, Connection, RetryPolicy, remote, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{FetchError, RequestError};
 use crate::proto::{
-    ChunkError, ChunkIndex, DatasetName, Digest, FrameKind, Manifest, ObjectPath, Request,
-    Response, TransferId,
+    ChunkError, ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath,
+    Request, Response, TransferId,
 };
 use crate::store::{ChunkWriter, PartialFile, WriteError};
 use crate::transport::{FrameSource, Path};
@@ -566,7 +566,7 @@ where
 
 fn retriable(e: &FetchError) -> bool {
     match e {
-        FetchError::Request(r) => r.is_connection(),
+        FetchError::Request(r) => r.is_connection() || r.code() == Some(ErrorCode::Unavailable),
         FetchError::Connect(c) => {
             c.is_network() || matches!(c, crate::error::ConnectError::Lost(_))
         }

@@ -349,7 +349,7 @@ async fn send_chunk(
 
 fn retriable(e: &PushError) -> bool {
     match e {
-        PushError::Request(r) => r.is_connection(),
+        PushError::Request(r) => r.is_connection() || r.code() == Some(ErrorCode::Unavailable),
         PushError::Connect(c) => c.is_network() || matches!(c, crate::error::ConnectError::Lost(_)),
         _ => false,
     }

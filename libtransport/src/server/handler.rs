@@ -32,7 +32,7 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
                 if let Failure::Code(code) = Failure::from(e) {
                     // A malformed frame: say why, then close the stream.
                     if stream.sink.send_error(code).await.is_ok() {
-                        stream.sink.finish();
+                        stream.sink.finish_delivered().await;
                     }
                 }
                 return;
@@ -52,10 +52,10 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
         }
     };
     match result {
-        Ok(()) => stream.sink.finish(),
+        Ok(()) => stream.sink.finish_delivered().await,
         Err(Failure::Code(code)) => {
             if stream.sink.send_error(code).await.is_ok() {
-                stream.sink.finish();
+                stream.sink.finish_delivered().await;
             }
         }
         Err(Failure::Stream(e)) => {
@@ -63,7 +63,7 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
             // Every stream ends with a final frame (the multiplexer frees the client's slot
             // on it); on a lost connection this fails quietly.
             if stream.sink.send_error(ErrorCode::Cancelled).await.is_ok() {
-                stream.sink.finish();
+                stream.sink.finish_delivered().await;
             }
         }
     }

@@ -348,3 +348,66 @@ async fn tcp_client_opening_more_streams_than_announced_is_cut_off() {
         "{total} bytes served to a violating client"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_work() {
+    let _trace = trace_init();
+    for path in [Path::Quic, Path::Tcp] {
+        let pki = TestPki::new("hospital.example");
+        let server = TestServer::start(&pki, &[("/gpu/loader", "scans", true, false)]).await;
+        let data = crate::test_util::random_bytes(8 << 20, 5);
+        server.put("scans", "big.bin", &data);
+        let addr = server.addr(path);
+        let client = Client::connect(client_config(&pki, "/gpu/loader"), addr, path)
+            .await
+            .unwrap();
+        let conn = client.connection().await.unwrap();
+        let open = Request::OpenRead {
+            dataset: DatasetName::new("scans").unwrap(),
+            object: ObjectPath::new("big.bin").unwrap(),
+        };
+        let Response::OpenedRead { transfer, .. } = conn.call(&open).await.unwrap() else {
+            panic!("no transfer opened");
+        };
+        let mut s = conn
+            .open(&Request::Read { transfer, offset: 0, len: 8 << 20 })
+            .await
+            .unwrap();
+        s.sink.finish();
+        // The read is under way when the shutdown starts.
+        let first = s.source.recv().await.unwrap().unwrap();
+        assert_eq!(first.kind, FrameKind::Data);
+        let stopping = tokio::spawn(server.handle.shutdown(Duration::from_secs(20)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = first.payload.to_vec();
+        loop {
+            let f = s.source.recv().await.unwrap().expect("stream ended before End");
+            match f.kind {
+                FrameKind::Data => got.extend_from_slice(&f.payload),
+                FrameKind::End => break,
+                k => panic!("{k:?} instead of the rest of the read over {path}"),
+            }
+        }
+        assert!(got == data, "the read in flight did not finish intact over {path}");
+        drop(s);
+        tokio::time::timeout(Duration::from_secs(20), stopping)
+            .await
+            .expect("shutdown did not finish")
+            .unwrap();
+        // Nothing new is served.
+        let again = tokio::time::timeout(Duration::from_secs(15), conn.call(&open)).await;
+        assert!(!matches!(again, Ok(Ok(_))), "new request served after shutdown over {path}");
+        let mut quick = crate::TransportConfig::default();
+        quick.handshake_timeout(Duration::from_secs(2));
+        let fresh = Client::connect(
+            crate::ClientConfig::builder()
+                .identity(identity(&pki, "/gpu/loader"))
+                .transport(quick)
+                .build(),
+            addr,
+            path,
+        )
+        .await;
+        assert!(fresh.is_err(), "connected after shutdown over {path}");
+    }
+}

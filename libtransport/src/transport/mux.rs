@@ -98,6 +98,11 @@ impl Shared {
     pub(crate) fn is_closed(&self) -> bool {
         self.error.get().is_some() || self.out.is_closed()
     }
+
+    /// Ends the connection; frames already queued are still written.
+    pub(crate) fn close(&self, why: &str) {
+        self.fail(why.to_owned());
+    }
 }
 
 /// The client's handle on a multiplexed connection. The connection closes when the last
