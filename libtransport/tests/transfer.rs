@@ -171,3 +171,40 @@ async fn multi_shard_dataset_moves_byte_identical_over_quic_and_tcp() {
             .any(|e| matches!(e, AuditEvent::ConnectionAccepted { peer, .. } if *peer == pki.id("/gpu/loader")))
     );
 }
+
+#[test]
+fn the_blocking_facade_works_without_a_runtime() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = TestPki::new("hospital.example");
+    let server = rt.block_on(TestServer::start(
+        &pki,
+        &[("/gpu/loader", "scans", true, true)],
+    ));
+    let data = random_bytes((1 << 20) + 7, 3);
+    server.put("scans", "a.bin", &data);
+    let scans = DatasetName::new("scans").unwrap();
+    let a = ObjectPath::new("a.bin").unwrap();
+    for path in [Path::Quic, Path::Tcp] {
+        let c = libtransport::blocking::BlockingClient::connect(
+            libtransport::test_util::client_config(&pki, "/gpu/loader"),
+            server.addr(path),
+            path,
+        )
+        .unwrap();
+        assert_eq!(c.list_datasets().unwrap(), vec![scans.clone()]);
+        assert_eq!(c.stat(&scans, &a).unwrap().size(), data.len() as u64);
+        let got = c.fetch(&scans, &a, 4 << 20).unwrap();
+        assert_eq!(&got[..], &data[..]);
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("a.bin");
+        c.fetch_to_file(&scans, &a, &dest, &FetchOptions::default())
+            .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+        let name = ObjectPath::new(&format!("back-{path}.bin")).unwrap();
+        c.push_bytes(&scans, &name, data.clone().into()).unwrap();
+        assert_eq!(
+            std::fs::read(server.data_dir().join("scans").join(name.as_str())).unwrap(),
+            data
+        );
+    }
+}

@@ -370,7 +370,11 @@ async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_work() {
             panic!("no transfer opened");
         };
         let mut s = conn
-            .open(&Request::Read { transfer, offset: 0, len: 8 << 20 })
+            .open(&Request::Read {
+                transfer,
+                offset: 0,
+                len: 8 << 20,
+            })
             .await
             .unwrap();
         s.sink.finish();
@@ -381,14 +385,22 @@ async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut got = first.payload.to_vec();
         loop {
-            let f = s.source.recv().await.unwrap().expect("stream ended before End");
+            let f = s
+                .source
+                .recv()
+                .await
+                .unwrap()
+                .expect("stream ended before End");
             match f.kind {
                 FrameKind::Data => got.extend_from_slice(&f.payload),
                 FrameKind::End => break,
                 k => panic!("{k:?} instead of the rest of the read over {path}"),
             }
         }
-        assert!(got == data, "the read in flight did not finish intact over {path}");
+        assert!(
+            got == data,
+            "the read in flight did not finish intact over {path}"
+        );
         drop(s);
         tokio::time::timeout(Duration::from_secs(20), stopping)
             .await
@@ -396,7 +408,10 @@ async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_work() {
             .unwrap();
         // Nothing new is served.
         let again = tokio::time::timeout(Duration::from_secs(15), conn.call(&open)).await;
-        assert!(!matches!(again, Ok(Ok(_))), "new request served after shutdown over {path}");
+        assert!(
+            !matches!(again, Ok(Ok(_))),
+            "new request served after shutdown over {path}"
+        );
         let mut quick = crate::TransportConfig::default();
         quick.handshake_timeout(Duration::from_secs(2));
         let fresh = Client::connect(
