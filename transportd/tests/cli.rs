@@ -558,3 +558,86 @@ async fn pull_resumes_after_the_serving_node_is_killed() {
 fn client_args(site: &Site, node: &Node) -> Vec<String> {
     client(site, "loader", node, "quic")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_resumes_after_the_receiving_node_is_killed() {
+    let site = Site::new();
+    let len = 96 << 20;
+    let src = site.path("gpu/step-2000.ckpt");
+    let data = write_data(&src, len, 11);
+    let mut node = Node::start(&site);
+    let read = |f: &str| std::fs::read_to_string(site.path("loader").join(f)).unwrap();
+    let svid = certs::Svid::from_pem(&read("svid.pem"), &read("svid.key")).unwrap();
+    let bundle = certs::TrustBundle::from_pem(&read("bundle.pem")).unwrap();
+    let mut t = libtransport::TransportConfig::default();
+    t.idle_timeout(std::time::Duration::from_secs(5))
+        .io_timeout(std::time::Duration::from_secs(5));
+    let config = libtransport::ClientConfig::builder()
+        .identity(libtransport::IdentityHandle::new(
+            libtransport::Credentials::new(svid, bundle).unwrap(),
+        ))
+        .transport(t)
+        .build();
+    let lib =
+        libtransport::Client::connect(config, node.tcp.parse().unwrap(), libtransport::Path::Tcp)
+            .await
+            .unwrap();
+
+    // SIGKILL the receiving node once a third of the chunks are acknowledged.
+    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
+    let killed = Arc::new(AtomicBool::new(false));
+    let k = killed.clone();
+    let opts = libtransport::PushOptions {
+        parallel: Some(2),
+        retry: libtransport::RetryPolicy::none(),
+        progress: Some(Arc::new(move |done, total| {
+            if done * 3 >= total && !k.swap(true, Ordering::SeqCst) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        })),
+    };
+    let dataset = DatasetName::new("checkpoints").unwrap();
+    let object = ObjectPath::new("run-1/step-2000.ckpt").unwrap();
+    let first = lib.push_file(&dataset, &object, &src, &opts).await;
+    assert!(killed.load(Ordering::SeqCst));
+    assert!(
+        first.is_err(),
+        "the push committed although its node was killed"
+    );
+    let stored = site.path("storage/datasets/checkpoints/run-1/step-2000.ckpt");
+    assert!(!stored.exists(), "a partial object became visible");
+    node.kill();
+
+    // Restart and push again with the CLI: only the missing chunks are sent.
+    let node = Node::start(&site);
+    let mut args = vec!["push".to_owned()];
+    args.extend(client(&site, "loader", &node, "quic"));
+    args.extend([
+        "--json".into(),
+        p(&src).into(),
+        "checkpoints/run-1/step-2000.ckpt".into(),
+    ]);
+    let out = tokio::task::spawn_blocking(move || {
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    let report = &json(&out)["objects"][0]["report"];
+    let chunks = report["chunks"].as_u64().unwrap();
+    let skipped = report["chunks_skipped"].as_u64().unwrap();
+    assert_eq!(chunks, 24, "4 MiB chunks");
+    assert!(skipped >= 8, "only {skipped} chunks kept by the node");
+    assert!(skipped < chunks);
+    assert_eq!(
+        report["sent_bytes"].as_u64().unwrap(),
+        (chunks - skipped) << 22
+    );
+    assert_eq!(digest_file(&stored).unwrap(), Digest::of(&data));
+    // The temporary file is gone once committed.
+    let dir = stored.parent().unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
