@@ -30,8 +30,8 @@ use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, t
 mod fetch;
 mod push;
 
-pub use fetch::{FetchOptions, FetchReport};
-pub use push::{PushOptions, PushReport};
+pub use fetch::FetchReport;
+pub use push::PushReport;
 
 /// A connection to one server, re-established on demand.
 #[derive(Debug)]
@@ -205,6 +205,47 @@ impl Client {
     pub(crate) fn config(&self) -> &ClientConfig {
         &self.config
     }
+}
+
+/// How a pull or push runs.
+#[derive(Clone, Default)]
+pub struct TransferOptions {
+    /// Chunks in flight at once, each on its own stream (default: the client's
+    /// `parallel_chunks`).
+    pub parallel: Option<u32>,
+    /// Reconnects after network failures.
+    pub retry: RetryPolicy,
+    /// Called with (bytes verified or acknowledged so far, total bytes) as chunks complete.
+    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+/// How a pull runs.
+pub type FetchOptions = TransferOptions;
+
+/// How a push runs.
+pub type PushOptions = TransferOptions;
+
+impl TransferOptions {
+    pub(crate) fn parallel(&self, config: &ClientConfig) -> usize {
+        self.parallel
+            .unwrap_or(config.transport.parallel_chunks)
+            .max(1) as usize
+    }
+}
+
+impl std::fmt::Debug for TransferOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferOptions")
+            .field("parallel", &self.parallel)
+            .field("retry", &self.retry)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Durations in reports, as whole milliseconds.
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// How often and how patiently a transfer reconnects after a network failure.

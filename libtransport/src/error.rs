@@ -60,6 +60,11 @@ impl ConnectError {
     pub fn is_network(&self) -> bool {
         matches!(self, Self::Unreachable { .. } | Self::Timeout { .. })
     }
+
+    /// True if reconnecting later may succeed (the network, not the credentials, failed).
+    pub fn is_retriable(&self) -> bool {
+        self.is_network() || matches!(self, Self::Lost(_))
+    }
 }
 
 /// Why the server refused us, from the TLS alert it sent.
@@ -156,6 +161,12 @@ impl RequestError {
             Self::Stream(StreamError::ConnectionLost(_) | StreamError::Timeout(_))
         )
     }
+
+    /// True if the same request may succeed later: the connection failed, or the server
+    /// could not take new work just then (it was shutting down, say).
+    pub fn is_retriable(&self) -> bool {
+        self.is_connection() || self.code() == Some(ErrorCode::Unavailable)
+    }
 }
 
 /// Why a pull failed.
@@ -194,6 +205,17 @@ pub enum FetchError {
     Local(#[from] io::Error),
 }
 
+impl FetchError {
+    /// True if running the pull again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Request(r) => r.is_retriable(),
+            Self::Connect(c) => c.is_retriable(),
+            _ => false,
+        }
+    }
+}
+
 /// Why a push failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -213,4 +235,15 @@ pub enum PushError {
     /// Reading the source failed.
     #[error("source: {0}")]
     Local(#[from] io::Error),
+}
+
+impl PushError {
+    /// True if running the push again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Request(r) => r.is_retriable(),
+            Self::Connect(c) => c.is_retriable(),
+            _ => false,
+        }
+    }
 }

@@ -64,7 +64,9 @@ pub mod transport;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 
-pub use client::{Client, FetchOptions, FetchReport, PushOptions, PushReport, RetryPolicy};
+pub use client::{
+    Client, FetchOptions, FetchReport, PushOptions, PushReport, RetryPolicy, TransferOptions,
+};
 pub use config::{ClientConfig, PolicyHandle, ServerConfig, TransportConfig};
 pub use error::{ConnectError, FetchError, PushError, Rejection, RequestError};
 pub use identity::{Credentials, IdentityHandle, Peer};

@@ -44,6 +44,18 @@ impl MemoryAudit {
             .map(|r| r.event.clone())
             .collect()
     }
+
+    /// Waits up to 5 s until the events satisfy `pred`: a server records a refusal just
+    /// after it has sent it, so a test may see the refusal first.
+    pub async fn wait_for(&self, pred: impl Fn(&[AuditEvent]) -> bool) -> bool {
+        for _ in 0..500 {
+            if pred(&self.events()) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        pred(&self.events())
+    }
 }
 
 impl AuditSink for MemoryAudit {

@@ -83,14 +83,17 @@ async fn server_refuses_every_bad_client_svid_with_a_typed_error() {
                 Ok(_) => panic!("{case} over {path}: connected"),
             }
             // The refusal is recorded, and the refused peer never got as far as a request.
+            let audited = server
+                .audit
+                .wait_for(|events| {
+                    events[before..].iter().any(
+                        |e| matches!(e, AuditEvent::ConnectionRefused { path: p, .. } if *p == path),
+                    )
+                })
+                .await;
             let events = server.audit.events();
             let new = &events[before..];
-            assert!(
-                new.iter().any(
-                    |e| matches!(e, AuditEvent::ConnectionRefused { path: p, .. } if *p == path)
-                ),
-                "{case} over {path}: refusal not audited: {new:?}"
-            );
+            assert!(audited, "{case} over {path}: refusal not audited: {new:?}");
             assert!(
                 !new.iter().any(|e| matches!(
                     e,
@@ -358,11 +361,14 @@ async fn a_client_without_a_certificate_gets_nothing() {
     assert!(
         server
             .audit
-            .events()
-            .iter()
-            .filter(|e| matches!(e, AuditEvent::ConnectionRefused { .. }))
-            .count()
-            >= 2
+            .wait_for(|events| {
+                events
+                    .iter()
+                    .filter(|e| matches!(e, AuditEvent::ConnectionRefused { .. }))
+                    .count()
+                    >= 2
+            })
+            .await
     );
 }
 

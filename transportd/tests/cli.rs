@@ -476,37 +476,12 @@ async fn pull_resumes_after_the_serving_node_is_killed() {
     let len = 96 << 20;
     let data = write_data(&site.path("storage/datasets/scans/big.bin"), len, 9);
     let mut node = Node::start(&site);
-    let identity = |dir: &str| {
-        let read = |f: &str| std::fs::read_to_string(site.path(dir).join(f)).unwrap();
-        let svid = certs::Svid::from_pem(&read("svid.pem"), &read("svid.key")).unwrap();
-        let bundle = certs::TrustBundle::from_pem(&read("bundle.pem")).unwrap();
-        libtransport::IdentityHandle::new(libtransport::Credentials::new(svid, bundle).unwrap())
-    };
-    // Notice the dead node within seconds rather than the default minute.
-    let mut t = libtransport::TransportConfig::default();
-    t.idle_timeout(std::time::Duration::from_secs(5))
-        .io_timeout(std::time::Duration::from_secs(5));
-    let config = libtransport::ClientConfig::builder()
-        .identity(identity("loader"))
-        .transport(t)
-        .build();
-    let client =
-        libtransport::Client::connect(config, node.quic.parse().unwrap(), libtransport::Path::Quic)
-            .await
-            .unwrap();
-
-    // Kill the node with SIGKILL once a third of the object has arrived.
-    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
-    let killed = Arc::new(AtomicBool::new(false));
-    let k = killed.clone();
+    let client = library_client(&site, &node.quic, libtransport::Path::Quic).await;
+    let (killed, progress) = kill_at_a_third(&node);
     let opts = libtransport::FetchOptions {
         parallel: Some(2),
         retry: libtransport::RetryPolicy::none(),
-        progress: Some(Arc::new(move |done, total| {
-            if done * 3 >= total && !k.swap(true, Ordering::SeqCst) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        })),
+        progress: Some(progress),
     };
     let dest = site.path("gpu/big.bin");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
@@ -566,35 +541,12 @@ async fn push_resumes_after_the_receiving_node_is_killed() {
     let src = site.path("gpu/step-2000.ckpt");
     let data = write_data(&src, len, 11);
     let mut node = Node::start(&site);
-    let read = |f: &str| std::fs::read_to_string(site.path("loader").join(f)).unwrap();
-    let svid = certs::Svid::from_pem(&read("svid.pem"), &read("svid.key")).unwrap();
-    let bundle = certs::TrustBundle::from_pem(&read("bundle.pem")).unwrap();
-    let mut t = libtransport::TransportConfig::default();
-    t.idle_timeout(std::time::Duration::from_secs(5))
-        .io_timeout(std::time::Duration::from_secs(5));
-    let config = libtransport::ClientConfig::builder()
-        .identity(libtransport::IdentityHandle::new(
-            libtransport::Credentials::new(svid, bundle).unwrap(),
-        ))
-        .transport(t)
-        .build();
-    let lib =
-        libtransport::Client::connect(config, node.tcp.parse().unwrap(), libtransport::Path::Tcp)
-            .await
-            .unwrap();
-
-    // SIGKILL the receiving node once a third of the chunks are acknowledged.
-    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
-    let killed = Arc::new(AtomicBool::new(false));
-    let k = killed.clone();
+    let lib = library_client(&site, &node.tcp, libtransport::Path::Tcp).await;
+    let (killed, progress) = kill_at_a_third(&node);
     let opts = libtransport::PushOptions {
         parallel: Some(2),
         retry: libtransport::RetryPolicy::none(),
-        progress: Some(Arc::new(move |done, total| {
-            if done * 3 >= total && !k.swap(true, Ordering::SeqCst) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        })),
+        progress: Some(progress),
     };
     let dataset = DatasetName::new("checkpoints").unwrap();
     let object = ObjectPath::new("run-1/step-2000.ckpt").unwrap();
@@ -640,4 +592,38 @@ async fn push_resumes_after_the_receiving_node_is_killed() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// The loader's library client, quick to notice a dead node (5 s rather than a minute).
+async fn library_client(site: &Site, addr: &str, path: libtransport::Path) -> libtransport::Client {
+    let read = |f: &str| std::fs::read_to_string(site.path("loader").join(f)).unwrap();
+    let svid = certs::Svid::from_pem(&read("svid.pem"), &read("svid.key")).unwrap();
+    let bundle = certs::TrustBundle::from_pem(&read("bundle.pem")).unwrap();
+    let mut t = libtransport::TransportConfig::default();
+    t.idle_timeout(std::time::Duration::from_secs(5))
+        .io_timeout(std::time::Duration::from_secs(5));
+    let config = libtransport::ClientConfig::builder()
+        .identity(libtransport::IdentityHandle::new(
+            libtransport::Credentials::new(svid, bundle).unwrap(),
+        ))
+        .transport(t)
+        .build();
+    libtransport::Client::connect(config, addr.parse().unwrap(), path)
+        .await
+        .unwrap()
+}
+
+type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// A progress callback that SIGKILLs `node` once a third of the transfer is done.
+fn kill_at_a_third(node: &Node) -> (Arc<AtomicBool>, Progress) {
+    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
+    let killed = Arc::new(AtomicBool::new(false));
+    let k = killed.clone();
+    let progress = Arc::new(move |done: u64, total: u64| {
+        if done * 3 >= total && !k.swap(true, Ordering::SeqCst) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    });
+    (killed, progress)
 }

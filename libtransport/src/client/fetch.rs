@@ -8,7 +8,6 @@
 //! verify and fetches only the rest.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::future::Future;
 use std::ops::Range;
 use std::path::Path as FsPath;
@@ -20,36 +19,15 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 use tokio::task::JoinSet;
 
-use super::{Client, Connection, RetryPolicy, remote, unexpected};
+use super::{Client, Connection, FetchOptions, remote, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{FetchError, RequestError};
 use crate::proto::{
-    ChunkError, ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath,
-    Request, Response, TransferId,
+    ChunkError, ChunkIndex, DatasetName, Digest, FrameKind, Manifest, ObjectPath, Request,
+    Response, TransferId,
 };
 use crate::store::{ChunkWriter, PartialFile, WriteError};
 use crate::transport::{FrameSource, Path};
-
-/// How a pull runs.
-#[derive(Clone, Default)]
-pub struct FetchOptions {
-    /// Chunks in flight at once (default: the client's `parallel_chunks`).
-    pub parallel: Option<u32>,
-    /// Reconnects after network failures.
-    pub retry: RetryPolicy,
-    /// Called with (bytes verified so far, total bytes) as chunks complete.
-    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
-}
-
-impl fmt::Debug for FetchOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FetchOptions")
-            .field("parallel", &self.parallel)
-            .field("retry", &self.retry)
-            .field("progress", &self.progress.is_some())
-            .finish()
-    }
-}
 
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -71,7 +49,7 @@ pub struct FetchReport {
     /// The object's BLAKE3 root.
     pub root: Digest,
     /// Wall time.
-    #[serde(serialize_with = "millis")]
+    #[serde(serialize_with = "super::millis")]
     pub elapsed: Duration,
     /// Reconnections needed.
     pub retries: u32,
@@ -125,7 +103,7 @@ impl Client {
                     self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
                     return Ok(report);
                 }
-                Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
+                Err(e) if e.is_retriable() && attempt < opts.retry.attempts => {
                     tracing::warn!(error = %e, attempt, "pull interrupted; resuming");
                     tokio::time::sleep(opts.retry.delay(attempt)).await;
                     attempt += 1;
@@ -180,7 +158,7 @@ impl Client {
                 .await
             {
                 Ok(b) => return Ok(b),
-                Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
+                Err(e) if e.is_retriable() && attempt < opts.retry.attempts => {
                     tokio::time::sleep(opts.retry.delay(attempt)).await;
                     attempt += 1;
                 }
@@ -243,7 +221,7 @@ impl Client {
                 slots.clone(),
                 opts.progress.clone(),
             );
-            run_workers(self.parallel(opts), work, move |index| {
+            run_workers(opts.parallel(self.config()), work, move |index| {
                 let (conn, manifest, slots, done, progress) = (
                     conn.clone(),
                     manifest.clone(),
@@ -333,7 +311,7 @@ impl Client {
                 opts.progress.clone(),
             );
             run_workers(
-                self.parallel(opts),
+                opts.parallel(self.config()),
                 work.into_iter().collect(),
                 move |index| {
                     let (conn, partial, fetched, done, progress) = (
@@ -368,12 +346,6 @@ impl Client {
                 other => FetchError::Local(std::io::Error::other(other)),
             })?;
         Ok((conn, (*manifest).clone()))
-    }
-
-    fn parallel(&self, opts: &FetchOptions) -> usize {
-        opts.parallel
-            .unwrap_or(self.config().transport.parallel_chunks)
-            .max(1) as usize
     }
 
     fn audit_pull(
@@ -564,16 +536,6 @@ where
     Ok(())
 }
 
-fn retriable(e: &FetchError) -> bool {
-    match e {
-        FetchError::Request(r) => r.is_connection() || r.code() == Some(ErrorCode::Unavailable),
-        FetchError::Connect(c) => {
-            c.is_network() || matches!(c, crate::error::ConnectError::Lost(_))
-        }
-        _ => false,
-    }
-}
-
 fn split_dest(dest: &FsPath) -> Result<(std::path::PathBuf, String), FetchError> {
     let name = dest
         .file_name()
@@ -590,8 +552,4 @@ fn split_dest(dest: &FsPath) -> Result<(std::path::PathBuf, String), FetchError>
         _ => std::path::PathBuf::from("."),
     };
     Ok((dir, name))
-}
-
-fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
 }

@@ -6,7 +6,6 @@
 //! visible only at commit, durably; a `Committed` answer means the object is on disk.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path as FsPath;
@@ -18,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 
 use super::fetch::run_workers;
-use super::{Client, Connection, RetryPolicy, response, unexpected};
+use super::{Client, Connection, PushOptions, response, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
@@ -27,27 +26,6 @@ use crate::proto::{
     TransferId,
 };
 use crate::transport::Path;
-
-/// How a push runs.
-#[derive(Clone, Default)]
-pub struct PushOptions {
-    /// Chunks in flight at once (default: the client's `parallel_chunks`).
-    pub parallel: Option<u32>,
-    /// Reconnects after network failures.
-    pub retry: RetryPolicy,
-    /// Called with (bytes acknowledged so far, total bytes).
-    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
-}
-
-impl fmt::Debug for PushOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PushOptions")
-            .field("parallel", &self.parallel)
-            .field("retry", &self.retry)
-            .field("progress", &self.progress.is_some())
-            .finish()
-    }
-}
 
 /// What a push did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,7 +45,7 @@ pub struct PushReport {
     /// The object's BLAKE3 root, as the server committed it.
     pub root: Digest,
     /// Wall time, including hashing the source.
-    #[serde(serialize_with = "millis")]
+    #[serde(serialize_with = "super::millis")]
     pub elapsed: Duration,
     /// Reconnections needed.
     pub retries: u32,
@@ -215,7 +193,7 @@ impl Client {
                     }
                     return Ok(report);
                 }
-                Err(e) if retriable(&e) && attempt < opts.retry.attempts => {
+                Err(e) if e.is_retriable() && attempt < opts.retry.attempts => {
                     tracing::warn!(error = %e, attempt, "push interrupted; resuming");
                     tokio::time::sleep(opts.retry.delay(attempt)).await;
                     attempt += 1;
@@ -269,7 +247,7 @@ impl Client {
                 sent.clone(),
                 opts.progress.clone(),
             );
-            run_workers(self.parallel_push(opts), work, move |index| {
+            run_workers(opts.parallel(self.config()), work, move |index| {
                 let (conn, manifest, source, sent, done, progress) = (
                     conn.clone(),
                     manifest.clone(),
@@ -302,12 +280,6 @@ impl Client {
             .into()),
             other => Err(unexpected(&other).into()),
         }
-    }
-
-    fn parallel_push(&self, opts: &PushOptions) -> usize {
-        opts.parallel
-            .unwrap_or(self.config().transport.parallel_chunks)
-            .max(1) as usize
     }
 }
 
@@ -345,16 +317,4 @@ async fn send_chunk(
         Err(RequestError::Remote(ErrorCode::Corrupt)) => Err(PushError::Corrupt(index)),
         Err(e) => Err(e.into()),
     }
-}
-
-fn retriable(e: &PushError) -> bool {
-    match e {
-        PushError::Request(r) => r.is_connection() || r.code() == Some(ErrorCode::Unavailable),
-        PushError::Connect(c) => c.is_network() || matches!(c, crate::error::ConnectError::Lost(_)),
-        _ => false,
-    }
-}
-
-fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
 }

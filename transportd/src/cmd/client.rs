@@ -180,16 +180,8 @@ pub(crate) async fn push(
         reports.push((object.to_string(), report));
     }
     bar.finish_and_clear();
-    let server = client.server();
     if args.json {
-        let list: Vec<_> = reports
-            .iter()
-            .map(|(o, r)| json!({ "object": o, "report": r }))
-            .collect();
-        println!(
-            "{}",
-            json!({ "server": server.id, "dataset": dataset, "verified": true, "objects": list })
-        );
+        print_json(&client, &dataset, &reports);
     } else {
         for (o, r) in &reports {
             println!(
@@ -212,16 +204,8 @@ fn print_pulls(
     reports: &[(String, FetchReport)],
     json: bool,
 ) {
-    let server = client.server();
     if json {
-        let list: Vec<_> = reports
-            .iter()
-            .map(|(o, r)| json!({ "object": o, "report": r }))
-            .collect();
-        println!(
-            "{}",
-            json!({ "server": server.id, "dataset": dataset, "verified": true, "objects": list })
-        );
+        print_json(client, dataset, reports);
         return;
     }
     for (o, r) in reports {
@@ -241,6 +225,24 @@ fn print_pulls(
             r.root.short()
         );
     }
+}
+
+/// The JSON report of pulls or pushes. Printed only when every object completed: a chunk
+/// that failed verification ends the command with an error instead.
+fn print_json<R: serde::Serialize>(
+    client: &Client,
+    dataset: &DatasetName,
+    reports: &[(String, R)],
+) {
+    let list: Vec<_> = reports
+        .iter()
+        .map(|(o, r)| json!({ "object": o, "report": r }))
+        .collect();
+    let server = client.server();
+    println!(
+        "{}",
+        json!({ "server": server.id, "dataset": dataset, "verified": true, "objects": list })
+    );
 }
 
 /// Connects as the identity in `conn`, falling back from QUIC to TCP under `auto`.
