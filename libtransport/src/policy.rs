@@ -1,9 +1,10 @@
 //! Authorization: default deny, one decision point for every request.
 //!
 //! Every request (list, read, write) asks an [`Authorizer`] for a [`Decision`] about an
-//! [`Access`]. The decision is pure: no I/O, no clock. [`AccessList`] is the simple
-//! allow-list the node config describes; a richer engine plugs in behind the same trait.
-//! Anything an authorizer does not explicitly allow is denied.
+//! [`Access`]. The decision is pure: no I/O, no clock. [`Policy`] is the engine a node
+//! runs: data classes and allow/deny rules from a TOML file (`policy/file.rs`), with the
+//! precedence documented in `policy/rules.rs`. [`AccessList`] is a minimal allow-list for
+//! embedding. Anything an authorizer does not explicitly allow is denied.
 
 use std::fmt;
 
@@ -11,8 +12,16 @@ use certs::SpiffeId;
 
 use crate::proto::{DatasetName, ObjectPath};
 
+mod file;
+mod rules;
+
+pub use file::PolicyError;
+pub use rules::{
+    ClassDeclaration, DataClass, Effect, Explanation, MatchedRule, Pattern, Policy, Rule, Subject,
+};
+
 /// What a peer wants to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// See that a dataset exists and list its objects.
@@ -54,7 +63,8 @@ pub struct Access<'a> {
 }
 
 /// The outcome of a decision, with what decided it (for the audit trail).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
     /// Allowed by the named rule.
     Allow {
@@ -63,6 +73,8 @@ pub enum Decision {
     },
     /// Denied, and why.
     Deny {
+        /// The rule that denied it; none for the default deny.
+        rule: Option<String>,
         /// Why; "no rule allows it" for the default.
         reason: String,
     },
@@ -124,6 +136,7 @@ impl Authorizer for AccessList {
             }
         }
         Decision::Deny {
+            rule: None,
             reason: "no rule allows it".into(),
         }
     }
@@ -141,6 +154,9 @@ pub struct Grant {
     /// May write (and list).
     pub write: bool,
 }
+
+#[cfg(test)]
+mod policy_tests;
 
 #[cfg(test)]
 mod tests {

@@ -75,7 +75,7 @@ impl ConnCtx {
         });
         match decision {
             Decision::Allow { .. } => Ok(()),
-            Decision::Deny { reason } => {
+            Decision::Deny { reason, .. } => {
                 tracing::info!(
                     peer.id = %self.peer.id,
                     dataset = %dataset,
