@@ -1,9 +1,13 @@
-//! The audit trail: who connected, who was refused, who moved what.
+//! The audit trail: who connected, who was refused, every authorization decision, who
+//! moved what, and what changed in the node's identity, policy and configuration.
 //!
 //! Records name identities, datasets, objects, sizes, digests and outcomes; never payload
-//! bytes. They are not log lines: they go through an [`AuditSink`] (see `audit/file.rs` for
-//! the JSON-lines file). A transfer is recorded once, when it ends, not per chunk, so the
-//! trail never limits throughput.
+//! bytes. They are not log lines: they go through an [`AuditSink`]. The node's sink is
+//! [`FileSink`] (`audit/file.rs`): append-only JSON lines in segments, each record carrying
+//! its sequence number and the BLAKE3 hash of the record before it (`audit/chain.rs`), with
+//! checkpoints signed by the node's SVID key, so `verify` (`audit/verify.rs`) detects a
+//! changed, removed, reordered or cut-off record. A transfer is recorded when it starts and
+//! when it ends, not per chunk, so the trail never limits throughput.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,9 +20,13 @@ use crate::policy::Action;
 use crate::proto::{DatasetName, Digest, ObjectPath};
 use crate::transport::Path;
 
+mod chain;
 mod file;
+mod verify;
 
-pub use file::FileSink;
+pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
+pub use file::{CheckpointSignature, FileSink, FileSinkConfig, Signer};
+pub use verify::{Query, VerifyError, VerifyReport, query, verify};
 
 /// Something worth recording.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -44,8 +52,8 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
-    /// A request was denied by policy (the peer was told "not found").
-    AccessDenied {
+    /// An authorization decision (a denial reads as "not found" to the peer).
+    Authorization {
         /// Who asked.
         peer: SpiffeId,
         /// For what.
@@ -55,8 +63,38 @@ pub enum AuditEvent {
         /// Which object, if named.
         #[serde(skip_serializing_if = "Option::is_none")]
         object: Option<ObjectPath>,
+        /// `allow` or `deny`.
+        decision: DecisionKind,
+        /// The rule that decided; none for the default deny.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
         /// Why it was denied.
-        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A peer listed the datasets it may see.
+    DatasetsListed {
+        /// Who asked.
+        peer: SpiffeId,
+        /// How many datasets the policy let it see.
+        visible: usize,
+    },
+    /// A transfer started.
+    TransferStarted {
+        /// The other side.
+        peer: SpiffeId,
+        /// Whether bytes will leave this node or arrive.
+        direction: Direction,
+        /// Which dataset.
+        dataset: DatasetName,
+        /// Which object.
+        object: ObjectPath,
+        /// Object size.
+        size: u64,
+        /// The object's BLAKE3 root.
+        root: Digest,
+        /// The transport.
+        path: Path,
     },
     /// A transfer ended.
     Transfer {
@@ -79,6 +117,74 @@ pub enum AuditEvent {
         /// How long it took.
         duration_ms: u64,
     },
+    /// The node took an identity into use (at start, or a rotated SVID).
+    IdentityLoaded {
+        /// Its SPIFFE ID.
+        id: SpiffeId,
+        /// The SVID's serial.
+        serial: String,
+        /// When the SVID expires.
+        #[serde(serialize_with = "rfc3339")]
+        not_after: SystemTime,
+    },
+    /// An identity was refused (an SVID file that does not verify, say).
+    IdentityRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A configuration file was loaded.
+    ConfigLoaded {
+        /// The file.
+        source: String,
+        /// BLAKE3 of its bytes.
+        digest: Digest,
+    },
+    /// A policy was taken into use.
+    PolicyLoaded {
+        /// Where it came from.
+        source: String,
+        /// BLAKE3 of its bytes.
+        digest: Digest,
+        /// How many rules it holds.
+        rules: usize,
+    },
+    /// A new policy was refused; the previous one stays in force.
+    PolicyRefused {
+        /// Where it came from.
+        source: String,
+        /// Why, with the line.
+        reason: String,
+    },
+    /// A segment of the trail was closed; a checkpoint follows this record and the record
+    /// after that starts a new segment.
+    SegmentSealed {
+        /// The segment's file name.
+        segment: String,
+        /// The last sequence number in it: the checkpoint that follows this record.
+        last_seq: u64,
+    },
+    /// A signed checkpoint: the signer vouches for every record up to this one.
+    Checkpoint {
+        /// The SPIFFE ID whose key signed.
+        signer: SpiffeId,
+        /// The signature algorithm (`ecdsa_p256_sha256`, `ecdsa_p384_sha384`, `ed25519`).
+        alg: String,
+        /// The signer's certificate chain, DER, hex, leaf first.
+        chain: Vec<String>,
+        /// The signature over [`checkpoint_message`] for this record's `seq` and `prev`,
+        /// hex.
+        signature: String,
+    },
+}
+
+/// An authorization outcome, for the trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Allowed.
+    Allow,
+    /// Denied.
+    Deny,
 }
 
 /// One record: a time and an event.
@@ -120,18 +226,30 @@ pub enum Outcome {
 
 /// Writes audit records somewhere durable.
 pub trait AuditSink: fmt::Debug + Send + Sync {
-    /// Appends one record. An error means the record may be lost: callers refuse the work
-    /// the record was about rather than proceed unrecorded.
+    /// Appends one record. An error means the record was not written: callers refuse the
+    /// work the record was about rather than proceed unrecorded.
     fn record(&self, record: &AuditRecord) -> Result<(), AuditError>;
+
+    /// True while records can be written. A sink that failed reports false until a write
+    /// succeeds again.
+    fn is_healthy(&self) -> bool {
+        true
+    }
 }
 
 /// Why a record could not be written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
-    /// The trail's storage failed.
+    /// The trail's storage failed (full, read-only, permissions).
     #[error("audit trail: {0}")]
     Io(#[from] std::io::Error),
+    /// A record could not be encoded.
+    #[error("audit record: {0}")]
+    Encode(String),
+    /// A checkpoint could not be signed.
+    #[error("audit checkpoint: {0}")]
+    Sign(String),
 }
 
 /// Discards everything. For embedding where the host application keeps its own trail.
@@ -144,7 +262,7 @@ impl AuditSink for NoAudit {
     }
 }
 
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 

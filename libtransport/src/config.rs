@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::audit::{AuditSink, NoAudit};
 use crate::clock::{Clock, SystemClock};
 use crate::identity::IdentityHandle;
+use crate::metrics::Metrics;
 use crate::policy::Authorizer;
 use crate::proto::manifest::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use crate::store::Store;
@@ -223,6 +224,7 @@ pub struct ServerConfig {
     pub(crate) audit: Arc<dyn AuditSink>,
     pub(crate) transport: Arc<TransportConfig>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl ServerConfig {
@@ -235,7 +237,18 @@ impl ServerConfig {
             audit: Arc::new(NoAudit),
             transport: Arc::new(TransportConfig::default()),
             clock: Arc::new(SystemClock),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Where the server's audit records go.
+    pub fn audit(&self) -> &Arc<dyn AuditSink> {
+        &self.audit
     }
 
     /// The server's identity handle (to rotate its SVID).
@@ -258,6 +271,7 @@ pub struct ServerConfigBuilder<I, P, S> {
     audit: Arc<dyn AuditSink>,
     transport: Arc<TransportConfig>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
 impl<I, P, S> ServerConfigBuilder<I, P, S> {
@@ -270,6 +284,7 @@ impl<I, P, S> ServerConfigBuilder<I, P, S> {
             audit: self.audit,
             transport: self.transport,
             clock: self.clock,
+            metrics: self.metrics,
         }
     }
 
@@ -282,6 +297,7 @@ impl<I, P, S> ServerConfigBuilder<I, P, S> {
             audit: self.audit,
             transport: self.transport,
             clock: self.clock,
+            metrics: self.metrics,
         }
     }
 
@@ -294,6 +310,7 @@ impl<I, P, S> ServerConfigBuilder<I, P, S> {
             audit: self.audit,
             transport: self.transport,
             clock: self.clock,
+            metrics: self.metrics,
         }
     }
 
@@ -314,6 +331,12 @@ impl<I, P, S> ServerConfigBuilder<I, P, S> {
         self.clock = clock;
         self
     }
+
+    /// Where the metrics go (default: a fresh set, read with [`ServerConfig::metrics`]).
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
 }
 
 impl ServerConfigBuilder<IdentityHandle, PolicyHandle, Arc<Store>> {
@@ -326,6 +349,7 @@ impl ServerConfigBuilder<IdentityHandle, PolicyHandle, Arc<Store>> {
             audit: self.audit,
             transport: self.transport,
             clock: self.clock,
+            metrics: self.metrics,
         }
     }
 }

@@ -165,7 +165,11 @@ impl RequestError {
     /// True if the same request may succeed later: the connection failed, or the server
     /// could not take new work just then (it was shutting down, say).
     pub fn is_retriable(&self) -> bool {
-        self.is_connection() || self.code() == Some(ErrorCode::Unavailable)
+        self.is_connection()
+            || matches!(
+                self.code(),
+                Some(ErrorCode::Unavailable | ErrorCode::AuditUnavailable)
+            )
     }
 }
 

@@ -54,6 +54,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod server;

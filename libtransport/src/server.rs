@@ -510,17 +510,44 @@ fn authenticate(
 
 fn refused(shared: &Shared, addr: SocketAddr, path: Path, reason: String) {
     info!(reason = %reason, "connection refused");
+    shared
+        .config
+        .metrics
+        .handshake_failed(refusal_class(&reason));
     record(shared, AuditEvent::ConnectionRefused { addr, path, reason });
 }
 
+/// A bounded label for a refusal reason.
+fn refusal_class(reason: &str) -> &'static str {
+    if reason.contains("timed out") {
+        "timeout"
+    } else if reason.contains("ALPN") {
+        "alpn"
+    } else if reason.contains("certificate") || reason.contains("identity") {
+        "certificate"
+    } else if reason.contains("version") {
+        "protocol_version"
+    } else {
+        "tls"
+    }
+}
+
+/// Records an event; a failure is counted and logged by the sink.
 pub(crate) fn record(shared: &Shared, event: AuditEvent) {
+    let _ = record_or_refuse(shared, event);
+}
+
+/// Records an event that work depends on: if it cannot be written, the work is refused.
+pub(crate) fn record_or_refuse(shared: &Shared, event: AuditEvent) -> Result<(), ErrorCode> {
     let record = AuditRecord {
         time: shared.config.clock.now(),
         event,
     };
-    if let Err(e) = shared.config.audit.record(&record) {
-        tracing::error!(error = %e, "audit record lost");
-    }
+    shared.config.audit.record(&record).map_err(|e| {
+        shared.config.metrics.audit_error();
+        tracing::debug!(error = %e, "audit record not written");
+        ErrorCode::AuditUnavailable
+    })
 }
 
 fn quic_refusal(e: &quinn::ConnectionError) -> String {

@@ -28,10 +28,11 @@ pub fn trace_init() -> tracing::subscriber::DefaultGuard {
     tracing::subscriber::set_default(sub)
 }
 
-/// Keeps audit records in memory.
+/// Keeps audit records in memory; can be told to fail, like a full disk.
 #[derive(Debug, Default)]
 pub struct MemoryAudit {
     records: Mutex<Vec<AuditRecord>>,
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryAudit {
@@ -58,13 +59,30 @@ impl MemoryAudit {
     }
 }
 
+impl MemoryAudit {
+    /// From now on every write fails (`true`) or succeeds again (`false`).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl AuditSink for MemoryAudit {
     fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(AuditError::Io(std::io::Error::from(
+                std::io::ErrorKind::StorageFull,
+            )));
+        }
         self.records
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(record.clone());
         Ok(())
+    }
+
+    fn is_healthy(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

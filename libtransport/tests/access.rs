@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
 use certs::test_util::TestPki;
-use libtransport::audit::AuditEvent;
+use libtransport::audit::{AuditEvent, DecisionKind};
 use libtransport::policy::Action;
 use libtransport::proto::{DatasetName, ErrorCode, ObjectPath};
 use libtransport::test_util::{TestServer, client_config, random_bytes, trace_init};
@@ -97,10 +97,11 @@ async fn no_access_looks_like_not_found_and_is_audited() {
         .events()
         .into_iter()
         .filter_map(|e| match e {
-            AuditEvent::AccessDenied {
+            AuditEvent::Authorization {
                 peer,
                 action,
                 dataset,
+                decision: DecisionKind::Deny,
                 ..
             } => Some((peer, action, dataset)),
             _ => None,
@@ -266,4 +267,135 @@ async fn a_stored_file_changed_after_its_manifest_is_corrupt_never_good() {
         std::fs::write(&file, &data).unwrap();
         filetime::set_file_mtime(&file, mtime).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_trail_stops_new_transfers_until_it_recovers() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start(&pki, &[("/gpu/loader", "scans", true, true)]).await;
+    server.put("scans", "a.bin", b"scan bytes");
+    let scans = DatasetName::new("scans").unwrap();
+    let obj = ObjectPath::new("a.bin").unwrap();
+    let no_retry = FetchOptions {
+        retry: libtransport::RetryPolicy::none(),
+        ..FetchOptions::default()
+    };
+    for path in [Path::Quic, Path::Tcp] {
+        let client = Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path)
+            .await
+            .unwrap();
+        server.audit.set_failing(true);
+        let e = client
+            .fetch(&scans, &obj, 1 << 20, &no_retry)
+            .await
+            .unwrap_err();
+        assert_eq!(fetch_code(&e), Some(ErrorCode::AuditUnavailable), "{e}");
+        assert!(
+            e.to_string().contains("audit trail cannot be written"),
+            "{e}"
+        );
+        let e = client
+            .push_bytes(
+                &scans,
+                &ObjectPath::new("b.bin").unwrap(),
+                bytes::Bytes::from_static(b"x"),
+                &no_retry,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, libtransport::PushError::Request(r) if r.code() == Some(ErrorCode::AuditUnavailable)),
+            "{e}"
+        );
+        assert!(!server.data_dir().join("scans/b.bin").exists());
+        // Space is back: the same client is served again, without anyone restarting anything.
+        server.audit.set_failing(false);
+        let got = client
+            .fetch(&scans, &obj, 1 << 20, &no_retry)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"scan bytes");
+    }
+    // The metrics counted the failures.
+    let text = server.config.metrics().encode();
+    assert!(
+        !text.contains("transportd_audit_write_errors_total 0\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_after_a_transfer_a_denial_and_a_refusal() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start(&pki, &[("/gpu/loader", "scans", true, false)]).await;
+    server.put("scans", "a.bin", &random_bytes(100_000, 1));
+    let metrics = server.config.metrics().clone();
+    let before = metrics.encode();
+    assert!(!before.contains("transportd_bytes_total{"), "{before}");
+    let client = Client::connect(
+        client_config(&pki, "/gpu/loader"),
+        server.addr(Path::Quic),
+        Path::Quic,
+    )
+    .await
+    .unwrap();
+    let scans = DatasetName::new("scans").unwrap();
+    client
+        .fetch(
+            &scans,
+            &ObjectPath::new("a.bin").unwrap(),
+            1 << 20,
+            &FetchOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = client
+        .stat(
+            &DatasetName::new("secret").unwrap(),
+            &ObjectPath::new("x").unwrap(),
+        )
+        .await;
+    let other = TestPki::new("hospital.example");
+    // A client whose SVID another CA signed (it trusts our CA, so the server refuses it).
+    let rogue = libtransport::test_util::identity_of(other.svid("/gpu/rogue"), pki.bundle());
+    let _ = Client::connect(
+        libtransport::ClientConfig::builder()
+            .identity(rogue)
+            .build(),
+        server.addr(Path::Tcp),
+        Path::Tcp,
+    )
+    .await;
+    server
+        .audit
+        .wait_for(|e| {
+            e.iter()
+                .any(|e| matches!(e, AuditEvent::ConnectionRefused { .. }))
+        })
+        .await;
+    let text = metrics.encode();
+    assert!(
+        text.contains(r#"transportd_bytes_total{path="quic",direction="out"} 100000"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"transportd_transfers_total{path="quic",direction="out",outcome="complete"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"transportd_authorization_denials_total{action="read"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"transportd_handshake_failures_total{reason="certificate"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"transportd_connections_active{path="quic"} 1"#),
+        "{text}"
+    );
 }

@@ -99,7 +99,7 @@ async fn server_refuses_every_bad_client_svid_with_a_typed_error() {
                     e,
                     AuditEvent::ConnectionAccepted { .. }
                         | AuditEvent::Transfer { .. }
-                        | AuditEvent::AccessDenied { .. }
+                        | AuditEvent::Authorization { .. }
                 )),
                 "{case} over {path}: got past the handshake: {new:?}"
             );
@@ -179,7 +179,7 @@ async fn client_refuses_every_bad_server_svid_with_a_typed_error() {
         // Nothing was requested from the bad server.
         assert!(!server.audit.events().iter().any(|e| matches!(
             e,
-            AuditEvent::Transfer { .. } | AuditEvent::AccessDenied { .. }
+            AuditEvent::Transfer { .. } | AuditEvent::Authorization { .. }
         )));
     }
 }

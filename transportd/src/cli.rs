@@ -44,6 +44,12 @@ pub(crate) enum Command {
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check, explain or print access policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Verify or search an audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// List datasets, or the objects of a dataset, on a node.
     Ls {
         #[command(flatten)]
@@ -167,6 +173,93 @@ pub(crate) enum ConfigCommand {
     Example,
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Validate a policy file: syntax, unknown fields, subjects, patterns, rule names.
+    /// Errors name the line. Exits 0 if a node would take it.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Decide one request as a node would, and say why: the dataset's class, every rule
+    /// that matched, and the one that decided (deny rules win; nothing matching denies).
+    Explain {
+        /// The policy file.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        policy: Option<PathBuf>,
+        /// Or: a node configuration, whose policy (file or [[allow]] rules) is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The requesting peer's SPIFFE ID.
+        #[arg(long)]
+        peer: String,
+        /// The dataset.
+        #[arg(long)]
+        dataset: String,
+        /// The object, for requests that name one.
+        #[arg(long)]
+        object: Option<String>,
+        /// The action.
+        #[arg(long, value_enum)]
+        action: ActionArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an annotated example policy.
+    Example,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ActionArg {
+    /// See a dataset and list its objects.
+    List,
+    /// Read objects.
+    Read,
+    /// Create or replace objects.
+    Write,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Verify an audit trail: every record's hash link and sequence number, every signed
+    /// checkpoint, and that nothing was cut off after the latest checkpoint. Reports the
+    /// first broken record and exits 65 if there is one.
+    Verify {
+        /// The trail's directory.
+        dir: PathBuf,
+        /// Also check each checkpoint's signer against this trust bundle.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the records of a trail that match every filter given (it does not verify).
+    Query {
+        /// The trail's directory.
+        dir: PathBuf,
+        /// A peer's SPIFFE ID, or a prefix ending in `/`.
+        #[arg(long)]
+        peer: Option<String>,
+        /// A dataset.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// An event kind: transfer, transfer_started, authorization, connection_accepted, ...
+        #[arg(long)]
+        event: Option<String>,
+        /// From this time on: RFC 3339 (2026-11-25T10:00:00Z) or an age (2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time: RFC 3339 or an age.
+        #[arg(long)]
+        until: Option<String>,
+        /// Print JSON lines instead of a summary line per record.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// How a client command reaches a node and proves who it is.
 #[derive(Debug, Args)]
 pub(crate) struct ConnArgs {
@@ -202,7 +295,8 @@ pub(crate) struct TransferArgs {
     /// Reconnect attempts after a network failure before giving up.
     #[arg(long, default_value_t = 5)]
     pub(crate) retries: u32,
-    /// Append a record of each transfer to this audit trail (JSON lines).
+    /// Keep this client's own audit trail (hash-chained, signed with its SVID) in this
+    /// directory.
     #[arg(long)]
     pub(crate) audit: Option<PathBuf>,
     /// Print a JSON report on stdout instead of text.

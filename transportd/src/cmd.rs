@@ -8,8 +8,10 @@ use libtransport::{ConnectError, FetchError, PushError, RequestError};
 
 use crate::config::{ConfigError, NodeConfig};
 
+pub(crate) mod audit;
 pub(crate) mod ca;
 pub(crate) mod client;
+pub(crate) mod policy;
 
 /// `transportd config check FILE`.
 pub(crate) fn config_check(file: &Path) -> anyhow::Result<()> {
@@ -19,12 +21,14 @@ pub(crate) fn config_check(file: &Path) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     let creds = cfg.credentials()?;
+    let (policy, _, source) = cfg.policy.load()?;
     println!(
-        "{}: ok (identity {}, {} access rules, store {})",
+        "{}: ok (identity {}, {} access rules from {source}, store {}, audit trail {})",
         file.display(),
         creds.id(),
-        cfg.acl.grants().len(),
-        cfg.store_root.display()
+        policy.rules().len(),
+        cfg.store_root.display(),
+        cfg.audit.dir.display()
     );
     Ok(())
 }
@@ -34,6 +38,9 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if cause.is::<ConfigError>() {
             return 78;
+        }
+        if cause.is::<libtransport::audit::VerifyError>() {
+            return 65;
         }
         if let Some(c) = cause.downcast_ref::<ConnectError>() {
             return match c {

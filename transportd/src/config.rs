@@ -4,13 +4,15 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use libtransport::policy::{AccessList, Grant};
+use libtransport::audit::FileSinkConfig;
+use libtransport::policy::{Action, Pattern, Policy, Rule, Subject};
+use libtransport::proto::Digest;
 use libtransport::{Credentials, TransportConfig};
 
 mod file;
 
-pub(crate) use file::EXAMPLE;
 use file::{ActionFile, FileConfig};
+pub(crate) use file::{EXAMPLE, POLICY_EXAMPLE};
 
 /// A validated node configuration.
 #[derive(Debug)]
@@ -20,11 +22,52 @@ pub(crate) struct NodeConfig {
     pub(crate) tcp: Option<SocketAddr>,
     pub(crate) store_root: PathBuf,
     pub(crate) state_dir: Option<PathBuf>,
-    pub(crate) audit_file: PathBuf,
-    pub(crate) acl: AccessList,
+    pub(crate) audit: FileSinkConfig,
+    pub(crate) policy: PolicySource,
+    /// Where metrics and health are served; `None` when turned off.
+    pub(crate) admin: Option<SocketAddr>,
     pub(crate) transport: TransportConfig,
     /// Preferred chunk size of manifests this node builds.
     pub(crate) chunk_bytes: u32,
+    /// BLAKE3 of the configuration file's bytes.
+    pub(crate) digest: Digest,
+}
+
+/// Where the node's access policy comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum PolicySource {
+    /// A policy file, re-read when it changes.
+    File(PathBuf),
+    /// `[[allow]]` rules in the node configuration.
+    Inline(Policy),
+}
+
+impl PolicySource {
+    /// Loads the policy, with the digest of its source and a name for it.
+    pub(crate) fn load(&self) -> Result<(Policy, Digest, String), ConfigError> {
+        match self {
+            Self::Inline(p) => Ok((
+                p.clone(),
+                Digest::of(b"inline"),
+                "node configuration [[allow]]".into(),
+            )),
+            Self::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let policy = Policy::parse(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                Ok((
+                    policy,
+                    Digest::of(text.as_bytes()),
+                    path.display().to_string(),
+                ))
+            }
+        }
+    }
 }
 
 /// Where the identity files are.
@@ -75,7 +118,7 @@ impl NodeConfig {
         if f.listen.quic.is_none() && f.listen.tcp.is_none() {
             return Err(invalid("listen", "give quic, tcp or both"));
         }
-        let mut acl = AccessList::new();
+        let mut rules = Vec::new();
         for (i, a) in f.allow.iter().enumerate() {
             if a.actions.is_empty() {
                 return Err(invalid(
@@ -83,11 +126,25 @@ impl NodeConfig {
                     "list at least one of \"read\", \"write\"",
                 ));
             }
-            acl.grant(Grant {
-                peer: a.peer.clone(),
-                dataset: a.dataset.clone(),
-                read: a.actions.contains(&ActionFile::Read),
-                write: a.actions.contains(&ActionFile::Write),
+            let mut actions = vec![Action::List];
+            if a.actions.contains(&ActionFile::Read) {
+                actions.push(Action::Read);
+            }
+            if a.actions.contains(&ActionFile::Write) {
+                actions.push(Action::Write);
+            }
+            let dataset = Pattern::new(a.dataset.as_str())
+                .map_err(|m| invalid(&format!("allow[{i}].dataset"), &m))?;
+            rules.push(Rule {
+                name: format!("allow[{i}]"),
+                effect: libtransport::policy::Effect::Allow,
+                subjects: vec![Subject::Exact(a.peer.clone())],
+                except: Vec::new(),
+                datasets: vec![dataset],
+                objects: Vec::new(),
+                classes: Vec::new(),
+                actions,
+                line: None,
             });
         }
         let mut t = TransportConfig::default();
@@ -133,6 +190,47 @@ impl NodeConfig {
                 base.join(p)
             }
         };
+        let policy = match (&f.policy, rules.is_empty()) {
+            (Some(_), false) => {
+                return Err(invalid(
+                    "policy",
+                    "give a policy file or [[allow]] rules, not both",
+                ));
+            }
+            (Some(p), true) => PolicySource::File(abs(&p.file)),
+            (None, _) => PolicySource::Inline(
+                Policy::new(Vec::new(), rules).map_err(|m| invalid("allow", &m))?,
+            ),
+        };
+        let admin = match f.admin.as_ref().map(|a| a.listen.as_str()) {
+            None => Some(default_admin()),
+            Some("off") => None,
+            Some(addr) => Some(addr.parse().map_err(|e| {
+                invalid(
+                    "admin.listen",
+                    &format!("{addr:?}: {e} (give HOST:PORT or \"off\")"),
+                )
+            })?),
+        };
+        let mut audit = FileSinkConfig::new(abs(&f.audit.dir));
+        if let Some(size) = f.audit.segment_size {
+            if size.as_u64() < 64 << 10 {
+                return Err(invalid("audit.segment_size", "must be at least 64KiB"));
+            }
+            audit.segment_max_bytes = size.as_u64();
+        }
+        if let Some(age) = f.audit.segment_age {
+            if age < std::time::Duration::from_secs(60) {
+                return Err(invalid("audit.segment_age", "must be at least 1m"));
+            }
+            audit.segment_max_age = age;
+        }
+        if let Some(every) = f.audit.checkpoint_interval {
+            if every.is_zero() {
+                return Err(invalid("audit.checkpoint_interval", "must be more than 0s"));
+            }
+            audit.checkpoint_interval = every;
+        }
         Ok(Self {
             identity: IdentityPaths {
                 svid: abs(&f.identity.svid),
@@ -143,8 +241,10 @@ impl NodeConfig {
             tcp: f.listen.tcp,
             store_root: abs(&f.store.root),
             state_dir: f.store.state_dir.as_deref().map(abs),
-            audit_file: abs(&f.audit.file),
-            acl,
+            audit,
+            policy,
+            admin,
+            digest: Digest::of(text.as_bytes()),
             transport: t,
             chunk_bytes,
         })
@@ -173,8 +273,11 @@ impl NodeConfig {
                 &format!("{} is not a directory", self.store_root.display()),
             ));
         }
-        if self.acl.grants().is_empty() {
-            warnings.push("allow: no rules, so every request will be denied".into());
+        let (policy, _, source) = self.policy.load()?;
+        if policy.rules().is_empty() {
+            warnings.push(format!(
+                "{source}: no rules, so every request will be denied"
+            ));
         }
         Ok(warnings)
     }
@@ -194,6 +297,11 @@ pub(crate) fn load_credentials(p: &IdentityPaths) -> Result<Credentials, ConfigE
     let bundle = certs::TrustBundle::from_pem(&bundle)
         .map_err(|e| invalid("identity.bundle", &e.to_string()))?;
     Credentials::new(svid, bundle).map_err(|e| invalid("identity", &e.to_string()))
+}
+
+/// The admin address when the file does not say: loopback only.
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 fn invalid(field: &str, message: &str) -> ConfigError {
@@ -221,20 +329,65 @@ quic = "127.0.0.1:7443"
 [store]
 root = "data"
 [audit]
-file = "audit.jsonl"
+dir = "audit"
 "#;
 
     #[test]
     fn example_parses_and_paths_resolve_against_the_file() {
         let c = parse(EXAMPLE).unwrap();
-        assert_eq!(c.acl.grants().len(), 2);
-        assert!(c.acl.grants()[1].write && c.acl.grants()[1].read);
-        assert!(!c.acl.grants()[0].write);
+        assert!(
+            matches!(&c.policy, PolicySource::File(p) if p == Path::new("/etc/transportd/policy.toml"))
+        );
+        assert_eq!(c.admin, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.audit.dir, Path::new("/var/log/transportd/audit"));
+        assert_eq!(c.audit.segment_max_bytes, 64 << 20);
+        // The example policy is valid too.
+        assert_eq!(Policy::parse(POLICY_EXAMPLE).unwrap().rules().len(), 4);
         let m = parse(MINIMAL).unwrap();
+        assert_eq!(m.audit.dir, Path::new("/etc/transportd/audit"));
         assert_eq!(m.identity.svid, Path::new("/etc/transportd/svid.pem"));
         assert_eq!(m.identity.key, Path::new("/keys/svid.key"));
         assert_eq!(m.store_root, Path::new("/etc/transportd/data"));
         assert!(m.tcp.is_none());
+    }
+
+    #[test]
+    fn allow_rules_become_a_default_deny_policy() {
+        let text = format!(
+            "{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/gpu/a\"\ndataset = \"scans\"\nactions = [\"read\"]\n\n[[allow]]\npeer = \"spiffe://td/gpu/a\"\ndataset = \"ckpt\"\nactions = [\"write\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        let PolicySource::Inline(p) = &c.policy else {
+            panic!("inline rules expected");
+        };
+        use libtransport::policy::{Access, Authorizer};
+        let peer = certs::SpiffeId::parse("spiffe://td/gpu/a").unwrap();
+        let decide = |action, d: &str| {
+            p.decide(&Access {
+                peer: &peer,
+                action,
+                dataset: &libtransport::proto::DatasetName::new(d).unwrap(),
+                object: None,
+            })
+            .is_allow()
+        };
+        assert!(decide(Action::Read, "scans") && decide(Action::List, "scans"));
+        assert!(!decide(Action::Write, "scans"));
+        assert!(decide(Action::Write, "ckpt") && !decide(Action::Read, "ckpt"));
+        assert!(!decide(Action::Read, "other"));
+        // Both a policy file and allow rules: refused.
+        let both = format!("{text}\n[policy]\nfile = \"p.toml\"\n");
+        assert!(parse(&both).unwrap_err().to_string().starts_with("policy"));
+        // The admin endpoint can be moved or turned off, and a bad address is named.
+        let off = format!("{MINIMAL}\n[admin]\nlisten = \"off\"\n");
+        assert_eq!(parse(&off).unwrap().admin, None);
+        let bad = format!("{MINIMAL}\n[admin]\nlisten = \"localhost\"\n");
+        assert!(
+            parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .starts_with("admin.listen")
+        );
     }
 
     #[test]
@@ -264,6 +417,13 @@ file = "audit.jsonl"
                     "{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/x\"\ndataset = \"d\"\nactions = []\n"
                 ),
                 "allow[0].actions",
+            ),
+            (
+                MINIMAL.replace(
+                    "dir = \"audit\"",
+                    "dir = \"audit\"\nsegment_size = \"1KiB\"",
+                ),
+                "audit.segment_size",
             ),
         ];
         for (text, field) in cases {

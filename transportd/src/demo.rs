@@ -95,13 +95,29 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
     } else {
         json!(dir)
     });
-    let audit = json!({
-        "storage": dir.join("storage/audit/audit.jsonl"),
-        "gpu": dir.join("gpu/audit/audit.jsonl"),
-        "storage_records": count_lines(&dir.join("storage/audit/audit.jsonl")),
-        "gpu_records": count_lines(&dir.join("gpu/audit/audit.jsonl")),
-    });
-    report["audit"] = audit;
+    // Both audit trails must verify too: every link, every signed checkpoint.
+    let bundle =
+        certs::TrustBundle::from_pem(&std::fs::read_to_string(ca_dir.join("bundle.pem"))?)?;
+    let mut trails = serde_json::Map::new();
+    let mut trails_ok = true;
+    for node in ["storage", "gpu"] {
+        let trail = dir.join(node).join("audit");
+        let checked = libtransport::audit::verify(&trail, Some(&bundle));
+        trails_ok &= checked.is_ok();
+        trails.insert(
+            node.into(),
+            json!({
+                "dir": trail,
+                "verified": checked.is_ok(),
+                "records": checked.as_ref().map_or(0, |r| r.records),
+                "error": checked.err().map(|e| e.to_string()),
+            }),
+        );
+    }
+    report["audit"] = Value::Object(trails);
+    if !trails_ok {
+        report["verified"] = json!(false);
+    }
     let verified = report["verified"].as_bool() == Some(true);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -188,7 +204,7 @@ async fn gpu_command(dir: &Path, addr: &str, path: &str, args: &[&str]) -> anyho
         .arg("--identity")
         .arg(gpu.join("identity"))
         .arg("--audit")
-        .arg(gpu.join("audit/audit.jsonl"))
+        .arg(gpu.join("audit"))
         .args(&args[1..])
         .stdin(Stdio::null())
         .output()
@@ -302,7 +318,10 @@ root = "datasets"
 state_dir = "state"
 
 [audit]
-file = "audit/audit.jsonl"
+dir = "audit"
+
+[admin]
+listen = "127.0.0.1:0"
 
 [[allow]]
 peer = "spiffe://{TRUST_DOMAIN}{GPU}"
@@ -357,10 +376,6 @@ fn shard_count(size: u64) -> u64 {
     (size / (128 << 20)).clamp(4, 16).min(size.max(1))
 }
 
-fn count_lines(p: &Path) -> usize {
-    std::fs::read_to_string(p).map_or(0, |s| s.lines().count())
-}
-
 fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
@@ -411,13 +426,24 @@ fn print_report(r: &Value, temporary: bool) {
         push["gbps"].as_f64().unwrap_or(0.0),
         verdict(&push["verified"])
     );
-    println!(
-        "  audit trails   {} ({} records)\n                 {} ({} records)",
-        r["audit"]["storage"].as_str().unwrap_or("?"),
-        r["audit"]["storage_records"],
-        r["audit"]["gpu"].as_str().unwrap_or("?"),
-        r["audit"]["gpu_records"]
-    );
+    for (i, node) in ["storage", "gpu"].into_iter().enumerate() {
+        let t = &r["audit"][node];
+        println!(
+            "  {}{} ({} records, {})",
+            if i == 0 {
+                "audit trails   "
+            } else {
+                "                 "
+            },
+            t["dir"].as_str().unwrap_or("?"),
+            t["records"],
+            if t["verified"].as_bool() == Some(true) {
+                "chain and signatures verified".to_owned()
+            } else {
+                format!("DOES NOT VERIFY: {}", t["error"].as_str().unwrap_or("?"))
+            }
+        );
+    }
     if temporary {
         println!(
             "  (everything was in a temporary directory, now removed; pass --keep DIR to keep it)"

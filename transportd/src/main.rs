@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod admin;
 mod cli;
 mod cmd;
 mod config;
@@ -16,7 +17,7 @@ mod env;
 mod role;
 mod telemetry;
 
-use cli::{CaCommand, Cli, Command, ConfigCommand};
+use cli::{AuditCommand, CaCommand, Cli, Command, ConfigCommand, PolicyCommand};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -77,6 +78,50 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", config::EXAMPLE);
             Ok(())
         }
+        Command::Policy(PolicyCommand::Check { file }) => cmd::policy::check(&file),
+        Command::Policy(PolicyCommand::Explain {
+            policy,
+            config,
+            peer,
+            dataset,
+            object,
+            action,
+            json,
+        }) => cmd::policy::explain(&cmd::policy::ExplainArgs {
+            policy: policy.as_deref(),
+            config: config.as_deref(),
+            peer: &peer,
+            dataset: &dataset,
+            object: object.as_deref(),
+            action,
+            json,
+        }),
+        Command::Policy(PolicyCommand::Example) => {
+            print!("{}", config::POLICY_EXAMPLE);
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Verify { dir, bundle, json }) => {
+            cmd::audit::verify_cmd(&dir, bundle.as_deref(), json)
+        }
+        Command::Audit(AuditCommand::Query {
+            dir,
+            peer,
+            dataset,
+            event,
+            since,
+            until,
+            json,
+        }) => cmd::audit::query_cmd(
+            &dir,
+            &cmd::audit::QueryArgs {
+                peer: peer.as_deref(),
+                dataset: dataset.as_deref(),
+                event: event.as_deref(),
+                since: since.as_deref(),
+                until: until.as_deref(),
+                json,
+            },
+        ),
         Command::Ls { conn, target, json } => cmd::client::ls(&conn, target.as_deref(), json).await,
         Command::Pull {
             conn,

@@ -134,7 +134,10 @@ root = "datasets"
 state_dir = "state"
 
 [audit]
-file = "audit/audit.jsonl"
+dir = "audit"
+
+[admin]
+listen = "127.0.0.1:0"
 
 [[allow]]
 peer = "spiffe://hospital.example/gpu/loader"
@@ -250,13 +253,32 @@ fn demo_keep_leaves_the_trust_domain_data_and_audit_trails() {
     for f in [
         "ca/bundle.pem",
         "storage/node.toml",
-        "storage/audit/audit.jsonl",
-        "gpu/audit/audit.jsonl",
+        "storage/audit/audit-000001.jsonl",
+        "storage/audit/checkpoint.json",
+        "gpu/audit/audit-000001.jsonl",
+        "gpu/audit/checkpoint.json",
     ] {
         assert!(keep.join(f).is_file(), "{f} missing");
     }
-    let trail = std::fs::read_to_string(keep.join("storage/audit/audit.jsonl")).unwrap();
-    assert!(trail.lines().any(|l| l.contains("\"connection_accepted\"")));
+    // Both trails verify (the demo checked them too) and hold what happened.
+    for node in ["storage", "gpu"] {
+        assert_eq!(report["audit"][node]["verified"], true, "{report}");
+        ok(&[
+            "audit",
+            "verify",
+            p(&keep.join(node).join("audit")),
+            "--bundle",
+            p(&keep.join("ca/bundle.pem")),
+        ]);
+    }
+    let records =
+        libtransport::audit::query(&keep.join("storage/audit"), &Default::default()).unwrap();
+    assert!(records.iter().any(|r| r["event"] == "connection_accepted"));
+    let gpu = libtransport::audit::query(&keep.join("gpu/audit"), &Default::default()).unwrap();
+    assert!(
+        gpu.iter()
+            .any(|r| r["event"] == "transfer" && r["direction"] == "in")
+    );
     // A non-empty --keep directory is refused rather than mixed into.
     let again = run(&["demo", "--size", "8MiB", "--keep", p(&keep)]);
     assert!(!again.status.success());
@@ -434,11 +456,8 @@ fn client_commands_against_a_node() {
 
     // The audit trail names who moved what; the debug log never names the object or
     // carries its bytes.
-    let trail = std::fs::read_to_string(site.path("storage/audit/audit.jsonl")).unwrap();
-    let records: Vec<Value> = trail
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records =
+        libtransport::audit::query(&site.path("storage/audit"), &Default::default()).unwrap();
     let transfers: Vec<&Value> = records
         .iter()
         .filter(|r| r["event"] == "transfer")
@@ -451,10 +470,9 @@ fn client_commands_against_a_node() {
                 && r["outcome"] == "complete"
                 && r["root"].as_str().is_some_and(|s| s.len() == 64))
     );
-    assert!(
-        records.iter().any(|r| r["event"] == "access_denied"
-            && r["peer"] == "spiffe://hospital.example/gpu/intruder")
-    );
+    assert!(records.iter().any(|r| r["event"] == "authorization"
+        && r["decision"] == "deny"
+        && r["peer"] == "spiffe://hospital.example/gpu/intruder"));
     assert!(records.iter().any(|r| r["event"] == "connection_refused"));
     let log = std::fs::read(&node.log).unwrap();
     let log = String::from_utf8_lossy(&log);

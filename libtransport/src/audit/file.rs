@@ -1,54 +1,434 @@
-//! The audit trail as a JSON-lines file: one record per line, appended.
+//! The audit trail on disk.
+//!
+//! ```text
+//!   DIR/audit-000001.jsonl   segments, each a run of hash-chained JSON lines (mode 0600)
+//!   DIR/audit-000002.jsonl   the chain continues across segments
+//!   DIR/checkpoint.json      the latest checkpoint's seq and hash, replaced atomically
+//!   DIR/.lock                held by the one process that appends
+//! ```
+//!
+//! Each record is one `write` of a whole line with `O_APPEND`. A write that fails (disk full,
+//! permissions) is cut back off the file, the chain does not advance, and the error goes to
+//! the caller, who refuses the work it was about: the trail fails closed. The next write that
+//! succeeds makes the sink healthy again. Checkpoints, signed with the node's SVID key, are
+//! written when the sink opens, every `checkpoint_interval` while records arrive, when a
+//! segment is sealed, and by [`FileSink::close`] at shutdown; each is fsynced and recorded
+//! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it.
+//! Segments are sealed by size and age and never deleted by the daemon.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
-use super::{AuditError, AuditRecord, AuditSink};
+use certs::SpiffeId;
 
-/// Appends records to a file, one JSON object per line. The file is created with mode 0600:
-/// it names identities and objects.
+use super::chain::{Chain, checkpoint_message, hash_line};
+use super::{AuditError, AuditEvent, AuditRecord, AuditSink};
+use crate::clock::Clock;
+use crate::proto::Digest;
+
+/// Where and how the trail is kept.
+#[derive(Debug, Clone)]
+pub struct FileSinkConfig {
+    /// The trail's directory.
+    pub dir: PathBuf,
+    /// A segment is sealed once it holds this many bytes (default 64 MiB).
+    pub segment_max_bytes: u64,
+    /// A segment is sealed once it is this old (default 1 day).
+    pub segment_max_age: Duration,
+    /// A checkpoint follows new records at most this long after the last (default 10 s).
+    pub checkpoint_interval: Duration,
+    /// How long to wait for another process that holds the trail (default 10 s).
+    pub lock_wait: Duration,
+}
+
+impl FileSinkConfig {
+    /// Defaults for a trail in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_max_bytes: 64 << 20,
+            segment_max_age: Duration::from_secs(24 * 3600),
+            checkpoint_interval: Duration::from_secs(10),
+            lock_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Signs checkpoints: the node's identity.
+pub trait Signer: std::fmt::Debug + Send + Sync {
+    /// Signs `message` with the current key.
+    fn sign_checkpoint(&self, message: &[u8]) -> Result<CheckpointSignature, String>;
+}
+
+/// A checkpoint signature and what a verifier needs to check it.
+#[derive(Debug, Clone)]
+pub struct CheckpointSignature {
+    /// Who signed.
+    pub signer: SpiffeId,
+    /// `ecdsa_p256_sha256`, `ecdsa_p384_sha384` or `ed25519`.
+    pub alg: String,
+    /// The signer's certificate chain, DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The signature.
+    pub signature: Vec<u8>,
+}
+
+/// The hash-chained, checkpointed trail in a directory.
 #[derive(Debug)]
 pub struct FileSink {
-    path: PathBuf,
-    file: Mutex<File>,
+    cfg: FileSinkConfig,
+    signer: Arc<dyn Signer>,
+    clock: Arc<dyn Clock>,
+    inner: Mutex<Inner>,
+    healthy: AtomicBool,
+    _lock: File,
+}
+
+#[derive(Debug)]
+struct Inner {
+    chain: Chain,
+    file: File,
+    segment: u64,
+    bytes: u64,
+    opened: SystemTime,
+    /// Sequence number of the last checkpoint.
+    sealed_seq: u64,
+    last_checkpoint: Instant,
 }
 
 impl FileSink {
-    /// Opens (creating if needed) the trail at `path`, creating its directory too.
-    pub fn open(path: impl Into<PathBuf>) -> Result<Self, AuditError> {
-        let path = path.into();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
-        Ok(Self {
-            path,
-            file: Mutex::new(file),
-        })
+    /// Opens (creating if needed) the trail in `cfg.dir` and writes a checkpoint. A record
+    /// left half-written by a crash is cut off first; a trail whose last record does not
+    /// parse is refused (run `transportd audit verify` on it).
+    pub fn open(
+        cfg: FileSinkConfig,
+        signer: Arc<dyn Signer>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AuditError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.dir)?;
+        let lock = lock_dir(&cfg.dir, cfg.lock_wait)?;
+        let segments = segments(&cfg.dir)?;
+        let now = clock.now();
+        let (segment, chain, opened) = match segments.last() {
+            None => (1, Chain::new(), now),
+            Some(&(last, _)) => {
+                let (chain, first_time) = recover(&cfg.dir, &segments)?;
+                (last, chain, first_time.unwrap_or(now))
+            }
+        };
+        let file = open_segment(&cfg.dir, segment)?;
+        let bytes = file.metadata()?.len();
+        let started = clock.instant();
+        let sink = Self {
+            signer,
+            clock,
+            inner: Mutex::new(Inner {
+                chain,
+                file,
+                segment,
+                bytes,
+                opened,
+                sealed_seq: 0,
+                last_checkpoint: started,
+            }),
+            healthy: AtomicBool::new(true),
+            cfg,
+            _lock: lock,
+        };
+        sink.checkpoint()?;
+        Ok(sink)
     }
 
-    /// Where the trail is.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The trail's directory.
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    /// Writes a signed checkpoint now, and fsyncs.
+    pub fn checkpoint(&self) -> Result<(), AuditError> {
+        let mut g = self.lock();
+        self.checkpoint_locked(&mut g)
+    }
+
+    /// Writes a checkpoint if records arrived since the last one and the interval has
+    /// passed, or if the last write failed (a probe: success makes the sink healthy again).
+    /// Call it periodically.
+    pub fn tick(&self) -> Result<(), AuditError> {
+        let mut g = self.lock();
+        let due = g.chain.next_seq() > g.sealed_seq + 1
+            && self
+                .clock
+                .instant()
+                .saturating_duration_since(g.last_checkpoint)
+                >= self.cfg.checkpoint_interval;
+        if due || !self.is_healthy() {
+            self.checkpoint_locked(&mut g)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the trail for shutdown: a final checkpoint if anything followed the last one.
+    pub fn close(&self) -> Result<(), AuditError> {
+        let mut g = self.lock();
+        if g.chain.next_seq() > g.sealed_seq + 1 {
+            self.checkpoint_locked(&mut g)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self, g: &mut Inner, record: &AuditRecord) -> Result<(), AuditError> {
+        let (mut line, next) = g.chain.encode(record)?;
+        line.push(b'\n');
+        match g.file.write_all(&line) {
+            Ok(()) => {
+                g.chain = next;
+                g.bytes += line.len() as u64;
+                self.healthy.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Cut a partial line back off, so the trail stays a whole chain.
+                let _ = g.file.set_len(g.bytes);
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, dir = %self.cfg.dir.display(), "audit trail not writable; refusing new transfers until it is");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn checkpoint_locked(&self, g: &mut Inner) -> Result<(), AuditError> {
+        let seq = g.chain.next_seq();
+        let msg = checkpoint_message(seq, &g.chain.prev());
+        let sig = self
+            .signer
+            .sign_checkpoint(&msg)
+            .map_err(AuditError::Sign)?;
+        let record = AuditRecord {
+            time: self.clock.now(),
+            event: AuditEvent::Checkpoint {
+                signer: sig.signer,
+                alg: sig.alg,
+                chain: sig.chain.iter().map(|c| hex(c)).collect(),
+                signature: hex(&sig.signature),
+            },
+        };
+        self.write(g, &record)?;
+        let synced = g.file.sync_data().and_then(|()| {
+            write_head(
+                &self.cfg.dir,
+                &Head {
+                    segment: segment_name(g.segment),
+                    seq,
+                    hash: g.chain.prev(),
+                },
+            )
+        });
+        if let Err(e) = synced {
+            self.healthy.store(false, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        g.sealed_seq = seq;
+        g.last_checkpoint = self.clock.instant();
+        Ok(())
+    }
+
+    fn rotate_if_due(&self, g: &mut Inner) -> Result<(), AuditError> {
+        let age = self
+            .clock
+            .now()
+            .duration_since(g.opened)
+            .unwrap_or_default();
+        if g.bytes < self.cfg.segment_max_bytes && age < self.cfg.segment_max_age {
+            return Ok(());
+        }
+        let name = segment_name(g.segment);
+        let sealed = AuditRecord {
+            time: self.clock.now(),
+            event: AuditEvent::SegmentSealed {
+                segment: name.clone(),
+                last_seq: g.chain.next_seq() + 1,
+            },
+        };
+        self.write(g, &sealed)?;
+        self.checkpoint_locked(g)?;
+        let next = open_segment(&self.cfg.dir, g.segment + 1)?;
+        g.segment += 1;
+        g.file = next;
+        g.bytes = 0;
+        g.opened = self.clock.now();
+        tracing::info!(segment = %name, "audit segment sealed");
+        Ok(())
     }
 }
 
 impl AuditSink for FileSink {
     fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        // One write per record: with O_APPEND the line lands whole, after any other.
-        self.file
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write_all(&line)?;
+        let mut g = self.lock();
+        self.rotate_if_due(&mut g)?;
+        self.write(&mut g, record)?;
+        if self
+            .clock
+            .instant()
+            .saturating_duration_since(g.last_checkpoint)
+            >= self.cfg.checkpoint_interval
+        {
+            // The record is written; a checkpoint that fails marks the sink unhealthy.
+            let _ = self.checkpoint_locked(&mut g);
+        }
         Ok(())
     }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// The latest checkpoint, as `checkpoint.json` holds it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Head {
+    pub(crate) segment: String,
+    pub(crate) seq: u64,
+    pub(crate) hash: Digest,
+}
+
+pub(crate) const HEAD_FILE: &str = "checkpoint.json";
+
+pub(crate) fn segment_name(index: u64) -> String {
+    format!("audit-{index:06}.jsonl")
+}
+
+/// The segments in `dir`, by index.
+pub(crate) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(index) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("audit-"))
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((index, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Finds where the chain stands, cutting off a half-written last line, and the time of the
+/// last segment's first record.
+fn recover(
+    dir: &Path,
+    segments: &[(u64, PathBuf)],
+) -> Result<(Chain, Option<SystemTime>), AuditError> {
+    let mut first_time = None;
+    for (i, (_, path)) in segments.iter().enumerate().rev() {
+        let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        if whole < bytes.len() {
+            tracing::warn!(segment = %path.display(), bytes = bytes.len() - whole, "cutting off a half-written audit record left by a crash");
+            f.set_len(whole as u64)?;
+            f.seek(SeekFrom::End(0))?;
+            f.sync_data()?;
+        }
+        let lines: Vec<&[u8]> = bytes[..whole]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        if i == segments.len() - 1 {
+            first_time = lines.first().and_then(|l| record_time(l));
+        }
+        if let Some(last) = lines.last() {
+            let seq = serde_json::from_slice::<serde_json::Value>(last)
+                .ok()
+                .and_then(|v| v["seq"].as_u64())
+                .ok_or_else(|| {
+                    AuditError::Io(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the last record of {} does not parse; run `transportd audit verify {}`",
+                            path.display(),
+                            dir.display()
+                        ),
+                    ))
+                })?;
+            return Ok((Chain::resume(seq, hash_line(last)), first_time));
+        }
+    }
+    Ok((Chain::new(), first_time))
+}
+
+fn record_time(line: &[u8]) -> Option<SystemTime> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    humantime::parse_rfc3339(v["time"].as_str()?).ok()
+}
+
+fn open_segment(dir: &Path, index: u64) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.join(segment_name(index)))
+}
+
+fn write_head(dir: &Path, head: &Head) -> io::Result<()> {
+    let tmp = dir.join(format!("{HEAD_FILE}.tmp"));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec(head).map_err(io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(HEAD_FILE))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Takes the directory's lock, waiting up to `wait` for another writer to let go.
+fn lock_dir(dir: &Path, wait: Duration) -> Result<File, AuditError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(".lock"))?;
+    for _ in 0..=wait.as_millis() / 50 {
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+    }
+    Err(AuditError::Io(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!("audit trail {} is held by another process", dir.display()),
+    )))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

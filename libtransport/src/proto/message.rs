@@ -498,6 +498,8 @@ pub enum ErrorCode {
     Cancelled = 14,
     /// The server failed; not the client's fault.
     Internal = 15,
+    /// The server's audit trail cannot be written, so it starts no new work; retry later.
+    AuditUnavailable = 16,
 }
 
 impl ErrorCode {
@@ -518,6 +520,7 @@ impl ErrorCode {
             12 => Self::Unavailable,
             13 => Self::NoSpace,
             14 => Self::Cancelled,
+            16 => Self::AuditUnavailable,
             _ => Self::Internal,
         }
     }
@@ -553,6 +556,9 @@ impl ErrorCode {
             Self::NoSpace => "no space left on the receiver",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal server error",
+            Self::AuditUnavailable => {
+                "the server's audit trail cannot be written; it starts no new transfers until it can"
+            }
         }
     }
 
@@ -574,6 +580,7 @@ impl ErrorCode {
             Self::NoSpace => "no_space",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal",
+            Self::AuditUnavailable => "audit_unavailable",
         }
     }
 }
@@ -840,7 +847,8 @@ mod tests {
         assert_eq!(ErrorCode::Busy as u16, 6);
         assert_eq!(ErrorCode::Corrupt as u16, 8);
         assert_eq!(ErrorCode::Internal as u16, 15);
-        for c in 1..=15u16 {
+        assert_eq!(ErrorCode::AuditUnavailable as u16, 16);
+        for c in 1..=16u16 {
             assert_eq!(ErrorCode::from_u16(c) as u16, c);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Internal);

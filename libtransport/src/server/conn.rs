@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use super::{Shared, record};
-use crate::audit::{AuditEvent, Direction, Outcome};
+use super::{Shared, record, record_or_refuse};
+use crate::audit::{AuditEvent, DecisionKind, Direction, Outcome};
 use crate::identity::Peer;
+use crate::metrics::ConnectionGuard;
 use crate::policy::{Access, Action, Decision};
-use crate::proto::{DatasetName, Digest, ErrorCode, ObjectPath, TransferId};
+use crate::proto::{DatasetName, Digest, ErrorCode, Manifest, ObjectPath, TransferId};
 use crate::store::{ObjectReader, ObjectWriter};
 
 /// One connection's state, shared by its request tasks.
@@ -22,6 +23,8 @@ pub(crate) struct ConnCtx {
     transfers: Mutex<Transfers>,
     /// Bytes read from disk ahead of the network, in KiB units.
     pub(crate) budget: Arc<Semaphore>,
+    /// Counts this connection in the metrics while it lives.
+    _open: ConnectionGuard,
 }
 
 #[derive(Debug, Default)]
@@ -48,10 +51,21 @@ pub(crate) enum TransferKind {
     Write(Mutex<Option<ObjectWriter>>),
 }
 
+impl TransferKind {
+    /// Which way bytes move, seen from this node.
+    pub(crate) fn direction(&self) -> Direction {
+        match self {
+            Self::Read(_) => Direction::Out,
+            Self::Write(_) => Direction::In,
+        }
+    }
+}
+
 impl ConnCtx {
     pub(crate) fn new(shared: Arc<Shared>, peer: Peer) -> Self {
         let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
         Self {
+            _open: shared.config.metrics.connection_opened(peer.path),
             shared,
             peer,
             transfers: Mutex::new(Transfers::default()),
@@ -59,7 +73,8 @@ impl ConnCtx {
         }
     }
 
-    /// Asks the policy; a denial is audited and reads as "not found" to the peer.
+    /// Asks the policy and records the decision. A denial reads as "not found" to the peer;
+    /// a decision that cannot be recorded refuses the request (the trail fails closed).
     pub(crate) fn authorize(
         &self,
         action: Action,
@@ -73,9 +88,9 @@ impl ConnCtx {
             dataset,
             object,
         });
-        match decision {
-            Decision::Allow { .. } => Ok(()),
-            Decision::Deny { reason, .. } => {
+        let (kind, rule, reason) = match &decision {
+            Decision::Allow { rule } => (DecisionKind::Allow, Some(rule.clone()), None),
+            Decision::Deny { rule, reason } => {
                 tracing::info!(
                     peer.id = %self.peer.id,
                     dataset = %dataset,
@@ -83,33 +98,54 @@ impl ConnCtx {
                     decision = "deny",
                     "access denied"
                 );
-                record(
-                    &self.shared,
-                    AuditEvent::AccessDenied {
-                        peer: self.peer.id.clone(),
-                        action,
-                        dataset: dataset.clone(),
-                        object: object.cloned(),
-                        reason,
-                    },
-                );
-                Err(ErrorCode::NotFound)
+                (DecisionKind::Deny, rule.clone(), Some(reason.clone()))
             }
+        };
+        record_or_refuse(
+            &self.shared,
+            AuditEvent::Authorization {
+                peer: self.peer.id.clone(),
+                action,
+                dataset: dataset.clone(),
+                object: object.cloned(),
+                decision: kind,
+                rule,
+                reason,
+            },
+        )?;
+        if decision.is_allow() {
+            Ok(())
+        } else {
+            self.shared.config.metrics.denial(action);
+            Err(ErrorCode::NotFound)
         }
     }
 
-    /// Registers a transfer, within the per-connection limit.
+    /// Registers a transfer, within the per-connection limit, and records its start; a
+    /// start that cannot be recorded is refused.
     pub(crate) fn open(
         &self,
         dataset: DatasetName,
         object: ObjectPath,
-        root: Digest,
+        manifest: &Manifest,
         kind: TransferKind,
     ) -> Result<TransferId, ErrorCode> {
-        let mut t = self.lock();
-        if t.open.len() >= self.shared.config.transport.max_transfers as usize {
+        if self.lock().open.len() >= self.shared.config.transport.max_transfers as usize {
             return Err(ErrorCode::Busy);
         }
+        record_or_refuse(
+            &self.shared,
+            AuditEvent::TransferStarted {
+                peer: self.peer.id.clone(),
+                direction: kind.direction(),
+                dataset: dataset.clone(),
+                object: object.clone(),
+                size: manifest.size(),
+                root: manifest.root(),
+                path: self.peer.path,
+            },
+        )?;
+        let mut t = self.lock();
         t.next += 1;
         let id = TransferId(t.next);
         t.open.insert(
@@ -117,7 +153,7 @@ impl ConnCtx {
             Arc::new(Transfer {
                 dataset,
                 object,
-                root,
+                root: manifest.root(),
                 kind,
                 started: self.shared.config.clock.instant(),
                 bytes: AtomicU64::new(0),
@@ -141,12 +177,9 @@ impl ConnCtx {
             .ok_or(ErrorCode::UnknownTransfer)
     }
 
-    /// Records a transfer's end in the audit trail.
+    /// Records a transfer's end in the audit trail and the metrics.
     pub(crate) fn ended(&self, t: &Transfer, outcome: Outcome) {
-        let direction = match &t.kind {
-            TransferKind::Read(_) => Direction::Out,
-            TransferKind::Write(_) => Direction::In,
-        };
+        let direction = t.kind.direction();
         let bytes = t.bytes.load(Ordering::Relaxed);
         let elapsed = self
             .shared
@@ -162,6 +195,13 @@ impl ConnCtx {
             elapsed_ms = elapsed.as_millis() as u64,
             outcome = ?outcome,
             "transfer ended"
+        );
+        self.shared.config.metrics.transfer_ended(
+            self.peer.path,
+            direction,
+            outcome,
+            bytes,
+            elapsed,
         );
         record(
             &self.shared,

@@ -10,13 +10,14 @@ use bytes::Bytes;
 use tracing::{debug, trace};
 
 use super::conn::{ConnCtx, Transfer, TransferKind};
-use crate::audit::Outcome;
+use crate::audit::{AuditEvent, Outcome};
 use crate::policy::Action;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
 use crate::proto::{
     ChunkIndex, DecodeError, ErrorCode, Frame, FrameKind, Request, Response, TransferId,
 };
+use crate::server::record_or_refuse;
 use crate::store::{ChunkWriter, StoreError, WriteError};
 use crate::transport::{FrameSink, FrameSource, RequestStream, StreamError};
 
@@ -120,6 +121,13 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
                 })
                 .take(MAX_LIST_ENTRIES)
                 .collect();
+            record_or_refuse(
+                &ctx.shared,
+                AuditEvent::DatasetsListed {
+                    peer: ctx.peer.id.clone(),
+                    visible: visible.len(),
+                },
+            )?;
             respond(&mut s.sink, Response::Datasets(visible)).await
         }
         Request::ListObjects {
@@ -149,8 +157,7 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
             let (d, o) = (dataset.clone(), object.clone());
             let reader = blocking(move || store.open_read(&d, &o)).await?;
             let manifest = (**reader.manifest()).clone();
-            let transfer =
-                ctx.open(dataset, object, manifest.root(), TransferKind::Read(reader))?;
+            let transfer = ctx.open(dataset, object, &manifest, TransferKind::Read(reader))?;
             respond(&mut s.sink, Response::OpenedRead { transfer, manifest }).await
         }
         Request::Read {
@@ -172,7 +179,7 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
             let transfer = ctx.open(
                 dataset,
                 object,
-                manifest.root(),
+                &manifest,
                 TransferKind::Write(std::sync::Mutex::new(Some(writer))),
             )?;
             respond(&mut s.sink, Response::OpenedWrite { transfer, have }).await
@@ -306,6 +313,9 @@ async fn write_chunk(
     }
     writer.finish().map_err(|e| {
         debug!(peer.id = %ctx.peer.id, chunk = index.0, error = %e, "pushed chunk refused");
+        if matches!(e, WriteError::Chunk(crate::proto::ChunkError::Corrupt(_))) {
+            ctx.shared.config.metrics.chunk_failed();
+        }
         write_code(e)
     })?;
     Ok(())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use certs::SpiffeId;
 use indicatif::{ProgressBar, ProgressStyle};
-use libtransport::audit::FileSink;
+use libtransport::audit::{FileSink, FileSinkConfig};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::{
     Client, ClientConfig, FetchOptions, FetchReport, IdentityHandle, Path as Transport,
@@ -257,15 +257,21 @@ pub(crate) async fn connect(
     if let Some(p) = parallel {
         transport.parallel_chunks(p).context("--parallel")?;
     }
+    let identity = IdentityHandle::new(creds);
     let mut builder = ClientConfig::builder()
-        .identity(IdentityHandle::new(creds))
+        .identity(identity.clone())
         .transport(transport);
     if let Some(id) = &conn.server_id {
         builder = builder.server_id(SpiffeId::parse(id).context("--server-id")?);
     }
     if let Some(a) = audit {
-        let sink =
-            FileSink::open(a).with_context(|| format!("opening audit trail {}", a.display()))?;
+        // The client's own trail, checkpoints signed with its SVID.
+        let sink = FileSink::open(
+            FileSinkConfig::new(a),
+            Arc::new(identity),
+            Arc::new(libtransport::clock::SystemClock),
+        )
+        .with_context(|| format!("opening the audit trail in {}", a.display()))?;
         builder = builder.audit(Arc::new(sink));
     }
     let config = builder.build();

@@ -17,8 +17,10 @@ pub(crate) struct FileConfig {
     pub(crate) listen: ListenFile,
     pub(crate) store: StoreFile,
     pub(crate) audit: AuditFile,
+    pub(crate) policy: Option<PolicyFile>,
     #[serde(default)]
     pub(crate) allow: Vec<AllowFile>,
+    pub(crate) admin: Option<AdminFile>,
     #[serde(default)]
     pub(crate) limits: LimitsFile,
 }
@@ -52,7 +54,26 @@ pub(crate) struct StoreFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuditFile {
+    pub(crate) dir: PathBuf,
+    pub(crate) segment_size: Option<bytesize::ByteSize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) segment_age: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) checkpoint_interval: Option<std::time::Duration>,
+}
+
+/// The access policy file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyFile {
     pub(crate) file: PathBuf,
+}
+
+/// The admin endpoint: metrics and health.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminFile {
+    pub(crate) listen: String,
 }
 
 /// One access grant.
@@ -115,19 +136,24 @@ tcp = "0.0.0.0:7443"       # TLS 1.3 over TCP, for networks that block UDP
 root = "/srv/transportd/datasets"   # each subdirectory is a dataset
 state_dir = "/var/lib/transportd"   # optional: keeps object manifests across restarts
 
-[audit]
-file = "/var/log/transportd/audit.jsonl"   # one JSON record per connection and transfer
+[audit]                    # hash-chained, signed, never deleted by the daemon
+dir = "/var/log/transportd/audit"
+segment_size = "64MiB"     # optional: a segment is sealed at this size
+segment_age = "1d"         # optional: ... or at this age
+checkpoint_interval = "10s"  # optional: a signed checkpoint at most this long after records
 
-# Access is denied unless a rule allows it. Listing a dataset comes with either action.
-[[allow]]
-peer = "spiffe://hospital.example/gpu/loader-0"
-dataset = "ct-scans"
-actions = ["read"]
+# Who may do what: a policy file (see `transportd policy example`) ...
+[policy]
+file = "policy.toml"
+# ... or, for a simple node, allow rules right here (not both). Either way, anything not
+# allowed is denied; listing a dataset comes with either action.
+# [[allow]]
+# peer = "spiffe://hospital.example/gpu/loader-0"
+# dataset = "ct-scans"
+# actions = ["read"]
 
-[[allow]]
-peer = "spiffe://hospital.example/gpu/trainer-0"
-dataset = "checkpoints"
-actions = ["read", "write"]
+[admin]                    # optional; this is the default
+listen = "127.0.0.1:9464"  # /metrics (Prometheus), /healthz, /readyz; "off" to disable
 
 [limits]                   # optional; these are the defaults
 max_connections = 1024
@@ -137,4 +163,51 @@ chunk_size = "4MiB"        # chunk size of manifests this node builds
 idle_timeout = "60s"       # longest silence a connection survives
 io_timeout = "60s"         # longest a stream may make no progress
 max_mtu = 1452             # QUIC path-MTU ceiling; raise on jumbo-frame networks
+"#;
+
+/// An annotated example policy, printed by `transportd policy example`.
+pub(crate) const POLICY_EXAMPLE: &str = r#"# transportd access policy. Default deny: a request is allowed only if an allow rule
+# matches it and no deny rule does (deny rules win, whatever their order).
+
+# Data classes: phi, deidentified, public. The first declaration that matches a dataset
+# gives its class.
+[[dataset]]
+name = "ct-*"
+class = "phi"
+
+[[dataset]]
+name = "imagenet"
+class = "public"
+
+# Subjects: an exact SPIFFE ID, everything below a path ("spiffe://td/gpu/*"), or "*".
+# Datasets and objects: names or globs ("*" stays within one directory, "**" crosses them).
+# Actions: list, read, write. A rule with objects covers only requests naming a matching
+# object (listing a dataset needs a rule without objects).
+[[rule]]
+name = "GPU loaders list and read training data"
+subjects = ["spiffe://hospital.example/gpu/*"]
+datasets = ["ct-*", "imagenet"]
+objects = ["train/**"]
+actions = ["read"]
+
+[[rule]]
+name = "GPU loaders list datasets"
+subjects = ["spiffe://hospital.example/gpu/*"]
+datasets = ["*"]
+actions = ["list"]
+
+[[rule]]
+name = "PHI stays with the PHI workloads"
+effect = "deny"
+subjects = ["*"]
+except = ["spiffe://hospital.example/gpu/phi/*"]
+classes = ["phi"]
+datasets = ["*"]
+actions = ["list", "read", "write"]
+
+[[rule]]
+name = "trainers write checkpoints"
+subjects = ["spiffe://hospital.example/gpu/phi/trainer-0"]
+datasets = ["checkpoints"]
+actions = ["list", "read", "write"]
 "#;

@@ -1,19 +1,26 @@
 //! The node role: serve datasets to, and accept pushes from, authenticated and authorized
-//! peers, until told to stop.
+//! peers, record everything in the audit trail, and expose metrics and health, until told
+//! to stop.
+//!
+//! Reloads: SIGHUP re-reads the identity files and the policy; a policy file is also
+//! re-read when it changes. Whatever does not validate is refused, audited, and the running
+//! identity or policy stays. Listeners, store and audit settings need a restart.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use libtransport::audit::FileSink;
+use libtransport::audit::{AuditEvent, AuditRecord, AuditSink, FileSink};
 use libtransport::clock::{Clock, SystemClock};
+use libtransport::metrics::Metrics;
 use libtransport::store::Store;
 use libtransport::{IdentityHandle, PolicyHandle, Server, ServerConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::config::NodeConfig;
+use crate::admin;
+use crate::config::{NodeConfig, PolicySource};
 
 /// Runs a node with the configuration at `path`.
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
@@ -21,27 +28,64 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     for w in cfg.check(SystemClock.now())? {
         warn!("{w}");
     }
-    let creds = cfg.credentials()?;
-    let id = creds.id().clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let identity = IdentityHandle::new(cfg.credentials()?);
+    let audit = Arc::new(
+        FileSink::open(cfg.audit.clone(), Arc::new(identity.clone()), clock.clone())
+            .with_context(|| format!("opening the audit trail in {}", cfg.audit.dir.display()))?,
+    );
+    let node = Node {
+        audit: audit.clone(),
+        clock: clock.clone(),
+    };
+    node.record(AuditEvent::ConfigLoaded {
+        source: path.display().to_string(),
+        digest: cfg.digest,
+    })?;
+    node.identity_loaded(&identity)?;
+    let (policy, digest, source) = cfg.policy.load()?;
+    node.record(AuditEvent::PolicyLoaded {
+        source,
+        digest,
+        rules: policy.rules().len(),
+    })?;
+    let policy = PolicyHandle::new(Arc::new(policy));
     let store = Store::open(&cfg.store_root, cfg.state_dir.clone(), cfg.chunk_bytes)
         .context("opening the store")?;
-    let audit = FileSink::open(&cfg.audit_file)
-        .with_context(|| format!("opening the audit trail {}", cfg.audit_file.display()))?;
-    let identity = IdentityHandle::new(creds);
-    let policy = PolicyHandle::new(Arc::new(cfg.acl.clone()));
+    let metrics = Arc::new(Metrics::new());
     let config = ServerConfig::builder()
         .identity(identity.clone())
         .policy(policy.clone())
         .store(Arc::new(store))
-        .audit(Arc::new(audit))
+        .audit(audit.clone())
+        .metrics(metrics.clone())
         .transport(cfg.transport.clone())
+        .clock(clock.clone())
         .build();
     let server = Server::bind(config, cfg.quic, cfg.tcp).await?;
+    let admin = match cfg.admin {
+        Some(addr) => Some(
+            admin::serve(
+                addr,
+                admin::State {
+                    metrics,
+                    identity: identity.clone(),
+                    audit: audit.clone(),
+                    clock: clock.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("admin.listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let id = identity.current().id().clone();
     let ready = serde_json::json!({
         "event": "listening",
         "id": id.as_str(),
         "quic": server.quic_addr().map(|a| a.to_string()),
         "tcp": server.tcp_addr().map(|a| a.to_string()),
+        "admin": admin.as_ref().map(|a| a.addr.to_string()),
     });
     // One line on stdout for whoever started us (scripts, the demo): where we listen.
     println!("{ready}");
@@ -51,29 +95,146 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut watched = PolicyWatch::new(&cfg.policy);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(path, &identity, &policy),
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading identity and policy");
+                node.reload(path, &identity, &policy);
+                watched = PolicyWatch::new(&cfg.policy);
+            }
+            _ = tick.tick() => {
+                if let Err(e) = audit.tick() {
+                    warn!(error = %e, "audit checkpoint failed");
+                }
+                if watched.changed() {
+                    info!("policy file changed: reloading");
+                    node.reload_policy(&cfg.policy, &policy);
+                }
+            }
         }
     }
     info!("stopping: finishing in-flight requests");
     handle.shutdown(Duration::from_secs(10)).await;
+    if let Some(a) = admin {
+        a.task.abort();
+    }
+    audit.close().context("sealing the audit trail")?;
     info!("stopped");
     Ok(())
 }
 
-/// Re-reads the configuration and swaps in its identity and access list. A configuration
-/// that does not validate is refused and the running one stays.
-fn reload(path: &Path, identity: &IdentityHandle, policy: &PolicyHandle) {
-    let result = NodeConfig::load(path).and_then(|cfg| Ok((cfg.credentials()?, cfg.acl)));
-    match result {
-        Ok((creds, acl)) => {
-            info!(id = %creds.id(), rules = acl.grants().len(), "configuration reloaded");
-            identity.update(creds);
-            policy.update(Arc::new(acl));
-        }
-        Err(e) => error!(error = %e, "reload refused; keeping the running configuration"),
+struct Node {
+    audit: Arc<FileSink>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Node {
+    fn record(&self, event: AuditEvent) -> anyhow::Result<()> {
+        self.audit
+            .record(&AuditRecord {
+                time: self.clock.now(),
+                event,
+            })
+            .context("writing the audit trail")
     }
+
+    fn identity_loaded(&self, identity: &IdentityHandle) -> anyhow::Result<()> {
+        let creds = identity.current();
+        self.record(AuditEvent::IdentityLoaded {
+            id: creds.id().clone(),
+            serial: creds.svid().serial().to_owned(),
+            not_after: creds.svid().not_after(),
+        })
+    }
+
+    /// Re-reads identity and policy; what does not validate is refused and audited.
+    fn reload(&self, path: &Path, identity: &IdentityHandle, policy: &PolicyHandle) {
+        let cfg = match NodeConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "reload refused; keeping the running configuration");
+                return;
+            }
+        };
+        match cfg.credentials() {
+            Ok(creds) => {
+                info!(id = %creds.id(), "identity reloaded");
+                identity.update(creds);
+                if let Err(e) = self.identity_loaded(identity) {
+                    error!(error = %e, "identity change not audited");
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "new identity refused; keeping the running one");
+                let _ = self.record(AuditEvent::IdentityRefused {
+                    reason: e.to_string(),
+                });
+            }
+        }
+        self.reload_policy(&cfg.policy, policy);
+    }
+
+    fn reload_policy(&self, source: &PolicySource, policy: &PolicyHandle) {
+        match source.load() {
+            Ok((p, digest, name)) => {
+                info!(rules = p.rules().len(), "policy reloaded");
+                let rules = p.rules().len();
+                policy.update(Arc::new(p));
+                let _ = self.record(AuditEvent::PolicyLoaded {
+                    source: name,
+                    digest,
+                    rules,
+                });
+            }
+            Err(e) => {
+                error!(error = %e, "new policy refused; the previous one stays in force");
+                let _ = self.record(AuditEvent::PolicyRefused {
+                    source: match source {
+                        PolicySource::File(p) => p.display().to_string(),
+                        PolicySource::Inline(_) => "node configuration".into(),
+                    },
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Notices when a policy file changes (size, mtime, inode: an editor's rename counts).
+struct PolicyWatch {
+    path: Option<PathBuf>,
+    seen: Option<(u64, SystemTime, u64)>,
+}
+
+impl PolicyWatch {
+    fn new(source: &PolicySource) -> Self {
+        let path = match source {
+            PolicySource::File(p) => Some(p.clone()),
+            PolicySource::Inline(_) => None,
+        };
+        let seen = path.as_deref().and_then(stamp);
+        Self { path, seen }
+    }
+
+    fn changed(&mut self) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
+        let now = stamp(path);
+        if now.is_some() && now != self.seen {
+            self.seen = now;
+            return true;
+        }
+        false
+    }
+}
+
+fn stamp(path: &Path) -> Option<(u64, SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?, m.ino()))
 }

@@ -1,0 +1,127 @@
+//! The admin endpoint (loopback by default): `/metrics` in the Prometheus text format,
+//! `/healthz` (the process is up), `/readyz` (ready only with a valid SVID and a writable
+//! audit trail). Nothing here changes state.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use libtransport::IdentityHandle;
+use libtransport::audit::{AuditSink, FileSink};
+use libtransport::clock::Clock;
+use libtransport::metrics::Metrics;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// What the endpoint reports on.
+#[derive(Debug, Clone)]
+pub(crate) struct State {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) identity: IdentityHandle,
+    pub(crate) audit: Arc<FileSink>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// The running endpoint.
+#[derive(Debug)]
+pub(crate) struct Admin {
+    pub(crate) addr: SocketAddr,
+    pub(crate) task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds `addr` and serves in the background.
+pub(crate) async fn serve(addr: SocketAddr, state: State) -> std::io::Result<Admin> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(accept(listener, Arc::new(state)));
+    Ok(Admin { addr, task })
+}
+
+async fn accept(listener: TcpListener, state: Arc<State>) {
+    // A scraper needs one or two connections; this bounds what anyone else can hold.
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            state.metrics.set_svid_expiry(svid_expiry_seconds(state));
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let mut problems = Vec::new();
+            if svid_expiry_seconds(state) <= 0.0 {
+                problems.push("the node's SVID has expired");
+            }
+            if !state.audit.is_healthy() {
+                problems.push("the audit trail cannot be written");
+            }
+            if problems.is_empty() {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", problems.join("; ")),
+                )
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn svid_expiry_seconds(state: &State) -> f64 {
+    let not_after = state.identity.current().svid().not_after();
+    let now = state.clock.now();
+    match not_after.duration_since(now) {
+        Ok(left) => left.as_secs_f64(),
+        Err(past) => -past.duration().as_secs_f64(),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = "text/plain; charset=utf-8".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Admin connections at once.
+const MAX_CONNECTIONS: usize = 32;

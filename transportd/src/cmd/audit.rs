@@ -1,0 +1,138 @@
+//! `transportd audit verify | query`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use libtransport::audit::{Query, query, verify};
+use libtransport::clock::{Clock, SystemClock};
+
+/// `audit verify DIR`.
+pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        bail!(
+            "{} is not a directory holding an audit trail",
+            dir.display()
+        );
+    }
+    let bundle = bundle
+        .map(|b| {
+            let text =
+                std::fs::read_to_string(b).with_context(|| format!("reading {}", b.display()))?;
+            certs::TrustBundle::from_pem(&text).with_context(|| format!("{}", b.display()))
+        })
+        .transpose()?;
+    let report = verify(dir, bundle.as_ref()).context("audit trail does not verify")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "verified": true, "report": report })
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: verified: {} records in {} segments, {} signed checkpoints{}",
+        dir.display(),
+        report.records,
+        report.segments,
+        report.checkpoints,
+        if report.signers_verified {
+            " (signers checked against the bundle)"
+        } else {
+            ""
+        }
+    );
+    if report.unsealed > 0 {
+        println!(
+            "  {} records after the latest checkpoint (seq {}) are not sealed yet: the node is running or did not shut down cleanly",
+            report.unsealed, report.last_checkpoint
+        );
+    }
+    if !report.signers_verified {
+        println!("  pass --bundle bundle.pem to check who signed the checkpoints");
+    }
+    Ok(())
+}
+
+/// The filters of `audit query`.
+#[derive(Debug)]
+pub(crate) struct QueryArgs<'a> {
+    pub(crate) peer: Option<&'a str>,
+    pub(crate) dataset: Option<&'a str>,
+    pub(crate) event: Option<&'a str>,
+    pub(crate) since: Option<&'a str>,
+    pub(crate) until: Option<&'a str>,
+    pub(crate) json: bool,
+}
+
+/// `audit query DIR`.
+pub(crate) fn query_cmd(dir: &Path, a: &QueryArgs<'_>) -> anyhow::Result<()> {
+    let now = SystemClock.now();
+    let q = Query {
+        peer: a.peer.map(str::to_owned),
+        dataset: a.dataset.map(str::to_owned),
+        event: a.event.map(str::to_owned),
+        since: a
+            .since
+            .map(|s| when(s, now))
+            .transpose()
+            .context("--since")?,
+        until: a
+            .until
+            .map(|s| when(s, now))
+            .transpose()
+            .context("--until")?,
+    };
+    let records = query(dir, &q)?;
+    for r in &records {
+        if a.json {
+            println!("{r}");
+        } else {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+            let detail = match s("event").as_str() {
+                "transfer" => format!(
+                    "{} {}/{} {} bytes over {}: {}",
+                    s("direction"),
+                    s("dataset"),
+                    s("object"),
+                    r["bytes"],
+                    s("path"),
+                    s("outcome")
+                ),
+                "authorization" => format!(
+                    "{} {} {}{}",
+                    s("decision"),
+                    s("action"),
+                    s("dataset"),
+                    r["object"]
+                        .as_str()
+                        .map(|o| format!("/{o}"))
+                        .unwrap_or_default()
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "{:>6} {} {:<22} {} {}",
+                r["seq"],
+                s("time"),
+                s("event"),
+                s("peer"),
+                detail
+            );
+        }
+    }
+    if !a.json {
+        eprintln!("{} records", records.len());
+    }
+    Ok(())
+}
+
+/// An RFC 3339 time, or an age such as `2h` counted back from `now`.
+fn when(s: &str, now: SystemTime) -> anyhow::Result<SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let age: Duration = humantime::parse_duration(s)
+        .with_context(|| format!("{s:?} is neither an RFC 3339 time nor an age like 2h"))?;
+    Ok(now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH))
+}
