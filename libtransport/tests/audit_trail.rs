@@ -22,7 +22,12 @@ fn event(i: u64) -> AuditEvent {
         peer: certs::SpiffeId::parse(&format!("spiffe://hospital.example/gpu/loader-{}", i % 3))
             .unwrap(),
         direction: libtransport::audit::Direction::Out,
-        dataset: DatasetName::new(if i.is_multiple_of(2) { "scans" } else { "notes" }).unwrap(),
+        dataset: DatasetName::new(if i.is_multiple_of(2) {
+            "scans"
+        } else {
+            "notes"
+        })
+        .unwrap(),
         object: ObjectPath::new(&format!("train/shard-{i:04}.bin")).unwrap(),
         bytes: 1000 + i,
         root: Digest([i as u8; 32]),

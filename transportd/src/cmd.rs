@@ -59,7 +59,7 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
             return match r.code() {
                 Some(ErrorCode::NotFound) => 66,
                 Some(ErrorCode::Corrupt) => 65,
-                Some(ErrorCode::Busy | ErrorCode::Unavailable) => 75,
+                Some(ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::AuditUnavailable) => 75,
                 Some(_) => 1,
                 None if r.is_connection() => 69,
                 None => 1,

@@ -1,0 +1,298 @@
+//! Helpers shared by the tests that run the real `transportd` binary: a trust domain made
+//! with the CLI, nodes started as child processes, client arguments.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)] // Each test uses a part.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::Value;
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_transportd"));
+    c.env_remove("TRANSPORTD_LOG").stdin(Stdio::null());
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("transportd runs")
+}
+
+pub fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "transportd {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+pub fn write_data(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = libtransport::test_util::random_bytes(len, seed);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// A trust domain made with the CLI, a storage node's identity (key made on the node, CSR
+/// signed by the CA) and client identities.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        ok(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "hospital.example",
+            "--out",
+            p(&ca),
+            "--validity",
+            "30d",
+        ]);
+        let node = dir.path().join("storage/identity");
+        ok(&[
+            "ca",
+            "csr",
+            "--id",
+            "spiffe://hospital.example/node/storage",
+            "--out",
+            p(&node),
+        ]);
+        ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            p(&ca),
+            "--id",
+            "spiffe://hospital.example/node/storage",
+            "--csr",
+            p(&node.join("svid.csr")),
+            "--out",
+            p(&node),
+        ]);
+        for client in ["loader", "intruder"] {
+            let out = dir.path().join(client);
+            ok(&[
+                "ca",
+                "issue",
+                "--ca",
+                p(&ca),
+                "--id",
+                &format!("spiffe://hospital.example/gpu/{client}"),
+                "--out",
+                p(&out),
+            ]);
+        }
+        std::fs::create_dir_all(dir.path().join("storage/datasets/scans")).unwrap();
+        std::fs::create_dir_all(dir.path().join("storage/datasets/checkpoints")).unwrap();
+        std::fs::write(dir.path().join("storage/node.toml"), NODE_TOML).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("storage/node.toml")
+    }
+}
+
+pub const NODE_TOML: &str = r#"
+[identity]
+svid = "identity/svid.pem"
+key = "identity/svid.key"
+bundle = "identity/bundle.pem"
+
+[listen]
+quic = "127.0.0.1:0"
+tcp = "127.0.0.1:0"
+
+[store]
+root = "datasets"
+state_dir = "state"
+
+[audit]
+dir = "audit"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[allow]]
+peer = "spiffe://hospital.example/gpu/loader"
+dataset = "scans"
+actions = ["read"]
+
+[[allow]]
+peer = "spiffe://hospital.example/gpu/loader"
+dataset = "checkpoints"
+actions = ["read", "write"]
+
+[limits]
+chunk_size = "1MiB"
+"#;
+
+/// A running `transportd node`, killed when dropped.
+pub struct Node {
+    pub child: Child,
+    pub quic: String,
+    pub tcp: String,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Node {
+    pub fn start(site: &Site) -> Self {
+        Self::start_with(site, bin())
+    }
+
+    /// Starts the node through `cmd` (the binary, or a wrapper that runs it).
+    pub fn start_with(site: &Site, mut cmd: Command) -> Self {
+        let log = site.path(&format!("node-{}.log", rand_suffix()));
+        let mut child = cmd
+            .args(["node", "--config", p(&site.config())])
+            .env("TRANSPORTD_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!(
+                "node did not start: {}",
+                std::fs::read_to_string(&log).unwrap()
+            )
+        });
+        Self {
+            child,
+            quic: ready["quic"].as_str().unwrap().to_owned(),
+            tcp: ready["tcp"].as_str().unwrap().to_owned(),
+            admin: ready["admin"].as_str().unwrap_or_default().to_owned(),
+            log,
+        }
+    }
+
+    pub fn addr(&self, path: &str) -> &str {
+        if path == "tcp" { &self.tcp } else { &self.quic }
+    }
+
+    /// Stops the node with SIGTERM (it drains and seals its audit trail) and waits.
+    pub fn stop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "node exited with {status}: {}",
+            std::fs::read_to_string(&self.log).unwrap()
+        );
+    }
+
+    /// GET `path` from the admin endpoint: (status code, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn rand_suffix() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn client<'a>(site: &'a Site, who: &str, node: &'a Node, path: &'a str) -> Vec<String> {
+    vec![
+        "--node".into(),
+        node.addr(path).into(),
+        "--path".into(),
+        path.into(),
+        "--identity".into(),
+        p(&site.path(who)).into(),
+    ]
+}
+
+/// The loader's library client, quick to notice a dead node (5 s rather than a minute).
+pub async fn library_client(
+    site: &Site,
+    addr: &str,
+    path: libtransport::Path,
+) -> libtransport::Client {
+    let read = |f: &str| std::fs::read_to_string(site.path("loader").join(f)).unwrap();
+    let svid = certs::Svid::from_pem(&read("svid.pem"), &read("svid.key")).unwrap();
+    let bundle = certs::TrustBundle::from_pem(&read("bundle.pem")).unwrap();
+    let mut t = libtransport::TransportConfig::default();
+    t.idle_timeout(std::time::Duration::from_secs(5))
+        .io_timeout(std::time::Duration::from_secs(5));
+    let config = libtransport::ClientConfig::builder()
+        .identity(libtransport::IdentityHandle::new(
+            libtransport::Credentials::new(svid, bundle).unwrap(),
+        ))
+        .transport(t)
+        .build();
+    libtransport::Client::connect(config, addr.parse().unwrap(), path)
+        .await
+        .unwrap()
+}
+
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// A progress callback that SIGKILLs `node` once a third of the transfer is done.
+pub fn kill_at_a_third(node: &Node) -> (Arc<AtomicBool>, Progress) {
+    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
+    let killed = Arc::new(AtomicBool::new(false));
+    let k = killed.clone();
+    let progress = Arc::new(move |done: u64, total: u64| {
+        if done * 3 >= total && !k.swap(true, Ordering::SeqCst) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    });
+    (killed, progress)
+}
