@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use certs::{Ca, CaParams, IssueParams, KeyAlgorithm, SpiffeId, Svid, TrustBundle, TrustDomain};
+use libtransport::audit::{FileSink, FileSinkConfig};
 use libtransport::policy::{AccessList, Grant};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::store::Store;
@@ -45,11 +46,13 @@ impl Drop for Bench {
     }
 }
 
-/// Builds identities, writes the object and starts the servers.
+/// Builds identities, writes the object and starts the servers. With `audit`, the server
+/// keeps a real audit trail (hash chain, signed checkpoints) as a node does.
 pub async fn setup(
     size: u64,
     transport: TransportConfig,
     chunk_bytes: u32,
+    audit: bool,
 ) -> anyhow::Result<Bench> {
     let dir = tempfile::Builder::new()
         .prefix("transport-bench-")
@@ -83,12 +86,21 @@ pub async fn setup(
     let s = Arc::new(store);
     let (s2, d2, o2) = (s.clone(), dataset.clone(), object.clone());
     tokio::task::spawn_blocking(move || s2.open_read(&d2, &o2).map(|_| ())).await??;
-    let config = ServerConfig::builder()
-        .identity(IdentityHandle::new(server_creds))
+    let server_identity = IdentityHandle::new(server_creds);
+    let mut builder = ServerConfig::builder()
+        .identity(server_identity.clone())
         .policy(PolicyHandle::new(Arc::new(acl)))
         .store(s)
-        .transport(transport.clone())
-        .build();
+        .transport(transport.clone());
+    if audit {
+        let sink = FileSink::open(
+            FileSinkConfig::new(dir.path().join("audit")),
+            Arc::new(server_identity),
+            Arc::new(libtransport::clock::SystemClock),
+        )?;
+        builder = builder.audit(Arc::new(sink));
+    }
+    let config = builder.build();
     let loopback: SocketAddr = "127.0.0.1:0".parse()?;
     let server = Server::bind(config.clone(), Some(loopback), Some(loopback))
         .await?

@@ -59,6 +59,10 @@ enum Command {
         /// Also write JSON and markdown results into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Run the server without its audit trail (to show what the trail costs: it is
+        /// written per transfer and per decision, never per chunk).
+        #[arg(long)]
+        no_audit: bool,
     },
 }
 
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             max_mtu,
             json: as_json,
             out,
+            no_audit,
         } => rt.block_on(local(LocalArgs {
             size: size.as_u64(),
             modes,
@@ -88,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             max_mtu,
             json: as_json,
             out,
+            audit: !no_audit,
         })),
     }
 }
@@ -102,6 +108,7 @@ struct LocalArgs {
     max_mtu: u16,
     json: bool,
     out: Option<PathBuf>,
+    audit: bool,
 }
 
 async fn local(a: LocalArgs) -> anyhow::Result<()> {
@@ -114,7 +121,7 @@ async fn local(a: LocalArgs) -> anyhow::Result<()> {
         .parallel_chunks(a.parallel)
         .context("--parallel")?;
     transport.mtu(1200, a.max_mtu).context("--max-mtu")?;
-    let bench = benches::setup::setup(a.size, transport, a.chunk_bytes).await?;
+    let bench = benches::setup::setup(a.size, transport, a.chunk_bytes, a.audit).await?;
     let mut results = Vec::new();
     for run in 0..a.runs {
         for &m in &a.modes {
@@ -143,6 +150,7 @@ async fn local(a: LocalArgs) -> anyhow::Result<()> {
         "chunk_bytes": a.chunk_bytes,
         "requests": a.requests,
         "max_mtu": a.max_mtu,
+        "audit": a.audit,
     });
     let doc = json!({
         "params": params,
