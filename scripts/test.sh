@@ -13,9 +13,10 @@ cd "$(dirname "$0")/.."
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-# System packages: a C compiler for aws-lc-sys (the TLS crypto) and git for the bench's
-# records. Later parts of the project (netlab, RDMA) add theirs here.
-packages=(gcc make git)
+# System packages: a C compiler for aws-lc-sys (the TLS crypto), git for the bench's
+# records, and for the lab (netlab) and the root-only tests: iproute2 (ip, tc), nftables,
+# tcpdump, ping and util-linux (unshare, nsenter).
+packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -45,5 +46,13 @@ fi
 
 step "cargo test (every crate; the real transportd and transport-bench binaries)"
 cargo test --workspace --locked
+
+# Tests that need root: network namespaces (netlab), mount namespaces (a full audit disk).
+if [ "$(id -u)" = 0 ]; then
+    step "cargo test -- --ignored (root-only: labs of network namespaces, a full disk)"
+    cargo test --workspace --locked -- --ignored --test-threads=1
+else
+    echo "== skipped the root-only tests (network and mount namespaces): run as root to include them" >&2
+fi
 
 echo "== all passed in $(( $(date +%s) - started )) s"
