@@ -9,6 +9,8 @@
 // A benchmark reads the clock directly; the product injects it.
 #![allow(clippy::disallowed_methods)]
 
+pub mod chart;
+pub mod lab;
 pub mod mode;
 pub mod report;
 pub mod setup;

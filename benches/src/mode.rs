@@ -1,13 +1,17 @@
 //! One measured run of one mode: connect, move the object, then time small requests.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use libtransport::{Client, ClientConfig, FetchOptions, Path, RetryPolicy};
+use certs::SpiffeId;
+use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::{
+    Client, ClientConfig, FetchOptions, IdentityHandle, Path, RetryPolicy, TransportConfig,
+};
 
-use crate::setup::Bench;
-use crate::stats::{Latency, cpu_time, latency_histogram};
+use crate::stats::{Latency, cpu_time, latency_histogram, process_cpu_time};
 
 /// A transport to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +55,32 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// Where a run's server is and what it serves.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The client's identity.
+    pub client: IdentityHandle,
+    /// The server's SPIFFE ID (the plaintext baseline cannot learn it; it assumes it).
+    pub server_id: SpiffeId,
+    /// QUIC address.
+    pub quic: SocketAddr,
+    /// TLS/TCP address.
+    pub tcp: SocketAddr,
+    /// Plaintext baseline address, if the server runs one.
+    pub plaintext: Option<SocketAddr>,
+    /// The dataset.
+    pub dataset: DatasetName,
+    /// The object each run pulls.
+    pub object: ObjectPath,
+    /// Its size.
+    pub size: u64,
+    /// Tuning.
+    pub transport: TransportConfig,
+    /// The server's process id, when it runs on this machine in another process: its CPU
+    /// time is then measured too.
+    pub server_pid: Option<u32>,
+}
+
 /// What one run measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunResult {
@@ -62,8 +92,12 @@ pub struct RunResult {
     pub seconds: f64,
     /// Throughput, 10^9 bytes per second.
     pub gbps: f64,
-    /// CPU seconds (both sides: they share this process) per 10^9 bytes.
+    /// CPU seconds per 10^9 bytes, both sides (client and server).
     pub cpu_s_per_gb: f64,
+    /// CPU seconds per 10^9 bytes on the client (this process).
+    pub client_cpu_s_per_gb: f64,
+    /// CPU seconds per 10^9 bytes on the server, when it could be measured.
+    pub server_cpu_s_per_gb: Option<f64>,
     /// Connection set-up time (handshake and first round trip), microseconds.
     pub connect_us: u64,
     /// Latency of small requests (`stat`, one round trip each).
@@ -71,28 +105,28 @@ pub struct RunResult {
 }
 
 /// Runs `mode` once: one bulk pull of the object into memory, then `requests` small ones.
+/// When the server shares this process (`local`), `cpu_s_per_gb` already holds both sides.
 pub async fn run(
-    bench: &Bench,
+    target: &Target,
     mode: Mode,
     parallel: u32,
     requests: u32,
 ) -> anyhow::Result<RunResult> {
     let config = ClientConfig::builder()
-        .identity(bench.client.clone())
-        .transport(bench.transport.clone())
+        .identity(target.client.clone())
+        .transport(target.transport.clone())
         .build();
     let started = Instant::now();
     let client = match mode {
         Mode::PlaintextTcp => {
-            libtransport::bench::dangerous_connect_plaintext(
-                config,
-                bench.plaintext,
-                bench.server_id.clone(),
-            )
-            .await?
+            let addr = target
+                .plaintext
+                .context("the server runs no plaintext baseline (start it with --plaintext)")?;
+            libtransport::bench::dangerous_connect_plaintext(config, addr, target.server_id.clone())
+                .await?
         }
-        Mode::TlsTcp => Client::connect(config, addr(bench, Path::Tcp)?, Path::Tcp).await?,
-        Mode::Quic => Client::connect(config, addr(bench, Path::Quic)?, Path::Quic).await?,
+        Mode::TlsTcp => Client::connect(config, target.tcp, Path::Tcp).await?,
+        Mode::Quic => Client::connect(config, target.quic, Path::Quic).await?,
     };
     let connect_us = started.elapsed().as_micros() as u64;
 
@@ -102,40 +136,41 @@ pub async fn run(
         progress: None,
     };
     let cpu0 = cpu_time();
+    let server0 = target.server_pid.and_then(process_cpu_time);
     let t0 = Instant::now();
     let data = client
-        .fetch(&bench.dataset, &bench.object, bench.size, &opts)
+        .fetch(&target.dataset, &target.object, target.size, &opts)
         .await
         .with_context(|| format!("{mode}: pulling the object"))?;
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu0);
-    anyhow::ensure!(data.len() as u64 == bench.size, "{mode}: short read");
+    let server_cpu = match (server0, target.server_pid.and_then(process_cpu_time)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    anyhow::ensure!(data.len() as u64 == target.size, "{mode}: short read");
     drop(data);
 
     let mut h = latency_histogram()?;
     for _ in 0..requests {
         let t = Instant::now();
-        client.stat(&bench.dataset, &bench.object).await?;
+        client.stat(&target.dataset, &target.object).await?;
         h.record(t.elapsed().as_micros().max(1) as u64)?;
     }
     client.close();
+    let gb = target.size as f64 / 1e9;
+    let per_gb = |d: Duration| d.as_secs_f64() / gb;
     Ok(RunResult {
         mode: mode.name(),
-        bytes: bench.size,
+        bytes: target.size,
         seconds: secs,
-        gbps: bench.size as f64 / secs / 1e9,
-        cpu_s_per_gb: cpu.as_secs_f64() / (bench.size as f64 / 1e9),
+        gbps: target.size as f64 / secs / 1e9,
+        cpu_s_per_gb: per_gb(cpu + server_cpu.unwrap_or_default()),
+        client_cpu_s_per_gb: per_gb(cpu),
+        server_cpu_s_per_gb: server_cpu.map(per_gb),
         connect_us,
         latency: Latency::of(&h),
     })
-}
-
-fn addr(bench: &Bench, path: Path) -> anyhow::Result<std::net::SocketAddr> {
-    match path {
-        Path::Quic => bench.server.quic_addr(),
-        Path::Tcp => bench.server.tcp_addr(),
-    }
-    .context("server not listening")
 }
 
 /// Gives the previous run's connections time to close before the next starts.

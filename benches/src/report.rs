@@ -8,10 +8,10 @@ use crate::mode::RunResult;
 use crate::stats::median;
 
 /// One mode's summary over all runs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ModeSummary {
     /// Mode name.
-    pub mode: &'static str,
+    pub mode: String,
     /// Median throughput, 10^9 bytes/s.
     pub gbps: f64,
     /// Median throughput over the baseline's median (1.0 for the baseline; absent without it).
@@ -42,7 +42,7 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
                 median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>())
             };
             ModeSummary {
-                mode,
+                mode: mode.to_owned(),
                 gbps: round(med(&|r| r.gbps), 3),
                 ratio_to_plaintext: None,
                 cpu_s_per_gb: round(med(&|r| r.cpu_s_per_gb), 3),

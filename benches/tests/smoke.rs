@@ -55,3 +55,107 @@ fn unknown_modes_are_refused_with_the_list_of_known_ones() {
         "{err}"
     );
 }
+
+#[test]
+fn out_writes_json_markdown_and_an_svg_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+        .args([
+            "local",
+            "--size",
+            "2MiB",
+            "--runs",
+            "1",
+            "--requests",
+            "5",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for ext in ["json", "md", "svg"] {
+        assert!(
+            files.iter().any(|f| f.ends_with(ext)),
+            "no .{ext} in {files:?}"
+        );
+    }
+    let svg = files.iter().find(|f| f.ends_with("svg")).unwrap();
+    let svg = std::fs::read_to_string(dir.path().join(svg)).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("quic") && svg.contains("GB/s"));
+}
+
+#[test]
+fn plaintext_needs_the_dangerous_flag_on_both_sides() {
+    for args in [
+        vec!["server", "--identity", "x", "--plaintext", "127.0.0.1:1"],
+        vec![
+            "client",
+            "--identity",
+            "x",
+            "--server",
+            "127.0.0.1:1",
+            "--plaintext-server",
+            "127.0.0.1:2",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--dangerous-plaintext"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn lab_reports_each_mode_across_a_wire_at_both_mtus() {
+    for mtu in ["1500", "9000"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+            .args([
+                "lab",
+                "--size",
+                "16MiB",
+                "--runs",
+                "1",
+                "--requests",
+                "10",
+                "--json",
+                "--mtu",
+                mtu,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["mtu"].to_string(), mtu);
+        let modes = doc["modes"].as_array().unwrap();
+        assert_eq!(modes.len(), 3);
+        for m in modes {
+            assert!(m["gbps"].as_f64().unwrap() > 0.0);
+            assert!(m["ratio_to_plaintext"].as_f64().unwrap() > 0.0);
+        }
+        // Both sides' CPU was measured: the server ran in another process on a lab host.
+        let runs = doc["runs"].as_array().unwrap();
+        assert!(
+            runs.iter()
+                .all(|r| r["server_cpu_s_per_gb"].as_f64().is_some_and(|c| c > 0.0))
+        );
+    }
+}

@@ -1,18 +1,26 @@
 //! `transport-bench`: what does security cost? Runs the plaintext baseline, TLS/TCP and
-//! QUIC/mTLS over the same workload in one invocation and reports throughput, the ratio to
-//! plaintext, CPU per GB and request latency percentiles.
+//! QUIC/mTLS over the same workload and reports throughput, the ratio to plaintext, CPU per
+//! GB and request latency percentiles.
+//!
+//! * `local`: everything on loopback in one process;
+//! * `server` and `client`: two machines of a real cluster, authenticated by SVIDs (like
+//!   iperf3); the plaintext baseline runs only when both sides pass `--dangerous-plaintext`;
+//! * `lab`: a server and a client on two netlab hosts (needs root).
 
 #![forbid(unsafe_code)]
 #![allow(clippy::disallowed_methods)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
-use benches::mode::{self, Mode};
-use benches::report;
-use clap::{Parser, Subcommand};
-use libtransport::TransportConfig;
-use serde_json::json;
+use anyhow::{Context, bail};
+use benches::mode::{self, Mode, Target};
+use benches::setup::{ObjectSource, ServeSpec};
+use benches::{chart, report};
+use clap::{Args, Parser, Subcommand};
+use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::{Client, ClientConfig, Path, TransportConfig};
+use serde_json::{Value, json};
 
 /// Benchmarks transportd's secure transports against a plaintext baseline.
 #[derive(Debug, Parser)]
@@ -31,106 +39,309 @@ enum Command {
         /// Size of the object each run pulls.
         #[arg(long, default_value = "1GiB")]
         size: bytesize::ByteSize,
-        /// Modes to run, comma-separated.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "plaintext-tcp,tls-tcp,quic"
-        )]
-        modes: Vec<Mode>,
-        /// Runs per mode.
-        #[arg(long, default_value_t = 3)]
-        runs: u32,
-        /// Chunks in flight, each on its own stream.
-        #[arg(long, default_value_t = 8)]
-        parallel: u32,
-        /// Chunk size.
-        #[arg(long, default_value = "4MiB")]
-        chunk_size: bytesize::ByteSize,
-        /// Small requests timed per run for the latency percentiles.
-        #[arg(long, default_value_t = 1000)]
-        requests: u32,
+        #[command(flatten)]
+        run: RunArgs,
         /// QUIC path-MTU ceiling (loopback allows up to 65527).
         #[arg(long, default_value_t = 1452)]
         max_mtu: u16,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Also write JSON and markdown results into this directory.
-        #[arg(long)]
-        out: Option<PathBuf>,
         /// Run the server without its audit trail (to show what the trail costs: it is
         /// written per transfer and per decision, never per chunk).
         #[arg(long)]
         no_audit: bool,
     },
+    /// Serve a benchmark object to `client`s of the same trust domain, over QUIC and TLS/TCP
+    /// (and the plaintext baseline with --plaintext and --dangerous-plaintext). Prints one
+    /// JSON line with its addresses, then serves until interrupted.
+    Server {
+        /// QUIC and TLS/TCP listen on this address (the same port for both).
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Directory holding svid.pem, svid.key and bundle.pem (`transportd ca issue`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// Serve pseudo-random bytes of this size...
+        #[arg(long, default_value = "1GiB", conflicts_with = "object")]
+        size: bytesize::ByteSize,
+        /// ... or a copy of this file.
+        #[arg(long)]
+        object: Option<PathBuf>,
+        /// Chunk size of the object's manifest.
+        #[arg(long, default_value = "4MiB")]
+        chunk_size: bytesize::ByteSize,
+        /// Also serve the plaintext baseline here (needs --dangerous-plaintext).
+        #[arg(long, requires = "dangerous_plaintext")]
+        plaintext: Option<SocketAddr>,
+        /// Acknowledge that --plaintext sends the object unencrypted and unauthenticated.
+        #[arg(long)]
+        dangerous_plaintext: bool,
+        /// QUIC path-MTU ceiling.
+        #[arg(long, default_value_t = 1452)]
+        max_mtu: u16,
+        /// Run without an audit trail.
+        #[arg(long)]
+        no_audit: bool,
+    },
+    /// Measure the modes against a `server` on another machine.
+    Client {
+        /// The server's QUIC and TLS/TCP address.
+        #[arg(long)]
+        server: SocketAddr,
+        /// The server's plaintext baseline address (needs --dangerous-plaintext).
+        #[arg(long, requires = "dangerous_plaintext")]
+        plaintext_server: Option<SocketAddr>,
+        /// Acknowledge that the plaintext mode moves data unencrypted and unauthenticated.
+        #[arg(long)]
+        dangerous_plaintext: bool,
+        /// Directory holding this client's svid.pem, svid.key and bundle.pem.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Insist on this server SPIFFE ID (default: the one its SVID shows over TLS).
+        #[arg(long)]
+        server_id: Option<String>,
+        /// The server's process id, if it runs on this machine (its CPU is measured too).
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[command(flatten)]
+        run: RunArgs,
+        /// QUIC path-MTU ceiling.
+        #[arg(long, default_value_t = 1452)]
+        max_mtu: u16,
+    },
+    /// A server and a client on two netlab hosts (network namespaces joined by a bridge):
+    /// the modes cross a wire with a real MTU. Needs root.
+    Lab {
+        /// Size of the object each run pulls.
+        #[arg(long, default_value = "1GiB")]
+        size: bytesize::ByteSize,
+        /// The link MTU.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// Rate limit per direction, Mbit/s (default: none).
+        #[arg(long)]
+        rate_mbit: Option<u64>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+/// Options every measuring command shares.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Modes to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "plaintext-tcp,tls-tcp,quic"
+    )]
+    modes: Vec<Mode>,
+    /// Runs per mode.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Chunks in flight, each on its own stream.
+    #[arg(long, default_value_t = 8)]
+    parallel: u32,
+    /// Chunk size.
+    #[arg(long, default_value = "4MiB")]
+    chunk_size: bytesize::ByteSize,
+    /// Small requests timed per run for the latency percentiles.
+    #[arg(long, default_value_t = 1000)]
+    requests: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also write JSON, markdown and an SVG chart into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Lab {
+        size,
+        mtu,
+        rate_mbit,
+        run,
+    } = &cli.command
+    {
+        // The lab drives processes on its hosts; it needs no runtime of its own.
+        let args = benches::lab::LabArgs {
+            size: size.as_u64(),
+            mtu: *mtu,
+            rate_mbit: *rate_mbit,
+            modes: run
+                .modes
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            runs: run.runs.max(1),
+            parallel: run.parallel,
+            chunk_bytes: chunk_bytes(run)?,
+            requests: run.requests,
+        };
+        let doc = benches::lab::run(&args)?;
+        return finish(&doc, &format!("lab-mtu{mtu}"), run);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    rt.block_on(async_main(cli.command))
+}
+
+async fn async_main(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Local {
             size,
-            modes,
-            runs,
-            parallel,
-            chunk_size,
-            requests,
+            run,
             max_mtu,
-            json: as_json,
-            out,
             no_audit,
-        } => rt.block_on(local(LocalArgs {
-            size: size.as_u64(),
-            modes,
-            runs: runs.max(1),
-            parallel,
-            chunk_bytes: u32::try_from(chunk_size.as_u64()).context("--chunk-size")?,
-            requests,
+        } => local(size.as_u64(), &run, max_mtu, !no_audit).await,
+        Command::Server {
+            listen,
+            identity,
+            size,
+            object,
+            chunk_size,
+            plaintext,
+            dangerous_plaintext: _,
             max_mtu,
-            json: as_json,
-            out,
-            audit: !no_audit,
-        })),
+            no_audit,
+        } => {
+            let mut transport = TransportConfig::default();
+            transport.mtu(1200, max_mtu).context("--max-mtu")?;
+            let cb = u32::try_from(chunk_size.as_u64()).context("--chunk-size")?;
+            transport.chunk_bytes(cb).context("--chunk-size")?;
+            let served = benches::setup::serve(ServeSpec {
+                identity: benches::setup::load_identity(&identity)?,
+                listen,
+                plaintext,
+                object: object.map_or(ObjectSource::Synthetic(size.as_u64()), ObjectSource::File),
+                transport,
+                chunk_bytes: cb,
+                audit: !no_audit,
+            })
+            .await?;
+            println!(
+                "{}",
+                json!({
+                    "event": "listening",
+                    "id": served.server_id,
+                    "quic": served.server.quic_addr(),
+                    "tcp": served.server.tcp_addr(),
+                    "plaintext": served.plaintext,
+                    "size": served.size,
+                    "pid": std::process::id(),
+                })
+            );
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        Command::Client {
+            server,
+            plaintext_server,
+            dangerous_plaintext: _,
+            identity,
+            server_id,
+            server_pid,
+            run,
+            max_mtu,
+        } => {
+            let mut transport = TransportConfig::default();
+            transport.mtu(1200, max_mtu).context("--max-mtu")?;
+            transport
+                .parallel_chunks(run.parallel)
+                .context("--parallel")?;
+            let client_id = benches::setup::load_identity(&identity)?;
+            // Learn the object's size and the server's identity over an authenticated path.
+            let mut config = ClientConfig::builder()
+                .identity(client_id.clone())
+                .transport(transport.clone());
+            if let Some(id) = &server_id {
+                config = config.server_id(certs::SpiffeId::parse(id).context("--server-id")?);
+            }
+            let probe = Client::connect(config.build(), server, Path::Tcp)
+                .await
+                .context("connecting to the server")?;
+            let dataset = DatasetName::new("bench")?;
+            let object = ObjectPath::new("object.bin")?;
+            let size = probe.stat(&dataset, &object).await?.size();
+            let target = Target {
+                client: client_id,
+                server_id: probe.server().id,
+                quic: server,
+                tcp: server,
+                plaintext: plaintext_server,
+                dataset,
+                object,
+                size,
+                transport,
+                server_pid,
+            };
+            probe.close();
+            let doc = measure(&target, &run, json!({ "kind": "client", "server": server })).await?;
+            finish(&doc, "client", &run)
+        }
+        Command::Lab { .. } => bail!("lab runs without a runtime"),
     }
 }
 
-struct LocalArgs {
-    size: u64,
-    modes: Vec<Mode>,
-    runs: u32,
-    parallel: u32,
-    chunk_bytes: u32,
-    requests: u32,
-    max_mtu: u16,
-    json: bool,
-    out: Option<PathBuf>,
-    audit: bool,
+async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(size > 0, "--size must be more than zero");
+    let cb = chunk_bytes(run)?;
+    let mut transport = TransportConfig::default();
+    transport.chunk_bytes(cb).context("--chunk-size")?;
+    transport
+        .parallel_chunks(run.parallel)
+        .context("--parallel")?;
+    transport.mtu(1200, max_mtu).context("--max-mtu")?;
+    let ca = benches::setup::new_ca()?;
+    let server =
+        libtransport::IdentityHandle::new(benches::setup::credentials(&ca, "/bench/server")?);
+    let client =
+        libtransport::IdentityHandle::new(benches::setup::credentials(&ca, "/bench/client")?);
+    let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+    let served = benches::setup::serve(ServeSpec {
+        identity: server,
+        listen: loopback,
+        plaintext: Some(loopback),
+        object: ObjectSource::Synthetic(size),
+        transport: transport.clone(),
+        chunk_bytes: cb,
+        audit,
+    })
+    .await?;
+    let target = Target {
+        client,
+        server_id: served.server_id.clone(),
+        quic: served.server.quic_addr().context("no QUIC listener")?,
+        tcp: served.server.tcp_addr().context("no TCP listener")?,
+        plaintext: served.plaintext,
+        dataset: served.dataset.clone(),
+        object: served.object.clone(),
+        size: served.size,
+        transport,
+        server_pid: None,
+    };
+    let doc = measure(
+        &target,
+        run,
+        json!({ "kind": "local", "max_mtu": max_mtu, "audit": audit }),
+    )
+    .await?;
+    finish(&doc, "local", run)
 }
 
-async fn local(a: LocalArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.size > 0, "--size must be more than zero");
-    let mut transport = TransportConfig::default();
-    transport
-        .chunk_bytes(a.chunk_bytes)
-        .context("--chunk-size")?;
-    transport
-        .parallel_chunks(a.parallel)
-        .context("--parallel")?;
-    transport.mtu(1200, a.max_mtu).context("--max-mtu")?;
-    let bench = benches::setup::setup(a.size, transport, a.chunk_bytes, a.audit).await?;
+/// Runs every mode `run.runs` times, interleaved, and builds the report document.
+async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::Result<Value> {
     let mut results = Vec::new();
-    for run in 0..a.runs {
-        for &m in &a.modes {
-            let r = mode::run(&bench, m, a.parallel, a.requests).await?;
-            if !a.json {
+    for i in 0..run.runs.max(1) {
+        for &m in &run.modes {
+            let r = mode::run(target, m, run.parallel, run.requests).await?;
+            if !run.json {
                 eprintln!(
                     "run {}/{}: {:<14} {:.3} GB/s",
-                    run + 1,
-                    a.runs,
+                    i + 1,
+                    run.runs,
                     m.name(),
                     r.gbps
                 );
@@ -139,47 +350,60 @@ async fn local(a: LocalArgs) -> anyhow::Result<()> {
             mode::settle().await;
         }
     }
-    let order: Vec<&'static str> = a.modes.iter().map(|m| m.name()).collect();
+    let order: Vec<&'static str> = run.modes.iter().map(|m| m.name()).collect();
     let summary = report::summarise(&order, &results);
-    let machine = report::machine();
-    let params = json!({
-        "kind": "local",
-        "size": a.size,
-        "runs": a.runs,
-        "parallel": a.parallel,
-        "chunk_bytes": a.chunk_bytes,
-        "requests": a.requests,
-        "max_mtu": a.max_mtu,
-        "audit": a.audit,
-    });
-    let doc = json!({
+    params["size"] = target.size.into();
+    params["runs"] = run.runs.into();
+    params["parallel"] = run.parallel.into();
+    params["chunk_bytes"] = chunk_bytes(run)?.into();
+    params["requests"] = run.requests.into();
+    Ok(json!({
         "params": params,
-        "machine": machine,
+        "machine": report::machine(),
         "modes": summary,
         "runs": results,
-    });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }))
+}
+
+/// Prints the report (JSON or table) and writes it with a chart into `--out`.
+fn finish(doc: &Value, kind: &str, run: &RunArgs) -> anyhow::Result<()> {
+    let summary: Vec<report::ModeSummary> = serde_json::from_value(doc["modes"].clone())?;
+    if run.json {
+        println!("{}", serde_json::to_string_pretty(doc)?);
     } else {
         print!("{}", report::table(&summary));
     }
-    if let Some(dir) = a.out {
-        std::fs::create_dir_all(&dir)?;
-        let stamp = chrono_stamp();
+    if let Some(dir) = &run.out {
+        std::fs::create_dir_all(dir)?;
+        let base = format!("{kind}-{}", stamp());
         std::fs::write(
-            dir.join(format!("local-{stamp}.json")),
-            serde_json::to_string_pretty(&doc)?,
+            dir.join(format!("{base}.json")),
+            serde_json::to_string_pretty(doc)?,
         )?;
         std::fs::write(
-            dir.join(format!("local-{stamp}.md")),
+            dir.join(format!("{base}.md")),
             report::markdown(&summary, &doc["machine"], &doc["params"]),
         )?;
+        let title = match doc["params"]["kind"].as_str() {
+            Some("lab") => format!(
+                "transport-bench lab, MTU {}: GB/s (ratio to plaintext)",
+                doc["mtu"]
+            ),
+            Some(k) => format!("transport-bench {k}: GB/s (ratio to plaintext)"),
+            None => "transport-bench".to_owned(),
+        };
+        chart::svg(&dir.join(format!("{base}.svg")), &title, &summary)?;
+        eprintln!("wrote {}/{base}.{{json,md,svg}}", dir.display());
     }
     Ok(())
 }
 
+fn chunk_bytes(run: &RunArgs) -> anyhow::Result<u32> {
+    u32::try_from(run.chunk_size.as_u64()).context("--chunk-size")
+}
+
 /// `YYYYMMDD-HHMMSS` in UTC, for result file names.
-fn chrono_stamp() -> String {
+fn stamp() -> String {
     let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     t.replace(['-', ':'], "")
         .replace('T', "-")
