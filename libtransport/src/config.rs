@@ -51,8 +51,8 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(5),
             io_timeout: Duration::from_secs(60),
-            stream_window: 8 << 20,
-            connection_window: 64 << 20,
+            stream_window: 2 << 20,
+            connection_window: 8 << 20,
             initial_mtu: 1200,
             max_mtu: 1452,
             socket_buffer_bytes: 8 << 20,
@@ -137,7 +137,19 @@ impl TransportConfig {
         self
     }
 
-    /// QUIC flow-control windows per stream and per connection (defaults 8 and 64 MiB).
+    /// The QUIC flow-control window per stream.
+    pub fn stream_window(&self) -> u32 {
+        self.stream_window
+    }
+
+    /// The QUIC flow-control window per connection.
+    pub fn connection_window(&self) -> u32 {
+        self.connection_window
+    }
+
+    /// QUIC flow-control windows per stream and per connection (defaults 2 and 8 MiB: more
+    /// than a data-center path's bandwidth-delay product, and no more than the UDP socket
+    /// buffer holds, so a busy receiver does not drop what it allowed the sender to send).
     pub fn windows(&mut self, stream: u32, connection: u32) -> &mut Self {
         self.stream_window = stream;
         self.connection_window = connection.max(stream);

@@ -146,6 +146,12 @@ struct RunArgs {
     /// Small requests timed per run for the latency percentiles.
     #[arg(long, default_value_t = 1000)]
     requests: u32,
+    /// QUIC flow-control window per stream (default: the library's).
+    #[arg(long)]
+    stream_window: Option<bytesize::ByteSize>,
+    /// QUIC flow-control window per connection (default: the library's).
+    #[arg(long)]
+    connection_window: Option<bytesize::ByteSize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -294,6 +300,7 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
         .parallel_chunks(run.parallel)
         .context("--parallel")?;
     transport.mtu(1200, max_mtu).context("--max-mtu")?;
+    windows(run, &mut transport)?;
     let ca = benches::setup::new_ca()?;
     let server =
         libtransport::IdentityHandle::new(benches::setup::credentials(&ca, "/bench/server")?);
@@ -394,6 +401,23 @@ fn finish(doc: &Value, kind: &str, run: &RunArgs) -> anyhow::Result<()> {
         };
         chart::svg(&dir.join(format!("{base}.svg")), &title, &summary)?;
         eprintln!("wrote {}/{base}.{{json,md,svg}}", dir.display());
+    }
+    Ok(())
+}
+
+/// Applies the QUIC window knobs, if given.
+fn windows(run: &RunArgs, transport: &mut TransportConfig) -> anyhow::Result<()> {
+    if run.stream_window.is_some() || run.connection_window.is_some() {
+        let d = TransportConfig::default();
+        let stream = run
+            .stream_window
+            .map_or(Ok(d.stream_window()), |w| u32::try_from(w.as_u64()))
+            .context("--stream-window")?;
+        let conn = run
+            .connection_window
+            .map_or(Ok(d.connection_window()), |w| u32::try_from(w.as_u64()))
+            .context("--connection-window")?;
+        transport.windows(stream, conn);
     }
     Ok(())
 }
