@@ -275,7 +275,8 @@ impl RetryPolicy {
         }
     }
 
-    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+    /// How long to wait before reconnect attempt `attempt` (from 0).
+    pub fn delay(&self, attempt: u32) -> Duration {
         self.backoff
             .saturating_mul(1 << attempt.min(16))
             .min(Duration::from_secs(30))
@@ -568,7 +569,12 @@ fn hello_ack(frame: &Frame) -> Result<HelloAck, ConnectError> {
             }
             Ok(ack)
         }
-        FrameKind::Error => Err(ConnectError::Version),
+        FrameKind::Error => Err(match ErrorCode::decode(&frame.payload) {
+            Ok(ErrorCode::Busy) => ConnectError::Busy,
+            Ok(ErrorCode::Version) => ConnectError::Version,
+            Ok(other) => ConnectError::Lost(format!("server refused: {}", other.describe())),
+            Err(e) => ConnectError::Lost(format!("malformed hello answer: {e}")),
+        }),
         k => Err(ConnectError::Lost(format!(
             "unexpected {k:?} frame instead of hello answer"
         ))),
@@ -585,6 +591,11 @@ fn take_failure(failure: &FailureSlot) -> Option<certs::SvidError> {
 fn quic_connect_error(e: &quinn::ConnectionError, failure: &FailureSlot) -> ConnectError {
     if let Some(svid) = take_failure(failure) {
         return ConnectError::ServerNotTrusted(svid);
+    }
+    if let quinn::ConnectionError::ConnectionClosed(c) = e
+        && c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    {
+        return ConnectError::Busy;
     }
     if let Some(alert) = quic::alert_of(e) {
         return ConnectError::Rejected(Rejection::from_alert(rustls::AlertDescription::from(

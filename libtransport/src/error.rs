@@ -44,6 +44,9 @@ pub enum ConnectError {
     /// The TLS handshake failed for another reason.
     #[error("TLS handshake failed: {0}")]
     Tls(String),
+    /// The server is at its connection limit.
+    #[error("the node is at its connection limit; retry later")]
+    Busy,
     /// The server speaks no protocol version we know.
     #[error("server speaks no protocol version we know (we speak version 1)")]
     Version,
@@ -63,7 +66,7 @@ impl ConnectError {
 
     /// True if reconnecting later may succeed (the network, not the credentials, failed).
     pub fn is_retriable(&self) -> bool {
-        self.is_network() || matches!(self, Self::Lost(_))
+        self.is_network() || matches!(self, Self::Lost(_) | Self::Busy)
     }
 }
 

@@ -53,6 +53,8 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

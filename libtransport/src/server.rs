@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     slots: Arc<Semaphore>,
     tls: Arc<rustls::ServerConfig>,
+    /// Connections past the limit that are still told they are busy.
+    overflow: Arc<Semaphore>,
     next_conn: AtomicU64,
     /// Flips to true on shutdown: accept no more connections or requests.
     stop: watch::Sender<bool>,
@@ -81,6 +83,7 @@ impl Server {
                 config,
                 slots,
                 tls: Arc::new(tls),
+                overflow: Arc::new(Semaphore::new(MAX_BUSY_ANSWERS)),
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
             }),
@@ -310,6 +313,12 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
         };
         let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
             warn!(peer.addr = %addr, "connection limit reached; refusing");
+            // Tell the client it is busy (after its handshake, so the answer is
+            // authenticated), within a small budget of its own; past that, just close.
+            if let Ok(spare) = shared.overflow.clone().try_acquire_owned() {
+                tcp::tune(&socket);
+                conns.spawn(refuse_busy(shared.clone(), socket, spare));
+            }
             continue;
         };
         tcp::tune(&socket);
@@ -359,6 +368,27 @@ async fn serve_tcp(
         .1
         .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
     serve_stream(shared, tls, peer).await;
+}
+
+/// Completes a TLS handshake only to answer the hello with `Busy`, then closes.
+async fn refuse_busy(
+    shared: Arc<Shared>,
+    socket: tokio::net::TcpStream,
+    _spare: OwnedSemaphorePermit,
+) {
+    use tokio::io::AsyncWriteExt;
+    let timeout = shared.config.transport.handshake_timeout;
+    let answer = async {
+        let mut tls = tokio_rustls::TlsAcceptor::from(shared.tls.clone())
+            .accept(socket)
+            .await
+            .ok()?;
+        mux::read_frame(&mut tls).await.ok()??;
+        let busy = Frame::new(FrameKind::Error, 0, ErrorCode::Busy.encode());
+        mux::write_frame(&mut tls, &busy).await.ok()?;
+        tls.shutdown().await.ok()
+    };
+    let _ = tokio::time::timeout(timeout, answer).await;
 }
 
 /// Serves one authenticated byte stream (TLS/TCP, or the bench's plaintext baseline).
@@ -429,6 +459,7 @@ pub(crate) fn shared_for_bench(config: ServerConfig) -> Arc<Shared> {
         slots: Arc::new(Semaphore::new(config.transport.max_connections as usize)),
         config,
         tls,
+        overflow: Arc::new(Semaphore::new(MAX_BUSY_ANSWERS)),
         next_conn: AtomicU64::new(1),
         stop: watch::Sender::new(false),
     })
@@ -563,6 +594,9 @@ fn tls_refusal(e: &std::io::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// Connections past the limit answered with `Busy` at once; more are closed unanswered.
+const MAX_BUSY_ANSWERS: usize = 64;
 
 /// TLS plaintext rustls accepts per write before pushing records out; large enough that a
 /// 1 MiB frame is encrypted and sent in one go.

@@ -399,3 +399,54 @@ async fn metrics_move_after_a_transfer_a_denial_and_a_refusal() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_connection_limit_says_busy_and_serves_again_later() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let mut t = TransportConfig::default();
+    t.max_connections(1).unwrap();
+    let server = TestServer::start_with(&pki, &[("/gpu/loader", "scans", true, false)], t).await;
+    server.put("scans", "a.bin", b"scan bytes");
+    for path in [Path::Quic, Path::Tcp] {
+        let first = Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path)
+            .await
+            .unwrap();
+        let second =
+            Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path).await;
+        let e = second.expect_err("a second connection past the limit was accepted");
+        assert!(matches!(e, libtransport::ConnectError::Busy), "{path}: {e}");
+        assert!(e.is_retriable());
+        // Once the first goes, the slot frees and the next client is served.
+        first.close();
+        drop(first);
+        let mut served = None;
+        for _ in 0..50 {
+            match Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path).await
+            {
+                Ok(c) => {
+                    served = Some(c);
+                    break;
+                }
+                Err(libtransport::ConnectError::Busy) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{path}: {e}"),
+            }
+        }
+        let c = served.expect("the freed slot was never reused");
+        let got = c
+            .fetch(
+                &DatasetName::new("scans").unwrap(),
+                &ObjectPath::new("a.bin").unwrap(),
+                1 << 20,
+                &FetchOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"scan bytes");
+        c.close();
+        drop(c);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}

@@ -46,6 +46,7 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
             return match c {
                 ConnectError::Rejected(_) | ConnectError::ServerNotTrusted(_) => 77,
                 ConnectError::Local(_) => 1,
+                ConnectError::Busy => 75,
                 _ => 69,
             };
         }

@@ -20,7 +20,7 @@ use crate::config::{IdentityPaths, load_credentials};
 
 /// `transportd ls`.
 pub(crate) async fn ls(conn: &ConnArgs, target: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let client = connect(conn, None, None).await?;
+    let client = connect(conn, None, None, RetryPolicy::default().attempts).await?;
     match target {
         None => {
             let names = client.list_datasets().await?;
@@ -62,7 +62,13 @@ pub(crate) async fn pull(
     dest: &Path,
     args: &TransferArgs,
 ) -> anyhow::Result<()> {
-    let client = connect(conn, args.audit.as_deref(), Some(args.parallel)).await?;
+    let client = connect(
+        conn,
+        args.audit.as_deref(),
+        Some(args.parallel),
+        args.retries,
+    )
+    .await?;
     let (dataset, object) = split_target(source)?;
     let jobs: Vec<(ObjectPath, PathBuf, u64)> = match object {
         Some(o) => {
@@ -161,7 +167,13 @@ pub(crate) async fn push(
             meta.len(),
         )]
     };
-    let client = connect(conn, args.audit.as_deref(), Some(args.parallel)).await?;
+    let client = connect(
+        conn,
+        args.audit.as_deref(),
+        Some(args.parallel),
+        args.retries,
+    )
+    .await?;
     let total: u64 = jobs.iter().map(|j| j.2).sum();
     let bar = progress_bar(total, args.json);
     let mut reports: Vec<(String, PushReport)> = Vec::new();
@@ -250,6 +262,7 @@ pub(crate) async fn connect(
     conn: &ConnArgs,
     audit: Option<&Path>,
     parallel: Option<u32>,
+    retries: u32,
 ) -> anyhow::Result<Client> {
     let paths = identity_paths(conn)?;
     let creds = load_credentials(&paths)?;
@@ -276,15 +289,29 @@ pub(crate) async fn connect(
     }
     let config = builder.build();
     let addr = resolve(&conn.node).await?;
-    let client = match conn.path {
-        PathArg::Auto => {
-            Client::connect_any(config, addr, &[Transport::Quic, Transport::Tcp]).await
+    // A busy node or a network hiccup at connect time is retried like one mid-transfer.
+    let policy = retry(retries);
+    let mut attempt = 0;
+    loop {
+        let result = match conn.path {
+            PathArg::Auto => {
+                Client::connect_any(config.clone(), addr, &[Transport::Quic, Transport::Tcp]).await
+            }
+            PathArg::Quic => Client::connect(config.clone(), addr, Transport::Quic).await,
+            PathArg::Tcp => Client::connect(config.clone(), addr, Transport::Tcp).await,
+        };
+        match result {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_retriable() && attempt < policy.attempts => {
+                tracing::warn!(error = %e, attempt, "connecting failed; retrying");
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("connecting to {}", conn.node)));
+            }
         }
-        PathArg::Quic => Client::connect(config, addr, Transport::Quic).await,
-        PathArg::Tcp => Client::connect(config, addr, Transport::Tcp).await,
     }
-    .with_context(|| format!("connecting to {}", conn.node))?;
-    Ok(client)
 }
 
 fn identity_paths(conn: &ConnArgs) -> anyhow::Result<IdentityPaths> {
