@@ -96,6 +96,8 @@ impl Capture {
             .args(["netns", "exec", netns, "tcpdump", "-i", interface])
             // No name lookups, full frames, every packet written at once, no buffering delay.
             .args(["-n", "-s", "0", "-U", "--immediate-mode", "-w", "-"])
+            // A 64 MiB kernel buffer, so a burst on a fast bridge is not dropped.
+            .args(["-B", "65536"])
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(log));

@@ -8,7 +8,7 @@ use libtransport::proto::Digest;
 use libtransport::proto::manifest::{MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 
 #[path = "../../src"]
-#[allow(dead_code, unreachable_pub)] // Only `NodeConfig::parse` is exercised.
+#[allow(dead_code, unused_imports, unreachable_pub)] // Only `NodeConfig::parse` is exercised.
 mod daemon {
     pub(crate) mod config;
 }

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use libtransport::audit::{FileSink, FileSinkConfig};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::{
-    Client, ClientConfig, FetchOptions, FetchReport, IdentityHandle, Path as Transport,
+    Client, ClientConfig, FetchError, FetchOptions, FetchReport, IdentityHandle, Path as Transport,
     PushOptions, PushReport, RetryPolicy, TransportConfig,
 };
 use serde_json::json;
@@ -116,6 +116,7 @@ pub(crate) async fn pull(
         let report = client
             .fetch_to_file(&dataset, &object, &to, &opts)
             .await
+            .map_err(|e| explain_fetch(e, &to))
             .with_context(|| format!("pulling {dataset}/{object} into {}", to.display()))?;
         base += size;
         reports.push((object.to_string(), report));
@@ -236,6 +237,20 @@ fn print_pulls(
             r.path,
             r.root.short()
         );
+    }
+}
+
+/// Adds what to do to the errors a user can fix.
+fn explain_fetch(e: FetchError, to: &Path) -> anyhow::Error {
+    let full = matches!(&e, FetchError::Local(io) if io.kind() == std::io::ErrorKind::StorageFull);
+    let e = anyhow::Error::new(e);
+    if full {
+        e.context(format!(
+            "the disk holding {} is full: free space and run the same command again (chunks already verified are kept)",
+            to.display()
+        ))
+    } else {
+        e
     }
 }
 

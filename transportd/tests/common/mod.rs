@@ -51,12 +51,21 @@ pub fn write_data(path: &Path, len: usize, seed: u64) -> Vec<u8> {
 /// A trust domain made with the CLI, a storage node's identity (key made on the node, CSR
 /// signed by the CA) and client identities.
 pub struct Site {
-    pub dir: tempfile::TempDir,
+    root: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Site {
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut site = Self::new_in(tmp.path());
+        site._tmp = Some(tmp);
+        site
+    }
+
+    /// A site in `dir`, which outlives it (a lab's artifacts directory, kept on failure).
+    pub fn new_in(dir: &Path) -> Self {
+        let dir = Root(dir.to_path_buf());
         let ca = dir.path().join("ca");
         ok(&[
             "ca",
@@ -105,15 +114,26 @@ impl Site {
         std::fs::create_dir_all(dir.path().join("storage/datasets/scans")).unwrap();
         std::fs::create_dir_all(dir.path().join("storage/datasets/checkpoints")).unwrap();
         std::fs::write(dir.path().join("storage/node.toml"), NODE_TOML).unwrap();
-        Self { dir }
+        Self {
+            root: dir.0,
+            _tmp: None,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+        self.root.join(rel)
     }
 
     pub fn config(&self) -> PathBuf {
         self.path("storage/node.toml")
+    }
+}
+
+struct Root(PathBuf);
+
+impl Root {
+    fn path(&self) -> &Path {
+        &self.0
     }
 }
 

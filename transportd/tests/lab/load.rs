@@ -1,0 +1,134 @@
+//! Many clients at once, and clients that hold connections without speaking.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use libtransport::proto::Digest;
+use libtransport::store::digest_file;
+
+use crate::common::{p, write_data};
+use crate::util::{LabSite, peak_rss_kib, wait_exit};
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn sixty_four_concurrent_clients_all_complete_busy_ones_after_a_retry() {
+    // A limit below the crowd, so some clients are told the node is busy.
+    let mut s = LabSite::new("many_clients", &[], |t| {
+        t.replace("[limits]", "[limits]\nmax_connections = 24")
+    });
+    let data = write_data(&s.dataset_file("scans/shard.bin"), 4 << 20, 7);
+    s.start_node();
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            let path = if i % 2 == 0 { "quic" } else { "tcp" };
+            let dest = s.site.path(&format!("out/{i}.bin"));
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            s.client_process(
+                "gpu",
+                "loader",
+                "pull",
+                &[
+                    "--path",
+                    path,
+                    "--retries",
+                    "10",
+                    "scans/shard.bin",
+                    p(&dest),
+                ],
+            )
+        })
+        .collect();
+    let mut busy = 0;
+    for (i, c) in clients.iter().enumerate() {
+        let status = wait_exit(c, Duration::from_secs(180));
+        assert!(status.success(), "client {i}: {}", c.log());
+        assert_eq!(
+            digest_file(&s.site.path(&format!("out/{i}.bin"))).unwrap(),
+            Digest::of(&data)
+        );
+        if c.log().contains("connection limit") {
+            busy += 1;
+        }
+    }
+    let rss = peak_rss_kib(s.node().pid());
+    eprintln!(
+        "64 clients: {busy} were told the node was busy and succeeded on retry; node peak RSS {} MiB",
+        rss / 1024
+    );
+    assert!(
+        busy > 0,
+        "no client was ever told the node was busy: the limit was not reached"
+    );
+    assert!(rss < 512 * 1024, "node peak RSS {rss} KiB");
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+#[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+fn half_open_and_stalled_connections_do_not_stop_a_good_client() {
+    let mut s = LabSite::new("slowloris", &["rogue"], |t| t);
+    let data = write_data(&s.dataset_file("scans/a.bin"), 8 << 20, 8);
+    s.start_node();
+    let target: SocketAddr = s.node_addr().parse().unwrap();
+    // 200 connections that never say a word, and 50 that start a TLS ClientHello and stall.
+    let held: Vec<TcpStream> = s
+        .host("rogue")
+        .run(move || {
+            let mut held = Vec::new();
+            for i in 0..250 {
+                let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+                if i >= 200 {
+                    // A TLS record header promising 512 bytes of handshake, and 5 of them.
+                    c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03])
+                        .unwrap();
+                }
+                held.push(c);
+            }
+            held
+        })
+        .unwrap();
+    let rss_before = peak_rss_kib(s.node().pid());
+    // Well inside the 10 s handshake timeout that would eventually clear them.
+    let started = Instant::now();
+    for path in ["tcp", "quic"] {
+        let dest = s.site.path(&format!("a-{path}.bin"));
+        let out = s.client(
+            "gpu",
+            "loader",
+            "pull",
+            &["--path", path, "--retries", "0", "scans/a.bin", p(&dest)],
+        );
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(digest_file(&dest).unwrap(), Digest::of(&data));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the good client waited {took:?}"
+    );
+    assert!(peak_rss_kib(s.node().pid()) < rss_before + 256 * 1024);
+    // The held connections are cut by the node's handshake timeout, not kept forever.
+    let pull = s.client_process("gpu", "loader", "ls", &[]);
+    wait_exit(&pull, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(11));
+    let refused = s
+        .trail()
+        .iter()
+        .filter(|r| {
+            r["event"] == "connection_refused"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.contains("timed out"))
+        })
+        .count();
+    assert!(
+        refused >= 250,
+        "{refused} stalled connections were timed out"
+    );
+    drop(held);
+}

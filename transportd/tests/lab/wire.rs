@@ -1,0 +1,211 @@
+//! What an eavesdropper and an impostor get: nothing.
+
+use std::path::PathBuf;
+
+use crate::common::{ok, p, write_data};
+use crate::util::{BIN, LabSite};
+
+/// The bench's binary, built beside this test's (the workspace's tests build it).
+fn bench_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("transport-bench");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p benches, or test the whole workspace)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn a_plaintext_canary_never_crosses_the_wire_in_secure_modes_but_does_in_the_baseline() {
+    let mut s = LabSite::new("wire_canary", &[], |t| t);
+    // A link speed a capture keeps up with on this machine, so no packet goes unsearched.
+    for d in [netlab::Direction::Egress, netlab::Direction::Ingress] {
+        s.host("gpu")
+            .set_rate(d, Some(netlab::Rate::mbit(400)))
+            .unwrap();
+    }
+    let canary = format!("PHI-CANARY-{:08x}-MRN-4417", std::process::id());
+    let name = format!("{canary}.txt");
+    let content = canary.repeat((4 << 20) / canary.len());
+    std::fs::write(s.dataset_file(&format!("scans/{name}")), &content).unwrap();
+    s.start_node();
+
+    // transportd over QUIC/mTLS and TLS/TCP: neither the content nor the object's name.
+    let capture = s.lab.capture().unwrap();
+    for path in ["quic", "tcp"] {
+        let dest = s.site.path(&format!("pulled-{path}.txt"));
+        let out = s.client(
+            "gpu",
+            "loader",
+            "pull",
+            &["--path", path, &format!("scans/{name}"), p(&dest)],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), content);
+    }
+    let secure = capture.stop().unwrap();
+    assert!(secure.len() > 100, "the capture saw the transfers");
+    assert!(
+        !secure.contains(canary.as_bytes()),
+        "the canary crossed the wire in a secure mode"
+    );
+
+    // The bench's secure modes, for good measure, then its plaintext baseline: the control
+    // that shows this capture and search do find a canary that is there.
+    let storage = s.host("storage").addr();
+    let bench = s
+        .host("storage")
+        .process(bench_bin())
+        .args(["server", "--listen", &format!("{storage}:7543")])
+        .args([
+            "--plaintext",
+            &format!("{storage}:7544"),
+            "--dangerous-plaintext",
+            "--no-audit",
+        ])
+        .args(["--identity", p(&s.site.path("storage/identity"))])
+        .args(["--object", p(&s.dataset_file(&format!("scans/{name}")))])
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if bench.log().contains("\"event\":\"listening\"") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let run = |modes: &str| {
+        let out = s
+            .host("gpu")
+            .command(bench_bin())
+            .args(["client", "--server", &format!("{storage}:7543")])
+            .args([
+                "--plaintext-server",
+                &format!("{storage}:7544"),
+                "--dangerous-plaintext",
+            ])
+            .args(["--identity", p(&s.site.path("loader")), "--modes", modes])
+            .args(["--runs", "1", "--requests", "5", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            bench.log()
+        );
+    };
+    let capture = s.lab.capture().unwrap();
+    run("tls-tcp,quic");
+    let secure = capture.stop().unwrap();
+    assert!(!secure.contains(canary.as_bytes()));
+    let capture = s.lab.capture().unwrap();
+    run("plaintext-tcp");
+    let plain = capture.stop().unwrap();
+    assert!(
+        plain.contains(canary.as_bytes()),
+        "the control failed: the check cannot see plaintext"
+    );
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn a_rogue_host_with_another_cas_or_an_expired_svid_gets_nothing() {
+    let mut s = LabSite::new("rogue_host", &["rogue"], |t| t);
+    write_data(&s.dataset_file("scans/secret.bin"), 100_000, 1);
+    // An SVID for the loader's very ID, from another CA; and a real one that has expired.
+    let other = s.site.path("other-ca");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "hospital.example",
+        "--out",
+        p(&other),
+    ]);
+    let forged = s.site.path("forged");
+    ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        p(&other),
+        "--id",
+        "spiffe://hospital.example/gpu/loader",
+        "--out",
+        p(&forged),
+    ]);
+    std::fs::copy(s.site.path("ca/bundle.pem"), forged.join("bundle.pem")).unwrap();
+    let expired = s.site.path("expired");
+    ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        p(&s.site.path("ca")),
+        "--id",
+        "spiffe://hospital.example/gpu/loader",
+        "--ttl",
+        "1s",
+        "--out",
+        p(&expired),
+    ]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    s.start_node();
+
+    let capture = s.lab.capture().unwrap();
+    for who in ["forged", "expired"] {
+        let dest = s.site.path(&format!("{who}.bin"));
+        let out = s.client(
+            "rogue",
+            who,
+            "pull",
+            &["--retries", "0", "scans/secret.bin", p(&dest)],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(77),
+            "{who}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!dest.exists());
+        let out = s.client("rogue", who, "ls", &["--json"]);
+        assert_eq!(out.status.code(), Some(77));
+        assert!(out.stdout.is_empty(), "{who} was told something");
+    }
+    capture.stop().unwrap();
+    // The node refused them by name of their address, and served them nothing.
+    let rogue = s.host("rogue").addr().to_string();
+    let trail = s.trail();
+    let refused = trail
+        .iter()
+        .filter(|r| {
+            r["event"] == "connection_refused"
+                && r["addr"].as_str().is_some_and(|a| a.starts_with(&rogue))
+        })
+        .count();
+    assert!(refused >= 4, "{refused} refusals audited");
+    assert!(!trail.iter().any(|r| r["event"] == "transfer_started"));
+    // The control: the real loader on the GPU host is served.
+    let out = s.client(
+        "gpu",
+        "loader",
+        "pull",
+        &["scans/secret.bin", p(&s.site.path("ok.bin"))],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = BIN;
+}
