@@ -29,6 +29,10 @@ pub struct LabArgs {
     pub chunk_bytes: u32,
     /// Small requests per run.
     pub requests: u32,
+    /// Connections per run.
+    pub connections: u32,
+    /// Bytes per latency request.
+    pub request_bytes: u64,
 }
 
 /// Runs the server and client subcommands of this binary on two lab hosts and returns the

@@ -100,24 +100,95 @@ pub struct RunResult {
     pub server_cpu_s_per_gb: Option<f64>,
     /// Connection set-up time (handshake and first round trip), microseconds.
     pub connect_us: u64,
-    /// Latency of small requests (`stat`, one round trip each).
+    /// Latency of small requests (a `stat`, or a read of `--request-size` bytes).
     pub latency: Latency,
 }
 
-/// Runs `mode` once: one bulk pull of the object into memory, then `requests` small ones.
-/// When the server shares this process (`local`), `cpu_s_per_gb` already holds both sides.
-pub async fn run(
-    target: &Target,
-    mode: Mode,
-    parallel: u32,
-    requests: u32,
-) -> anyhow::Result<RunResult> {
+/// How each run is shaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Chunks in flight per connection, each on its own stream.
+    pub parallel: u32,
+    /// Connections pulling the object at once (each its own client).
+    pub connections: u32,
+    /// Small requests timed for the latency percentiles.
+    pub requests: u32,
+    /// Bytes each latency request reads (0: a `stat`, one round trip without data).
+    pub request_bytes: u64,
+}
+
+/// Runs `mode` once: `connections` clients each pull the object into memory at once, then
+/// `requests` small requests are timed on one of them. When the server shares this process
+/// (`local`), `cpu_s_per_gb` already holds both sides.
+pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<RunResult> {
     let config = ClientConfig::builder()
         .identity(target.client.clone())
         .transport(target.transport.clone())
         .build();
     let started = Instant::now();
-    let client = match mode {
+    let mut clients = Vec::new();
+    for _ in 0..shape.connections.max(1) {
+        clients.push(connect(target, mode, config.clone()).await?);
+    }
+    let connect_us = started.elapsed().as_micros() as u64 / u64::from(shape.connections.max(1));
+
+    let opts = FetchOptions {
+        parallel: Some(shape.parallel),
+        retry: RetryPolicy::none(),
+        progress: None,
+    };
+    let cpu0 = cpu_time();
+    let server0 = target.server_pid.and_then(process_cpu_time);
+    let t0 = Instant::now();
+    let pulls = clients
+        .iter()
+        .map(|c| c.fetch(&target.dataset, &target.object, target.size, &opts));
+    for data in futures::future::join_all(pulls).await {
+        let data = data.with_context(|| format!("{mode}: pulling the object"))?;
+        anyhow::ensure!(data.len() as u64 == target.size, "{mode}: short read");
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_time().saturating_sub(cpu0);
+    let server_cpu = match (server0, target.server_pid.and_then(process_cpu_time)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let bytes = target.size * u64::from(shape.connections.max(1));
+
+    let client = &clients[0];
+    let mut h = latency_histogram()?;
+    let len = shape.request_bytes.min(target.size);
+    for _ in 0..shape.requests {
+        let t = Instant::now();
+        if len == 0 {
+            client.stat(&target.dataset, &target.object).await?;
+        } else {
+            client
+                .read_range(&target.dataset, &target.object, 0..len)
+                .await?;
+        }
+        h.record(t.elapsed().as_micros().max(1) as u64)?;
+    }
+    for c in &clients {
+        c.close();
+    }
+    let gb = bytes as f64 / 1e9;
+    let per_gb = |d: Duration| d.as_secs_f64() / gb;
+    Ok(RunResult {
+        mode: mode.name(),
+        bytes,
+        seconds: secs,
+        gbps: bytes as f64 / secs / 1e9,
+        cpu_s_per_gb: per_gb(cpu + server_cpu.unwrap_or_default()),
+        client_cpu_s_per_gb: per_gb(cpu),
+        server_cpu_s_per_gb: server_cpu.map(per_gb),
+        connect_us,
+        latency: Latency::of(&h),
+    })
+}
+
+async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::Result<Client> {
+    Ok(match mode {
         Mode::PlaintextTcp => {
             let addr = target
                 .plaintext
@@ -127,49 +198,6 @@ pub async fn run(
         }
         Mode::TlsTcp => Client::connect(config, target.tcp, Path::Tcp).await?,
         Mode::Quic => Client::connect(config, target.quic, Path::Quic).await?,
-    };
-    let connect_us = started.elapsed().as_micros() as u64;
-
-    let opts = FetchOptions {
-        parallel: Some(parallel),
-        retry: RetryPolicy::none(),
-        progress: None,
-    };
-    let cpu0 = cpu_time();
-    let server0 = target.server_pid.and_then(process_cpu_time);
-    let t0 = Instant::now();
-    let data = client
-        .fetch(&target.dataset, &target.object, target.size, &opts)
-        .await
-        .with_context(|| format!("{mode}: pulling the object"))?;
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_time().saturating_sub(cpu0);
-    let server_cpu = match (server0, target.server_pid.and_then(process_cpu_time)) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
-    anyhow::ensure!(data.len() as u64 == target.size, "{mode}: short read");
-    drop(data);
-
-    let mut h = latency_histogram()?;
-    for _ in 0..requests {
-        let t = Instant::now();
-        client.stat(&target.dataset, &target.object).await?;
-        h.record(t.elapsed().as_micros().max(1) as u64)?;
-    }
-    client.close();
-    let gb = target.size as f64 / 1e9;
-    let per_gb = |d: Duration| d.as_secs_f64() / gb;
-    Ok(RunResult {
-        mode: mode.name(),
-        bytes: target.size,
-        seconds: secs,
-        gbps: target.size as f64 / secs / 1e9,
-        cpu_s_per_gb: per_gb(cpu + server_cpu.unwrap_or_default()),
-        client_cpu_s_per_gb: per_gb(cpu),
-        server_cpu_s_per_gb: server_cpu.map(per_gb),
-        connect_us,
-        latency: Latency::of(&h),
     })
 }
 

@@ -143,9 +143,15 @@ struct RunArgs {
     /// Chunk size.
     #[arg(long, default_value = "4MiB")]
     chunk_size: bytesize::ByteSize,
+    /// Connections pulling the object at once in each run (throughput is their sum).
+    #[arg(long, default_value_t = 1)]
+    connections: u32,
     /// Small requests timed per run for the latency percentiles.
     #[arg(long, default_value_t = 1000)]
     requests: u32,
+    /// Bytes each latency request reads (0: a `stat` without data).
+    #[arg(long, default_value = "0B")]
+    request_size: bytesize::ByteSize,
     /// QUIC flow-control window per stream (default: the library's).
     #[arg(long)]
     stream_window: Option<bytesize::ByteSize>,
@@ -184,6 +190,8 @@ fn main() -> anyhow::Result<()> {
             parallel: run.parallel,
             chunk_bytes: chunk_bytes(run)?,
             requests: run.requests,
+            connections: run.connections.max(1),
+            request_bytes: run.request_size.as_u64(),
         };
         let doc = benches::lab::run(&args)?;
         return finish(&doc, &format!("lab-mtu{mtu}"), run);
@@ -343,7 +351,13 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     let mut results = Vec::new();
     for i in 0..run.runs.max(1) {
         for &m in &run.modes {
-            let r = mode::run(target, m, run.parallel, run.requests).await?;
+            let shape = mode::Shape {
+                parallel: run.parallel,
+                connections: run.connections.max(1),
+                requests: run.requests,
+                request_bytes: run.request_size.as_u64(),
+            };
+            let r = mode::run(target, m, shape).await?;
             if !run.json {
                 eprintln!(
                     "run {}/{}: {:<14} {:.3} GB/s",
@@ -364,6 +378,8 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     params["parallel"] = run.parallel.into();
     params["chunk_bytes"] = chunk_bytes(run)?.into();
     params["requests"] = run.requests.into();
+    params["connections"] = run.connections.into();
+    params["request_bytes"] = run.request_size.as_u64().into();
     Ok(json!({
         "params": params,
         "machine": report::machine(),
