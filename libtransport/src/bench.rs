@@ -34,7 +34,12 @@ pub async fn dangerous_serve_plaintext(
             addr,
             path: Path::Tcp,
         };
-        tokio::spawn(crate::server::serve_stream(shared.clone(), socket, peer));
+        tokio::spawn(crate::server::serve_stream(
+            shared.clone(),
+            socket,
+            peer,
+            crate::transport::mux::PLAIN_READ_BUFFER,
+        ));
     }
 }
 

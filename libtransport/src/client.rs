@@ -462,7 +462,7 @@ async fn establish(
                 Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
                 Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
             }?;
-            let m = mux::client(stream, ack.max_streams, t.io_timeout);
+            let m = mux::client(stream, ack.max_streams, t.io_timeout, mux::TLS_READ_BUFFER);
             (Inner::Mux(m), chain, ack)
         }
     };
@@ -515,7 +515,12 @@ async fn establish_plaintext(
         .await
         .map_err(|e| ConnectError::Lost(e.to_string()))??;
     Ok(Connection {
-        inner: Inner::Mux(mux::client(socket, ack.max_streams, t.io_timeout)),
+        inner: Inner::Mux(mux::client(
+            socket,
+            ack.max_streams,
+            t.io_timeout,
+            mux::PLAIN_READ_BUFFER,
+        )),
         peer: Peer {
             id: server.clone(),
             serial: "plaintext".into(),

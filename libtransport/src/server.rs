@@ -367,7 +367,7 @@ async fn serve_tcp(
     tls.get_mut()
         .1
         .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
-    serve_stream(shared, tls, peer).await;
+    serve_stream(shared, tls, peer, mux::TLS_READ_BUFFER).await;
 }
 
 /// Completes a TLS handshake only to answer the hello with `Busy`, then closes.
@@ -392,7 +392,7 @@ async fn refuse_busy(
 }
 
 /// Serves one authenticated byte stream (TLS/TCP, or the bench's plaintext baseline).
-pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, peer: Peer)
+pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, peer: Peer, read_buffer: usize)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -415,7 +415,7 @@ where
         return;
     }
     let cfg = &shared.config.transport;
-    let (mux, mut incoming) = mux::server(io, cfg.max_streams, cfg.io_timeout);
+    let (mux, mut incoming) = mux::server(io, cfg.max_streams, cfg.io_timeout, read_buffer);
     let ctx = Arc::new(ConnCtx::new(shared.clone(), peer));
     let mut requests = JoinSet::new();
     let mut stop = shared.stop.subscribe();

@@ -275,11 +275,11 @@ fn stream_pair(
 }
 
 /// Starts the client side over `io` (after the hello exchange) with the server's stream limit.
-pub(crate) fn client<S>(io: S, max_streams: u32, timeout: Duration) -> MuxClient
+pub(crate) fn client<S>(io: S, max_streams: u32, timeout: Duration, read_buffer: usize) -> MuxClient
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (shared, reader, writer) = start(io, Role::Client, timeout);
+    let (shared, reader, writer) = start(io, Role::Client, timeout, read_buffer);
     tokio::spawn(read_loop(reader, shared.clone(), None, max_streams));
     tokio::spawn(writer);
     MuxClient {
@@ -297,11 +297,12 @@ pub(crate) fn server<S>(
     io: S,
     max_streams: u32,
     timeout: Duration,
+    read_buffer: usize,
 ) -> (Arc<Shared>, mpsc::Receiver<(Frame, RequestStream)>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (shared, reader, writer) = start(io, Role::Server, timeout);
+    let (shared, reader, writer) = start(io, Role::Server, timeout, read_buffer);
     let (tx, rx) = mpsc::channel(max_streams.max(1) as usize);
     tokio::spawn(read_loop(reader, shared.clone(), Some(tx), max_streams));
     tokio::spawn(writer);
@@ -314,6 +315,7 @@ fn start<S>(
     io: S,
     role: Role,
     timeout: Duration,
+    read_buffer: usize,
 ) -> (
     Arc<Shared>,
     Reader<S>,
@@ -333,7 +335,7 @@ where
         closed: watch::Sender::new(false),
     });
     let writer = write_loop(wr, out_rx, shared.clone());
-    (shared, BufReader::with_capacity(READ_BUF_BYTES, rd), writer)
+    (shared, BufReader::with_capacity(read_buffer, rd), writer)
 }
 
 async fn read_loop<S>(
@@ -570,9 +572,14 @@ const STREAM_QUEUE_FRAMES: usize = 4;
 /// Frames queued for the writer across all streams of a connection.
 const WRITE_QUEUE_FRAMES: usize = 16;
 
-/// Read buffer under TLS: large reads mean few system calls per MiB (rustls itself reads
-/// in 4 KiB steps).
-const READ_BUF_BYTES: usize = 1 << 20;
+/// Read buffer over TLS. rustls already holds decrypted records, so the buffer saves no
+/// system calls; kept small, it lets a large payload read bypass it (one copy fewer).
+pub(crate) const TLS_READ_BUFFER: usize = 64 << 10;
+
+/// Read buffer over a bare socket (the bench's baseline): large reads mean few system
+/// calls per MiB.
+#[cfg(feature = "bench-plaintext")]
+pub(crate) const PLAIN_READ_BUFFER: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -585,8 +592,8 @@ mod tests {
     async fn concurrent_opens_all_arrive_and_abandoned_slots_return() {
         let (a, b) = tokio::io::duplex(1 << 16);
         let max = 4;
-        let client = client(a, max, Duration::from_secs(10));
-        let (_server, mut incoming) = server(b, max, Duration::from_secs(10));
+        let client = client(a, max, Duration::from_secs(10), TLS_READ_BUFFER);
+        let (_server, mut incoming) = server(b, max, Duration::from_secs(10), TLS_READ_BUFFER);
         tokio::spawn(async move {
             while let Some((frame, mut s)) = incoming.recv().await {
                 tokio::spawn(async move {
