@@ -27,7 +27,7 @@ pub struct Metrics {
     transfers: Family<TransferLabels, Counter>,
     connections: Family<PathLabel, Gauge>,
     handshake_failures: Family<ReasonLabel, Counter>,
-    denials: Family<ActionLabel, Counter>,
+    denials: Family<DenialLabels, Counter>,
     chunk_failures: Counter,
     audit_errors: Counter,
     svid_expiry: Gauge<f64, AtomicU64>,
@@ -68,10 +68,10 @@ impl Metrics {
             "Connections refused before any request, by reason",
             handshake_failures.clone(),
         );
-        let denials = Family::<ActionLabel, Counter>::default();
+        let denials = Family::<DenialLabels, Counter>::default();
         registry.register(
             "authorization_denials",
-            "Requests the policy denied, by action",
+            "Requests the policy denied, by action and reason (deny_rule: a deny rule matched; no_rule: default deny)",
             denials.clone(),
         );
         let chunk_failures = Counter::default();
@@ -172,11 +172,13 @@ impl Metrics {
             .inc();
     }
 
-    /// The policy denied a request.
-    pub fn denial(&self, action: Action) {
+    /// The policy denied a request; `by_rule` if a deny rule matched rather than no rule
+    /// allowing it.
+    pub fn denial(&self, action: Action, by_rule: bool) {
         self.denials
-            .get_or_create(&ActionLabel {
+            .get_or_create(&DenialLabels {
                 action: action.as_str().into(),
+                reason: if by_rule { "deny_rule" } else { "no_rule" }.into(),
             })
             .inc();
     }
@@ -244,8 +246,9 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ActionLabel {
+struct DenialLabels {
     action: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -267,7 +270,7 @@ mod tests {
             1234,
             Duration::from_millis(20),
         );
-        m.denial(Action::Read);
+        m.denial(Action::Read, false);
         m.handshake_failed("certificate");
         let g = m.connection_opened(Path::Tcp);
         let text = m.encode();
@@ -278,7 +281,9 @@ mod tests {
         assert!(text.contains(
             r#"transportd_transfers_total{path="quic",direction="out",outcome="complete"} 1"#
         ));
-        assert!(text.contains(r#"transportd_authorization_denials_total{action="read"} 1"#));
+        assert!(text.contains(
+            r#"transportd_authorization_denials_total{action="read",reason="no_rule"} 1"#
+        ));
         assert!(text.contains(r#"transportd_handshake_failures_total{reason="certificate"} 1"#));
         assert!(text.contains(r#"transportd_connections_active{path="tcp"} 1"#));
         assert!(text.contains("transportd_transfer_duration_seconds_count{direction=\"out\"} 1"));

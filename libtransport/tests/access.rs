@@ -387,7 +387,9 @@ async fn metrics_move_after_a_transfer_a_denial_and_a_refusal() {
         "{text}"
     );
     assert!(
-        text.contains(r#"transportd_authorization_denials_total{action="read"} 1"#),
+        text.contains(
+            r#"transportd_authorization_denials_total{action="read",reason="no_rule"} 1"#
+        ),
         "{text}"
     );
     assert!(

@@ -306,7 +306,9 @@ fn the_admin_endpoint_reports_health_and_counters_that_move() {
         "{text}"
     );
     assert!(
-        text.contains(r#"transportd_authorization_denials_total{action="read"} 1"#),
+        text.contains(
+            r#"transportd_authorization_denials_total{action="read",reason="no_rule"} 1"#
+        ),
         "{text}"
     );
     let expiry: f64 = text
@@ -464,4 +466,37 @@ fn a_full_audit_disk_stops_new_transfers_until_space_returns() {
         !metrics.contains("transportd_audit_write_errors_total 0\n"),
         "{metrics}"
     );
+}
+
+#[test]
+fn logs_come_as_json_lines_when_asked_and_a_bad_format_is_refused() {
+    let site = site_with_policy_file();
+    let mut cmd = bin();
+    cmd.env("TRANSPORTD_LOG_FORMAT", "json");
+    let mut node = Node::start_with(&site, cmd);
+    ls(&site, "loader", &node);
+    node.stop();
+    let log = std::fs::read_to_string(&node.log).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"] == "connection accepted"
+            && l["peer.id"] == "spiffe://hospital.example/gpu/loader"),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    let out = bin()
+        .env("TRANSPORTD_LOG_FORMAT", "xml")
+        .args(["config", "check", p(&site.config())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected plain or json"));
 }

@@ -116,7 +116,8 @@ impl ConnCtx {
         if decision.is_allow() {
             Ok(())
         } else {
-            self.shared.config.metrics.denial(action);
+            let by_rule = matches!(&decision, Decision::Deny { rule: Some(_), .. });
+            self.shared.config.metrics.denial(action, by_rule);
             Err(ErrorCode::NotFound)
         }
     }
