@@ -9,6 +9,7 @@ pub mod frame;
 pub mod manifest;
 pub mod message;
 pub mod name;
+pub mod rdma;
 pub mod seal;
 
 pub use frame::{Frame, FrameError, FrameHeader, FrameKind};
