@@ -8,7 +8,8 @@ use anyhow::Context;
 use certs::SpiffeId;
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::{
-    Client, ClientConfig, FetchOptions, IdentityHandle, Path, RetryPolicy, TransportConfig,
+    Client, ClientConfig, FetchOptions, IdentityHandle, Path, RdmaMode, RetryPolicy,
+    TransportConfig,
 };
 
 use crate::stats::{Latency, cpu_time, latency_histogram, process_cpu_time};
@@ -22,11 +23,26 @@ pub enum Mode {
     TlsTcp,
     /// The protocol over QUIC with mutual TLS 1.3.
     Quic,
+    /// Chunks by RDMA over the software device, sealed with AES-256-GCM under keys from
+    /// the QUIC connection's TLS exporter; control over that QUIC connection.
+    RdmaSoft,
+    /// The same with chunks unsealed: `rdma-soft`'s baseline, which exists only here.
+    RdmaSoftPlain,
+    /// Chunks by RDMA over a hardware device, sealed (needs the `rdma` build feature and a
+    /// device on both sides).
+    Rdma,
 }
 
 impl Mode {
-    /// Every mode, baseline first.
-    pub const ALL: [Self; 3] = [Self::PlaintextTcp, Self::TlsTcp, Self::Quic];
+    /// Every mode, baselines first.
+    pub const ALL: [Self; 6] = [
+        Self::PlaintextTcp,
+        Self::TlsTcp,
+        Self::Quic,
+        Self::RdmaSoftPlain,
+        Self::RdmaSoft,
+        Self::Rdma,
+    ];
 
     /// The name used in reports.
     pub fn name(self) -> &'static str {
@@ -34,6 +50,17 @@ impl Mode {
             Self::PlaintextTcp => "plaintext-tcp",
             Self::TlsTcp => "tls-tcp",
             Self::Quic => "quic",
+            Self::RdmaSoft => "rdma-soft",
+            Self::RdmaSoftPlain => "rdma-soft-plain",
+            Self::Rdma => "rdma",
+        }
+    }
+
+    /// The unencrypted mode this one is compared with.
+    pub fn baseline(self) -> Self {
+        match self {
+            Self::RdmaSoft | Self::RdmaSoftPlain => Self::RdmaSoftPlain,
+            _ => Self::PlaintextTcp,
         }
     }
 }
@@ -51,7 +78,12 @@ impl std::str::FromStr for Mode {
         Self::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown mode {s:?}: expected plaintext-tcp, tls-tcp or quic"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown mode {s:?}: expected plaintext-tcp, tls-tcp, quic, rdma-soft, \
+                     rdma-soft-plain or rdma"
+                )
+            })
     }
 }
 
@@ -121,9 +153,18 @@ pub struct Shape {
 /// `requests` small requests are timed on one of them. When the server shares this process
 /// (`local`), `cpu_s_per_gb` already holds both sides.
 pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<RunResult> {
+    let mut transport = target.transport.clone();
+    // The RDMA modes must not fall back to QUIC unnoticed; the others do not use RDMA.
+    transport.rdma_required(true);
+    match mode {
+        Mode::RdmaSoft => transport.rdma(RdmaMode::Soft),
+        Mode::RdmaSoftPlain => transport.rdma(RdmaMode::Soft).dangerous_unsealed_rdma(true),
+        Mode::Rdma => transport.rdma(RdmaMode::Auto),
+        _ => transport.rdma(RdmaMode::Off),
+    };
     let config = ClientConfig::builder()
         .identity(target.client.clone())
-        .transport(target.transport.clone())
+        .transport(transport)
         .build();
     let started = Instant::now();
     let mut clients = Vec::new();
@@ -197,7 +238,9 @@ async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::R
                 .await?
         }
         Mode::TlsTcp => Client::connect(config, target.tcp, Path::Tcp).await?,
-        Mode::Quic => Client::connect(config, target.quic, Path::Quic).await?,
+        Mode::Quic | Mode::RdmaSoft | Mode::RdmaSoftPlain | Mode::Rdma => {
+            Client::connect(config, target.quic, Path::Quic).await?
+        }
     })
 }
 

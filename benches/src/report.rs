@@ -1,4 +1,5 @@
-//! Reports: medians per mode, ratios to the plaintext baseline, the machine they ran on; as
+//! Reports: medians per mode, ratios to each mode's unencrypted baseline (plaintext-tcp;
+//! rdma-soft-plain for rdma-soft), the machine they ran on; as
 //! a table, JSON and markdown.
 
 use serde::Serialize;
@@ -14,7 +15,8 @@ pub struct ModeSummary {
     pub mode: String,
     /// Median throughput, 10^9 bytes/s.
     pub gbps: f64,
-    /// Median throughput over the baseline's median (1.0 for the baseline; absent without it).
+    /// Median throughput over its baseline's median: plaintext-tcp, or rdma-soft-plain for
+    /// the soft RDMA modes (1.0 for a baseline; absent without it).
     pub ratio_to_plaintext: Option<f64>,
     /// Median CPU seconds per GB, both sides.
     pub cpu_s_per_gb: f64,
@@ -55,14 +57,17 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
             }
         })
         .collect();
-    let base = out
-        .iter()
-        .find(|m| m.mode == "plaintext-tcp")
-        .map(|m| m.gbps);
-    if let Some(base) = base.filter(|b| *b > 0.0) {
-        for m in &mut out {
-            m.ratio_to_plaintext = Some(round(m.gbps / base, 3));
-        }
+    let gbps: Vec<(String, f64)> = out.iter().map(|m| (m.mode.clone(), m.gbps)).collect();
+    for m in &mut out {
+        let base = m
+            .mode
+            .parse::<crate::mode::Mode>()
+            .map(|mode| mode.baseline().name())
+            .ok()
+            .and_then(|b| gbps.iter().find(|(name, _)| name == b))
+            .map(|(_, g)| *g)
+            .filter(|g| *g > 0.0);
+        m.ratio_to_plaintext = base.map(|b| round(m.gbps / b, 3));
     }
     out
 }

@@ -117,6 +117,16 @@ pub enum AuditEvent {
         /// How long it took.
         duration_ms: u64,
     },
+    /// An RDMA session was aborted because sealed chunks kept failing to open (tampered,
+    /// replayed, misplaced or from another session); nothing unverified was used.
+    RdmaAborted {
+        /// The sender.
+        peer: SpiffeId,
+        /// The chunk that failed last.
+        chunk: u32,
+        /// Chunks that failed to open.
+        failures: u32,
+    },
     /// The node took an identity into use (at start, or a rotated SVID).
     IdentityLoaded {
         /// Its SPIFFE ID.

@@ -29,6 +29,7 @@ use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, t
 
 mod fetch;
 mod push;
+mod rdma;
 
 pub use fetch::FetchReport;
 pub use push::PushReport;
@@ -41,6 +42,8 @@ pub struct Client {
     path: Path,
     endpoint: Option<quinn::Endpoint>,
     conn: Mutex<Arc<Connection>>,
+    /// Whether we said why a pull does not use RDMA (said once per client).
+    rdma_notice: std::sync::atomic::AtomicBool,
     /// Set only for the bench's plaintext baseline: the server identity we assume.
     #[cfg(feature = "bench-plaintext")]
     plaintext: Option<certs::SpiffeId>,
@@ -59,6 +62,11 @@ impl Client {
                     .map_err(|e| ConnectError::Local(format!("UDP socket: {e}")))?,
             ),
             Path::Tcp => None,
+            Path::Rdma => {
+                return Err(ConnectError::Local(
+                    "RDMA carries transfers over a QUIC connection: connect with Path::Quic and enable TransportConfig::rdma".into(),
+                ));
+            }
         };
         let conn = establish(&config, endpoint.as_ref(), addr, path).await?;
         Ok(Self {
@@ -67,6 +75,7 @@ impl Client {
             path,
             endpoint,
             conn: Mutex::new(Arc::new(conn)),
+            rdma_notice: std::sync::atomic::AtomicBool::new(false),
             #[cfg(feature = "bench-plaintext")]
             plaintext: None,
         })
@@ -326,8 +335,7 @@ impl Connection {
         response(&mut s.source).await
     }
 
-    /// The QUIC connection underneath, for tests that speak raw bytes.
-    #[cfg(test)]
+    /// The QUIC connection underneath (RDMA key export; tests that speak raw bytes).
     pub(crate) fn quic(&self) -> Option<&quinn::Connection> {
         match &self.inner {
             Inner::Quic(c) => Some(c),
@@ -431,7 +439,7 @@ async fn establish(
             };
             (Inner::Quic(conn), chain, ack)
         }
-        (Path::Tcp, _) | (Path::Quic, None) => {
+        (Path::Tcp | Path::Rdma, _) | (Path::Quic, None) => {
             let socket =
                 tcp::connect(addr, timeout)
                     .await
@@ -497,6 +505,7 @@ pub(crate) async fn connect_plaintext(
         path: Path::Tcp,
         endpoint: None,
         conn: Mutex::new(Arc::new(conn)),
+        rdma_notice: std::sync::atomic::AtomicBool::new(false),
         plaintext: Some(server),
     })
 }

@@ -36,6 +36,25 @@ pub struct TransportConfig {
     pub(crate) initial_mtu: u16,
     pub(crate) max_mtu: u16,
     pub(crate) socket_buffer_bytes: usize,
+    pub(crate) rdma: RdmaMode,
+    /// Offer (client) or accept (server) unsealed RDMA chunks: the bench's baseline only.
+    pub(crate) rdma_unsealed: bool,
+    pub(crate) rdma_required: bool,
+}
+
+/// Whether bulk transfers may move by RDMA. Either way the control channel is QUIC, and
+/// RDMA is used only when both sides can; otherwise the transfer uses QUIC, with the reason
+/// logged once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RdmaMode {
+    /// Never.
+    Off,
+    /// With an RDMA NIC when both sides have one (needs the `rdma` build feature).
+    #[default]
+    Auto,
+    /// With the software device (tests, benchmarks and labs on machines without RDMA).
+    Soft,
 }
 
 impl Default for TransportConfig {
@@ -56,6 +75,9 @@ impl Default for TransportConfig {
             initial_mtu: 1200,
             max_mtu: 1452,
             socket_buffer_bytes: 8 << 20,
+            rdma: RdmaMode::default(),
+            rdma_unsealed: false,
+            rdma_required: false,
         }
     }
 }
@@ -165,6 +187,32 @@ impl TransportConfig {
         self.initial_mtu = initial as u16;
         self.max_mtu = max as u16;
         Ok(self)
+    }
+
+    /// Whether bulk transfers may move by RDMA (default [`RdmaMode::Auto`]).
+    pub fn rdma(&mut self, mode: RdmaMode) -> &mut Self {
+        self.rdma = mode;
+        self
+    }
+
+    /// The RDMA mode.
+    pub fn rdma_mode(&self) -> RdmaMode {
+        self.rdma
+    }
+
+    /// Fail a pull that cannot use RDMA instead of falling back to QUIC (default: fall
+    /// back). For benchmarks and deployments that must not silently change paths.
+    pub fn rdma_required(&mut self, required: bool) -> &mut Self {
+        self.rdma_required = required;
+        self
+    }
+
+    /// Moves RDMA chunks unsealed: a client offers it and a server accepts it. Exists only
+    /// for `transport-bench`'s `rdma-soft-plain` baseline; never enable it in a product.
+    #[cfg(feature = "bench-plaintext")]
+    pub fn dangerous_unsealed_rdma(&mut self, on: bool) -> &mut Self {
+        self.rdma_unsealed = on;
+        self
     }
 
     /// Socket send and receive buffer sizes to ask the kernel for (default 8 MiB).

@@ -210,6 +210,9 @@ pub enum FetchError {
     /// Writing the destination failed.
     #[error("destination: {0}")]
     Local(#[from] io::Error),
+    /// RDMA was required (`TransportConfig::rdma_required`) but cannot be used.
+    #[error("RDMA is required but cannot be used: {0}")]
+    NoRdma(String),
 }
 
 impl FetchError {

@@ -70,7 +70,7 @@ pub mod test_util;
 pub use client::{
     Client, FetchOptions, FetchReport, PushOptions, PushReport, RetryPolicy, TransferOptions,
 };
-pub use config::{ClientConfig, PolicyHandle, ServerConfig, TransportConfig};
+pub use config::{ClientConfig, PolicyHandle, RdmaMode, ServerConfig, TransportConfig};
 pub use error::{ConnectError, FetchError, PushError, Rejection, RequestError};
 pub use identity::{Credentials, IdentityHandle, Peer};
 pub use server::{Server, ServerHandle};

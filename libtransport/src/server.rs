@@ -28,6 +28,7 @@ use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, t
 
 mod conn;
 mod handler;
+mod rdma;
 
 use conn::ConnCtx;
 
@@ -273,7 +274,7 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
         return;
     }
     drop(first);
-    let ctx = Arc::new(ConnCtx::new(shared.clone(), peer));
+    let ctx = Arc::new(ConnCtx::new(shared.clone(), peer, Some(conn.clone())));
     let mut requests = JoinSet::new();
     let mut stop = shared.stop.subscribe();
     loop {
@@ -416,7 +417,7 @@ where
     }
     let cfg = &shared.config.transport;
     let (mux, mut incoming) = mux::server(io, cfg.max_streams, cfg.io_timeout, read_buffer);
-    let ctx = Arc::new(ConnCtx::new(shared.clone(), peer));
+    let ctx = Arc::new(ConnCtx::new(shared.clone(), peer, None));
     let mut requests = JoinSet::new();
     let mut stop = shared.stop.subscribe();
     loop {

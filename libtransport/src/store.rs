@@ -330,14 +330,20 @@ impl ObjectReader {
     /// shorter than its manifest says fails with `Corrupt`.
     pub fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
         let mut buf = BytesMut::zeroed(len);
-        self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+        self.read_into(offset, &mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// Fills `buf` from `offset` (the RDMA sender reads straight into its staging slot).
+    /// Blocking; a short file fails with `Corrupt`.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 StoreError::Corrupt
             } else {
                 StoreError::Io(e)
             }
-        })?;
-        Ok(buf.freeze())
+        })
     }
 }
 

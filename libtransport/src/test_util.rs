@@ -212,6 +212,7 @@ impl TestServer {
         match path {
             crate::transport::Path::Quic => self.handle.quic_addr(),
             crate::transport::Path::Tcp => self.handle.tcp_addr(),
+            crate::transport::Path::Rdma => None,
         }
         .expect("listening")
     }

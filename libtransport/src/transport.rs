@@ -27,6 +27,7 @@ use crate::proto::{ErrorCode, Frame, FrameError, FrameHeader, FrameKind};
 
 pub(crate) mod mux;
 pub(crate) mod quic;
+pub mod rdma;
 pub(crate) mod tcp;
 
 /// Which transport carries a connection.
@@ -37,6 +38,9 @@ pub enum Path {
     Quic,
     /// TLS 1.3 over TCP, for networks that block UDP.
     Tcp,
+    /// RDMA for the bulk data (each chunk sealed with AES-256-GCM under keys from the TLS
+    /// session), QUIC for control. Only transfers take this path; connections are QUIC.
+    Rdma,
 }
 
 impl Path {
@@ -45,6 +49,7 @@ impl Path {
         match self {
             Self::Quic => "quic",
             Self::Tcp => "tcp",
+            Self::Rdma => "rdma",
         }
     }
 }
@@ -62,6 +67,7 @@ impl std::str::FromStr for Path {
         match s {
             "quic" => Ok(Self::Quic),
             "tcp" => Ok(Self::Tcp),
+            "rdma" => Ok(Self::Rdma),
             other => Err(format!("unknown path {other:?}: expected quic or tcp")),
         }
     }

@@ -1,6 +1,7 @@
 //! `transport-bench`: what does security cost? Runs the plaintext baseline, TLS/TCP and
-//! QUIC/mTLS over the same workload and reports throughput, the ratio to plaintext, CPU per
-//! GB and request latency percentiles.
+//! QUIC/mTLS, and RDMA over the software device sealed (`rdma-soft`) and unsealed
+//! (`rdma-soft-plain`), over the same workload and reports throughput, the ratio to each
+//! mode's unencrypted baseline, CPU per GB and request latency percentiles.
 //!
 //! * `local`: everything on loopback in one process;
 //! * `server` and `client`: two machines of a real cluster, authenticated by SVIDs (like
@@ -19,7 +20,7 @@ use benches::setup::{ObjectSource, ServeSpec};
 use benches::{chart, report};
 use clap::{Args, Parser, Subcommand};
 use libtransport::proto::{DatasetName, ObjectPath};
-use libtransport::{Client, ClientConfig, Path, TransportConfig};
+use libtransport::{Client, ClientConfig, Path, RdmaMode, TransportConfig};
 use serde_json::{Value, json};
 
 /// Benchmarks transportd's secure transports against a plaintext baseline.
@@ -127,7 +128,9 @@ enum Command {
 /// Options every measuring command shares.
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Modes to run, comma-separated.
+    /// Modes to run, comma-separated: plaintext-tcp, tls-tcp, quic, rdma-soft-plain,
+    /// rdma-soft, rdma (hardware; needs the `rdma` build feature and a device). Each mode's
+    /// ratio is to its unencrypted baseline: plaintext-tcp, or rdma-soft-plain for rdma-soft.
     #[arg(
         long,
         value_delimiter = ',',
@@ -217,12 +220,16 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             object,
             chunk_size,
             plaintext,
-            dangerous_plaintext: _,
+            dangerous_plaintext,
             max_mtu,
             no_audit,
         } => {
             let mut transport = TransportConfig::default();
             transport.mtu(1200, max_mtu).context("--max-mtu")?;
+            // Serve rdma-soft; and its unsealed baseline only where plaintext is allowed.
+            transport
+                .rdma(RdmaMode::Soft)
+                .dangerous_unsealed_rdma(dangerous_plaintext);
             let cb = u32::try_from(chunk_size.as_u64()).context("--chunk-size")?;
             transport.chunk_bytes(cb).context("--chunk-size")?;
             let served = benches::setup::serve(ServeSpec {
@@ -315,12 +322,16 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
     let client =
         libtransport::IdentityHandle::new(benches::setup::credentials(&ca, "/bench/client")?);
     let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut server_transport = transport.clone();
+    server_transport
+        .rdma(RdmaMode::Soft)
+        .dangerous_unsealed_rdma(true);
     let served = benches::setup::serve(ServeSpec {
         identity: server,
         listen: loopback,
         plaintext: Some(loopback),
         object: ObjectSource::Synthetic(size),
-        transport: transport.clone(),
+        transport: server_transport,
         chunk_bytes: cb,
         audit,
     })

@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 use tokio::task::JoinSet;
 
+use super::rdma::Deliver;
 use super::{Client, Connection, FetchOptions, remote, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{FetchError, RequestError};
@@ -83,10 +84,10 @@ impl Client {
                 )
                 .await;
             match result {
-                Ok((conn, manifest)) => {
+                Ok((conn, manifest, rdma)) => {
                     let report = FetchReport {
                         server: conn.peer.id.clone(),
-                        path: conn.peer.path,
+                        path: conn.peer.path.or_rdma(rdma),
                         size: manifest.size(),
                         fetched_bytes: fetched.load(Ordering::Relaxed),
                         chunks: manifest.chunk_count(),
@@ -179,6 +180,8 @@ impl Client {
         let (transfer, manifest) = open_read(&conn, dataset, object).await?;
         let manifest = Arc::new(manifest);
         let size = manifest.size();
+        // Whole objects may move by RDMA; a session is not worth it for a range.
+        let whole = range.is_none();
         let range = range.unwrap_or(0..size);
         if range.start > range.end || range.end > size {
             close(&conn, transfer).await;
@@ -210,44 +213,65 @@ impl Client {
             slots.push(Some(all.split_to((r.end - r.start) as usize)));
         }
         let slots = Arc::new(Mutex::new(slots));
-        let work = chunks.clone().map(ChunkIndex).collect();
+        let work: VecDeque<ChunkIndex> = chunks.clone().map(ChunkIndex).collect();
         let base = chunks.start;
         let total = last - first;
         let done = Arc::new(AtomicU64::new(0));
-        let result = {
-            let (conn, manifest, slots, progress) = (
-                conn.clone(),
-                manifest.clone(),
-                slots.clone(),
-                opts.progress.clone(),
-            );
-            run_workers(opts.parallel(self.config()), work, move |index| {
-                let (conn, manifest, slots, done, progress) = (
+        let rdma = if whole {
+            let (done, progress) = (done.clone(), opts.progress.clone());
+            let on_chunk: super::rdma::OnChunk = Arc::new(move |n| {
+                let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(p) = &progress {
+                    p(so_far, total);
+                }
+            });
+            let deliver = Deliver::Memory {
+                slots: slots.clone(),
+                base,
+            };
+            self.pull_rdma(&conn, transfer, &manifest, &work, deliver, on_chunk)
+                .await
+        } else {
+            Ok(false)
+        };
+        let result = match rdma {
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+            Ok(false) => {
+                let (conn, manifest, slots, progress) = (
                     conn.clone(),
                     manifest.clone(),
                     slots.clone(),
-                    done.clone(),
-                    progress.clone(),
+                    opts.progress.clone(),
                 );
-                async move {
-                    let slot = (index.0 - base) as usize;
-                    let buf = slots
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .get_mut(slot)
-                        .and_then(Option::take)
-                        .ok_or(FetchError::Corrupt(index))?;
-                    let buf = read_chunk_mem(&conn, transfer, &manifest, index, buf).await?;
-                    let n = buf.len() as u64;
-                    slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
-                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                    if let Some(p) = &progress {
-                        p(so_far, total);
+                run_workers(opts.parallel(self.config()), work, move |index| {
+                    let (conn, manifest, slots, done, progress) = (
+                        conn.clone(),
+                        manifest.clone(),
+                        slots.clone(),
+                        done.clone(),
+                        progress.clone(),
+                    );
+                    async move {
+                        let slot = (index.0 - base) as usize;
+                        let buf = slots
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_mut(slot)
+                            .and_then(Option::take)
+                            .ok_or(FetchError::Corrupt(index))?;
+                        let buf = read_chunk_mem(&conn, transfer, &manifest, index, buf).await?;
+                        let n = buf.len() as u64;
+                        slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
+                        let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                        if let Some(p) = &progress {
+                            p(so_far, total);
+                        }
+                        Ok::<_, FetchError>(())
                     }
-                    Ok::<_, FetchError>(())
-                }
-            })
-            .await
+                })
+                .await
+            }
         };
         close(&conn, transfer).await;
         result?;
@@ -275,7 +299,7 @@ impl Client {
         opts: &FetchOptions,
         fetched: &Arc<AtomicU64>,
         first_reuse: &mut Option<u32>,
-    ) -> Result<(Arc<Connection>, Manifest), FetchError> {
+    ) -> Result<(Arc<Connection>, Manifest, bool), FetchError> {
         let conn = self.connection().await?;
         let (transfer, manifest) = open_read(&conn, dataset, object).await?;
         let manifest = Arc::new(manifest);
@@ -303,35 +327,63 @@ impl Client {
         let done = Arc::new(AtomicU64::new(have.missing().fold(total, |left, i| {
             left - manifest.chunk_range(i).map_or(0, |r| r.end - r.start)
         })));
-        let result = {
-            let (conn, partial, fetched, progress) = (
-                conn.clone(),
-                partial.clone(),
+        let on_chunk = {
+            let (done, progress) = (done.clone(), opts.progress.clone());
+            super::rdma::counting(
                 fetched.clone(),
-                opts.progress.clone(),
-            );
-            run_workers(
-                opts.parallel(self.config()),
-                work.into_iter().collect(),
-                move |index| {
-                    let (conn, partial, fetched, done, progress) = (
-                        conn.clone(),
-                        partial.clone(),
-                        fetched.clone(),
-                        done.clone(),
-                        progress.clone(),
-                    );
-                    async move {
-                        let n = read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
-                        let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                        if let Some(p) = &progress {
-                            p(so_far, total);
-                        }
-                        Ok::<_, FetchError>(())
+                Some(Arc::new(move |n| {
+                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                    if let Some(p) = &progress {
+                        p(so_far, total);
                     }
-                },
+                })),
             )
-            .await
+        };
+        let rdma = self
+            .pull_rdma(
+                &conn,
+                transfer,
+                &manifest,
+                &work,
+                Deliver::File(partial.clone()),
+                on_chunk,
+            )
+            .await;
+        let used_rdma = matches!(rdma, Ok(true));
+        let result = match rdma {
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+            Ok(false) => {
+                let (conn, partial, fetched, progress) = (
+                    conn.clone(),
+                    partial.clone(),
+                    fetched.clone(),
+                    opts.progress.clone(),
+                );
+                run_workers(
+                    opts.parallel(self.config()),
+                    work.into_iter().collect(),
+                    move |index| {
+                        let (conn, partial, fetched, done, progress) = (
+                            conn.clone(),
+                            partial.clone(),
+                            fetched.clone(),
+                            done.clone(),
+                            progress.clone(),
+                        );
+                        async move {
+                            let n =
+                                read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
+                            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                            if let Some(p) = &progress {
+                                p(so_far, total);
+                            }
+                            Ok::<_, FetchError>(())
+                        }
+                    },
+                )
+                .await
+            }
         };
         close(&conn, transfer).await;
         result?;
@@ -345,7 +397,7 @@ impl Client {
                 WriteError::Io(e) => FetchError::Local(e),
                 other => FetchError::Local(std::io::Error::other(other)),
             })?;
-        Ok((conn, (*manifest).clone()))
+        Ok((conn, (*manifest).clone(), used_rdma))
     }
 
     fn audit_pull(
@@ -365,9 +417,39 @@ impl Client {
                 object: object.clone(),
                 bytes: report.fetched_bytes,
                 root: report.root,
-                path: conn.peer.path,
+                path: report.path,
                 outcome,
                 duration_ms: report.elapsed.as_millis() as u64,
+            },
+        };
+        if let Err(e) = self.config().audit.record(&record) {
+            tracing::error!(error = %e, "audit record lost");
+        }
+    }
+}
+
+impl Client {
+    /// Records a pull aborted because its RDMA chunks kept failing to open.
+    pub(super) fn audit_rdma_abort(
+        &self,
+        conn: &Connection,
+        transfer: TransferId,
+        chunk: ChunkIndex,
+        failures: u32,
+    ) {
+        tracing::error!(
+            peer.id = %conn.peer.id,
+            transfer = transfer.0,
+            chunk = chunk.0,
+            failures,
+            "RDMA chunks kept failing to open: transfer aborted"
+        );
+        let record = AuditRecord {
+            time: self.config().clock.now(),
+            event: AuditEvent::RdmaAborted {
+                peer: conn.peer.id.clone(),
+                chunk: chunk.0,
+                failures,
             },
         };
         if let Err(e) = self.config().audit.record(&record) {
@@ -412,7 +494,7 @@ async fn request_chunk(
     Ok(s.source)
 }
 
-async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>, RequestError> {
+pub(super) async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>, RequestError> {
     let frame = source
         .recv()
         .await?

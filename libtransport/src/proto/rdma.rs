@@ -33,6 +33,9 @@ pub struct RdmaOffer {
     pub slot_bytes: u32,
     /// Slots in the ring: the most chunks in flight.
     pub slots: u32,
+    /// Chunks move unsealed: only `transport-bench`'s baseline asks, and only a server built
+    /// for the bench agrees.
+    pub unsealed: bool,
 }
 
 /// Which kind of verbs device.
@@ -65,6 +68,7 @@ impl RdmaOffer {
     /// Appends the encoding to `b`.
     pub fn encode(&self, b: &mut BytesMut) {
         b.put_u8(self.device.byte());
+        b.put_u8(u8::from(self.unsealed));
         b.put_u16(u16::try_from(self.info.len()).unwrap_or(u16::MAX));
         b.put_slice(&self.info[..self.info.len().min(usize::from(u16::MAX))]);
         b.put_u64(self.ring_addr);
@@ -77,6 +81,11 @@ impl RdmaOffer {
     /// Decodes from the front of `r`.
     pub fn decode(r: &mut &[u8]) -> Result<Self, DecodeError> {
         let device = DeviceKind::from_byte(get_u8(r)?)?;
+        let unsealed = match get_u8(r)? {
+            0 => false,
+            1 => true,
+            t => return Err(DecodeError::Tag(t)),
+        };
         let n = usize::from(get_u16(r)?);
         if n > MAX_INFO_BYTES {
             return Err(DecodeError::TooLong {
@@ -93,6 +102,7 @@ impl RdmaOffer {
             ring_rkey: get_u32(r)?,
             slot_bytes: get_u32(r)?,
             slots: get_u32(r)?,
+            unsealed,
         };
         if offer.slots == 0 || offer.slots > MAX_SLOTS {
             return Err(DecodeError::TooLong {
@@ -111,7 +121,7 @@ impl RdmaOffer {
 
     /// Bytes of the encoding.
     pub fn encoded_len(&self) -> usize {
-        1 + 2 + self.info.len() + 8 + 8 + 4 + 4 + 4
+        1 + 1 + 2 + self.info.len() + 8 + 8 + 4 + 4 + 4
     }
 }
 
@@ -210,15 +220,19 @@ mod tests {
             1u32..(64 << 20),
             1u32..=MAX_SLOTS,
             any::<u32>(),
+            any::<bool>(),
         )
-            .prop_map(|(device, info, addr, slot_bytes, slots, rkey)| RdmaOffer {
-                device,
-                info: Bytes::from(info),
-                ring_addr: addr,
-                ring_len: u64::from(slot_bytes) * u64::from(slots),
-                ring_rkey: rkey,
-                slot_bytes,
-                slots,
+            .prop_map(|(device, info, addr, slot_bytes, slots, rkey, unsealed)| {
+                RdmaOffer {
+                    device,
+                    info: Bytes::from(info),
+                    ring_addr: addr,
+                    ring_len: u64::from(slot_bytes) * u64::from(slots),
+                    ring_rkey: rkey,
+                    slot_bytes,
+                    slots,
+                    unsealed,
+                }
             })
     }
 
@@ -257,6 +271,7 @@ mod tests {
             ring_rkey: 1,
             slot_bytes: 1024,
             slots: 4,
+            unsealed: false,
         };
         let enc = |o: &RdmaOffer| {
             let mut b = BytesMut::new();
@@ -284,6 +299,7 @@ mod tests {
         // An info length claiming more than allowed is refused before it is read.
         let mut b = BytesMut::new();
         b.put_u8(1);
+        b.put_u8(0);
         b.put_u16(u16::MAX);
         assert!(matches!(
             RdmaOffer::decode(&mut &b[..]),

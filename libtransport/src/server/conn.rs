@@ -1,7 +1,7 @@
 //! Per-connection state: the authenticated peer, its open transfers, its read budget.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -23,6 +23,8 @@ pub(crate) struct ConnCtx {
     transfers: Mutex<Transfers>,
     /// Bytes read from disk ahead of the network, in KiB units.
     pub(crate) budget: Arc<Semaphore>,
+    /// The QUIC connection underneath (for RDMA sessions' key export); none over TCP.
+    pub(crate) quic: Option<quinn::Connection>,
     /// Counts this connection in the metrics while it lives.
     _open: ConnectionGuard,
 }
@@ -42,6 +44,8 @@ pub(crate) struct Transfer {
     pub(crate) kind: TransferKind,
     pub(crate) started: Instant,
     pub(crate) bytes: AtomicU64,
+    /// Whether its chunks moved by RDMA (the audit record and metrics name the path).
+    pub(crate) rdma: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -62,12 +66,13 @@ impl TransferKind {
 }
 
 impl ConnCtx {
-    pub(crate) fn new(shared: Arc<Shared>, peer: Peer) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, peer: Peer, quic: Option<quinn::Connection>) -> Self {
         let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
         Self {
             _open: shared.config.metrics.connection_opened(peer.path),
             shared,
             peer,
+            quic,
             transfers: Mutex::new(Transfers::default()),
             budget: Arc::new(Semaphore::new(kib as usize)),
         }
@@ -158,6 +163,7 @@ impl ConnCtx {
                 kind,
                 started: self.shared.config.clock.instant(),
                 bytes: AtomicU64::new(0),
+                rdma: AtomicBool::new(false),
             }),
         );
         Ok(id)
@@ -182,6 +188,11 @@ impl ConnCtx {
     pub(crate) fn ended(&self, t: &Transfer, outcome: Outcome) {
         let direction = t.kind.direction();
         let bytes = t.bytes.load(Ordering::Relaxed);
+        let path = if t.rdma.load(Ordering::Relaxed) {
+            crate::transport::Path::Rdma
+        } else {
+            self.peer.path
+        };
         let elapsed = self
             .shared
             .config
@@ -197,13 +208,10 @@ impl ConnCtx {
             outcome = ?outcome,
             "transfer ended"
         );
-        self.shared.config.metrics.transfer_ended(
-            self.peer.path,
-            direction,
-            outcome,
-            bytes,
-            elapsed,
-        );
+        self.shared
+            .config
+            .metrics
+            .transfer_ended(path, direction, outcome, bytes, elapsed);
         record(
             &self.shared,
             AuditEvent::Transfer {
@@ -213,7 +221,7 @@ impl ConnCtx {
                 object: t.object.clone(),
                 bytes,
                 root: t.root,
-                path: self.peer.path,
+                path,
                 outcome,
                 duration_ms: elapsed.as_millis() as u64,
             },

@@ -71,7 +71,7 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
 }
 
 /// Why a request did not complete.
-enum Failure {
+pub(crate) enum Failure {
     /// Tell the peer.
     Code(ErrorCode),
     /// The stream itself is gone; nothing to tell.
@@ -189,6 +189,7 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
             respond(&mut s.sink, Response::ChunkStored(chunk)).await
         }
         Request::Commit { transfer } => commit(ctx, transfer, &mut s.sink).await,
+        Request::RdmaOpen { transfer, offer } => super::rdma::serve(ctx, transfer, offer, s).await,
         Request::Close { transfer } => {
             let t = ctx.remove(transfer)?;
             let outcome = match &t.kind {
@@ -371,7 +372,7 @@ where
         .map_err(store_code)
 }
 
-fn store_code(e: StoreError) -> ErrorCode {
+pub(crate) fn store_code(e: StoreError) -> ErrorCode {
     match e {
         StoreError::NotFound => ErrorCode::NotFound,
         StoreError::Conflict => ErrorCode::Conflict,

@@ -90,6 +90,28 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> 
     Ok(socket.into())
 }
 
+/// The address `conn` runs over on this side: where an RDMA session's soft device listens,
+/// so it crosses the same network as the connection.
+pub(crate) fn local_ip(conn: &quinn::Connection) -> std::net::IpAddr {
+    conn.local_ip().unwrap_or(match conn.remote_address().ip() {
+        ip if ip.is_loopback() => ip,
+        _ => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    })
+}
+
+/// The RDMA session keys of `conn` for `session`, from the TLS keying-material exporter:
+/// both ends of the connection get the same keys, and no secret crosses the wire.
+pub(crate) fn rdma_keys(
+    conn: &quinn::Connection,
+    session: [u8; 16],
+) -> Result<crate::proto::seal::SessionKeys, String> {
+    use crate::proto::seal::{EXPORTER_BYTES, EXPORTER_LABEL, SessionKeys, exporter_context};
+    let mut out = zeroize::Zeroizing::new([0u8; EXPORTER_BYTES]);
+    conn.export_keying_material(&mut out[..], EXPORTER_LABEL, &exporter_context(&session))
+        .map_err(|_| "the TLS session cannot export keying material".to_owned())?;
+    Ok(SessionKeys::derive(session, &out))
+}
+
 pub(crate) fn write_error(e: quinn::WriteError) -> StreamError {
     match e {
         quinn::WriteError::Stopped(code) => StreamError::Reset(code.into_inner()),

@@ -1,0 +1,655 @@
+//! The receiver's side of an RDMA session (see `proto/rdma.rs` for the exchange).
+//!
+//! The client registers a receive ring of `slots` sealed-chunk slots, posts a receive per
+//! slot and offers the ring on a QUIC stream of the connection the transfer is open on. Once
+//! the server accepts, both derive the session's keys from that connection's TLS exporter,
+//! and the client grants one chunk per slot. Each WRITE WITH IMMEDIATE names its slot; the
+//! client opens the chunk in place (placement, replay window, tag), and only then copies the
+//! plaintext into the destination, where the chunk's BLAKE3 digest is checked as on the
+//! stream path. A chunk that fails to open is not used and is asked for again; after
+//! [`MAX_OPEN_FAILURES`] failures the transfer is aborted.
+//!
+//! When RDMA cannot be used (configuration, no device, or the server refuses), the caller
+//! falls back to the stream reads, and the client says why once.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use super::{Client, Connection, response, unexpected};
+use crate::config::RdmaMode;
+use crate::error::{FetchError, RequestError};
+use crate::proto::rdma::{DeviceKind, MAX_SLOTS, RdmaControl, RdmaOffer};
+use crate::proto::seal::{
+    Direction, MAX_OPEN_FAILURES, OpenError, Opener, Placement, SessionKeys, sealed_len,
+};
+use crate::proto::{
+    ChunkIndex, Digest, ErrorCode, FrameKind, Manifest, Request, Response, TransferId,
+};
+use crate::store::{ChunkWriter, PartialFile, WriteError};
+use crate::transport::rdma::soft::{SoftConfig, SoftVerbs};
+use crate::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
+use crate::transport::{Path, quic};
+
+/// Most slots in a receive ring.
+const RING_SLOTS: usize = 16;
+/// Most bytes in a receive ring.
+const RING_BYTES: usize = 256 << 20;
+
+/// Where verified chunks go.
+#[derive(Clone)]
+pub(super) enum Deliver {
+    /// Into a resumable partial file.
+    File(Arc<PartialFile>),
+    /// Into per-chunk buffers: `slots[i - base]` holds chunk `i`.
+    Memory {
+        slots: Arc<Mutex<Vec<Option<BytesMut>>>>,
+        base: u32,
+    },
+}
+
+/// Called with each chunk's length as it is delivered.
+pub(super) type OnChunk = Arc<dyn Fn(u64) + Send + Sync>;
+
+impl Client {
+    /// Moves `work` by RDMA when the configuration and both sides allow. `Ok(false)`: RDMA
+    /// is not available and nothing was moved (use the stream reads).
+    pub(super) async fn pull_rdma(
+        &self,
+        conn: &Connection,
+        transfer: TransferId,
+        manifest: &Arc<Manifest>,
+        work: &VecDeque<ChunkIndex>,
+        deliver: Deliver,
+        on_chunk: OnChunk,
+    ) -> Result<bool, FetchError> {
+        let transport = &self.config().transport;
+        let kind = match transport.rdma_mode() {
+            RdmaMode::Off => return Ok(false),
+            RdmaMode::Soft => DeviceKind::Soft,
+            RdmaMode::Auto if crate::transport::rdma::discover().is_empty() => {
+                return self.rdma_fallback("no RDMA device: using QUIC");
+            }
+            RdmaMode::Auto => DeviceKind::Hardware,
+        };
+        if work.is_empty() {
+            return Ok(true);
+        }
+        let Some(quic) = conn.quic() else {
+            return self.rdma_fallback("RDMA needs a QUIC connection: using TLS over TCP");
+        };
+        let unsealed = transport.rdma_unsealed;
+        let session = Session {
+            client: self,
+            conn,
+            quic: quic.clone(),
+            transfer,
+            manifest,
+            kind,
+            unsealed,
+        };
+        match kind {
+            DeviceKind::Soft => {
+                let mut soft = SoftConfig::default();
+                soft.bind(SocketAddr::new(quic::local_ip(quic), 0));
+                match SoftVerbs::bind(Arc::new(soft)).await {
+                    Ok(device) => session.run(device, work, deliver, on_chunk).await,
+                    Err(e) => self
+                        .rdma_fallback(&format!("soft RDMA device unavailable ({e}): using QUIC")),
+                }
+            }
+            #[cfg(feature = "rdma")]
+            DeviceKind::Hardware => {
+                use crate::transport::rdma::hardware::{HardwareConfig, HardwareVerbs};
+                match HardwareVerbs::open(Arc::new(HardwareConfig::default())).await {
+                    Ok(device) => session.run(device, work, deliver, on_chunk).await,
+                    Err(e) => {
+                        self.rdma_fallback(&format!("RDMA device unavailable ({e}): using QUIC"))
+                    }
+                }
+            }
+            #[cfg(not(feature = "rdma"))]
+            DeviceKind::Hardware => self.rdma_fallback("no RDMA device: using QUIC"),
+        }
+    }
+
+    /// Falls back to QUIC, saying why the first time; or fails, if RDMA is required.
+    fn rdma_fallback(&self, why: &str) -> Result<bool, FetchError> {
+        if self.config().transport.rdma_required {
+            return Err(FetchError::NoRdma(why.to_owned()));
+        }
+        if !self.rdma_notice.swap(true, Ordering::Relaxed) {
+            tracing::info!("{why}");
+        }
+        Ok(false)
+    }
+}
+
+struct Session<'a> {
+    client: &'a Client,
+    conn: &'a Connection,
+    quic: quinn::Connection,
+    transfer: TransferId,
+    manifest: &'a Arc<Manifest>,
+    kind: DeviceKind,
+    unsealed: bool,
+}
+
+impl Session<'_> {
+    async fn run<V: Verbs>(
+        self,
+        device: V,
+        work: &VecDeque<ChunkIndex>,
+        deliver: Deliver,
+        on_chunk: OnChunk,
+    ) -> Result<bool, FetchError> {
+        let ring = Ring::new(device, self.manifest, work.len(), !self.unsealed)
+            .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
+        let offer = RdmaOffer {
+            device: self.kind,
+            info: Bytes::from(ring.device.local_info()),
+            ring_addr: ring.region.remote().addr,
+            ring_len: ring.region.remote().len,
+            ring_rkey: ring.region.remote().rkey.0,
+            slot_bytes: ring.slot_bytes as u32,
+            slots: ring.slots as u32,
+            unsealed: self.unsealed,
+        };
+        let req = Request::RdmaOpen {
+            transfer: self.transfer,
+            offer,
+        };
+        let mut s = self.conn.open(&req).await?;
+        let (session, info) = match response(&mut s.source).await {
+            Ok(Response::RdmaAccepted { session, info }) => (session, info),
+            Err(RequestError::Remote(ErrorCode::NoRdma)) => {
+                return self
+                    .client
+                    .rdma_fallback("the server cannot use RDMA for this transfer: using QUIC");
+            }
+            Err(e) => return Err(e.into()),
+            Ok(other) => return Err(unexpected(&other).into()),
+        };
+        let opener = if self.unsealed {
+            None
+        } else {
+            let keys: SessionKeys = quic::rdma_keys(&self.quic, session)
+                .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
+            Some(keys.opener(Direction::ServerToClient))
+        };
+        if let Err(e) = ring.device.connect(&info).await {
+            return self
+                .client
+                .rdma_fallback(&format!("RDMA connection failed ({e}): using QUIC"));
+        }
+        tracing::debug!(
+            slots = ring.slots,
+            sealed = opener.is_some(),
+            "RDMA session started"
+        );
+        let (grants, mut rx) = mpsc::unbounded_channel();
+        let receiving = ring.receive(
+            self.transfer.0,
+            self.manifest,
+            opener,
+            work.clone(),
+            &deliver,
+            grants,
+            &on_chunk,
+        );
+        let forwarding = async {
+            while let Some(g) = rx.recv().await {
+                s.sink
+                    .send(FrameKind::Data, RdmaControl::encode(&g))
+                    .await
+                    .map_err(RequestError::from)?;
+            }
+            Ok::<_, FetchError>(())
+        };
+        let (received, forwarded) = tokio::join!(receiving, forwarding);
+        if let Err(e) = received {
+            if let Some((index, failures)) = e.aborted {
+                self.client
+                    .audit_rdma_abort(self.conn, self.transfer, index, failures);
+            }
+            return Err(e.error);
+        }
+        forwarded?;
+        s.sink
+            .send(FrameKind::Data, RdmaControl::Finish.encode())
+            .await
+            .map_err(RequestError::from)?;
+        s.sink.finish();
+        match super::fetch::next_data(&mut s.source).await? {
+            None => Ok(true),
+            Some(_) => Err(RequestError::Protocol("data on an RDMA control stream".into()).into()),
+        }
+    }
+}
+
+/// Why a receive loop stopped.
+#[derive(Debug)]
+pub(super) struct ReceiveError {
+    /// The failure.
+    pub(super) error: FetchError,
+    /// Set when chunks kept failing to open and the transfer was aborted: the last chunk
+    /// that failed, and how many failed.
+    pub(super) aborted: Option<(ChunkIndex, u32)>,
+}
+
+impl From<FetchError> for ReceiveError {
+    fn from(error: FetchError) -> Self {
+        Self {
+            error,
+            aborted: None,
+        }
+    }
+}
+
+/// A receive ring on a device.
+pub(super) struct Ring<V: Verbs> {
+    pub(super) device: V,
+    pub(super) region: Arc<V::Region>,
+    pub(super) slot_bytes: usize,
+    pub(super) slots: usize,
+}
+
+impl<V: Verbs> Ring<V> {
+    /// Registers a ring for `chunks` chunks of `manifest` and posts a receive per slot.
+    pub(super) fn new(
+        device: V,
+        manifest: &Manifest,
+        chunks: usize,
+        sealed: bool,
+    ) -> Result<Self, crate::transport::rdma::verbs::VerbsError> {
+        let largest = (0..manifest.chunk_count())
+            .filter_map(|i| manifest.chunk_range(ChunkIndex(i)))
+            .map(|r| (r.end - r.start) as usize)
+            .max()
+            .unwrap_or(0);
+        let slot_bytes = if sealed { sealed_len(largest) } else { largest }
+            .max(1)
+            .next_multiple_of(64);
+        let slots = chunks
+            .clamp(1, RING_SLOTS)
+            .min((RING_BYTES / slot_bytes).max(1))
+            .min(MAX_SLOTS as usize);
+        let region = Arc::new(device.register(slot_bytes * slots)?);
+        for slot in 0..slots {
+            device.post_recv(WorkId(slot as u64), &region, slot * slot_bytes, 0)?;
+        }
+        Ok(Self {
+            device,
+            region,
+            slot_bytes,
+            slots,
+        })
+    }
+
+    /// Grants chunks slot by slot and delivers each one that opens, until `work` is done.
+    /// Grants go out through `grants`; `on_chunk` hears of each delivered chunk.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn receive(
+        &self,
+        transfer: u64,
+        manifest: &Arc<Manifest>,
+        mut opener: Option<Opener>,
+        mut work: VecDeque<ChunkIndex>,
+        deliver: &Deliver,
+        grants: mpsc::UnboundedSender<RdmaControl>,
+        on_chunk: &OnChunk,
+    ) -> Result<(), ReceiveError> {
+        let mut granted: Vec<Option<ChunkIndex>> = vec![None; self.slots];
+        let grant = |slot: usize, chunk: ChunkIndex, granted: &mut Vec<Option<ChunkIndex>>| {
+            granted[slot] = Some(chunk);
+            grants
+                .send(RdmaControl::Grant {
+                    slot: slot as u32,
+                    chunk: chunk.0,
+                })
+                .map_err(|_| protocol("the control stream closed"))
+        };
+        let mut left = work.len();
+        for slot in 0..self.slots {
+            if let Some(chunk) = work.pop_front() {
+                grant(slot, chunk, &mut granted)?;
+            }
+        }
+        while left > 0 {
+            let c = self.device.poll().await.map_err(|e| {
+                FetchError::Request(RequestError::Protocol(format!("RDMA session failed: {e}")))
+            })?;
+            let (slot, len) = match (c.kind, c.status) {
+                (CompletionKind::WriteWithImm { imm, len }, Ok(())) => (imm as usize, len as usize),
+                (kind, status) => {
+                    return Err(protocol(&format!("RDMA completion {kind:?}: {status:?}")).into());
+                }
+            };
+            let chunk = granted
+                .get_mut(slot)
+                .and_then(Option::take)
+                .ok_or_else(|| protocol("a write into a slot that was not granted"))?;
+            let range = manifest
+                .chunk_range(chunk)
+                .ok_or(FetchError::Corrupt(chunk))?;
+            let expect = Placement {
+                transfer,
+                chunk: chunk.0,
+                offset: range.start,
+                len: (range.end - range.start) as u32,
+            };
+            let (opened, back) = self
+                .open_and_deliver(slot, len, expect, opener.take(), deliver, manifest)
+                .await?;
+            opener = back;
+            self.device
+                .post_recv(WorkId(slot as u64), &self.region, slot * self.slot_bytes, 0)
+                .map_err(|e| protocol(&format!("re-posting a receive: {e}")))?;
+            let next = match opened {
+                Ok(()) => {
+                    left -= 1;
+                    on_chunk(range.end - range.start);
+                    work.pop_front()
+                }
+                Err(e) => {
+                    let failures = opener.as_ref().map_or(u32::MAX, Opener::failures);
+                    tracing::warn!(chunk = chunk.0, error = %e, failures, "RDMA chunk refused");
+                    if failures >= MAX_OPEN_FAILURES || matches!(e, OpenError::TooManyFailures) {
+                        return Err(ReceiveError {
+                            error: FetchError::Corrupt(chunk),
+                            aborted: Some((chunk, failures)),
+                        });
+                    }
+                    // Ask again: the sender seals it afresh under a new sequence number.
+                    Some(chunk)
+                }
+            };
+            if let Some(chunk) = next {
+                grant(slot, chunk, &mut granted)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens slot `slot` in place and, if it opens, delivers the plaintext (off the runtime's
+    /// threads). The outer error ends the transfer; the inner one is a refused chunk.
+    async fn open_and_deliver(
+        &self,
+        slot: usize,
+        written: usize,
+        expect: Placement,
+        opener: Option<Opener>,
+        deliver: &Deliver,
+        manifest: &Arc<Manifest>,
+    ) -> Result<(Result<(), OpenError>, Option<Opener>), FetchError> {
+        let len = expect.len as usize;
+        let sealed = opener.is_some();
+        let span = if sealed { sealed_len(len) } else { len };
+        if written != span {
+            // Not what a sealer writes for this chunk: refuse it as the opener would.
+            // (An empty buffer fails to open, and counts as a failure.)
+            let mut opener = opener;
+            let refused = match opener.as_mut() {
+                Some(o) => o
+                    .open(expect, &mut [])
+                    .err()
+                    .unwrap_or(OpenError::Truncated),
+                None => OpenError::Truncated,
+            };
+            return Ok((Err(refused), opener));
+        }
+        let at = slot * self.slot_bytes;
+        let (region, deliver, manifest) = (self.region.clone(), deliver.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut opener = opener;
+            let r = region.with_mut(at..at + span, |buf| {
+                let plain = match opener.as_mut() {
+                    Some(o) => match o.open(expect, buf) {
+                        Ok(p) => p,
+                        Err(e) => return Ok(Err(e)),
+                    },
+                    None => &buf[..len],
+                };
+                put(&deliver, &manifest, ChunkIndex(expect.chunk), plain).map(Ok)
+            });
+            match r {
+                Ok(Ok(opened)) => Ok((opened, opener)),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(FetchError::Local(std::io::Error::other(e))),
+            }
+        })
+        .await
+        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+    }
+}
+
+/// Puts a chunk that opened into the destination; its digest is checked there.
+fn put(
+    deliver: &Deliver,
+    manifest: &Manifest,
+    index: ChunkIndex,
+    plain: &[u8],
+) -> Result<(), FetchError> {
+    match deliver {
+        Deliver::File(partial) => {
+            let chunk_failure = |e: WriteError| match e {
+                WriteError::Io(e) => FetchError::Local(e),
+                _ => FetchError::Corrupt(index),
+            };
+            let mut w = ChunkWriter::new(partial.clone(), index).map_err(chunk_failure)?;
+            w.feed(plain).map_err(chunk_failure)?;
+            w.finish().map_err(chunk_failure)
+        }
+        Deliver::Memory { slots, base } => {
+            manifest
+                .check_digest(index, Digest(blake3::hash(plain).into()))
+                .map_err(|_| FetchError::Corrupt(index))?;
+            let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let buf = slots
+                .get_mut(index.0.wrapping_sub(*base) as usize)
+                .and_then(Option::as_mut)
+                .filter(|b| b.len() == plain.len())
+                .ok_or(FetchError::Corrupt(index))?;
+            buf.copy_from_slice(plain);
+            Ok(())
+        }
+    }
+}
+
+fn protocol(what: &str) -> FetchError {
+    FetchError::Request(RequestError::Protocol(what.to_owned()))
+}
+
+/// Bytes delivered by RDMA, for the pull's report.
+pub(super) fn counting(fetched: Arc<AtomicU64>, then: Option<OnChunk>) -> OnChunk {
+    Arc::new(move |n| {
+        fetched.fetch_add(n, Ordering::Relaxed);
+        if let Some(f) = &then {
+            f(n);
+        }
+    })
+}
+
+impl Path {
+    /// The path a pull reports: RDMA if its chunks moved that way.
+    pub(super) fn or_rdma(self, rdma: bool) -> Self {
+        if rdma { Self::Rdma } else { self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
+    use super::*;
+    use crate::proto::seal::{EXPORTER_BYTES, HEADER_LEN, KeyLimits, Sealer};
+
+    const CHUNK: usize = 64 << 10;
+    const CHUNKS: usize = 4;
+
+    /// What the test's sender does to each chunk it is granted.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Sender {
+        Honest,
+        FlipBody,
+        FlipTag,
+        /// Writes a correctly sealed chunk, but another one than granted.
+        Relocate,
+        /// Seals under another session's keys.
+        OtherSession,
+        /// Seals the first grant honestly, then sends those same bytes again.
+        Replay,
+    }
+
+    fn data() -> Vec<u8> {
+        (0..CHUNK * CHUNKS)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect()
+    }
+
+    fn keys(session: u8) -> SessionKeys {
+        SessionKeys::derive([session; 16], &[0x5a; EXPORTER_BYTES])
+    }
+
+    /// Runs a receive loop against a sender that behaves as `sender`, over two soft devices.
+    async fn run(sender: Sender, work: &[u32]) -> (Result<(), ReceiveError>, Vec<BytesMut>) {
+        let data = Arc::new(data());
+        let manifest = Arc::new(Manifest::of_bytes(&data, CHUNK as u32).unwrap());
+        let rx = SoftVerbs::bind(Default::default()).await.unwrap();
+        let tx = SoftVerbs::bind(Default::default()).await.unwrap();
+        let ring = Ring::new(rx, &manifest, CHUNKS, true).unwrap();
+        let (tx_info, rx_info) = (tx.local_info(), ring.device.local_info());
+        let (a, b) = tokio::join!(ring.device.connect(&tx_info), tx.connect(&rx_info));
+        a.unwrap();
+        b.unwrap();
+        let staging = tx.register(ring.slot_bytes).unwrap();
+        let remote = ring.region.remote();
+        let slot_bytes = ring.slot_bytes as u64;
+        let slots = Arc::new(Mutex::new(
+            (0..CHUNKS).map(|_| Some(BytesMut::zeroed(CHUNK))).collect(),
+        ));
+        let deliver = Deliver::Memory {
+            slots: slots.clone(),
+            base: 0,
+        };
+        let (grants, mut granted) = mpsc::unbounded_channel();
+        let on_chunk: OnChunk = Arc::new(|_| {});
+        let receiving = ring.receive(
+            7,
+            &manifest,
+            Some(keys(1).opener(Direction::ServerToClient)),
+            work.iter().map(|&c| ChunkIndex(c)).collect(),
+            &deliver,
+            grants,
+            &on_chunk,
+        );
+        let sending = async {
+            let mut sealer: Sealer = match sender {
+                Sender::OtherSession => keys(2),
+                _ => keys(1),
+            }
+            .sealer(Direction::ServerToClient, KeyLimits::default());
+            let mut first: Option<Vec<u8>> = None;
+            while let Some(g) = granted.recv().await {
+                let RdmaControl::Grant { slot, chunk } = g else {
+                    break;
+                };
+                let sealed_chunk = match sender {
+                    Sender::Relocate => (chunk + 1) % CHUNKS as u32,
+                    _ => chunk,
+                };
+                let range = manifest.chunk_range(ChunkIndex(sealed_chunk)).unwrap();
+                let len = (range.end - range.start) as usize;
+                let at = Placement {
+                    transfer: 7,
+                    chunk: sealed_chunk,
+                    offset: range.start,
+                    len: len as u32,
+                };
+                let n = staging
+                    .with_mut(0..sealed_len(len), |buf| {
+                        match (&first, sender) {
+                            (Some(saved), Sender::Replay) => buf.copy_from_slice(saved),
+                            _ => {
+                                buf[HEADER_LEN..HEADER_LEN + len].copy_from_slice(
+                                    &data[range.start as usize..range.end as usize],
+                                );
+                                sealer.seal(at, buf).unwrap();
+                            }
+                        }
+                        match sender {
+                            Sender::FlipBody => buf[HEADER_LEN + 100] ^= 0x01,
+                            Sender::FlipTag => buf[sealed_len(len) - 1] ^= 0x80,
+                            Sender::Replay if first.is_none() => first = Some(buf.to_vec()),
+                            _ => {}
+                        }
+                        buf.len()
+                    })
+                    .unwrap();
+                tx.post_write_imm(
+                    WorkId(0),
+                    &staging,
+                    0,
+                    n,
+                    &remote,
+                    u64::from(slot) * slot_bytes,
+                    slot,
+                )
+                .unwrap();
+                let c = tx.poll().await.unwrap();
+                assert_eq!(c.kind, CompletionKind::Write);
+                c.status.unwrap();
+            }
+        };
+        let (received, ()) = tokio::join!(receiving, sending);
+        let out = slots
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.clone().expect("every buffer is back"))
+            .collect();
+        (received, out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_honest_sender_delivers_every_chunk() {
+        let (r, out) = run(Sender::Honest, &[0, 1, 2, 3]).await;
+        r.unwrap();
+        assert!(out.concat() == data());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_chunks_are_refused_nothing_lands_and_the_transfer_aborts() {
+        for sender in [
+            Sender::FlipBody,
+            Sender::FlipTag,
+            Sender::Relocate,
+            Sender::OtherSession,
+        ] {
+            let (r, out) = run(sender, &[0, 1, 2, 3]).await;
+            let e = r.expect_err("a tampering sender must not succeed");
+            let (_, failures) = e.aborted.expect("aborted after repeated failures");
+            assert_eq!(failures, MAX_OPEN_FAILURES, "{sender:?}");
+            assert!(matches!(e.error, FetchError::Corrupt(_)), "{sender:?}");
+            assert!(
+                out.iter().all(|c| c.iter().all(|&b| b == 0)),
+                "{sender:?}: unverified bytes reached the destination"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replayed_chunk_is_refused() {
+        // Chunk 0 asked for twice: the second time the sender replays the first write.
+        let (r, out) = run(Sender::Replay, &[0, 0]).await;
+        let e = r.expect_err("a replay must not be accepted");
+        assert_eq!(e.aborted.map(|a| a.1), Some(MAX_OPEN_FAILURES));
+        // Only the genuine first delivery landed.
+        assert!(out[0][..] == data()[..CHUNK]);
+        assert!(out[1..].iter().all(|c| c.iter().all(|&b| b == 0)));
+    }
+}
