@@ -302,6 +302,31 @@ pub(crate) struct TransferArgs {
     /// Print a JSON report on stdout instead of text.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Pulls by RDMA: `auto` uses an RDMA NIC when both sides have one (else QUIC, saying
+    /// why once), `soft` the software device (labs and benchmarks), `off` never. RDMA chunks
+    /// are sealed with AES-256-GCM under keys from this connection's TLS session.
+    #[arg(long, value_enum, default_value_t = RdmaArg::Auto)]
+    pub(crate) rdma: RdmaArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RdmaArg {
+    /// An RDMA NIC when both sides have one, else QUIC.
+    Auto,
+    /// The software device.
+    Soft,
+    /// Never.
+    Off,
+}
+
+impl From<RdmaArg> for libtransport::RdmaMode {
+    fn from(a: RdmaArg) -> Self {
+        match a {
+            RdmaArg::Auto => Self::Auto,
+            RdmaArg::Soft => Self::Soft,
+            RdmaArg::Off => Self::Off,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

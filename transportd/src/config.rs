@@ -148,6 +148,9 @@ impl NodeConfig {
             });
         }
         let mut t = TransportConfig::default();
+        if let Some(r) = &f.rdma {
+            t.rdma(r.mode);
+        }
         let mut chunk_bytes = libtransport::proto::manifest::DEFAULT_CHUNK_BYTES;
         let l = &f.limits;
         let range = |field: &str, e: libtransport::config::ConfigError| {

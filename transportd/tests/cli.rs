@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use libtransport::proto::{DatasetName, Digest, ObjectPath};
@@ -403,4 +404,66 @@ async fn push_resumes_after_the_receiving_node_is_killed() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn pulls_by_soft_rdma_between_processes_and_falls_back_to_quic_without_a_device() {
+    let site = Site::new();
+    let config = std::fs::read_to_string(site.config()).unwrap() + "\n[rdma]\nmode = \"soft\"\n";
+    std::fs::write(site.config(), config).unwrap();
+    let data = write_data(
+        &site.path("storage/datasets/scans/ward-7/ct-0042.bin"),
+        (9 << 20) + 5,
+        11,
+    );
+    let node = Node::start(&site);
+    let pull = |rdma: &str, dest: &Path, log: &str| {
+        let mut args = vec!["pull".to_owned()];
+        args.extend(client(&site, "loader", &node, "quic"));
+        args.extend([
+            "--json".into(),
+            "--rdma".into(),
+            rdma.into(),
+            "scans/ward-7/ct-0042.bin".into(),
+            p(dest).into(),
+        ]);
+        common::bin()
+            .args(&args)
+            .env("TRANSPORTD_LOG", log)
+            .output()
+            .unwrap()
+    };
+
+    // The node and this client are two processes; the chunks cross the soft device sealed.
+    let dest = site.path("gpu/rdma.bin");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    let out = pull("soft", &dest, "warn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out);
+    assert_eq!(report["objects"][0]["report"]["path"], "rdma");
+    assert!(
+        std::fs::read(&dest).unwrap() == data,
+        "the RDMA pull differs"
+    );
+
+    // Asked for RDMA on a machine without a device: QUIC, and the reason said once.
+    let dest = site.path("gpu/auto.bin");
+    let out = pull("auto", &dest, "info");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["objects"][0]["report"]["path"], "quic");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("no RDMA device: using QUIC").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(std::fs::read(&dest).unwrap() == data);
 }

@@ -93,10 +93,27 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> 
 /// The address `conn` runs over on this side: where an RDMA session's soft device listens,
 /// so it crosses the same network as the connection.
 pub(crate) fn local_ip(conn: &quinn::Connection) -> std::net::IpAddr {
-    conn.local_ip().unwrap_or(match conn.remote_address().ip() {
-        ip if ip.is_loopback() => ip,
-        _ => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-    })
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+    if let Some(ip) = conn.local_ip() {
+        return ip.to_canonical();
+    }
+    // Clients are not told: ask the routing table which source address reaches the peer
+    // (connecting a UDP socket sends nothing).
+    let remote = SocketAddr::new(
+        conn.remote_address().ip().to_canonical(),
+        conn.remote_address().port(),
+    );
+    let any: IpAddr = if remote.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    UdpSocket::bind(SocketAddr::new(any, 0))
+        .and_then(|s| {
+            s.connect(remote)?;
+            s.local_addr()
+        })
+        .map_or(any, |a| a.ip())
 }
 
 /// The RDMA session keys of `conn` for `session`, from the TLS keying-material exporter:

@@ -11,7 +11,7 @@ use libtransport::audit::{FileSink, FileSinkConfig};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::{
     Client, ClientConfig, FetchError, FetchOptions, FetchReport, IdentityHandle, Path as Transport,
-    PushOptions, PushReport, RetryPolicy, TransportConfig,
+    PushOptions, PushReport, RdmaMode, RetryPolicy, TransportConfig,
 };
 use serde_json::json;
 
@@ -20,7 +20,14 @@ use crate::config::{IdentityPaths, load_credentials};
 
 /// `transportd ls`.
 pub(crate) async fn ls(conn: &ConnArgs, target: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let client = connect(conn, None, None, RetryPolicy::default().attempts).await?;
+    let client = connect(
+        conn,
+        None,
+        None,
+        RetryPolicy::default().attempts,
+        RdmaMode::Off,
+    )
+    .await?;
     match target {
         None => {
             let names = client.list_datasets().await?;
@@ -67,6 +74,7 @@ pub(crate) async fn pull(
         args.audit.as_deref(),
         Some(args.parallel),
         args.retries,
+        args.rdma.into(),
     )
     .await?;
     let (dataset, object) = split_target(source)?;
@@ -173,6 +181,7 @@ pub(crate) async fn push(
         args.audit.as_deref(),
         Some(args.parallel),
         args.retries,
+        args.rdma.into(),
     )
     .await?;
     let total: u64 = jobs.iter().map(|j| j.2).sum();
@@ -278,10 +287,12 @@ pub(crate) async fn connect(
     audit: Option<&Path>,
     parallel: Option<u32>,
     retries: u32,
+    rdma: RdmaMode,
 ) -> anyhow::Result<Client> {
     let paths = identity_paths(conn)?;
     let creds = load_credentials(&paths)?;
     let mut transport = TransportConfig::default();
+    transport.rdma(rdma);
     if let Some(p) = parallel {
         transport.parallel_chunks(p).context("--parallel")?;
     }

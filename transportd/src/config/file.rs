@@ -23,6 +23,14 @@ pub(crate) struct FileConfig {
     pub(crate) admin: Option<AdminFile>,
     #[serde(default)]
     pub(crate) limits: LimitsFile,
+    pub(crate) rdma: Option<RdmaFile>,
+}
+
+/// Whether transfers may move by RDMA.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RdmaFile {
+    pub(crate) mode: libtransport::RdmaMode,
 }
 
 /// Where the node's SVID, key and trust bundle are.
@@ -154,6 +162,11 @@ file = "policy.toml"
 
 [admin]                    # optional; this is the default
 listen = "127.0.0.1:9464"  # /metrics (Prometheus), /healthz, /readyz; "off" to disable
+
+[rdma]                     # optional; this is the default
+mode = "auto"              # "auto": RDMA when both sides have a device (build feature `rdma`),
+                           # else QUIC; "soft": the software device (labs, benchmarks);
+                           # "off": never. Chunks are sealed with AES-256-GCM either way.
 
 [limits]                   # optional; these are the defaults
 max_connections = 1024

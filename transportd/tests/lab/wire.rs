@@ -65,26 +65,7 @@ fn a_plaintext_canary_never_crosses_the_wire_in_secure_modes_but_does_in_the_bas
     // The bench's secure modes, for good measure, then its plaintext baseline: the control
     // that shows this capture and search do find a canary that is there.
     let storage = s.host("storage").addr();
-    let bench = s
-        .host("storage")
-        .process(bench_bin())
-        .args(["server", "--listen", &format!("{storage}:7543")])
-        .args([
-            "--plaintext",
-            &format!("{storage}:7544"),
-            "--dangerous-plaintext",
-            "--no-audit",
-        ])
-        .args(["--identity", p(&s.site.path("storage/identity"))])
-        .args(["--object", p(&s.dataset_file(&format!("scans/{name}")))])
-        .spawn()
-        .unwrap();
-    for _ in 0..200 {
-        if bench.log().contains("\"event\":\"listening\"") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let bench = bench_server(&s, &name);
     let run = |modes: &str| {
         let out = s
             .host("gpu")
@@ -116,6 +97,89 @@ fn a_plaintext_canary_never_crosses_the_wire_in_secure_modes_but_does_in_the_bas
     assert!(
         plain.contains(canary.as_bytes()),
         "the control failed: the check cannot see plaintext"
+    );
+}
+
+/// `transport-bench server` on the storage host, serving `scans/{name}`, with its plaintext
+/// baselines allowed; returns once it listens.
+fn bench_server(s: &LabSite, name: &str) -> netlab::Process {
+    let storage = s.host("storage").addr();
+    let bench = s
+        .host("storage")
+        .process(bench_bin())
+        .args(["server", "--listen", &format!("{storage}:7543")])
+        .args([
+            "--plaintext",
+            &format!("{storage}:7544"),
+            "--dangerous-plaintext",
+            "--no-audit",
+        ])
+        .args(["--identity", p(&s.site.path("storage/identity"))])
+        .args(["--object", p(&s.dataset_file(&format!("scans/{name}")))])
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if bench.log().contains("\"event\":\"listening\"") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bench
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn the_soft_rdma_device_carries_sealed_chunks_and_the_unsealed_baseline_shows_the_canary() {
+    let s = LabSite::new("rdma_canary", &[], |t| t);
+    for d in [netlab::Direction::Egress, netlab::Direction::Ingress] {
+        s.host("gpu")
+            .set_rate(d, Some(netlab::Rate::mbit(400)))
+            .unwrap();
+    }
+    let canary = format!("PHI-CANARY-{:08x}-RDMA-0815", std::process::id());
+    let name = format!("{canary}.txt");
+    let content = canary.repeat((4 << 20) / canary.len());
+    std::fs::write(s.dataset_file(&format!("scans/{name}")), &content).unwrap();
+    let storage = s.host("storage").addr();
+    let bench = bench_server(&s, &name);
+    let run = |modes: &str| {
+        let out = s
+            .host("gpu")
+            .command(bench_bin())
+            .args(["client", "--server", &format!("{storage}:7543")])
+            .args(["--identity", p(&s.site.path("loader")), "--modes", modes])
+            .args(["--runs", "1", "--requests", "5", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            bench.log()
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // Sealed: the soft device's TCP stream (and the QUIC control) carry no plaintext.
+    let capture = s.lab.capture().unwrap();
+    let doc = run("rdma-soft");
+    let sealed = capture.stop().unwrap();
+    assert_eq!(doc["modes"][0]["mode"], "rdma-soft");
+    let seen: usize = sealed.frames().iter().map(Vec::len).sum();
+    assert!(
+        seen > content.len(),
+        "the capture saw the whole transfer ({seen} bytes)"
+    );
+    assert!(
+        !sealed.contains(canary.as_bytes()),
+        "the canary crossed the wire in rdma-soft"
+    );
+    // Unsealed, the same capture finds it: the check can fire.
+    let capture = s.lab.capture().unwrap();
+    run("rdma-soft-plain");
+    let plain = capture.stop().unwrap();
+    assert!(
+        plain.contains(canary.as_bytes()),
+        "the control failed: the capture does not see unsealed chunks"
     );
 }
 
