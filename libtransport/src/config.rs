@@ -40,6 +40,9 @@ pub struct TransportConfig {
     /// Offer (client) or accept (server) unsealed RDMA chunks: the bench's baseline only.
     pub(crate) rdma_unsealed: bool,
     pub(crate) rdma_required: bool,
+    /// A server that damages every RDMA chunk after sealing it (tests only).
+    #[cfg(feature = "test-util")]
+    pub(crate) rdma_tamper: bool,
 }
 
 /// Whether bulk transfers may move by RDMA. Either way the control channel is QUIC, and
@@ -78,6 +81,8 @@ impl Default for TransportConfig {
             rdma: RdmaMode::default(),
             rdma_unsealed: false,
             rdma_required: false,
+            #[cfg(feature = "test-util")]
+            rdma_tamper: false,
         }
     }
 }
@@ -198,6 +203,14 @@ impl TransportConfig {
     /// The RDMA mode.
     pub fn rdma_mode(&self) -> RdmaMode {
         self.rdma
+    }
+
+    /// Makes a server flip a bit in every RDMA chunk after sealing it, to test that
+    /// receivers refuse them. Tests only.
+    #[cfg(feature = "test-util")]
+    pub fn tamper_rdma_chunks_for_tests(&mut self) -> &mut Self {
+        self.rdma_tamper = true;
+        self
     }
 
     /// Fail a pull that cannot use RDMA instead of falling back to QUIC (default: fall

@@ -236,6 +236,8 @@ impl Session<'_> {
             len: len as u32,
         };
         let (t, staging, at) = (self.t.clone(), staging.clone(), stage * self.slot_bytes);
+        #[cfg(feature = "test-util")]
+        let tamper = self.ctx.shared.config.transport.rdma_tamper;
         let sealed_len = if sealer.is_some() {
             sealed_len(len)
         } else {
@@ -252,10 +254,15 @@ impl Session<'_> {
                         reader
                             .read_into(range.start, &mut buf[HEADER_LEN..HEADER_LEN + len])
                             .map_err(store_code)?;
-                        sealer.seal(placement, buf).map_err(|e| {
+                        let n = sealer.seal(placement, buf).map_err(|e| {
                             debug!(error = %e, "sealing failed");
                             ErrorCode::Internal
-                        })
+                        })?;
+                        #[cfg(feature = "test-util")]
+                        if tamper {
+                            buf[HEADER_LEN] ^= 1;
+                        }
+                        Ok(n)
                     }
                     None => {
                         reader.read_into(range.start, buf).map_err(store_code)?;
