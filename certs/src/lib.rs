@@ -27,6 +27,8 @@ mod issue;
 mod key;
 mod svid;
 
+#[cfg(fuzzing)]
+pub mod fuzzing;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 

@@ -11,13 +11,11 @@ use certs::SvidError;
 use certs::test_util::{Defect, TestPki};
 use libtransport::audit::AuditEvent;
 use libtransport::proto::{DatasetName, ObjectPath};
-use libtransport::test_util::{TestServer, identity, identity_of, trace_init};
+use libtransport::test_util::{AcceptAnyServer, TestServer, identity, identity_of, trace_init};
 use libtransport::{
     Client, ClientConfig, ConnectError, IdentityHandle, Path, Rejection, TransportConfig,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CANARY: &[u8] = b"PHI-CANARY-4f1c: patient 0042, MRN 881-22-1907";
@@ -209,45 +207,6 @@ async fn client_insisting_on_a_server_id_refuses_another() {
     Client::connect(right, server.addr(Path::Tcp), Path::Tcp)
         .await
         .unwrap();
-}
-
-/// Accepts any server certificate: these raw clients test the server, not themselves.
-#[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 fn raw_client(versions: &[&'static rustls::SupportedProtocolVersion]) -> rustls::ClientConfig {

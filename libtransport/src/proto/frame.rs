@@ -350,5 +350,105 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             let _ = Frame::decode(&mut buf);
         }
+
+        #[test]
+        fn headers_round_trip_and_claim_their_payload(
+            len in 0..=MAX_FRAME_PAYLOAD,
+            kind in any_kind(),
+            stream in any::<u32>(),
+        ) {
+            let h = FrameHeader { len, kind, stream };
+            let enc = h.encode().unwrap();
+            prop_assert_eq!(enc.len(), HEADER_LEN);
+            prop_assert_eq!(FrameHeader::decode(&enc), Ok(h));
+            // The header alone says how many bytes follow; until they are all here the
+            // frame is incomplete, and nothing is consumed.
+            let mut buf = BytesMut::from(&enc[..]);
+            buf.put_bytes(0xa5, (len as usize).min(64));
+            if len as usize > 64 {
+                prop_assert_eq!(Frame::decode(&mut buf), Ok(None));
+                prop_assert_eq!(buf.len(), HEADER_LEN + 64);
+            }
+        }
+
+        #[test]
+        fn any_claim_over_the_limit_is_refused_from_the_header(
+            len in (MAX_FRAME_PAYLOAD + 1)..=u32::MAX,
+            kind in any_kind(),
+            stream in any::<u32>(),
+        ) {
+            let h = FrameHeader { len, kind, stream };
+            prop_assert_eq!(h.encode(), Err(FrameError::TooLarge { len, max: MAX_FRAME_PAYLOAD }));
+            let mut raw = BytesMut::new();
+            raw.put_u32(len);
+            raw.put_u8(kind as u8);
+            raw.put_bytes(0, 3);
+            raw.put_u32(stream);
+            prop_assert_eq!(
+                Frame::decode(&mut raw),
+                Err(FrameError::TooLarge { len, max: MAX_FRAME_PAYLOAD })
+            );
+        }
+
+        #[test]
+        fn frame_streams_decode_in_order_and_wait_at_any_cut(
+            frames in proptest::collection::vec(
+                (any_kind(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300)),
+                1..8,
+            ),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let frames: Vec<Frame> = frames
+                .into_iter()
+                .map(|(k, s, p)| Frame::new(k, s, Bytes::from(p)))
+                .collect();
+            let mut all = BytesMut::new();
+            for f in &frames {
+                f.encode(&mut all).unwrap();
+            }
+            prop_assert_eq!(all.len(), frames.iter().map(Frame::encoded_len).sum::<usize>());
+            // Cut anywhere: the frames wholly before the cut decode, the rest waits.
+            let at = cut.index(all.len() + 1);
+            let mut part = BytesMut::from(&all[..at]);
+            let mut whole = 0;
+            let mut n = 0;
+            while let Some(f) = Frame::decode(&mut part).unwrap() {
+                prop_assert_eq!(&f, &frames[n]);
+                whole += f.encoded_len();
+                n += 1;
+            }
+            prop_assert_eq!(part.len(), at - whole);
+            let mut rest = BytesMut::from(&all[..]);
+            for f in &frames {
+                let next = Frame::decode(&mut rest).unwrap();
+                prop_assert_eq!(next.as_ref(), Some(f));
+            }
+            prop_assert!(rest.is_empty());
+        }
+
+        #[test]
+        fn headers_with_any_bytes_never_panic_nor_claim_too_much(
+            header in any::<[u8; HEADER_LEN]>(),
+            kind in any_kind(),
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            // Half the cases carry a valid kind, so the length and the zero fields are what
+            // is tested, not only the kind byte.
+            let mut h = header;
+            if tail.len() % 2 == 0 {
+                h[4] = kind as u8;
+            }
+            if let Ok(d) = FrameHeader::decode(&h) {
+                prop_assert!(d.len <= MAX_FRAME_PAYLOAD);
+            }
+            let mut buf = BytesMut::from(&h[..]);
+            buf.extend_from_slice(&tail);
+            let before = buf.len();
+            match Frame::decode(&mut buf) {
+                Ok(Some(f)) => prop_assert_eq!(before - buf.len(), f.encoded_len()),
+                Ok(None) => prop_assert_eq!(buf.len(), before),
+                Err(e) => prop_assert_ne!(e, FrameError::Incomplete),
+            }
+        }
     }
 }

@@ -551,7 +551,7 @@ pub const MAX_CHUNKS: u32 = 16_384;
 
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
+    use bytes::{BufMut, BytesMut};
     use proptest::prelude::*;
 
     use super::*;
@@ -726,6 +726,104 @@ mod tests {
             s.encode(&mut enc);
             prop_assert_eq!(enc.len(), s.encoded_len());
             prop_assert_eq!(ChunkSet::decode(&mut &enc[..]).unwrap(), s);
+        }
+
+        #[test]
+        fn manifests_from_parts_round_trip_at_every_size(
+            size in prop_oneof![0u64..1 << 20, any::<u64>()],
+            shift in 0u32..11,
+            seed in any::<u8>(),
+        ) {
+            // Layouts of any size the limits allow, up to 1 TiB, without hashing that much:
+            // the chunk hashes are made up, the root is computed from them.
+            let chunk_bytes = MIN_CHUNK_BYTES << shift;
+            let Ok(count) = chunk_count_for(size, chunk_bytes) else {
+                prop_assert!(size.div_ceil(u64::from(chunk_bytes)) > u64::from(MAX_CHUNKS));
+                return Ok(());
+            };
+            let chunks = (0..count).map(|i| Digest([(i as u8) ^ seed; 32])).collect();
+            let m = Manifest::from_parts(size, chunk_bytes, chunks).unwrap();
+            let mut enc = BytesMut::new();
+            m.encode(&mut enc);
+            prop_assert_eq!(enc.len(), m.encoded_len());
+            prop_assert_eq!(m.encoded_len(), 48 + 32 * count);
+            let mut slice = &enc[..];
+            prop_assert_eq!(Manifest::decode(&mut slice).unwrap(), m.clone());
+            prop_assert!(slice.is_empty());
+            // The chunks cover the object exactly, in order.
+            let mut end = 0;
+            for i in 0..m.chunk_count() {
+                let r = m.chunk_range(ChunkIndex(i)).unwrap();
+                prop_assert_eq!(r.start, end);
+                prop_assert!(r.end > r.start);
+                end = r.end;
+            }
+            prop_assert_eq!(end, size);
+        }
+
+        #[test]
+        fn claimed_counts_are_refused_unless_the_bytes_are_there(
+            size in any::<u64>(),
+            chunk_bytes in prop_oneof![Just(MIN_CHUNK_BYTES), Just(MAX_CHUNK_BYTES), any::<u32>()],
+            count in prop_oneof![0u32..4, Just(MAX_CHUNKS), Just(MAX_CHUNKS + 1), any::<u32>()],
+            present in 0usize..5,
+            set_len in any::<u32>(),
+        ) {
+            // A header claiming `count` hashes with only `present` behind it: the claim is
+            // checked against MAX_CHUNKS, the layout and the bytes actually there before the
+            // decoder allocates for it.
+            let mut b = BytesMut::new();
+            b.put_u64(size);
+            b.put_u32(chunk_bytes);
+            b.put_slice(&[0; 32]);
+            b.put_u32(count);
+            b.put_bytes(7, 32 * present);
+            match Manifest::decode(&mut &b[..]) {
+                Ok(m) => prop_assert!(m.chunk_count() as usize <= present),
+                Err(ManifestError::Truncated) => prop_assert!((count as usize) > present),
+                Err(ManifestError::TooManyChunks(n)) => prop_assert!(n > MAX_CHUNKS as usize),
+                Err(_) => {}
+            }
+            let mut b = BytesMut::new();
+            b.put_u32(set_len);
+            b.put_bytes(0, present);
+            match ChunkSet::decode(&mut &b[..]) {
+                Ok(s) => prop_assert!((s.len() as usize).div_ceil(8) <= present),
+                Err(ManifestError::TooManyChunks(n)) => prop_assert!(n > MAX_CHUNKS as usize),
+                Err(e) => prop_assert_eq!(e, ManifestError::Truncated),
+            }
+        }
+
+        #[test]
+        fn damaged_manifests_never_panic_and_what_decodes_is_canonical(
+            len in 0usize..300_000,
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<proptest::sample::Index>()),
+        ) {
+            let data = vec![0x5a; len];
+            let m = Manifest::of_bytes(&data, MIN_CHUNK_BYTES).unwrap();
+            let mut enc = BytesMut::new();
+            m.encode(&mut enc);
+            let mut have = ChunkSet::new(m.chunk_count());
+            have.insert(ChunkIndex(0));
+            have.encode(&mut enc);
+            let mut bytes = enc.to_vec();
+            for (at, b) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.index(bytes.len() + 1));
+            }
+            let mut rest = &bytes[..];
+            if let Ok(back) = Manifest::decode(&mut rest) {
+                let mut again = BytesMut::new();
+                back.encode(&mut again);
+                prop_assert_eq!(&again[..], &bytes[..bytes.len() - rest.len()]);
+                if let Ok(s) = ChunkSet::decode(&mut rest) {
+                    prop_assert!(s.count() <= s.len());
+                }
+            }
         }
     }
 }

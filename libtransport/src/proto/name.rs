@@ -296,5 +296,50 @@ mod tests {
                 prop_assert!(p.segments().all(|seg| seg != ".." && seg != "." && !seg.is_empty()));
             }
         }
+
+        #[test]
+        fn valid_names_round_trip(
+            dataset in "[A-Za-z0-9][A-Za-z0-9._-]{0,127}",
+            segs in proptest::collection::vec("[^/\\p{Cc}]{1,20}", 1..8),
+        ) {
+            let d = DatasetName::new(&dataset).unwrap();
+            prop_assert_eq!(d.as_str(), dataset.as_str());
+            prop_assert_eq!(d.to_string().parse::<DatasetName>(), Ok(d));
+            let path = segs.join("/");
+            match ObjectPath::new(&path) {
+                Ok(p) => {
+                    prop_assert_eq!(p.as_str(), path.as_str());
+                    prop_assert_eq!(p.segments().count(), segs.len());
+                    prop_assert_eq!(p.to_string().parse::<ObjectPath>(), Ok(p));
+                }
+                // Generated segments may still be "." or "..", reserved, or too long.
+                Err(e) => prop_assert!(matches!(
+                    e,
+                    NameError::DotSegment | NameError::Reserved | NameError::TooLong { .. }
+                ), "{e}"),
+            }
+        }
+
+        #[test]
+        fn any_text_never_panics_and_what_is_accepted_keeps_the_rules(s in "\\PC{0,300}|(\\.\\./|/|[a-z]{1,3}/){0,40}") {
+            if let Ok(d) = DatasetName::new(&s) {
+                prop_assert!(d.as_str().len() <= MAX_DATASET_NAME_BYTES);
+                prop_assert!(!d.as_str().contains(['/', '\\', '\0']));
+                prop_assert!(d.as_str().starts_with(|c: char| c.is_ascii_alphanumeric()));
+            }
+            if let Ok(p) = ObjectPath::new(&s) {
+                prop_assert!(p.as_str().len() <= MAX_OBJECT_PATH_BYTES);
+                prop_assert!(p.segments().count() <= MAX_DEPTH);
+                let segments_ok = p.segments().all(|seg| {
+                    !seg.is_empty()
+                        && seg != "."
+                        && seg != ".."
+                        && seg.len() <= MAX_SEGMENT_BYTES
+                        && !seg.starts_with(RESERVED_PREFIX)
+                        && !seg.chars().any(char::is_control)
+                });
+                prop_assert!(segments_ok, "accepted {:?}", s);
+            }
+        }
     }
 }

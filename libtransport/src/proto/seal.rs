@@ -296,17 +296,15 @@ impl Opener {
         let total = sealed_len(len);
         let sealed = sealed.get_mut(..total).ok_or(OpenError::Truncated)?;
         self.window.check(header.seq)?;
+        // The sender may have moved to the next key. Follow it only once a chunk under that
+        // key has authenticated: a header is not, and a forged one must not move us.
+        let next = (header.epoch == self.current.epoch.wrapping_add(1)
+            && header.seq >= self.first_seq_of_current)
+            .then(|| self.current.next());
         let key = if header.epoch == self.current.epoch {
             &self.current
-        } else if header.epoch == self.current.epoch.wrapping_add(1)
-            && header.seq >= self.first_seq_of_current
-        {
-            // The sender moved to the next key: follow it, keeping this one for chunks of
-            // the old epoch still in flight.
-            let next = self.current.next();
-            self.previous = Some(std::mem::replace(&mut self.current, next));
-            self.first_seq_of_current = header.seq;
-            &self.current
+        } else if let Some(next) = &next {
+            next
         } else if self
             .previous
             .as_ref()
@@ -325,6 +323,11 @@ impl Opener {
             .open_in_place(key.nonce(header.seq), Aad::from(&aad[..]), rest)
             .map_err(|_| OpenError::Tampered)?;
         debug_assert_eq!(plain.len(), len);
+        if let Some(next) = next {
+            // Keep the old key for chunks of its epoch still in flight.
+            self.previous = Some(std::mem::replace(&mut self.current, next));
+            self.first_seq_of_current = header.seq;
+        }
         self.window.accept(header.seq);
         Ok(HEADER_LEN..HEADER_LEN + len)
     }

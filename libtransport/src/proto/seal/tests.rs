@@ -280,6 +280,38 @@ fn keys_update_before_their_limits_and_in_flight_chunks_of_the_old_key_still_ope
     assert_eq!(s.epoch(), 1);
 }
 
+/// Found by the `sealed_chunks` fuzz target with the input
+/// `03 11 04 11 16 04 7f 7f 7f 7f 01 02 11 16 00 00 00 00 00 00 00 15 08` (kept in its seed
+/// corpus as `regression-forged-epoch`): a chunk whose header named the next key epoch moved
+/// the receiver to that key before the tag was checked, so the genuine chunks of the current
+/// epoch were refused from then on, and a single flipped bit could abort a transfer.
+#[test]
+fn a_forged_header_of_the_next_epoch_does_not_move_the_receiver() {
+    let k = keys(6);
+    let limits = KeyLimits {
+        max_chunks: 4,
+        max_bytes: 1 << 20,
+    };
+    let mut s = k.sealer(Direction::ClientToServer, limits);
+    let mut o = k.opener(Direction::ClientToServer);
+    let genuine = seal(&mut s, place(0, 4), &[0x11; 4]);
+    // The same chunk with the low byte of its epoch changed: 0 becomes 1.
+    let mut forged = genuine.clone();
+    forged[7] ^= 0x01;
+    assert_eq!(o.open(place(0, 4), &mut forged), Err(OpenError::Tampered));
+    // The genuine chunk, and the next one, still open under the current key.
+    let mut c = genuine.clone();
+    assert_eq!(o.open(place(0, 4), &mut c).unwrap(), [0x11; 4]);
+    let mut next = seal(&mut s, place(1, 0), b"");
+    assert_eq!(o.open(place(1, 0), &mut next).unwrap(), b"");
+    // And the sender's real move to the next key is still followed.
+    for i in 2..6u32 {
+        let mut c = seal(&mut s, place(i, 2), b"ok");
+        assert_eq!(o.open(place(i, 2), &mut c).unwrap(), b"ok", "chunk {i}");
+    }
+    assert_eq!(s.epoch(), 1);
+}
+
 proptest! {
     #[test]
     fn any_chunk_round_trips(data in proptest::collection::vec(any::<u8>(), 0..4096), chunk in any::<u32>(), offset in any::<u64>(), transfer in any::<u64>()) {
