@@ -15,8 +15,11 @@ quick=0
 
 # System packages: a C compiler for aws-lc-sys (the TLS crypto), git for the bench's
 # records, and for the lab (netlab) and the root-only tests: iproute2 (ip, tc), nftables,
-# tcpdump, ping and util-linux (unshare, nsenter).
-packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux)
+# tcpdump, ping and util-linux (unshare, nsenter); for the `rdma` feature (ibverbs through
+# rdma-sys, whose bindings bindgen generates at build time): libibverbs-dev, librdmacm-dev,
+# libclang-dev, clang and pkg-config.
+packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux
+    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -47,6 +50,16 @@ fi
 step "cargo test (every crate; the real transportd and transport-bench binaries)"
 cargo test --workspace --locked
 
+# The hardware RDMA device (feature rdma): lints, and its tests. Tests that need a device
+# are #[ignore = "needs RDMA device"]; the rest show that a machine without one reports
+# none, cleanly.
+if [ "$quick" = 0 ]; then
+    step "cargo clippy --features libtransport/rdma -- -D warnings"
+    cargo clippy --workspace --all-targets --locked --features libtransport/rdma -- -D warnings
+fi
+step "cargo test -p libtransport --features rdma (the verbs layer, hardware device included)"
+cargo test -p libtransport --locked --features rdma --lib transport::rdma
+
 # Tests that need root: network namespaces (netlab), mount namespaces (a full audit disk).
 if [ "$(id -u)" = 0 ]; then
     step "cargo test -- --ignored (root-only: labs of network namespaces, a full disk)"
@@ -54,5 +67,33 @@ if [ "$(id -u)" = 0 ]; then
 else
     echo "== skipped the root-only tests (network and mount namespaces): run as root to include them" >&2
 fi
+
+# Fuzzing: every parser's target is built and run for a short while from its seed corpus
+# (FUZZ_SECONDS each, 30 by default; scripts/fuzz.sh --seconds N for longer runs).
+if [ "$quick" = 0 ]; then
+    step "fuzz: build every target, run each for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh)"
+    scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}"
+else
+    echo "== skipped the fuzz runs (--quick)" >&2
+fi
+
+# Supply chain: licences, banned crates (OpenSSL, native-tls) and sources (crates.io only),
+# for the workspace and the fuzz workspaces. Runs after the fuzz build, which has fetched
+# the fuzz workspaces' crates, so cargo-deny needs no network.
+cargo_deny_version=0.20.2
+if ! cargo deny --version >/dev/null 2>&1; then
+    step "installing cargo-deny $cargo_deny_version"
+    cargo install cargo-deny --locked --version "$cargo_deny_version"
+fi
+step "cargo deny check licenses bans sources"
+cargo deny --offline --locked --all-features check licenses bans sources
+for fuzz in certs/fuzz libtransport/fuzz transportd/fuzz; do
+    cargo fetch --manifest-path "$fuzz/Cargo.toml" --quiet
+    cargo deny --offline --all-features --manifest-path "$fuzz/Cargo.toml" \
+        check licenses bans sources
+done
+echo "== cargo deny: security advisories were NOT checked. The RustSec advisory database is" \
+    "fetched from GitHub, which these machines cannot reach; run 'cargo deny check advisories'" \
+    "where GitHub is reachable."
 
 echo "== all passed in $(( $(date +%s) - started )) s"

@@ -187,7 +187,7 @@ pub(crate) enum PolicyCommand {
         /// The policy file.
         #[arg(long, conflicts_with = "config", required_unless_present = "config")]
         policy: Option<PathBuf>,
-        /// Or: a node configuration, whose policy (file or [[allow]] rules) is used.
+        /// Or: a node configuration, whose policy (file or `[[allow]]` rules) is used.
         #[arg(long)]
         config: Option<PathBuf>,
         /// The requesting peer's SPIFFE ID.
