@@ -159,3 +159,43 @@ fn lab_reports_each_mode_across_a_wire_at_both_mtus() {
         );
     }
 }
+
+/// `transport-bench server` serves a synthetic object from a temporary directory; stopped
+/// with SIGTERM (as the lab and service managers stop it) it must take that directory with
+/// it, or every run leaves the object's size behind in the temporary directory.
+#[test]
+fn a_server_stopped_with_sigterm_removes_its_synthetic_object() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let ca = benches::setup::new_ca().unwrap();
+    let id = tmp.path().join("id");
+    benches::setup::write_identity(&ca, "/bench/server", &id).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+        .args(["server", "--listen", "127.0.0.1:0", "--size", "8MiB"])
+        .arg("--identity")
+        .arg(&id)
+        .env("TMPDIR", &scratch)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"listening\""), "{line}");
+    let served = || std::fs::read_dir(&scratch).unwrap().count();
+    assert_eq!(served(), 1, "the synthetic object was not under TMPDIR");
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(served(), 0, "the synthetic object outlived its server");
+}

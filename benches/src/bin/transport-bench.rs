@@ -22,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::{Client, ClientConfig, Path, RdmaMode, TransportConfig};
 use serde_json::{Value, json};
+use tokio::signal::unix::SignalKind;
 
 /// Benchmarks transportd's secure transports against a plaintext baseline.
 #[derive(Debug, Parser)]
@@ -254,7 +255,14 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                     "pid": std::process::id(),
                 })
             );
-            tokio::signal::ctrl_c().await?;
+            // Stop on SIGINT or SIGTERM, and drop what was served: the synthetic object
+            // lives in a temporary directory that goes with it.
+            let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            drop(served);
             Ok(())
         }
         Command::Client {

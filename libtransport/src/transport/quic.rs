@@ -167,3 +167,97 @@ pub(crate) fn alert_of(c: &ConnectionError) -> Option<u8> {
         .contains(&code)
         .then(|| (code - 0x100) as u8)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use certs::test_util::TestPki;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::proto::seal::{
+        Direction, HEADER_LEN, KeyLimits, OpenError, Placement, SessionKeys, sealed_len,
+    };
+    use crate::test_util::identity;
+    use crate::tls;
+
+    /// A mutually authenticated QUIC connection on loopback: (client side, server side),
+    /// and the endpoints that keep it alive.
+    async fn pair(pki: &TestPki) -> (quinn::Connection, quinn::Connection, Endpoint, Endpoint) {
+        let cfg = TransportConfig::default();
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock);
+        let server_tls =
+            tls::server_config(&identity(pki, "/node/storage"), clock.clone()).unwrap();
+        let server = server_endpoint("127.0.0.1:0".parse().unwrap(), server_tls, &cfg).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client_tls = tls::client_config(
+            &identity(pki, "/gpu/loader"),
+            None,
+            Default::default(),
+            clock,
+        )
+        .unwrap();
+        let client = client_endpoint(addr, &cfg).unwrap();
+        let connecting = client
+            .connect_with(
+                client_config(client_tls, &cfg).unwrap(),
+                addr,
+                tls::SERVER_NAME,
+            )
+            .unwrap();
+        let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
+        (c.unwrap(), s.unwrap(), client, server)
+    }
+
+    fn place(chunk: u32, len: u32) -> Placement {
+        Placement {
+            transfer: 7,
+            chunk,
+            offset: u64::from(chunk) << 22,
+            len,
+        }
+    }
+
+    /// Seals `data` under `keys` and opens it under `other`.
+    fn crosses(keys: &SessionKeys, other: &SessionKeys, data: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let len = u32::try_from(data.len()).unwrap();
+        let mut sealer = keys.sealer(Direction::ServerToClient, KeyLimits::default());
+        let mut buf = vec![0u8; sealed_len(data.len())];
+        buf[HEADER_LEN..HEADER_LEN + data.len()].copy_from_slice(data);
+        sealer.seal(place(3, len), &mut buf).unwrap();
+        let mut opener = other.opener(Direction::ServerToClient);
+        opener.open(place(3, len), &mut buf).map(<[u8]>::to_vec)
+    }
+
+    /// The two ends of one real connection export the same RDMA keys; another session on
+    /// that connection, and the same session ID on another connection, get different ones.
+    #[tokio::test]
+    async fn both_ends_of_a_connection_export_the_same_keys_and_nothing_else_does() {
+        let pki = TestPki::new("hospital.example");
+        let (client, server, _ce, _se) = pair(&pki).await;
+        let session = [0x5a; 16];
+        let at_client = rdma_keys(&client, session).unwrap();
+        let at_server = rdma_keys(&server, session).unwrap();
+        let data = b"chunk of a scan".to_vec();
+        assert_eq!(crosses(&at_server, &at_client, &data).unwrap(), data);
+
+        let other_session = rdma_keys(&client, [0xa5; 16]).unwrap();
+        assert_eq!(
+            crosses(&at_server, &other_session, &data),
+            Err(OpenError::Tampered)
+        );
+
+        let (client2, server2, _ce2, _se2) = pair(&pki).await;
+        let same_id_other_connection = rdma_keys(&client2, session).unwrap();
+        assert_eq!(
+            crosses(&at_server, &same_id_other_connection, &data),
+            Err(OpenError::Tampered)
+        );
+        let at_server2 = rdma_keys(&server2, session).unwrap();
+        assert_eq!(
+            crosses(&at_server2, &same_id_other_connection, &data).unwrap(),
+            data
+        );
+    }
+}
