@@ -330,7 +330,11 @@ async fn tcp_client_opening_more_streams_than_announced_is_cut_off() {
             .unwrap();
     }
     s.flush().await.unwrap();
-    // Reading everything the server sends ends in a close, not in 4 × 8 MiB delivered.
+    // Reading everything the server sends ends in a close, not in 4 × 8 MiB delivered. How
+    // much comes before the close depends on timing: the node reads the next request only
+    // as its per-connection buffer drains, so on a busy machine stream 3 may have finished
+    // before stream 7 is read, and the violation is seen at stream 9. Without the limit,
+    // all four reads are served and the connection stays open.
     let mut total = 0usize;
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         let mut buf = vec![0u8; 1 << 16];
@@ -344,7 +348,7 @@ async fn tcp_client_opening_more_streams_than_announced_is_cut_off() {
     .await;
     assert!(ended.is_ok(), "connection stayed open");
     assert!(
-        total < 3 * (8 << 20),
+        total < 4 * (8 << 20),
         "{total} bytes served to a violating client"
     );
 }
