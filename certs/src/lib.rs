@@ -8,7 +8,9 @@
 //! * [`Svid`]: our own certificate chain and key;
 //! * [`TrustBundle`]: the CAs of a trust domain, and [`TrustBundle::verify`], which both TLS
 //!   sides use on the peer's chain: WebPKI path validation plus the SPIFFE rules WebPKI
-//!   lacks.
+//!   lacks;
+//! * attestation decisions: single-use [`JoinToken`]s, Unix [`Selector`]s and
+//!   [`RegistrationEntry`]s, and the renewal schedule ([`renew_at`]).
 //!
 //! ```text
 //!   node: generate_key_and_csr(id) ──CSR──▶ Ca::issue(csr, id, ttl, now) ──chain──▶ Svid
@@ -20,11 +22,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod attest;
 mod bundle;
 mod ca;
 mod id;
 mod issue;
 mod key;
+mod rotate;
 mod svid;
 
 #[cfg(fuzzing)]
@@ -32,11 +36,16 @@ pub mod fuzzing;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 
+pub use attest::{
+    AttestError, JoinToken, MAX_SELECTORS, RegistrationEntry, Selector, TokenHash, TokenRecord,
+    TokenRefusal, Workload, entries_for, redeem,
+};
 pub use bundle::{BundleError, MAX_BUNDLE_CAS, TrustBundle};
 pub use ca::{Ca, CaParams};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use issue::{DEFAULT_SVID_TTL, IssueError, IssueParams, Issued, MAX_SVID_TTL};
 pub use key::{Csr, KeyAlgorithm, generate_key_and_csr};
+pub use rotate::{MIN_CA_TO_SVID_RATIO, RENEWAL_JITTER, check_svid_ttl, renew_at, retry_in};
 pub use svid::{MAX_CHAIN_LEN, Svid, SvidError, Usage, VerifiedSvid};
 
 /// PEM with LF line endings.

@@ -52,6 +52,16 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// An established connection was closed because the peer's credentials ended: its
+    /// SVID expired while connected, or its serial was revoked.
+    ConnectionClosed {
+        /// The peer's SPIFFE ID.
+        peer: SpiffeId,
+        /// Its SVID's serial.
+        serial: String,
+        /// Why (`svid expired`, `svid revoked`).
+        reason: String,
+    },
     /// An authorization decision (a denial reads as "not found" to the peer).
     Authorization {
         /// Who asked.
@@ -139,6 +149,117 @@ pub enum AuditEvent {
     },
     /// An identity was refused (an SVID file that does not verify, say).
     IdentityRefused {
+        /// Why.
+        reason: String,
+    },
+    /// The node replaced its SVID with a renewed one (open connections keep the old one
+    /// until they end or it expires).
+    IdentityRotated {
+        /// Its SPIFFE ID.
+        id: SpiffeId,
+        /// The new SVID's serial.
+        serial: String,
+        /// The serial it replaces.
+        previous: String,
+        /// When the new SVID expires.
+        #[serde(serialize_with = "rfc3339")]
+        not_after: SystemTime,
+    },
+    /// The node took a new trust bundle or revocation list into use.
+    TrustUpdated {
+        /// How many CAs the bundle holds.
+        cas: usize,
+        /// How many SVID serials are revoked.
+        revoked: usize,
+    },
+    /// The issuer signed an SVID (issuer trail).
+    SvidIssued {
+        /// The SPIFFE ID certified.
+        id: SpiffeId,
+        /// The new SVID's serial.
+        serial: String,
+        /// `node` (a node SVID) or `workload` (for an entry), or `issuer` (its own).
+        kind: String,
+        /// Who asked: the node that attested or renewed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        requester: Option<SpiffeId>,
+        /// `join_token`, `renewal` or `entry`.
+        how: String,
+        /// When it expires.
+        #[serde(serialize_with = "rfc3339")]
+        not_after: SystemTime,
+    },
+    /// The issuer refused to issue (issuer trail): a bad token, a banned node, an entry
+    /// that is not the node's.
+    IssuanceRefused {
+        /// The node it was for or from, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node: Option<SpiffeId>,
+        /// The peer's address.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        addr: Option<SocketAddr>,
+        /// Why.
+        reason: String,
+    },
+    /// A join token was created (issuer trail). Only its hash prefix is recorded.
+    JoinTokenCreated {
+        /// The node ID the token grants.
+        node: SpiffeId,
+        /// The first hex digits of the token's SHA-256.
+        token: String,
+        /// When it expires.
+        #[serde(serialize_with = "rfc3339")]
+        expires_at: SystemTime,
+    },
+    /// A registration entry was created or deleted (issuer trail).
+    EntryChanged {
+        /// `created` or `deleted`.
+        change: String,
+        /// The entry's ID.
+        entry: String,
+        /// The workload SPIFFE ID it grants.
+        spiffe_id: SpiffeId,
+        /// The node that may hand it out.
+        parent_id: SpiffeId,
+        /// Its selectors.
+        selectors: Vec<String>,
+    },
+    /// A node was banned: it may not renew, and its live SVIDs are revoked (issuer trail).
+    NodeBanned {
+        /// The node.
+        node: SpiffeId,
+        /// Serials revoked with it (its own and its workloads').
+        revoked: Vec<String>,
+    },
+    /// A CA rollover step (issuer trail): `prepared`, `activated`, `retired`.
+    CaChanged {
+        /// The step.
+        change: String,
+        /// The CA certificate's serial.
+        serial: String,
+        /// When that CA expires.
+        #[serde(serialize_with = "rfc3339")]
+        not_after: SystemTime,
+    },
+    /// A local workload received SVIDs from the Workload API (node trail).
+    WorkloadAttested {
+        /// The caller's process ID.
+        pid: u32,
+        /// Its user ID.
+        uid: u32,
+        /// Its group ID.
+        gid: u32,
+        /// The SPIFFE IDs it received.
+        ids: Vec<SpiffeId>,
+    },
+    /// A local workload was refused by the Workload API (node trail).
+    WorkloadRefused {
+        /// The caller's process ID, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Its user ID, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
         /// Why.
         reason: String,
     },

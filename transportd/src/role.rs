@@ -1,3 +1,4 @@
 //! The daemon's long-running roles.
 
 pub(crate) mod node;
+pub(crate) mod agent;
