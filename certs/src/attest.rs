@@ -293,9 +293,7 @@ pub enum AttestError {
     #[error("malformed join token: expected 64 hex digits")]
     MalformedToken,
     /// Not a selector we know.
-    #[error(
-        "invalid selector {0:?}: use unix:uid:<n>, unix:gid:<n> or unix:path:<absolute path>"
-    )]
+    #[error("invalid selector {0:?}: use unix:uid:<n>, unix:gid:<n> or unix:path:<absolute path>")]
     Selector(String),
     /// The entry breaks a rule.
     #[error("registration entry: {0}")]
@@ -314,7 +312,9 @@ mod secs_opt {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
     }
 }
@@ -484,7 +484,9 @@ mod tests {
         let mut bare = entry(&["unix:uid:1"]);
         bare.spiffe_id = id("spiffe://td");
         assert!(bare.validate(&td).is_err());
-        let many: Vec<String> = (0..=MAX_SELECTORS).map(|i| format!("unix:gid:{i}")).collect();
+        let many: Vec<String> = (0..=MAX_SELECTORS)
+            .map(|i| format!("unix:gid:{i}"))
+            .collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(entry(&refs).validate(&td).is_err());
     }

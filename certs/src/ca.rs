@@ -129,6 +129,19 @@ impl Ca {
         self.not_after
     }
 
+    /// When the CA certificate became valid.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// The CA certificate's serial number, lowercase hex: names the CA in rollovers.
+    pub fn serial(&self) -> String {
+        use x509_parser::prelude::FromDer;
+        x509_parser::certificate::X509Certificate::from_der(&self.cert)
+            .map(|(_, c)| hex(c.raw_serial()))
+            .unwrap_or_default()
+    }
+
     /// A trust bundle holding just this CA.
     pub fn bundle(&self) -> TrustBundle {
         TrustBundle::from_trusted(self.trust_domain.clone(), vec![self.cert.clone()])

@@ -62,6 +62,31 @@ pub fn generate_key_and_csr(
     Ok((Zeroizing::new(key.serialize_pem()), csr))
 }
 
+/// Generates a private key and a CSR that names no SPIFFE ID: for a node's first contact
+/// with an issuer, which decides the node's ID from its join token.
+pub fn generate_key_and_bare_csr(alg: KeyAlgorithm) -> Result<(Zeroizing<String>, Csr), IssueError> {
+    let key = alg.generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let request = params
+        .serialize_request(&key)
+        .map_err(|e| IssueError::Crypto(e.to_string()))?;
+    let csr = Csr::from_der(request.der())?;
+    Ok((Zeroizing::new(key.serialize_pem()), csr))
+}
+
+/// A private key as PEM in its own format (PKCS#8 `PRIVATE KEY` for the keys we make),
+/// wiped from memory when dropped.
+pub fn private_key_pem(key: &rustls_pki_types::PrivateKeyDer<'_>) -> Zeroizing<String> {
+    use rustls_pki_types::PrivateKeyDer;
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    Zeroizing::new(crate::pem_encode(label, key.secret_der()))
+}
+
 /// A certificate signing request whose signature has been checked.
 #[derive(Clone)]
 pub struct Csr {

@@ -29,6 +29,7 @@ mod id;
 mod issue;
 mod key;
 mod rotate;
+mod sealed_key;
 mod svid;
 
 #[cfg(fuzzing)]
@@ -44,8 +45,11 @@ pub use bundle::{BundleError, MAX_BUNDLE_CAS, TrustBundle};
 pub use ca::{Ca, CaParams};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use issue::{DEFAULT_SVID_TTL, IssueError, IssueParams, Issued, MAX_SVID_TTL};
-pub use key::{Csr, KeyAlgorithm, generate_key_and_csr};
+pub use key::{
+    Csr, KeyAlgorithm, generate_key_and_bare_csr, generate_key_and_csr, private_key_pem,
+};
 pub use rotate::{MIN_CA_TO_SVID_RATIO, RENEWAL_JITTER, check_svid_ttl, renew_at, retry_in};
+pub use sealed_key::{decrypt_key_pem, encrypt_key_pem, is_encrypted_key_pem};
 pub use svid::{MAX_CHAIN_LEN, Svid, SvidError, Usage, VerifiedSvid};
 
 /// PEM with LF line endings.

@@ -220,6 +220,13 @@ pub enum SvidError {
     /// The leaf's key usage does not allow digital signatures.
     #[error("leaf's key usage lacks digitalSignature")]
     NoDigitalSignature,
+    /// The leaf verified, but its serial is on the revocation list the issuer published
+    /// (its node was banned, say).
+    #[error("certificate {serial} has been revoked")]
+    Revoked {
+        /// The leaf's serial, lowercase hex.
+        serial: String,
+    },
     /// Another refusal, with its reason.
     #[error("{0}")]
     Other(String),

@@ -98,11 +98,18 @@ impl TestPki {
 
     /// A valid SVID for `path` living `ttl` from now.
     pub fn svid_with_ttl(&self, path: &str, ttl: Duration) -> Svid {
+        self.svid_issued_at(path, ttl, self.now)
+    }
+
+    /// An SVID for `path` issued at `issued` (not this PKI's "now") and living `ttl` from
+    /// then: what a renewal at `issued` hands out, for tests that rotate short-lived SVIDs
+    /// while time runs. `issued` must lie within the CA's validity.
+    pub fn svid_issued_at(&self, path: &str, ttl: Duration, issued: SystemTime) -> Svid {
         let id = self.id(path);
         let (key, csr) = generate_key_and_csr(&id, KeyAlgorithm::EcdsaP256).expect("CSR");
         let issued = self
             .ca
-            .issue(&csr, &id, &IssueParams { ttl }, self.now)
+            .issue(&csr, &id, &IssueParams { ttl }, issued)
             .expect("issue");
         Svid::from_pem(&issued.chain_pem(), &key).expect("issued SVID parses")
     }

@@ -9,18 +9,33 @@
 //! Transfers verify every chunk against the manifest before it counts, keep many chunks in
 //! flight on separate streams, resume from what a previous attempt left, and reconnect on
 //! network failures as their [`RetryPolicy`] allows.
+//!
+//! SVIDs are short-lived and rotate, on both sides, while a connection is open. Before a new
+//! request goes on the current connection, the client replaces the connection with a fresh
+//! handshake (which presents the newest SVID from the [`crate::IdentityHandle`]) once our
+//! SVID on it is about to expire and a newer one is there, or the server's is about to
+//! expire. A transfer that meets such a renewal between chunks finishes its chunks in
+//! flight, then resumes on the new connection from its verified chunks; so does one whose
+//! connection was closed because an SVID on it expired. Neither counts against its
+//! [`RetryPolicy`]. The client also closes a connection itself once the server's SVID has
+//! expired or its serial is revoked.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
 
 use certs::Usage;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::AsyncWriteExt;
 
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::clock::Clock;
 use crate::config::ClientConfig;
 use crate::error::{ConnectError, Rejection, RequestError};
-use crate::identity::{FailureSlot, Peer, peer_identity};
+use crate::identity::{
+    CREDENTIALS_CHECK_INTERVAL, CredentialsEnd, FailureSlot, IdentityHandle, Peer,
+    peer_credentials_end, peer_identity, renewal_margin,
+};
 use crate::proto::{
     DatasetName, ErrorCode, Frame, FrameKind, Hello, HelloAck, Manifest, ObjectEntry, ObjectPath,
     Request, Response,
@@ -28,6 +43,7 @@ use crate::proto::{
 use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, tcp};
 
 mod fetch;
+mod pace;
 mod push;
 mod rdma;
 
@@ -42,6 +58,8 @@ pub struct Client {
     path: Path,
     endpoint: Option<quinn::Endpoint>,
     conn: Mutex<Arc<Connection>>,
+    /// Held while the connection is being replaced, so concurrent requests make one.
+    reconnecting: tokio::sync::Mutex<()>,
     /// Whether we said why a pull does not use RDMA (said once per client).
     rdma_notice: std::sync::atomic::AtomicBool,
     /// Set only for the bench's plaintext baseline: the server identity we assume.
@@ -69,12 +87,14 @@ impl Client {
             }
         };
         let conn = establish(&config, endpoint.as_ref(), addr, path).await?;
+        let conn = adopt(&config, conn);
         Ok(Self {
             config,
             addr,
             path,
             endpoint,
-            conn: Mutex::new(Arc::new(conn)),
+            conn: Mutex::new(conn),
+            reconnecting: tokio::sync::Mutex::new(()),
             rdma_notice: std::sync::atomic::AtomicBool::new(false),
             #[cfg(feature = "bench-plaintext")]
             plaintext: None,
@@ -185,21 +205,39 @@ impl Client {
             .await
     }
 
-    /// The current connection, re-established if it has ended.
+    /// The current connection, re-established if it has ended or is due for renewal (an
+    /// SVID on it is about to expire). Requests in flight on a renewed connection go on;
+    /// it closes once the last of them lets go of it.
     pub(crate) async fn connection(&self) -> Result<Arc<Connection>, ConnectError> {
         let current = self.current();
-        if !current.is_closed() {
+        if current.is_usable() {
             return Ok(current);
         }
-        tracing::info!(path = %self.path, "reconnecting");
+        let _one = self.reconnecting.lock().await;
+        // Another request may have replaced it while we waited.
+        let current = self.current();
+        if current.is_usable() {
+            return Ok(current);
+        }
+        if current.is_closed() {
+            tracing::info!(path = %self.path, "reconnecting");
+        } else {
+            tracing::info!(
+                path = %self.path,
+                peer.id = %current.peer.id,
+                "renewing the connection: an SVID on it is about to expire"
+            );
+        }
         #[cfg(feature = "bench-plaintext")]
         if let Some(server) = &self.plaintext {
             let fresh = Arc::new(establish_plaintext(&self.config, self.addr, server).await?);
             *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
             return Ok(fresh);
         }
-        let fresh =
-            Arc::new(establish(&self.config, self.endpoint.as_ref(), self.addr, self.path).await?);
+        let mut fresh =
+            establish(&self.config, self.endpoint.as_ref(), self.addr, self.path).await?;
+        fresh.succeed(&current);
+        let fresh = adopt(&self.config, fresh);
         *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
         Ok(fresh)
     }
@@ -216,6 +254,61 @@ impl Client {
     }
 }
 
+/// Wraps a fresh connection and, unless it is the bench's plaintext one, starts closing it
+/// once the server's credentials end.
+fn adopt(config: &ClientConfig, conn: Connection) -> Arc<Connection> {
+    let conn = Arc::new(conn);
+    if conn.renewal.is_some() {
+        tokio::spawn(watch_server(Arc::downgrade(&conn), config.clone()));
+    }
+    conn
+}
+
+/// Closes `conn` when the server's SVID expires or its serial is revoked; ends early once
+/// the connection is closed or dropped.
+async fn watch_server(conn: Weak<Connection>, config: ClientConfig) {
+    let Some((serial, not_after)) = conn
+        .upgrade()
+        .map(|c| (c.peer.serial.clone(), c.peer.not_after))
+    else {
+        return;
+    };
+    let ended = peer_credentials_end(&serial, not_after, &*config.clock, config.identity.watch());
+    tokio::pin!(ended);
+    let end = loop {
+        tokio::select! {
+            end = &mut ended => break end,
+            () = tokio::time::sleep(CREDENTIALS_CHECK_INTERVAL) => {
+                match conn.upgrade() {
+                    Some(c) if !c.is_closed() => {}
+                    _ => return,
+                }
+            }
+        }
+    };
+    let Some(conn) = conn.upgrade() else { return };
+    if conn.is_closed() {
+        return;
+    }
+    conn.close_for(end);
+    tracing::info!(
+        peer.id = %conn.peer.id,
+        reason = end.reason(),
+        "connection closed: the server's credentials ended"
+    );
+    let record = AuditRecord {
+        time: config.clock.now(),
+        event: AuditEvent::ConnectionClosed {
+            peer: conn.peer.id.clone(),
+            serial: conn.peer.serial.clone(),
+            reason: end.reason().to_owned(),
+        },
+    };
+    if let Err(e) = config.audit.record(&record) {
+        tracing::error!(error = %e, "audit record lost");
+    }
+}
+
 /// How a pull or push runs.
 #[derive(Clone, Default)]
 pub struct TransferOptions {
@@ -226,6 +319,11 @@ pub struct TransferOptions {
     pub retry: RetryPolicy,
     /// Called with (bytes verified or acknowledged so far, total bytes) as chunks complete.
     pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+    /// Most payload bytes per second, across all of the transfer's parallel chunks (default
+    /// `None`: as fast as the network goes; `Some(0)` is taken as `None`). Chunks start
+    /// spaced at this rate, so it holds on average over a few chunks; for a smooth flow keep
+    /// chunks small against the rate. A paced pull does not use RDMA.
+    pub max_rate: Option<u64>,
 }
 
 /// How a pull runs.
@@ -248,6 +346,7 @@ impl std::fmt::Debug for TransferOptions {
             .field("parallel", &self.parallel)
             .field("retry", &self.retry)
             .field("progress", &self.progress.is_some())
+            .field("max_rate", &self.max_rate)
             .finish()
     }
 }
@@ -292,6 +391,107 @@ impl RetryPolicy {
     }
 }
 
+/// How one attempt of a transfer ended, when not with an error.
+#[derive(Debug)]
+pub(crate) enum Attempt<T> {
+    /// The transfer is complete.
+    Done(T),
+    /// The connection became due for renewal between chunks: the chunks in flight finished,
+    /// the others wait for the next attempt, on a fresh connection.
+    Renew,
+}
+
+/// What a transfer does after an attempt that did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Go on at once, on a fresh connection; no failure is counted.
+    Renew,
+    /// Retry after this delay; a failure is counted.
+    Retry(Duration),
+    /// Stop and report the error.
+    GiveUp,
+}
+
+/// Counts a transfer's attempts. Failures count against its [`RetryPolicy`]; attempts that
+/// ended because an SVID on their connection ended (or was about to) do not, as long as
+/// the transfer makes progress between them (so a connection that keeps failing that way
+/// still runs out of attempts).
+#[derive(Debug)]
+pub(crate) struct Attempts {
+    policy: RetryPolicy,
+    failures: u32,
+    /// Renewals since the last progress.
+    stalled: u32,
+    /// Progress (bytes moved) at the last attempt.
+    progress: u64,
+}
+
+impl Attempts {
+    pub(crate) fn new(policy: RetryPolicy) -> Self {
+        Self {
+            policy,
+            failures: 0,
+            stalled: 0,
+            progress: 0,
+        }
+    }
+
+    /// Failures so far (what a report calls retries).
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Decides after an attempt that did not complete: `renewal` if it ended because
+    /// credentials on its connection ended, `retriable` if its error (if any) may pass,
+    /// `progress` the transfer's bytes moved so far.
+    pub(crate) fn next(&mut self, renewal: bool, retriable: bool, progress: u64) -> Next {
+        if progress > self.progress {
+            self.progress = progress;
+            self.stalled = 0;
+        }
+        if renewal && self.stalled < MAX_STALLED_RENEWALS {
+            self.stalled += 1;
+            return Next::Renew;
+        }
+        if retriable && self.failures < self.policy.attempts {
+            let delay = self.policy.delay(self.failures);
+            self.failures += 1;
+            return Next::Retry(delay);
+        }
+        Next::GiveUp
+    }
+}
+
+/// Decides what a transfer does after an attempt that ended for a renewal (`failed` none)
+/// or failed (`failed`: whether its error is retriable). A retriable failure on a connection
+/// that ended with its credentials (`used`) counts as a renewal too.
+pub(crate) fn after_attempt(
+    attempts: &mut Attempts,
+    failed: Option<bool>,
+    used: Option<&Connection>,
+    progress: u64,
+) -> Next {
+    let (renewal, retriable) = match failed {
+        None => (true, true),
+        Some(retriable) => (
+            retriable && used.is_some_and(Connection::ended_by_credentials),
+            retriable,
+        ),
+    };
+    attempts.next(renewal, retriable, progress)
+}
+
+/// The error of a transfer whose connections kept needing renewal without progress.
+pub(crate) fn renewals_stalled() -> ConnectError {
+    ConnectError::Lost(format!(
+        "the connection was renewed {MAX_STALLED_RENEWALS} times without a chunk getting through"
+    ))
+}
+
+/// Renewals in a row, without progress in between, after which a transfer counts them as
+/// failures: connections that end before a chunk gets through are not a rotation.
+const MAX_STALLED_RENEWALS: u32 = 3;
+
 /// One established, authenticated connection.
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -299,6 +499,41 @@ pub(crate) struct Connection {
     pub(crate) peer: Peer,
     pub(crate) ack: HelloAck,
     timeout: Duration,
+    /// When to replace it because an SVID on it is about to expire; none for the bench's
+    /// plaintext baseline, which has no SVIDs.
+    renewal: Option<Renewal>,
+    /// Set once we closed it because the server's credentials ended.
+    ended: std::sync::OnceLock<CredentialsEnd>,
+}
+
+/// When a connection is due for a fresh handshake.
+#[derive(Debug)]
+struct Renewal {
+    identity: IdentityHandle,
+    clock: Arc<dyn Clock>,
+    /// The serial of our SVID on this connection.
+    own_serial: String,
+    /// From then on our SVID is too close to its expiry for new requests.
+    own_at: SystemTime,
+    /// From then on the server's SVID is; none when this connection already replaced one
+    /// for that and the server presented the same SVID again (it has not rotated yet).
+    peer_at: Option<SystemTime>,
+}
+
+impl Renewal {
+    /// Whether a fresh handshake would help now: our SVID is near its end and a newer one is
+    /// published, or the server's is near its end.
+    fn is_due(&self) -> bool {
+        let now = self.clock.now();
+        let ours = now >= self.own_at && self.identity.current().svid().serial() != self.own_serial;
+        ours || self.peer_at.is_some_and(|at| now >= at)
+    }
+
+    /// Whether either SVID is near its end (whether or not a newer one exists).
+    fn is_near_end(&self) -> bool {
+        let now = self.clock.now();
+        now >= self.own_at || self.peer_at.is_some_and(|at| now >= at)
+    }
 }
 
 #[derive(Debug)]
@@ -350,6 +585,59 @@ impl Connection {
         }
     }
 
+    /// Open, and not due for renewal: new requests may go on it.
+    fn is_usable(&self) -> bool {
+        !self.is_closed() && !self.is_due_for_renewal()
+    }
+
+    /// Whether new requests should go on a fresh connection because an SVID on this one is
+    /// about to expire (see [`Renewal::is_due`]).
+    pub(crate) fn is_due_for_renewal(&self) -> bool {
+        self.renewal.as_ref().is_some_and(Renewal::is_due)
+    }
+
+    /// Whether the connection has ended because credentials on it ended, or as good as: we
+    /// or the server closed it for an expired or revoked SVID (QUIC says so in its close
+    /// code; TLS/TCP does not, so there an SVID near or past its end stands for it). A
+    /// transfer then goes on, on a fresh connection, without counting a failure.
+    pub(crate) fn ended_by_credentials(&self) -> bool {
+        if !self.is_closed() {
+            return false;
+        }
+        if self.ended.get().is_some() {
+            return true;
+        }
+        if let Inner::Quic(c) = &self.inner
+            && let Some(quinn::ConnectionError::ApplicationClosed(close)) = c.close_reason()
+            && CredentialsEnd::from_quic_code(close.error_code).is_some()
+        {
+            return true;
+        }
+        self.renewal.as_ref().is_some_and(Renewal::is_near_end)
+    }
+
+    /// Takes over from `previous`: if the server presents the SVID that made `previous` due
+    /// for renewal, renewing again would not help until it expires.
+    fn succeed(&mut self, previous: &Self) {
+        let (Some(new), Some(old)) = (self.renewal.as_mut(), previous.renewal.as_ref()) else {
+            return;
+        };
+        if self.peer.serial == previous.peer.serial
+            && old.peer_at.is_none_or(|at| old.clock.now() >= at)
+        {
+            new.peer_at = None;
+        }
+    }
+
+    /// Closes the connection because the server's credentials ended.
+    fn close_for(&self, end: CredentialsEnd) {
+        let _ = self.ended.set(end);
+        match &self.inner {
+            Inner::Quic(c) => c.close(end.quic_code(), end.reason().as_bytes()),
+            Inner::Mux(m) => m.close(end.reason()),
+        }
+    }
+
     fn close(&self) {
         match &self.inner {
             Inner::Quic(c) => c.close(quinn::VarInt::from_u32(0), b"done"),
@@ -394,6 +682,9 @@ async fn establish(
     path: Path,
 ) -> Result<Connection, ConnectError> {
     let failure = FailureSlot::default();
+    // Read before the handshake takes the credentials, so a rotation during it can only
+    // make us renew early, never late.
+    let own = config.identity.current();
     let tls = crate::tls::client_config(
         &config.identity,
         config.server_id.clone(),
@@ -475,8 +766,24 @@ async fn establish(
         }
     };
     let creds = config.identity.current();
-    let verified = peer_identity(&chain, &creds, config.clock.now(), Usage::Server)
+    let now = config.clock.now();
+    let verified = peer_identity(&chain, &creds, now, Usage::Server)
         .map_err(ConnectError::ServerNotTrusted)?;
+    let svid = own.svid();
+    let own_life = svid
+        .not_after()
+        .duration_since(svid.not_before())
+        .unwrap_or_default();
+    // We do not know when the server's SVID was issued: what is left of it now stands for
+    // its lifetime (which makes the margin smaller, never larger).
+    let peer_left = verified.not_after.duration_since(now).unwrap_or_default();
+    let renewal = Renewal {
+        identity: config.identity.clone(),
+        clock: config.clock.clone(),
+        own_serial: svid.serial().to_owned(),
+        own_at: svid.not_after() - renewal_margin(own_life),
+        peer_at: Some(verified.not_after - renewal_margin(peer_left)),
+    };
     Ok(Connection {
         inner,
         peer: Peer {
@@ -488,6 +795,8 @@ async fn establish(
         },
         ack,
         timeout: t.io_timeout,
+        renewal: Some(renewal),
+        ended: std::sync::OnceLock::new(),
     })
 }
 
@@ -505,6 +814,7 @@ pub(crate) async fn connect_plaintext(
         path: Path::Tcp,
         endpoint: None,
         conn: Mutex::new(Arc::new(conn)),
+        reconnecting: tokio::sync::Mutex::new(()),
         rdma_notice: std::sync::atomic::AtomicBool::new(false),
         plaintext: Some(server),
     })
@@ -539,6 +849,8 @@ async fn establish_plaintext(
         },
         ack,
         timeout: t.io_timeout,
+        renewal: None,
+        ended: std::sync::OnceLock::new(),
     })
 }
 

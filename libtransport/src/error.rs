@@ -76,6 +76,8 @@ impl ConnectError {
 pub enum Rejection {
     /// Our SVID has expired (or is not yet valid).
     CertificateExpired,
+    /// Our SVID's serial is on the server's revocation list.
+    Revoked,
     /// Our SVID is not signed by a CA the server trusts.
     UnknownCa,
     /// Our SVID broke a rule (SPIFFE ID, trust domain, key usage).
@@ -97,6 +99,7 @@ impl Rejection {
         use rustls::AlertDescription as A;
         match alert {
             A::CertificateExpired => Self::CertificateExpired,
+            A::CertificateRevoked => Self::Revoked,
             A::UnknownCA => Self::UnknownCa,
             A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown => {
                 Self::BadCertificate
@@ -116,6 +119,7 @@ impl fmt::Display for Rejection {
             Self::CertificateExpired => {
                 f.write_str("our certificate has expired or is not yet valid")
             }
+            Self::Revoked => f.write_str("our certificate has been revoked"),
             Self::UnknownCa => {
                 f.write_str("our certificate is not signed by a CA the server trusts")
             }

@@ -424,6 +424,80 @@ pub fn policy(data: &[u8]) {
     }
 }
 
+/// Workload API answers as an agent sends them: the first byte picks the message
+/// (`X509SVIDResponse`, `X509BundlesResponse`, or bare concatenated DER), the rest is
+/// decoded with prost and then by `workload`'s parsers. Whatever is accepted re-encodes
+/// consistently: the chain, key and bundle bytes come back exactly, and decoding the
+/// re-encoding gives the same identities.
+pub fn workload_response(data: &[u8]) {
+    use prost::Message;
+
+    use crate::workload::{
+        decode_bundles_response, decode_x509_response, encode_bundles_response,
+        encode_x509_response, pb, split_der,
+    };
+
+    let Some((&kind, body)) = data.split_first() else {
+        return;
+    };
+    match kind % 3 {
+        0 => {
+            let Ok(m) = pb::X509svidResponse::decode(body) else {
+                return;
+            };
+            let Ok(ctx) = decode_x509_response(&m) else {
+                return;
+            };
+            assert_eq!(ctx.svids.len(), m.svids.len());
+            let again = encode_x509_response(&ctx.svids, &ctx.bundle)
+                .expect("a decoded SVID (PKCS#8, of its bundle's trust domain) encodes");
+            for (orig, re) in m.svids.iter().zip(&again.svids) {
+                assert_eq!(orig.spiffe_id, re.spiffe_id);
+                assert_eq!(orig.x509_svid, re.x509_svid);
+                assert_eq!(orig.x509_svid_key, re.x509_svid_key);
+                assert_eq!(orig.bundle, re.bundle);
+            }
+            let back = pb::X509svidResponse::decode(&again.encode_to_vec()[..])
+                .expect("our encoding decodes");
+            let ctx2 = decode_x509_response(&back).expect("our encoding is accepted");
+            assert_eq!(ctx2.bundle, ctx.bundle);
+            for (a, b) in ctx.svids.iter().zip(&ctx2.svids) {
+                assert_eq!(a.id(), b.id());
+                assert_eq!(a.chain(), b.chain());
+                assert_eq!(a.serial(), b.serial());
+            }
+        }
+        1 => {
+            let Ok(m) = pb::X509BundlesResponse::decode(body) else {
+                return;
+            };
+            let Ok(bundles) = decode_bundles_response(&m) else {
+                return;
+            };
+            assert_eq!(bundles.len(), m.bundles.len());
+            let again = encode_bundles_response(&bundles);
+            for b in &bundles {
+                let key = b.trust_domain().id().to_string();
+                let orig = m
+                    .bundles
+                    .get(&key)
+                    .or_else(|| m.bundles.get(b.trust_domain().as_str()))
+                    .expect("each bundle came from its trust domain's key");
+                assert_eq!(again.bundles.get(&key), Some(orig));
+            }
+            let back = pb::X509BundlesResponse::decode(&again.encode_to_vec()[..])
+                .expect("our encoding decodes");
+            assert_eq!(decode_bundles_response(&back).expect("accepted"), bundles);
+        }
+        _ => {
+            if let Ok(parts) = split_der(body, certs::MAX_BUNDLE_CAS) {
+                assert!(!parts.is_empty() && parts.len() <= certs::MAX_BUNDLE_CAS);
+                assert_eq!(parts.concat(), body);
+            }
+        }
+    }
+}
+
 /// The message decoder for a frame of `kind`, as the server and client would call it.
 fn payload(kind: FrameKind, p: &[u8]) {
     match kind {
@@ -894,5 +968,31 @@ actions = ["list", "read", "write"]
             b"[[rule]]\nname = \"nobody\"\neffect = \"deny\"\nsubjects = [\"*\"]\ndatasets = [\"**\"]\nactions = [\"write\"]\n",
         );
         write(dir, "policy", "empty", b"");
+
+        workload_seeds(dir, &pki);
+    }
+
+    /// Real Workload API encodings, behind the selector byte `workload_response` reads.
+    fn workload_seeds(dir: &Path, pki: &TestPki) {
+        use prost::Message;
+
+        use crate::workload::{encode_bundles_response, encode_x509_response};
+
+        let (a, b) = (pki.svid("/gpu/loader-0"), pki.svid("/gpu/trainer-0"));
+        let bundle = pki.bundle();
+        let one = encode_x509_response([&a], &bundle).expect("seed");
+        let two = encode_x509_response([&a, &b], &bundle).expect("seed");
+        let bundles = encode_bundles_response([&bundle]);
+        let chain: Vec<u8> = a.chain().iter().flat_map(|c| c.to_vec()).collect();
+        let cas: Vec<u8> = bundle.cas().iter().flat_map(|c| c.to_vec()).collect();
+        let seeds = [
+            ("x509-one", 0, one.encode_to_vec()),
+            ("x509-two", 0, two.encode_to_vec()),
+            ("bundles", 1, bundles.encode_to_vec()),
+            ("der-chain", 2, [chain, cas].concat()),
+        ];
+        for (name, kind, body) in seeds {
+            write(dir, "workload_response", name, &[vec![kind], body].concat());
+        }
     }
 }

@@ -8,7 +8,13 @@
 //! [`certs::TrustBundle::verify`], which adds the SPIFFE rules WebPKI lacks: exactly one
 //! `spiffe://` URI SAN, in our trust domain, on a leaf that is not a CA. The peer's
 //! [`SpiffeId`] taken from a verified SVID is the identity every later decision uses.
+//!
+//! Credentials also carry the revocation list the issuer pushes: both verifiers refuse a
+//! peer whose serial is on it ([`SvidError::Revoked`]). A peer's credentials also end while
+//! it is connected, when its SVID expires or its serial is revoked;
+//! [`peer_credentials_end`] resolves then, and both sides close such a connection.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,11 +31,14 @@ use rustls::{
 };
 use tokio::sync::watch;
 
-/// Our SVID and the trust bundle we verify peers against.
+use crate::clock::Clock;
+
+/// Our SVID, the trust bundle we verify peers against, and the serials we refuse.
 pub struct Credentials {
     svid: Svid,
     bundle: TrustBundle,
     key: Arc<CertifiedKey>,
+    revoked: HashSet<String>,
 }
 
 impl Credentials {
@@ -51,7 +60,34 @@ impl Credentials {
                 "it does not belong to the SVID's certificate ({e})"
             ))
         })?;
-        Ok(Self { svid, bundle, key })
+        Ok(Self {
+            svid,
+            bundle,
+            key,
+            revoked: HashSet::new(),
+        })
+    }
+
+    /// The same credentials refusing peers whose SVID serial is in `revoked` (lowercase hex,
+    /// as [`Svid::serial`] and [`VerifiedSvid::serial`] give it; other case is lowered).
+    /// New handshakes refuse such peers, and connections to them close once these
+    /// credentials are published.
+    pub fn with_revoked(mut self, revoked: HashSet<String>) -> Self {
+        self.revoked = revoked
+            .into_iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        self
+    }
+
+    /// The revoked SVID serials, lowercase hex.
+    pub fn revoked(&self) -> &HashSet<String> {
+        &self.revoked
+    }
+
+    /// Whether the SVID with `serial` (lowercase hex) is revoked.
+    pub(crate) fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.contains(serial)
     }
 
     /// Our SPIFFE ID.
@@ -76,6 +112,7 @@ impl fmt::Debug for Credentials {
             .field("id", self.svid.id())
             .field("not_after", &self.svid.not_after())
             .field("trust_domain", self.bundle.trust_domain())
+            .field("revoked", &self.revoked.len())
             .finish_non_exhaustive()
     }
 }
@@ -240,6 +277,7 @@ impl SvidVerifier {
         let result = creds
             .bundle
             .verify(&chain, now, usage)
+            .and_then(|v| not_revoked(&creds, v))
             .and_then(|v| match &self.expect {
                 Some(want) if *want != v.id => Err(SvidError::Other(format!(
                     "server is {} but {} was expected",
@@ -347,7 +385,99 @@ pub(crate) fn peer_identity(
     now: SystemTime,
     usage: Usage,
 ) -> Result<VerifiedSvid, SvidError> {
-    creds.bundle.verify(chain, now, usage)
+    creds
+        .bundle
+        .verify(chain, now, usage)
+        .and_then(|v| not_revoked(creds, v))
+}
+
+/// Why an established connection's peer may no longer be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CredentialsEnd {
+    /// The peer's SVID expired while connected.
+    Expired,
+    /// The peer's serial was revoked while connected.
+    Revoked,
+}
+
+impl CredentialsEnd {
+    /// The reason, as the audit trail and the QUIC close carry it.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::Expired => "svid expired",
+            Self::Revoked => "svid revoked",
+        }
+    }
+
+    /// The QUIC application close code. Outside the `u16` range of
+    /// [`crate::proto::ErrorCode`], so a close for this reason is never mistaken for another.
+    pub(crate) fn quic_code(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(match self {
+            Self::Expired => CLOSE_SVID_EXPIRED,
+            Self::Revoked => CLOSE_SVID_REVOKED,
+        })
+    }
+
+    /// The reason a QUIC application close code stands for, if it is one of ours.
+    pub(crate) fn from_quic_code(code: quinn::VarInt) -> Option<Self> {
+        match u32::try_from(code.into_inner()) {
+            Ok(CLOSE_SVID_EXPIRED) => Some(Self::Expired),
+            Ok(CLOSE_SVID_REVOKED) => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves once a connected peer's credentials end: its SVID (`serial`, lowercase hex,
+/// expiring at `not_after`) has expired by `clock`, or credentials published on `creds`
+/// revoke `serial`. A revocation is seen as soon as it is published; expiry within
+/// [`CREDENTIALS_CHECK_INTERVAL`] (the clock is injected, so it is polled, not slept on).
+pub(crate) async fn peer_credentials_end(
+    serial: &str,
+    not_after: SystemTime,
+    clock: &dyn Clock,
+    mut creds: watch::Receiver<Arc<Credentials>>,
+) -> CredentialsEnd {
+    let mut publishing = true;
+    loop {
+        if creds.borrow_and_update().is_revoked(serial) {
+            return CredentialsEnd::Revoked;
+        }
+        // An SVID is valid through its `not_after` second (certificate times are whole
+        // seconds, and the handshake checks the time in whole seconds): it ends with that
+        // second, when a handshake presenting it is refused too.
+        let end = not_after + Duration::from_secs(1);
+        let Ok(left) = end.duration_since(clock.now()) else {
+            return CredentialsEnd::Expired;
+        };
+        if left.is_zero() {
+            return CredentialsEnd::Expired;
+        }
+        let nap = left.clamp(Duration::from_millis(10), CREDENTIALS_CHECK_INTERVAL);
+        tokio::select! {
+            changed = creds.changed(), if publishing => {
+                // No publisher left: no revocation can come; keep watching the clock.
+                publishing = changed.is_ok();
+            }
+            () = tokio::time::sleep(nap) => {}
+        }
+    }
+}
+
+/// How long before an SVID's expiry a client stops opening requests on a connection that
+/// presented it and makes a fresh one: 10% of the lifetime `left` when the connection was
+/// made, at most [`MAX_RENEWAL_MARGIN`], so requests in flight finish before either side
+/// closes the connection for expiry.
+pub(crate) fn renewal_margin(left: Duration) -> Duration {
+    (left / 10).min(MAX_RENEWAL_MARGIN)
+}
+
+fn not_revoked(creds: &Credentials, v: VerifiedSvid) -> Result<VerifiedSvid, SvidError> {
+    if creds.is_revoked(&v.serial) {
+        Err(SvidError::Revoked { serial: v.serial })
+    } else {
+        Ok(v)
+    }
 }
 
 /// Picks the TLS alert that best tells the peer why, without saying more than it should.
@@ -356,6 +486,7 @@ fn to_rustls_error(e: &SvidError) -> rustls::Error {
         SvidError::Expired { .. } => CertificateError::Expired,
         SvidError::NotYetValid { .. } => CertificateError::NotValidYet,
         SvidError::UnknownIssuer => CertificateError::UnknownIssuer,
+        SvidError::Revoked { .. } => CertificateError::Revoked,
         other => CertificateError::Other(OtherError(Arc::new(SvidRefusal(other.to_string())))),
     })
 }
@@ -371,3 +502,134 @@ impl fmt::Display for SvidRefusal {
 }
 
 impl std::error::Error for SvidRefusal {}
+
+/// How often a connection checks its peer's SVID against the clock: an expired peer is cut
+/// within this of its expiry.
+pub(crate) const CREDENTIALS_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The largest [`renewal_margin`]: long enough for a chunk request in flight to finish.
+pub(crate) const MAX_RENEWAL_MARGIN: Duration = Duration::from_secs(2);
+
+/// QUIC application close code: the peer's SVID expired while connected.
+const CLOSE_SVID_EXPIRED: u32 = 0x1_0001;
+
+/// QUIC application close code: the peer's SVID serial was revoked while connected.
+const CLOSE_SVID_REVOKED: u32 = 0x1_0002;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use certs::test_util::TestPki;
+
+    use super::*;
+    use crate::test_util::ManualClock;
+
+    #[test]
+    fn renewal_margin_is_a_tenth_of_the_lifetime_but_at_most_two_seconds() {
+        assert_eq!(
+            renewal_margin(Duration::from_secs(4)),
+            Duration::from_millis(400)
+        );
+        assert_eq!(
+            renewal_margin(Duration::from_secs(20)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            renewal_margin(Duration::from_secs(3600)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(renewal_margin(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn revoked_serials_are_held_lowercase_and_a_revoked_peer_does_not_verify() {
+        let pki = TestPki::new("hospital.example");
+        let peer = pki.svid("/gpu/loader");
+        let creds = Credentials::new(pki.svid("/node/storage"), pki.bundle())
+            .unwrap()
+            .with_revoked(HashSet::from([peer.serial().to_ascii_uppercase()]));
+        assert!(creds.revoked().contains(peer.serial()));
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        assert_eq!(
+            peer_identity(peer.chain(), &creds, now, Usage::Client),
+            Err(SvidError::Revoked {
+                serial: peer.serial().to_owned()
+            })
+        );
+        assert!(peer_identity(pki.svid("/gpu/other").chain(), &creds, now, Usage::Client).is_ok());
+        assert!(matches!(
+            to_rustls_error(&SvidError::Revoked {
+                serial: peer.serial().to_owned()
+            }),
+            rustls::Error::InvalidCertificate(CertificateError::Revoked)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peers_credentials_end_when_the_clock_passes_its_expiry_or_it_is_revoked() {
+        let pki = TestPki::new("hospital.example");
+        let handle =
+            IdentityHandle::new(Credentials::new(pki.svid("/node/storage"), pki.bundle()).unwrap());
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let clock = Arc::new(ManualClock::new(start));
+        let not_after = start + Duration::from_secs(60);
+
+        // Expiry, by the injected clock only: valid through its last second, ended after.
+        let ended = {
+            let clock = clock.clone();
+            let watch = handle.watch();
+            tokio::spawn(
+                async move { peer_credentials_end("0a1b", not_after, &*clock, watch).await },
+            )
+        };
+        clock.advance(Duration::from_millis(60_500));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!ended.is_finished(), "ended within its not_after second");
+        clock.advance(Duration::from_millis(500));
+        let end = tokio::time::timeout(2 * CREDENTIALS_CHECK_INTERVAL, ended)
+            .await
+            .expect("expiry not noticed")
+            .unwrap();
+        assert_eq!(end, CredentialsEnd::Expired);
+
+        // Revocation, as soon as credentials naming the serial are published.
+        let ended = {
+            let clock = clock.clone();
+            let watch = handle.watch();
+            tokio::spawn(async move {
+                peer_credentials_end("0a1b", start + Duration::from_secs(1 << 32), &*clock, watch)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let other = Credentials::new(pki.svid("/node/storage"), pki.bundle())
+            .unwrap()
+            .with_revoked(HashSet::from(["ffff".to_owned()]));
+        handle.update(other);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !ended.is_finished(),
+            "ended for another serial's revocation"
+        );
+        let revoking = Credentials::new(pki.svid("/node/storage"), pki.bundle())
+            .unwrap()
+            .with_revoked(HashSet::from(["0A1B".to_owned()]));
+        handle.update(revoking);
+        let end = tokio::time::timeout(Duration::from_millis(1), ended)
+            .await
+            .expect("revocation not noticed at once")
+            .unwrap();
+        assert_eq!(end, CredentialsEnd::Revoked);
+        assert_eq!(
+            CredentialsEnd::from_quic_code(CredentialsEnd::Revoked.quic_code()),
+            Some(CredentialsEnd::Revoked)
+        );
+        assert_eq!(
+            CredentialsEnd::from_quic_code(quinn::VarInt::from_u32(1)),
+            None
+        );
+    }
+}

@@ -41,7 +41,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A small blocking facade lives in [`blocking`].
+//! A small blocking facade lives in [`blocking`]. To take the SVID from a SPIFFE Workload
+//! API (SPIRE's agent, or `transportd node`) rather than from files, and follow its
+//! rotations, use [`workload::WorkloadIdentity`].
 
 #![deny(missing_docs)]
 
@@ -63,6 +65,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod transport;
+pub mod workload;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;

@@ -5,8 +5,15 @@
 //! `identity.rs`; a refusal is audited and nothing is read) → ALPN check → `Hello` /
 //! `HelloAck` → requests, each on its own stream, at most `max_streams` at once. When the
 //! connection ends, transfers still open are audited as interrupted.
+//!
+//! A connection lasts no longer than the client's credentials: once its SVID expires (by the
+//! injected clock) or its serial is revoked (new credentials published on the
+//! [`crate::IdentityHandle`] list it), the requests in flight are cut, the connection is
+//! closed (QUIC: with a close code of its own) and the closure is audited.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::ServerConfig;
-use crate::identity::{Peer, peer_identity};
+use crate::identity::{CredentialsEnd, Peer, peer_credentials_end, peer_identity};
 use crate::proto::message::PROTOCOL_VERSION;
 use crate::proto::{ErrorCode, Frame, FrameKind, Hello, HelloAck};
 use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, tcp};
@@ -277,21 +284,31 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
     let ctx = Arc::new(ConnCtx::new(shared.clone(), peer, Some(conn.clone())));
     let mut requests = JoinSet::new();
     let mut stop = shared.stop.subscribe();
-    loop {
+    let ended = credentials_end(&shared, &ctx.peer, true);
+    tokio::pin!(ended);
+    let cut = loop {
         let accepted = tokio::select! {
             a = conn.accept_bi() => a,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break None,
+            end = &mut ended => break Some(end),
         };
-        let Ok((send, recv)) = accepted else { break };
+        let Ok((send, recv)) = accepted else {
+            break None;
+        };
         let stream = RequestStream {
             sink: FrameSink::quic(send, io),
             source: FrameSource::quic(recv, io),
         };
         requests.spawn(handler::handle(ctx.clone(), None, stream).in_current_span());
         while requests.try_join_next().is_some() {}
+    };
+    match end_requests(&mut requests, io, cut, ended).await {
+        Some(end) => {
+            conn.close(end.quic_code(), end.reason().as_bytes());
+            closed_for_credentials(&shared, &ctx.peer, end);
+        }
+        None => conn.close(quinn::VarInt::from_u32(0), b"server shutting down"),
     }
-    finish_requests(&mut requests, io).await;
-    conn.close(quinn::VarInt::from_u32(0), b"server shutting down");
     ctx.finish();
 }
 
@@ -368,7 +385,7 @@ async fn serve_tcp(
     tls.get_mut()
         .1
         .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
-    serve_stream(shared, tls, peer, mux::TLS_READ_BUFFER).await;
+    serve_mux(shared, tls, peer, mux::TLS_READ_BUFFER, true).await;
 }
 
 /// Completes a TLS handshake only to answer the hello with `Busy`, then closes.
@@ -392,9 +409,25 @@ async fn refuse_busy(
     let _ = tokio::time::timeout(timeout, answer).await;
 }
 
-/// Serves one authenticated byte stream (TLS/TCP, or the bench's plaintext baseline).
-pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, peer: Peer, read_buffer: usize)
+/// Serves the bench's plaintext baseline: one byte stream whose peer is assumed, with no
+/// SVID whose end could be watched.
+#[cfg(feature = "bench-plaintext")]
+pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, io: S, peer: Peer, read_buffer: usize)
 where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    serve_mux(shared, io, peer, read_buffer, false).await;
+}
+
+/// Serves one authenticated byte stream (TLS/TCP, or the bench's plaintext baseline), until
+/// the peer's credentials end if `watch_credentials`.
+async fn serve_mux<S>(
+    shared: Arc<Shared>,
+    mut io: S,
+    peer: Peer,
+    read_buffer: usize,
+    watch_credentials: bool,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     use tokio::io::AsyncWriteExt;
@@ -420,26 +453,82 @@ where
     let ctx = Arc::new(ConnCtx::new(shared.clone(), peer, None));
     let mut requests = JoinSet::new();
     let mut stop = shared.stop.subscribe();
-    loop {
+    let ended = credentials_end(&shared, &ctx.peer, watch_credentials);
+    tokio::pin!(ended);
+    let cut = loop {
         let next = tokio::select! {
             n = incoming.recv() => n,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break None,
+            end = &mut ended => break Some(end),
         };
-        let Some((frame, stream)) = next else { break };
+        let Some((frame, stream)) = next else {
+            break None;
+        };
         requests.spawn(handler::handle(ctx.clone(), Some(frame), stream).in_current_span());
         while requests.try_join_next().is_some() {}
-    }
+    };
     // Requests arriving from now on are turned away; those in flight finish.
     let refuse = tokio::spawn(async move {
         while let Some((_, mut stream)) = incoming.recv().await {
             let _ = stream.sink.send_error(ErrorCode::Unavailable).await;
         }
     });
-    finish_requests(&mut requests, cfg.io_timeout).await;
+    let cut = end_requests(&mut requests, cfg.io_timeout, cut, ended).await;
     refuse.abort();
     // Frames already queued still go out before the connection closes.
-    mux.close("server shutting down");
+    match cut {
+        Some(end) => {
+            mux.close(end.reason());
+            closed_for_credentials(&shared, &ctx.peer, end);
+        }
+        None => mux.close("server shutting down"),
+    }
     ctx.finish();
+}
+
+/// Resolves when `peer`'s credentials end (never, unless `watch`).
+async fn credentials_end(shared: &Shared, peer: &Peer, watch: bool) -> CredentialsEnd {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let creds = shared.config.identity.watch();
+    peer_credentials_end(&peer.serial, peer.not_after, &*shared.config.clock, creds).await
+}
+
+/// Ends a connection's requests. Those in flight may finish (within the I/O timeout)
+/// unless the peer's credentials end first (`cut`, or `ended` meanwhile): then they are cut
+/// at once, and the reason is returned.
+async fn end_requests(
+    requests: &mut JoinSet<()>,
+    io_timeout: Duration,
+    cut: Option<CredentialsEnd>,
+    ended: Pin<&mut impl Future<Output = CredentialsEnd>>,
+) -> Option<CredentialsEnd> {
+    let cut = match cut {
+        Some(end) => Some(end),
+        None => tokio::select! {
+            () = finish_requests(requests, io_timeout) => None,
+            end = ended => Some(end),
+        },
+    };
+    if cut.is_some() {
+        requests.abort_all();
+        while requests.join_next().await.is_some() {}
+    }
+    cut
+}
+
+/// Audits a connection closed because its peer's credentials ended.
+fn closed_for_credentials(shared: &Shared, peer: &Peer, end: CredentialsEnd) {
+    info!(peer.id = %peer.id, reason = end.reason(), "connection closed: peer's credentials ended");
+    record(
+        shared,
+        AuditEvent::ConnectionClosed {
+            peer: peer.id.clone(),
+            serial: peer.serial.clone(),
+            reason: end.reason().to_owned(),
+        },
+    );
 }
 
 /// Lets requests in flight finish (each is bounded by the I/O timeout), then ends the rest.
@@ -555,6 +644,9 @@ fn refusal_class(reason: &str) -> &'static str {
         "timeout"
     } else if reason.contains("ALPN") {
         "alpn"
+    } else if reason.to_ascii_lowercase().contains("revoked") {
+        // rustls says "invalid peer certificate: Revoked"; our own check "... revoked".
+        "revoked"
     } else if reason.contains("certificate") || reason.contains("identity") {
         "certificate"
     } else if reason.contains("version") {

@@ -1,14 +1,17 @@
 //! Test helpers (feature `test-util`): a tracing subscriber, an in-memory audit sink,
-//! identities minted per test, and a loopback server over a temporary store.
+//! identities minted per test, a clock that moves when told, and a loopback server over a
+//! temporary store.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use certs::SpiffeId;
 use certs::test_util::TestPki;
 
 use crate::audit::{AuditError, AuditEvent, AuditRecord, AuditSink};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{ClientConfig, PolicyHandle, ServerConfig, TransportConfig};
 use crate::identity::{Credentials, IdentityHandle};
 use crate::policy::{AccessList, Grant};
@@ -53,7 +56,7 @@ impl MemoryAudit {
             if pred(&self.events()) {
                 return true;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         pred(&self.events())
     }
@@ -83,6 +86,44 @@ impl AuditSink for MemoryAudit {
 
     fn is_healthy(&self) -> bool {
         !self.failing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A clock that stands still until told to move; wall time and monotonic time move together.
+#[derive(Debug)]
+pub struct ManualClock {
+    wall: SystemTime,
+    mono: Instant,
+    moved: Mutex<Duration>,
+}
+
+impl ManualClock {
+    /// A clock reading `now`.
+    pub fn new(now: SystemTime) -> Self {
+        Self {
+            wall: now,
+            mono: SystemClock.instant(),
+            moved: Mutex::new(Duration::ZERO),
+        }
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        *self.moved.lock().unwrap_or_else(PoisonError::into_inner) += by;
+    }
+
+    fn moved(&self) -> Duration {
+        *self.moved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        self.wall + self.moved()
+    }
+
+    fn instant(&self) -> Instant {
+        self.mono + self.moved()
     }
 }
 

@@ -38,7 +38,16 @@ pub(crate) enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Manage a trust domain's CA and issue X.509-SVIDs.
+    /// Run the identity issuer, or manage a running one: join tokens, registration entries,
+    /// node bans, CA rollover.
+    ///
+    /// `transportd issuer --config issuer.toml` runs it (see `transportd issuer example`).
+    /// It holds the trust domain's CA, attests nodes by single-use join tokens, renews their
+    /// SVIDs, signs SVIDs for the workloads of registration entries, and pushes the trust
+    /// bundle and revocations to every node. The other subcommands talk to a running issuer
+    /// over its admin socket (as its user or root), so every change is in its audit trail.
+    Issuer(IssuerArgs),
+    /// Manage a trust domain's CA and issue X.509-SVIDs by hand (without an issuer).
     #[command(subcommand)]
     Ca(CaCommand),
     /// Check or print configuration files.
@@ -50,6 +59,10 @@ pub(crate) enum Command {
     /// Verify or search an audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Use a SPIFFE Workload API as a workload does (SPIRE's agent, or the one `transportd
+    /// node` serves to the processes on its node).
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
     /// List datasets, or the objects of a dataset, on a node.
     Ls {
         #[command(flatten)]
@@ -104,6 +117,166 @@ pub(crate) enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `transportd issuer`: run it, or one of its commands.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub(crate) struct IssuerArgs {
+    /// The issuer's configuration file: run the issuer.
+    #[arg(long, short, required = true)]
+    pub(crate) config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Option<IssuerCommand>,
+}
+
+/// Which issuer to talk to.
+#[derive(Debug, Args)]
+pub(crate) struct AdminTarget {
+    /// The issuer's configuration file (its admin socket is read from it).
+    #[arg(
+        long,
+        short,
+        conflicts_with = "socket",
+        required_unless_present = "socket"
+    )]
+    pub(crate) config: Option<PathBuf>,
+    /// Or the admin socket itself.
+    #[arg(long)]
+    pub(crate) socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum IssuerCommand {
+    /// Join tokens: how a node proves itself the first time.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registration entries: which workloads on which node get which SPIFFE ID.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// Nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// CA rollover: `prepare` the next CA (nodes start trusting it), `activate` it (new
+    /// SVIDs come from it), `retire` the old one once its last SVID has expired.
+    #[command(subcommand)]
+    Ca(IssuerCaCommand),
+    /// The issuer's CAs, nodes, pending tokens, counts and recent SVIDs.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the trust bundle (PEM): give it to a new node as its `[agent] bundle`, which
+    /// authenticates the issuer at the node's first contact.
+    Bundle {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Validate an issuer configuration file (including that the SVID TTL is at most the CA
+    /// TTL divided by 6). Exits 0 if the issuer would start with it.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print an annotated example issuer configuration.
+    Example,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a single-use join token for a node. Give the printed token to the node (its
+    /// `[agent] join_token_file`, or TRANSPORTD_JOIN_TOKEN); it is shown only this once, and
+    /// the issuer keeps only its hash.
+    Create {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The SPIFFE ID the node gets, e.g. `spiffe://hospital.example/node/gpu-0`.
+        #[arg(long)]
+        node: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "10m")]
+        ttl: humantime::Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EntryCommand {
+    /// Grant a SPIFFE ID to the workloads on one node that match every selector.
+    Create {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The workload's SPIFFE ID, e.g. `spiffe://hospital.example/gpu/loader`.
+        #[arg(long)]
+        spiffe_id: String,
+        /// The node whose agent hands it out.
+        #[arg(long)]
+        parent_id: String,
+        /// `unix:uid:<n>`, `unix:gid:<n>` or `unix:path:<executable>`; repeat to require
+        /// several.
+        #[arg(long = "selector", required = true)]
+        selectors: Vec<String>,
+        /// SVID lifetime for this entry (at most the issuer's SVID TTL).
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every registration entry.
+    List {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an entry; SVIDs already issued for it run out at their expiry.
+    Delete {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The entry's ID (from `entry list`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NodeCommand {
+    /// Ban a node: it can no longer renew, and the serials of its live SVIDs (and of its
+    /// workloads') go out to every node as revoked, refused at once rather than at expiry.
+    Ban {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The node's SPIFFE ID.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum IssuerCaCommand {
+    /// Create the next CA and publish a bundle holding both.
+    Prepare {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Sign with the prepared CA from now on.
+    Activate {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Drop the previous CA from the bundle (refused while SVIDs it signed are valid).
+    Retire {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Retire it anyway: SVIDs it signed stop working at once.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -260,6 +433,34 @@ pub(crate) enum AuditCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum WorkloadCommand {
+    /// Fetch this process's X.509-SVIDs and trust bundle from the Workload API, like
+    /// `spire-agent api fetch x509`: prints each SPIFFE ID, serial and expiry.
+    ///
+    /// The agent decides who you are from the kernel, not from anything you send: your
+    /// user and group, and the executable (here: the transportd binary). Run it as the user
+    /// a registration entry names (`unix:uid:1000`) to see what that workload receives.
+    /// With --out, writes svid.pem, svid.key (mode 0600) and bundle.pem, the files
+    /// `--identity DIR` of `ls`, `pull` and `push` reads. Exits 77 when the agent has no
+    /// identity for you, 69 when nothing answers on the socket.
+    Fetch {
+        /// The Workload API socket: a path, or a `unix:///path` URI as the standard's
+        /// variable holds it.
+        #[arg(long, env = env::SPIFFE_ENDPOINT_SOCKET)]
+        socket: String,
+        /// Write svid.pem, svid.key and bundle.pem into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Which SVID to write when the agent issues several (default: its first).
+        #[arg(long, requires = "out")]
+        id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// How a client command reaches a node and proves who it is.
 #[derive(Debug, Args)]
 pub(crate) struct ConnArgs {
@@ -278,6 +479,14 @@ pub(crate) struct ConnArgs {
     /// The trust bundle to verify the node against, overriding --identity.
     #[arg(long, env = env::BUNDLE)]
     pub(crate) bundle: Option<PathBuf>,
+    /// Take our identity from the SPIFFE Workload API at this socket (`unix:///path`), as
+    /// served by a node's agent; used when no identity files are given. Rotations are
+    /// followed while the command runs.
+    #[arg(long, env = env::SPIFFE_ENDPOINT_SOCKET)]
+    pub(crate) workload_socket: Option<String>,
+    /// With the Workload API: use the SVID with this SPIFFE ID (default: the first offered).
+    #[arg(long)]
+    pub(crate) workload_id: Option<String>,
     /// Insist that the node presents this SPIFFE ID (default: any in the trust domain).
     #[arg(long)]
     pub(crate) server_id: Option<String>,
@@ -295,6 +504,11 @@ pub(crate) struct TransferArgs {
     /// Reconnect attempts after a network failure before giving up.
     #[arg(long, default_value_t = 5)]
     pub(crate) retries: u32,
+    /// Most payload bytes per second for each transfer, across its parallel chunks, e.g.
+    /// `20MiB` (per second), so a bulk pull does not saturate a shared link. Default (or 0):
+    /// unlimited. A paced pull moves by stream reads, not RDMA.
+    #[arg(long, value_name = "RATE")]
+    pub(crate) max_rate: Option<bytesize::ByteSize>,
     /// Keep this client's own audit trail (hash-chained, signed with its SVID) in this
     /// directory.
     #[arg(long)]

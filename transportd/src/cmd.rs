@@ -11,7 +11,9 @@ use crate::config::{ConfigError, NodeConfig};
 pub(crate) mod audit;
 pub(crate) mod ca;
 pub(crate) mod client;
+pub(crate) mod issuer;
 pub(crate) mod policy;
+pub(crate) mod workload;
 
 /// `transportd config check FILE`.
 pub(crate) fn config_check(file: &Path) -> anyhow::Result<()> {
@@ -20,12 +22,14 @@ pub(crate) fn config_check(file: &Path) -> anyhow::Result<()> {
     for w in &warnings {
         eprintln!("warning: {w}");
     }
-    let creds = cfg.credentials()?;
+    let identity = match cfg.credentials()? {
+        Some(creds) => creds.id().to_string(),
+        None => "from the issuer".to_owned(),
+    };
     let (policy, _, source) = cfg.policy.load()?;
     println!(
-        "{}: ok (identity {}, {} access rules from {source}, store {}, audit trail {})",
+        "{}: ok (identity {identity}, {} access rules from {source}, store {}, audit trail {})",
         file.display(),
-        creds.id(),
         policy.rules().len(),
         cfg.store_root.display(),
         cfg.audit.dir.display()
@@ -38,6 +42,16 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if cause.is::<ConfigError>() {
             return 78;
+        }
+        if let Some(w) = cause.downcast_ref::<libtransport::workload::WorkloadError>() {
+            use libtransport::workload::WorkloadError as W;
+            return match w {
+                W::PermissionDenied(_) => 77,
+                W::Unreachable { .. } | W::Closed => 69,
+                W::Endpoint { .. } | W::NoEndpoint | W::NotOffered { .. } => 64,
+                W::Malformed(_) => 65,
+                _ => 1,
+            };
         }
         if cause.is::<libtransport::audit::VerifyError>() {
             return 65;

@@ -9,7 +9,10 @@ use libtransport::policy::{Action, Pattern, Policy, Rule, Subject};
 use libtransport::proto::Digest;
 use libtransport::{Credentials, TransportConfig};
 
+use crate::role::agent::{AgentConfig, TokenSource};
+
 mod file;
+pub(crate) mod issuer;
 
 use file::{ActionFile, FileConfig};
 pub(crate) use file::{EXAMPLE, POLICY_EXAMPLE};
@@ -17,7 +20,7 @@ pub(crate) use file::{EXAMPLE, POLICY_EXAMPLE};
 /// A validated node configuration.
 #[derive(Debug)]
 pub(crate) struct NodeConfig {
-    pub(crate) identity: IdentityPaths,
+    pub(crate) identity: IdentitySource,
     pub(crate) quic: Option<SocketAddr>,
     pub(crate) tcp: Option<SocketAddr>,
     pub(crate) store_root: PathBuf,
@@ -68,6 +71,15 @@ impl PolicySource {
             }
         }
     }
+}
+
+/// Where the node's identity comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum IdentitySource {
+    /// SVID, key and bundle files, renewed by someone else (re-read on SIGHUP).
+    Files(IdentityPaths),
+    /// The node agent, from the issuer.
+    Agent(AgentConfig),
 }
 
 /// Where the identity files are.
@@ -234,12 +246,28 @@ impl NodeConfig {
             }
             audit.checkpoint_interval = every;
         }
+        let identity = match (&f.identity, &f.agent) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "agent",
+                    "give [identity] files or an [agent] section, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "identity",
+                    "give [identity] files (svid, key, bundle) or an [agent] section",
+                ));
+            }
+            (Some(i), None) => IdentitySource::Files(IdentityPaths {
+                svid: abs(&i.svid),
+                key: abs(&i.key),
+                bundle: abs(&i.bundle),
+            }),
+            (None, Some(a)) => IdentitySource::Agent(agent_config(a, &abs)?),
+        };
         Ok(Self {
-            identity: IdentityPaths {
-                svid: abs(&f.identity.svid),
-                key: abs(&f.identity.key),
-                bundle: abs(&f.identity.bundle),
-            },
+            identity,
             quic: f.listen.quic,
             tcp: f.listen.tcp,
             store_root: abs(&f.store.root),
@@ -253,22 +281,40 @@ impl NodeConfig {
         })
     }
 
-    /// Loads the identity files into credentials.
-    pub(crate) fn credentials(&self) -> Result<Credentials, ConfigError> {
-        load_credentials(&self.identity)
+    /// Loads the identity files into credentials (`None` when the agent provides them).
+    pub(crate) fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+        match &self.identity {
+            IdentitySource::Files(p) => load_credentials(p).map(Some),
+            IdentitySource::Agent(_) => Ok(None),
+        }
     }
 
     /// Checks what `parse` cannot: the files exist and fit together, the store root is a
     /// directory. Returns warnings that do not stop a start.
     pub(crate) fn check(&self, now: std::time::SystemTime) -> Result<Vec<String>, ConfigError> {
-        let creds = self.credentials()?;
         let mut warnings = Vec::new();
-        let not_after = creds.svid().not_after();
-        if not_after <= now {
-            warnings.push(format!(
-                "identity.svid: expired at {}; peers will refuse it",
-                humantime::format_rfc3339_seconds(not_after)
-            ));
+        match &self.identity {
+            IdentitySource::Files(_) => {
+                if let Some(creds) = self.credentials()? {
+                    let not_after = creds.svid().not_after();
+                    if not_after <= now {
+                        warnings.push(format!(
+                            "identity.svid: expired at {}; peers will refuse it",
+                            humantime::format_rfc3339_seconds(not_after)
+                        ));
+                    }
+                }
+            }
+            IdentitySource::Agent(a) => {
+                let text = std::fs::read_to_string(&a.bundle).map_err(|e| {
+                    invalid(
+                        "agent.bundle",
+                        &format!("cannot read {}: {e}", a.bundle.display()),
+                    )
+                })?;
+                certs::TrustBundle::from_pem(&text)
+                    .map_err(|e| invalid("agent.bundle", &e.to_string()))?;
+            }
         }
         if !self.store_root.is_dir() {
             return Err(invalid(
@@ -300,6 +346,34 @@ pub(crate) fn load_credentials(p: &IdentityPaths) -> Result<Credentials, ConfigE
     let bundle = certs::TrustBundle::from_pem(&bundle)
         .map_err(|e| invalid("identity.bundle", &e.to_string()))?;
     Credentials::new(svid, bundle).map_err(|e| invalid("identity", &e.to_string()))
+}
+
+fn agent_config(
+    a: &file::AgentFile,
+    abs: &dyn Fn(&Path) -> PathBuf,
+) -> Result<AgentConfig, ConfigError> {
+    if !a.issuer.contains(':') {
+        return Err(invalid("agent.issuer", "give HOST:PORT"));
+    }
+    let join_token = match (&a.join_token_file, &a.join_token_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "agent",
+                "give join_token_file or join_token_env, not both",
+            ));
+        }
+        (Some(p), None) => TokenSource::File(abs(p)),
+        (None, Some(v)) => TokenSource::Env(v.clone()),
+        (None, None) => TokenSource::Env(crate::env::JOIN_TOKEN.to_owned()),
+    };
+    Ok(AgentConfig {
+        issuer: a.issuer.clone(),
+        issuer_id: a.issuer_id.clone(),
+        bundle: abs(&a.bundle),
+        join_token,
+        data_dir: abs(&a.data_dir),
+        workload_socket: a.workload_socket.as_deref().map(abs),
+    })
 }
 
 /// The admin address when the file does not say: loopback only.
@@ -348,8 +422,11 @@ dir = "audit"
         assert_eq!(Policy::parse(POLICY_EXAMPLE).unwrap().rules().len(), 4);
         let m = parse(MINIMAL).unwrap();
         assert_eq!(m.audit.dir, Path::new("/etc/transportd/audit"));
-        assert_eq!(m.identity.svid, Path::new("/etc/transportd/svid.pem"));
-        assert_eq!(m.identity.key, Path::new("/keys/svid.key"));
+        let IdentitySource::Files(ids) = &m.identity else {
+            panic!("identity files expected");
+        };
+        assert_eq!(ids.svid, Path::new("/etc/transportd/svid.pem"));
+        assert_eq!(ids.key, Path::new("/keys/svid.key"));
         assert_eq!(m.store_root, Path::new("/etc/transportd/data"));
         assert!(m.tcp.is_none());
     }
@@ -391,6 +468,38 @@ dir = "audit"
                 .to_string()
                 .starts_with("admin.listen")
         );
+    }
+
+    #[test]
+    fn an_agent_section_replaces_identity_files() {
+        let files = "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";
+        let agent = "[agent]\nissuer = \"issuer:8443\"\nbundle = \"boot.pem\"\njoin_token_file = \"token\"\ndata_dir = \"agent\"\nworkload_socket = \"/run/w.sock\"\n";
+        let with_agent = MINIMAL.replace(files, agent);
+        let c = parse(&with_agent).unwrap();
+        let IdentitySource::Agent(a) = &c.identity else {
+            panic!("agent expected");
+        };
+        assert_eq!(a.bundle, Path::new("/etc/transportd/boot.pem"));
+        assert_eq!(a.data_dir, Path::new("/etc/transportd/agent"));
+        assert_eq!(
+            a.join_token,
+            TokenSource::File(PathBuf::from("/etc/transportd/token"))
+        );
+        assert_eq!(a.workload_socket.as_deref(), Some(Path::new("/run/w.sock")));
+        assert!(a.issuer_id.is_none());
+        // The token from the environment by default.
+        let env_token = with_agent.replace("join_token_file = \"token\"\n", "");
+        let IdentitySource::Agent(a) = parse(&env_token).unwrap().identity else {
+            panic!("agent expected");
+        };
+        assert_eq!(a.join_token, TokenSource::Env("TRANSPORTD_JOIN_TOKEN".into()));
+        // Both, or neither: refused, naming the field.
+        let both = format!("{agent}{MINIMAL}");
+        assert!(parse(&both).unwrap_err().to_string().starts_with("agent"));
+        let neither = MINIMAL.replace(files, "");
+        assert!(parse(&neither).unwrap_err().to_string().starts_with("identity"));
+        let bad = with_agent.replace("issuer:8443", "issuer");
+        assert!(parse(&bad).unwrap_err().to_string().starts_with("agent.issuer"));
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! `transportd demo`: the whole path on one machine, with nothing set up beforehand.
 //!
-//! It creates a trust domain, gives a storage node and a GPU node their own SVIDs (keys
-//! generated locally, certificates issued from CSRs), writes a synthetic multi-shard
-//! dataset, starts the storage node as a separate process, and has the GPU node (separate
-//! processes with its own SVID) pull the dataset over QUIC/mTLS and over TLS/TCP and push a
-//! checkpoint back. Every byte is compared by BLAKE3 against the source, independently of
-//! the transfer's own verification.
+//! It starts an identity issuer for a new trust domain, creates a join token for a storage
+//! node and one for a GPU node and a registration entry for a data loader on the GPU node,
+//! writes a synthetic multi-shard dataset, and starts both nodes as separate processes:
+//! their agents attest with the tokens and the GPU node serves the SPIFFE Workload API.
+//! The data loader (a separate process) takes its SVID from that socket, pulls the dataset
+//! over QUIC/mTLS and over TLS/TCP and pushes a checkpoint back. Every byte is compared by
+//! BLAKE3 against the source, independently of the transfer's own verification, and every
+//! audit trail (issuer, both nodes, the loader) is verified.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use certs::{Ca, CaParams, IssueParams, KeyAlgorithm, SpiffeId, TrustDomain};
+use certs::{SpiffeId, TrustDomain};
 use libtransport::clock::{Clock, SystemClock};
 use libtransport::store::digest_file;
 use serde_json::{Value, json};
@@ -20,10 +22,15 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 use crate::cmd::ca::write_secret;
+use crate::role::issuer::admin::AdminClient;
+use crate::role::issuer::wire::{EntryCreate, TokenCreate, TokenCreated};
 
 const TRUST_DOMAIN: &str = "demo.transportd.internal";
 const STORAGE: &str = "/node/storage";
 const GPU: &str = "/node/gpu-0";
+const LOADER: &str = "/gpu/loader";
+/// The audit trails the demo verifies, by directory.
+const TRAILS: [&str; 4] = ["issuer", "storage", "gpu", "loader"];
 
 /// Runs the demo; fails (non-zero exit) unless everything verified.
 pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> anyhow::Result<()> {
@@ -54,15 +61,20 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
 
     say(&format!("trust domain {TRUST_DOMAIN} in {}", dir.display()));
     let td = TrustDomain::new(TRUST_DOMAIN)?;
-    let ca = Ca::generate(&td, &CaParams::default(), SystemClock.now())?;
-    let ca_dir = dir.join("ca");
-    std::fs::create_dir_all(&ca_dir)?;
-    write_secret(&ca_dir.join("ca.key"), ca.key_pem().as_bytes())?;
-    std::fs::write(ca_dir.join("bundle.pem"), ca.bundle().to_pem())?;
     let storage_id = SpiffeId::from_parts(&td, STORAGE)?;
     let gpu_id = SpiffeId::from_parts(&td, GPU)?;
-    for (node, id) in [("storage", &storage_id), ("gpu", &gpu_id)] {
-        issue(&ca, id, &dir.join(node).join("identity"))?;
+    let loader_id = SpiffeId::from_parts(&td, LOADER)?;
+    write_issuer_config(&dir)?;
+    say("starting the identity issuer");
+    let (mut issuer, ready) =
+        Role::start(&dir, "issuer", &["issuer", "--config"], "issuer.toml").await?;
+    let issuer_addr = field(&ready, "listen")?;
+    let admin = AdminClient::new(PathBuf::from(field(&ready, "admin_socket")?));
+    let prepared =
+        prepare_identities(&dir, &admin, &storage_id, &gpu_id, &loader_id, &issuer_addr).await;
+    if let Err(e) = prepared {
+        issuer.stop().await;
+        return Err(e);
     }
 
     let shards = shard_count(size);
@@ -81,14 +93,38 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
         tokio::task::spawn_blocking(move || synth(&p, len, i)).await??;
         sources.push((format!("train/shard-{i:04}.bin"), path, len));
     }
-    write_storage_config(&dir)?;
 
-    say("starting the storage node");
-    let mut node = StorageNode::start(&dir).await?;
-    let result = exercise(&dir, &node.addrs, &sources, size, &say).await;
-    node.stop().await;
+    say("starting the storage node and the GPU node (their agents attest with join tokens)");
+    let result = async {
+        let (storage, ready) =
+            Role::start(&dir, "storage", &["node", "--config"], "node.toml").await?;
+        let addrs = Addrs {
+            quic: field(&ready, "quic")?,
+            tcp: field(&ready, "tcp")?,
+        };
+        let (gpu, ready) = Role::start(&dir, "gpu", &["node", "--config"], "node.toml").await?;
+        let socket = PathBuf::from(field(&ready, "workload_socket")?);
+        let nodes = [storage, gpu];
+        say("the data loader takes its SVID from the GPU node's Workload API");
+        let run = async {
+            wait_for_workload_svid(&socket, &loader_id).await?;
+            exercise(&dir, &addrs, &socket, &sources, size, &say).await
+        }
+        .await;
+        for mut n in nodes {
+            n.stop().await;
+        }
+        run
+    }
+    .await;
+    issuer.stop().await;
     let mut report = result?;
-    report["identities"] = json!({ "storage": storage_id, "gpu": gpu_id });
+    report["identities"] = json!({
+        "issuer": crate::role::issuer::issuer_id(&td)?,
+        "storage": storage_id,
+        "gpu": gpu_id,
+        "loader": loader_id,
+    });
     report["trust_domain"] = json!(TRUST_DOMAIN);
     report["dir"] = json!(if _tmp.is_some() {
         Value::Null
@@ -96,11 +132,12 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
         json!(dir)
     });
     // Both audit trails must verify too: every link, every signed checkpoint.
-    let bundle =
-        certs::TrustBundle::from_pem(&std::fs::read_to_string(ca_dir.join("bundle.pem"))?)?;
+    let bundle = certs::TrustBundle::from_pem(&std::fs::read_to_string(
+        dir.join("storage/agent/bundle.pem"),
+    )?)?;
     let mut trails = serde_json::Map::new();
     let mut trails_ok = true;
-    for node in ["storage", "gpu"] {
+    for node in TRAILS {
         let trail = dir.join(node).join("audit");
         let checked = libtransport::audit::verify(&trail, Some(&bundle));
         trails_ok &= checked.is_ok();
@@ -133,6 +170,7 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
 async fn exercise(
     dir: &Path,
     addrs: &Addrs,
+    socket: &Path,
     sources: &[(String, PathBuf, u64)],
     size: u64,
     say: &impl Fn(&str),
@@ -140,10 +178,19 @@ async fn exercise(
     let mut paths = Vec::new();
     let mut all_ok = true;
     for (path, addr) in [("quic", &addrs.quic), ("tcp", &addrs.tcp)] {
-        say(&format!("GPU node pulls the dataset over {path}"));
+        say(&format!(
+            "the data loader on the GPU node pulls the dataset over {path}"
+        ));
         let dest = dir.join("gpu/data").join(path);
         let started = SystemClock.instant();
-        let out = gpu_command(dir, addr, path, &["pull", "scans", path_str(&dest)?]).await?;
+        let out = gpu_command(
+            dir,
+            socket,
+            addr,
+            path,
+            &["pull", "scans", path_str(&dest)?],
+        )
+        .await?;
         let secs = started.elapsed().as_secs_f64();
         let mut ok = out["verified"].as_bool() == Some(true);
         for (name, src, _) in sources {
@@ -162,7 +209,7 @@ async fn exercise(
 
     let ckpt_len = (size / 8).clamp(1 << 20, 256 << 20);
     say(&format!(
-        "GPU node pushes a {} checkpoint back over quic",
+        "the data loader pushes a {} checkpoint back over quic",
         human(ckpt_len)
     ));
     let ckpt = dir.join("gpu/checkpoints/step-1000.ckpt");
@@ -171,6 +218,7 @@ async fn exercise(
     let started = SystemClock.instant();
     let out = gpu_command(
         dir,
+        socket,
         &addrs.quic,
         "quic",
         &["push", path_str(&ckpt)?, "checkpoints/step-1000.ckpt"],
@@ -194,31 +242,43 @@ async fn exercise(
     }))
 }
 
-/// Runs a client command as the GPU node (its own process and SVID); returns its JSON.
-async fn gpu_command(dir: &Path, addr: &str, path: &str, args: &[&str]) -> anyhow::Result<Value> {
+/// Runs a client command as the data loader (its own process, its SVID from the GPU node's
+/// Workload API); returns its JSON.
+async fn gpu_command(
+    dir: &Path,
+    socket: &Path,
+    addr: &str,
+    path: &str,
+    args: &[&str],
+) -> anyhow::Result<Value> {
     let exe = std::env::current_exe().context("locating the transportd binary")?;
-    let gpu = dir.join("gpu");
     let out = Command::new(exe)
         .arg(args[0])
         .args(["--node", addr, "--path", path, "--json"])
-        .arg("--identity")
-        .arg(gpu.join("identity"))
         .arg("--audit")
-        .arg(gpu.join("audit"))
+        .arg(dir.join("loader/audit"))
         .args(&args[1..])
+        .env(
+            libtransport::workload::ENDPOINT_ENV,
+            format!("unix://{}", socket.display()),
+        )
+        .env_remove(crate::env::IDENTITY_DIR)
+        .env_remove(crate::env::SVID)
+        .env_remove(crate::env::KEY)
+        .env_remove(crate::env::BUNDLE)
         .stdin(Stdio::null())
         .output()
         .await
-        .context("starting the GPU node's command")?;
+        .context("starting the data loader's command")?;
     if !out.status.success() {
         bail!(
-            "GPU node's `{}` failed ({}): {}",
+            "the data loader's `{}` failed ({}): {}",
             args[0],
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    serde_json::from_slice(&out.stdout).context("reading the GPU node's report")
+    serde_json::from_slice(&out.stdout).context("reading the data loader's report")
 }
 
 #[derive(Debug)]
@@ -227,53 +287,53 @@ struct Addrs {
     tcp: String,
 }
 
-/// The storage node, a child process.
-struct StorageNode {
+/// A role (issuer or node) running as a child process of the demo.
+struct Role {
     child: Child,
-    addrs: Addrs,
 }
 
-impl StorageNode {
-    async fn start(dir: &Path) -> anyhow::Result<Self> {
+impl Role {
+    /// Starts `transportd ARGS <dir>/<name>/<config>` and reads its one-line ready report.
+    async fn start(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        config: &str,
+    ) -> anyhow::Result<(Self, Value)> {
         let exe = std::env::current_exe().context("locating the transportd binary")?;
-        let log = std::fs::File::create(dir.join("storage/node.log"))?;
+        let log_path = dir.join(name).join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)?;
         let mut child = Command::new(exe)
-            .args(["node", "--config"])
-            .arg(dir.join("storage/node.toml"))
+            .args(args)
+            .arg(dir.join(name).join(config))
             .env(crate::env::LOG, "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .context("starting the storage node")?;
-        let stdout = child.stdout.take().context("storage node stdout")?;
+            .with_context(|| format!("starting the {name}"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
-            .context("storage node did not start within 30 s")??
+            .with_context(|| format!("the {name} did not start within 30 s"))??
             .with_context(|| {
                 format!(
-                    "storage node exited at start; see {}",
-                    dir.join("storage/node.log").display()
+                    "the {name} exited at start: {}",
+                    std::fs::read_to_string(&log_path)
+                        .unwrap_or_default()
+                        .lines()
+                        .last()
+                        .unwrap_or("")
                 )
             })?;
-        let ready: Value = serde_json::from_str(&line).context("storage node's ready line")?;
-        let get = |k: &str| {
-            ready[k]
-                .as_str()
-                .map(str::to_owned)
-                .with_context(|| format!("storage node reported no {k} address"))
-        };
-        Ok(Self {
-            addrs: Addrs {
-                quic: get("quic")?,
-                tcp: get("tcp")?,
-            },
-            child,
-        })
+        let ready: Value =
+            serde_json::from_str(&line).with_context(|| format!("the {name}'s ready line"))?;
+        Ok((Self { child }, ready))
     }
 
+    /// SIGTERM (it drains and seals its audit trail), then waits.
     async fn stop(&mut self) {
         if let Some(pid) = self
             .child
@@ -291,23 +351,124 @@ impl StorageNode {
     }
 }
 
-fn issue(ca: &Ca, id: &SpiffeId, out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out)?;
-    let (key, csr) = certs::generate_key_and_csr(id, KeyAlgorithm::default())?;
-    let issued = ca.issue(&csr, id, &IssueParams::default(), SystemClock.now())?;
-    write_secret(&out.join("svid.key"), key.as_bytes())?;
-    std::fs::write(out.join("svid.pem"), issued.chain_pem())?;
-    std::fs::write(out.join("bundle.pem"), ca.bundle().to_pem())?;
+fn field(v: &Value, k: &str) -> anyhow::Result<String> {
+    v[k].as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the ready line has no {k}"))
+}
+
+/// Join tokens for both nodes, the loader's registration entry, and the node configurations
+/// (with the issuer's bundle to authenticate it at first contact).
+async fn prepare_identities(
+    dir: &Path,
+    admin: &AdminClient,
+    storage: &SpiffeId,
+    gpu: &SpiffeId,
+    loader: &SpiffeId,
+    issuer_addr: &str,
+) -> anyhow::Result<()> {
+    let bundle: Value = admin
+        .call(hyper::Method::GET, "/v1/bundle", None::<&()>)
+        .await?;
+    let bundle = bundle["bundle"].as_str().unwrap_or_default().to_owned();
+    for (name, id) in [("storage", storage), ("gpu", gpu)] {
+        let t: TokenCreated = admin
+            .call(
+                hyper::Method::POST,
+                "/v1/tokens",
+                Some(&TokenCreate {
+                    node: id.clone(),
+                    ttl_secs: 600,
+                }),
+            )
+            .await?;
+        let node_dir = dir.join(name);
+        std::fs::create_dir_all(node_dir.join("datasets"))?;
+        write_secret(&node_dir.join("join-token"), t.token.as_bytes())?;
+        std::fs::write(node_dir.join("bootstrap-bundle.pem"), &bundle)?;
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    let _: certs::RegistrationEntry = admin
+        .call(
+            hyper::Method::POST,
+            "/v1/entries",
+            Some(&EntryCreate {
+                spiffe_id: loader.clone(),
+                parent_id: gpu.clone(),
+                selectors: vec![certs::Selector::Uid(uid)],
+                ttl_secs: None,
+            }),
+        )
+        .await?;
+    std::fs::create_dir_all(dir.join("loader"))?;
+    write_node_config(dir, "storage", issuer_addr, &storage_policy())?;
+    write_node_config(dir, "gpu", issuer_addr, "")?;
     Ok(())
 }
 
-fn write_storage_config(dir: &Path) -> anyhow::Result<()> {
+/// Waits until the GPU node's agent holds the loader's SVID.
+async fn wait_for_workload_svid(socket: &Path, loader: &SpiffeId) -> anyhow::Result<()> {
+    let started = SystemClock.instant();
+    loop {
+        if let Ok(c) = libtransport::workload::WorkloadClient::connect(socket).await
+            && let Ok(ctx) = c.fetch_x509().await
+            && ctx.svid(loader).is_some()
+        {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the GPU node's Workload API did not serve {loader} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn write_issuer_config(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("issuer"))?;
+    std::fs::write(
+        dir.join("issuer/issuer.toml"),
+        format!(
+            r#"# Written by `transportd demo`.
+trust_domain = "{TRUST_DOMAIN}"
+listen = "127.0.0.1:0"
+data_dir = "data"
+
+[svid]
+ttl = "1h"
+sync_interval = "2s"
+
+[audit]
+dir = "audit"
+"#
+        ),
+    )?;
+    Ok(())
+}
+
+fn storage_policy() -> String {
+    format!(
+        r#"[[allow]]
+peer = "spiffe://{TRUST_DOMAIN}{LOADER}"
+dataset = "scans"
+actions = ["read"]
+
+[[allow]]
+peer = "spiffe://{TRUST_DOMAIN}{LOADER}"
+dataset = "checkpoints"
+actions = ["read", "write"]
+"#
+    )
+}
+
+fn write_node_config(dir: &Path, name: &str, issuer: &str, policy: &str) -> anyhow::Result<()> {
     let text = format!(
         r#"# Written by `transportd demo`.
-[identity]
-svid = "identity/svid.pem"
-key = "identity/svid.key"
-bundle = "identity/bundle.pem"
+[agent]
+issuer = "{issuer}"
+bundle = "bootstrap-bundle.pem"
+join_token_file = "join-token"
+data_dir = "agent"
+workload_socket = "run/workload.sock"
 
 [listen]
 quic = "127.0.0.1:0"
@@ -323,18 +484,9 @@ dir = "audit"
 [admin]
 listen = "127.0.0.1:0"
 
-[[allow]]
-peer = "spiffe://{TRUST_DOMAIN}{GPU}"
-dataset = "scans"
-actions = ["read"]
-
-[[allow]]
-peer = "spiffe://{TRUST_DOMAIN}{GPU}"
-dataset = "checkpoints"
-actions = ["read", "write"]
-"#
+{policy}"#
     );
-    std::fs::write(dir.join("storage/node.toml"), text)?;
+    std::fs::write(dir.join(name).join("node.toml"), text)?;
     Ok(())
 }
 
@@ -395,14 +547,18 @@ fn print_report(r: &Value, temporary: bool) {
         "  trust domain   {}",
         r["trust_domain"].as_str().unwrap_or("?")
     );
-    println!(
-        "  storage node   {}",
-        r["identities"]["storage"].as_str().unwrap_or("?")
-    );
-    println!(
-        "  GPU node       {}",
-        r["identities"]["gpu"].as_str().unwrap_or("?")
-    );
+    for (label, key) in [
+        ("issuer       ", "issuer"),
+        ("storage node ", "storage"),
+        ("GPU node     ", "gpu"),
+        ("data loader  ", "loader"),
+    ] {
+        println!(
+            "  {label}  {}",
+            r["identities"][key].as_str().unwrap_or("?")
+        );
+    }
+    println!("  identities     node SVIDs by join token, the loader's by the Workload API");
     println!(
         "  dataset        scans: {} in {} shards",
         human(r["dataset"]["bytes"].as_u64().unwrap_or(0)),
@@ -426,7 +582,7 @@ fn print_report(r: &Value, temporary: bool) {
         push["gbps"].as_f64().unwrap_or(0.0),
         verdict(&push["verified"])
     );
-    for (i, node) in ["storage", "gpu"].into_iter().enumerate() {
+    for (i, node) in TRAILS.into_iter().enumerate() {
         let t = &r["audit"][node];
         println!(
             "  {}{} ({} records, {})",

@@ -12,3 +12,8 @@ pub(crate) const KEY: &str = "TRANSPORTD_KEY";
 pub(crate) const BUNDLE: &str = "TRANSPORTD_BUNDLE";
 /// Directory holding svid.pem, svid.key and bundle.pem.
 pub(crate) const IDENTITY_DIR: &str = "TRANSPORTD_IDENTITY";
+/// The SPIFFE Workload API socket (`unix:///path`), the standard's own variable: the
+/// default of `workload fetch --socket`.
+pub(crate) const SPIFFE_ENDPOINT_SOCKET: &str = libtransport::workload::ENDPOINT_ENV;
+/// A join token for the node agent, when the configuration names no token file.
+pub(crate) const JOIN_TOKEN: &str = "TRANSPORTD_JOIN_TOKEN";

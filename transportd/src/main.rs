@@ -14,10 +14,13 @@ mod cmd;
 mod config;
 mod demo;
 mod env;
+mod fsutil;
 mod role;
 mod telemetry;
 
-use cli::{AuditCommand, CaCommand, Cli, Command, ConfigCommand, PolicyCommand};
+use cli::{
+    AuditCommand, CaCommand, Cli, Command, ConfigCommand, PolicyCommand, WorkloadCommand,
+};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
     };
     let default_log = match cli.command {
         Command::Node { .. } => "info",
+        Command::Issuer(cli::IssuerArgs { command: None, .. }) => "info",
         _ => "warn",
     };
     if let Err(e) = telemetry::init(default_log) {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Node { config } => role::node::run(&config).await,
+        Command::Issuer(args) => cmd::issuer::run(args).await,
         Command::Ca(CaCommand::Init {
             trust_domain,
             out,
@@ -136,5 +141,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             transfer,
         } => cmd::client::push(&conn, &src, &dest, &transfer).await,
         Command::Demo { size, keep, json } => demo::run(size.as_u64(), keep, json).await,
+        Command::Workload(WorkloadCommand::Fetch {
+            socket,
+            out,
+            id,
+            json,
+        }) => cmd::workload::fetch(&socket, out.as_deref(), id.as_deref(), json).await,
     }
 }

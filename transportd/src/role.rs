@@ -2,3 +2,4 @@
 
 pub(crate) mod node;
 pub(crate) mod agent;
+pub(crate) mod issuer;

@@ -19,8 +19,12 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 use tokio::task::JoinSet;
 
+use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
-use super::{Client, Connection, FetchOptions, remote, unexpected};
+use super::{
+    Attempt, Attempts, Client, Connection, FetchOptions, Next, after_attempt, remote,
+    renewals_stalled, unexpected,
+};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{FetchError, RequestError};
 use crate::proto::{
@@ -70,21 +74,26 @@ impl Client {
         let started = self.config().clock.instant();
         let fetched = Arc::new(AtomicU64::new(0));
         let mut first_reuse: Option<u32> = None;
-        let mut attempt = 0;
+        let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
+        let mut attempts = Attempts::new(opts.retry);
+        // The partial file of an attempt that ended for a renewal, still in memory.
+        let mut kept = None;
         loop {
+            let mut used = None;
+            let attempt = FileAttempt {
+                dataset,
+                object,
+                dir: &dir,
+                name: &name,
+                opts,
+                pace: &pace,
+                fetched: &fetched,
+            };
             let result = self
-                .fetch_file_once(
-                    dataset,
-                    object,
-                    &dir,
-                    &name,
-                    opts,
-                    &fetched,
-                    &mut first_reuse,
-                )
+                .fetch_file_once(attempt, &mut first_reuse, &mut used, &mut kept)
                 .await;
-            match result {
-                Ok((conn, manifest, rdma)) => {
+            let error = match result {
+                Ok(Attempt::Done((conn, manifest, rdma))) => {
                     let report = FetchReport {
                         server: conn.peer.id.clone(),
                         path: conn.peer.path.or_rdma(rdma),
@@ -99,17 +108,31 @@ impl Client {
                             .clock
                             .instant()
                             .saturating_duration_since(started),
-                        retries: attempt,
+                        retries: attempts.failures(),
                     };
                     self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
                     return Ok(report);
                 }
-                Err(e) if e.is_retriable() && attempt < opts.retry.attempts => {
-                    tracing::warn!(error = %e, attempt, "pull interrupted; resuming");
-                    tokio::time::sleep(opts.retry.delay(attempt)).await;
-                    attempt += 1;
+                Ok(Attempt::Renew) => None,
+                Err(e) => Some(e),
+            };
+            let progress = fetched.load(Ordering::Relaxed);
+            match after_attempt(
+                &mut attempts,
+                error.as_ref().map(FetchError::is_retriable),
+                used.as_deref(),
+                progress,
+            ) {
+                Next::Renew => {
+                    tracing::info!("pull goes on over a renewed connection");
                 }
-                Err(e) => return Err(e),
+                Next::Retry(delay) => {
+                    if let Some(e) = &error {
+                        tracing::warn!(error = %e, attempt = attempts.failures(), "pull interrupted; resuming");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
             }
         }
     }
@@ -152,37 +175,54 @@ impl Client {
         limit: u64,
         opts: &FetchOptions,
     ) -> Result<Bytes, FetchError> {
-        let mut attempt = 0;
+        let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
+        let moved = Arc::new(AtomicU64::new(0));
+        let mut attempts = Attempts::new(opts.retry);
+        // Chunks verified by earlier attempts.
+        let mut state = None;
         loop {
-            match self
-                .read_once(dataset, object, range.clone(), limit, opts)
-                .await
-            {
-                Ok(b) => return Ok(b),
-                Err(e) if e.is_retriable() && attempt < opts.retry.attempts => {
-                    tokio::time::sleep(opts.retry.delay(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
+            let mut used = None;
+            let attempt = MemoryAttempt {
+                dataset,
+                object,
+                range: range.clone(),
+                limit,
+                opts,
+                pace: &pace,
+                moved: &moved,
+            };
+            let error = match self.read_once(attempt, &mut state, &mut used).await {
+                Ok(Attempt::Done(b)) => return Ok(b),
+                Ok(Attempt::Renew) => None,
+                Err(e) => Some(e),
+            };
+            let progress = moved.load(Ordering::Relaxed);
+            match after_attempt(
+                &mut attempts,
+                error.as_ref().map(FetchError::is_retriable),
+                used.as_deref(),
+                progress,
+            ) {
+                Next::Renew => tracing::debug!("read goes on over a renewed connection"),
+                Next::Retry(delay) => tokio::time::sleep(delay).await,
+                Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
             }
         }
     }
 
     async fn read_once(
         &self,
-        dataset: &DatasetName,
-        object: &ObjectPath,
-        range: Option<Range<u64>>,
-        limit: u64,
-        opts: &FetchOptions,
-    ) -> Result<Bytes, FetchError> {
+        a: MemoryAttempt<'_>,
+        state: &mut Option<MemoryPull>,
+        used: &mut Option<Arc<Connection>>,
+    ) -> Result<Attempt<Bytes>, FetchError> {
         let conn = self.connection().await?;
-        let (transfer, manifest) = open_read(&conn, dataset, object).await?;
-        let manifest = Arc::new(manifest);
+        *used = Some(conn.clone());
+        let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
         let size = manifest.size();
         // Whole objects may move by RDMA; a session is not worth it for a range.
-        let whole = range.is_none();
-        let range = range.unwrap_or(0..size);
+        let whole = a.range.is_none();
+        let range = a.range.unwrap_or(0..size);
         if range.start > range.end || range.end > size {
             close(&conn, transfer).await;
             return Err(FetchError::Range {
@@ -191,34 +231,26 @@ impl Client {
                 size,
             });
         }
-        if range.end - range.start > limit {
+        if range.end - range.start > a.limit {
             close(&conn, transfer).await;
             return Err(FetchError::TooLarge {
                 size: range.end - range.start,
-                limit,
+                limit: a.limit,
             });
         }
-        let chunks = manifest.chunks_covering(range.clone());
-        let first = manifest
-            .chunk_range(ChunkIndex(chunks.start))
-            .map_or(0, |r| r.start);
-        let last = manifest
-            .chunk_range(ChunkIndex(chunks.end.saturating_sub(1)))
-            .map_or(0, |r| r.end);
-        // One buffer for all chunks, split into per-chunk views and rejoined without copying.
-        let mut all = BytesMut::zeroed((last.max(first) - first) as usize);
-        let mut slots = Vec::new();
-        for i in chunks.clone() {
-            let r = manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
-            slots.push(Some(all.split_to((r.end - r.start) as usize)));
-        }
-        let slots = Arc::new(Mutex::new(slots));
-        let work: VecDeque<ChunkIndex> = chunks.clone().map(ChunkIndex).collect();
-        let base = chunks.start;
-        let total = last - first;
-        let done = Arc::new(AtomicU64::new(0));
-        let rdma = if whole {
-            let (done, progress) = (done.clone(), opts.progress.clone());
+        // What earlier attempts verified counts only if the object is still the same.
+        let pull = match state.take() {
+            Some(p) if *p.manifest == manifest && p.range == range => p,
+            _ => MemoryPull::new(Arc::new(manifest), range),
+        };
+        let work = pull.missing();
+        let (base, total) = (pull.chunks.start, pull.total);
+        let rdma = if !whole {
+            Ok(false)
+        } else if a.pace.is_paced() {
+            self.unpaced_rdma_only()
+        } else {
+            let (done, progress) = (pull.done.clone(), a.opts.progress.clone());
             let on_chunk: super::rdma::OnChunk = Arc::new(move |n| {
                 let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                 if let Some(p) = &progress {
@@ -226,33 +258,47 @@ impl Client {
                 }
             });
             let deliver = Deliver::Memory {
-                slots: slots.clone(),
+                slots: pull.slots.clone(),
                 base,
             };
-            self.pull_rdma(&conn, transfer, &manifest, &work, deliver, on_chunk)
+            self.pull_rdma(&conn, transfer, &pull.manifest, &work, deliver, on_chunk)
                 .await
-        } else {
-            Ok(false)
         };
+        let gate = Gate::new(a.pace.clone(), conn.clone());
+        let streamed = matches!(rdma, Ok(false));
         let result = match rdma {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                pull.verified_all(&work);
+                Ok(())
+            }
             Err(e) => Err(e),
             Ok(false) => {
-                let (conn, manifest, slots, progress) = (
+                let (conn, manifest, slots, verified, done, moved, progress, gate) = (
                     conn.clone(),
-                    manifest.clone(),
-                    slots.clone(),
-                    opts.progress.clone(),
+                    pull.manifest.clone(),
+                    pull.slots.clone(),
+                    pull.verified.clone(),
+                    pull.done.clone(),
+                    a.moved.clone(),
+                    a.opts.progress.clone(),
+                    gate.clone(),
                 );
-                run_workers(opts.parallel(self.config()), work, move |index| {
-                    let (conn, manifest, slots, done, progress) = (
+                run_workers(a.opts.parallel(self.config()), work, move |index| {
+                    let (conn, manifest, slots, verified, done, moved, progress, gate) = (
                         conn.clone(),
                         manifest.clone(),
                         slots.clone(),
+                        verified.clone(),
                         done.clone(),
+                        moved.clone(),
                         progress.clone(),
+                        gate.clone(),
                     );
                     async move {
+                        let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
+                        if !gate.admit(len).await {
+                            return Ok(());
+                        }
                         let slot = (index.0 - base) as usize;
                         let buf = slots
                             .lock()
@@ -263,6 +309,8 @@ impl Client {
                         let buf = read_chunk_mem(&conn, transfer, &manifest, index, buf).await?;
                         let n = buf.len() as u64;
                         slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
+                        verified.lock().unwrap_or_else(PoisonError::into_inner)[slot] = true;
+                        moved.fetch_add(n, Ordering::Relaxed);
                         let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                         if let Some(p) = &progress {
                             p(so_far, total);
@@ -274,51 +322,56 @@ impl Client {
             }
         };
         close(&conn, transfer).await;
-        result?;
-        let mut joined = BytesMut::new();
-        for piece in Arc::try_unwrap(slots)
-            .map_err(|_| FetchError::Corrupt(ChunkIndex(base)))?
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner)
-            .into_iter()
-            .flatten()
-        {
-            joined.unsplit(piece);
+        if let Err(e) = result {
+            // What stream reads verified is kept; chunks an RDMA session wrote are not known
+            // one by one, so after a failed session the next attempt starts over.
+            if streamed {
+                *state = Some(pull);
+            }
+            return Err(e);
         }
-        let joined = joined.freeze();
-        Ok(joined.slice((range.start - first) as usize..(range.end - first) as usize))
+        if !pull.is_complete() {
+            if gate.is_renewing() {
+                *state = Some(pull);
+                return Ok(Attempt::Renew);
+            }
+            return Err(FetchError::Corrupt(ChunkIndex(base)));
+        }
+        Ok(Attempt::Done(pull.assemble()))
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn fetch_file_once(
         &self,
-        dataset: &DatasetName,
-        object: &ObjectPath,
-        dir: &FsPath,
-        name: &str,
-        opts: &FetchOptions,
-        fetched: &Arc<AtomicU64>,
+        a: FileAttempt<'_>,
         first_reuse: &mut Option<u32>,
-    ) -> Result<(Arc<Connection>, Manifest, bool), FetchError> {
+        used: &mut Option<Arc<Connection>>,
+        kept: &mut Option<Arc<PartialFile>>,
+    ) -> Result<Attempt<(Arc<Connection>, Manifest, bool)>, FetchError> {
         let conn = self.connection().await?;
-        let (transfer, manifest) = open_read(&conn, dataset, object).await?;
-        let manifest = Arc::new(manifest);
-        let tmp = format!(".{name}.transportd-partial");
-        let partial = {
-            let (dir, name, m) = (dir.to_path_buf(), name.to_owned(), manifest.clone());
-            tokio::task::spawn_blocking(move || {
-                let d = std::fs::File::open(&dir)?;
-                PartialFile::open(d, tmp, name, m)
-            })
-            .await
-            .map_err(|e| FetchError::Local(std::io::Error::other(e)))??
+        *used = Some(conn.clone());
+        let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
+        let partial = match kept.take() {
+            // Its chunks are known verified: no need to read the file again.
+            Some(p) if **p.manifest() == manifest => p,
+            _ => {
+                let manifest = Arc::new(manifest);
+                let tmp = format!(".{}.transportd-partial", a.name);
+                let (dir, name) = (a.dir.to_path_buf(), a.name.to_owned());
+                let opened = tokio::task::spawn_blocking(move || {
+                    let d = std::fs::File::open(&dir)?;
+                    PartialFile::open(d, tmp, name, manifest)
+                })
+                .await
+                .map_err(|e| FetchError::Local(std::io::Error::other(e)))??;
+                Arc::new(opened)
+            }
         };
-        let partial = Arc::new(partial);
+        let manifest = partial.manifest().clone();
         let have = partial.have();
         first_reuse.get_or_insert(have.count());
         let work: VecDeque<ChunkIndex> = have.missing().collect();
         tracing::debug!(
-            object.digest = %object.digest().short(),
+            object.digest = %a.object.digest().short(),
             chunks = manifest.chunk_count(),
             reused = have.count(),
             "pull starting"
@@ -328,9 +381,9 @@ impl Client {
             left - manifest.chunk_range(i).map_or(0, |r| r.end - r.start)
         })));
         let on_chunk = {
-            let (done, progress) = (done.clone(), opts.progress.clone());
+            let (done, progress) = (done.clone(), a.opts.progress.clone());
             super::rdma::counting(
-                fetched.clone(),
+                a.fetched.clone(),
                 Some(Arc::new(move |n| {
                     let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                     if let Some(p) = &progress {
@@ -339,8 +392,10 @@ impl Client {
                 })),
             )
         };
-        let rdma = self
-            .pull_rdma(
+        let rdma = if a.pace.is_paced() {
+            self.unpaced_rdma_only()
+        } else {
+            self.pull_rdma(
                 &conn,
                 transfer,
                 &manifest,
@@ -348,30 +403,41 @@ impl Client {
                 Deliver::File(partial.clone()),
                 on_chunk,
             )
-            .await;
+            .await
+        };
         let used_rdma = matches!(rdma, Ok(true));
+        let gate = Gate::new(a.pace.clone(), conn.clone());
         let result = match rdma {
             Ok(true) => Ok(()),
             Err(e) => Err(e),
             Ok(false) => {
-                let (conn, partial, fetched, progress) = (
+                let (conn, partial, fetched, progress, gate) = (
                     conn.clone(),
                     partial.clone(),
-                    fetched.clone(),
-                    opts.progress.clone(),
+                    a.fetched.clone(),
+                    a.opts.progress.clone(),
+                    gate.clone(),
                 );
                 run_workers(
-                    opts.parallel(self.config()),
+                    a.opts.parallel(self.config()),
                     work.into_iter().collect(),
                     move |index| {
-                        let (conn, partial, fetched, done, progress) = (
+                        let (conn, partial, fetched, done, progress, gate) = (
                             conn.clone(),
                             partial.clone(),
                             fetched.clone(),
                             done.clone(),
                             progress.clone(),
+                            gate.clone(),
                         );
                         async move {
+                            let len = partial
+                                .manifest()
+                                .chunk_range(index)
+                                .map_or(0, |r| r.end - r.start);
+                            if !gate.admit(len).await {
+                                return Ok(());
+                            }
                             let n =
                                 read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
                             let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
@@ -387,6 +453,12 @@ impl Client {
         };
         close(&conn, transfer).await;
         result?;
+        if gate.is_renewing() && !partial.is_complete() {
+            // Every worker has returned, so no chunk writer holds the file: keep it for the
+            // next attempt.
+            *kept = Some(partial);
+            return Ok(Attempt::Renew);
+        }
         let partial = Arc::into_inner(partial).ok_or_else(|| {
             FetchError::Local(std::io::Error::other("chunk writer still running"))
         })?;
@@ -397,9 +469,20 @@ impl Client {
                 WriteError::Io(e) => FetchError::Local(e),
                 other => FetchError::Local(std::io::Error::other(other)),
             })?;
-        Ok((conn, (*manifest).clone(), used_rdma))
+        Ok(Attempt::Done((conn, (*manifest).clone(), used_rdma)))
     }
 
+    /// A paced pull moves by stream reads: RDMA chunks are not paced. Fails if RDMA is
+    /// required.
+    fn unpaced_rdma_only(&self) -> Result<bool, FetchError> {
+        let transport = &self.config().transport;
+        if transport.rdma_required && transport.rdma_mode() != crate::config::RdmaMode::Off {
+            return Err(FetchError::NoRdma(
+                "a paced pull (max_rate) moves by stream reads, not RDMA".into(),
+            ));
+        }
+        Ok(false)
+    }
     fn audit_pull(
         &self,
         conn: &Connection,
@@ -455,6 +538,126 @@ impl Client {
         if let Err(e) = self.config().audit.record(&record) {
             tracing::error!(error = %e, "audit record lost");
         }
+    }
+}
+
+/// What one attempt of a pull into a file works with.
+struct FileAttempt<'a> {
+    dataset: &'a DatasetName,
+    object: &'a ObjectPath,
+    dir: &'a FsPath,
+    name: &'a str,
+    opts: &'a FetchOptions,
+    pace: &'a Arc<Pace>,
+    /// Bytes received over the network, across attempts.
+    fetched: &'a Arc<AtomicU64>,
+}
+
+/// What one attempt of a pull into memory works with.
+struct MemoryAttempt<'a> {
+    dataset: &'a DatasetName,
+    object: &'a ObjectPath,
+    range: Option<Range<u64>>,
+    limit: u64,
+    opts: &'a FetchOptions,
+    pace: &'a Arc<Pace>,
+    /// Bytes of verified chunks received, across attempts.
+    moved: &'a Arc<AtomicU64>,
+}
+
+/// A pull into memory: the chunks covering the range, and which of them are verified, kept
+/// across attempts so a later attempt fetches only the rest.
+struct MemoryPull {
+    manifest: Arc<Manifest>,
+    range: Range<u64>,
+    chunks: Range<u32>,
+    /// Where the first chunk starts in the object.
+    first: u64,
+    /// Bytes in the chunks.
+    total: u64,
+    /// `slots[i - chunks.start]` holds chunk `i` (none while a worker fills it).
+    slots: Arc<Mutex<Vec<Option<BytesMut>>>>,
+    verified: Arc<Mutex<Vec<bool>>>,
+    /// Bytes of verified chunks, for progress.
+    done: Arc<AtomicU64>,
+}
+
+impl MemoryPull {
+    fn new(manifest: Arc<Manifest>, range: Range<u64>) -> Self {
+        let chunks = manifest.chunks_covering(range.clone());
+        let first = manifest
+            .chunk_range(ChunkIndex(chunks.start))
+            .map_or(0, |r| r.start);
+        let last = manifest
+            .chunk_range(ChunkIndex(chunks.end.saturating_sub(1)))
+            .map_or(0, |r| r.end);
+        // One buffer for all chunks, split into per-chunk views and rejoined without copying.
+        let mut all = BytesMut::zeroed((last.max(first) - first) as usize);
+        let mut slots = Vec::new();
+        for i in chunks.clone() {
+            let r = manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
+            slots.push(Some(all.split_to((r.end - r.start) as usize)));
+        }
+        let count = slots.len();
+        Self {
+            manifest,
+            range,
+            chunks,
+            first,
+            total: last.max(first) - first,
+            slots: Arc::new(Mutex::new(slots)),
+            verified: Arc::new(Mutex::new(vec![false; count])),
+            done: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The chunks still to fetch. A slot a failed attempt's worker took with it gets a fresh
+    /// buffer (rejoining then copies, which only a failure costs).
+    fn missing(&self) -> VecDeque<ChunkIndex> {
+        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut work = VecDeque::new();
+        for (slot, i) in self.chunks.clone().enumerate() {
+            if verified.get(slot).copied().unwrap_or(true) {
+                continue;
+            }
+            if let Some(s @ None) = slots.get_mut(slot) {
+                let r = self.manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
+                *s = Some(BytesMut::zeroed((r.end - r.start) as usize));
+            }
+            work.push_back(ChunkIndex(i));
+        }
+        work
+    }
+
+    /// Marks `work` verified (an RDMA session delivered all of it).
+    fn verified_all(&self, work: &VecDeque<ChunkIndex>) {
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        for i in work {
+            if let Some(v) = verified.get_mut((i.0 - self.chunks.start) as usize) {
+                *v = true;
+            }
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .all(|v| *v)
+    }
+
+    /// The range asked for, from the verified chunks.
+    fn assemble(self) -> Bytes {
+        let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut joined = BytesMut::new();
+        for piece in slots.into_iter().flatten() {
+            joined.unsplit(piece);
+        }
+        let joined = joined.freeze();
+        joined
+            .slice((self.range.start - self.first) as usize..(self.range.end - self.first) as usize)
     }
 }
 

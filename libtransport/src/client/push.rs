@@ -17,7 +17,11 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 
 use super::fetch::run_workers;
-use super::{Client, Connection, PushOptions, response, unexpected};
+use super::pace::{Gate, Pace};
+use super::{
+    Attempt, Attempts, Client, Connection, Next, PushOptions, after_attempt, renewals_stalled,
+    response, unexpected,
+};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
@@ -49,6 +53,18 @@ pub struct PushReport {
     pub elapsed: Duration,
     /// Reconnections needed.
     pub retries: u32,
+}
+
+/// What one attempt of a push works with.
+struct PushAttempt<'a> {
+    dataset: &'a DatasetName,
+    object: &'a ObjectPath,
+    source: &'a Source,
+    manifest: &'a Arc<Manifest>,
+    opts: &'a PushOptions,
+    pace: &'a Arc<Pace>,
+    /// Bytes sent over the network, across attempts.
+    sent: &'a Arc<AtomicU64>,
 }
 
 /// Where chunk bytes come from.
@@ -144,21 +160,22 @@ impl Client {
         let manifest = Arc::new(manifest);
         let sent = Arc::new(AtomicU64::new(0));
         let mut skipped: Option<u32> = None;
-        let mut attempt = 0;
+        let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
+        let mut attempts = Attempts::new(opts.retry);
         loop {
-            let result = self
-                .push_once(
-                    dataset,
-                    object,
-                    &source,
-                    &manifest,
-                    opts,
-                    &sent,
-                    &mut skipped,
-                )
-                .await;
-            match result {
-                Ok((conn, root)) => {
+            let mut used = None;
+            let attempt = PushAttempt {
+                dataset,
+                object,
+                source: &source,
+                manifest: &manifest,
+                opts,
+                pace: &pace,
+                sent: &sent,
+            };
+            let result = self.push_once(attempt, &mut skipped, &mut used).await;
+            let error = match result {
+                Ok(Attempt::Done((conn, root))) => {
                     let report = PushReport {
                         server: conn.peer.id.clone(),
                         path: conn.peer.path,
@@ -172,7 +189,7 @@ impl Client {
                             .clock
                             .instant()
                             .saturating_duration_since(started),
-                        retries: attempt,
+                        retries: attempts.failures(),
                     };
                     let record = AuditRecord {
                         time: self.config().clock.now(),
@@ -193,28 +210,45 @@ impl Client {
                     }
                     return Ok(report);
                 }
-                Err(e) if e.is_retriable() && attempt < opts.retry.attempts => {
-                    tracing::warn!(error = %e, attempt, "push interrupted; resuming");
-                    tokio::time::sleep(opts.retry.delay(attempt)).await;
-                    attempt += 1;
+                Ok(Attempt::Renew) => None,
+                Err(e) => Some(e),
+            };
+            let progress = sent.load(Ordering::Relaxed);
+            match after_attempt(
+                &mut attempts,
+                error.as_ref().map(PushError::is_retriable),
+                used.as_deref(),
+                progress,
+            ) {
+                Next::Renew => tracing::info!("push goes on over a renewed connection"),
+                Next::Retry(delay) => {
+                    if let Some(e) = &error {
+                        tracing::warn!(error = %e, attempt = attempts.failures(), "push interrupted; resuming");
+                    }
+                    tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(e),
+                Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn push_once(
         &self,
-        dataset: &DatasetName,
-        object: &ObjectPath,
-        source: &Source,
-        manifest: &Arc<Manifest>,
-        opts: &PushOptions,
-        sent: &Arc<AtomicU64>,
+        a: PushAttempt<'_>,
         skipped: &mut Option<u32>,
-    ) -> Result<(Arc<Connection>, Digest), PushError> {
+        used: &mut Option<Arc<Connection>>,
+    ) -> Result<Attempt<(Arc<Connection>, Digest)>, PushError> {
+        let PushAttempt {
+            dataset,
+            object,
+            source,
+            manifest,
+            opts,
+            pace,
+            sent,
+        } = a;
         let conn = self.connection().await?;
+        *used = Some(conn.clone());
         let req = Request::OpenWrite {
             dataset: dataset.clone(),
             object: object.clone(),
@@ -239,24 +273,31 @@ impl Client {
                 .sum(),
         ));
         let work: VecDeque<ChunkIndex> = have.missing().collect();
+        let gate = Gate::new(pace.clone(), conn.clone());
         let result = {
-            let (conn, manifest, source, sent, progress) = (
+            let (conn, manifest, source, sent, progress, gate) = (
                 conn.clone(),
                 manifest.clone(),
                 source.clone(),
                 sent.clone(),
                 opts.progress.clone(),
+                gate.clone(),
             );
             run_workers(opts.parallel(self.config()), work, move |index| {
-                let (conn, manifest, source, sent, done, progress) = (
+                let (conn, manifest, source, sent, done, progress, gate) = (
                     conn.clone(),
                     manifest.clone(),
                     source.clone(),
                     sent.clone(),
                     done.clone(),
                     progress.clone(),
+                    gate.clone(),
                 );
                 async move {
+                    let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
+                    if !gate.admit(len).await {
+                        return Ok(());
+                    }
                     let n = send_chunk(&conn, transfer, &manifest, &source, index).await?;
                     sent.fetch_add(n, Ordering::Relaxed);
                     let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
@@ -272,8 +313,17 @@ impl Client {
             let _ = conn.call(&Request::Close { transfer }).await;
             return Err(e);
         }
+        if gate.is_renewing() {
+            // Chunks were left for the next attempt, which reopens the transfer on a fresh
+            // connection and learns what the server holds; close this one first, so the
+            // object is not still open for writing when it does.
+            let _ = conn.call(&Request::Close { transfer }).await;
+            return Ok(Attempt::Renew);
+        }
         match conn.call(&Request::Commit { transfer }).await? {
-            Response::Committed { root } if root == manifest.root() => Ok((conn, root)),
+            Response::Committed { root } if root == manifest.root() => {
+                Ok(Attempt::Done((conn, root)))
+            }
             Response::Committed { .. } => Err(RequestError::Protocol(
                 "server committed another root than the manifest's".into(),
             )

@@ -120,6 +120,7 @@ pub(crate) async fn pull(
             parallel: Some(args.parallel),
             retry: retry(args.retries),
             progress: Some(progress_fn(&bar, base)),
+            max_rate: args.max_rate.map(|r| r.as_u64()),
         };
         let report = client
             .fetch_to_file(&dataset, &object, &to, &opts)
@@ -193,6 +194,7 @@ pub(crate) async fn push(
             parallel: Some(args.parallel),
             retry: retry(args.retries),
             progress: Some(progress_fn(&bar, base)),
+            max_rate: args.max_rate.map(|r| r.as_u64()),
         };
         let report = client
             .push_file(&dataset, &object, &path, &opts)
@@ -281,6 +283,67 @@ fn print_json<R: serde::Serialize>(
     );
 }
 
+/// A connected client and, when its identity comes from the Workload API, the task that
+/// keeps that identity current (it lives as long as the client).
+pub(crate) struct Connected {
+    client: Client,
+    _workload: Option<libtransport::workload::WorkloadIdentity>,
+}
+
+impl std::ops::Deref for Connected {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Our identity: files named on the command line (or by TRANSPORTD_* variables), else the
+/// SPIFFE Workload API (`--workload-socket` or SPIFFE_ENDPOINT_SOCKET), whose rotations
+/// are followed for as long as the command runs.
+async fn identity_for(
+    conn: &ConnArgs,
+) -> anyhow::Result<(IdentityHandle, Option<libtransport::workload::WorkloadIdentity>)> {
+    let files_given = conn.identity.is_some()
+        || conn.svid.is_some()
+        || conn.key.is_some()
+        || conn.bundle.is_some();
+    if !files_given && let Some(endpoint) = &conn.workload_socket {
+        let socket = if endpoint.starts_with('/') {
+            PathBuf::from(endpoint)
+        } else {
+            libtransport::workload::endpoint_path(endpoint)
+                .context("--workload-socket / SPIFFE_ENDPOINT_SOCKET")?
+        };
+        let want = conn
+            .workload_id
+            .as_deref()
+            .map(SpiffeId::parse)
+            .transpose()
+            .context("--workload-id")?;
+        let started = tokio::time::timeout(
+            WORKLOAD_WAIT,
+            libtransport::workload::WorkloadIdentity::start(&socket, want),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the Workload API at {} offered no SVID{} within {} s",
+                socket.display(),
+                conn.workload_id
+                    .as_deref()
+                    .map(|w| format!(" for {w}"))
+                    .unwrap_or_default(),
+                WORKLOAD_WAIT.as_secs()
+            )
+        })?
+        .with_context(|| format!("taking an identity from the Workload API at {}", socket.display()))?;
+        return Ok((started.handle().clone(), Some(started)));
+    }
+    let paths = identity_paths(conn)?;
+    Ok((IdentityHandle::new(load_credentials(&paths)?), None))
+}
+
 /// Connects as the identity in `conn`, falling back from QUIC to TCP under `auto`.
 pub(crate) async fn connect(
     conn: &ConnArgs,
@@ -288,15 +351,13 @@ pub(crate) async fn connect(
     parallel: Option<u32>,
     retries: u32,
     rdma: RdmaMode,
-) -> anyhow::Result<Client> {
-    let paths = identity_paths(conn)?;
-    let creds = load_credentials(&paths)?;
+) -> anyhow::Result<Connected> {
+    let (identity, workload) = identity_for(conn).await?;
     let mut transport = TransportConfig::default();
     transport.rdma(rdma);
     if let Some(p) = parallel {
         transport.parallel_chunks(p).context("--parallel")?;
     }
-    let identity = IdentityHandle::new(creds);
     let mut builder = ClientConfig::builder()
         .identity(identity.clone())
         .transport(transport);
@@ -327,7 +388,12 @@ pub(crate) async fn connect(
             PathArg::Tcp => Client::connect(config.clone(), addr, Transport::Tcp).await,
         };
         match result {
-            Ok(client) => return Ok(client),
+            Ok(client) => {
+                return Ok(Connected {
+                    client,
+                    _workload: workload,
+                });
+            }
             Err(e) if e.is_retriable() && attempt < policy.attempts => {
                 tracing::warn!(error = %e, attempt, "connecting failed; retrying");
                 tokio::time::sleep(policy.delay(attempt)).await;
@@ -345,7 +411,7 @@ fn identity_paths(conn: &ConnArgs) -> anyhow::Result<IdentityPaths> {
     let pick = |explicit: &Option<PathBuf>, name: &str, flag: &str| {
         explicit.clone().or_else(|| from_dir(name)).with_context(|| {
             format!(
-                "no identity: pass --identity DIR (holding svid.pem, svid.key and bundle.pem) or {flag}"
+                "no identity: pass --identity DIR (holding svid.pem, svid.key and bundle.pem), {flag}, or --workload-socket (SPIFFE_ENDPOINT_SOCKET) to take it from a node's Workload API"
             )
         })
     };
@@ -428,3 +494,6 @@ fn progress_fn(bar: &ProgressBar, base: u64) -> Arc<dyn Fn(u64, u64) + Send + Sy
     let bar = bar.clone();
     Arc::new(move |done, _total| bar.set_position(base + done))
 }
+
+/// How long a command waits for the Workload API's first SVID.
+const WORKLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -13,7 +13,8 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileConfig {
-    pub(crate) identity: IdentityFile,
+    pub(crate) identity: Option<IdentityFile>,
+    pub(crate) agent: Option<AgentFile>,
     pub(crate) listen: ListenFile,
     pub(crate) store: StoreFile,
     pub(crate) audit: AuditFile,
@@ -40,6 +41,19 @@ pub(crate) struct IdentityFile {
     pub(crate) svid: PathBuf,
     pub(crate) key: PathBuf,
     pub(crate) bundle: PathBuf,
+}
+
+/// The node agent: identity from the issuer instead of files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentFile {
+    pub(crate) issuer: String,
+    pub(crate) issuer_id: Option<SpiffeId>,
+    pub(crate) bundle: PathBuf,
+    pub(crate) join_token_file: Option<PathBuf>,
+    pub(crate) join_token_env: Option<String>,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) workload_socket: Option<PathBuf>,
 }
 
 /// Addresses to serve on; at least one.
@@ -116,7 +130,7 @@ pub(crate) struct LimitsFile {
 }
 
 /// Durations written as "60s", "5m" (humantime).
-mod humantime_serde_opt {
+pub(super) mod humantime_serde_opt {
     use serde::{Deserialize, Deserializer};
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
@@ -131,6 +145,15 @@ mod humantime_serde_opt {
 /// An annotated example, printed by `transportd config example` and checked by a test.
 pub(crate) const EXAMPLE: &str = r#"# transportd node configuration. Relative paths are relative to this file.
 
+# The node's identity: from an issuer (`transportd issuer`), renewed automatically ...
+# [agent]
+# issuer = "issuer.hospital.example:8443"   # the issuer's agent API
+# bundle = "bootstrap-bundle.pem"   # authenticates the issuer at first contact
+# join_token_file = "join-token"    # single use, from `transportd issuer token create`;
+#                                   # or join_token_env = "TRANSPORTD_JOIN_TOKEN"
+# data_dir = "/var/lib/transportd/agent"   # keeps the node SVID (mode 0600) across restarts
+# workload_socket = "/run/transportd/workload.sock"   # SPIFFE Workload API for local workloads
+# ... or from files you renew yourself (not both):
 [identity]
 svid = "svid.pem"          # our X.509-SVID, certificate chain with the leaf first
 key = "svid.key"           # its private key (keep it mode 0600)

@@ -20,7 +20,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::admin;
-use crate::config::{NodeConfig, PolicySource};
+use crate::config::{IdentitySource, NodeConfig, PolicySource};
+use crate::role::agent::{self, workload_api};
 
 /// Runs a node with the configuration at `path`.
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
@@ -29,7 +30,19 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         warn!("{w}");
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let identity = IdentityHandle::new(cfg.credentials()?);
+    let (identity, agent) = match &cfg.identity {
+        IdentitySource::Files(paths) => (
+            IdentityHandle::new(crate::config::load_credentials(paths)?),
+            None,
+        ),
+        IdentitySource::Agent(a) => {
+            let b = agent::bootstrap(a, clock.clone())
+                .await
+                .context("obtaining the node's identity from the issuer")?;
+            info!(peer.id = %b.identity.current().id(), how = b.how, "node identity from the issuer");
+            (b.identity, Some(b.agent))
+        }
+    };
     let audit = Arc::new(
         FileSink::open(cfg.audit.clone(), Arc::new(identity.clone()), clock.clone())
             .with_context(|| format!("opening the audit trail in {}", cfg.audit.dir.display()))?,
@@ -43,6 +56,26 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         digest: cfg.digest,
     })?;
     node.identity_loaded(&identity)?;
+    // The agent keeps the identity current from here on, and serves local workloads.
+    let mut agent_task = None;
+    let mut workload_api = None;
+    if let Some(agent) = agent {
+        let sink: Arc<dyn AuditSink> = audit.clone();
+        if let Some(socket) = agent.config().workload_socket.clone() {
+            workload_api = Some(
+                workload_api::serve(
+                    &socket,
+                    agent.node_id(),
+                    agent.view(),
+                    sink.clone(),
+                    clock.clone(),
+                )
+                .await
+                .with_context(|| format!("agent.workload_socket {}", socket.display()))?,
+            );
+        }
+        agent_task = Some(tokio::spawn(agent.run(sink)));
+    }
     let (policy, digest, source) = cfg.policy.load()?;
     node.record(AuditEvent::PolicyLoaded {
         source,
@@ -86,15 +119,17 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         "quic": server.quic_addr().map(|a| a.to_string()),
         "tcp": server.tcp_addr().map(|a| a.to_string()),
         "admin": admin.as_ref().map(|a| a.addr.to_string()),
+        "workload_socket": workload_api.as_ref().map(|w| w.path().display().to_string()),
     });
+    // Signals are ours before anyone learns we are up.
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     // One line on stdout for whoever started us (scripts, the demo): where we listen.
     println!("{ready}");
     info!(id = %id, "node started");
     let handle = server.spawn();
 
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut watched = PolicyWatch::new(&cfg.policy);
     loop {
@@ -118,6 +153,12 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     info!("stopping: finishing in-flight requests");
+    if let Some(w) = workload_api {
+        w.shutdown().await;
+    }
+    if let Some(t) = agent_task {
+        t.abort();
+    }
     handle.shutdown(Duration::from_secs(10)).await;
     if let Some(a) = admin {
         a.task.abort();
@@ -161,7 +202,9 @@ impl Node {
             }
         };
         match cfg.credentials() {
-            Ok(creds) => {
+            // The agent keeps an issuer's identity current; nothing to re-read.
+            Ok(None) => {}
+            Ok(Some(creds)) => {
                 info!(id = %creds.id(), "identity reloaded");
                 identity.update(creds);
                 if let Err(e) = self.identity_loaded(identity) {

@@ -1,0 +1,523 @@
+//! Credentials that end while they are in use, over real QUIC and TLS/TCP sockets: a revoked
+//! serial is refused at the handshake both ways; a connection whose peer is revoked, or
+//! whose peer's SVID expires, is closed promptly and the closure audited; and short-lived
+//! SVIDs rotating on both sides during paced transfers cost the transfers nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use certs::test_util::TestPki;
+use certs::{SpiffeId, SvidError};
+use libtransport::audit::{AuditEvent, Outcome};
+use libtransport::clock::{Clock, SystemClock};
+use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::test_util::{MemoryAudit, TestServer, identity, random_bytes, trace_init};
+use libtransport::{
+    Client, ClientConfig, ConnectError, Credentials, FetchError, FetchOptions, IdentityHandle,
+    Path, PushOptions, Rejection, RetryPolicy, TransportConfig,
+};
+
+const GRANTS: &[(&str, &str, bool, bool)] = &[("/gpu/loader", "scans", true, true)];
+const LOADER: &str = "/gpu/loader";
+const STORAGE: &str = "/node/storage";
+
+/// 64 KiB chunks, so a few MiB make many chunks and pacing has something to space.
+fn small_chunks() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.chunk_bytes(64 << 10).unwrap();
+    t.handshake_timeout(Duration::from_secs(10));
+    t
+}
+
+fn config(id: IdentityHandle) -> ClientConfig {
+    ClientConfig::builder()
+        .identity(id)
+        .transport(small_chunks())
+        .build()
+}
+
+/// `handle`'s SVID and bundle again, with `revoked` refused from now on.
+fn revoking(handle: &IdentityHandle, pki: &TestPki, revoked: &[&str]) -> Credentials {
+    Credentials::new(handle.current().svid().clone(), pki.bundle())
+        .unwrap()
+        .with_revoked(revoked.iter().map(|s| (*s).to_owned()).collect())
+}
+
+/// Waits up to `within` for `pred` to hold, polling.
+async fn eventually(within: Duration, pred: impl Fn() -> bool) -> bool {
+    let polls = within.as_millis() / 20;
+    for _ in 0..polls {
+        if pred() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pred()
+}
+
+/// Bounds a step of a test: it must finish, but no duration is measured.
+async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+fn closed(events: &[AuditEvent], who: &SpiffeId, why: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| {
+            matches!(e, AuditEvent::ConnectionClosed { peer, reason, .. }
+                if peer == who && reason == why)
+        })
+        .count()
+}
+
+fn accepted(events: &[AuditEvent], who: &SpiffeId) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::ConnectionAccepted { peer, serial, .. } if peer == who => {
+                Some(serial.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_at_the_handshake_and_the_refusal_audited() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(&pki, GRANTS, small_chunks()).await;
+    server.put("scans", "a.bin", b"scan bytes");
+    let banned = identity(&pki, LOADER);
+    let serial = banned.current().svid().serial().to_owned();
+    let server_id = server.config.identity().clone();
+    server_id.update(revoking(&server_id, &pki, &[&serial]));
+
+    for path in [Path::Quic, Path::Tcp] {
+        let before = server.audit.events().len();
+        match Client::connect(config(banned.clone()), server.addr(path), path).await {
+            Err(ConnectError::Rejected(Rejection::Revoked)) => {}
+            Err(other) => panic!("over {path}: refused for another reason: {other}"),
+            Ok(_) => panic!("over {path}: a revoked client connected"),
+        }
+        let audited = server
+            .audit
+            .wait_for(|events| {
+                events[before..].iter().any(|e| {
+                    matches!(e, AuditEvent::ConnectionRefused { path: p, reason, .. }
+                        if *p == path && reason.contains("Revoked"))
+                })
+            })
+            .await;
+        let events = server.audit.events();
+        assert!(
+            audited,
+            "over {path}: refusal not audited: {:?}",
+            &events[before..]
+        );
+        assert!(
+            accepted(&events[before..], &pki.id(LOADER)).is_empty(),
+            "over {path}: got past the handshake"
+        );
+    }
+    let metrics = server.config.metrics().encode();
+    assert!(
+        metrics.contains(r#"reason="revoked""#),
+        "refusals not counted as revoked: {metrics}"
+    );
+
+    // The control: another SVID of the same workload is served.
+    let renewed = identity(&pki, LOADER);
+    for path in [Path::Quic, Path::Tcp] {
+        let c = Client::connect(config(renewed.clone()), server.addr(path), path)
+            .await
+            .unwrap();
+        let got = c
+            .fetch(
+                &DatasetName::new("scans").unwrap(),
+                &ObjectPath::new("a.bin").unwrap(),
+                1 << 20,
+                &FetchOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"scan bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refuses_a_revoked_server() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(&pki, GRANTS, small_chunks()).await;
+    let server_serial = server
+        .config
+        .identity()
+        .current()
+        .svid()
+        .serial()
+        .to_owned();
+    let client_id = identity(&pki, LOADER);
+    client_id.update(revoking(&client_id, &pki, &[&server_serial]));
+    for path in [Path::Quic, Path::Tcp] {
+        match Client::connect(config(client_id.clone()), server.addr(path), path).await {
+            Err(ConnectError::ServerNotTrusted(SvidError::Revoked { serial })) => {
+                assert_eq!(serial, server_serial);
+            }
+            Err(other) => panic!("over {path}: refused for another reason: {other}"),
+            Ok(_) => panic!("over {path}: trusted a revoked server"),
+        }
+    }
+    assert!(
+        !server
+            .audit
+            .events()
+            .iter()
+            .any(|e| matches!(e, AuditEvent::Authorization { .. })),
+        "a request reached the revoked server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_revoked_while_pulling_is_cut_off_and_the_closure_audited() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(&pki, GRANTS, small_chunks()).await;
+    let size = 4 << 20;
+    let data = random_bytes(size, 7);
+    server.put("scans", "big.bin", &data);
+    let scans = DatasetName::new("scans").unwrap();
+    let big = ObjectPath::new("big.bin").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let server_id = server.config.identity().clone();
+    let loader = pki.id(LOADER);
+
+    for path in [Path::Quic, Path::Tcp] {
+        let client_id = identity(&pki, LOADER);
+        let serial = client_id.current().svid().serial().to_owned();
+        let client = Arc::new(
+            Client::connect(config(client_id), server.addr(path), path)
+                .await
+                .unwrap(),
+        );
+        let seen = Arc::new(AtomicU64::new(0));
+        let opts = FetchOptions {
+            parallel: Some(4),
+            // About 16 s for the whole object: the revocation lands mid-pull.
+            max_rate: Some(256 << 10),
+            progress: Some({
+                let seen = seen.clone();
+                Arc::new(move |done, _| {
+                    seen.fetch_max(done, Ordering::Relaxed);
+                })
+            }),
+            ..FetchOptions::default()
+        };
+        let dest = out.path().join(format!("{path}.bin"));
+        let pull = tokio::spawn({
+            let (client, scans, big, dest) =
+                (client.clone(), scans.clone(), big.clone(), dest.clone());
+            async move { client.fetch_to_file(&scans, &big, &dest, &opts).await }
+        });
+        assert!(
+            eventually(Duration::from_secs(20), || seen.load(Ordering::Relaxed) > 0).await,
+            "over {path}: the pull never started"
+        );
+        let before = server.audit.events().len();
+        server_id.update(revoking(&server_id, &pki, &[&serial]));
+
+        // Cut off well before the pull could finish (or an I/O timeout could pass), and
+        // refused when it reconnects.
+        let result = within(Duration::from_secs(15), "the revoked pull", pull)
+            .await
+            .unwrap();
+        match result {
+            Err(FetchError::Connect(ConnectError::Rejected(Rejection::Revoked))) => {}
+            Err(other) => panic!("over {path}: ended for another reason: {other}"),
+            Ok(_) => panic!("over {path}: a revoked client pulled the whole object"),
+        }
+        let events = server.audit.events();
+        let new = &events[before..];
+        assert_eq!(
+            closed(new, &loader, "svid revoked"),
+            1,
+            "over {path}: {new:?}"
+        );
+        let interrupted: Vec<u64> = new
+            .iter()
+            .filter_map(|e| match e {
+                AuditEvent::Transfer {
+                    outcome: Outcome::Interrupted,
+                    bytes,
+                    ..
+                } => Some(*bytes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(interrupted.len(), 1, "over {path}: {new:?}");
+        assert!(
+            interrupted[0] < size as u64,
+            "over {path}: everything was sent"
+        );
+        assert!(
+            accepted(new, &loader).is_empty(),
+            "over {path}: reconnected"
+        );
+        assert!(
+            !new.iter()
+                .any(|e| matches!(e, AuditEvent::Authorization { .. })),
+            "over {path}: served a request after the revocation: {new:?}"
+        );
+        assert!(seen.load(Ordering::Relaxed) < size as u64);
+        assert!(
+            !dest.exists(),
+            "over {path}: a partial object became visible"
+        );
+        // Lift the ban for the next path.
+        server_id.update(revoking(&server_id, &pki, &[]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closes_when_the_clients_svid_expires() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(&pki, GRANTS, small_chunks()).await;
+    let short = Duration::from_secs(5);
+    let client_id = IdentityHandle::new(
+        Credentials::new(
+            pki.svid_issued_at(LOADER, short, SystemClock.now()),
+            pki.bundle(),
+        )
+        .unwrap(),
+    );
+    let mut clients = Vec::new();
+    for path in [Path::Quic, Path::Tcp] {
+        let c = Client::connect(config(client_id.clone()), server.addr(path), path)
+            .await
+            .unwrap();
+        c.list_datasets().await.unwrap();
+        clients.push(c);
+    }
+    // Nobody renews it: each connection is closed soon after the SVID's expiry, without
+    // waiting for a request, and no new one is accepted with it.
+    let loader = pki.id(LOADER);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            closed(&server.audit.events(), &loader, "svid expired") == 2
+        })
+        .await,
+        "expired connections left open: {:?}",
+        server.audit.events()
+    );
+    // Nothing more is served; once the client has seen the close, reconnecting is refused
+    // for the expired SVID.
+    for c in &clients {
+        let mut refused = false;
+        for _ in 0..50 {
+            let e = c.list_datasets().await.unwrap_err();
+            // The handshake refusal, not the close that preceded it.
+            if e.to_string()
+                .contains("refused us: our certificate has expired")
+            {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(refused, "reconnecting was not refused for the expired SVID");
+    }
+    assert_eq!(accepted(&server.audit.events(), &loader).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closes_its_connections_to_a_server_it_revokes() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(&pki, GRANTS, small_chunks()).await;
+    let server_serial = server
+        .config
+        .identity()
+        .current()
+        .svid()
+        .serial()
+        .to_owned();
+    let client_id = identity(&pki, LOADER);
+    let audit = Arc::new(MemoryAudit::default());
+    let mut clients = Vec::new();
+    for path in [Path::Quic, Path::Tcp] {
+        let config = ClientConfig::builder()
+            .identity(client_id.clone())
+            .audit(audit.clone())
+            .build();
+        let c = Client::connect(config, server.addr(path), path)
+            .await
+            .unwrap();
+        c.list_datasets().await.unwrap();
+        clients.push(c);
+    }
+    client_id.update(revoking(&client_id, &pki, &[&server_serial]));
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            closed(&audit.events(), &server.id, "svid revoked") == 2
+        })
+        .await,
+        "connections to the revoked server left open: {:?}",
+        audit.events()
+    );
+    for c in &clients {
+        let e = c.list_datasets().await.unwrap_err();
+        assert!(e.to_string().contains("revoked"), "{e}");
+    }
+    assert_eq!(accepted(&server.audit.events(), &pki.id(LOADER)).len(), 2);
+}
+
+/// SVIDs that live this long, renewed on both sides every half of it.
+const TTL: Duration = Duration::from_secs(4);
+
+/// The rate of the paced transfers: 10 s for their objects, longer than two lifetimes.
+const RATE: u64 = 256 << 10;
+
+/// A server and a client with short-lived SVIDs, both renewed every half-life until the
+/// returned task is aborted.
+async fn rotating(pki: &Arc<TestPki>) -> (TestServer, IdentityHandle, tokio::task::JoinHandle<()>) {
+    let now = SystemClock.now();
+    let fresh =
+        |path: &str| Credentials::new(pki.svid_issued_at(path, TTL, now), pki.bundle()).unwrap();
+    let server_id = IdentityHandle::new(fresh(STORAGE));
+    let client_id = IdentityHandle::new(fresh(LOADER));
+    let server = TestServer::start_as(pki, server_id.clone(), GRANTS, small_chunks()).await;
+    let renewer = tokio::spawn({
+        let (pki, client_id) = (pki.clone(), client_id.clone());
+        async move {
+            loop {
+                tokio::time::sleep(TTL / 2).await;
+                let now = SystemClock.now();
+                for (handle, path) in [(&server_id, STORAGE), (&client_id, LOADER)] {
+                    let svid = pki.svid_issued_at(path, TTL, now);
+                    handle.update(Credentials::new(svid, pki.bundle()).unwrap());
+                }
+            }
+        }
+    });
+    (server, client_id, renewer)
+}
+
+/// What a transfer across rotations must show: no failure, and the client reconnected with
+/// more than one SVID.
+fn assert_rotated(server: &TestServer, pki: &TestPki, path: Path, retries: u32) {
+    assert_eq!(retries, 0, "over {path}: rotation counted as a failure");
+    let serials = accepted(&server.audit.events(), &pki.id(LOADER));
+    let distinct: HashSet<_> = serials.iter().collect();
+    assert!(
+        serials.len() > 1 && distinct.len() > 1,
+        "over {path}: the client never reconnected with a renewed SVID: {serials:?}"
+    );
+    assert!(
+        !server
+            .audit
+            .events()
+            .iter()
+            .any(|e| matches!(e, AuditEvent::ConnectionRefused { .. })),
+        "over {path}: a handshake was refused: {:?}",
+        server.audit.events()
+    );
+}
+
+async fn pull_across_rotations(path: Path) {
+    let _trace = trace_init();
+    let pki = Arc::new(TestPki::new("hospital.example"));
+    let (server, client_id, renewer) = rotating(&pki).await;
+    let data = random_bytes(10 * RATE as usize + 12_345, 11);
+    server.put("scans", "big.bin", &data);
+    let client = Client::connect(config(client_id), server.addr(path), path)
+        .await
+        .unwrap();
+    let opts = FetchOptions {
+        parallel: Some(4),
+        max_rate: Some(RATE),
+        // Any failure the caller would see fails the pull.
+        retry: RetryPolicy::none(),
+        ..FetchOptions::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("big.bin");
+    let report = within(
+        Duration::from_secs(90),
+        "the paced pull",
+        client.fetch_to_file(
+            &DatasetName::new("scans").unwrap(),
+            &ObjectPath::new("big.bin").unwrap(),
+            &dest,
+            &opts,
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("over {path}: the pull failed across rotations: {e}"));
+    renewer.abort();
+    assert!(
+        std::fs::read(&dest).unwrap() == data,
+        "over {path}: bytes differ"
+    );
+    assert_eq!(report.fetched_bytes, data.len() as u64);
+    assert_rotated(&server, &pki, path, report.retries);
+}
+
+async fn push_across_rotations(path: Path) {
+    let _trace = trace_init();
+    let pki = Arc::new(TestPki::new("hospital.example"));
+    let (server, client_id, renewer) = rotating(&pki).await;
+    let data = bytes::Bytes::from(random_bytes(10 * RATE as usize + 777, 13));
+    let client = Client::connect(config(client_id), server.addr(path), path)
+        .await
+        .unwrap();
+    let opts = PushOptions {
+        parallel: Some(4),
+        max_rate: Some(RATE),
+        retry: RetryPolicy::none(),
+        ..PushOptions::default()
+    };
+    let report = within(
+        Duration::from_secs(90),
+        "the paced push",
+        client.push_bytes(
+            &DatasetName::new("scans").unwrap(),
+            &ObjectPath::new("up.bin").unwrap(),
+            data.clone(),
+            &opts,
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("over {path}: the push failed across rotations: {e}"));
+    renewer.abort();
+    let stored = std::fs::read(server.data_dir().join("scans/up.bin")).unwrap();
+    assert!(stored == data, "over {path}: bytes differ");
+    assert_rotated(&server, &pki, path, report.retries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_pull_over_quic_survives_svid_rotation_on_both_sides() {
+    pull_across_rotations(Path::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_pull_over_tcp_survives_svid_rotation_on_both_sides() {
+    pull_across_rotations(Path::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_push_over_quic_survives_svid_rotation_on_both_sides() {
+    push_across_rotations(Path::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_push_over_tcp_survives_svid_rotation_on_both_sides() {
+    push_across_rotations(Path::Tcp).await;
+}

@@ -1,0 +1,869 @@
+//! The identity lifecycle with the real binaries: an issuer, nodes whose agents attest with
+//! join tokens, registration entries served over the Workload API, rotation during a
+//! transfer, CA rollover during traffic, bans, and an issuer restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
+
+use common::{bin, json, p, rand_suffix, write_data};
+use libtransport::clock::{Clock, SystemClock};
+use serde_json::Value;
+
+const TD: &str = "hospital.example";
+
+/// A trust domain run by an issuer process, with nodes that get their identity from it.
+struct Domain {
+    dir: tempfile::TempDir,
+    issuer: Option<Child>,
+    issuer_addr: String,
+    svid_ttl: &'static str,
+}
+
+impl Domain {
+    fn start(svid_ttl: &'static str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("transportd-issuer-test-")
+            .tempdir()
+            .unwrap();
+        let mut d = Self {
+            dir,
+            issuer: None,
+            issuer_addr: String::new(),
+            svid_ttl,
+        };
+        d.write_issuer_config("127.0.0.1:0");
+        d.start_issuer();
+        // From now on the issuer keeps its port across restarts.
+        let addr = d.issuer_addr.clone();
+        d.write_issuer_config(&addr);
+        d
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("issuer/issuer.toml")
+    }
+
+    fn write_issuer_config(&self, listen: &str) {
+        std::fs::create_dir_all(self.path("issuer")).unwrap();
+        std::fs::write(
+            self.config(),
+            format!(
+                r#"
+trust_domain = "{TD}"
+listen = "{listen}"
+data_dir = "data"
+[ca]
+ttl = "12h"
+[svid]
+ttl = "{}"
+sync_interval = "1s"
+[audit]
+dir = "audit"
+"#,
+                self.svid_ttl
+            ),
+        )
+        .unwrap();
+    }
+
+    fn start_issuer(&mut self) {
+        let log = self.path(&format!("issuer-{}.log", rand_suffix()));
+        let mut child = bin()
+            .args(["issuer", "--config", p(&self.config())])
+            .env("TRANSPORTD_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!(
+                "issuer did not start: {}",
+                std::fs::read_to_string(&log).unwrap()
+            )
+        });
+        self.issuer_addr = ready["listen"].as_str().unwrap().to_owned();
+        self.issuer = Some(child);
+    }
+
+    /// SIGKILL: what a crash looks like.
+    fn crash_issuer(&mut self) {
+        if let Some(mut c) = self.issuer.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// `transportd issuer ARGS --config issuer.toml`.
+    fn admin(&self, args: &[&str]) -> Output {
+        let mut all = vec!["issuer"];
+        all.extend_from_slice(args);
+        let config = self.config();
+        all.extend_from_slice(&["--config", p(&config)]);
+        bin().args(&all).output().unwrap()
+    }
+
+    fn admin_ok(&self, args: &[&str]) -> Output {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "issuer {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn token(&self, node: &str) -> String {
+        let out = self.admin_ok(&["token", "create", "--node", &id(node)]);
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    fn bundle_pem(&self) -> String {
+        String::from_utf8(self.admin_ok(&["bundle"]).stdout).unwrap()
+    }
+
+    /// A node directory with an `[agent]` configuration and, if given, a join token.
+    fn node_dir(&self, name: &str, token: Option<&str>, allow: &str) -> PathBuf {
+        let dir = self.path(name);
+        std::fs::create_dir_all(dir.join("datasets/scans")).unwrap();
+        std::fs::create_dir_all(dir.join("datasets/checkpoints")).unwrap();
+        std::fs::write(dir.join("bootstrap-bundle.pem"), self.bundle_pem()).unwrap();
+        if let Some(t) = token {
+            std::fs::write(dir.join("join-token"), t).unwrap();
+        }
+        // The Workload API socket lives where any local user may reach it.
+        let sock_dir = dir.join("run");
+        std::fs::create_dir_all(&sock_dir).unwrap();
+        std::fs::set_permissions(
+            &sock_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("node.toml"),
+            format!(
+                r#"
+[agent]
+issuer = "{}"
+bundle = "bootstrap-bundle.pem"
+join_token_file = "join-token"
+data_dir = "agent"
+workload_socket = "run/workload.sock"
+
+[listen]
+quic = "127.0.0.1:0"
+tcp = "127.0.0.1:0"
+
+[store]
+root = "datasets"
+state_dir = "state"
+
+[audit]
+dir = "audit"
+checkpoint_interval = "1s"
+
+[admin]
+listen = "off"
+
+{allow}
+
+[limits]
+chunk_size = "1MiB"
+"#,
+                self.issuer_addr
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn issuer_trail(&self, event: &str) -> Vec<Value> {
+        trail(&self.path("issuer/audit"), event)
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.crash_issuer();
+    }
+}
+
+fn id(path: &str) -> String {
+    format!("spiffe://{TD}{path}")
+}
+
+/// A node started with an agent configuration.
+struct AgentNode {
+    child: Child,
+    dir: PathBuf,
+    id: String,
+    quic: String,
+    tcp: String,
+    socket: String,
+    log: PathBuf,
+}
+
+impl AgentNode {
+    fn try_start(dir: &Path) -> Result<Self, String> {
+        let log = dir.join(format!("node-{}.log", rand_suffix()));
+        let mut child = bin()
+            .args(["node", "--config", p(&dir.join("node.toml"))])
+            .env("TRANSPORTD_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Ok(ready) = serde_json::from_str::<Value>(&line) else {
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(&log).unwrap());
+        };
+        Ok(Self {
+            child,
+            dir: dir.to_path_buf(),
+            id: ready["id"].as_str().unwrap().to_owned(),
+            quic: ready["quic"].as_str().unwrap().to_owned(),
+            tcp: ready["tcp"].as_str().unwrap().to_owned(),
+            socket: ready["workload_socket"].as_str().unwrap().to_owned(),
+            log,
+        })
+    }
+
+    fn start(dir: &Path) -> Self {
+        Self::try_start(dir).unwrap_or_else(|log| panic!("node did not start: {log}"))
+    }
+
+    fn stop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "node exited with {status}: {}",
+            std::fs::read_to_string(&self.log).unwrap()
+        );
+    }
+
+    fn trail(&self, event: &str) -> Vec<Value> {
+        trail(&self.dir.join("audit"), event)
+    }
+
+    fn workload_env(&self) -> (String, String) {
+        (
+            "SPIFFE_ENDPOINT_SOCKET".into(),
+            format!("unix://{}", self.socket),
+        )
+    }
+}
+
+impl Drop for AgentNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The records of `event` in the audit trail in `dir`.
+fn trail(dir: &Path, event: &str) -> Vec<Value> {
+    let out = bin()
+        .args(["audit", "query", p(dir), "--event", event, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = SystemClock.instant();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Runs a client command with the Workload API of `node` as its identity.
+fn as_workload(node: &AgentNode, args: &[&str]) -> Output {
+    let (k, v) = node.workload_env();
+    bin()
+        .args(args)
+        .env(k, v)
+        .env_remove("TRANSPORTD_IDENTITY")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_join_token_attests_a_node_once_and_bad_tokens_are_refused_and_audited() {
+    let d = Domain::start("1h");
+    let token = d.token("/node/storage");
+    let dir = d.node_dir("storage", Some(&token), "");
+    let mut node = AgentNode::start(&dir);
+    assert_eq!(node.id, id("/node/storage"));
+    let issued = d.issuer_trail("svid_issued");
+    assert!(
+        issued
+            .iter()
+            .any(|r| r["id"] == id("/node/storage") && r["how"] == "join_token"),
+        "{issued:?}"
+    );
+    node.stop();
+
+    // Restarted with its kept SVID: no token needed (the file is gone).
+    std::fs::remove_file(dir.join("join-token")).unwrap();
+    let mut again = AgentNode::start(&dir);
+    assert_eq!(again.id, id("/node/storage"));
+    again.stop();
+
+    // Without the kept SVID, the used token is refused.
+    std::fs::remove_dir_all(dir.join("agent")).unwrap();
+    std::fs::write(dir.join("join-token"), &token).unwrap();
+    let log = AgentNode::try_start(&dir)
+        .err()
+        .expect("a reused token is refused");
+    assert!(log.contains("already used"), "{log}");
+
+    // An unknown token.
+    std::fs::write(dir.join("join-token"), "ab".repeat(32)).unwrap();
+    let log = AgentNode::try_start(&dir)
+        .err()
+        .expect("an unknown token is refused");
+    assert!(log.contains("unknown join token"), "{log}");
+
+    // An expired token.
+    let short = d.admin_ok(&[
+        "token",
+        "create",
+        "--node",
+        &id("/node/late"),
+        "--ttl",
+        "1s",
+    ]);
+    std::thread::sleep(Duration::from_millis(2100));
+    let late = d.node_dir(
+        "late",
+        Some(String::from_utf8_lossy(&short.stdout).trim()),
+        "",
+    );
+    let log = AgentNode::try_start(&late)
+        .err()
+        .expect("an expired token is refused");
+    assert!(log.contains("expired"), "{log}");
+
+    let refused = d.issuer_trail("issuance_refused");
+    for what in ["already used", "unknown join token", "expired"] {
+        assert!(
+            refused
+                .iter()
+                .any(|r| r["reason"].as_str().unwrap().contains(what)),
+            "no refusal for {what}: {refused:?}"
+        );
+    }
+    // The trail records token hashes, never the secret.
+    let raw = std::fs::read_to_string(d.path("issuer/audit/audit-000001.jsonl")).unwrap();
+    assert!(
+        !raw.contains(&token),
+        "a join token's secret reached the audit trail"
+    );
+}
+
+#[test]
+fn the_issuer_keeps_entries_tokens_and_ledger_across_a_crash() {
+    let mut d = Domain::start("1h");
+    let out = d.admin_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id("/gpu/loader"),
+        "--parent-id",
+        &id("/node/gpu-0"),
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+        "--json",
+    ]);
+    let entry: Value = json(&out);
+    let unused = d.token("/node/gpu-0");
+    let status_before: Value = json(&d.admin_ok(&["status", "--json"]));
+    assert!(!status_before["recent_svids"].as_array().unwrap().is_empty());
+
+    d.crash_issuer();
+    d.start_issuer();
+
+    let list: Value = json(&d.admin_ok(&["entry", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], entry["id"]);
+    let status: Value = json(&d.admin_ok(&["status", "--json"]));
+    assert_eq!(status["counts"]["unused_tokens"], 1);
+    assert_eq!(
+        status["cas"][0]["serial"], status_before["cas"][0]["serial"],
+        "same CA"
+    );
+    let before: Vec<&Value> = status_before["recent_svids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    let after = status["recent_svids"].as_array().unwrap();
+    for s in before {
+        assert!(after.contains(s), "ledger lost {s}");
+    }
+    // The token made before the crash still attests its node, whose workload entry works.
+    let dir = d.node_dir("gpu-0", Some(&unused), "");
+    let node = AgentNode::start(&dir);
+    assert_eq!(node.id, id("/node/gpu-0"));
+    let mut got = None;
+    wait_for("the workload SVID", Duration::from_secs(15), || {
+        let out = as_workload(&node, &["workload", "fetch", "--json"]);
+        got = Some(out.clone());
+        out.status.success()
+    });
+    let fetched: Value = json(&got.unwrap());
+    assert_eq!(fetched["svids"][0]["spiffe_id"], id("/gpu/loader"));
+}
+
+#[test]
+fn workloads_get_exactly_the_svids_their_uid_and_executable_entries_grant() {
+    let d = Domain::start("1h");
+    let dir = d.node_dir("gpu-0", Some(&d.token("/node/gpu-0")), "");
+    let node = AgentNode::start(&dir);
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_transportd")).unwrap();
+    for (who, selector, parent) in [
+        ("/gpu/by-uid", format!("unix:uid:{}", uid()), "/node/gpu-0"),
+        (
+            "/gpu/by-exe",
+            format!("unix:path:{}", exe.display()),
+            "/node/gpu-0",
+        ),
+        (
+            "/gpu/other-uid",
+            format!("unix:uid:{}", uid() + 4242),
+            "/node/gpu-0",
+        ),
+        (
+            "/gpu/other-node",
+            format!("unix:uid:{}", uid()),
+            "/node/gpu-1",
+        ),
+    ] {
+        d.admin_ok(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id(who),
+            "--parent-id",
+            &id(parent),
+            "--selector",
+            &selector,
+        ]);
+    }
+    let mut ids: Vec<String> = Vec::new();
+    wait_for("both SVIDs", Duration::from_secs(15), || {
+        let out = as_workload(&node, &["workload", "fetch", "--json"]);
+        if !out.status.success() {
+            return false;
+        }
+        ids = json(&out)["svids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.len() == 2
+    });
+    ids.sort();
+    assert_eq!(ids, vec![id("/gpu/by-exe"), id("/gpu/by-uid")]);
+    // What the Workload API hands out validates against the bundle it hands out too.
+    let out_dir = d.path("fetched");
+    let out = as_workload(&node, &["workload", "fetch", "--out", p(&out_dir)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svid = certs::Svid::from_pem(
+        &std::fs::read_to_string(out_dir.join("svid.pem")).unwrap(),
+        &std::fs::read_to_string(out_dir.join("svid.key")).unwrap(),
+    )
+    .unwrap();
+    let bundle =
+        certs::TrustBundle::from_pem(&std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap())
+            .unwrap();
+    bundle
+        .verify(
+            svid.chain(),
+            SystemClock.now(),
+            certs::Usage::Client,
+        )
+        .unwrap();
+    let attested = node.trail("workload_attested");
+    assert!(attested.iter().any(|r| r["uid"] == uid()), "{attested:?}");
+}
+
+#[test]
+#[ignore = "needs root: runs Workload API callers as another uid"]
+fn another_uid_running_another_executable_gets_permission_denied() {
+    assert_eq!(uid(), 0, "run as root");
+    let d = Domain::start("1h");
+    let dir = d.node_dir("gpu-0", Some(&d.token("/node/gpu-0")), "");
+    let node = AgentNode::start(&dir);
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_transportd")).unwrap();
+    d.admin_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id("/gpu/root-loader"),
+        "--parent-id",
+        &id("/node/gpu-0"),
+        "--selector",
+        "unix:uid:0",
+    ]);
+    d.admin_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id("/gpu/by-exe"),
+        "--parent-id",
+        &id("/node/gpu-0"),
+        "--selector",
+        &format!("unix:path:{}", exe.display()),
+    ]);
+    wait_for("root's SVIDs", Duration::from_secs(15), || {
+        let out = as_workload(&node, &["workload", "fetch", "--json"]);
+        out.status.success() && json(&out)["svids"].as_array().unwrap().len() == 2
+    });
+    // A copy of the binary elsewhere, run as nobody: neither selector holds.
+    let copy_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        copy_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let copy = copy_dir.path().join("transportd-copy");
+    std::fs::copy(&exe, &copy).unwrap();
+    let nobody = 65534;
+    let run_as = |program: &Path| {
+        use std::os::unix::process::CommandExt;
+        let (k, v) = node.workload_env();
+        std::process::Command::new(program)
+            .args(["workload", "fetch", "--json"])
+            .env(k, v)
+            .uid(nobody)
+            .gid(nobody)
+            .output()
+            .unwrap()
+    };
+    let denied = run_as(&copy);
+    assert_eq!(denied.status.code(), Some(77), "{}", stderr(&denied));
+    assert!(
+        stderr(&denied).contains("no identity issued"),
+        "{}",
+        stderr(&denied)
+    );
+    // The real binary, as nobody: only the executable's entry.
+    let by_exe = run_as(&exe);
+    assert!(
+        by_exe.status.success(),
+        "{}; node: {:?}",
+        stderr(&by_exe),
+        node.trail("workload_refused")
+    );
+    let svids = json(&by_exe)["svids"].clone();
+    assert_eq!(svids.as_array().unwrap().len(), 1);
+    assert_eq!(svids[0]["spiffe_id"], id("/gpu/by-exe"));
+    let refused = node.trail("workload_refused");
+    assert!(refused.iter().any(|r| r["uid"] == nobody), "{refused:?}");
+}
+
+/// A storage node and a GPU node of one domain, the GPU node's loader workload allowed to
+/// read `scans` and write `checkpoints` on the storage node.
+fn storage_and_gpu(d: &Domain) -> (AgentNode, AgentNode) {
+    let allow = format!(
+        "[[allow]]\npeer = \"{}\"\ndataset = \"scans\"\nactions = [\"read\"]\n\n\
+         [[allow]]\npeer = \"{}\"\ndataset = \"scans\"\nactions = [\"read\"]\n",
+        id("/gpu/loader"),
+        id("/node/gpu-1"),
+    );
+    let storage = d.node_dir("storage", Some(&d.token("/node/storage")), &allow);
+    let gpu = d.node_dir("gpu-0", Some(&d.token("/node/gpu-0")), "");
+    d.admin_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id("/gpu/loader"),
+        "--parent-id",
+        &id("/node/gpu-0"),
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+    ]);
+    let storage = AgentNode::start(&storage);
+    let gpu = AgentNode::start(&gpu);
+    wait_for("the loader's SVID", Duration::from_secs(15), || {
+        as_workload(&gpu, &["workload", "fetch"]).status.success()
+    });
+    (storage, gpu)
+}
+
+#[test]
+fn a_paced_pull_spans_two_rotations_on_both_sides_and_ends_byte_identical() {
+    let d = Domain::start("20s");
+    let (mut storage, mut gpu) = storage_and_gpu(&d);
+    let data = write_data(&storage.dir.join("datasets/scans/big.bin"), 48 << 20, 7);
+    let dest = d.path("pulled/big.bin");
+    // 48 MiB at 1.5 MiB/s: about 32 s, past the 20 s lifetime of every SVID in play and
+    // across at least two renewals (at about half-life) on each side.
+    let out = as_workload(
+        &gpu,
+        &[
+            "pull",
+            "--node",
+            &storage.quic,
+            "--path",
+            "quic",
+            "--max-rate",
+            "1536KiB",
+            "--json",
+            "scans/big.bin",
+            p(&dest),
+        ],
+    );
+    assert!(out.status.success(), "pull failed: {}", stderr(&out));
+    assert!(std::fs::read(&dest).unwrap() == data, "bytes differ");
+    let report: Value = json(&out);
+    assert_eq!(report["verified"], true, "{report}");
+    storage.stop();
+    gpu.stop();
+    let storage_rotations: Vec<Value> = storage
+        .trail("identity_rotated")
+        .into_iter()
+        .filter(|r| r["id"] == id("/node/storage"))
+        .collect();
+    assert!(storage_rotations.len() >= 2, "{storage_rotations:?}");
+    let loader_rotations: Vec<Value> = gpu
+        .trail("identity_rotated")
+        .into_iter()
+        .filter(|r| r["id"] == id("/gpu/loader"))
+        .collect();
+    assert!(loader_rotations.len() >= 2, "{loader_rotations:?}");
+    // The loader's connection outlived its first SVID: it reconnected with a newer one.
+    let accepted: Vec<Value> = storage
+        .trail("connection_accepted")
+        .into_iter()
+        .filter(|r| r["peer"] == id("/gpu/loader"))
+        .collect();
+    let serials: std::collections::HashSet<&str> = accepted
+        .iter()
+        .map(|r| r["serial"].as_str().unwrap())
+        .collect();
+    assert!(serials.len() >= 2, "{accepted:?}");
+}
+
+#[test]
+fn a_ca_rollover_during_traffic_breaks_nothing_and_retire_cuts_off_the_old_ca() {
+    let d = Domain::start("20s");
+    let (storage, gpu) = storage_and_gpu(&d);
+    let data = write_data(&storage.dir.join("datasets/scans/roll.bin"), 64 << 20, 9);
+    // The old CA, kept aside to mint an SVID under it later (as a stolen CA key would).
+    let status: Value = json(&d.admin_ok(&["status", "--json"]));
+    let old_serial = status["cas"][0]["serial"].as_str().unwrap().to_owned();
+    let old_ca = d.path("old-ca");
+    std::fs::create_dir_all(&old_ca).unwrap();
+    std::fs::write(old_ca.join("ca.pem"), d.bundle_pem()).unwrap();
+    std::fs::copy(
+        d.path(&format!("issuer/data/ca/{old_serial}.key")),
+        old_ca.join("ca.key"),
+    )
+    .unwrap();
+    let mint_old = |out: &Path| {
+        common::ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            p(&old_ca),
+            "--id",
+            &id("/node/gpu-1"),
+            "--ttl",
+            "1h",
+            "--out",
+            p(out),
+        ]);
+    };
+    let ls_as = |ident: &Path| {
+        bin()
+            .args([
+                "ls",
+                "--node",
+                &storage.tcp,
+                "--path",
+                "tcp",
+                "--identity",
+                p(ident),
+                "scans",
+            ])
+            .output()
+            .unwrap()
+    };
+    let before = d.path("old-svid-before");
+    mint_old(&before);
+    let ok_before = ls_as(&before);
+    assert!(
+        ok_before.status.success(),
+        "control: {}",
+        stderr(&ok_before)
+    );
+
+    // A pull runs through the whole rollover.
+    let dest = d.path("pulled/roll.bin");
+    let (k, v) = gpu.workload_env();
+    let pull = bin()
+        .args([
+            "pull",
+            "--node",
+            &storage.quic,
+            "--path",
+            "quic",
+            "--max-rate",
+            "1MiB",
+            "--json",
+            "scans/roll.bin",
+            p(&dest),
+        ])
+        .env(k, v)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    d.admin_ok(&["ca", "prepare"]);
+    std::thread::sleep(Duration::from_secs(3)); // nodes sync the two-CA bundle
+    d.admin_ok(&["ca", "activate"]);
+    // Every SVID of the old CA runs out within its 20 s lifetime; retire as soon as allowed.
+    wait_for("retire to be allowed", Duration::from_secs(60), || {
+        d.admin(&["ca", "retire"]).status.success()
+    });
+    let out = pull.wait_with_output().unwrap();
+    assert!(out.status.success(), "pull failed: {}", stderr(&out));
+    assert!(std::fs::read(&dest).unwrap() == data, "bytes differ");
+
+    // After retire, an SVID signed by the old CA is refused, although valid in time.
+    std::thread::sleep(Duration::from_secs(3)); // the bundle without it reaches the node
+    let after = d.path("old-svid-after");
+    mint_old(&after);
+    let refused = ls_as(&after);
+    assert_eq!(refused.status.code(), Some(77), "{}", stderr(&refused));
+    // And the nodes' new SVIDs come from the new CA: a fresh workload fetch verifies against
+    // a bundle that no longer holds the old one.
+    let status: Value = json(&d.admin_ok(&["status", "--json"]));
+    let states: Vec<&str> = status["cas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["retired", "active"]);
+    let changes = d.issuer_trail("ca_changed");
+    let steps: Vec<&str> = changes
+        .iter()
+        .map(|c| c["change"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, vec!["created", "prepared", "activated", "retired"]);
+}
+
+#[test]
+fn peers_refuse_a_banned_node_within_seconds() {
+    let d = Domain::start("1h");
+    let (storage, _gpu) = storage_and_gpu(&d);
+    let rogue_dir = d.node_dir("gpu-1", Some(&d.token("/node/gpu-1")), "");
+    let mut rogue = AgentNode::start(&rogue_dir);
+    rogue.stop();
+    // The rogue node's own SVID, as an attacker holding its disk would use it.
+    let node_pem = rogue_dir.join("agent/node.pem");
+    let bundle = rogue_dir.join("agent/bundle.pem");
+    let ls = || {
+        bin()
+            .args([
+                "ls",
+                "--node",
+                &storage.quic,
+                "--path",
+                "quic",
+                "--svid",
+                p(&node_pem),
+                "--key",
+                p(&node_pem),
+                "--bundle",
+                p(&bundle),
+                "scans",
+            ])
+            .output()
+            .unwrap()
+    };
+    let control = ls();
+    assert!(control.status.success(), "control: {}", stderr(&control));
+    let banned = d.admin_ok(&["node", "ban", &id("/node/gpu-1")]);
+    assert!(String::from_utf8_lossy(&banned.stdout).contains("revoked"));
+    let start = SystemClock.instant();
+    let mut last = None;
+    wait_for(
+        "the storage node to refuse gpu-1",
+        Duration::from_secs(10),
+        || {
+            let out = ls();
+            let refused = out.status.code() == Some(77);
+            last = Some(out);
+            refused
+        },
+    );
+    eprintln!("refused {:?} after the ban", start.elapsed());
+    let refusals = storage.trail("connection_refused");
+    assert!(
+        refusals.iter().any(|r| r["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("revoked")),
+        "{refusals:?}"
+    );
+    // The SVID itself is still within its lifetime: this is revocation, not expiry.
+    let svid = certs::Svid::from_pem(
+        &std::fs::read_to_string(&node_pem).unwrap(),
+        &std::fs::read_to_string(&node_pem).unwrap(),
+    )
+    .unwrap();
+    assert!(svid.not_after() > SystemClock.now() + Duration::from_secs(600));
+    // And the banned node can neither renew nor attest again.
+    std::fs::write(rogue_dir.join("join-token"), d.token("/node/gpu-1")).unwrap();
+    std::fs::remove_dir_all(rogue_dir.join("agent")).unwrap();
+    let log = AgentNode::try_start(&rogue_dir)
+        .err()
+        .expect("a banned node cannot attest");
+    assert!(log.contains("banned"), "{log}");
+    drop(last);
+}
