@@ -35,8 +35,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
-step() { echo "== $*"; }
 started=$(date +%s)
+step() { echo "== [$(( $(date +%s) - started )) s] $*"; }
 
 if [ "$quick" = 0 ]; then
     step "cargo fmt --check"
@@ -86,6 +86,9 @@ if ! cargo deny --version >/dev/null 2>&1; then
     cargo install cargo-deny --locked --version "$cargo_deny_version"
 fi
 step "cargo deny check licenses bans sources"
+# cargo-deny reads the metadata of every target platform's crates; fetch them first (the
+# build only fetched this platform's), then check without network.
+cargo fetch --locked --quiet
 cargo deny --offline --locked --all-features check licenses bans sources
 for fuzz in certs/fuzz libtransport/fuzz transportd/fuzz; do
     cargo fetch --manifest-path "$fuzz/Cargo.toml" --quiet

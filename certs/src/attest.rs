@@ -154,9 +154,19 @@ impl FromStr for Selector {
         let bad = || AttestError::Selector(s.to_owned());
         let rest = s.strip_prefix("unix:").ok_or_else(bad)?;
         let (kind, value) = rest.split_once(':').ok_or_else(bad)?;
+        // IDs in canonical decimal only ("0999" or "+5" would name uid 999 or 5 under
+        // another spelling; one spelling per selector keeps entries comparable).
+        let id = |v: &str| -> Result<u32, AttestError> {
+            let canonical =
+                v == "0" || (!v.starts_with('0') && v.bytes().all(|b| b.is_ascii_digit()));
+            if !canonical {
+                return Err(bad());
+            }
+            v.parse().map_err(|_| bad())
+        };
         match kind {
-            "uid" => value.parse().map(Self::Uid).map_err(|_| bad()),
-            "gid" => value.parse().map(Self::Gid).map_err(|_| bad()),
+            "uid" => id(value).map(Self::Uid),
+            "gid" => id(value).map(Self::Gid),
             "path" => {
                 let p = PathBuf::from(value);
                 if !p.is_absolute() || value.len() > MAX_SELECTOR_PATH || value.contains('\0') {
@@ -429,9 +439,24 @@ mod tests {
             "unix:user:root",
             "k8s:ns:default",
             "unix:uid",
+            "unix:uid:",
+            "unix:gid:+5",
+            "unix:uid:4294967296",
         ] {
             assert!(s.parse::<Selector>().is_err(), "{s} accepted");
         }
+    }
+
+    /// Fuzz finding (certs/fuzz `attest`): `unix:uid:0999` parsed as uid 999 and printed
+    /// back as `unix:uid:999`, two spellings of one selector.
+    #[test]
+    fn regression_selector_with_leading_zero() {
+        let bytes: &[u8] = &[
+            0x75, 0x6e, 0x69, 0x78, 0x3a, 0x75, 0x69, 0x64, 0x3a, 0x30, 0x39, 0x39, 0x39,
+        ];
+        let text = std::str::from_utf8(bytes).unwrap();
+        assert!(text.parse::<Selector>().is_err());
+        assert_eq!("unix:uid:0".parse::<Selector>().unwrap(), Selector::Uid(0));
     }
 
     #[test]

@@ -15,6 +15,42 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::{Csr, SpiffeId, Svid, TrustBundle, TrustDomain, Usage};
 
+/// Attestation inputs, from the issuer's admin API and a node's token file: `Selector`
+/// text, join token secrets and stored hashes, and a registration entry as JSON. An accepted
+/// selector prints back to its text; an accepted token hashes to a hash that parses; an
+/// entry that validates matches only workloads that satisfy every one of its selectors.
+pub fn attest(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(sel) = text.parse::<crate::Selector>() {
+        assert_eq!(sel.to_string(), text);
+    }
+    if let Ok(token) = crate::JoinToken::from_secret(text) {
+        let hash = token.hash();
+        assert_eq!(crate::TokenHash::parse(hash.as_str()).as_ref(), Ok(&hash));
+    }
+    if let Ok(hash) = crate::TokenHash::parse(text) {
+        assert_eq!(hash.as_str(), text);
+    }
+    if let Ok(entry) = serde_json::from_str::<crate::RegistrationEntry>(text) {
+        let td = entry.spiffe_id.trust_domain();
+        if entry.validate(&td).is_ok() {
+            let nobody = crate::Workload {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                path: None,
+            };
+            let satisfies_all = entry.selectors.iter().all(|s| nobody.satisfies(s));
+            assert_eq!(entry.matches(&nobody), satisfies_all);
+            let again: crate::RegistrationEntry =
+                serde_json::from_str(&serde_json::to_string(&entry).unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("entry does not round-trip: {e}"));
+            assert_eq!(again, entry);
+        }
+    }
+}
+
 /// `SpiffeId::parse` and `TrustDomain::new` on UTF-8 text. An accepted ID keeps its exact
 /// text, splits into trust domain and path that rebuild it, and parses again to itself.
 pub fn spiffe_id(data: &[u8]) {

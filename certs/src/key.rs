@@ -64,7 +64,9 @@ pub fn generate_key_and_csr(
 
 /// Generates a private key and a CSR that names no SPIFFE ID: for a node's first contact
 /// with an issuer, which decides the node's ID from its join token.
-pub fn generate_key_and_bare_csr(alg: KeyAlgorithm) -> Result<(Zeroizing<String>, Csr), IssueError> {
+pub fn generate_key_and_bare_csr(
+    alg: KeyAlgorithm,
+) -> Result<(Zeroizing<String>, Csr), IssueError> {
     let key = alg.generate()?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();

@@ -843,7 +843,7 @@ async fn establish_plaintext(
         peer: Peer {
             id: server.clone(),
             serial: "plaintext".into(),
-            not_after: std::time::SystemTime::UNIX_EPOCH,
+            not_after: SystemTime::UNIX_EPOCH,
             addr,
             path: Path::Tcp,
         },

@@ -12,7 +12,7 @@
 //! Credentials also carry the revocation list the issuer pushes: both verifiers refuse a
 //! peer whose serial is on it ([`SvidError::Revoked`]). A peer's credentials also end while
 //! it is connected, when its SVID expires or its serial is revoked;
-//! [`peer_credentials_end`] resolves then, and both sides close such a connection.
+//! `peer_credentials_end` resolves then, and both sides close such a connection.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -525,6 +525,7 @@ mod tests {
     use certs::test_util::TestPki;
 
     use super::*;
+    use crate::clock::SystemClock;
     use crate::test_util::ManualClock;
 
     #[test]
@@ -552,7 +553,7 @@ mod tests {
             .unwrap()
             .with_revoked(HashSet::from([peer.serial().to_ascii_uppercase()]));
         assert!(creds.revoked().contains(peer.serial()));
-        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let now = SystemClock.now();
         assert_eq!(
             peer_identity(peer.chain(), &creds, now, Usage::Client),
             Err(SvidError::Revoked {

@@ -127,7 +127,9 @@ pub fn control_client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut c = match client {
-        Some(svid) => builder.with_client_auth_cert(svid.chain().to_vec(), svid.key().clone_key())?,
+        Some(svid) => {
+            builder.with_client_auth_cert(svid.chain().to_vec(), svid.key().clone_key())?
+        }
         None => builder.with_no_client_auth(),
     };
     c.alpn_protocols = vec![alpn.to_vec()];
@@ -213,9 +215,9 @@ impl rustls::client::danger::ServerCertVerifier for BundleVerifier {
         chain.extend(intermediates.iter().cloned());
         let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
         let refuse = |m: String| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(std::io::Error::other(m))),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(std::io::Error::other(m)),
+            )))
         };
         let v = self
             .bundle

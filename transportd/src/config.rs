@@ -4,12 +4,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use certs::SpiffeId;
 use libtransport::audit::FileSinkConfig;
 use libtransport::policy::{Action, Pattern, Policy, Rule, Subject};
 use libtransport::proto::Digest;
 use libtransport::{Credentials, TransportConfig};
-
-use crate::role::agent::{AgentConfig, TokenSource};
 
 mod file;
 pub(crate) mod issuer;
@@ -82,6 +81,30 @@ pub(crate) enum IdentitySource {
     Agent(AgentConfig),
 }
 
+/// The `[agent]` section of a node configuration, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentConfig {
+    /// The issuer's agent API, `HOST:PORT`.
+    pub(crate) issuer: String,
+    /// The issuer's SPIFFE ID; `spiffe://<trust domain>/issuer` when not given.
+    pub(crate) issuer_id: Option<SpiffeId>,
+    /// The bundle that authenticates the issuer at first contact.
+    pub(crate) bundle: PathBuf,
+    /// Where the join token is (read only when the node must attest).
+    pub(crate) join_token: TokenSource,
+    /// Where the node SVID and the latest bundle are kept.
+    pub(crate) data_dir: PathBuf,
+    /// Where the Workload API listens; `None` serves none.
+    pub(crate) workload_socket: Option<PathBuf>,
+}
+
+/// Where a join token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TokenSource {
+    File(PathBuf),
+    Env(String),
+}
+
 /// Where the identity files are.
 #[derive(Debug, Clone)]
 pub(crate) struct IdentityPaths {
@@ -107,18 +130,7 @@ pub(crate) enum ConfigError {
 impl NodeConfig {
     /// Reads and validates the file at `path` (without touching the files it names).
     pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        load_with(path, Self::parse)
     }
 
     /// Parses TOML text; relative paths are taken relative to `base`. Pure: no I/O.
@@ -332,6 +344,26 @@ impl NodeConfig {
     }
 }
 
+/// Reads the file at `path` and parses it with `parse`, relative paths resolving against
+/// the file's directory; a syntax error names the file.
+pub(crate) fn load_with<T>(
+    path: &Path,
+    parse: impl FnOnce(&str, &Path) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base).map_err(|e| match e {
+        ConfigError::Parse { message, .. } => ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        },
+        other => other,
+    })
+}
+
 /// Reads an SVID, its key and a bundle from files.
 pub(crate) fn load_credentials(p: &IdentityPaths) -> Result<Credentials, ConfigError> {
     let read = |field: &str, path: &Path| {
@@ -441,7 +473,7 @@ dir = "audit"
             panic!("inline rules expected");
         };
         use libtransport::policy::{Access, Authorizer};
-        let peer = certs::SpiffeId::parse("spiffe://td/gpu/a").unwrap();
+        let peer = SpiffeId::parse("spiffe://td/gpu/a").unwrap();
         let decide = |action, d: &str| {
             p.decide(&Access {
                 peer: &peer,
@@ -472,7 +504,8 @@ dir = "audit"
 
     #[test]
     fn an_agent_section_replaces_identity_files() {
-        let files = "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";
+        let files =
+            "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";
         let agent = "[agent]\nissuer = \"issuer:8443\"\nbundle = \"boot.pem\"\njoin_token_file = \"token\"\ndata_dir = \"agent\"\nworkload_socket = \"/run/w.sock\"\n";
         let with_agent = MINIMAL.replace(files, agent);
         let c = parse(&with_agent).unwrap();
@@ -492,14 +525,27 @@ dir = "audit"
         let IdentitySource::Agent(a) = parse(&env_token).unwrap().identity else {
             panic!("agent expected");
         };
-        assert_eq!(a.join_token, TokenSource::Env("TRANSPORTD_JOIN_TOKEN".into()));
+        assert_eq!(
+            a.join_token,
+            TokenSource::Env("TRANSPORTD_JOIN_TOKEN".into())
+        );
         // Both, or neither: refused, naming the field.
         let both = format!("{agent}{MINIMAL}");
         assert!(parse(&both).unwrap_err().to_string().starts_with("agent"));
         let neither = MINIMAL.replace(files, "");
-        assert!(parse(&neither).unwrap_err().to_string().starts_with("identity"));
+        assert!(
+            parse(&neither)
+                .unwrap_err()
+                .to_string()
+                .starts_with("identity")
+        );
         let bad = with_agent.replace("issuer:8443", "issuer");
-        assert!(parse(&bad).unwrap_err().to_string().starts_with("agent.issuer"));
+        assert!(
+            parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .starts_with("agent.issuer")
+        );
     }
 
     #[test]

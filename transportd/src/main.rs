@@ -18,9 +18,7 @@ mod fsutil;
 mod role;
 mod telemetry;
 
-use cli::{
-    AuditCommand, CaCommand, Cli, Command, ConfigCommand, PolicyCommand, WorkloadCommand,
-};
+use cli::{AuditCommand, CaCommand, Cli, Command, ConfigCommand, PolicyCommand, WorkloadCommand};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -1,5 +1,5 @@
 //! The daemon's long-running roles.
 
-pub(crate) mod node;
 pub(crate) mod agent;
 pub(crate) mod issuer;
+pub(crate) mod node;

@@ -45,32 +45,57 @@ fn demo_keep_leaves_the_trust_domain_data_and_audit_trails() {
     ]));
     assert_eq!(report["verified"], true);
     for f in [
-        "ca/bundle.pem",
+        "issuer/issuer.toml",
+        "issuer/data/state.db",
+        "issuer/audit/checkpoint.json",
         "storage/node.toml",
+        "storage/agent/node.pem",
+        "storage/agent/bundle.pem",
         "storage/audit/audit-000001.jsonl",
         "storage/audit/checkpoint.json",
-        "gpu/audit/audit-000001.jsonl",
         "gpu/audit/checkpoint.json",
+        "loader/audit/audit-000001.jsonl",
+        "loader/audit/checkpoint.json",
     ] {
         assert!(keep.join(f).is_file(), "{f} missing");
     }
-    // Both trails verify (the demo checked them too) and hold what happened.
-    for node in ["storage", "gpu"] {
-        assert_eq!(report["audit"][node]["verified"], true, "{report}");
+    // Every trail verifies (the demo checked them too) and holds what happened.
+    let bundle = keep.join("storage/agent/bundle.pem");
+    for who in ["issuer", "storage", "gpu", "loader"] {
+        assert_eq!(report["audit"][who]["verified"], true, "{report}");
         ok(&[
             "audit",
             "verify",
-            p(&keep.join(node).join("audit")),
+            p(&keep.join(who).join("audit")),
             "--bundle",
-            p(&keep.join("ca/bundle.pem")),
+            p(&bundle),
         ]);
+    }
+    assert_eq!(
+        report["identities"]["loader"],
+        "spiffe://demo.transportd.internal/gpu/loader"
+    );
+    let issuer =
+        libtransport::audit::query(&keep.join("issuer/audit"), &Default::default()).unwrap();
+    for how in ["join_token", "entry"] {
+        assert!(
+            issuer
+                .iter()
+                .any(|r| r["event"] == "svid_issued" && r["how"] == how),
+            "no SVID issued by {how}"
+        );
     }
     let records =
         libtransport::audit::query(&keep.join("storage/audit"), &Default::default()).unwrap();
-    assert!(records.iter().any(|r| r["event"] == "connection_accepted"));
+    assert!(records.iter().any(|r| r["event"] == "connection_accepted"
+        && r["peer"] == "spiffe://demo.transportd.internal/gpu/loader"));
     let gpu = libtransport::audit::query(&keep.join("gpu/audit"), &Default::default()).unwrap();
+    assert!(gpu.iter().any(|r| r["event"] == "workload_attested"));
+    let loader =
+        libtransport::audit::query(&keep.join("loader/audit"), &Default::default()).unwrap();
     assert!(
-        gpu.iter()
+        loader
+            .iter()
             .any(|r| r["event"] == "transfer" && r["direction"] == "in")
     );
     // A non-empty --keep directory is refused rather than mixed into.

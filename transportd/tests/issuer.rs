@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
-use common::{bin, json, p, rand_suffix, write_data};
+use common::{bin, json, p, rand_suffix, spawn_ready, write_data};
 use libtransport::clock::{Clock, SystemClock};
 use serde_json::Value;
 
@@ -78,23 +77,10 @@ dir = "audit"
 
     fn start_issuer(&mut self) {
         let log = self.path(&format!("issuer-{}.log", rand_suffix()));
-        let mut child = bin()
-            .args(["issuer", "--config", p(&self.config())])
-            .env("TRANSPORTD_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
-            panic!(
-                "issuer did not start: {}",
-                std::fs::read_to_string(&log).unwrap()
-            )
-        });
+        let mut cmd = bin();
+        cmd.args(["issuer", "--config", p(&self.config())]);
+        let (child, ready) =
+            spawn_ready(cmd, &log).unwrap_or_else(|log| panic!("issuer did not start: {log}"));
         self.issuer_addr = ready["listen"].as_str().unwrap().to_owned();
         self.issuer = Some(child);
     }
@@ -219,21 +205,9 @@ struct AgentNode {
 impl AgentNode {
     fn try_start(dir: &Path) -> Result<Self, String> {
         let log = dir.join(format!("node-{}.log", rand_suffix()));
-        let mut child = bin()
-            .args(["node", "--config", p(&dir.join("node.toml"))])
-            .env("TRANSPORTD_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Ok(ready) = serde_json::from_str::<Value>(&line) else {
-            let _ = child.wait();
-            return Err(std::fs::read_to_string(&log).unwrap());
-        };
+        let mut cmd = bin();
+        cmd.args(["node", "--config", p(&dir.join("node.toml"))]);
+        let (child, ready) = spawn_ready(cmd, &log)?;
         Ok(Self {
             child,
             dir: dir.to_path_buf(),
@@ -517,11 +491,7 @@ fn workloads_get_exactly_the_svids_their_uid_and_executable_entries_grant() {
         certs::TrustBundle::from_pem(&std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap())
             .unwrap();
     bundle
-        .verify(
-            svid.chain(),
-            SystemClock.now(),
-            certs::Usage::Client,
-        )
+        .verify(svid.chain(), SystemClock.now(), certs::Usage::Client)
         .unwrap();
     let attested = node.trail("workload_attested");
     assert!(attested.iter().any(|r| r["uid"] == uid()), "{attested:?}");

@@ -248,7 +248,7 @@ impl Client {
         let rdma = if !whole {
             Ok(false)
         } else if a.pace.is_paced() {
-            self.unpaced_rdma_only()
+            self.rdma_for_paced_pull()
         } else {
             let (done, progress) = (pull.done.clone(), a.opts.progress.clone());
             let on_chunk: super::rdma::OnChunk = Arc::new(move |n| {
@@ -393,7 +393,7 @@ impl Client {
             )
         };
         let rdma = if a.pace.is_paced() {
-            self.unpaced_rdma_only()
+            self.rdma_for_paced_pull()
         } else {
             self.pull_rdma(
                 &conn,
@@ -474,7 +474,7 @@ impl Client {
 
     /// A paced pull moves by stream reads: RDMA chunks are not paced. Fails if RDMA is
     /// required.
-    fn unpaced_rdma_only(&self) -> Result<bool, FetchError> {
+    fn rdma_for_paced_pull(&self) -> Result<bool, FetchError> {
         let transport = &self.config().transport;
         if transport.rdma_required && transport.rdma_mode() != crate::config::RdmaMode::Off {
             return Err(FetchError::NoRdma(

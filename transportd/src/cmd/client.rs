@@ -303,7 +303,10 @@ impl std::ops::Deref for Connected {
 /// are followed for as long as the command runs.
 async fn identity_for(
     conn: &ConnArgs,
-) -> anyhow::Result<(IdentityHandle, Option<libtransport::workload::WorkloadIdentity>)> {
+) -> anyhow::Result<(
+    IdentityHandle,
+    Option<libtransport::workload::WorkloadIdentity>,
+)> {
     let files_given = conn.identity.is_some()
         || conn.svid.is_some()
         || conn.key.is_some()
@@ -337,7 +340,12 @@ async fn identity_for(
                 WORKLOAD_WAIT.as_secs()
             )
         })?
-        .with_context(|| format!("taking an identity from the Workload API at {}", socket.display()))?;
+        .with_context(|| {
+            format!(
+                "taking an identity from the Workload API at {}",
+                socket.display()
+            )
+        })?;
         return Ok((started.handle().clone(), Some(started)));
     }
     let paths = identity_paths(conn)?;

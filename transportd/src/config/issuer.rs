@@ -115,18 +115,7 @@ struct AuditFile {
 impl IssuerConfig {
     /// Reads and validates the file at `path`.
     pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        super::load_with(path, Self::parse)
     }
 
     /// Parses TOML text; relative paths are relative to `base`. Pure.

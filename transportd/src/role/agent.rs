@@ -15,7 +15,7 @@
 //!    theirs) and the workloads' through a [`view::WorkloadView`] the Workload API pushes.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
+use crate::config::{AgentConfig, TokenSource};
 use crate::fsutil;
 use crate::role::issuer::http::{self, CallError};
 use crate::role::issuer::wire::{
@@ -43,49 +44,24 @@ pub(crate) mod workload_api;
 
 use view::{ViewWatch, WorkloadView};
 
-/// The `[agent]` section of a node configuration, validated.
-#[derive(Debug, Clone)]
-pub(crate) struct AgentConfig {
-    /// The issuer's agent API, `HOST:PORT`.
-    pub(crate) issuer: String,
-    /// The issuer's SPIFFE ID; `spiffe://<trust domain>/issuer` when not given.
-    pub(crate) issuer_id: Option<SpiffeId>,
-    /// The bundle that authenticates the issuer at first contact.
-    pub(crate) bundle: PathBuf,
-    /// Where the join token is (read only when the node must attest).
-    pub(crate) join_token: TokenSource,
-    /// Where the node SVID and the latest bundle are kept.
-    pub(crate) data_dir: PathBuf,
-    /// Where the Workload API listens; `None` serves none.
-    pub(crate) workload_socket: Option<PathBuf>,
-}
-
-/// Where a join token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TokenSource {
-    File(PathBuf),
-    Env(String),
-}
-
-impl TokenSource {
-    fn read(&self) -> anyhow::Result<certs::JoinToken> {
-        let text = match self {
-            Self::File(p) => Zeroizing::new(std::fs::read_to_string(p).with_context(|| {
-                format!(
-                    "the node has no valid SVID yet and needs its join token, but {} cannot \
-                     be read",
-                    p.display()
-                )
-            })?),
-            Self::Env(var) => Zeroizing::new(std::env::var(var).with_context(|| {
-                format!(
-                    "the node has no valid SVID yet and needs its join token: set {var} \
-                     (from `transportd issuer token create`)"
-                )
-            })?),
-        };
-        Ok(certs::JoinToken::from_secret(&text)?)
-    }
+/// Reads the join token a node needs for its first attestation.
+fn read_token(source: &TokenSource) -> anyhow::Result<certs::JoinToken> {
+    let text = match source {
+        TokenSource::File(p) => Zeroizing::new(std::fs::read_to_string(p).with_context(|| {
+            format!(
+                "the node has no valid SVID yet and needs its join token, but {} cannot \
+                 be read",
+                p.display()
+            )
+        })?),
+        TokenSource::Env(var) => Zeroizing::new(std::env::var(var).with_context(|| {
+            format!(
+                "the node has no valid SVID yet and needs its join token: set {var} \
+                 (from `transportd issuer token create`)"
+            )
+        })?),
+    };
+    Ok(certs::JoinToken::from_secret(&text)?)
 }
 
 /// What [`bootstrap`] found or obtained.
@@ -119,7 +95,7 @@ pub(crate) async fn bootstrap(
             (svid, bundle, "kept", DEFAULT_SYNC_INTERVAL)
         }
         None => {
-            let token = cfg.join_token.read()?;
+            let token = read_token(&cfg.join_token)?;
             let node = attest(&issuer, &bootstrap_bundle, &token).await?;
             info!(peer.id = %node.0.id(), "node attested with its join token");
             (node.0, node.1, "attested", node.2)

@@ -171,6 +171,28 @@ actions = ["read", "write"]
 chunk_size = "1MiB"
 "#;
 
+/// Starts a role (node, issuer) with debug logs into `log` and reads the one JSON line it
+/// prints once it serves. Err holds the log of a role that exited instead.
+pub fn spawn_ready(mut cmd: Command, log: &Path) -> Result<(Child, Value), String> {
+    let mut child = cmd
+        .env("TRANSPORTD_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    match serde_json::from_str::<Value>(&line) {
+        Ok(ready) => Ok((child, ready)),
+        Err(_) => {
+            let _ = child.wait();
+            Err(std::fs::read_to_string(log).unwrap())
+        }
+    }
+}
+
 /// A running `transportd node`, killed when dropped.
 pub struct Node {
     pub child: Child,
@@ -188,23 +210,9 @@ impl Node {
     /// Starts the node through `cmd` (the binary, or a wrapper that runs it).
     pub fn start_with(site: &Site, mut cmd: Command) -> Self {
         let log = site.path(&format!("node-{}.log", rand_suffix()));
-        let mut child = cmd
-            .args(["node", "--config", p(&site.config())])
-            .env("TRANSPORTD_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
-            panic!(
-                "node did not start: {}",
-                std::fs::read_to_string(&log).unwrap()
-            )
-        });
+        cmd.args(["node", "--config", p(&site.config())]);
+        let (child, ready) =
+            spawn_ready(cmd, &log).unwrap_or_else(|log| panic!("node did not start: {log}"));
         Self {
             child,
             quic: ready["quic"].as_str().unwrap().to_owned(),

@@ -124,14 +124,13 @@ impl WorkloadApiHandle {
     /// connections to close; the socket file is removed.
     pub(crate) async fn shutdown(mut self) {
         self.stop.send_replace(true);
-        if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
                 .await
                 .is_err()
-            {
-                warn!("workload API connections did not close in time; dropping them");
-                task.abort();
-            }
+        {
+            warn!("workload API connections did not close in time; dropping them");
+            task.abort();
         }
     }
 }

@@ -312,22 +312,30 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000)
     }
 
+    fn open(
+        state: &State,
+        td: &TrustDomain,
+        dir: &Path,
+        pass: Option<&[u8]>,
+    ) -> anyhow::Result<(Authority, Option<CaChange>)> {
+        Authority::open(
+            state,
+            td,
+            dir,
+            pass.map(|p| Zeroizing::new(p.to_vec())),
+            CaParams::default(),
+            None,
+            now(),
+        )
+    }
+
     #[test]
     fn rollover_moves_the_bundle_and_the_signer() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("state.db")).unwrap();
         let td = TrustDomain::new("td").unwrap();
         let ca_dir = dir.path().join("ca");
-        let (a, created) = Authority::open(
-            &state,
-            &td,
-            &ca_dir,
-            Some(Zeroizing::new(b"pass".to_vec())),
-            CaParams::default(),
-            None,
-            now(),
-        )
-        .unwrap();
+        let (a, created) = open(&state, &td, &ca_dir, Some(b"pass")).unwrap();
         let first = created.unwrap().serial;
         assert_eq!(a.bundle().cas().len(), 1);
         let key = std::fs::read_to_string(ca_dir.join(format!("{first}.key"))).unwrap();
@@ -362,22 +370,11 @@ mod tests {
         assert!(!ca_dir.join(format!("{first}.key")).exists());
         // Reopened (a restart) with the same passphrase: the new CA signs.
         drop(a);
-        let (b, created) = Authority::open(
-            &state,
-            &td,
-            &ca_dir,
-            Some(Zeroizing::new(b"pass".to_vec())),
-            CaParams::default(),
-            None,
-            now(),
-        )
-        .unwrap();
+        let (b, created) = open(&state, &td, &ca_dir, Some(b"pass")).unwrap();
         assert!(created.is_none());
         assert_eq!(b.active().1, next);
         // Without the passphrase the key cannot be read, and the error says why.
-        let e = Authority::open(&state, &td, &ca_dir, None, CaParams::default(), None, now())
-            .unwrap_err()
-            .to_string();
+        let e = open(&state, &td, &ca_dir, None).unwrap_err().to_string();
         assert!(e.contains("encrypted"), "{e}");
     }
 }
