@@ -9,6 +9,7 @@
 #   scripts/fuzz.sh --build-only          build, run nothing
 #   scripts/fuzz.sh frames policy         only these targets
 #   scripts/fuzz.sh --write-seeds         rewrite the seed corpora from the real encoders
+#   scripts/fuzz.sh --jobs 1              one target at a time (default: one per core)
 #
 # Targets live in certs/fuzz, libtransport/fuzz and transportd/fuzz, each its own cargo
 # workspace; they share one target directory, libtransport/fuzz/target (gitignored). The
@@ -32,12 +33,14 @@ main() {
     build_only=0
     write_seeds=0
     only=()
+    jobs=$(nproc)
     while [ $# -gt 0 ]; do
         case "$1" in
             --seconds) seconds="$2"; shift 2 ;;
             --sanitizer) sanitizer="$2"; shift 2 ;;
             --build-only) build_only=1; shift ;;
             --write-seeds) write_seeds=1; shift ;;
+            --jobs) jobs="$2"; shift 2 ;;
             -h|--help) awk 'NR > 1 && /^#/ { print } /^set -euo/ { exit }' "$0"; exit 0 ;;
             -*) echo "unknown option $1" >&2; exit 64 ;;
             *) only+=("$1"); shift ;;
@@ -103,28 +106,46 @@ main() {
     scratch=$(mktemp -d)
     trap 'rm -rf "$scratch"' EXIT
     artifacts="$root/libtransport/fuzz/target/artifacts"
-    summary=()
-    failed=0
+    # Targets run side by side, one per core (libFuzzer uses one thread each), so a short
+    # run of every target costs the wall time of (targets / cores) runs.
+    running=0
     for entry in "${selected[@]}"; do
         dir=${entry% *}
         t=${entry#* }
         seeds="$dir/corpus/$t"
         [ -d "$seeds" ] || { echo "missing seed corpus $seeds" >&2; exit 1; }
         mkdir -p "$scratch/$t" "$artifacts/$t"
-        log="$scratch/$t.log"
         echo "== fuzz $t (${seconds} s, $(find "$seeds" -type f | wc -l) seeds)"
-        status=0
-        # A single allocation over 64 MiB is a finding too (enforced with a sanitizer; without
-        # one, the 2 GiB RSS limit still stops a runaway).
-        cargo fuzz run --fuzz-dir "$dir" --target-dir "$target_dir" -s "$sanitizer" "$t" \
-            "$scratch/$t" "$seeds" -- \
-            -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=64 \
-            -print_final_stats=1 -artifact_prefix="$artifacts/$t/" >"$log" 2>&1 || status=$?
+        (
+            status=0
+            # A single allocation over 64 MiB is a finding too (enforced with a sanitizer;
+            # without one, the 2 GiB RSS limit still stops a runaway).
+            cargo fuzz run --fuzz-dir "$dir" --target-dir "$target_dir" -s "$sanitizer" "$t" \
+                "$scratch/$t" "$seeds" -- \
+                -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=64 \
+                -print_final_stats=1 -artifact_prefix="$artifacts/$t/" \
+                >"$scratch/$t.log" 2>&1 || status=$?
+            echo "$status" >"$scratch/$t.status"
+        ) &
+        running=$((running + 1))
+        if [ "$running" -ge "$jobs" ]; then
+            wait -n || true
+            running=$((running - 1))
+        fi
+    done
+    wait
+    summary=()
+    failed=0
+    for entry in "${selected[@]}"; do
+        dir=${entry% *}
+        t=${entry#* }
+        log="$scratch/$t.log"
+        status=$(cat "$scratch/$t.status" 2>/dev/null || echo 1)
         # cargo-fuzz makes <fuzz dir>/artifacts/<target> for its default prefix; ours is
         # under the target directory, so drop what it left empty.
         find "$dir/artifacts" -type d -empty -delete 2>/dev/null || true
         stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -1; }
-        line=$(printf '%-14s %12s %10s %8s %8s' "$t" "$(stat number_of_executed_units)" \
+        line=$(printf '%-16s %12s %10s %8s %8s' "$t" "$(stat number_of_executed_units)" \
             "$(stat average_exec_per_sec)" "$(stat new_units_added)" "$(stat peak_rss_mb)")
         if [ "$status" != 0 ]; then
             failed=1
@@ -137,7 +158,7 @@ main() {
     done
 
     echo "== fuzz summary: ${seconds} s per target (sanitizer $sanitizer)"
-    printf '%-14s %12s %10s %8s %8s\n' target executions "execs/s" "new" "rss MiB"
+    printf '%-16s %12s %10s %8s %8s\n' target executions "execs/s" "new" "rss MiB"
     printf '%s\n' "${summary[@]}"
     if [ "$failed" != 0 ]; then
         echo "fuzzing found problems: see above" >&2
