@@ -71,7 +71,11 @@ main() {
 
     if ! cargo fuzz --version >/dev/null 2>&1; then
         echo "== installing cargo-fuzz $cargo_fuzz_version"
-        cargo install cargo-fuzz --locked --version "$cargo_fuzz_version"
+        if declare -F quick_install >/dev/null; then
+            quick_install cargo-fuzz --version "$cargo_fuzz_version"
+        else
+            cargo install cargo-fuzz --locked --version "$cargo_fuzz_version"
+        fi
     fi
 
     # Every target, as "fuzz_dir target".

@@ -127,7 +127,7 @@ fn lab_reports_each_mode_across_a_wire_at_both_mtus() {
             .args([
                 "lab",
                 "--size",
-                "16MiB",
+                "64MiB",
                 "--runs",
                 "1",
                 "--requests",
@@ -151,12 +151,19 @@ fn lab_reports_each_mode_across_a_wire_at_both_mtus() {
             assert!(m["gbps"].as_f64().unwrap() > 0.0);
             assert!(m["ratio_to_plaintext"].as_f64().unwrap() > 0.0);
         }
-        // Both sides' CPU was measured: the server ran in another process on a lab host.
+        // Both sides' CPU was measured: the server ran in another process on a lab host. The
+        // kernel counts CPU time in 10 ms ticks, so one small run may read 0; all of them
+        // together may not.
         let runs = doc["runs"].as_array().unwrap();
-        assert!(
-            runs.iter()
-                .all(|r| r["server_cpu_s_per_gb"].as_f64().is_some_and(|c| c > 0.0))
-        );
+        let server: Vec<f64> = runs
+            .iter()
+            .map(|r| {
+                r["server_cpu_s_per_gb"]
+                    .as_f64()
+                    .expect("server CPU measured")
+            })
+            .collect();
+        assert!(server.iter().sum::<f64>() > 0.0, "{server:?}");
     }
 }
 

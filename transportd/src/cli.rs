@@ -175,6 +175,10 @@ pub(crate) enum IssuerCommand {
     Bundle {
         #[command(flatten)]
         target: AdminTarget,
+        /// Every CA the issuer ever had, retired ones too: for `audit verify --bundle` on
+        /// trails older than a CA rollover. Never give this to a node as its bundle.
+        #[arg(long)]
+        all: bool,
     },
     /// Validate an issuer configuration file (including that the SVID TTL is at most the CA
     /// TTL divided by 6). Exits 0 if the issuer would start with it.

@@ -758,6 +758,21 @@ fn a_ca_rollover_during_traffic_breaks_nothing_and_retire_cuts_off_the_old_ca() 
         .map(|c| c["state"].as_str().unwrap())
         .collect();
     assert_eq!(states, vec!["retired", "active"]);
+    // The storage node's trail holds checkpoints signed under both CAs: it verifies against
+    // every CA the issuer ever had.
+    let all_cas = d.path("all-cas.pem");
+    std::fs::write(&all_cas, d.admin_ok(&["bundle", "--all"]).stdout).unwrap();
+    let verified = bin()
+        .args([
+            "audit",
+            "verify",
+            p(&storage.dir.join("audit")),
+            "--bundle",
+            p(&all_cas),
+        ])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", stderr(&verified));
     let changes = d.issuer_trail("ca_changed");
     let steps: Vec<&str> = changes
         .iter()

@@ -31,9 +31,10 @@ pub(crate) async fn run(args: IssuerArgs) -> anyhow::Result<()> {
             Ok(())
         }
         IssuerCommand::Check { file } => check(&file),
-        IssuerCommand::Bundle { target } => {
+        IssuerCommand::Bundle { target, all } => {
+            let route = if all { "/v1/bundle/all" } else { "/v1/bundle" };
             let v: Value = client(&target)?
-                .call(Method::GET, "/v1/bundle", None::<&()>)
+                .call(Method::GET, route, None::<&()>)
                 .await?;
             print!("{}", v["bundle"].as_str().unwrap_or_default());
             Ok(())

@@ -669,6 +669,13 @@ impl Issuer {
         self.authority.bundle().to_pem()
     }
 
+    /// Every CA this issuer ever had, retired ones included, PEM: what verifies audit
+    /// checkpoints signed before a rollover. Not a bundle to trust peers with.
+    pub(crate) fn all_cas_pem(&self) -> Result<String, ApiError> {
+        let cas = self.state.cas().map_err(|e| ApiError::internal(&e))?;
+        Ok(cas.iter().map(|c| c.cert_pem.as_str()).collect())
+    }
+
     pub(crate) fn config(&self) -> &IssuerConfig {
         &self.cfg
     }

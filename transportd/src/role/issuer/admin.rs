@@ -12,6 +12,7 @@
 //! | `POST /v1/ca/prepare`, `/activate`, `/retire` | CA rollover |
 //! | `GET /v1/status` | CAs, nodes, pending tokens, recent SVIDs |
 //! | `GET /v1/bundle` | the trust bundle (PEM), for bootstrapping nodes |
+//! | `GET /v1/bundle/all` | every CA ever used, retired ones too (to verify old audit trails) |
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -135,6 +136,9 @@ fn route(issuer: &Issuer, call: &Call) -> Result<(StatusCode, Vec<u8>), ApiError
         (&Method::GET, "/v1/status") => http::ok(&issuer.status()?),
         (&Method::GET, "/v1/bundle") => {
             http::ok(&serde_json::json!({ "bundle": issuer.bundle_pem() }))
+        }
+        (&Method::GET, "/v1/bundle/all") => {
+            http::ok(&serde_json::json!({ "bundle": issuer.all_cas_pem()? }))
         }
         _ => Err(ApiError::not_found(format!(
             "no route {} {path}",
