@@ -30,6 +30,12 @@ impl Domain {
             .prefix("transportd-issuer-test-")
             .tempdir()
             .unwrap();
+        // Workload API callers of other users must reach the nodes' sockets below it.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let mut d = Self {
             dir,
             issuer: None,
@@ -504,7 +510,20 @@ fn another_uid_running_another_executable_gets_permission_denied() {
     let d = Domain::start("1h");
     let dir = d.node_dir("gpu-0", Some(&d.token("/node/gpu-0")), "");
     let node = AgentNode::start(&dir);
+    // Two copies of the binary where any user may run them: the entry names the first.
     let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_transportd")).unwrap();
+    let copies = tempfile::tempdir().unwrap();
+    let open_dir = |p: &Path| {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    open_dir(copies.path());
+    let trusted = copies.path().join("trusted/transportd");
+    let copy = copies.path().join("other/transportd");
+    for c in [&trusted, &copy] {
+        open_dir(c.parent().unwrap());
+        std::fs::copy(&exe, c).unwrap();
+    }
     d.admin_ok(&[
         "entry",
         "create",
@@ -523,21 +542,12 @@ fn another_uid_running_another_executable_gets_permission_denied() {
         "--parent-id",
         &id("/node/gpu-0"),
         "--selector",
-        &format!("unix:path:{}", exe.display()),
+        &format!("unix:path:{}", trusted.display()),
     ]);
-    wait_for("root's SVIDs", Duration::from_secs(15), || {
+    wait_for("root's SVID", Duration::from_secs(15), || {
         let out = as_workload(&node, &["workload", "fetch", "--json"]);
-        out.status.success() && json(&out)["svids"].as_array().unwrap().len() == 2
+        out.status.success() && json(&out)["svids"].as_array().unwrap().len() == 1
     });
-    // A copy of the binary elsewhere, run as nobody: neither selector holds.
-    let copy_dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        copy_dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let copy = copy_dir.path().join("transportd-copy");
-    std::fs::copy(&exe, &copy).unwrap();
     let nobody = 65534;
     let run_as = |program: &Path| {
         use std::os::unix::process::CommandExt;
@@ -557,8 +567,8 @@ fn another_uid_running_another_executable_gets_permission_denied() {
         "{}",
         stderr(&denied)
     );
-    // The real binary, as nobody: only the executable's entry.
-    let by_exe = run_as(&exe);
+    // The copy the entry names, as nobody: only the executable's entry.
+    let by_exe = run_as(&trusted);
     assert!(
         by_exe.status.success(),
         "{}; node: {:?}",
