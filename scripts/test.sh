@@ -38,19 +38,68 @@ fi
 started=$(date +%s)
 step() { echo "== [$(( $(date +%s) - started )) s] $*"; }
 
+# Tools built from crates.io (no prebuilt binaries are reachable): a quick release profile,
+# since they need not be fast, only present.
+quick_install() {
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+        CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=false \
+        cargo install --locked "$@"
+}
+export -f quick_install
+cargo_deny_version=0.20.2
+
+# Off the critical path: cargo-fuzz and cargo-deny are installed, and the fuzz targets
+# built, in the background at the lowest CPU priority while the lints and tests run (a
+# build leaves a core idle much of the time, and the tests spend much of theirs waiting on
+# the network and timers). The fuzz runs themselves start once the ordinary tests are done.
+# Their output goes to a log, printed when it is waited for.
+scratch=$(mktemp -d)
+# Background jobs run in sessions of their own, so that a failure here stops them all.
+background=""
+fuzzing=""
+cleanup() {
+    for job in $background $fuzzing; do
+        kill -- "-$job" 2>/dev/null || true
+    done
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+install_tools() {
+    if ! cargo deny --version >/dev/null 2>&1; then
+        echo "== installing cargo-deny $cargo_deny_version"
+        quick_install cargo-deny --version "$cargo_deny_version"
+    fi
+    scripts/fuzz.sh --build-only
+}
+export -f install_tools
+export cargo_deny_version
+if [ "$quick" = 0 ]; then
+    setsid nice -n 19 bash -c install_tools >"$scratch/tools.log" 2>&1 &
+    background=$!
+fi
+# Waits for background job $1, whose output is in $2, and prints that output; fails if it did.
+await() {
+    local status=0
+    wait "$1" || status=$?
+    cat "$2"
+    if [ "$status" != 0 ]; then
+        echo "!! $3 failed (exit $status): see above" >&2
+        exit "$status"
+    fi
+}
+
+# Lints and docs, first with the hardware RDMA device (feature rdma) compiled in, as the
+# tests below are built, then the default build's lints (without the feature).
 if [ "$quick" = 0 ]; then
     step "cargo fmt --check"
     cargo fmt --all -- --check
+    step "cargo clippy --all-targets --features libtransport/rdma -- -D warnings"
+    cargo clippy --workspace --all-targets --locked --features libtransport/rdma -- -D warnings
+    step "cargo doc --features libtransport/rdma (warnings are errors)"
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet \
+        --features libtransport/rdma
     step "cargo clippy --all-targets -- -D warnings"
     cargo clippy --workspace --all-targets --locked -- -D warnings
-    step "cargo doc (warnings are errors)"
-    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
-fi
-
-# The lints for the hardware RDMA device (feature rdma) too.
-if [ "$quick" = 0 ]; then
-    step "cargo clippy --features libtransport/rdma -- -D warnings"
-    cargo clippy --workspace --all-targets --locked --features libtransport/rdma -- -D warnings
 fi
 
 # Every test, built once with the hardware RDMA device (feature rdma) compiled in, which
@@ -58,8 +107,32 @@ fi
 # #[ignore = "needs RDMA device"]; the rest show that a machine without one reports none,
 # cleanly, and falls back.
 features=(--features libtransport/rdma)
-step "cargo test (every crate, feature rdma; the real transportd and transport-bench binaries)"
-cargo test --workspace --locked "${features[@]}"
+if cargo nextest --version >/dev/null 2>&1; then
+    # cargo-nextest (on these machines' images) runs the tests of every binary side by side,
+    # each in a process of its own; many of them spend their time waiting on timers (SVID
+    # rotation, timeouts), so more run at once than there are cores. It skips doc tests.
+    step "cargo nextest run (every crate, feature rdma; the real transportd and transport-bench binaries)"
+    cargo nextest run --workspace --locked "${features[@]}" --test-threads "$(( $(nproc) * 2 ))" \
+        --no-fail-fast --failure-output final --status-level fail
+    step "cargo test --doc"
+    cargo test --workspace --locked "${features[@]}" --doc
+else
+    step "cargo test (every crate, feature rdma; the real transportd and transport-bench binaries)"
+    cargo test --workspace --locked "${features[@]}"
+fi
+
+# Fuzzing: every parser's target, built above, runs for a short while from its seed corpus
+# (FUZZ_SECONDS each, 30 by default; scripts/fuzz.sh --seconds N for longer runs), beside
+# the root-only tests below, again at the lowest priority.
+if [ "$quick" = 0 ]; then
+    step "waiting for the tool installs and the fuzz build"
+    await "$background" "$scratch/tools.log" "installing cargo-deny and cargo-fuzz, building the fuzz targets"
+    step "fuzz: run each target for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh), in the background"
+    setsid nice -n 19 scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}" >"$scratch/fuzz.log" 2>&1 &
+    fuzzing=$!
+else
+    echo "== skipped the fuzz runs (--quick)" >&2
+fi
 
 # Tests that need root: network namespaces (netlab), mount namespaces (a full audit disk).
 if [ "$(id -u)" = 0 ]; then
@@ -71,28 +144,13 @@ else
     echo "== skipped the root-only tests (network and mount namespaces): run as root to include them" >&2
 fi
 
-# Tools built from crates.io (no prebuilt binaries are reachable): a quick release profile,
-# since they need not be fast, only present.
-quick_install() {
-    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-        CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=false \
-        cargo install --locked "$@"
-}
-export -f quick_install
-
-# Fuzzing: every parser's target is built and run for a short while from its seed corpus
-# (FUZZ_SECONDS each, 30 by default; scripts/fuzz.sh --seconds N for longer runs).
 if [ "$quick" = 0 ]; then
-    step "fuzz: build every target, run each for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh)"
-    scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}"
-else
-    echo "== skipped the fuzz runs (--quick)" >&2
+    step "fuzz results"
+    await "$fuzzing" "$scratch/fuzz.log" "fuzzing"
 fi
 
 # Supply chain: licences, banned crates (OpenSSL, native-tls) and sources (crates.io only),
-# for the workspace and the fuzz workspaces. Runs after the fuzz build, which has fetched
-# the fuzz workspaces' crates, so cargo-deny needs no network.
-cargo_deny_version=0.20.2
+# for the workspace and the fuzz workspaces.
 if ! cargo deny --version >/dev/null 2>&1; then
     step "installing cargo-deny $cargo_deny_version"
     quick_install cargo-deny --version "$cargo_deny_version"
