@@ -73,9 +73,16 @@ install_tools() {
 }
 export -f install_tools
 export cargo_deny_version
+# Lowest CPU priority for background job $1. Where the kernel groups each session for the
+# scheduler (autogroup), nice only ranks processes within their group, and setsid gave the
+# job a group of its own: that group's nice value is set too.
+lowest_priority() {
+    echo 19 2>/dev/null >"/proc/$1/autogroup" || true
+}
 if [ "$quick" = 0 ]; then
     setsid nice -n 19 bash -c install_tools >"$scratch/tools.log" 2>&1 &
     background=$!
+    lowest_priority "$background"
 fi
 # Waits for background job $1, whose output is in $2, and prints that output; fails if it did.
 await() {
@@ -130,6 +137,7 @@ if [ "$quick" = 0 ]; then
     step "fuzz: run each target for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh), in the background"
     setsid nice -n 19 scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}" >"$scratch/fuzz.log" 2>&1 &
     fuzzing=$!
+    lowest_priority "$fuzzing"
 else
     echo "== skipped the fuzz runs (--quick)" >&2
 fi
