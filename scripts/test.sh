@@ -58,31 +58,38 @@ scratch=$(mktemp -d)
 background=""
 fuzzing=""
 cleanup() {
-    for job in $background $fuzzing; do
-        kill -- "-$job" 2>/dev/null || true
+    for pid in $background $fuzzing; do
+        kill -- "-$pid" 2>/dev/null || true
     done
     rm -rf "$scratch"
 }
 trap cleanup EXIT
-install_tools() {
+install_cargo_deny() {
     if ! cargo deny --version >/dev/null 2>&1; then
         echo "== installing cargo-deny $cargo_deny_version"
         quick_install cargo-deny --version "$cargo_deny_version"
     fi
+}
+install_tools() {
+    install_cargo_deny
     scripts/fuzz.sh --build-only
 }
-export -f install_tools
+export -f install_cargo_deny install_tools
 export cargo_deny_version
-# Lowest CPU priority for background job $1. Where the kernel groups each session for the
-# scheduler (autogroup), nice only ranks processes within their group, and setsid gave the
-# job a group of its own: that group's nice value is set too.
-lowest_priority() {
-    echo 19 2>/dev/null >"/proc/$1/autogroup" || true
+# Starts the command "$@" in the background, output to log $1, at the lowest CPU priority;
+# its pid is left in $job. Where the kernel groups each session for the scheduler
+# (autogroup), nice only ranks processes within their group, and setsid gives the job a
+# group of its own: the job sets that group's nice value too, from inside its session.
+start_background() {
+    local log=$1
+    shift
+    setsid bash -c 'echo 19 2>/dev/null >/proc/self/autogroup; exec nice -n 19 "$@"' \
+        background "$@" >"$log" 2>&1 &
+    job=$!
 }
 if [ "$quick" = 0 ]; then
-    setsid nice -n 19 bash -c install_tools >"$scratch/tools.log" 2>&1 &
-    background=$!
-    lowest_priority "$background"
+    start_background "$scratch/tools.log" bash -c install_tools
+    background=$job
 fi
 # Waits for background job $1, whose output is in $2, and prints that output; fails if it did.
 await() {
@@ -135,9 +142,8 @@ if [ "$quick" = 0 ]; then
     step "waiting for the tool installs and the fuzz build"
     await "$background" "$scratch/tools.log" "installing cargo-deny and cargo-fuzz, building the fuzz targets"
     step "fuzz: run each target for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh), in the background"
-    setsid nice -n 19 scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}" >"$scratch/fuzz.log" 2>&1 &
-    fuzzing=$!
-    lowest_priority "$fuzzing"
+    start_background "$scratch/fuzz.log" scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}"
+    fuzzing=$job
 else
     echo "== skipped the fuzz runs (--quick)" >&2
 fi
@@ -159,10 +165,7 @@ fi
 
 # Supply chain: licences, banned crates (OpenSSL, native-tls) and sources (crates.io only),
 # for the workspace and the fuzz workspaces.
-if ! cargo deny --version >/dev/null 2>&1; then
-    step "installing cargo-deny $cargo_deny_version"
-    quick_install cargo-deny --version "$cargo_deny_version"
-fi
+install_cargo_deny
 step "cargo deny check licenses bans sources"
 # cargo-deny reads the metadata of every target platform's crates; fetch them first (the
 # build only fetched this platform's), then check without network.
