@@ -134,6 +134,26 @@ pub struct RunResult {
     pub connect_us: u64,
     /// Latency of small requests (a `stat`, or a read of `--request-size` bytes).
     pub latency: Latency,
+    /// The first connection's QUIC path after the pull, on QUIC modes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic_path: Option<QuicPath>,
+}
+
+/// What QUIC learnt of the path during a run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct QuicPath {
+    /// Datagram size in use at the end of the pull.
+    pub mtu: u16,
+    /// Packets sent by the client (acknowledgements, mostly).
+    pub client_sent_packets: u64,
+    /// Client packets declared lost.
+    pub client_lost_packets: u64,
+    /// Times losses of large datagrams made the client fall back to 1200-byte datagrams.
+    pub black_holes_detected: u64,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u64,
+    /// Average size of the datagrams the server sent: its datagram size in use.
+    pub server_datagram_bytes: u64,
 }
 
 /// How each run is shaped.
@@ -196,6 +216,14 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
         _ => None,
     };
     let bytes = target.size * u64::from(shape.connections.max(1));
+    let quic_path = clients[0].quic_path_stats().map(|p| QuicPath {
+        mtu: p.mtu,
+        client_sent_packets: p.sent_packets,
+        client_lost_packets: p.lost_packets,
+        black_holes_detected: p.black_holes_detected,
+        rtt_us: p.rtt.as_micros() as u64,
+        server_datagram_bytes: p.received_bytes / p.received_datagrams.max(1),
+    });
 
     let client = &clients[0];
     let mut h = latency_histogram()?;
@@ -226,6 +254,7 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
         server_cpu_s_per_gb: server_cpu.map(per_gb),
         connect_us,
         latency: Latency::of(&h),
+        quic_path,
     })
 }
 

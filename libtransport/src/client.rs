@@ -194,6 +194,21 @@ impl Client {
         self.current().close();
     }
 
+    /// What QUIC has learnt of the path so far, for reports; `None` on other transports.
+    pub fn quic_path_stats(&self) -> Option<QuicPathStats> {
+        let conn = self.current();
+        let stats = conn.quic()?.stats();
+        Some(QuicPathStats {
+            mtu: stats.path.current_mtu,
+            rtt: stats.path.rtt,
+            sent_packets: stats.path.sent_packets,
+            lost_packets: stats.path.lost_packets,
+            black_holes_detected: stats.path.black_holes_detected,
+            received_datagrams: stats.udp_rx.datagrams,
+            received_bytes: stats.udp_rx.bytes,
+        })
+    }
+
     /// One request, one response, on a fresh stream.
     pub(crate) async fn call(&self, req: &Request) -> Result<Response, RequestError> {
         self.connection()
@@ -536,6 +551,26 @@ impl Renewal {
     }
 }
 
+/// A QUIC connection's view of its path (see [`Client::quic_path_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicPathStats {
+    /// The datagram size in use: path-MTU discovery raises it up to the configured ceiling
+    /// and falls back to 1200 when larger datagrams keep getting lost.
+    pub mtu: u16,
+    /// The smoothed round-trip time.
+    pub rtt: Duration,
+    /// Packets sent on the path.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Times losses of large datagrams made QUIC fall back to the minimum size.
+    pub black_holes_detected: u64,
+    /// Datagrams received from the server (their average size shows the server's MTU).
+    pub received_datagrams: u64,
+    /// Bytes of those datagrams.
+    pub received_bytes: u64,
+}
+
 #[derive(Debug)]
 enum Inner {
     Quic(quinn::Connection),
@@ -742,7 +777,9 @@ async fn establish(
             let name = ServerName::try_from(crate::tls::SERVER_NAME)
                 .map_err(|e| ConnectError::Local(e.to_string()))?;
             let mut stream =
-                match tokio::time::timeout(timeout, connector.connect(name, socket)).await {
+                match tokio::time::timeout(timeout, connector.connect(name, tcp::buffered(socket)))
+                    .await
+                {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
                     Err(_) => return Err(ConnectError::Timeout { addr, timeout }),

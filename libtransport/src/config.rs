@@ -184,7 +184,10 @@ impl TransportConfig {
     }
 
     /// QUIC datagram sizes: the size to start with and the ceiling path-MTU discovery may
-    /// reach (defaults 1200 and 1452; raise the ceiling on jumbo-frame networks).
+    /// reach (defaults 1200 and 1452; raise the ceiling on jumbo-frame networks, to the link
+    /// MTU less 28 bytes of IPv4 and UDP headers, or 48 for IPv6). The ceiling is also the
+    /// largest datagram this side accepts, and each endpoint's receive buffers grow with it:
+    /// about 3 MiB at 1452, 18 MiB at 8972.
     pub fn mtu(&mut self, initial: u16, max: u16) -> Result<&mut Self, ConfigError> {
         let initial = in_range("initial_mtu", u32::from(initial), 1200, 65_527)?;
         let max = in_range("max_mtu", u32::from(max), initial, 65_527)?;

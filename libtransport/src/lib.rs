@@ -71,7 +71,8 @@ pub mod workload;
 pub mod test_util;
 
 pub use client::{
-    Client, FetchOptions, FetchReport, PushOptions, PushReport, RetryPolicy, TransferOptions,
+    Client, FetchOptions, FetchReport, PushOptions, PushReport, QuicPathStats, RetryPolicy,
+    TransferOptions,
 };
 pub use config::{ClientConfig, PolicyHandle, RdmaMode, ServerConfig, TransportConfig};
 pub use error::{ConnectError, FetchError, PushError, Rejection, RequestError};

@@ -309,6 +309,16 @@ async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, _permit: Own
         }
         None => conn.close(quinn::VarInt::from_u32(0), b"server shutting down"),
     }
+    let stats = conn.stats();
+    debug!(
+        mtu = stats.path.current_mtu,
+        sent_packets = stats.path.sent_packets,
+        lost_packets = stats.path.lost_packets,
+        black_holes = stats.path.black_holes_detected,
+        congestion_events = stats.path.congestion_events,
+        rtt_us = stats.path.rtt.as_micros() as u64,
+        "QUIC connection ended"
+    );
     ctx.finish();
 }
 
@@ -358,7 +368,7 @@ async fn serve_tcp(
     let timeout = shared.config.transport.handshake_timeout;
     let mut tls = match tokio::time::timeout(
         timeout,
-        tokio_rustls::TlsAcceptor::from(shared.tls.clone()).accept(socket),
+        tokio_rustls::TlsAcceptor::from(shared.tls.clone()).accept(tcp::buffered(socket)),
     )
     .await
     {
@@ -398,7 +408,7 @@ async fn refuse_busy(
     let timeout = shared.config.transport.handshake_timeout;
     let answer = async {
         let mut tls = tokio_rustls::TlsAcceptor::from(shared.tls.clone())
-            .accept(socket)
+            .accept(tcp::buffered(socket))
             .await
             .ok()?;
         mux::read_frame(&mut tls).await.ok()??;

@@ -172,6 +172,14 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Diagnostics on standard error, only when asked for (RUST_LOG=libtransport=debug, say):
+    // the reports on standard output stay clean.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Command::Lab {
         size,
         mtu,

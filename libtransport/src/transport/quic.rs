@@ -1,12 +1,17 @@
 //! QUIC endpoints (quinn) with our TLS configs, tuned for bulk transfer, and the mapping of
 //! quinn's errors to ours.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{ConnectionError, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, VarInt};
+use quinn::{
+    AsyncUdpSocket, ConnectionError, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig,
+    Runtime, UdpPoller, VarInt,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::StreamError;
@@ -22,12 +27,7 @@ pub(crate) fn server_endpoint(
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(transport_config(cfg, true)?));
     let socket = bind_udp(addr, cfg.socket_buffer_bytes)?;
-    Endpoint::new(
-        EndpointConfig::default(),
-        Some(sc),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
+    endpoint(socket, Some(sc), cfg)
 }
 
 /// A client endpoint on an ephemeral port of the right address family.
@@ -38,12 +38,82 @@ pub(crate) fn client_endpoint(peer: SocketAddr, cfg: &TransportConfig) -> io::Re
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let socket = bind_udp(bind, cfg.socket_buffer_bytes)?;
-    Endpoint::new(
-        EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
+    endpoint(socket, None, cfg)
+}
+
+fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    cfg: &TransportConfig,
+) -> io::Result<Endpoint> {
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = CappedBatches {
+        inner: runtime.wrap_udp_socket(socket)?,
+        max_segments: max_batch_segments(cfg.max_mtu),
+    };
+    Endpoint::new_with_abstract_socket(endpoint_config(cfg)?, server, Arc::new(socket), runtime)
+}
+
+/// The most datagrams of `mtu` bytes one batched send (UDP GSO) may carry: the batch goes
+/// to the kernel as a single UDP datagram, whose payload cannot exceed 65 507 bytes over
+/// IPv4. quinn batches up to 10, which overshoots from 6 549-byte datagrams up; the kernel
+/// then refuses the send and the whole batch is lost, each time.
+fn max_batch_segments(mtu: u16) -> usize {
+    const MAX_UDP_PAYLOAD: usize = 65_507;
+    (MAX_UDP_PAYLOAD / usize::from(mtu.max(1))).max(1)
+}
+
+/// quinn's UDP socket, with batched sends capped by [`max_batch_segments`].
+#[derive(Debug)]
+struct CappedBatches {
+    inner: Arc<dyn AsyncUdpSocket>,
+    max_segments: usize,
+}
+
+impl AsyncUdpSocket for CappedBatches {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments().min(self.max_segments)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// The endpoint settings shared by both sides. The largest UDP payload we accept is the
+/// path-MTU ceiling: quinn announces it to the peer, which never probes beyond it, so with
+/// quinn's default (1472) jumbo frames would go unused. The receive buffers grow with it
+/// (quinn sizes them for a batch of coalesced datagrams of this size).
+fn endpoint_config(cfg: &TransportConfig) -> io::Result<EndpointConfig> {
+    let mut e = EndpointConfig::default();
+    e.max_udp_payload_size(cfg.max_mtu)
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    Ok(e)
 }
 
 /// The quinn client config for one connection attempt.
@@ -208,6 +278,65 @@ mod tests {
             .unwrap();
         let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
         (c.unwrap(), s.unwrap(), client, server)
+    }
+
+    /// A batch of jumbo datagrams as large as the cap allows crosses loopback whole; one of
+    /// quinn's own size (10) is refused by the kernel and lost, which is what the cap is for.
+    #[tokio::test]
+    async fn batched_jumbo_datagrams_are_capped_to_what_the_kernel_sends() {
+        const MTU: u16 = 8972;
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let dest = rx.local_addr().unwrap();
+        let tx = bind_udp("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let inner = quinn::TokioRuntime.wrap_udp_socket(tx).unwrap();
+        if inner.max_transmit_segments() < 10 {
+            eprintln!("no UDP segmentation offload here; nothing to cap");
+            return;
+        }
+        let socket = Arc::new(CappedBatches {
+            inner,
+            max_segments: max_batch_segments(MTU),
+        });
+        let capped = socket.max_transmit_segments();
+        assert_eq!(capped, 7);
+        let mut poller = socket.clone().create_io_poller();
+        std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+            .await
+            .unwrap();
+
+        // Count what arrives of one batch of `n` datagrams.
+        let arrived = |n: usize| {
+            let contents = vec![0x5a; n * usize::from(MTU)];
+            socket
+                .try_send(&quinn::udp::Transmit {
+                    destination: dest,
+                    ecn: None,
+                    contents: &contents,
+                    segment_size: Some(usize::from(MTU)),
+                    src_ip: None,
+                })
+                .unwrap();
+            let mut buf = vec![0u8; 65_536];
+            let mut got = 0;
+            while let Ok(len) = rx.recv(&mut buf) {
+                assert_eq!(len, usize::from(MTU));
+                got += 1;
+                if got == n {
+                    break;
+                }
+            }
+            got
+        };
+        assert_eq!(
+            arrived(capped),
+            capped,
+            "a capped batch did not arrive whole"
+        );
+        assert_eq!(arrived(10), 0, "the kernel sent a batch over 64 KiB");
+        // Ordinary datagrams keep quinn's own batch size.
+        assert_eq!(max_batch_segments(1452).min(10), 10);
     }
 
     fn place(chunk: u32, len: u32) -> Placement {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Listens on `addr`.
@@ -38,3 +39,17 @@ pub(crate) fn tune(stream: &TcpStream) {
         .with_interval(Duration::from_secs(10));
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
+
+/// A TCP stream read through a buffer, for TLS to run over. rustls asks the socket for at
+/// most a few KiB at a time (one record or less), so a bare socket costs a system call per
+/// few KiB; through this buffer it costs one per [`SOCKET_READ_BUFFER`]. Writes pass
+/// straight through (rustls already hands the socket large vectored writes).
+pub(crate) type BufferedStream = BufReader<TcpStream>;
+
+/// Wraps `stream` for TLS to run over.
+pub(crate) fn buffered(stream: TcpStream) -> BufferedStream {
+    BufReader::with_capacity(SOCKET_READ_BUFFER, stream)
+}
+
+/// Bytes read from the socket per system call under TLS.
+pub(crate) const SOCKET_READ_BUFFER: usize = 256 << 10;
