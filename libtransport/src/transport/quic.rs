@@ -56,7 +56,7 @@ fn endpoint(
 
 /// The most datagrams of `mtu` bytes one batched send (UDP GSO) may carry: the batch goes
 /// to the kernel as a single UDP datagram, whose payload cannot exceed 65 507 bytes over
-/// IPv4. quinn batches up to 10, which overshoots from 6 549-byte datagrams up; the kernel
+/// IPv4. quinn batches up to 10, which overshoots from 6 551-byte datagrams up; the kernel
 /// then refuses the send and the whole batch is lost, each time.
 fn max_batch_segments(mtu: u16) -> usize {
     const MAX_UDP_PAYLOAD: usize = 65_507;
