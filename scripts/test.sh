@@ -51,14 +51,13 @@ cargo_deny_version=0.20.2
 # Off the critical path: cargo-fuzz and cargo-deny are installed, and the fuzz targets
 # built, in the background at the lowest CPU priority while the lints and tests run (a
 # build leaves a core idle much of the time, and the tests spend much of theirs waiting on
-# the network and timers). The fuzz runs themselves start once the ordinary tests are done.
-# Their output goes to a log, printed when it is waited for.
+# the network and timers); the fuzz runs follow the build in the same job. Its output goes
+# to a log, printed when it is waited for, after the root-only tests.
 scratch=$(mktemp -d)
 # Background jobs run in sessions of their own, so that a failure here stops them all.
 background=""
-fuzzing=""
 cleanup() {
-    for pid in $background $fuzzing; do
+    for pid in $background; do
         kill -- "-$pid" 2>/dev/null || true
     done
     rm -rf "$scratch"
@@ -70,11 +69,15 @@ install_cargo_deny() {
         quick_install cargo-deny --version "$cargo_deny_version"
     fi
 }
-install_tools() {
+# The whole background chain: tools, the fuzz build, then the fuzz runs (FUZZ_SECONDS each),
+# so nothing in the foreground ever waits for the build to finish.
+tools_then_fuzz() {
     install_cargo_deny
-    scripts/fuzz.sh --build-only
+    scripts/fuzz.sh --build-only || return
+    echo "== fuzz: run each target for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh)"
+    scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}"
 }
-export -f install_cargo_deny install_tools
+export -f install_cargo_deny tools_then_fuzz
 export cargo_deny_version
 # Starts the command "$@" in the background, output to log $1, at the lowest CPU priority;
 # its pid is left in $job. Where the kernel groups each session for the scheduler
@@ -88,7 +91,7 @@ start_background() {
     job=$!
 }
 if [ "$quick" = 0 ]; then
-    start_background "$scratch/tools.log" bash -c install_tools
+    start_background "$scratch/background.log" bash -c tools_then_fuzz
     background=$job
 fi
 # Waits for background job $1, whose output is in $2, and prints that output; fails if it did.
@@ -135,16 +138,10 @@ else
     cargo test --workspace --locked "${features[@]}"
 fi
 
-# Fuzzing: every parser's target, built above, runs for a short while from its seed corpus
-# (FUZZ_SECONDS each, 30 by default; scripts/fuzz.sh --seconds N for longer runs), beside
-# the root-only tests below, again at the lowest priority.
-if [ "$quick" = 0 ]; then
-    step "waiting for the tool installs and the fuzz build"
-    await "$background" "$scratch/tools.log" "installing cargo-deny and cargo-fuzz, building the fuzz targets"
-    step "fuzz: run each target for ${FUZZ_SECONDS:-30} s (scripts/fuzz.sh), in the background"
-    start_background "$scratch/fuzz.log" scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-30}"
-    fuzzing=$job
-else
+# Fuzzing: every parser's target runs for a short while from its seed corpus (FUZZ_SECONDS
+# each, 30 by default; scripts/fuzz.sh --seconds N for longer runs), in the background job
+# started above once its build is done, beside the tests, at the lowest priority.
+if [ "$quick" = 1 ]; then
     echo "== skipped the fuzz runs (--quick)" >&2
 fi
 
@@ -159,8 +156,8 @@ else
 fi
 
 if [ "$quick" = 0 ]; then
-    step "fuzz results"
-    await "$fuzzing" "$scratch/fuzz.log" "fuzzing"
+    step "waiting for the tool installs, the fuzz build and the fuzz runs"
+    await "$background" "$scratch/background.log" "installing cargo-deny and cargo-fuzz, or fuzzing"
 fi
 
 # Supply chain: licences, banned crates (OpenSSL, native-tls) and sources (crates.io only),
