@@ -255,7 +255,14 @@ mod tests {
     /// A mutually authenticated QUIC connection on loopback: (client side, server side),
     /// and the endpoints that keep it alive.
     async fn pair(pki: &TestPki) -> (quinn::Connection, quinn::Connection, Endpoint, Endpoint) {
-        let cfg = TransportConfig::default();
+        pair_with(pki, &TransportConfig::default()).await
+    }
+
+    async fn pair_with(
+        pki: &TestPki,
+        cfg: &TransportConfig,
+    ) -> (quinn::Connection, quinn::Connection, Endpoint, Endpoint) {
+        let cfg = cfg.clone();
         let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock);
         let server_tls =
             tls::server_config(&identity(pki, "/node/storage"), clock.clone()).unwrap();
@@ -278,6 +285,30 @@ mod tests {
             .unwrap();
         let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
         (c.unwrap(), s.unwrap(), client, server)
+    }
+
+    /// With a jumbo ceiling on both sides, path-MTU discovery reaches it (loopback carries
+    /// 65 535-byte frames): each side accepts datagrams that large, so the peer probes that far.
+    /// With quinn's default acceptance (1472) both stop at 1472.
+    #[tokio::test]
+    async fn path_mtu_discovery_reaches_a_jumbo_ceiling() {
+        let pki = TestPki::new("hospital.example");
+        let mut cfg = TransportConfig::default();
+        cfg.mtu(1200, 8972).unwrap();
+        let (client, server, _ce, _se) = pair_with(&pki, &cfg).await;
+        let reached = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while client.stats().path.current_mtu != 8972 || server.stats().path.current_mtu != 8972
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "MTU stayed at client {} / server {}",
+            client.stats().path.current_mtu,
+            server.stats().path.current_mtu
+        );
     }
 
     /// A batch of jumbo datagrams as large as the cap allows crosses loopback whole; one of
