@@ -10,6 +10,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod chart;
+pub mod host;
 pub mod lab;
 pub mod mode;
 pub mod report;

@@ -40,6 +40,11 @@ fn local_reports_every_mode_in_the_documented_shape() {
     }
     assert_eq!(modes[0]["ratio_to_plaintext"], 1.0);
     assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
+    // The host's one-core rates, measured in the same invocation, travel with the figures.
+    for rate in ["aes_128_gcm_seal_gbps", "memcpy_gbps"] {
+        let g = doc["machine"]["one_core"][rate].as_f64().unwrap();
+        assert!(g.is_finite() && g > 0.0, "{rate}: {g}");
+    }
 }
 
 #[test]

@@ -375,6 +375,8 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
 
 /// Runs every mode `run.runs` times, interleaved, and builds the report document.
 async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::Result<Value> {
+    // What this host's processor can do, measured before the runs while it is quiet.
+    let rates = benches::host::measure(std::time::Duration::from_millis(300))?;
     let mut results = Vec::new();
     for i in 0..run.runs.max(1) {
         for &m in &run.modes {
@@ -409,7 +411,7 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     params["request_bytes"] = run.request_size.as_u64().into();
     Ok(json!({
         "params": params,
-        "machine": report::machine(),
+        "machine": report::machine(Some(&rates)),
         "modes": summary,
         "runs": results,
     }))
@@ -422,6 +424,7 @@ fn finish(doc: &Value, kind: &str, run: &RunArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(doc)?);
     } else {
         print!("{}", report::table(&summary));
+        println!("{}", report::host_line(&doc["machine"]));
     }
     if let Some(dir) = &run.out {
         std::fs::create_dir_all(dir)?;
