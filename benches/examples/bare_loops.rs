@@ -3,8 +3,8 @@
 //!
 //! A server writes `--size` bytes per connection from one 256 KiB buffer; the client reads
 //! them into another and throws them away. The TLS loop is rustls's blocking stream with
-//! the suites the product prefers (AES-128-GCM first), over a self-signed certificate made
-//! for the run. The ratio of the two rates is what TLS costs on this path and processor
+//! the product's crypto provider (`libtransport::tls::provider`, AES-128-GCM first), over a
+//! self-signed certificate made for the run. The ratio of the two rates is what TLS costs on this path and processor
 //! with nothing else in the way; `transport-bench lab` prints the same host's one-core
 //! AES-GCM rate, which is what mostly decides it.
 //!
@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rustls::crypto::aws_lc_rs::{self as provider, cipher_suite};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 const BUFFER: usize = 256 << 10;
@@ -72,7 +71,6 @@ fn lab(args: &[String]) -> anyhow::Result<()> {
         .arg(dir.path())
         .args([addr.to_string(), size.to_string()])
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..rounds {
         for (i, mode) in ["tcp", "tls"].into_iter().enumerate() {
@@ -108,15 +106,6 @@ fn lab(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn suites() -> rustls::crypto::CryptoProvider {
-    let mut p = provider::default_provider();
-    p.cipher_suites = vec![
-        cipher_suite::TLS13_AES_128_GCM_SHA256,
-        cipher_suite::TLS13_AES_256_GCM_SHA384,
-    ];
-    p
-}
-
 /// Serves `size` bytes per connection: plain TCP on `addr`, TLS on the next port.
 fn serve(dir: &Path, addr: SocketAddr, size: u64) -> anyhow::Result<()> {
     let cert = CertificateDer::from(std::fs::read(dir.join("cert.der"))?);
@@ -124,7 +113,7 @@ fn serve(dir: &Path, addr: SocketAddr, size: u64) -> anyhow::Result<()> {
         dir.join("key.der"),
     )?));
     let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(suites()))
+        rustls::ServerConfig::builder_with_provider(libtransport::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(vec![cert], key)?,
@@ -161,26 +150,46 @@ fn send(w: &mut impl Write, size: u64) -> std::io::Result<()> {
     w.flush()
 }
 
-/// Pulls one connection's bytes and prints the rate (10^9 bytes per second).
+/// Pulls one connection's bytes and prints the rate (10^9 bytes per second), timed from
+/// the connect (the TLS handshake is inside, as it is in a real pull).
 fn pull(dir: &Path, addr: SocketAddr, tls: bool) -> anyhow::Result<()> {
     let mut buf = vec![0u8; BUFFER];
-    let started = Instant::now();
-    let n = if tls {
+    let tls_config = if tls {
         let cert = CertificateDer::from(std::fs::read(dir.join("cert.der"))?);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert)?;
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(suites()))
+        let config = rustls::ClientConfig::builder_with_provider(libtransport::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(
-            Arc::new(config),
-            ServerName::try_from("bare-loops")?.to_owned(),
-        )?;
-        let s = TcpStream::connect(SocketAddr::new(addr.ip(), addr.port() + 1))?;
-        drain(&mut rustls::StreamOwned::new(conn, s), &mut buf)?
+        Some(Arc::new(config))
     } else {
-        drain(&mut TcpStream::connect(addr)?, &mut buf)?
+        None
+    };
+    let port = if tls { addr.port() + 1 } else { addr.port() };
+    let target = SocketAddr::new(addr.ip(), port);
+    // The server may still be starting on its host: retry a refused connect for a while.
+    let mut tries = 0;
+    let (started, mut socket) = loop {
+        let started = Instant::now();
+        match TcpStream::connect(target) {
+            Ok(s) => break (started, s),
+            Err(_) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {target}")),
+        }
+    };
+    let n = match tls_config {
+        Some(config) => {
+            let conn = rustls::ClientConnection::new(
+                config,
+                ServerName::try_from("bare-loops")?.to_owned(),
+            )?;
+            drain(&mut rustls::StreamOwned::new(conn, socket), &mut buf)?
+        }
+        None => drain(&mut socket, &mut buf)?,
     };
     let secs = started.elapsed().as_secs_f64();
     if n == 0 {

@@ -72,9 +72,9 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
     out
 }
 
-/// Facts about the machine and build, recorded with every result: with `rates`, also what
-/// one core of it encrypts and copies per second (see [`crate::host`]).
-pub fn machine(rates: Option<&crate::host::Rates>) -> Value {
+/// Facts about the machine and build, recorded with every result, with what one core of it
+/// encrypts and copies per second (`rates`, see [`crate::host`]).
+pub fn machine(rates: &crate::host::Rates) -> Value {
     let cpu = crate::host::Cpu::this_machine();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())

@@ -18,8 +18,8 @@ use crate::identity::{CertResolver, FailureSlot, IdentityHandle, SvidVerifier};
 /// The ALPN protocol ID of transportd's wire protocol, major version 1.
 pub const ALPN: &[u8] = b"transportd/1";
 
-/// The crypto provider every connection uses.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+/// The crypto provider every connection uses: aws-lc-rs, TLS 1.3 suites in the order above.
+pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites = vec![
         cipher_suite::TLS13_AES_128_GCM_SHA256,

@@ -411,7 +411,7 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     params["request_bytes"] = run.request_size.as_u64().into();
     Ok(json!({
         "params": params,
-        "machine": report::machine(Some(&rates)),
+        "machine": report::machine(&rates),
         "modes": summary,
         "runs": results,
     }))

@@ -255,14 +255,13 @@ mod tests {
     /// A mutually authenticated QUIC connection on loopback: (client side, server side),
     /// and the endpoints that keep it alive.
     async fn pair(pki: &TestPki) -> (quinn::Connection, quinn::Connection, Endpoint, Endpoint) {
-        pair_with(pki, &TransportConfig::default()).await
+        pair_with(pki, TransportConfig::default()).await
     }
 
     async fn pair_with(
         pki: &TestPki,
-        cfg: &TransportConfig,
+        cfg: TransportConfig,
     ) -> (quinn::Connection, quinn::Connection, Endpoint, Endpoint) {
-        let cfg = cfg.clone();
         let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock);
         let server_tls =
             tls::server_config(&identity(pki, "/node/storage"), clock.clone()).unwrap();
@@ -295,7 +294,7 @@ mod tests {
         let pki = TestPki::new("hospital.example");
         let mut cfg = TransportConfig::default();
         cfg.mtu(1200, 8972).unwrap();
-        let (client, server, _ce, _se) = pair_with(&pki, &cfg).await;
+        let (client, server, _ce, _se) = pair_with(&pki, cfg).await;
         let reached = tokio::time::timeout(std::time::Duration::from_secs(20), async {
             while client.stats().path.current_mtu != 8972 || server.stats().path.current_mtu != 8972
             {
