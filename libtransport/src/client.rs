@@ -36,6 +36,9 @@ use crate::identity::{
     CREDENTIALS_CHECK_INTERVAL, CredentialsEnd, FailureSlot, IdentityHandle, Peer,
     peer_credentials_end, peer_identity, renewal_margin,
 };
+pub use crate::proto::retry::RetryPolicy;
+use crate::proto::retry::{AttemptEnd, MAX_STALLED_RENEWALS};
+pub(crate) use crate::proto::retry::{Attempts, Next};
 use crate::proto::{
     DatasetName, ErrorCode, Frame, FrameKind, Hello, HelloAck, Manifest, ObjectEntry, ObjectPath,
     Request, Response,
@@ -371,41 +374,6 @@ fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// How often and how patiently a transfer reconnects after a network failure.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Reconnect attempts after the first failure (0: fail at once).
-    pub attempts: u32,
-    /// Wait before the first attempt; doubles each time, up to 30 s.
-    pub backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 5,
-            backoff: Duration::from_millis(500),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// No retries.
-    pub fn none() -> Self {
-        Self {
-            attempts: 0,
-            backoff: Duration::ZERO,
-        }
-    }
-
-    /// How long to wait before reconnect attempt `attempt` (from 0).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        self.backoff
-            .saturating_mul(1 << attempt.min(16))
-            .min(Duration::from_secs(30))
-    }
-}
-
 /// How one attempt of a transfer ended, when not with an error.
 #[derive(Debug)]
 pub(crate) enum Attempt<T> {
@@ -414,67 +382,6 @@ pub(crate) enum Attempt<T> {
     /// The connection became due for renewal between chunks: the chunks in flight finished,
     /// the others wait for the next attempt, on a fresh connection.
     Renew,
-}
-
-/// What a transfer does after an attempt that did not complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Next {
-    /// Go on at once, on a fresh connection; no failure is counted.
-    Renew,
-    /// Retry after this delay; a failure is counted.
-    Retry(Duration),
-    /// Stop and report the error.
-    GiveUp,
-}
-
-/// Counts a transfer's attempts. Failures count against its [`RetryPolicy`]; attempts that
-/// ended because an SVID on their connection ended (or was about to) do not, as long as
-/// the transfer makes progress between them (so a connection that keeps failing that way
-/// still runs out of attempts).
-#[derive(Debug)]
-pub(crate) struct Attempts {
-    policy: RetryPolicy,
-    failures: u32,
-    /// Renewals since the last progress.
-    stalled: u32,
-    /// Progress (bytes moved) at the last attempt.
-    progress: u64,
-}
-
-impl Attempts {
-    pub(crate) fn new(policy: RetryPolicy) -> Self {
-        Self {
-            policy,
-            failures: 0,
-            stalled: 0,
-            progress: 0,
-        }
-    }
-
-    /// Failures so far (what a report calls retries).
-    pub(crate) fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// Decides after an attempt that did not complete: `renewal` if it ended because
-    /// credentials on its connection ended, `retriable` if its error (if any) may pass,
-    /// `progress` the transfer's bytes moved so far.
-    pub(crate) fn next(&mut self, renewal: bool, retriable: bool, progress: u64) -> Next {
-        if progress > self.progress {
-            self.progress = progress;
-            self.stalled = 0;
-        }
-        if renewal && self.stalled < MAX_STALLED_RENEWALS {
-            self.stalled += 1;
-            return Next::Renew;
-        }
-        if retriable && self.failures < self.policy.attempts {
-            let delay = self.policy.delay(self.failures);
-            self.failures += 1;
-            return Next::Retry(delay);
-        }
-        Next::GiveUp
-    }
 }
 
 /// Decides what a transfer does after an attempt that ended for a renewal (`failed` none)
@@ -486,14 +393,14 @@ pub(crate) fn after_attempt(
     used: Option<&Connection>,
     progress: u64,
 ) -> Next {
-    let (renewal, retriable) = match failed {
-        None => (true, true),
-        Some(retriable) => (
-            retriable && used.is_some_and(Connection::ended_by_credentials),
+    let end = match failed {
+        None => AttemptEnd::Renewal,
+        Some(retriable) => AttemptEnd::Failed {
             retriable,
-        ),
+            credentials_ended: used.is_some_and(Connection::ended_by_credentials),
+        },
     };
-    attempts.next(renewal, retriable, progress)
+    attempts.next(end, progress)
 }
 
 /// The error of a transfer whose connections kept needing renewal without progress.
@@ -502,10 +409,6 @@ pub(crate) fn renewals_stalled() -> ConnectError {
         "the connection was renewed {MAX_STALLED_RENEWALS} times without a chunk getting through"
     ))
 }
-
-/// Renewals in a row, without progress in between, after which a transfer counts them as
-/// failures: connections that end before a chunk gets through are not a rotation.
-const MAX_STALLED_RENEWALS: u32 = 3;
 
 /// One established, authenticated connection.
 #[derive(Debug)]

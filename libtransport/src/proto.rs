@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod message;
 pub mod name;
 pub mod rdma;
+pub mod retry;
 pub mod seal;
 
 pub use frame::{Frame, FrameError, FrameHeader, FrameKind};
