@@ -2,8 +2,9 @@
 //! and QUIC/mTLS over the same workload, on the same machine, in one invocation.
 //!
 //! Every mode moves the same object through the same protocol, store and client code; only
-//! the transport underneath differs. The plaintext baseline exists only here (through
-//! libtransport's `bench-plaintext` feature); the daemon cannot run without TLS.
+//! the transport underneath differs. The plaintext baseline exists only here
+//! ([`plaintext`], a plug-in transport of libtransport's); the daemon cannot run without
+//! TLS.
 
 #![forbid(unsafe_code)]
 // A benchmark reads the clock directly; the product injects it.
@@ -13,6 +14,7 @@ pub mod chart;
 pub mod host;
 pub mod lab;
 pub mod mode;
+pub mod plaintext;
 pub mod report;
 pub mod setup;
 pub mod stats;

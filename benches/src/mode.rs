@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use libtransport::{
     TransportConfig,
 };
 
+use crate::plaintext::PlaintextConnector;
 use crate::stats::{Latency, cpu_time, latency_histogram, process_cpu_time};
 
 /// A transport to measure.
@@ -264,8 +266,8 @@ async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::R
             let addr = target
                 .plaintext
                 .context("the server runs no plaintext baseline (start it with --plaintext)")?;
-            libtransport::bench::dangerous_connect_plaintext(config, addr, target.server_id.clone())
-                .await?
+            let connector = PlaintextConnector::dangerous_new(target.server_id.clone());
+            Client::connect_with(config, addr, Arc::new(connector)).await?
         }
         Mode::TlsTcp => Client::connect(config, target.tcp, Path::Tcp).await?,
         Mode::Quic | Mode::RdmaSoft | Mode::RdmaSoftPlain | Mode::Rdma => {

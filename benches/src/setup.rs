@@ -17,6 +17,8 @@ use libtransport::{
 };
 use tokio::net::TcpListener;
 
+use crate::plaintext::PlaintextListener;
+
 /// The trust domain benchmarks mint when they make their own identities.
 pub const TRUST_DOMAIN: &str = "bench.transportd.internal";
 
@@ -65,15 +67,8 @@ pub struct Served {
     pub object: ObjectPath,
     /// Its size.
     pub size: u64,
-    plaintext_task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(t) = &self.plaintext_task {
-            t.abort();
-        }
-    }
+    /// The plaintext baseline's server, if it runs (stops on drop).
+    _plaintext_server: Option<ServerHandle>,
 }
 
 /// Writes the object, computes its manifest (so no mode pays for it), starts the servers.
@@ -135,16 +130,15 @@ pub async fn serve(spec: ServeSpec) -> anyhow::Result<Served> {
     let server = Server::bind(config.clone(), Some(spec.listen), Some(spec.listen))
         .await?
         .spawn();
-    let (plaintext, plaintext_task) = match spec.plaintext {
+    let (plaintext, plaintext_server) = match spec.plaintext {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;
             let bound = listener.local_addr()?;
             // Nobody is authenticated on the baseline: every peer is taken to be this one.
             let assumed = SpiffeId::from_parts(&td, "/bench/plaintext-client")?;
-            let task = tokio::spawn(libtransport::bench::dangerous_serve_plaintext(
-                config, listener, assumed,
-            ));
-            (Some(bound), Some(task))
+            let listener = PlaintextListener::dangerous_new(listener, assumed);
+            let server = Server::with_listeners(config, vec![Box::new(listener)]).spawn();
+            (Some(bound), Some(server))
         }
         None => (None, None),
     };
@@ -156,7 +150,7 @@ pub async fn serve(spec: ServeSpec) -> anyhow::Result<Served> {
         dataset,
         object,
         size,
-        plaintext_task,
+        _plaintext_server: plaintext_server,
     })
 }
 

@@ -25,25 +25,26 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use certs::Usage;
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::AsyncWriteExt;
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::clock::Clock;
 use crate::config::ClientConfig;
-use crate::error::{ConnectError, Rejection, RequestError};
+use crate::error::{ConnectError, RequestError};
 use crate::identity::{
-    CREDENTIALS_CHECK_INTERVAL, CredentialsEnd, FailureSlot, IdentityHandle, Peer,
-    peer_credentials_end, peer_identity, renewal_margin,
+    CREDENTIALS_CHECK_INTERVAL, CredentialsEnd, IdentityHandle, Peer, peer_credentials_end,
+    renewal_margin, verify_peer,
 };
 pub use crate::proto::retry::RetryPolicy;
 use crate::proto::retry::{AttemptEnd, MAX_STALLED_RENEWALS};
 pub(crate) use crate::proto::retry::{Attempts, Next};
 use crate::proto::{
-    DatasetName, ErrorCode, Frame, FrameKind, Hello, HelloAck, Manifest, ObjectEntry, ObjectPath,
-    Request, Response,
+    DatasetName, ErrorCode, Frame, FrameKind, HelloAck, Manifest, ObjectEntry, ObjectPath, Request,
+    Response,
 };
-use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, tcp};
+use crate::transport::quic::QuicConnector;
+use crate::transport::tcp::TlsTcpConnector;
+use crate::transport::{self, Close, FrameSource, Path, RequestStream};
+pub use crate::transport::{Connector, QuicPathStats};
 
 mod fetch;
 mod pace;
@@ -58,16 +59,12 @@ pub use push::PushReport;
 pub struct Client {
     config: ClientConfig,
     addr: SocketAddr,
-    path: Path,
-    endpoint: Option<quinn::Endpoint>,
+    connector: Arc<dyn Connector>,
     conn: Mutex<Arc<Connection>>,
     /// Held while the connection is being replaced, so concurrent requests make one.
     reconnecting: tokio::sync::Mutex<()>,
     /// Whether we said why a pull does not use RDMA (said once per client).
     rdma_notice: std::sync::atomic::AtomicBool,
-    /// Set only for the bench's plaintext baseline: the server identity we assume.
-    #[cfg(feature = "bench-plaintext")]
-    plaintext: Option<certs::SpiffeId>,
 }
 
 impl Client {
@@ -77,30 +74,44 @@ impl Client {
         addr: SocketAddr,
         path: Path,
     ) -> Result<Self, ConnectError> {
-        let endpoint = match path {
-            Path::Quic => Some(
-                quic::client_endpoint(addr, &config.transport)
+        let (identity, server_id, clock, transport) = (
+            config.identity.clone(),
+            config.server_id.clone(),
+            config.clock.clone(),
+            config.transport.clone(),
+        );
+        let connector: Arc<dyn Connector> = match path {
+            Path::Quic => Arc::new(
+                QuicConnector::new(addr, identity, server_id, clock, transport)
                     .map_err(|e| ConnectError::Local(format!("UDP socket: {e}")))?,
             ),
-            Path::Tcp => None,
+            Path::Tcp => Arc::new(TlsTcpConnector::new(identity, server_id, clock, transport)),
             Path::Rdma => {
                 return Err(ConnectError::Local(
                     "RDMA carries transfers over a QUIC connection: connect with Path::Quic and enable TransportConfig::rdma".into(),
                 ));
             }
         };
-        let conn = establish(&config, endpoint.as_ref(), addr, path).await?;
+        Self::connect_with(config, addr, connector).await
+    }
+
+    /// Connects to `addr` with a transport of the caller's (see [`Connector`]), and
+    /// completes the first round trip. The server's identity is verified as for the
+    /// built-in transports.
+    pub async fn connect_with(
+        config: ClientConfig,
+        addr: SocketAddr,
+        connector: Arc<dyn Connector>,
+    ) -> Result<Self, ConnectError> {
+        let conn = establish(&config, &*connector, addr).await?;
         let conn = adopt(&config, conn);
         Ok(Self {
             config,
             addr,
-            path,
-            endpoint,
+            connector,
             conn: Mutex::new(conn),
             reconnecting: tokio::sync::Mutex::new(()),
             rdma_notice: std::sync::atomic::AtomicBool::new(false),
-            #[cfg(feature = "bench-plaintext")]
-            plaintext: None,
         })
     }
 
@@ -132,7 +143,7 @@ impl Client {
 
     /// The transport in use.
     pub fn path(&self) -> Path {
-        self.path
+        self.connector.path()
     }
 
     /// The server's limits and chunk size, from its `HelloAck`.
@@ -199,17 +210,7 @@ impl Client {
 
     /// What QUIC has learnt of the path so far, for reports; `None` on other transports.
     pub fn quic_path_stats(&self) -> Option<QuicPathStats> {
-        let conn = self.current();
-        let stats = conn.quic()?.stats();
-        Some(QuicPathStats {
-            mtu: stats.path.current_mtu,
-            rtt: stats.path.rtt,
-            sent_packets: stats.path.sent_packets,
-            lost_packets: stats.path.lost_packets,
-            black_holes_detected: stats.path.black_holes_detected,
-            received_datagrams: stats.udp_rx.datagrams,
-            received_bytes: stats.udp_rx.bytes,
-        })
+        self.current().inner.path_stats()
     }
 
     /// One request, one response, on a fresh stream.
@@ -217,7 +218,7 @@ impl Client {
         self.connection()
             .await
             .map_err(|e| {
-                RequestError::Stream(crate::transport::StreamError::ConnectionLost(e.to_string()))
+                RequestError::Stream(transport::StreamError::ConnectionLost(e.to_string()))
             })?
             .call(req)
             .await
@@ -238,22 +239,15 @@ impl Client {
             return Ok(current);
         }
         if current.is_closed() {
-            tracing::info!(path = %self.path, "reconnecting");
+            tracing::info!(path = %self.path(), "reconnecting");
         } else {
             tracing::info!(
-                path = %self.path,
+                path = %self.path(),
                 peer.id = %current.peer.id,
                 "renewing the connection: an SVID on it is about to expire"
             );
         }
-        #[cfg(feature = "bench-plaintext")]
-        if let Some(server) = &self.plaintext {
-            let fresh = Arc::new(establish_plaintext(&self.config, self.addr, server).await?);
-            *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
-            return Ok(fresh);
-        }
-        let mut fresh =
-            establish(&self.config, self.endpoint.as_ref(), self.addr, self.path).await?;
+        let mut fresh = establish(&self.config, &*self.connector, self.addr).await?;
         fresh.succeed(&current);
         let fresh = adopt(&self.config, fresh);
         *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
@@ -272,13 +266,10 @@ impl Client {
     }
 }
 
-/// Wraps a fresh connection and, unless it is the bench's plaintext one, starts closing it
-/// once the server's credentials end.
+/// Wraps a fresh connection and starts closing it once the server's credentials end.
 fn adopt(config: &ClientConfig, conn: Connection) -> Arc<Connection> {
     let conn = Arc::new(conn);
-    if conn.renewal.is_some() {
-        tokio::spawn(watch_server(Arc::downgrade(&conn), config.clone()));
-    }
+    tokio::spawn(watch_server(Arc::downgrade(&conn), config.clone()));
     conn
 }
 
@@ -413,13 +404,11 @@ pub(crate) fn renewals_stalled() -> ConnectError {
 /// One established, authenticated connection.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    inner: Inner,
+    inner: Arc<dyn transport::Connection>,
     pub(crate) peer: Peer,
     pub(crate) ack: HelloAck,
-    timeout: Duration,
-    /// When to replace it because an SVID on it is about to expire; none for the bench's
-    /// plaintext baseline, which has no SVIDs.
-    renewal: Option<Renewal>,
+    /// When to replace it because an SVID on it is about to expire.
+    renewal: Renewal,
     /// Set once we closed it because the server's credentials ended.
     ended: std::sync::OnceLock<CredentialsEnd>,
 }
@@ -454,51 +443,10 @@ impl Renewal {
     }
 }
 
-/// A QUIC connection's view of its path (see [`Client::quic_path_stats`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuicPathStats {
-    /// The datagram size in use: path-MTU discovery raises it up to the configured ceiling
-    /// and falls back to 1200 when larger datagrams keep getting lost.
-    pub mtu: u16,
-    /// The smoothed round-trip time.
-    pub rtt: Duration,
-    /// Packets sent on the path.
-    pub sent_packets: u64,
-    /// Packets declared lost.
-    pub lost_packets: u64,
-    /// Times losses of large datagrams made QUIC fall back to the minimum size.
-    pub black_holes_detected: u64,
-    /// Datagrams received from the server (their average size shows the server's MTU).
-    pub received_datagrams: u64,
-    /// Bytes of those datagrams.
-    pub received_bytes: u64,
-}
-
-#[derive(Debug)]
-enum Inner {
-    Quic(quinn::Connection),
-    Mux(mux::MuxClient),
-}
-
 impl Connection {
     /// Opens a request stream by sending `req`.
     pub(crate) async fn open(&self, req: &Request) -> Result<RequestStream, RequestError> {
-        match &self.inner {
-            Inner::Quic(c) => {
-                let (send, recv) = c.open_bi().await.map_err(|e| {
-                    RequestError::Stream(crate::transport::StreamError::ConnectionLost(
-                        quic::describe(&e),
-                    ))
-                })?;
-                let mut s = RequestStream {
-                    sink: FrameSink::quic(send, self.timeout),
-                    source: FrameSource::quic(recv, self.timeout),
-                };
-                s.sink.send(FrameKind::Request, req.encode()).await?;
-                Ok(s)
-            }
-            Inner::Mux(m) => Ok(m.open(req.encode()).await?),
-        }
+        Ok(self.inner.open(req.encode()).await?)
     }
 
     /// Sends a request and waits for its single response.
@@ -508,19 +456,13 @@ impl Connection {
         response(&mut s.source).await
     }
 
-    /// The QUIC connection underneath (RDMA key export; tests that speak raw bytes).
-    pub(crate) fn quic(&self) -> Option<&quinn::Connection> {
-        match &self.inner {
-            Inner::Quic(c) => Some(c),
-            Inner::Mux(_) => None,
-        }
+    /// The transport's connection underneath (RDMA key export and addresses).
+    pub(crate) fn transport(&self) -> &dyn transport::Connection {
+        &*self.inner
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        match &self.inner {
-            Inner::Quic(c) => c.close_reason().is_some(),
-            Inner::Mux(m) => m.is_closed(),
-        }
+        self.inner.is_closed()
     }
 
     /// Open, and not due for renewal: new requests may go on it.
@@ -531,7 +473,7 @@ impl Connection {
     /// Whether new requests should go on a fresh connection because an SVID on this one is
     /// about to expire (see [`Renewal::is_due`]).
     pub(crate) fn is_due_for_renewal(&self) -> bool {
-        self.renewal.as_ref().is_some_and(Renewal::is_due)
+        self.renewal.is_due()
     }
 
     /// Whether the connection has ended because credentials on it ended, or as good as: we
@@ -542,24 +484,15 @@ impl Connection {
         if !self.is_closed() {
             return false;
         }
-        if self.ended.get().is_some() {
-            return true;
-        }
-        if let Inner::Quic(c) = &self.inner
-            && let Some(quinn::ConnectionError::ApplicationClosed(close)) = c.close_reason()
-            && CredentialsEnd::from_quic_code(close.error_code).is_some()
-        {
-            return true;
-        }
-        self.renewal.as_ref().is_some_and(Renewal::is_near_end)
+        self.ended.get().is_some()
+            || self.inner.closed_for_credentials().is_some()
+            || self.renewal.is_near_end()
     }
 
     /// Takes over from `previous`: if the server presents the SVID that made `previous` due
     /// for renewal, renewing again would not help until it expires.
     fn succeed(&mut self, previous: &Self) {
-        let (Some(new), Some(old)) = (self.renewal.as_mut(), previous.renewal.as_ref()) else {
-            return;
-        };
+        let (new, old) = (&mut self.renewal, &previous.renewal);
         if self.peer.serial == previous.peer.serial
             && old.peer_at.is_none_or(|at| old.clock.now() >= at)
         {
@@ -570,17 +503,11 @@ impl Connection {
     /// Closes the connection because the server's credentials ended.
     fn close_for(&self, end: CredentialsEnd) {
         let _ = self.ended.set(end);
-        match &self.inner {
-            Inner::Quic(c) => c.close(end.quic_code(), end.reason().as_bytes()),
-            Inner::Mux(m) => m.close(end.reason()),
-        }
+        self.inner.close(Close::Credentials(end));
     }
 
     fn close(&self) {
-        match &self.inner {
-            Inner::Quic(c) => c.close(quinn::VarInt::from_u32(0), b"done"),
-            Inner::Mux(m) => m.close("closed by client"),
-        }
+        self.inner.close(Close::Done);
     }
 }
 
@@ -613,101 +540,20 @@ pub(crate) fn unexpected(r: &Response) -> RequestError {
     ))
 }
 
+/// Connects through `connector`, verifies the server's identity and sets the renewal
+/// schedule of the fresh connection.
 async fn establish(
     config: &ClientConfig,
-    endpoint: Option<&quinn::Endpoint>,
+    connector: &dyn Connector,
     addr: SocketAddr,
-    path: Path,
 ) -> Result<Connection, ConnectError> {
-    let failure = FailureSlot::default();
     // Read before the handshake takes the credentials, so a rotation during it can only
     // make us renew early, never late.
     let own = config.identity.current();
-    let tls = crate::tls::client_config(
-        &config.identity,
-        config.server_id.clone(),
-        failure.clone(),
-        config.clock.clone(),
-    )
-    .map_err(|e| ConnectError::Local(format!("TLS configuration: {e}")))?;
-    let t = &config.transport;
-    let timeout = t.handshake_timeout;
-    let (inner, chain, ack) = match (path, endpoint) {
-        (Path::Quic, Some(endpoint)) => {
-            let qc = quic::client_config(tls, t).map_err(|e| ConnectError::Local(e.to_string()))?;
-            let connecting = endpoint
-                .connect_with(qc, addr, crate::tls::SERVER_NAME)
-                .map_err(|e| ConnectError::Local(e.to_string()))?;
-            let conn = match tokio::time::timeout(timeout, connecting).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(quic_connect_error(&e, &failure)),
-                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-            };
-            let alpn = conn
-                .handshake_data()
-                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                .and_then(|d| d.protocol);
-            if alpn.as_deref() != Some(crate::tls::ALPN) {
-                return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
-            }
-            let chain = conn
-                .peer_identity()
-                .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
-                .map(|c| *c)
-                .unwrap_or_default();
-            let ack = match tokio::time::timeout(timeout, quic_hello(&conn, t.io_timeout)).await {
-                Ok(Ok(ack)) => ack,
-                Ok(Err(e)) => {
-                    // A server that refused our certificate closed with a TLS alert.
-                    return Err(match conn.close_reason() {
-                        Some(reason) => quic_connect_error(&reason, &failure),
-                        None => e,
-                    });
-                }
-                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-            };
-            (Inner::Quic(conn), chain, ack)
-        }
-        (Path::Tcp | Path::Rdma, _) | (Path::Quic, None) => {
-            let socket =
-                tcp::connect(addr, timeout)
-                    .await
-                    .map_err(|source| match source.kind() {
-                        std::io::ErrorKind::TimedOut => ConnectError::Timeout { addr, timeout },
-                        _ => ConnectError::Unreachable { addr, source },
-                    })?;
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-            let name = ServerName::try_from(crate::tls::SERVER_NAME)
-                .map_err(|e| ConnectError::Local(e.to_string()))?;
-            let mut stream =
-                match tokio::time::timeout(timeout, connector.connect(name, tcp::buffered(socket)))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
-                    Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-                };
-            let (_, session) = stream.get_ref();
-            if session.alpn_protocol() != Some(crate::tls::ALPN) {
-                return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
-            }
-            let chain: Vec<CertificateDer<'static>> = session
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                .unwrap_or_default();
-            stream.get_mut().1.set_buffer_limit(Some(4 << 20));
-            let ack = match tokio::time::timeout(timeout, stream_hello(&mut stream)).await {
-                Ok(Ok(ack)) => ack,
-                Ok(Err(e)) => return Err(tls_connect_error(&e, &failure)),
-                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-            }?;
-            let m = mux::client(stream, ack.max_streams, t.io_timeout, mux::TLS_READ_BUFFER);
-            (Inner::Mux(m), chain, ack)
-        }
-    };
+    let established = connector.connect(addr).await?;
     let creds = config.identity.current();
     let now = config.clock.now();
-    let verified = peer_identity(&chain, &creds, now, Usage::Server)
+    let verified = verify_peer(&established.proof, &creds, now, Usage::Server)
         .map_err(ConnectError::ServerNotTrusted)?;
     let svid = own.svid();
     let own_life = svid
@@ -725,170 +571,16 @@ async fn establish(
         peer_at: Some(verified.not_after - renewal_margin(peer_left)),
     };
     Ok(Connection {
-        inner,
+        inner: established.connection,
         peer: Peer {
             id: verified.id,
             serial: verified.serial,
             not_after: verified.not_after,
             addr,
-            path,
+            path: connector.path(),
         },
-        ack,
-        timeout: t.io_timeout,
-        renewal: Some(renewal),
+        ack: established.ack,
+        renewal,
         ended: std::sync::OnceLock::new(),
     })
-}
-
-/// The bench's plaintext baseline: same protocol, bare TCP, assumed identities.
-#[cfg(feature = "bench-plaintext")]
-pub(crate) async fn connect_plaintext(
-    config: ClientConfig,
-    addr: SocketAddr,
-    server: certs::SpiffeId,
-) -> Result<Client, ConnectError> {
-    let conn = establish_plaintext(&config, addr, &server).await?;
-    Ok(Client {
-        config,
-        addr,
-        path: Path::Tcp,
-        endpoint: None,
-        conn: Mutex::new(Arc::new(conn)),
-        reconnecting: tokio::sync::Mutex::new(()),
-        rdma_notice: std::sync::atomic::AtomicBool::new(false),
-        plaintext: Some(server),
-    })
-}
-
-#[cfg(feature = "bench-plaintext")]
-async fn establish_plaintext(
-    config: &ClientConfig,
-    addr: SocketAddr,
-    server: &certs::SpiffeId,
-) -> Result<Connection, ConnectError> {
-    let t = &config.transport;
-    let mut socket = tcp::connect(addr, t.handshake_timeout)
-        .await
-        .map_err(|source| ConnectError::Unreachable { addr, source })?;
-    let ack = stream_hello(&mut socket)
-        .await
-        .map_err(|e| ConnectError::Lost(e.to_string()))??;
-    Ok(Connection {
-        inner: Inner::Mux(mux::client(
-            socket,
-            ack.max_streams,
-            t.io_timeout,
-            mux::PLAIN_READ_BUFFER,
-        )),
-        peer: Peer {
-            id: server.clone(),
-            serial: "plaintext".into(),
-            not_after: SystemTime::UNIX_EPOCH,
-            addr,
-            path: Path::Tcp,
-        },
-        ack,
-        timeout: t.io_timeout,
-        renewal: None,
-        ended: std::sync::OnceLock::new(),
-    })
-}
-
-async fn quic_hello(conn: &quinn::Connection, timeout: Duration) -> Result<HelloAck, ConnectError> {
-    let lost = |e: &dyn std::fmt::Display| ConnectError::Lost(e.to_string());
-    let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    let mut sink = FrameSink::quic(send, timeout);
-    let mut source = FrameSource::quic(recv, timeout);
-    sink.send(FrameKind::Hello, Hello::current().encode())
-        .await
-        .map_err(|e| lost(&e))?;
-    sink.finish();
-    let frame = source
-        .recv()
-        .await
-        .map_err(|e| lost(&e))?
-        .ok_or_else(|| ConnectError::Lost("server closed the hello stream".into()))?;
-    hello_ack(&frame)
-}
-
-/// Hello over a byte stream; an I/O error is returned as such so a TLS alert can be read.
-async fn stream_hello<S>(stream: &mut S) -> std::io::Result<Result<HelloAck, ConnectError>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let hello = Frame::new(FrameKind::Hello, 0, Hello::current().encode());
-    mux::write_frame(stream, &hello).await?;
-    stream.flush().await?;
-    Ok(match mux::read_frame(stream).await? {
-        Some(frame) => hello_ack(&frame),
-        None => Err(ConnectError::Lost("server closed the connection".into())),
-    })
-}
-
-fn hello_ack(frame: &Frame) -> Result<HelloAck, ConnectError> {
-    match frame.kind {
-        FrameKind::HelloAck => {
-            let ack = HelloAck::decode(&frame.payload)
-                .map_err(|e| ConnectError::Lost(format!("malformed hello answer: {e}")))?;
-            if ack.version != crate::proto::message::PROTOCOL_VERSION {
-                return Err(ConnectError::Version);
-            }
-            Ok(ack)
-        }
-        FrameKind::Error => Err(match ErrorCode::decode(&frame.payload) {
-            Ok(ErrorCode::Busy) => ConnectError::Busy,
-            Ok(ErrorCode::Version) => ConnectError::Version,
-            Ok(other) => ConnectError::Lost(format!("server refused: {}", other.describe())),
-            Err(e) => ConnectError::Lost(format!("malformed hello answer: {e}")),
-        }),
-        k => Err(ConnectError::Lost(format!(
-            "unexpected {k:?} frame instead of hello answer"
-        ))),
-    }
-}
-
-fn take_failure(failure: &FailureSlot) -> Option<certs::SvidError> {
-    failure
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take()
-}
-
-fn quic_connect_error(e: &quinn::ConnectionError, failure: &FailureSlot) -> ConnectError {
-    if let Some(svid) = take_failure(failure) {
-        return ConnectError::ServerNotTrusted(svid);
-    }
-    if let quinn::ConnectionError::ConnectionClosed(c) = e
-        && c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
-    {
-        return ConnectError::Busy;
-    }
-    if let Some(alert) = quic::alert_of(e) {
-        return ConnectError::Rejected(Rejection::from_alert(rustls::AlertDescription::from(
-            alert,
-        )));
-    }
-    match e {
-        quinn::ConnectionError::TimedOut => ConnectError::Lost("handshake timed out".into()),
-        other => ConnectError::Tls(other.to_string()),
-    }
-}
-
-fn tls_connect_error(e: &std::io::Error, failure: &FailureSlot) -> ConnectError {
-    if let Some(svid) = take_failure(failure) {
-        return ConnectError::ServerNotTrusted(svid);
-    }
-    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    match tls {
-        Some(rustls::Error::AlertReceived(alert)) => {
-            ConnectError::Rejected(Rejection::from_alert(*alert))
-        }
-        Some(other) => ConnectError::Tls(other.to_string()),
-        None => match e.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                ConnectError::Lost(e.to_string())
-            }
-            _ => ConnectError::Tls(e.to_string()),
-        },
-    }
 }

@@ -225,7 +225,7 @@ impl TransportConfig {
 
     /// Moves RDMA chunks unsealed: a client offers it and a server accepts it. Exists only
     /// for `transport-bench`'s `rdma-soft-plain` baseline; never enable it in a product.
-    #[cfg(feature = "bench-plaintext")]
+    #[cfg(feature = "bench-unsealed-rdma")]
     pub fn dangerous_unsealed_rdma(&mut self, on: bool) -> &mut Self {
         self.rdma_unsealed = on;
         self

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use certs::SvidError;
 
+use crate::proto::connection::HelloError;
 use crate::proto::{ChunkIndex, ErrorCode, ManifestError};
 use crate::transport::StreamError;
 
@@ -56,6 +57,16 @@ pub enum ConnectError {
     /// Local set-up failed (sockets, TLS configuration).
     #[error("local set-up failed: {0}")]
     Local(String),
+}
+
+impl From<HelloError> for ConnectError {
+    fn from(e: HelloError) -> Self {
+        match e {
+            HelloError::Busy => Self::Busy,
+            HelloError::Version => Self::Version,
+            other => Self::Lost(other.to_string()),
+        }
+    }
 }
 
 impl ConnectError {

@@ -32,6 +32,7 @@ use rustls::{
 use tokio::sync::watch;
 
 use crate::clock::Clock;
+use crate::transport::{PeerProof, ProofKind};
 
 /// Our SVID, the trust bundle we verify peers against, and the serials we refuse.
 pub struct Credentials {
@@ -378,22 +379,38 @@ impl ClientCertVerifier for SvidVerifier {
     }
 }
 
-/// Re-derives the peer's identity from the chain a finished handshake verified.
-pub(crate) fn peer_identity(
-    chain: &[CertificateDer<'static>],
+/// Who the peer of a fresh connection is, from what its transport's handshake received:
+/// a chain is verified against our trust bundle at `now` for `usage` and must not be
+/// revoked; an identity taken on trust (the bench's plaintext baseline) is taken as it is,
+/// valid for as long as the connection lasts. Every transport's peer passes through here.
+pub(crate) fn verify_peer(
+    proof: &PeerProof,
     creds: &Credentials,
     now: SystemTime,
     usage: Usage,
 ) -> Result<VerifiedSvid, SvidError> {
-    creds
-        .bundle
-        .verify(chain, now, usage)
-        .and_then(|v| not_revoked(creds, v))
+    match &proof.0 {
+        ProofKind::Chain(chain) => creds
+            .bundle
+            .verify(chain, now, usage)
+            .and_then(|v| not_revoked(creds, v)),
+        ProofKind::Assumed(id) => Ok(VerifiedSvid {
+            id: id.clone(),
+            serial: ASSUMED_SERIAL.to_owned(),
+            not_after: now + ASSUMED_LIFETIME,
+        }),
+    }
 }
+
+/// The serial a peer taken on trust is recorded with.
+const ASSUMED_SERIAL: &str = "plaintext";
+
+/// How long a peer taken on trust counts as identified: longer than any benchmark.
+const ASSUMED_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Why an established connection's peer may no longer be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CredentialsEnd {
+pub enum CredentialsEnd {
     /// The peer's SVID expired while connected.
     Expired,
     /// The peer's serial was revoked while connected.
@@ -402,30 +419,39 @@ pub(crate) enum CredentialsEnd {
 
 impl CredentialsEnd {
     /// The reason, as the audit trail and the QUIC close carry it.
-    pub(crate) fn reason(self) -> &'static str {
+    pub fn reason(self) -> &'static str {
         match self {
             Self::Expired => "svid expired",
             Self::Revoked => "svid revoked",
         }
     }
 
-    /// The QUIC application close code. Outside the `u16` range of
-    /// [`crate::proto::ErrorCode`], so a close for this reason is never mistaken for another.
-    pub(crate) fn quic_code(self) -> quinn::VarInt {
-        quinn::VarInt::from_u32(match self {
+    /// The application close code for this reason, for transports that carry one. Outside
+    /// the `u16` range of [`crate::proto::ErrorCode`], so a close for this reason is never
+    /// mistaken for another.
+    pub fn close_code(self) -> u32 {
+        match self {
             Self::Expired => CLOSE_SVID_EXPIRED,
             Self::Revoked => CLOSE_SVID_REVOKED,
-        })
+        }
     }
 
-    /// The reason a QUIC application close code stands for, if it is one of ours.
-    pub(crate) fn from_quic_code(code: quinn::VarInt) -> Option<Self> {
-        match u32::try_from(code.into_inner()) {
-            Ok(CLOSE_SVID_EXPIRED) => Some(Self::Expired),
-            Ok(CLOSE_SVID_REVOKED) => Some(Self::Revoked),
+    /// The reason an application close code stands for, if it is one of ours.
+    pub fn from_close_code(code: u32) -> Option<Self> {
+        match code {
+            CLOSE_SVID_EXPIRED => Some(Self::Expired),
+            CLOSE_SVID_REVOKED => Some(Self::Revoked),
             _ => None,
         }
     }
+}
+
+/// Takes the reason our verifier refused the server's SVID, if it did.
+pub(crate) fn take_failure(failure: &FailureSlot) -> Option<SvidError> {
+    failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
 }
 
 /// Resolves once a connected peer's credentials end: its SVID (`serial`, lowercase hex,
@@ -545,6 +571,10 @@ mod tests {
         assert_eq!(renewal_margin(Duration::ZERO), Duration::ZERO);
     }
 
+    fn proof(svid: &Svid) -> PeerProof {
+        PeerProof::chain(svid.chain().to_vec())
+    }
+
     #[test]
     fn revoked_serials_are_held_lowercase_and_a_revoked_peer_does_not_verify() {
         let pki = TestPki::new("hospital.example");
@@ -555,12 +585,22 @@ mod tests {
         assert!(creds.revoked().contains(peer.serial()));
         let now = SystemClock.now();
         assert_eq!(
-            peer_identity(peer.chain(), &creds, now, Usage::Client),
+            verify_peer(&proof(&peer), &creds, now, Usage::Client),
             Err(SvidError::Revoked {
                 serial: peer.serial().to_owned()
             })
         );
-        assert!(peer_identity(pki.svid("/gpu/other").chain(), &creds, now, Usage::Client).is_ok());
+        let other = proof(&pki.svid("/gpu/other"));
+        assert!(verify_peer(&other, &creds, now, Usage::Client).is_ok());
+        // A chain of another trust domain does not verify; only an identity taken on
+        // trust (the bench's baseline, by a `dangerous_` constructor) skips the check.
+        let foreign = proof(&TestPki::new("partner.example").svid("/gpu/loader"));
+        assert!(verify_peer(&foreign, &creds, now, Usage::Client).is_err());
+        let assumed = PeerProof::dangerous_assumed(peer.id().clone());
+        assert_eq!(
+            verify_peer(&assumed, &creds, now, Usage::Client).map(|v| v.id),
+            Ok(peer.id().clone())
+        );
         assert!(matches!(
             to_rustls_error(&SvidError::Revoked {
                 serial: peer.serial().to_owned()
@@ -625,12 +665,9 @@ mod tests {
             .unwrap();
         assert_eq!(end, CredentialsEnd::Revoked);
         assert_eq!(
-            CredentialsEnd::from_quic_code(CredentialsEnd::Revoked.quic_code()),
+            CredentialsEnd::from_close_code(CredentialsEnd::Revoked.close_code()),
             Some(CredentialsEnd::Revoked)
         );
-        assert_eq!(
-            CredentialsEnd::from_quic_code(quinn::VarInt::from_u32(1)),
-            None
-        );
+        assert_eq!(CredentialsEnd::from_close_code(1), None);
     }
 }

@@ -48,8 +48,6 @@
 #![deny(missing_docs)]
 
 pub mod audit;
-#[cfg(feature = "bench-plaintext")]
-pub mod bench;
 pub mod blocking;
 pub mod client;
 pub mod clock;

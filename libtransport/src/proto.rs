@@ -5,6 +5,7 @@
 //! produce. Every decoder is bounded: lengths are checked against limits before any
 //! allocation, and hostile input yields a typed error, never a panic.
 
+pub mod connection;
 pub mod frame;
 pub mod manifest;
 pub mod message;

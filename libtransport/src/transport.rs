@@ -17,18 +17,27 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use certs::SpiffeId;
+use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 
-use crate::proto::frame::{HEADER_LEN, MAX_DATA_PAYLOAD};
-use crate::proto::{ErrorCode, Frame, FrameError, FrameHeader, FrameKind};
+use crate::error::ConnectError;
+use crate::identity::CredentialsEnd;
+use crate::proto::connection::ServerHello;
+use crate::proto::frame::MAX_DATA_PAYLOAD;
+use crate::proto::{ErrorCode, Frame, FrameError, FrameKind, HelloAck};
 
-pub(crate) mod mux;
-pub(crate) mod quic;
+pub mod mux;
+pub mod quic;
 pub mod rdma;
-pub(crate) mod tcp;
+pub mod tcp;
 
 /// Which transport carries a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -91,65 +100,340 @@ pub enum StreamError {
     Timeout(Duration),
 }
 
-/// The sending half of a request stream.
+/// Makes client connections over one transport. The client driver calls it for its first
+/// connection and for every reconnection; each call runs the transport's handshake
+/// (presenting the newest credentials the connector was given) and the protocol's hello
+/// ([`crate::proto::connection`]), and hands back the connection with what the transport
+/// learnt of the peer. The driver, not the transport, decides whether that peer is trusted
+/// (`identity.rs`).
+pub trait Connector: Send + Sync + fmt::Debug + 'static {
+    /// Which transport this is.
+    fn path(&self) -> Path;
+
+    /// Connects to `addr`.
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, Result<Established, ConnectError>>;
+}
+
+/// A connection whose handshake and hello are done, with the peer's proof of identity.
 #[derive(Debug)]
-pub(crate) struct FrameSink {
-    inner: SinkInner,
+pub struct Established {
+    /// The connection.
+    pub connection: Arc<dyn Connection>,
+    /// What the peer proved of itself.
+    pub proof: PeerProof,
+    /// The server's answer to our hello.
+    pub ack: HelloAck,
+}
+
+/// What a peer proved of its identity during a transport's handshake.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerProof(pub(crate) ProofKind);
+
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum ProofKind {
+    /// The certificate chain the peer presented (leaf first), which TLS checked its
+    /// possession of; the driver verifies it against the trust bundle.
+    Chain(Vec<CertificateDer<'static>>),
+    /// Nobody proved anything: the identity is taken on trust.
+    Assumed(SpiffeId),
+}
+
+impl PeerProof {
+    /// The chain a TLS handshake received from the peer, leaf first.
+    pub fn chain(chain: Vec<CertificateDer<'static>>) -> Self {
+        Self(ProofKind::Chain(chain))
+    }
+
+    /// Takes `id` on trust, without any authentication: for a benchmark's plaintext
+    /// baseline only. A peer so "identified" is served as if it had proved to be `id`.
+    pub fn dangerous_assumed(id: SpiffeId) -> Self {
+        Self(ProofKind::Assumed(id))
+    }
+}
+
+impl fmt::Debug for PeerProof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            ProofKind::Chain(c) => write!(f, "PeerProof::Chain({} certificates)", c.len()),
+            ProofKind::Assumed(id) => write!(f, "PeerProof::Assumed({id})"),
+        }
+    }
+}
+
+/// Accepts connections for the server driver, on one transport.
+pub trait Listener: Send + fmt::Debug + 'static {
+    /// Which transport this is.
+    fn path(&self) -> Path;
+
+    /// The address it listens on.
+    fn local_addr(&self) -> Option<SocketAddr>;
+
+    /// The next connection attempt; `None` once the listener can accept no more.
+    fn accept(&mut self) -> BoxFuture<'_, Option<Box<dyn Incoming>>>;
+
+    /// Stops accepting and closes what the listener still owns (QUIC: the endpoint).
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A connection attempt, before its handshake.
+pub trait Incoming: Send + 'static {
+    /// Where it comes from.
+    fn remote_addr(&self) -> SocketAddr;
+
+    /// Turns it away because the server is at its connection limit, as the transport can
+    /// (QUIC refuses it at once; TLS/TCP answers its hello with `Busy`, within a small
+    /// budget of its own).
+    fn refuse_busy(self: Box<Self>) -> BoxFuture<'static, ()>;
+
+    /// Runs the transport's handshake (TLS, ALPN).
+    fn handshake(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Handshaken>, Refusal>>;
+}
+
+/// A connection whose handshake is done, before the hello: the server driver checks the
+/// proof first, and either runs the hello or refuses.
+pub trait Handshaken: Send + 'static {
+    /// What the peer proved of itself.
+    fn proof(&self) -> PeerProof;
+
+    /// Closes it: its proof did not verify.
+    fn refuse(self: Box<Self>);
+
+    /// Reads the client's hello, sends what `hello` answers, and hands back the connection
+    /// if the hello was accepted (`None`: the hello failed or was refused, and the
+    /// connection is closed), within `timeout`.
+    fn hello(
+        self: Box<Self>,
+        hello: ServerHello,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Option<Arc<dyn Connection>>>;
+}
+
+/// Why a handshake did not complete: for the audit trail and a bounded metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What kind of failure.
+    pub class: RefusalClass,
+    /// In words, for the audit trail (never peer-supplied free text).
+    pub reason: String,
+}
+
+/// The kinds of handshake failure, as metrics count them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalClass {
+    /// No handshake within the time allowed.
+    Timeout,
+    /// The peer did not negotiate our ALPN.
+    Alpn,
+    /// The peer's certificate is revoked.
+    Revoked,
+    /// The peer's certificate or identity did not verify.
+    Certificate,
+    /// No TLS version in common.
+    ProtocolVersion,
+    /// Another TLS failure.
+    Tls,
+}
+
+impl RefusalClass {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Alpn => "alpn",
+            Self::Revoked => "revoked",
+            Self::Certificate => "certificate",
+            Self::ProtocolVersion => "protocol_version",
+            Self::Tls => "tls",
+        }
+    }
+
+    /// Classifies a refusal reason in words.
+    pub(crate) fn of(reason: &str) -> Self {
+        if reason.contains("timed out") {
+            Self::Timeout
+        } else if reason.contains("ALPN") {
+            Self::Alpn
+        } else if reason.to_ascii_lowercase().contains("revoked") {
+            // rustls says "invalid peer certificate: Revoked"; our own check "... revoked".
+            Self::Revoked
+        } else if reason.contains("certificate") || reason.contains("identity") {
+            Self::Certificate
+        } else if reason.contains("version") {
+            Self::ProtocolVersion
+        } else {
+            Self::Tls
+        }
+    }
+}
+
+impl Refusal {
+    /// A refusal described by `reason`, classified by its words.
+    pub fn new(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        Self {
+            class: RefusalClass::of(&reason),
+            reason,
+        }
+    }
+}
+
+/// A QUIC connection's view of its path (see [`crate::Client::quic_path_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicPathStats {
+    /// The datagram size in use: path-MTU discovery raises it up to the configured ceiling
+    /// and falls back to 1200 when larger datagrams keep getting lost.
+    pub mtu: u16,
+    /// The smoothed round-trip time.
+    pub rtt: Duration,
+    /// Packets sent on the path.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Times losses of large datagrams made QUIC fall back to the minimum size.
+    pub black_holes_detected: u64,
+    /// Datagrams received from the server (their average size shows the server's MTU).
+    pub received_datagrams: u64,
+    /// Bytes of those datagrams.
+    pub received_bytes: u64,
+}
+
+/// A future a transport hands out: boxed, so transports are trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An established, authenticated connection, as a transport gives it to the drivers: a way
+/// to open and accept request streams, and to close. QUIC and TLS/TCP implement it in this
+/// module; plug-in transports (the bench's plaintext baseline, the in-memory one of
+/// `test_util`) implement it elsewhere.
+pub trait Connection: Send + Sync + fmt::Debug + 'static {
+    /// Opens a stream whose first frame is a `Request` carrying `request`.
+    fn open(&self, request: Bytes) -> BoxFuture<'_, Result<RequestStream, StreamError>>;
+
+    /// The next stream the peer opened, with its first frame if the transport had to read
+    /// it already; `None` once the connection has ended.
+    fn accept(&self) -> BoxFuture<'_, Option<IncomingStream>>;
+
+    /// Ends the connection, telling the peer why where the transport can.
+    fn close(&self, reason: Close);
+
+    /// True once the connection has ended, for whatever reason.
+    fn is_closed(&self) -> bool;
+
+    /// Why the peer closed the connection, if it said it was for credentials that ended
+    /// (transports that cannot carry the reason say `None`).
+    fn closed_for_credentials(&self) -> Option<CredentialsEnd> {
+        None
+    }
+
+    /// Fills `out` from the TLS session's keying-material exporter (RFC 8446 section 7.5)
+    /// under `label` and `context`: the same bytes at both ends, never on the wire.
+    fn export_keying_material(
+        &self,
+        out: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Result<(), NoKeyingMaterial> {
+        let _ = (out, label, context);
+        Err(NoKeyingMaterial)
+    }
+
+    /// The local address this connection runs over, where the transport knows it.
+    fn local_ip(&self) -> Option<IpAddr> {
+        None
+    }
+
+    /// What the transport has learnt of the path, for reports (QUIC only).
+    fn path_stats(&self) -> Option<QuicPathStats> {
+        None
+    }
+}
+
+/// Why a connection is closed by this side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Done with it (a client that is finished).
+    Done,
+    /// The server is shutting down.
+    Shutdown,
+    /// The peer's credentials ended while connected.
+    Credentials(CredentialsEnd),
+}
+
+impl Close {
+    /// The reason in words, as the peer is told where the transport carries words.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Done => "closed by client",
+            Self::Shutdown => "server shutting down",
+            Self::Credentials(end) => end.reason(),
+        }
+    }
+}
+
+/// The TLS session of a connection cannot export keying material (it has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the connection has no TLS session to export keying material from")]
+pub struct NoKeyingMaterial;
+
+/// A stream the peer opened.
+#[derive(Debug)]
+pub struct IncomingStream {
+    /// Its first frame, when the transport read it to learn of the stream.
+    pub first: Option<Frame>,
+    /// The stream.
+    pub stream: RequestStream,
+}
+
+/// How a transport sends frames on one stream.
+pub trait SendFrames: Send + fmt::Debug {
+    /// Sends one frame (`payload` at most [`crate::proto::frame::MAX_FRAME_PAYLOAD`]).
+    fn send(&mut self, kind: FrameKind, payload: Bytes) -> BoxFuture<'_, Result<(), StreamError>>;
+
+    /// Ends the sending side cleanly.
+    fn finish(&mut self);
+
+    /// Ends the sending side and resolves once the peer has everything sent (or at once,
+    /// where the transport delivers what is queued before it closes anyway).
+    fn finish_delivered(&mut self) -> BoxFuture<'_, ()>;
+}
+
+/// How a transport receives frames on one stream.
+pub trait RecvFrames: Send + fmt::Debug {
+    /// The next frame; `None` when the peer ended the stream cleanly at a frame boundary.
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>, StreamError>>;
+
+    /// Whether a `Cancel` frame is already here, without waiting (transports whose peers
+    /// cancel by resetting the stream say `false`: the next send fails instead).
+    fn try_recv_cancel(&mut self) -> bool {
+        false
+    }
+}
+
+/// The sending half of a request stream, with the I/O timeout.
+#[derive(Debug)]
+pub struct FrameSink {
+    inner: Box<dyn SendFrames>,
     timeout: Duration,
 }
 
-#[derive(Debug)]
-enum SinkInner {
-    Quic(quinn::SendStream),
-    Mux(mux::MuxSink),
-}
-
 impl FrameSink {
-    pub(crate) fn quic(send: quinn::SendStream, timeout: Duration) -> Self {
-        Self {
-            inner: SinkInner::Quic(send),
-            timeout,
-        }
-    }
-
-    pub(crate) fn mux(sink: mux::MuxSink, timeout: Duration) -> Self {
-        Self {
-            inner: SinkInner::Mux(sink),
-            timeout,
-        }
+    /// Wraps a transport's sending half; every send fails after `timeout` without progress.
+    pub fn new(inner: Box<dyn SendFrames>, timeout: Duration) -> Self {
+        Self { inner, timeout }
     }
 
     /// Sends one frame.
-    pub(crate) async fn send(
-        &mut self,
-        kind: FrameKind,
-        payload: Bytes,
-    ) -> Result<(), StreamError> {
+    pub async fn send(&mut self, kind: FrameKind, payload: Bytes) -> Result<(), StreamError> {
         let timeout = self.timeout;
-        let fut = async {
-            match &mut self.inner {
-                SinkInner::Quic(s) => {
-                    let header = FrameHeader {
-                        len: payload_len(&payload)?,
-                        kind,
-                        stream: 0,
-                    }
-                    .encode()?;
-                    let mut parts = [Bytes::copy_from_slice(&header), payload];
-                    s.write_all_chunks(&mut parts)
-                        .await
-                        .map_err(quic::write_error)
-                }
-                SinkInner::Mux(s) => s.send(kind, payload).await,
-            }
-        };
-        tokio::time::timeout(timeout, fut)
+        tokio::time::timeout(timeout, self.inner.send(kind, payload))
             .await
             .map_err(|_| StreamError::Timeout(timeout))?
     }
 
     /// Sends object bytes as `Data` frames of at most [`MAX_DATA_PAYLOAD`], without copying.
-    pub(crate) async fn send_data(&mut self, mut data: Bytes) -> Result<(), StreamError> {
+    pub async fn send_data(&mut self, mut data: Bytes) -> Result<(), StreamError> {
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(MAX_DATA_PAYLOAD));
             self.send(FrameKind::Data, piece).await?;
@@ -158,126 +442,70 @@ impl FrameSink {
     }
 
     /// Sends an `Error` frame.
-    pub(crate) async fn send_error(&mut self, code: ErrorCode) -> Result<(), StreamError> {
+    pub async fn send_error(&mut self, code: ErrorCode) -> Result<(), StreamError> {
         self.send(FrameKind::Error, code.encode()).await
     }
 
     /// Ends the sending side and waits (within the I/O timeout) until the peer has
     /// everything sent, so closing the connection afterwards loses nothing.
-    pub(crate) async fn finish_delivered(&mut self) {
-        match &mut self.inner {
-            SinkInner::Quic(s) => {
-                if s.finish().is_ok() {
-                    let _ = tokio::time::timeout(self.timeout, s.stopped()).await;
-                }
-            }
-            // The writer task sends queued frames before it closes the connection.
-            SinkInner::Mux(_) => {}
-        }
+    pub async fn finish_delivered(&mut self) {
+        let _ = tokio::time::timeout(self.timeout, self.inner.finish_delivered()).await;
     }
 
     /// Ends the sending side cleanly.
-    pub(crate) fn finish(&mut self) {
-        match &mut self.inner {
-            // Finishing a stream the peer already reset is not our problem.
-            SinkInner::Quic(s) => {
-                let _ = s.finish();
-            }
-            SinkInner::Mux(_) => {}
-        }
+    pub fn finish(&mut self) {
+        self.inner.finish();
     }
 }
 
-/// The receiving half of a request stream.
+/// The receiving half of a request stream, with the I/O timeout.
 #[derive(Debug)]
-pub(crate) struct FrameSource {
-    inner: SourceInner,
+pub struct FrameSource {
+    inner: Box<dyn RecvFrames>,
     timeout: Duration,
 }
 
-#[derive(Debug)]
-enum SourceInner {
-    Quic(quinn::RecvStream),
-    Mux(mux::MuxSource),
-}
-
 impl FrameSource {
-    pub(crate) fn quic(recv: quinn::RecvStream, timeout: Duration) -> Self {
-        Self {
-            inner: SourceInner::Quic(recv),
-            timeout,
-        }
-    }
-
-    pub(crate) fn mux(source: mux::MuxSource, timeout: Duration) -> Self {
-        Self {
-            inner: SourceInner::Mux(source),
-            timeout,
-        }
+    /// Wraps a transport's receiving half; every receive fails after `timeout` without a
+    /// frame.
+    pub fn new(inner: Box<dyn RecvFrames>, timeout: Duration) -> Self {
+        Self { inner, timeout }
     }
 
     /// The next frame; `None` when the peer ended the stream cleanly at a frame boundary.
-    pub(crate) async fn recv(&mut self) -> Result<Option<Frame>, StreamError> {
+    pub async fn recv(&mut self) -> Result<Option<Frame>, StreamError> {
         let timeout = self.timeout;
-        let fut = async {
-            match &mut self.inner {
-                SourceInner::Quic(r) => quic_recv(r).await,
-                SourceInner::Mux(m) => m.recv().await,
-            }
-        };
-        tokio::time::timeout(timeout, fut)
+        tokio::time::timeout(timeout, self.inner.recv())
             .await
             .map_err(|_| StreamError::Timeout(timeout))?
     }
 
     /// A frame that is already here, without waiting (to notice a cancel between sends).
-    pub(crate) fn try_recv_cancel(&mut self) -> bool {
-        match &mut self.inner {
-            // QUIC signals cancellation with a STOP_SENDING, which fails our next write.
-            SourceInner::Quic(_) => false,
-            SourceInner::Mux(m) => m.try_recv_cancel(),
-        }
+    pub fn try_recv_cancel(&mut self) -> bool {
+        self.inner.try_recv_cancel()
     }
 }
 
-async fn quic_recv(r: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamError> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut header[got..]).await.map_err(quic::read_error)? {
-            Some(n) => got += n,
-            None if got == 0 => return Ok(None),
-            None => return Err(FrameError::Incomplete.into()),
-        }
-    }
-    let h = FrameHeader::decode(&header)?;
-    let len = h.len as usize;
-    let mut payload = BytesMut::with_capacity(len);
-    while payload.len() < len {
-        match r
-            .read_chunk(len - payload.len(), true)
-            .await
-            .map_err(quic::read_error)?
-        {
-            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
-            None => return Err(FrameError::Incomplete.into()),
-        }
-    }
-    Ok(Some(Frame::new(h.kind, h.stream, payload.freeze())))
-}
-
-fn payload_len(payload: &Bytes) -> Result<u32, StreamError> {
-    u32::try_from(payload.len()).map_err(|_| {
-        StreamError::Frame(FrameError::TooLarge {
-            len: u32::MAX,
-            max: crate::proto::frame::MAX_FRAME_PAYLOAD,
-        })
-    })
+/// The RDMA session keys of `conn` for `session`, from the TLS keying-material exporter:
+/// both ends of the connection get the same keys, and no secret crosses the wire.
+pub(crate) fn rdma_keys(
+    conn: &dyn Connection,
+    session: [u8; 16],
+) -> Result<crate::proto::seal::SessionKeys, NoKeyingMaterial> {
+    use crate::proto::seal::{EXPORTER_BYTES, EXPORTER_LABEL, SessionKeys, exporter_context};
+    let mut out = zeroize::Zeroizing::new([0u8; EXPORTER_BYTES]);
+    conn.export_keying_material(&mut out[..], EXPORTER_LABEL, &exporter_context(&session))?;
+    Ok(SessionKeys::derive(session, &out))
 }
 
 /// A request stream: both halves.
 #[derive(Debug)]
-pub(crate) struct RequestStream {
-    pub(crate) sink: FrameSink,
-    pub(crate) source: FrameSource,
+pub struct RequestStream {
+    /// What we send.
+    pub sink: FrameSink,
+    /// What the peer sends.
+    pub source: FrameSource,
 }
+
+#[cfg(test)]
+mod wire_tests;

@@ -31,9 +31,10 @@ use crate::proto::{
     ChunkIndex, Digest, ErrorCode, FrameKind, Manifest, Request, Response, TransferId,
 };
 use crate::store::{ChunkWriter, PartialFile, WriteError};
+use crate::transport::rdma::local_ip;
 use crate::transport::rdma::soft::{SoftConfig, SoftVerbs};
 use crate::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
-use crate::transport::{Path, quic};
+use crate::transport::{Path, rdma_keys};
 
 /// Most slots in a receive ring.
 const RING_SLOTS: usize = 16;
@@ -79,14 +80,13 @@ impl Client {
         if work.is_empty() {
             return Ok(true);
         }
-        let Some(quic) = conn.quic() else {
+        if conn.peer.path != Path::Quic {
             return self.rdma_fallback("RDMA needs a QUIC connection: using TLS over TCP");
-        };
+        }
         let unsealed = transport.rdma_unsealed;
         let session = Session {
             client: self,
             conn,
-            quic: quic.clone(),
             transfer,
             manifest,
             kind,
@@ -95,7 +95,7 @@ impl Client {
         match kind {
             DeviceKind::Soft => {
                 let mut soft = SoftConfig::default();
-                soft.bind(SocketAddr::new(quic::local_ip(quic), 0));
+                soft.bind(SocketAddr::new(local_ip(conn.transport()), 0));
                 match SoftVerbs::bind(Arc::new(soft)).await {
                     Ok(device) => session.run(device, work, deliver, on_chunk).await,
                     Err(e) => self
@@ -132,7 +132,6 @@ impl Client {
 struct Session<'a> {
     client: &'a Client,
     conn: &'a Connection,
-    quic: quinn::Connection,
     transfer: TransferId,
     manifest: &'a Arc<Manifest>,
     kind: DeviceKind,
@@ -177,7 +176,7 @@ impl Session<'_> {
         let opener = if self.unsealed {
             None
         } else {
-            let keys: SessionKeys = quic::rdma_keys(&self.quic, session)
+            let keys: SessionKeys = rdma_keys(self.conn.transport(), session)
                 .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
             Some(keys.opener(Direction::ServerToClient))
         };

@@ -14,6 +14,7 @@ use crate::metrics::ConnectionGuard;
 use crate::policy::{Access, Action, Decision};
 use crate::proto::{DatasetName, Digest, ErrorCode, Manifest, ObjectPath, TransferId};
 use crate::store::{ObjectReader, ObjectWriter};
+use crate::transport::Connection;
 
 /// One connection's state, shared by its request tasks.
 #[derive(Debug)]
@@ -23,8 +24,8 @@ pub(crate) struct ConnCtx {
     transfers: Mutex<Transfers>,
     /// Bytes read from disk ahead of the network, in KiB units.
     pub(crate) budget: Arc<Semaphore>,
-    /// The QUIC connection underneath (for RDMA sessions' key export); none over TCP.
-    pub(crate) quic: Option<quinn::Connection>,
+    /// The transport's connection underneath (for RDMA sessions' key export).
+    pub(crate) conn: Arc<dyn Connection>,
     /// Counts this connection in the metrics while it lives.
     _open: ConnectionGuard,
 }
@@ -66,13 +67,13 @@ impl TransferKind {
 }
 
 impl ConnCtx {
-    pub(crate) fn new(shared: Arc<Shared>, peer: Peer, quic: Option<quinn::Connection>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, peer: Peer, conn: Arc<dyn Connection>) -> Self {
         let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
         Self {
             _open: shared.config.metrics.connection_opened(peer.path),
             shared,
             peer,
-            quic,
+            conn,
             transfers: Mutex::new(Transfers::default()),
             budget: Arc::new(Semaphore::new(kib as usize)),
         }

@@ -21,11 +21,12 @@ use crate::config::RdmaMode;
 use crate::proto::rdma::{DeviceKind, RdmaControl, RdmaOffer};
 use crate::proto::seal::{Direction, HEADER_LEN, KeyLimits, Placement, Sealer, sealed_len};
 use crate::proto::{ChunkIndex, ErrorCode, FrameKind, Response, TransferId};
+use crate::transport::rdma::local_ip;
 use crate::transport::rdma::soft::{SoftConfig, SoftVerbs};
 use crate::transport::rdma::verbs::{
     Completion, CompletionKind, Region, RemoteRegion, Verbs, WorkId,
 };
-use crate::transport::{RequestStream, quic};
+use crate::transport::{Connection, RequestStream, rdma_keys};
 
 /// Staging slots: chunks sealed and in flight at once.
 const MAX_STAGING: usize = 8;
@@ -41,9 +42,12 @@ pub(crate) async fn serve(
     let TransferKind::Read(reader) = &t.kind else {
         return Err(ErrorCode::UnknownTransfer.into());
     };
-    let Some(conn) = ctx.quic.clone() else {
+    // RDMA sessions are offered on QUIC connections only, whose control streams carry
+    // the grants.
+    if ctx.peer.path != crate::transport::Path::Quic {
         return Err(ErrorCode::NoRdma.into());
-    };
+    }
+    let conn = ctx.conn.clone();
     let config = &ctx.shared.config.transport;
     if offer.unsealed && !config.rdma_unsealed {
         debug!(peer.id = %ctx.peer.id, "unsealed RDMA refused");
@@ -75,7 +79,7 @@ pub(crate) async fn serve(
     match (offer.device, config.rdma_mode()) {
         (DeviceKind::Soft, RdmaMode::Soft) => {
             let mut soft = SoftConfig::default();
-            soft.bind(SocketAddr::new(quic::local_ip(&session.conn), 0));
+            soft.bind(SocketAddr::new(local_ip(&*session.conn), 0));
             soft.max_region_bytes(slot_bytes * MAX_STAGING)
                 .and_then(|c| c.max_registered_bytes(slot_bytes * MAX_STAGING))
                 .map_err(|_| ErrorCode::TooLarge)?;
@@ -110,7 +114,7 @@ struct Session<'a> {
     transfer: TransferId,
     t: &'a Arc<Transfer>,
     offer: &'a RdmaOffer,
-    conn: quinn::Connection,
+    conn: Arc<dyn Connection>,
     slot_bytes: usize,
 }
 
@@ -121,7 +125,7 @@ impl Session<'_> {
         let mut sealer = if self.offer.unsealed {
             None
         } else {
-            let keys = quic::rdma_keys(&self.conn, session).map_err(|e| {
+            let keys = rdma_keys(&*self.conn, session).map_err(|e| {
                 info!(error = %e, "RDMA keys unavailable");
                 ErrorCode::NoRdma
             })?;

@@ -1,4 +1,9 @@
-//! Numbered request streams over one byte stream, for TLS/TCP (and the bench's baseline).
+//! Numbered request streams over one byte stream, for TLS/TCP (and plug-in transports over
+//! other byte streams, such as the bench's plaintext baseline).
+//!
+//! Opening: the client writes its hello as stream 0 ([`hello`]), the server answers it
+//! ([`serve`]), and only then do both start the multiplexer ([`start_client`]), which needs
+//! the stream limit the answer announced.
 //!
 //! One reader task decodes frames and routes them by stream number into small bounded
 //! queues; one writer task drains a bounded queue of outgoing frames into the connection
@@ -27,9 +32,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, trace};
 
-use super::{FrameSink, FrameSource, RequestStream, StreamError};
+use super::{
+    BoxFuture, Close, Connection, FrameSink, FrameSource, IncomingStream, RecvFrames,
+    RequestStream, SendFrames, StreamError,
+};
+use crate::proto::connection::{HelloAnswer, ServerHello};
 use crate::proto::frame::HEADER_LEN;
-use crate::proto::{Frame, FrameError, FrameHeader, FrameKind};
+use crate::proto::{Frame, FrameError, FrameHeader, FrameKind, HelloAck};
 
 /// Which end of the connection this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +117,7 @@ impl Shared {
 /// The client's handle on a multiplexed connection. The connection closes when the last
 /// clone is dropped.
 #[derive(Debug, Clone)]
-pub(crate) struct MuxClient {
+struct MuxClient {
     shared: Arc<Shared>,
     /// The next stream number; held while a `Request` is queued, so numbers leave in order.
     next_id: Arc<tokio::sync::Mutex<u32>>,
@@ -127,7 +136,7 @@ impl Drop for CloseOnDrop {
 
 impl MuxClient {
     /// Opens a stream by sending `request`, waiting while `max_streams` are open.
-    pub(crate) async fn open(&self, request: Bytes) -> Result<RequestStream, StreamError> {
+    async fn open(&self, request: Bytes) -> Result<RequestStream, StreamError> {
         let permit = self
             .slots
             .clone()
@@ -155,31 +164,81 @@ impl MuxClient {
         drop(next);
         Ok(stream_pair(&self.shared, id, rx, Some(permit)))
     }
+}
 
-    /// True once the connection has ended.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.shared.is_closed()
+impl Connection for MuxClient {
+    fn open(&self, request: Bytes) -> BoxFuture<'_, Result<RequestStream, StreamError>> {
+        Box::pin(Self::open(self, request))
     }
 
-    /// Ends the connection.
-    pub(crate) fn close(&self, why: &str) {
-        self.shared.fail(why.to_owned());
+    fn accept(&self) -> BoxFuture<'_, Option<IncomingStream>> {
+        // Servers open no streams.
+        Box::pin(async {
+            self.shared.wait_closed().await;
+            None
+        })
+    }
+
+    fn close(&self, reason: Close) {
+        self.shared.close(reason.reason());
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+}
+
+/// The server's handle on a multiplexed connection: new streams arrive, with their
+/// `Request` frame, from the reader task. Dropping it ends the connection.
+#[derive(Debug)]
+struct MuxServer {
+    shared: Arc<Shared>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<(Frame, RequestStream)>>,
+}
+
+impl Connection for MuxServer {
+    fn open(&self, _request: Bytes) -> BoxFuture<'_, Result<RequestStream, StreamError>> {
+        Box::pin(async {
+            Err(StreamError::ConnectionLost(
+                "a server opens no streams".into(),
+            ))
+        })
+    }
+
+    fn accept(&self) -> BoxFuture<'_, Option<IncomingStream>> {
+        Box::pin(async {
+            let (frame, stream) = self.incoming.lock().await.recv().await?;
+            Some(IncomingStream {
+                first: Some(frame),
+                stream,
+            })
+        })
+    }
+
+    fn close(&self, reason: Close) {
+        self.shared.close(reason.reason());
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+}
+
+impl Drop for MuxServer {
+    fn drop(&mut self) {
+        self.shared.fail("closed by this side".into());
     }
 }
 
 /// The sending half of a multiplexed stream.
 #[derive(Debug)]
-pub(crate) struct MuxSink {
+struct MuxSink {
     id: u32,
     shared: Arc<Shared>,
 }
 
 impl MuxSink {
-    pub(crate) async fn send(
-        &mut self,
-        kind: FrameKind,
-        payload: Bytes,
-    ) -> Result<(), StreamError> {
+    async fn send(&mut self, kind: FrameKind, payload: Bytes) -> Result<(), StreamError> {
         if payload.len() > crate::proto::frame::MAX_FRAME_PAYLOAD as usize {
             return Err(FrameError::TooLarge {
                 len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
@@ -198,9 +257,23 @@ impl MuxSink {
     }
 }
 
+impl SendFrames for MuxSink {
+    fn send(&mut self, kind: FrameKind, payload: Bytes) -> BoxFuture<'_, Result<(), StreamError>> {
+        Box::pin(Self::send(self, kind, payload))
+    }
+
+    // Frames go out in order through one queue, and the writer sends what is queued before
+    // it closes the connection: finishing needs nothing, delivery needs no wait.
+    fn finish(&mut self) {}
+
+    fn finish_delivered(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
 /// The receiving half of a multiplexed stream.
 #[derive(Debug)]
-pub(crate) struct MuxSource {
+struct MuxSource {
     id: u32,
     rx: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
@@ -210,7 +283,7 @@ pub(crate) struct MuxSource {
 }
 
 impl MuxSource {
-    pub(crate) async fn recv(&mut self) -> Result<Option<Frame>, StreamError> {
+    async fn recv(&mut self) -> Result<Option<Frame>, StreamError> {
         match self.rx.recv().await {
             Some(f) => {
                 if self.shared.role == Role::Client && ends_stream(f.kind) {
@@ -222,8 +295,18 @@ impl MuxSource {
         }
     }
 
-    pub(crate) fn try_recv_cancel(&mut self) -> bool {
+    fn try_recv_cancel(&mut self) -> bool {
         matches!(self.rx.try_recv(), Ok(f) if f.kind == FrameKind::Cancel)
+    }
+}
+
+impl RecvFrames for MuxSource {
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>, StreamError>> {
+        Box::pin(Self::recv(self))
+    }
+
+    fn try_recv_cancel(&mut self) -> bool {
+        Self::try_recv_cancel(self)
     }
 }
 
@@ -254,59 +337,103 @@ fn stream_pair(
     slot: Option<OwnedSemaphorePermit>,
 ) -> RequestStream {
     RequestStream {
-        sink: FrameSink::mux(
-            MuxSink {
+        sink: FrameSink::new(
+            Box::new(MuxSink {
                 id,
                 shared: shared.clone(),
-            },
+            }),
             shared.timeout,
         ),
-        source: FrameSource::mux(
-            MuxSource {
+        source: FrameSource::new(
+            Box::new(MuxSource {
                 id,
                 rx,
                 shared: shared.clone(),
                 ended: false,
                 slot,
-            },
+            }),
             shared.timeout,
         ),
     }
 }
 
-/// Starts the client side over `io` (after the hello exchange) with the server's stream limit.
-pub(crate) fn client<S>(io: S, max_streams: u32, timeout: Duration, read_buffer: usize) -> MuxClient
+/// The client's hello over `io`: writes it as stream 0 and reads the server's answer.
+/// An I/O error is returned as such, so a TLS alert in it can be read.
+pub async fn hello<S>(io: &mut S) -> std::io::Result<Option<Frame>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    write_frame(io, &crate::proto::connection::hello_frame()).await?;
+    io.flush().await?;
+    read_frame(io).await
+}
+
+/// Starts the client side over `io` (after [`hello`]) with the stream limit of `ack`:
+/// every stream's sends and receives fail after `timeout` without progress; the reader
+/// reads the byte stream through a buffer of `read_buffer` bytes.
+pub fn start_client<S>(
+    io: S,
+    ack: &HelloAck,
+    timeout: Duration,
+    read_buffer: usize,
+) -> Arc<dyn Connection>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let max_streams = ack.max_streams;
     let (shared, reader, writer) = start(io, Role::Client, timeout, read_buffer);
     tokio::spawn(read_loop(reader, shared.clone(), None, max_streams));
     tokio::spawn(writer);
-    MuxClient {
+    Arc::new(MuxClient {
         _close: Arc::new(CloseOnDrop(shared.clone())),
         shared,
         next_id: Arc::new(tokio::sync::Mutex::new(1)),
         slots: Arc::new(Semaphore::new(max_streams.max(1) as usize)),
-    }
+    })
 }
 
-/// Starts the server side over `io` (after the hello exchange). New streams arrive, with
-/// their `Request` frame, on the returned channel. Dropping that receiver ends the
-/// connection.
-pub(crate) fn server<S>(
-    io: S,
-    max_streams: u32,
+/// The server side over `io`: reads the client's hello within `hello_timeout`, sends what
+/// `hello` answers, and if it accepted, starts the multiplexer with its stream limit
+/// (streams as in [`start_client`]). `None` when the client sent no acceptable hello; the
+/// byte stream is then dropped.
+pub async fn serve<S>(
+    mut io: S,
+    hello: ServerHello,
+    hello_timeout: Duration,
     timeout: Duration,
     read_buffer: usize,
-) -> (Arc<Shared>, mpsc::Receiver<(Frame, RequestStream)>)
+) -> Option<Arc<dyn Connection>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let first = match tokio::time::timeout(hello_timeout, read_frame(&mut io)).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) | Err(_) => {
+            debug!("no hello; closing");
+            return None;
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection ended before hello");
+            return None;
+        }
+    };
+    let answer = hello.answer(&first);
+    let frame = answer.frame()?;
+    if write_frame(&mut io, frame).await.is_err() || io.flush().await.is_err() {
+        return None;
+    }
+    let HelloAnswer::Accepted { .. } = answer else {
+        return None;
+    };
+    let max_streams = hello.max_streams;
     let (shared, reader, writer) = start(io, Role::Server, timeout, read_buffer);
     let (tx, rx) = mpsc::channel(max_streams.max(1) as usize);
     tokio::spawn(read_loop(reader, shared.clone(), Some(tx), max_streams));
     tokio::spawn(writer);
-    (shared, rx)
+    Some(Arc::new(MuxServer {
+        shared,
+        incoming: tokio::sync::Mutex::new(rx),
+    }))
 }
 
 type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
@@ -442,7 +569,7 @@ async fn route(
 
 /// Reads one frame; `None` on a clean end of stream at a frame boundary. An invalid frame
 /// is an `InvalidData` error wrapping the [`FrameError`].
-pub(crate) async fn read_frame<R>(rd: &mut R) -> std::io::Result<Option<Frame>>
+pub async fn read_frame<R>(rd: &mut R) -> std::io::Result<Option<Frame>>
 where
     R: AsyncRead + Unpin,
 {
@@ -482,7 +609,7 @@ where
 }
 
 /// Writes one frame, header and payload in as few calls as the stream allows.
-pub(crate) async fn write_frame<W>(wr: &mut W, frame: &Frame) -> std::io::Result<()>
+pub async fn write_frame<W>(wr: &mut W, frame: &Frame) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
@@ -578,8 +705,7 @@ pub(crate) const TLS_READ_BUFFER: usize = 64 << 10;
 
 /// Read buffer over a bare socket (the bench's baseline): large reads mean few system
 /// calls per MiB.
-#[cfg(feature = "bench-plaintext")]
-pub(crate) const PLAIN_READ_BUFFER: usize = 1 << 20;
+pub const PLAIN_READ_BUFFER: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -590,12 +716,23 @@ mod tests {
     /// and abandoned streams give their slots back once the server ends them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_opens_all_arrive_and_abandoned_slots_return() {
-        let (a, b) = tokio::io::duplex(1 << 16);
+        let (mut a, b) = tokio::io::duplex(1 << 16);
         let max = 4;
-        let client = client(a, max, Duration::from_secs(10), TLS_READ_BUFFER);
-        let (_server, mut incoming) = server(b, max, Duration::from_secs(10), TLS_READ_BUFFER);
+        let limits = ServerHello {
+            max_streams: max,
+            max_transfers: 1,
+            chunk_bytes: 1 << 20,
+        };
+        let t = Duration::from_secs(10);
+        let server = tokio::spawn(serve(b, limits, t, t, TLS_READ_BUFFER));
+        let answer = hello(&mut a).await.unwrap().unwrap();
+        let ack = crate::proto::connection::handle_answer(&answer).unwrap();
+        assert_eq!(ack.max_streams, max);
+        let client = start_client(a, &ack, t, TLS_READ_BUFFER);
+        let server = server.await.unwrap().expect("hello accepted");
         tokio::spawn(async move {
-            while let Some((frame, mut s)) = incoming.recv().await {
+            while let Some(IncomingStream { first, stream }) = server.accept().await {
+                let (frame, mut s) = (first.unwrap(), stream);
                 tokio::spawn(async move {
                     // Answer slowly enough that streams overlap.
                     tokio::task::yield_now().await;

@@ -1,5 +1,6 @@
-//! QUIC endpoints (quinn) with our TLS configs, tuned for bulk transfer, and the mapping of
-//! quinn's errors to ours.
+//! The QUIC transport (quinn): endpoints with our TLS configs, tuned for bulk transfer; the
+//! [`Connector`] and [`Listener`] the drivers use; each request on a QUIC stream of its own;
+//! and the mapping of quinn's errors to ours. The only file of the crate that names quinn.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -14,11 +15,26 @@ use quinn::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::StreamError;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::CertificateDer;
+
+use super::{
+    BoxFuture, Close, Connection, Connector, Established, FrameSink, FrameSource, Handshaken,
+    Incoming, IncomingStream, Listener, NoKeyingMaterial, Path, PeerProof, QuicPathStats,
+    RecvFrames, Refusal, RequestStream, SendFrames, StreamError,
+};
+use crate::clock::Clock;
 use crate::config::TransportConfig;
+use crate::error::{ConnectError, Rejection};
+use crate::identity::{CredentialsEnd, FailureSlot, IdentityHandle, take_failure};
+use crate::proto::connection::{ServerHello, handle_answer, hello_frame};
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::{ErrorCode, Frame, FrameError, FrameHeader, FrameKind};
 
 /// A server endpoint on `addr` speaking our TLS config.
-pub(crate) fn server_endpoint(
+fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     cfg: &TransportConfig,
@@ -31,7 +47,7 @@ pub(crate) fn server_endpoint(
 }
 
 /// A client endpoint on an ephemeral port of the right address family.
-pub(crate) fn client_endpoint(peer: SocketAddr, cfg: &TransportConfig) -> io::Result<Endpoint> {
+fn client_endpoint(peer: SocketAddr, cfg: &TransportConfig) -> io::Result<Endpoint> {
     let bind: SocketAddr = if peer.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -117,7 +133,7 @@ fn endpoint_config(cfg: &TransportConfig) -> io::Result<EndpointConfig> {
 }
 
 /// The quinn client config for one connection attempt.
-pub(crate) fn client_config(
+fn client_config(
     tls: rustls::ClientConfig,
     cfg: &TransportConfig,
 ) -> io::Result<quinn::ClientConfig> {
@@ -162,7 +178,7 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> 
 
 /// The address `conn` runs over on this side: where an RDMA session's soft device listens,
 /// so it crosses the same network as the connection.
-pub(crate) fn local_ip(conn: &quinn::Connection) -> std::net::IpAddr {
+fn local_ip(conn: &quinn::Connection) -> std::net::IpAddr {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
     if let Some(ip) = conn.local_ip() {
         return ip.to_canonical();
@@ -186,20 +202,515 @@ pub(crate) fn local_ip(conn: &quinn::Connection) -> std::net::IpAddr {
         .map_or(any, |a| a.ip())
 }
 
-/// The RDMA session keys of `conn` for `session`, from the TLS keying-material exporter:
-/// both ends of the connection get the same keys, and no secret crosses the wire.
-pub(crate) fn rdma_keys(
-    conn: &quinn::Connection,
-    session: [u8; 16],
-) -> Result<crate::proto::seal::SessionKeys, String> {
-    use crate::proto::seal::{EXPORTER_BYTES, EXPORTER_LABEL, SessionKeys, exporter_context};
-    let mut out = zeroize::Zeroizing::new([0u8; EXPORTER_BYTES]);
-    conn.export_keying_material(&mut out[..], EXPORTER_LABEL, &exporter_context(&session))
-        .map_err(|_| "the TLS session cannot export keying material".to_owned())?;
-    Ok(SessionKeys::derive(session, &out))
+/// Connects over QUIC from an endpoint of its own, presenting the newest SVID of an
+/// identity at each handshake.
+#[derive(Debug)]
+pub struct QuicConnector {
+    endpoint: Endpoint,
+    identity: IdentityHandle,
+    server_id: Option<certs::SpiffeId>,
+    clock: Arc<dyn Clock>,
+    transport: Arc<TransportConfig>,
 }
 
-pub(crate) fn write_error(e: quinn::WriteError) -> StreamError {
+impl QuicConnector {
+    /// A connector for peers of `peer`'s address family, expecting the server to be
+    /// `server_id` if given.
+    pub(crate) fn new(
+        peer: SocketAddr,
+        identity: IdentityHandle,
+        server_id: Option<certs::SpiffeId>,
+        clock: Arc<dyn Clock>,
+        transport: Arc<TransportConfig>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            endpoint: client_endpoint(peer, &transport)?,
+            identity,
+            server_id,
+            clock,
+            transport,
+        })
+    }
+
+    async fn establish(&self, addr: SocketAddr) -> Result<Established, ConnectError> {
+        let (conn, chain, ack) = self.handshake(addr).await?;
+        Ok(Established {
+            connection: Arc::new(QuicConnection {
+                conn,
+                timeout: self.transport.io_timeout,
+            }),
+            proof: PeerProof::chain(chain),
+            ack,
+        })
+    }
+
+    /// The TLS handshake, the ALPN check and the hello.
+    async fn handshake(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<
+        (
+            quinn::Connection,
+            Vec<CertificateDer<'static>>,
+            crate::proto::HelloAck,
+        ),
+        ConnectError,
+    > {
+        let failure = FailureSlot::default();
+        let tls = crate::tls::client_config(
+            &self.identity,
+            self.server_id.clone(),
+            failure.clone(),
+            self.clock.clone(),
+        )
+        .map_err(|e| ConnectError::Local(format!("TLS configuration: {e}")))?;
+        let t = &self.transport;
+        let timeout = t.handshake_timeout;
+        let qc = client_config(tls, t).map_err(|e| ConnectError::Local(e.to_string()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(qc, addr, crate::tls::SERVER_NAME)
+            .map_err(|e| ConnectError::Local(e.to_string()))?;
+        let conn = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(connect_error(&e, &failure)),
+            Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+        };
+        if alpn(&conn).as_deref() != Some(crate::tls::ALPN) {
+            return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
+        }
+        let chain = peer_chain(&conn);
+        let ack = match tokio::time::timeout(timeout, client_hello(&conn, t.io_timeout)).await {
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => {
+                // A server that refused our certificate closed with a TLS alert.
+                return Err(match conn.close_reason() {
+                    Some(reason) => connect_error(&reason, &failure),
+                    None => e,
+                });
+            }
+            Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+        };
+        Ok((conn, chain, ack))
+    }
+
+    /// A raw QUIC connection past the hello, for tests that write bytes of their own.
+    #[cfg(test)]
+    pub(crate) async fn connect_raw(&self, addr: SocketAddr) -> quinn::Connection {
+        self.handshake(addr).await.expect("QUIC handshake").0
+    }
+}
+
+impl Connector for QuicConnector {
+    fn path(&self) -> Path {
+        Path::Quic
+    }
+
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, Result<Established, ConnectError>> {
+        Box::pin(self.establish(addr))
+    }
+}
+
+/// Accepts QUIC connections on an endpoint of its own.
+#[derive(Debug)]
+pub struct QuicListener {
+    endpoint: Endpoint,
+    transport: Arc<TransportConfig>,
+}
+
+impl QuicListener {
+    /// Binds `addr`, serving `tls`.
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        transport: Arc<TransportConfig>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            endpoint: server_endpoint(addr, tls, &transport)?,
+            transport,
+        })
+    }
+}
+
+impl Listener for QuicListener {
+    fn path(&self) -> Path {
+        Path::Quic
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    fn accept(&mut self) -> BoxFuture<'_, Option<Box<dyn Incoming>>> {
+        Box::pin(async {
+            let incoming = self.endpoint.accept().await?;
+            Some(Box::new(QuicIncoming {
+                incoming,
+                io_timeout: self.transport.io_timeout,
+            }) as Box<dyn Incoming>)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            self.endpoint
+                .close(VarInt::from_u32(0), b"server shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        })
+    }
+}
+
+impl Drop for QuicListener {
+    fn drop(&mut self) {
+        self.endpoint.close(VarInt::from_u32(0), b"server stopped");
+    }
+}
+
+struct QuicIncoming {
+    incoming: quinn::Incoming,
+    io_timeout: Duration,
+}
+
+impl Incoming for QuicIncoming {
+    fn remote_addr(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    fn refuse_busy(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.incoming.refuse();
+        Box::pin(async {})
+    }
+
+    fn handshake(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Handshaken>, Refusal>> {
+        Box::pin(async move {
+            let conn = self.incoming.await.map_err(|e| Refusal::new(refusal(&e)))?;
+            if alpn(&conn).as_deref() != Some(crate::tls::ALPN) {
+                conn.close(VarInt::from_u32(ErrorCode::Version as u32), b"ALPN");
+                return Err(Refusal::new("peer did not negotiate our ALPN"));
+            }
+            Ok(Box::new(QuicHandshaken {
+                chain: peer_chain(&conn),
+                conn,
+                io_timeout: self.io_timeout,
+            }) as Box<dyn Handshaken>)
+        })
+    }
+}
+
+struct QuicHandshaken {
+    conn: quinn::Connection,
+    chain: Vec<CertificateDer<'static>>,
+    io_timeout: Duration,
+}
+
+impl Handshaken for QuicHandshaken {
+    fn proof(&self) -> PeerProof {
+        PeerProof::chain(self.chain.clone())
+    }
+
+    fn refuse(self: Box<Self>) {
+        self.conn
+            .close(VarInt::from_u32(ErrorCode::Protocol as u32), b"identity");
+    }
+
+    fn hello(
+        self: Box<Self>,
+        hello: ServerHello,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Option<Arc<dyn Connection>>> {
+        Box::pin(async move {
+            let conn = QuicConnection {
+                conn: self.conn,
+                timeout: self.io_timeout,
+            };
+            // The client's first stream carries Hello.
+            let first = tokio::time::timeout(timeout, conn.conn.accept_bi()).await;
+            let Ok(Ok((send, recv))) = first else {
+                tracing::debug!("no hello; closing");
+                conn.conn
+                    .close(VarInt::from_u32(ErrorCode::Protocol as u32), b"no hello");
+                return None;
+            };
+            let mut stream = conn.stream(send, recv);
+            let accepted = match stream.source.recv().await {
+                Ok(Some(frame)) => {
+                    let answer = hello.answer(&frame);
+                    send_answer(&mut stream.sink, answer.frame()).await && answer.is_accepted()
+                }
+                _ => false,
+            };
+            if !accepted {
+                conn.conn
+                    .close(VarInt::from_u32(ErrorCode::Version as u32), b"hello");
+                return None;
+            }
+            Some(Arc::new(conn) as Arc<dyn Connection>)
+        })
+    }
+}
+
+/// Sends the answer to a hello and ends the stream; whether it went out.
+async fn send_answer(sink: &mut FrameSink, frame: Option<&Frame>) -> bool {
+    let Some(frame) = frame else { return false };
+    if sink.send(frame.kind, frame.payload.clone()).await.is_err() {
+        return false;
+    }
+    sink.finish();
+    true
+}
+
+/// An established QUIC connection; each request is a bidirectional stream of its own.
+#[derive(Debug)]
+struct QuicConnection {
+    conn: quinn::Connection,
+    timeout: Duration,
+}
+
+impl QuicConnection {
+    fn stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) -> RequestStream {
+        RequestStream {
+            sink: FrameSink::new(Box::new(QuicSend(send)), self.timeout),
+            source: FrameSource::new(Box::new(QuicRecv(recv)), self.timeout),
+        }
+    }
+}
+
+impl Connection for QuicConnection {
+    fn open(&self, request: Bytes) -> BoxFuture<'_, Result<RequestStream, StreamError>> {
+        Box::pin(async move {
+            let (send, recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| StreamError::ConnectionLost(describe(&e)))?;
+            let mut s = self.stream(send, recv);
+            s.sink.send(FrameKind::Request, request).await?;
+            Ok(s)
+        })
+    }
+
+    fn accept(&self) -> BoxFuture<'_, Option<IncomingStream>> {
+        Box::pin(async move {
+            let (send, recv) = self.conn.accept_bi().await.ok()?;
+            Some(IncomingStream {
+                first: None,
+                stream: self.stream(send, recv),
+            })
+        })
+    }
+
+    fn close(&self, reason: Close) {
+        let code = match reason {
+            Close::Done | Close::Shutdown => VarInt::from_u32(0),
+            Close::Credentials(end) => VarInt::from_u32(end.close_code()),
+        };
+        let words: &[u8] = match reason {
+            Close::Done => b"done",
+            other => other.reason().as_bytes(),
+        };
+        self.conn.close(code, words);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    fn closed_for_credentials(&self) -> Option<CredentialsEnd> {
+        match self.conn.close_reason()? {
+            ConnectionError::ApplicationClosed(close) => {
+                u32::try_from(close.error_code.into_inner())
+                    .ok()
+                    .and_then(CredentialsEnd::from_close_code)
+            }
+            _ => None,
+        }
+    }
+
+    fn export_keying_material(
+        &self,
+        out: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Result<(), NoKeyingMaterial> {
+        self.conn
+            .export_keying_material(out, label, context)
+            .map_err(|_| NoKeyingMaterial)
+    }
+
+    fn local_ip(&self) -> Option<std::net::IpAddr> {
+        Some(local_ip(&self.conn))
+    }
+
+    fn path_stats(&self) -> Option<QuicPathStats> {
+        let stats = self.conn.stats();
+        Some(QuicPathStats {
+            mtu: stats.path.current_mtu,
+            rtt: stats.path.rtt,
+            sent_packets: stats.path.sent_packets,
+            lost_packets: stats.path.lost_packets,
+            black_holes_detected: stats.path.black_holes_detected,
+            received_datagrams: stats.udp_rx.datagrams,
+            received_bytes: stats.udp_rx.bytes,
+        })
+    }
+}
+
+impl Drop for QuicConnection {
+    fn drop(&mut self) {
+        let stats = self.conn.stats();
+        tracing::debug!(
+            mtu = stats.path.current_mtu,
+            sent_packets = stats.path.sent_packets,
+            lost_packets = stats.path.lost_packets,
+            black_holes = stats.path.black_holes_detected,
+            congestion_events = stats.path.congestion_events,
+            rtt_us = stats.path.rtt.as_micros() as u64,
+            "QUIC connection ended"
+        );
+    }
+}
+
+#[derive(Debug)]
+struct QuicSend(quinn::SendStream);
+
+impl SendFrames for QuicSend {
+    fn send(&mut self, kind: FrameKind, payload: Bytes) -> BoxFuture<'_, Result<(), StreamError>> {
+        Box::pin(async move {
+            let header = FrameHeader {
+                len: payload_len(&payload)?,
+                kind,
+                stream: 0,
+            }
+            .encode()?;
+            let mut parts = [Bytes::copy_from_slice(&header), payload];
+            self.0
+                .write_all_chunks(&mut parts)
+                .await
+                .map_err(write_error)
+        })
+    }
+
+    fn finish(&mut self) {
+        // Finishing a stream the peer already reset is not our problem.
+        let _ = self.0.finish();
+    }
+
+    fn finish_delivered(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.0.finish().is_ok() {
+                let _ = self.0.stopped().await;
+            }
+        })
+    }
+}
+
+#[derive(Debug)]
+struct QuicRecv(quinn::RecvStream);
+
+impl RecvFrames for QuicRecv {
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>, StreamError>> {
+        Box::pin(quic_recv(&mut self.0))
+    }
+}
+
+async fn quic_recv(r: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]).await.map_err(read_error)? {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => return Err(FrameError::Incomplete.into()),
+        }
+    }
+    let h = FrameHeader::decode(&header)?;
+    let len = h.len as usize;
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        match r
+            .read_chunk(len - payload.len(), true)
+            .await
+            .map_err(read_error)?
+        {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => return Err(FrameError::Incomplete.into()),
+        }
+    }
+    Ok(Some(Frame::new(h.kind, h.stream, payload.freeze())))
+}
+
+fn payload_len(payload: &Bytes) -> Result<u32, StreamError> {
+    u32::try_from(payload.len()).map_err(|_| {
+        StreamError::Frame(FrameError::TooLarge {
+            len: u32::MAX,
+            max: crate::proto::frame::MAX_FRAME_PAYLOAD,
+        })
+    })
+}
+
+/// The client's hello on the connection's first stream.
+async fn client_hello(
+    conn: &quinn::Connection,
+    timeout: Duration,
+) -> Result<crate::proto::HelloAck, ConnectError> {
+    let lost = |e: &dyn std::fmt::Display| ConnectError::Lost(e.to_string());
+    let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let mut sink = FrameSink::new(Box::new(QuicSend(send)), timeout);
+    let mut source = FrameSource::new(Box::new(QuicRecv(recv)), timeout);
+    let hello = hello_frame();
+    sink.send(hello.kind, hello.payload)
+        .await
+        .map_err(|e| lost(&e))?;
+    sink.finish();
+    let frame = source
+        .recv()
+        .await
+        .map_err(|e| lost(&e))?
+        .ok_or_else(|| ConnectError::Lost("server closed the hello stream".into()))?;
+    handle_answer(&frame).map_err(ConnectError::from)
+}
+
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+}
+
+fn peer_chain(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|c| *c)
+        .unwrap_or_default()
+}
+
+fn connect_error(e: &ConnectionError, failure: &FailureSlot) -> ConnectError {
+    if let Some(svid) = take_failure(failure) {
+        return ConnectError::ServerNotTrusted(svid);
+    }
+    if let ConnectionError::ConnectionClosed(c) = e
+        && c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    {
+        return ConnectError::Busy;
+    }
+    if let Some(alert) = alert_of(e) {
+        return ConnectError::Rejected(Rejection::from_alert(rustls::AlertDescription::from(
+            alert,
+        )));
+    }
+    match e {
+        ConnectionError::TimedOut => ConnectError::Lost("handshake timed out".into()),
+        other => ConnectError::Tls(other.to_string()),
+    }
+}
+
+fn refusal(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::TransportError(t) => format!("TLS: {}", t.reason),
+        other => describe(other),
+    }
+}
+
+fn write_error(e: quinn::WriteError) -> StreamError {
     match e {
         quinn::WriteError::Stopped(code) => StreamError::Reset(code.into_inner()),
         quinn::WriteError::ConnectionLost(c) => StreamError::ConnectionLost(describe(&c)),
@@ -207,7 +718,7 @@ pub(crate) fn write_error(e: quinn::WriteError) -> StreamError {
     }
 }
 
-pub(crate) fn read_error(e: quinn::ReadError) -> StreamError {
+fn read_error(e: quinn::ReadError) -> StreamError {
     match e {
         quinn::ReadError::Reset(code) => StreamError::Reset(code.into_inner()),
         quinn::ReadError::ConnectionLost(c) => StreamError::ConnectionLost(describe(&c)),
@@ -216,7 +727,7 @@ pub(crate) fn read_error(e: quinn::ReadError) -> StreamError {
 }
 
 /// A human-readable reason, naming the TLS alert if the peer closed with one.
-pub(crate) fn describe(c: &ConnectionError) -> String {
+fn describe(c: &ConnectionError) -> String {
     match alert_of(c) {
         Some(alert) => format!(
             "peer refused the TLS handshake: {:?}",
@@ -228,7 +739,7 @@ pub(crate) fn describe(c: &ConnectionError) -> String {
 
 /// The TLS alert a peer closed the connection with, if any (QUIC carries alerts as
 /// CRYPTO_ERROR codes 0x100 + alert).
-pub(crate) fn alert_of(c: &ConnectionError) -> Option<u8> {
+fn alert_of(c: &ConnectionError) -> Option<u8> {
     let code = match c {
         ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
         _ => return None,
@@ -262,7 +773,7 @@ mod tests {
         pki: &TestPki,
         cfg: TransportConfig,
     ) -> (quinn::Connection, quinn::Connection, Endpoint, Endpoint) {
-        let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock);
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let server_tls =
             tls::server_config(&identity(pki, "/node/storage"), clock.clone()).unwrap();
         let server = server_endpoint("127.0.0.1:0".parse().unwrap(), server_tls, &cfg).unwrap();
@@ -295,10 +806,10 @@ mod tests {
         let mut cfg = TransportConfig::default();
         cfg.mtu(1200, 8972).unwrap();
         let (client, server, _ce, _se) = pair_with(&pki, cfg).await;
-        let reached = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let reached = tokio::time::timeout(Duration::from_secs(20), async {
             while client.stats().path.current_mtu != 8972 || server.stats().path.current_mtu != 8972
             {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
         .await;
@@ -316,7 +827,7 @@ mod tests {
     async fn batched_jumbo_datagrams_are_capped_to_what_the_kernel_sends() {
         const MTU: u16 = 8972;
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        rx.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let dest = rx.local_addr().unwrap();
         let tx = bind_udp("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
@@ -387,6 +898,18 @@ mod tests {
         sealer.seal(place(3, len), &mut buf).unwrap();
         let mut opener = other.opener(Direction::ServerToClient);
         opener.open(place(3, len), &mut buf).map(<[u8]>::to_vec)
+    }
+
+    /// The RDMA keys `conn` exports for `session`, through the transport seam.
+    fn rdma_keys(
+        conn: &quinn::Connection,
+        session: [u8; 16],
+    ) -> Result<SessionKeys, NoKeyingMaterial> {
+        let conn = QuicConnection {
+            conn: conn.clone(),
+            timeout: Duration::from_secs(10),
+        };
+        crate::transport::rdma_keys(&conn, session)
     }
 
     /// The two ends of one real connection export the same RDMA keys; another session on

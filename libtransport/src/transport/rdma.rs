@@ -19,6 +19,8 @@
 
 use serde::Serialize;
 
+use super::Connection;
+
 pub mod soft;
 pub mod verbs;
 
@@ -34,6 +36,14 @@ mod mr;
 mod qp;
 #[cfg(feature = "rdma")]
 mod sys;
+
+/// The address `conn` runs over on this side: where an RDMA session's soft device listens,
+/// so it crosses the same network as the connection (any address where the transport does
+/// not know).
+pub(crate) fn local_ip(conn: &dyn Connection) -> std::net::IpAddr {
+    conn.local_ip()
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
 
 /// A hardware RDMA device, as [`discover`] finds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,15 +1,309 @@
-//! TCP sockets for the TLS/TCP path: listener and connector with our socket options.
+//! The TLS/TCP transport (tokio-rustls): TCP sockets with our options, TLS 1.3 over them,
+//! and the multiplexer of `mux.rs` inside the TLS session; the [`Connector`] and
+//! [`Listener`] the drivers use. The only file of the crate that names tokio-rustls.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::{CertificateDer, ServerName};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::BufReader;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Listens on `addr`.
-pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+use super::{
+    BoxFuture, Connection, Connector, Established, Handshaken, Incoming, Listener, Path, PeerProof,
+    Refusal, mux,
+};
+use crate::clock::Clock;
+use crate::config::TransportConfig;
+use crate::error::{ConnectError, Rejection};
+use crate::identity::{FailureSlot, IdentityHandle, take_failure};
+use crate::proto::connection::{ServerHello, handle_answer};
+
+/// Connects with TLS 1.3 over TCP, presenting the newest SVID of an identity at each
+/// handshake.
+#[derive(Debug)]
+pub struct TlsTcpConnector {
+    identity: IdentityHandle,
+    server_id: Option<certs::SpiffeId>,
+    clock: Arc<dyn Clock>,
+    transport: Arc<TransportConfig>,
+}
+
+impl TlsTcpConnector {
+    /// A connector expecting the server to be `server_id` if given.
+    pub(crate) fn new(
+        identity: IdentityHandle,
+        server_id: Option<certs::SpiffeId>,
+        clock: Arc<dyn Clock>,
+        transport: Arc<TransportConfig>,
+    ) -> Self {
+        Self {
+            identity,
+            server_id,
+            clock,
+            transport,
+        }
+    }
+
+    async fn establish(&self, addr: SocketAddr) -> Result<Established, ConnectError> {
+        let failure = FailureSlot::default();
+        let tls = crate::tls::client_config(
+            &self.identity,
+            self.server_id.clone(),
+            failure.clone(),
+            self.clock.clone(),
+        )
+        .map_err(|e| ConnectError::Local(format!("TLS configuration: {e}")))?;
+        let t = &self.transport;
+        let timeout = t.handshake_timeout;
+        let socket = connect(addr, timeout)
+            .await
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::TimedOut => ConnectError::Timeout { addr, timeout },
+                _ => ConnectError::Unreachable { addr, source },
+            })?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let name = ServerName::try_from(crate::tls::SERVER_NAME)
+            .map_err(|e| ConnectError::Local(e.to_string()))?;
+        let mut stream =
+            match tokio::time::timeout(timeout, connector.connect(name, buffered(socket))).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(connect_error(&e, &failure)),
+                Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+            };
+        let (_, session) = stream.get_ref();
+        if session.alpn_protocol() != Some(crate::tls::ALPN) {
+            return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
+        }
+        let chain = peer_chain(session);
+        stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
+        let answer = match tokio::time::timeout(timeout, mux::hello(&mut stream)).await {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return Err(ConnectError::Lost("server closed the connection".into())),
+            Ok(Err(e)) => return Err(connect_error(&e, &failure)),
+            Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+        };
+        let ack = handle_answer(&answer)?;
+        let connection = mux::start_client(stream, &ack, t.io_timeout, mux::TLS_READ_BUFFER);
+        Ok(Established {
+            connection,
+            proof: PeerProof::chain(chain),
+            ack,
+        })
+    }
+}
+
+impl Connector for TlsTcpConnector {
+    fn path(&self) -> Path {
+        Path::Tcp
+    }
+
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, Result<Established, ConnectError>> {
+        Box::pin(self.establish(addr))
+    }
+}
+
+/// Accepts TLS/TCP connections.
+#[derive(Debug)]
+pub struct TlsTcpListener {
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    transport: Arc<TransportConfig>,
+    /// Connections past the limit that are still told they are busy.
+    overflow: Arc<Semaphore>,
+}
+
+impl TlsTcpListener {
+    /// Binds `addr`, serving `tls`.
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        transport: Arc<TransportConfig>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            listener: listen(addr)?,
+            tls,
+            transport,
+            overflow: Arc::new(Semaphore::new(MAX_BUSY_ANSWERS)),
+        })
+    }
+}
+
+impl Listener for TlsTcpListener {
+    fn path(&self) -> Path {
+        Path::Tcp
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    fn accept(&mut self) -> BoxFuture<'_, Option<Box<dyn Incoming>>> {
+        Box::pin(async {
+            loop {
+                match self.listener.accept().await {
+                    Ok((socket, addr)) => {
+                        tune(&socket);
+                        return Some(Box::new(TlsTcpIncoming {
+                            socket,
+                            addr,
+                            tls: self.tls.clone(),
+                            transport: self.transport.clone(),
+                            overflow: self.overflow.clone(),
+                        }) as Box<dyn Incoming>);
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+struct TlsTcpIncoming {
+    socket: TcpStream,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    transport: Arc<TransportConfig>,
+    overflow: Arc<Semaphore>,
+}
+
+impl Incoming for TlsTcpIncoming {
+    fn remote_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn refuse_busy(self: Box<Self>) -> BoxFuture<'static, ()> {
+        // Tell the client it is busy (after its handshake, so the answer is authenticated),
+        // within a small budget of its own; past that, just close.
+        match self.overflow.clone().try_acquire_owned() {
+            Ok(spare) => Box::pin(refuse_busy(*self, spare)),
+            Err(_) => Box::pin(async {}),
+        }
+    }
+
+    fn handshake(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Handshaken>, Refusal>> {
+        Box::pin(async move {
+            let tls = tokio_rustls::TlsAcceptor::from(self.tls.clone())
+                .accept(buffered(self.socket))
+                .await
+                .map_err(|e| Refusal::new(refusal(&e)))?;
+            let (_, session) = tls.get_ref();
+            if session.alpn_protocol() != Some(crate::tls::ALPN) {
+                return Err(Refusal::new("peer did not negotiate our ALPN"));
+            }
+            let chain = peer_chain(session);
+            Ok(Box::new(TlsTcpHandshaken {
+                tls,
+                chain,
+                transport: self.transport,
+            }) as Box<dyn Handshaken>)
+        })
+    }
+}
+
+struct TlsTcpHandshaken {
+    tls: tokio_rustls::server::TlsStream<BufferedStream>,
+    chain: Vec<CertificateDer<'static>>,
+    transport: Arc<TransportConfig>,
+}
+
+impl Handshaken for TlsTcpHandshaken {
+    fn proof(&self) -> PeerProof {
+        PeerProof::chain(self.chain.clone())
+    }
+
+    fn refuse(self: Box<Self>) {}
+
+    fn hello(
+        mut self: Box<Self>,
+        hello: ServerHello,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Option<Arc<dyn Connection>>> {
+        self.tls
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
+        let io_timeout = self.transport.io_timeout;
+        Box::pin(mux::serve(
+            self.tls,
+            hello,
+            timeout,
+            io_timeout,
+            mux::TLS_READ_BUFFER,
+        ))
+    }
+}
+
+/// Completes a TLS handshake only to answer the hello with `Busy`, then closes.
+async fn refuse_busy(incoming: TlsTcpIncoming, _spare: OwnedSemaphorePermit) {
+    let timeout = incoming.transport.handshake_timeout;
+    let answer = async {
+        let mut tls = tokio_rustls::TlsAcceptor::from(incoming.tls.clone())
+            .accept(buffered(incoming.socket))
+            .await
+            .ok()?;
+        mux::read_frame(&mut tls).await.ok()??;
+        mux::write_frame(&mut tls, &ServerHello::busy())
+            .await
+            .ok()?;
+        tls.shutdown().await.ok()
+    };
+    let _ = tokio::time::timeout(timeout, answer).await;
+}
+
+fn peer_chain(session: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
+    session
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn connect_error(e: &io::Error, failure: &FailureSlot) -> ConnectError {
+    if let Some(svid) = take_failure(failure) {
+        return ConnectError::ServerNotTrusted(svid);
+    }
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            ConnectError::Rejected(Rejection::from_alert(*alert))
+        }
+        Some(other) => ConnectError::Tls(other.to_string()),
+        None => match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
+                ConnectError::Lost(e.to_string())
+            }
+            _ => ConnectError::Tls(e.to_string()),
+        },
+    }
+}
+
+fn refusal(e: &io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => format!("TLS: {tls}"),
+        None => e.to_string(),
+    }
+}
+
+/// Connections past the limit answered with `Busy` at once; more are closed unanswered.
+const MAX_BUSY_ANSWERS: usize = 64;
+
+/// TLS plaintext rustls accepts per write before pushing records out; large enough that a
+/// 1 MiB frame is encrypted and sent in one go.
+const TLS_SEND_BUFFER_BYTES: usize = 4 << 20;
+
+/// Listens on `addr` with our socket options.
+pub fn listen(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
@@ -18,11 +312,11 @@ pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// Connects to `addr` within `timeout`.
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+/// Connects to `addr` within `timeout`, with our socket options.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
@@ -32,7 +326,7 @@ pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<T
 
 /// Options for every data connection: no Nagle delay (we write whole frames), keep-alive
 /// so a vanished peer is noticed.
-pub(crate) fn tune(stream: &TcpStream) {
+pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
@@ -44,12 +338,12 @@ pub(crate) fn tune(stream: &TcpStream) {
 /// most a few KiB at a time (one record or less), so a bare socket costs a system call per
 /// few KiB; through this buffer it costs one per [`SOCKET_READ_BUFFER`]. Writes pass
 /// straight through (rustls already hands the socket large vectored writes).
-pub(crate) type BufferedStream = BufReader<TcpStream>;
+type BufferedStream = BufReader<TcpStream>;
 
 /// Wraps `stream` for TLS to run over.
-pub(crate) fn buffered(stream: TcpStream) -> BufferedStream {
+fn buffered(stream: TcpStream) -> BufferedStream {
     BufReader::with_capacity(SOCKET_READ_BUFFER, stream)
 }
 
 /// Bytes read from the socket per system call under TLS.
-pub(crate) const SOCKET_READ_BUFFER: usize = 256 << 10;
+const SOCKET_READ_BUFFER: usize = 256 << 10;

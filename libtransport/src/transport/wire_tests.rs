@@ -1,4 +1,4 @@
-//! The server against a peer that writes raw bytes: oversized, malformed and truncated
+//! The server against a peer that writes raw bytes on either transport: oversized, malformed and truncated
 //! frames, hand-made requests that try to leave their dataset or read 2^63 bytes. Each is
 //! answered with an error code and nothing is allocated for the size a header claims; the
 //! server keeps serving.
@@ -13,10 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::client::Client;
 use crate::identity::FailureSlot;
 use crate::proto::frame::HEADER_LEN;
-use crate::proto::{
-    DatasetName, ErrorCode, Frame, FrameKind, Hello, ObjectPath, Request, Response,
-};
+use crate::proto::{DatasetName, ErrorCode, Frame, FrameKind, ObjectPath, Request, Response};
 use crate::test_util::{TestServer, client_config, identity, trace_init};
+use crate::transport::quic::QuicConnector;
 use crate::transport::{Path, mux};
 
 const CANARY: &[u8] = b"PHI-CANARY-9d2e";
@@ -88,8 +87,16 @@ async fn quic_streams_with_bad_frames_get_an_error_and_the_connection_keeps_serv
     )
     .await
     .unwrap();
-    let conn = client.connection().await.unwrap();
-    let quic = conn.quic().unwrap();
+    let connector = QuicConnector::new(
+        server.addr(Path::Quic),
+        identity(&pki, "/gpu/loader"),
+        None,
+        Arc::new(crate::clock::SystemClock),
+        Arc::new(crate::TransportConfig::default()),
+    )
+    .unwrap();
+    let raw = connector.connect_raw(server.addr(Path::Quic)).await;
+    let quic = &raw;
 
     // A header claiming 4 GiB, with no payload behind it: refused from the header alone.
     let frames = quic_exchange(quic, &header(u32::MAX, FrameKind::Request as u8)).await;
@@ -238,14 +245,7 @@ async fn raw_tcp(
         .connect(name, tcp)
         .await
         .unwrap();
-    mux::write_frame(
-        &mut s,
-        &Frame::new(FrameKind::Hello, 0, Hello::current().encode()),
-    )
-    .await
-    .unwrap();
-    s.flush().await.unwrap();
-    let ack = mux::read_frame(&mut s).await.unwrap().unwrap();
+    let ack = mux::hello(&mut s).await.unwrap().unwrap();
     assert_eq!(ack.kind, FrameKind::HelloAck);
     s
 }
