@@ -48,7 +48,9 @@ pub use issue::{DEFAULT_SVID_TTL, IssueError, IssueParams, Issued, MAX_SVID_TTL}
 pub use key::{
     Csr, KeyAlgorithm, generate_key_and_bare_csr, generate_key_and_csr, private_key_pem,
 };
-pub use rotate::{MIN_CA_TO_SVID_RATIO, RENEWAL_JITTER, check_svid_ttl, renew_at, retry_in};
+pub use rotate::{
+    MIN_CA_TO_SVID_RATIO, RENEWAL_JITTER, TtlError, check_svid_ttl, renew_at, retry_in,
+};
 pub use sealed_key::{decrypt_key_pem, encrypt_key_pem, is_encrypted_key_pem};
 pub use svid::{MAX_CHAIN_LEN, Svid, SvidError, Usage, VerifiedSvid};
 
