@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
 use crate::ca::hex;
+use crate::issue::CryptoError;
 use crate::{IssueError, SpiffeId};
 
 /// A join token's secret: 32 random bytes, hex. Shown once; never stored or logged.
@@ -26,8 +27,7 @@ impl JoinToken {
     /// A fresh random token.
     pub fn generate() -> Result<Self, IssueError> {
         let mut bytes = Zeroizing::new([0u8; TOKEN_BYTES]);
-        aws_lc_rs::rand::fill(bytes.as_mut())
-            .map_err(|_| IssueError::Crypto("no randomness".into()))?;
+        aws_lc_rs::rand::fill(bytes.as_mut()).map_err(|_| CryptoError::NoRandomness)?;
         Ok(Self(Zeroizing::new(hex(bytes.as_ref()))))
     }
 
@@ -253,30 +253,24 @@ impl RegistrationEntry {
     pub fn validate(&self, trust_domain: &crate::TrustDomain) -> Result<(), AttestError> {
         for id in [&self.spiffe_id, &self.parent_id] {
             if !id.is_member_of(trust_domain) {
-                return Err(AttestError::Entry(format!(
-                    "{id} is not in trust domain {trust_domain}"
-                )));
+                return Err(AttestError::Entry(EntryError::ForeignId {
+                    id: id.clone(),
+                    trust_domain: trust_domain.clone(),
+                }));
             }
             if id.path().is_empty() {
-                return Err(AttestError::Entry(format!(
-                    "{id} names the trust domain itself; give a path"
-                )));
+                return Err(AttestError::Entry(EntryError::NoPath(id.clone())));
             }
         }
         if self.spiffe_id == self.parent_id {
-            return Err(AttestError::Entry(
-                "an entry's SPIFFE ID cannot be its parent node's own ID".into(),
-            ));
+            return Err(AttestError::Entry(EntryError::OwnParent));
         }
         if self.selectors.is_empty() {
-            return Err(AttestError::Entry(
-                "give at least one selector, e.g. unix:uid:1000".into(),
-            ));
+            return Err(AttestError::Entry(EntryError::NoSelectors));
         }
         if self.selectors.len() > MAX_SELECTORS {
-            return Err(AttestError::Entry(format!(
-                "{} selectors; at most {MAX_SELECTORS}",
-                self.selectors.len()
+            return Err(AttestError::Entry(EntryError::TooManySelectors(
+                self.selectors.len(),
             )));
         }
         Ok(())
@@ -302,12 +296,38 @@ pub enum AttestError {
     /// Not a join token's form (64 hex digits).
     #[error("malformed join token: expected 64 hex digits")]
     MalformedToken,
-    /// Not a selector we know.
+    /// Not a selector we know (the text as given).
     #[error("invalid selector {0:?}: use unix:uid:<n>, unix:gid:<n> or unix:path:<absolute path>")]
     Selector(String),
     /// The entry breaks a rule.
     #[error("registration entry: {0}")]
-    Entry(String),
+    Entry(#[source] EntryError),
+}
+
+/// Which rule a registration entry breaks ([`RegistrationEntry::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The SPIFFE ID or the parent ID is in another trust domain.
+    #[error("{id} is not in trust domain {trust_domain}")]
+    ForeignId {
+        /// The ID.
+        id: SpiffeId,
+        /// The issuer's trust domain.
+        trust_domain: crate::TrustDomain,
+    },
+    /// The SPIFFE ID or the parent ID is the trust domain itself.
+    #[error("{0} names the trust domain itself; give a path")]
+    NoPath(SpiffeId),
+    /// The SPIFFE ID is the parent node's own ID.
+    #[error("an entry's SPIFFE ID cannot be its parent node's own ID")]
+    OwnParent,
+    /// The entry has no selector.
+    #[error("give at least one selector, e.g. unix:uid:1000")]
+    NoSelectors,
+    /// The entry has more than [`MAX_SELECTORS`] selectors (how many).
+    #[error("{0} selectors; at most {MAX_SELECTORS}")]
+    TooManySelectors(usize),
 }
 
 mod secs_opt {
@@ -498,21 +518,38 @@ mod tests {
     #[test]
     fn validate_refuses_bad_entries() {
         let td = crate::TrustDomain::new("td").unwrap();
+        let refused = |e: &RegistrationEntry| match e.validate(&td) {
+            Err(AttestError::Entry(why)) => why,
+            other => panic!("{other:?}"),
+        };
         assert!(entry(&["unix:uid:1"]).validate(&td).is_ok());
-        assert!(entry(&[]).validate(&td).is_err());
+        assert_eq!(refused(&entry(&[])), EntryError::NoSelectors);
         let mut foreign = entry(&["unix:uid:1"]);
         foreign.spiffe_id = id("spiffe://other/x");
-        assert!(foreign.validate(&td).is_err());
+        assert_eq!(
+            refused(&foreign),
+            EntryError::ForeignId {
+                id: id("spiffe://other/x"),
+                trust_domain: td.clone(),
+            }
+        );
         let mut itself = entry(&["unix:uid:1"]);
         itself.spiffe_id = itself.parent_id.clone();
-        assert!(itself.validate(&td).is_err());
+        assert_eq!(refused(&itself), EntryError::OwnParent);
         let mut bare = entry(&["unix:uid:1"]);
         bare.spiffe_id = id("spiffe://td");
-        assert!(bare.validate(&td).is_err());
+        assert_eq!(refused(&bare), EntryError::NoPath(id("spiffe://td")));
+        assert_eq!(
+            bare.validate(&td).unwrap_err().to_string(),
+            "registration entry: spiffe://td names the trust domain itself; give a path"
+        );
         let many: Vec<String> = (0..=MAX_SELECTORS)
             .map(|i| format!("unix:gid:{i}"))
             .collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(entry(&refs).validate(&td).is_err());
+        assert_eq!(
+            refused(&entry(&refs)),
+            EntryError::TooManySelectors(MAX_SELECTORS + 1)
+        );
     }
 }

@@ -14,7 +14,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 
-use crate::svid::{MAX_CHAIN_LEN, SvidError, Usage, VerifiedSvid, parse_ca_cert, parse_leaf};
+use crate::svid::{
+    MAX_CHAIN_LEN, MalformedCert, PemError, SvidError, Usage, VerifiedSvid, parse_ca_cert,
+    parse_leaf,
+};
 use crate::{TrustDomain, svid};
 
 /// The CA certificates of one trust domain.
@@ -30,7 +33,7 @@ impl TrustBundle {
     pub fn from_pem(pem: &str) -> Result<Self, BundleError> {
         let cas = CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| BundleError::Pem(e.to_string()))?;
+            .map_err(|e| BundleError::Pem(PemError::new(e)))?;
         Self::from_der(cas)
     }
 
@@ -57,7 +60,7 @@ impl TrustBundle {
             }
             webpki::anchor_from_trusted_cert(ca).map_err(|e| BundleError::Ca {
                 index,
-                reason: SvidError::Malformed(format!("{e:?}")),
+                reason: SvidError::Malformed(MalformedCert::Webpki(e)),
             })?;
         }
         let td = td.ok_or(BundleError::Empty)?;
@@ -112,13 +115,12 @@ impl TrustBundle {
     ) -> Result<VerifiedSvid, SvidError> {
         let (leaf, intermediates) = chain.split_first().ok_or(SvidError::NoCertificate)?;
         if chain.len() > MAX_CHAIN_LEN {
-            return Err(SvidError::Malformed(format!(
-                "chain of {} certificates; at most {MAX_CHAIN_LEN} are accepted",
-                chain.len()
+            return Err(SvidError::Malformed(MalformedCert::ChainTooLong(
+                chain.len(),
             )));
         }
-        let ee =
-            EndEntityCert::try_from(leaf).map_err(|e| SvidError::Malformed(format!("{e:?}")))?;
+        let ee = EndEntityCert::try_from(leaf)
+            .map_err(|e| SvidError::Malformed(MalformedCert::Webpki(e)))?;
         let time = UnixTime::since_unix_epoch(
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
@@ -175,7 +177,7 @@ impl Eq for TrustBundle {}
 pub enum BundleError {
     /// The PEM could not be read.
     #[error("bundle PEM: {0}")]
-    Pem(String),
+    Pem(#[source] PemError),
     /// No certificate was found.
     #[error("bundle holds no CA certificate")]
     Empty,
@@ -214,7 +216,7 @@ fn chain_error(e: webpki::Error) -> SvidError {
             SvidError::UnknownIssuer
         }
         webpki::Error::CaUsedAsEndEntity => SvidError::IsCa,
-        other => SvidError::Chain(format!("{other:?}")),
+        other => SvidError::Chain(other),
     }
 }
 

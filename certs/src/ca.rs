@@ -16,9 +16,11 @@ use rustls_pki_types::pem::PemObject;
 use zeroize::Zeroizing;
 
 use crate::bundle::TrustBundle;
-use crate::issue::{BACKDATE, IssueError, IssueParams, Issued, MAX_SVID_TTL};
+use crate::issue::{
+    BACKDATE, CaError, CryptoError, CsrError, IssueError, IssueParams, Issued, MAX_SVID_TTL,
+};
 use crate::key::{Csr, KeyAlgorithm};
-use crate::svid::parse_ca_cert;
+use crate::svid::{PemError, parse_ca_cert};
 use crate::{SpiffeId, TrustDomain};
 
 /// How a CA is created.
@@ -69,31 +71,25 @@ impl Ca {
         p.not_after = (now + params.validity).into();
         p.serial_number = Some(random_serial()?);
         p.use_authority_key_identifier_extension = false;
-        let cert = p
-            .self_signed(&key)
-            .map_err(|e| IssueError::Crypto(e.to_string()))?;
+        let cert = p.self_signed(&key).map_err(CryptoError::Rcgen)?;
         Self::from_parts(cert.der().clone(), key)
     }
 
     /// Loads a CA from its certificate and private key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IssueError> {
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| IssueError::Ca(format!("no PEM certificate found: {e}")))?;
-        let key =
-            KeyPair::from_pem(key_pem).map_err(|e| IssueError::Ca(format!("private key: {e}")))?;
+            .map_err(|e| CaError::CertPem(PemError::new(e)))?;
+        let key = KeyPair::from_pem(key_pem).map_err(CaError::Key)?;
         Self::from_parts(cert, key)
     }
 
     fn from_parts(cert: CertificateDer<'static>, key: KeyPair) -> Result<Self, IssueError> {
-        let info = parse_ca_cert(&cert).map_err(|e| IssueError::Ca(e.to_string()))?;
+        let info = parse_ca_cert(&cert).map_err(CaError::Cert)?;
         if info.public_key != key.der_bytes() {
-            return Err(IssueError::Ca(
-                "the private key does not belong to the CA certificate".into(),
-            ));
+            return Err(CaError::KeyMismatch.into());
         }
         let key_pem = Zeroizing::new(key.serialize_pem());
-        let issuer =
-            Issuer::from_ca_cert_der(&cert, key).map_err(|e| IssueError::Ca(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(CaError::Issuer)?;
         Ok(Self {
             trust_domain: info.trust_domain,
             cert,
@@ -184,13 +180,13 @@ impl Ca {
         }
         let not_before = (now - BACKDATE).max(self.not_before);
         let not_after = (now + params.ttl).min(self.not_after);
-        let spki = rcgen::SubjectPublicKeyInfo::from_der(csr.spki())
-            .map_err(|e| IssueError::Csr(format!("public key: {e}")))?;
+        let spki =
+            rcgen::SubjectPublicKeyInfo::from_der(csr.spki()).map_err(CsrError::PublicKey)?;
         let serial = random_serial()?;
         let p = svid_params(id, not_before, not_after, serial.clone())?;
         let cert = p
             .signed_by(&spki, &self.issuer)
-            .map_err(|e| IssueError::Crypto(e.to_string()))?;
+            .map_err(CryptoError::Rcgen)?;
         Ok(Issued {
             id: id.clone(),
             serial: hex(&serial.to_bytes()),
@@ -211,7 +207,7 @@ impl Ca {
         params
             .signed_by(key, &self.issuer)
             .map(|c| c.der().clone())
-            .map_err(|e| IssueError::Crypto(e.to_string()))
+            .map_err(|e| CryptoError::Rcgen(e).into())
     }
 }
 
@@ -251,15 +247,15 @@ pub(crate) fn svid_params(
 }
 
 pub(crate) fn uri_san(id: &SpiffeId) -> Result<SanType, IssueError> {
-    Ok(SanType::URI(id.as_str().try_into().map_err(
-        |e: rcgen::Error| IssueError::Crypto(e.to_string()),
-    )?))
+    Ok(SanType::URI(
+        id.as_str().try_into().map_err(CryptoError::Rcgen)?,
+    ))
 }
 
 /// A random 128-bit positive serial number.
 pub(crate) fn random_serial() -> Result<SerialNumber, IssueError> {
     let mut bytes = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssueError::Crypto("no randomness".into()))?;
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| CryptoError::NoRandomness)?;
     // Positive, and without a leading zero byte that DER would strip.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 
-use crate::{IdError, SpiffeId};
+use crate::key::MAX_CSR_BYTES;
+use crate::svid::PemError;
+use crate::{IdError, SpiffeId, SvidError};
 
 /// How an SVID is issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +94,7 @@ pub enum IssueError {
     RequestedId(IdError),
     /// The CSR could not be parsed or its signature does not verify.
     #[error("certificate signing request: {0}")]
-    Csr(String),
+    Csr(#[from] CsrError),
     /// The CA has expired (or is not valid yet) at the time of issuance.
     #[error("the CA is not valid now (valid until {not_after:?}); create or activate another")]
     CaExpired {
@@ -104,10 +106,106 @@ pub enum IssueError {
     Ttl(Duration),
     /// The CA certificate or key could not be read.
     #[error("CA: {0}")]
-    Ca(String),
+    Ca(#[from] CaError),
     /// Key generation or signing failed.
     #[error("cryptography: {0}")]
-    Crypto(String),
+    Crypto(#[from] CryptoError),
+}
+
+/// Why a certificate signing request was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CsrError {
+    /// The request is longer than we accept (its length).
+    #[error("request is {0} bytes; at most {MAX_CSR_BYTES} are accepted")]
+    TooLarge(usize),
+    /// No PEM certificate request could be read.
+    #[error("no PEM certificate request found: {0}")]
+    Pem(#[source] PemError),
+    /// The bytes are not a DER PKCS#10 request.
+    #[error("not a PKCS#10 request: {0}")]
+    Der(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// Bytes follow the request's DER.
+    #[error("trailing bytes after the request")]
+    TrailingBytes,
+    /// The request's signature does not verify with the public key it carries.
+    #[error("signature does not verify with the key it carries")]
+    BadSignature,
+    /// The request names more than one URI (how many).
+    #[error("request names {0} URIs; an SVID carries exactly one")]
+    UriCount(usize),
+    /// The request's public key cannot be used.
+    #[error("public key: {0}")]
+    PublicKey(#[source] rcgen::Error),
+}
+
+/// Why a CA (or a key sealed under a passphrase) could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// No PEM certificate could be read.
+    #[error("no PEM certificate found: {0}")]
+    CertPem(#[source] PemError),
+    /// The certificate is not a CA certificate of a trust domain.
+    #[error("{0}")]
+    Cert(#[source] SvidError),
+    /// The private key could not be read.
+    #[error("private key: {0}")]
+    Key(#[source] rcgen::Error),
+    /// The private key does not belong to the CA certificate.
+    #[error("the private key does not belong to the CA certificate")]
+    KeyMismatch,
+    /// The certificate and key cannot make an issuer.
+    #[error("{0}")]
+    Issuer(#[source] rcgen::Error),
+    /// An empty passphrase was given to seal a key.
+    #[error("the passphrase is empty")]
+    EmptyPassphrase,
+    /// The key to seal is not PEM.
+    #[error("private key PEM: {0}")]
+    KeyPem(#[source] pkcs8::der::Error),
+    /// The key to seal is PEM of another kind than `PRIVATE KEY` (the label found).
+    #[error("expected a PKCS#8 PRIVATE KEY, found {0}")]
+    NotPkcs8(String),
+    /// The key to seal is not a PKCS#8 private key.
+    #[error("private key: {0}")]
+    KeyDer(#[source] pkcs8::der::Error),
+    /// The sealed key is not PEM.
+    #[error("encrypted key PEM: {0}")]
+    EncryptedPem(#[source] pkcs8::der::Error),
+    /// The sealed key is PEM of another kind than `ENCRYPTED PRIVATE KEY` (the label found).
+    #[error("expected an ENCRYPTED PRIVATE KEY, found {0}")]
+    NotEncrypted(String),
+    /// The sealed key is not a PKCS#8 encrypted private key.
+    #[error("encrypted key: {0}")]
+    EncryptedDer(#[source] pkcs8::der::Error),
+    /// The sealed key does not decrypt to a private key under the passphrase given.
+    #[error("cannot decrypt the CA key: wrong passphrase?")]
+    WrongPassphrase,
+}
+
+/// Why key generation, signing or key sealing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    /// The system's random number generator failed.
+    #[error("no randomness")]
+    NoRandomness,
+    /// Generating a key, building or signing a certificate or request failed.
+    #[error("{0}")]
+    Rcgen(#[source] rcgen::Error),
+    /// The scrypt parameters were refused.
+    #[error("scrypt parameters: {0}")]
+    Scrypt(pkcs8::pkcs5::scrypt::errors::InvalidParams),
+    /// The PBES2 parameters were refused.
+    #[error("PBES2 parameters: {0}")]
+    Pbes2(pkcs8::pkcs5::Error),
+    /// Encrypting a key failed.
+    #[error("encrypting the key: {0}")]
+    Encrypt(#[source] pkcs8::Error),
+    /// Encoding a key as PEM failed.
+    #[error("encoding the key: {0}")]
+    Encode(#[source] pkcs8::der::Error),
 }
 
 /// Default SVID lifetime. Short enough that a stolen key is soon worthless; rotation renews

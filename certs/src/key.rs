@@ -12,7 +12,8 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 use zeroize::Zeroizing;
 
 use crate::SpiffeId;
-use crate::issue::IssueError;
+use crate::issue::{CryptoError, CsrError, IssueError};
+use crate::svid::PemError;
 
 /// The kind of key to generate. ECDSA P-256 is the default: fast to sign and verify, and
 /// what SPIFFE deployments use most.
@@ -38,7 +39,7 @@ impl KeyAlgorithm {
     }
 
     pub(crate) fn generate(self) -> Result<rcgen::KeyPair, IssueError> {
-        rcgen::KeyPair::generate_for(self.rcgen()).map_err(|e| IssueError::Crypto(e.to_string()))
+        rcgen::KeyPair::generate_for(self.rcgen()).map_err(|e| CryptoError::Rcgen(e).into())
     }
 }
 
@@ -51,13 +52,10 @@ pub fn generate_key_and_csr(
     let key = alg.generate()?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.subject_alt_names =
-        vec![rcgen::SanType::URI(id.as_str().try_into().map_err(
-            |e: rcgen::Error| IssueError::Crypto(e.to_string()),
-        )?)];
-    let request = params
-        .serialize_request(&key)
-        .map_err(|e| IssueError::Crypto(e.to_string()))?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        id.as_str().try_into().map_err(CryptoError::Rcgen)?,
+    )];
+    let request = params.serialize_request(&key).map_err(CryptoError::Rcgen)?;
     let csr = Csr::from_der(request.der())?;
     Ok((Zeroizing::new(key.serialize_pem()), csr))
 }
@@ -70,9 +68,7 @@ pub fn generate_key_and_bare_csr(
     let key = alg.generate()?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    let request = params
-        .serialize_request(&key)
-        .map_err(|e| IssueError::Crypto(e.to_string()))?;
+    let request = params.serialize_request(&key).map_err(CryptoError::Rcgen)?;
     let csr = Csr::from_der(request.der())?;
     Ok((Zeroizing::new(key.serialize_pem()), csr))
 }
@@ -101,19 +97,13 @@ impl Csr {
     /// Parses a DER request and checks its signature against the key it carries.
     pub fn from_der(der: &[u8]) -> Result<Self, IssueError> {
         if der.len() > MAX_CSR_BYTES {
-            return Err(IssueError::Csr(format!(
-                "request is {} bytes; at most {MAX_CSR_BYTES} are accepted",
-                der.len()
-            )));
+            return Err(CsrError::TooLarge(der.len()).into());
         }
-        let (rest, req) = X509CertificationRequest::from_der(der)
-            .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
+        let (rest, req) = X509CertificationRequest::from_der(der).map_err(CsrError::Der)?;
         if !rest.is_empty() {
-            return Err(IssueError::Csr("trailing bytes after the request".into()));
+            return Err(CsrError::TrailingBytes.into());
         }
-        req.verify_signature().map_err(|_| {
-            IssueError::Csr("signature does not verify with the key it carries".into())
-        })?;
+        req.verify_signature().map_err(|_| CsrError::BadSignature)?;
         let info = &req.certification_request_info;
         let spki = info.subject_pki.raw.to_vec();
         let mut uris = Vec::new();
@@ -130,10 +120,7 @@ impl Csr {
             [] => None,
             [one] => Some(SpiffeId::parse(one).map_err(IssueError::RequestedId)?),
             _ => {
-                return Err(IssueError::Csr(format!(
-                    "request names {} URIs; an SVID carries exactly one",
-                    uris.len()
-                )));
+                return Err(CsrError::UriCount(uris.len()).into());
             }
         };
         Ok(Self {
@@ -146,7 +133,7 @@ impl Csr {
     /// Parses a PEM request (`-----BEGIN CERTIFICATE REQUEST-----`).
     pub fn from_pem(pem: &str) -> Result<Self, IssueError> {
         let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| IssueError::Csr(format!("no PEM certificate request found: {e}")))?;
+            .map_err(|e| CsrError::Pem(PemError::new(e)))?;
         Self::from_der(&der)
     }
 
@@ -181,4 +168,4 @@ impl fmt::Debug for Csr {
 }
 
 /// Largest request accepted: real ones are well under 2 KiB.
-const MAX_CSR_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_CSR_BYTES: usize = 16 * 1024;

@@ -38,19 +38,23 @@ pub mod fuzzing;
 pub mod test_util;
 
 pub use attest::{
-    AttestError, JoinToken, MAX_SELECTORS, RegistrationEntry, Selector, TokenHash, TokenRecord,
-    TokenRefusal, Workload, entries_for, redeem,
+    AttestError, EntryError, JoinToken, MAX_SELECTORS, RegistrationEntry, Selector, TokenHash,
+    TokenRecord, TokenRefusal, Workload, entries_for, redeem,
 };
 pub use bundle::{BundleError, MAX_BUNDLE_CAS, TrustBundle};
 pub use ca::{Ca, CaParams};
 pub use id::{IdError, SpiffeId, TrustDomain};
-pub use issue::{DEFAULT_SVID_TTL, IssueError, IssueParams, Issued, MAX_SVID_TTL};
+pub use issue::{
+    CaError, CryptoError, CsrError, DEFAULT_SVID_TTL, IssueError, IssueParams, Issued, MAX_SVID_TTL,
+};
 pub use key::{
     Csr, KeyAlgorithm, generate_key_and_bare_csr, generate_key_and_csr, private_key_pem,
 };
-pub use rotate::{MIN_CA_TO_SVID_RATIO, RENEWAL_JITTER, check_svid_ttl, renew_at, retry_in};
+pub use rotate::{
+    MIN_CA_TO_SVID_RATIO, RENEWAL_JITTER, TtlError, check_svid_ttl, renew_at, retry_in,
+};
 pub use sealed_key::{decrypt_key_pem, encrypt_key_pem, is_encrypted_key_pem};
-pub use svid::{MAX_CHAIN_LEN, Svid, SvidError, Usage, VerifiedSvid};
+pub use svid::{MAX_CHAIN_LEN, MalformedCert, PemError, Svid, SvidError, Usage, VerifiedSvid};
 
 /// PEM with LF line endings.
 pub(crate) fn pem_encode(tag: &str, der: &[u8]) -> String {

@@ -33,21 +33,44 @@ pub fn retry_in(not_after: SystemTime, now: SystemTime) -> Duration {
 
 /// Checks an SVID lifetime against the CA lifetime: like SPIRE, an SVID may live at most a
 /// sixth of its CA, so that a CA has room to be rolled over while SVIDs it signed are out.
-pub fn check_svid_ttl(svid_ttl: Duration, ca_ttl: Duration) -> Result<(), String> {
+pub fn check_svid_ttl(svid_ttl: Duration, ca_ttl: Duration) -> Result<(), TtlError> {
     if svid_ttl.is_zero() {
-        return Err("the SVID TTL must be more than zero".into());
+        return Err(TtlError::Zero);
     }
-    let most = ca_ttl / MIN_CA_TO_SVID_RATIO;
-    if svid_ttl > most {
-        return Err(format!(
-            "SVID TTL {} is more than the CA TTL {} divided by {MIN_CA_TO_SVID_RATIO} ({}): \
-             shorten the SVID TTL or lengthen the CA TTL",
-            humantime::format_duration(svid_ttl),
-            humantime::format_duration(ca_ttl),
-            humantime::format_duration(Duration::from_secs(most.as_secs())),
-        ));
+    let max = ca_ttl / MIN_CA_TO_SVID_RATIO;
+    if svid_ttl > max {
+        return Err(TtlError::TooLong {
+            svid_ttl,
+            ca_ttl,
+            max,
+        });
     }
     Ok(())
+}
+
+/// Why [`check_svid_ttl`] refused an SVID lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TtlError {
+    /// The SVID TTL is zero.
+    #[error("the SVID TTL must be more than zero")]
+    Zero,
+    /// The SVID TTL is more than the CA TTL divided by [`MIN_CA_TO_SVID_RATIO`].
+    #[error(
+        "SVID TTL {} is more than the CA TTL {} divided by {MIN_CA_TO_SVID_RATIO} ({}): \
+         shorten the SVID TTL or lengthen the CA TTL",
+        humantime::format_duration(*.svid_ttl),
+        humantime::format_duration(*.ca_ttl),
+        humantime::format_duration(Duration::from_secs(.max.as_secs())),
+    )]
+    TooLong {
+        /// The SVID TTL asked for.
+        svid_ttl: Duration,
+        /// The CA TTL it was checked against.
+        ca_ttl: Duration,
+        /// The longest SVID TTL that CA TTL allows.
+        max: Duration,
+    },
 }
 
 /// How far renewal may move from half-life, as a fraction of the lifetime.
@@ -94,7 +117,19 @@ mod tests {
         let day = Duration::from_secs(86_400);
         assert!(check_svid_ttl(Duration::from_secs(4 * 3600), day).is_ok());
         let e = check_svid_ttl(Duration::from_secs(4 * 3600 + 1), day).unwrap_err();
-        assert!(e.contains("divided by 6"), "{e}");
-        assert!(check_svid_ttl(Duration::ZERO, day).is_err());
+        assert_eq!(
+            e,
+            TtlError::TooLong {
+                svid_ttl: Duration::from_secs(4 * 3600 + 1),
+                ca_ttl: day,
+                max: Duration::from_secs(4 * 3600),
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "SVID TTL 4h 1s is more than the CA TTL 1day divided by 6 (4h): \
+             shorten the SVID TTL or lengthen the CA TTL"
+        );
+        assert_eq!(check_svid_ttl(Duration::ZERO, day), Err(TtlError::Zero));
     }
 }

@@ -10,35 +10,32 @@ use pkcs8::{EncryptedPrivateKeyInfo, LineEnding, PrivateKeyInfo, SecretDocument}
 use zeroize::Zeroizing;
 
 use crate::IssueError;
+use crate::issue::{CaError, CryptoError};
 
 /// Encrypts a PKCS#8 private key (PEM `PRIVATE KEY`) under `passphrase`.
 pub fn encrypt_key_pem(key_pem: &str, passphrase: &[u8]) -> Result<Zeroizing<String>, IssueError> {
     if passphrase.is_empty() {
-        return Err(IssueError::Ca("the passphrase is empty".into()));
+        return Err(CaError::EmptyPassphrase.into());
     }
-    let (label, doc) = SecretDocument::from_pem(key_pem)
-        .map_err(|e| IssueError::Ca(format!("private key PEM: {e}")))?;
+    let (label, doc) = SecretDocument::from_pem(key_pem).map_err(CaError::KeyPem)?;
     if label != "PRIVATE KEY" {
-        return Err(IssueError::Ca(format!(
-            "expected a PKCS#8 PRIVATE KEY, found {label}"
-        )));
+        return Err(CaError::NotPkcs8(label.to_owned()).into());
     }
-    let info = PrivateKeyInfo::from_der(doc.as_bytes())
-        .map_err(|e| IssueError::Ca(format!("private key: {e}")))?;
+    let info = PrivateKeyInfo::from_der(doc.as_bytes()).map_err(CaError::KeyDer)?;
     let mut salt = [0u8; 16];
     let mut iv = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut salt).map_err(|_| IssueError::Crypto("no randomness".into()))?;
-    aws_lc_rs::rand::fill(&mut iv).map_err(|_| IssueError::Crypto("no randomness".into()))?;
+    aws_lc_rs::rand::fill(&mut salt).map_err(|_| CryptoError::NoRandomness)?;
+    aws_lc_rs::rand::fill(&mut iv).map_err(|_| CryptoError::NoRandomness)?;
     let scrypt = pkcs8::pkcs5::scrypt::Params::new(SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P, 32)
-        .map_err(|e| IssueError::Crypto(format!("scrypt parameters: {e}")))?;
-    let params = pbes2::Parameters::scrypt_aes256cbc(scrypt, &salt, &iv)
-        .map_err(|e| IssueError::Crypto(format!("PBES2 parameters: {e}")))?;
+        .map_err(CryptoError::Scrypt)?;
+    let params =
+        pbes2::Parameters::scrypt_aes256cbc(scrypt, &salt, &iv).map_err(CryptoError::Pbes2)?;
     let encrypted = info
         .encrypt_with_params(params, passphrase)
-        .map_err(|e| IssueError::Crypto(format!("encrypting the key: {e}")))?;
+        .map_err(CryptoError::Encrypt)?;
     let pem = encrypted
         .to_pem(EncryptedPrivateKeyInfo::PEM_LABEL, LineEnding::LF)
-        .map_err(|e| IssueError::Crypto(format!("encoding the key: {e}")))?;
+        .map_err(CryptoError::Encode)?;
     Ok(pem)
 }
 
@@ -50,21 +47,17 @@ pub fn is_encrypted_key_pem(pem: &str) -> bool {
 /// Decrypts an `ENCRYPTED PRIVATE KEY` into PKCS#8 PEM. A wrong passphrase fails (CBC
 /// padding, then the key's own structure), with an error that says so.
 pub fn decrypt_key_pem(pem: &str, passphrase: &[u8]) -> Result<Zeroizing<String>, IssueError> {
-    let (label, doc) = SecretDocument::from_pem(pem)
-        .map_err(|e| IssueError::Ca(format!("encrypted key PEM: {e}")))?;
+    let (label, doc) = SecretDocument::from_pem(pem).map_err(CaError::EncryptedPem)?;
     if label != EncryptedPrivateKeyInfo::PEM_LABEL {
-        return Err(IssueError::Ca(format!(
-            "expected an ENCRYPTED PRIVATE KEY, found {label}"
-        )));
+        return Err(CaError::NotEncrypted(label.to_owned()).into());
     }
-    let info = EncryptedPrivateKeyInfo::from_der(doc.as_bytes())
-        .map_err(|e| IssueError::Ca(format!("encrypted key: {e}")))?;
-    let wrong = || IssueError::Ca("cannot decrypt the CA key: wrong passphrase?".into());
+    let info = EncryptedPrivateKeyInfo::from_der(doc.as_bytes()).map_err(CaError::EncryptedDer)?;
+    let wrong = || CaError::WrongPassphrase;
     let plain = info.decrypt(passphrase).map_err(|_| wrong())?;
     PrivateKeyInfo::from_der(plain.as_bytes()).map_err(|_| wrong())?;
     let pem = plain
         .to_pem("PRIVATE KEY", LineEnding::LF)
-        .map_err(|e| IssueError::Crypto(format!("encoding the key: {e}")))?;
+        .map_err(CryptoError::Encode)?;
     Ok(pem)
 }
 
@@ -93,6 +86,10 @@ mod tests {
             key
         );
         let e = decrypt_key_pem(&sealed, b"wrong horse").unwrap_err();
+        assert!(
+            matches!(e, IssueError::Ca(CaError::WrongPassphrase)),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("wrong passphrase"), "{e}");
         // Each encryption draws its own salt and IV.
         assert_ne!(*encrypt_key_pem(&key, b"correct horse").unwrap(), *sealed);
@@ -101,8 +98,22 @@ mod tests {
     #[test]
     fn refuses_empty_passphrases_and_wrong_labels() {
         let key = KeyAlgorithm::EcdsaP256.generate().unwrap().serialize_pem();
-        assert!(encrypt_key_pem(&key, b"").is_err());
-        assert!(decrypt_key_pem(&key, b"x").is_err());
-        assert!(encrypt_key_pem("not pem", b"x").is_err());
+        assert!(matches!(
+            encrypt_key_pem(&key, b""),
+            Err(IssueError::Ca(CaError::EmptyPassphrase))
+        ));
+        match decrypt_key_pem(&key, b"x") {
+            Err(IssueError::Ca(CaError::NotEncrypted(label))) => assert_eq!(label, "PRIVATE KEY"),
+            other => panic!("{other:?}"),
+        }
+        let sealed = encrypt_key_pem(&key, b"x").unwrap();
+        assert!(matches!(
+            encrypt_key_pem(&sealed, b"x"),
+            Err(IssueError::Ca(CaError::NotPkcs8(_)))
+        ));
+        assert!(matches!(
+            encrypt_key_pem("not pem", b"x"),
+            Err(IssueError::Ca(CaError::KeyPem(_)))
+        ));
     }
 }

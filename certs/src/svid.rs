@@ -8,11 +8,13 @@
 //! the chain has verified.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::certificate::X509Certificate;
+use x509_parser::error::X509Error;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
@@ -36,9 +38,9 @@ impl Svid {
     pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, SvidError> {
         let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| SvidError::Malformed(format!("certificate chain PEM: {e}")))?;
+            .map_err(|e| SvidError::Malformed(MalformedCert::ChainPem(PemError::new(e))))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| SvidError::Malformed(format!("private key PEM: {e}")))?;
+            .map_err(|e| SvidError::Malformed(MalformedCert::KeyPem(PemError::new(e))))?;
         Self::from_der(chain, key)
     }
 
@@ -49,9 +51,8 @@ impl Svid {
     ) -> Result<Self, SvidError> {
         let leaf = chain.first().ok_or(SvidError::NoCertificate)?;
         if chain.len() > MAX_CHAIN_LEN {
-            return Err(SvidError::Malformed(format!(
-                "chain of {} certificates; at most {MAX_CHAIN_LEN} are accepted",
-                chain.len()
+            return Err(SvidError::Malformed(MalformedCert::ChainTooLong(
+                chain.len(),
             )));
         }
         let info = parse_leaf(leaf)?;
@@ -175,7 +176,7 @@ pub enum SvidError {
     NoCertificate,
     /// A certificate could not be parsed.
     #[error("malformed certificate: {0}")]
-    Malformed(String),
+    Malformed(#[source] MalformedCert),
     /// A certificate in the chain has expired.
     #[error("certificate expired at {}", rfc3339(*not_after))]
     Expired {
@@ -193,7 +194,7 @@ pub enum SvidError {
     UnknownIssuer,
     /// The chain failed verification for another reason.
     #[error("certificate chain does not verify: {0}")]
-    Chain(String),
+    Chain(#[source] webpki::Error),
     /// The leaf does not carry exactly one URI SAN.
     #[error("leaf carries {0} URI SANs; an X.509-SVID carries exactly one")]
     UriSanCount(usize),
@@ -227,10 +228,92 @@ pub enum SvidError {
         /// The leaf's serial, lowercase hex.
         serial: String,
     },
+    /// A bundle's certificate is not a CA (basic constraints CA:true missing).
+    #[error("not a CA certificate (basic constraints CA:true missing)")]
+    NotCa,
+    /// A bundle's CA certificate names a workload, not just its trust domain.
+    #[error(
+        "CA certificate names {0}; a CA names its trust domain only (spiffe://{td})",
+        td = .0.trust_domain_name()
+    )]
+    CaWithPath(SpiffeId),
     /// Another refusal, with its reason.
     #[error("{0}")]
     Other(String),
 }
+
+/// Why a certificate (or the PEM around it) could not be parsed.
+// `PartialEq` but not `Eq` is derived because `X509Error` derives only `PartialEq`;
+// its comparison is still an equivalence (it holds no floats), so `Eq` is implemented below.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MalformedCert {
+    /// The certificate chain's PEM could not be read.
+    #[error("certificate chain PEM: {0}")]
+    ChainPem(#[source] PemError),
+    /// The private key's PEM could not be read.
+    #[error("private key PEM: {0}")]
+    KeyPem(#[source] PemError),
+    /// The chain holds more than [`MAX_CHAIN_LEN`] certificates (the count).
+    #[error("chain of {0} certificates; at most {MAX_CHAIN_LEN} are accepted")]
+    ChainTooLong(usize),
+    /// The bytes are not a DER X.509 certificate.
+    #[error("{0}")]
+    Der(#[source] x509_parser::nom::Err<X509Error>),
+    /// Bytes follow the certificate's DER.
+    #[error("trailing bytes after the certificate")]
+    TrailingBytes,
+    /// An extension could not be parsed (a duplicated one, say).
+    #[error("{extension}: {source}")]
+    Extension {
+        /// Which: `basic constraints`, `key usage` or `subject alternative name`.
+        extension: &'static str,
+        /// What the parser said.
+        #[source]
+        source: X509Error,
+    },
+    /// WebPKI could not parse the certificate.
+    #[error("{0}")]
+    Webpki(#[source] webpki::Error),
+}
+
+impl Eq for MalformedCert {}
+
+/// PEM that could not be read. The parser's error is shared so that the errors holding it
+/// stay `Clone`; two compare equal when they say the same.
+#[derive(Debug, Clone)]
+pub struct PemError(Arc<rustls_pki_types::pem::Error>);
+
+impl PemError {
+    pub(crate) fn new(e: rustls_pki_types::pem::Error) -> Self {
+        Self(Arc::new(e))
+    }
+
+    /// The PEM parser's error.
+    pub fn get(&self) -> &rustls_pki_types::pem::Error {
+        &self.0
+    }
+}
+
+impl fmt::Display for PemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for PemError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for PemError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for PemError {}
 
 /// What we read from a leaf certificate after checking the SVID rules.
 #[derive(Debug)]
@@ -250,13 +333,13 @@ pub(crate) fn parse_leaf(der: &CertificateDer<'_>) -> Result<LeafInfo, SvidError
     }
     let bc = cert
         .basic_constraints()
-        .map_err(|e| SvidError::Malformed(format!("basic constraints: {e}")))?;
+        .map_err(|e| extension_error("basic constraints", e))?;
     if bc.is_some_and(|b| b.value.ca) {
         return Err(SvidError::IsCa);
     }
     let ku = cert
         .key_usage()
-        .map_err(|e| SvidError::Malformed(format!("key usage: {e}")))?
+        .map_err(|e| extension_error("key usage", e))?
         .ok_or(SvidError::NoDigitalSignature)?;
     if ku.value.key_cert_sign() || ku.value.crl_sign() {
         return Err(SvidError::SigningKeyUsage);
@@ -289,18 +372,13 @@ pub(crate) fn parse_ca_cert(der: &CertificateDer<'_>) -> Result<CaInfo, SvidErro
     let cert = parse(der)?;
     let bc = cert
         .basic_constraints()
-        .map_err(|e| SvidError::Malformed(format!("basic constraints: {e}")))?;
+        .map_err(|e| extension_error("basic constraints", e))?;
     if !bc.is_some_and(|b| b.value.ca) {
-        return Err(SvidError::Other(
-            "not a CA certificate (basic constraints CA:true missing)".into(),
-        ));
+        return Err(SvidError::NotCa);
     }
     let id = single_spiffe_id(&cert)?;
     if !id.path().is_empty() {
-        return Err(SvidError::Other(format!(
-            "CA certificate names {id}; a CA names its trust domain only (spiffe://{})",
-            id.trust_domain_name()
-        )));
+        return Err(SvidError::CaWithPath(id));
     }
     let v = cert.validity();
     Ok(CaInfo {
@@ -313,13 +391,15 @@ pub(crate) fn parse_ca_cert(der: &CertificateDer<'_>) -> Result<CaInfo, SvidErro
 
 fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, SvidError> {
     let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+        X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(MalformedCert::Der(e)))?;
     if !rest.is_empty() {
-        return Err(SvidError::Malformed(
-            "trailing bytes after the certificate".into(),
-        ));
+        return Err(SvidError::Malformed(MalformedCert::TrailingBytes));
     }
     Ok(cert)
+}
+
+fn extension_error(extension: &'static str, source: X509Error) -> SvidError {
+    SvidError::Malformed(MalformedCert::Extension { extension, source })
 }
 
 /// The one URI SAN of a certificate, as a SPIFFE ID.
@@ -327,7 +407,7 @@ fn single_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     // A duplicated SAN extension is an error here, not a second chance to hide a URI.
     let san = cert
         .subject_alternative_name()
-        .map_err(|e| SvidError::Malformed(format!("subject alternative name: {e}")))?;
+        .map_err(|e| extension_error("subject alternative name", e))?;
     let uris: Vec<&str> = san
         .iter()
         .flat_map(|s| s.value.general_names.iter())

@@ -6,8 +6,8 @@
 use std::time::{Duration, SystemTime};
 
 use certs::{
-    Ca, CaParams, Csr, IssueError, IssueParams, KeyAlgorithm, SpiffeId, Svid, TrustDomain,
-    generate_key_and_csr,
+    Ca, CaError, CaParams, Csr, CsrError, IssueError, IssueParams, KeyAlgorithm, SpiffeId, Svid,
+    TrustDomain, generate_key_and_csr,
 };
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -186,13 +186,26 @@ fn tampered_or_garbage_csrs_are_refused() {
     let at = der.len() / 2;
     tampered[at] ^= 0x01;
     assert!(matches!(Csr::from_der(&tampered), Err(IssueError::Csr(_))));
-    assert!(Csr::from_der(b"not a csr").is_err());
-    assert!(
+    assert!(matches!(
+        Csr::from_der(b"not a csr"),
+        Err(IssueError::Csr(CsrError::Der(_)))
+    ));
+    let mut trailing = der.clone();
+    trailing.push(0);
+    assert!(matches!(
+        Csr::from_der(&trailing),
+        Err(IssueError::Csr(CsrError::TrailingBytes))
+    ));
+    assert!(matches!(
+        Csr::from_der(&vec![0x30; 100_000]),
+        Err(IssueError::Csr(CsrError::TooLarge(100_000)))
+    ));
+    assert!(matches!(
         Csr::from_pem(
             "-----BEGIN CERTIFICATE REQUEST-----\n!!\n-----END CERTIFICATE REQUEST-----\n"
-        )
-        .is_err()
-    );
+        ),
+        Err(IssueError::Csr(CsrError::Pem(_)))
+    ));
     // The genuine one round-trips through PEM.
     let back = Csr::from_pem(&csr.to_pem().unwrap()).unwrap();
     assert_eq!(back.requested_id(), Some(&id));
@@ -217,8 +230,10 @@ fn every_key_algorithm_issues_and_loads() {
 fn a_ca_key_that_does_not_match_its_certificate_is_refused() {
     let a = ca();
     let b = ca();
-    assert!(matches!(
-        Ca::from_pem(&a.cert_pem(), &b.key_pem()),
-        Err(IssueError::Ca(_))
-    ));
+    let e = Ca::from_pem(&a.cert_pem(), &b.key_pem()).unwrap_err();
+    assert!(matches!(e, IssueError::Ca(CaError::KeyMismatch)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "CA: the private key does not belong to the CA certificate"
+    );
 }

@@ -6,7 +6,9 @@
 use std::time::{Duration, SystemTime};
 
 use certs::test_util::{Defect, TestPki};
-use certs::{BundleError, Ca, CaParams, Svid, SvidError, TrustBundle, TrustDomain, Usage};
+use certs::{
+    BundleError, Ca, CaParams, MalformedCert, Svid, SvidError, TrustBundle, TrustDomain, Usage,
+};
 use proptest::prelude::*;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
@@ -103,6 +105,38 @@ fn another_cas_svid_is_an_unknown_issuer() {
 }
 
 #[test]
+fn malformed_chains_say_what_is_wrong() {
+    let pki = pki();
+    let svid = pki.svid("/node/m");
+    let leaf = svid.chain()[0].clone();
+    let long = vec![leaf.clone(); certs::MAX_CHAIN_LEN + 1];
+    assert_eq!(
+        pki.bundle()
+            .verify(&long, now(), Usage::Client)
+            .unwrap_err(),
+        SvidError::Malformed(MalformedCert::ChainTooLong(certs::MAX_CHAIN_LEN + 1))
+    );
+    let garbage = CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
+    assert!(matches!(
+        pki.bundle().verify(&[garbage], now(), Usage::Client),
+        Err(SvidError::Malformed(MalformedCert::Webpki(_)))
+    ));
+    let mut trailing = leaf.to_vec();
+    trailing.push(0);
+    let e =
+        Svid::from_der(vec![CertificateDer::from(trailing)], svid.key().clone_key()).unwrap_err();
+    assert_eq!(e, SvidError::Malformed(MalformedCert::TrailingBytes));
+    assert_eq!(
+        e.to_string(),
+        "malformed certificate: trailing bytes after the certificate"
+    );
+    assert!(matches!(
+        Svid::from_pem(&svid.chain_pem(), "not a key"),
+        Err(SvidError::Malformed(MalformedCert::KeyPem(_)))
+    ));
+}
+
+#[test]
 fn validity_is_judged_at_the_time_given() {
     let pki = pki();
     let svid = pki.svid_with_ttl("/w", Duration::from_secs(600));
@@ -153,9 +187,21 @@ fn malformed_bundles_are_refused() {
     ));
     // A leaf is not a CA.
     let leaf = a.svid("/node/n");
+    let e = TrustBundle::from_pem(&leaf.chain_pem()).unwrap_err();
+    assert_eq!(
+        e,
+        BundleError::Ca {
+            index: 0,
+            reason: SvidError::NotCa
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "bundle certificate 0: not a CA certificate (basic constraints CA:true missing)"
+    );
     assert!(matches!(
-        TrustBundle::from_pem(&leaf.chain_pem()),
-        Err(BundleError::Ca { index: 0, .. })
+        TrustBundle::from_pem("-----BEGIN CERTIFICATE-----\nAAAA\n"),
+        Err(BundleError::Pem(_))
     ));
 }
 

@@ -25,7 +25,7 @@ mod file;
 mod verify;
 
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
-pub use file::{CheckpointSignature, FileSink, FileSinkConfig, Signer};
+pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer};
 pub use verify::{Query, VerifyError, VerifyReport, query, verify};
 
 /// Something worth recording.
@@ -377,10 +377,10 @@ pub enum AuditError {
     Io(#[from] std::io::Error),
     /// A record could not be encoded.
     #[error("audit record: {0}")]
-    Encode(String),
+    Encode(#[from] serde_json::Error),
     /// A checkpoint could not be signed.
     #[error("audit checkpoint: {0}")]
-    Sign(String),
+    Sign(#[from] SignError),
 }
 
 /// Discards everything. For embedding where the host application keeps its own trail.

@@ -150,7 +150,10 @@ impl IdentityHandle {
 impl crate::audit::Signer for IdentityHandle {
     /// Signs with the current SVID's key: the checkpoint names the SVID, so a verifier can
     /// check it against the trust bundle.
-    fn sign_checkpoint(&self, message: &[u8]) -> Result<crate::audit::CheckpointSignature, String> {
+    fn sign_checkpoint(
+        &self,
+        message: &[u8],
+    ) -> Result<crate::audit::CheckpointSignature, crate::audit::SignError> {
         const SCHEMES: [(SignatureScheme, &str); 3] = [
             (SignatureScheme::ECDSA_NISTP256_SHA256, "ecdsa_p256_sha256"),
             (SignatureScheme::ECDSA_NISTP384_SHA384, "ecdsa_p384_sha384"),
@@ -161,13 +164,15 @@ impl crate::audit::Signer for IdentityHandle {
             .key
             .key
             .choose_scheme(&SCHEMES.map(|(s, _)| s))
-            .ok_or("the SVID's key type cannot sign audit checkpoints (use ECDSA or Ed25519)")?;
+            .ok_or(crate::audit::SignError::UnsupportedKey)?;
         let alg = SCHEMES
             .iter()
             .find(|(s, _)| *s == signer.scheme())
             .map(|(_, name)| (*name).to_owned())
-            .ok_or("unexpected signature scheme")?;
-        let signature = signer.sign(message).map_err(|e| e.to_string())?;
+            .ok_or(crate::audit::SignError::UnexpectedScheme)?;
+        let signature = signer
+            .sign(message)
+            .map_err(crate::audit::SignError::Crypto)?;
         Ok(crate::audit::CheckpointSignature {
             signer: creds.id().clone(),
             alg,

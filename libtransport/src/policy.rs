@@ -17,7 +17,8 @@ mod rules;
 
 pub use file::PolicyError;
 pub use rules::{
-    ClassDeclaration, DataClass, Effect, Explanation, MatchedRule, Pattern, Policy, Rule, Subject,
+    ClassDeclaration, DataClass, Effect, Explanation, MatchedRule, Pattern, Policy, Rule,
+    RuleError, Subject,
 };
 
 /// What a peer wants to do.

@@ -158,7 +158,7 @@ impl NodeConfig {
                 actions.push(Action::Write);
             }
             let dataset = Pattern::new(a.dataset.as_str())
-                .map_err(|m| invalid(&format!("allow[{i}].dataset"), &m))?;
+                .map_err(|e| invalid(&format!("allow[{i}].dataset"), &e.to_string()))?;
             rules.push(Rule {
                 name: format!("allow[{i}]"),
                 effect: libtransport::policy::Effect::Allow,
@@ -226,7 +226,7 @@ impl NodeConfig {
             }
             (Some(p), true) => PolicySource::File(abs(&p.file)),
             (None, _) => PolicySource::Inline(
-                Policy::new(Vec::new(), rules).map_err(|m| invalid("allow", &m))?,
+                Policy::new(Vec::new(), rules).map_err(|e| invalid("allow", &e.to_string()))?,
             ),
         };
         let admin = match f.admin.as_ref().map(|a| a.listen.as_str()) {

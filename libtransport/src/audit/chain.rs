@@ -67,7 +67,7 @@ impl Chain {
             prev: self.prev.to_hex(),
             record,
         })
-        .map_err(|e| AuditError::Encode(e.to_string()))?;
+        .map_err(AuditError::Encode)?;
         let next = Self {
             next_seq: self.next_seq.saturating_add(1),
             prev: hash_line(&line),

@@ -63,7 +63,26 @@ impl FileSinkConfig {
 /// Signs checkpoints: the node's identity.
 pub trait Signer: std::fmt::Debug + Send + Sync {
     /// Signs `message` with the current key.
-    fn sign_checkpoint(&self, message: &[u8]) -> Result<CheckpointSignature, String>;
+    fn sign_checkpoint(&self, message: &[u8]) -> Result<CheckpointSignature, SignError>;
+}
+
+/// Why a [`Signer`] could not sign a checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The key cannot make any of the signatures a checkpoint may carry (ECDSA P-256 or
+    /// P-384, Ed25519).
+    #[error("the SVID's key type cannot sign audit checkpoints (use ECDSA or Ed25519)")]
+    UnsupportedKey,
+    /// The key chose a signature scheme it was not offered.
+    #[error("unexpected signature scheme")]
+    UnexpectedScheme,
+    /// The key failed to sign.
+    #[error(transparent)]
+    Crypto(rustls::Error),
+    /// Another signer's own failure (a key held elsewhere, such as an HSM).
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A checkpoint signature and what a verifier needs to check it.
@@ -213,10 +232,7 @@ impl FileSink {
     fn checkpoint_locked(&self, g: &mut Inner) -> Result<(), AuditError> {
         let seq = g.chain.next_seq();
         let msg = checkpoint_message(seq, &g.chain.prev());
-        let sig = self
-            .signer
-            .sign_checkpoint(&msg)
-            .map_err(AuditError::Sign)?;
+        let sig = self.signer.sign_checkpoint(&msg)?;
         let record = AuditRecord {
             time: self.clock.now(),
             event: AuditEvent::Checkpoint {
@@ -423,4 +439,41 @@ fn lock_dir(dir: &Path, wait: Duration) -> Result<File, AuditError> {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    /// A signer whose key cannot sign checkpoints.
+    #[derive(Debug)]
+    struct RsaOnly;
+
+    impl Signer for RsaOnly {
+        fn sign_checkpoint(&self, _message: &[u8]) -> Result<CheckpointSignature, SignError> {
+            Err(SignError::UnsupportedKey)
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_signed_refuses_the_trail_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = FileSink::open(
+            FileSinkConfig::new(dir.path()),
+            Arc::new(RsaOnly),
+            Arc::new(SystemClock),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, AuditError::Sign(SignError::UnsupportedKey)),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "audit checkpoint: the SVID's key type cannot sign audit checkpoints \
+             (use ECDSA or Ed25519)"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
 }

@@ -107,9 +107,9 @@ impl Policy {
                 name,
             });
         }
-        Self::new(classes, rules).map_err(|message| PolicyError {
+        Self::new(classes, rules).map_err(|e| PolicyError {
             line: None,
-            message,
+            message: e.to_string(),
         })
     }
 }

@@ -325,3 +325,39 @@ fn bad_policies_are_refused_naming_the_line() {
         "[[rule]]\nname=\"a\"\nsubjects=[\"*\"]\ndatasets=[\"d\"]\nactions=[\"read\"]\n".repeat(2);
     assert!(Policy::parse(&dup).unwrap_err().message.contains("twice"));
 }
+
+#[test]
+fn rule_errors_say_which_rule_is_broken() {
+    assert!(matches!(
+        Subject::parse("spiffe://td/a*b"),
+        Err(RuleError::SubjectWildcard { subject }) if subject == "spiffe://td/a*b"
+    ));
+    for bad in ["spiffe://TD/x", "gpu/*", ""] {
+        assert!(
+            matches!(Subject::parse(bad), Err(RuleError::SubjectId { ref subject, .. }) if subject == bad),
+            "{bad}"
+        );
+    }
+    assert_eq!(Pattern::new("").unwrap_err(), RuleError::EmptyPattern);
+    let e = Pattern::new("[").unwrap_err();
+    assert!(
+        matches!(&e, RuleError::Glob { pattern, .. } if pattern == "["),
+        "{e:?}"
+    );
+    assert!(e.to_string().starts_with("\"[\": "), "{e}");
+    let rule = |name: &str| Rule {
+        name: name.into(),
+        effect: Effect::Allow,
+        subjects: vec![Subject::Any],
+        except: Vec::new(),
+        datasets: vec![Pattern::new("d").unwrap()],
+        objects: Vec::new(),
+        classes: Vec::new(),
+        actions: vec![Action::Read],
+        line: None,
+    };
+    assert!(Policy::new(Vec::new(), vec![rule("a"), rule("b")]).is_ok());
+    let e = Policy::new(Vec::new(), vec![rule("a"), rule("a")]).unwrap_err();
+    assert_eq!(e, RuleError::DuplicateName { name: "a".into() });
+    assert_eq!(e.to_string(), "rule name \"a\" is used twice");
+}

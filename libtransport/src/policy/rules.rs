@@ -19,6 +19,46 @@ use globset::{Glob, GlobBuilder, GlobMatcher};
 
 use super::{Access, Action, Authorizer, Decision};
 
+/// Why a subject, a pattern or a set of rules was refused ([`Subject::parse`],
+/// [`Pattern::new`], [`Policy::new`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuleError {
+    /// A subject is neither `*` nor a valid SPIFFE ID (optionally followed by `/*`).
+    #[error("{subject:?}: {source}")]
+    SubjectId {
+        /// The subject as written.
+        subject: String,
+        /// Why it is not a SPIFFE ID.
+        #[source]
+        source: certs::IdError,
+    },
+    /// A subject has a wildcard somewhere other than a final `/*`.
+    #[error("{subject:?}: a wildcard may only end a subject, as in spiffe://td/path/*")]
+    SubjectWildcard {
+        /// The subject as written.
+        subject: String,
+    },
+    /// A dataset or object pattern is empty.
+    #[error("empty pattern")]
+    EmptyPattern,
+    /// A dataset or object pattern is not a valid glob.
+    #[error("{pattern:?}: {source}")]
+    Glob {
+        /// The pattern as written.
+        pattern: String,
+        /// Why it does not compile.
+        #[source]
+        source: globset::Error,
+    },
+    /// Two rules have the same name.
+    #[error("rule name {name:?} is used twice")]
+    DuplicateName {
+        /// The name used twice.
+        name: String,
+    },
+}
+
 /// A dataset's data class: how sensitive its contents are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,25 +126,27 @@ pub enum Subject {
 
 impl Subject {
     /// Parses `*`, `spiffe://td/path` or `spiffe://td/path/*`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, RuleError> {
+        let invalid_id = |source| RuleError::SubjectId {
+            subject: s.to_owned(),
+            source,
+        };
         if s == "*" {
             return Ok(Self::Any);
         }
         if let Some(base) = s.strip_suffix("/*") {
-            let id = SpiffeId::parse(base).map_err(|e| format!("{s:?}: {e}"))?;
+            let id = SpiffeId::parse(base).map_err(invalid_id)?;
             return Ok(Self::Under {
                 trust_domain: id.trust_domain_name().to_owned(),
                 path: id.path().to_owned(),
             });
         }
         if s.contains('*') {
-            return Err(format!(
-                "{s:?}: a wildcard may only end a subject, as in spiffe://td/path/*"
-            ));
+            return Err(RuleError::SubjectWildcard {
+                subject: s.to_owned(),
+            });
         }
-        SpiffeId::parse(s)
-            .map(Self::Exact)
-            .map_err(|e| format!("{s:?}: {e}"))
+        SpiffeId::parse(s).map(Self::Exact).map_err(invalid_id)
     }
 
     /// True if `id` is one of the peers this subject names.
@@ -143,15 +185,18 @@ pub struct Pattern {
 
 impl Pattern {
     /// Compiles `text`.
-    pub fn new(text: &str) -> Result<Self, String> {
+    pub fn new(text: &str) -> Result<Self, RuleError> {
         if text.is_empty() {
-            return Err("empty pattern".into());
+            return Err(RuleError::EmptyPattern);
         }
         let glob: Glob = GlobBuilder::new(text)
             .literal_separator(true)
             .backslash_escape(true)
             .build()
-            .map_err(|e| format!("{text:?}: {e}"))?;
+            .map_err(|source| RuleError::Glob {
+                pattern: text.to_owned(),
+                source,
+            })?;
         Ok(Self {
             text: text.to_owned(),
             matcher: glob.compile_matcher(),
@@ -243,10 +288,12 @@ pub struct Policy {
 
 impl Policy {
     /// A policy from declarations and rules. Rule names must be unique.
-    pub fn new(classes: Vec<ClassDeclaration>, rules: Vec<Rule>) -> Result<Self, String> {
+    pub fn new(classes: Vec<ClassDeclaration>, rules: Vec<Rule>) -> Result<Self, RuleError> {
         for (i, r) in rules.iter().enumerate() {
             if rules[..i].iter().any(|o| o.name == r.name) {
-                return Err(format!("rule name {:?} is used twice", r.name));
+                return Err(RuleError::DuplicateName {
+                    name: r.name.clone(),
+                });
             }
         }
         Ok(Self { classes, rules })

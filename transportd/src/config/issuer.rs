@@ -139,7 +139,7 @@ impl IssuerConfig {
         if svid_ttl < Duration::from_secs(10) {
             return Err(invalid("svid.ttl", "must be at least 10s"));
         }
-        certs::check_svid_ttl(svid_ttl, ca_ttl).map_err(|m| invalid("svid.ttl", &m))?;
+        certs::check_svid_ttl(svid_ttl, ca_ttl).map_err(|e| invalid("svid.ttl", &e.to_string()))?;
         let sync_interval = f.svid.sync_interval.unwrap_or(DEFAULT_SYNC_INTERVAL);
         if sync_interval < Duration::from_secs(1) || sync_interval > svid_ttl / 4 {
             return Err(invalid(
