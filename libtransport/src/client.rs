@@ -45,6 +45,7 @@ use crate::proto::{
 };
 use crate::transport::{FrameSink, FrameSource, Path, RequestStream, mux, quic, tcp};
 
+mod attempt;
 mod fetch;
 mod pace;
 mod push;
