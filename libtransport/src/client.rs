@@ -46,6 +46,7 @@ use crate::transport::tcp::TlsTcpConnector;
 use crate::transport::{self, Close, FrameSource, Path, RequestStream};
 pub use crate::transport::{Connector, QuicPathStats};
 
+mod attempt;
 mod fetch;
 mod pace;
 mod push;

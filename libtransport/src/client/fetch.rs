@@ -19,12 +19,10 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 use tokio::task::JoinSet;
 
+use super::attempt::{self, Kind, Ran};
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
-use super::{
-    Attempt, Attempts, Client, Connection, FetchOptions, Next, after_attempt, remote,
-    renewals_stalled, unexpected,
-};
+use super::{Attempt, Client, Connection, FetchOptions, remote, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{FetchError, RequestError};
 use crate::proto::{
@@ -73,68 +71,59 @@ impl Client {
         let (dir, name) = split_dest(dest)?;
         let started = self.config().clock.instant();
         let fetched = Arc::new(AtomicU64::new(0));
-        let mut first_reuse: Option<u32> = None;
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
-        let mut attempts = Attempts::new(opts.retry);
-        // The partial file of an attempt that ended for a renewal, still in memory.
-        let mut kept = None;
-        loop {
-            let mut used = None;
-            let attempt = FileAttempt {
-                dataset,
-                object,
-                dir: &dir,
-                name: &name,
-                opts,
-                pace: &pace,
-                fetched: &fetched,
-            };
-            let result = self
-                .fetch_file_once(attempt, &mut first_reuse, &mut used, &mut kept)
-                .await;
-            let error = match result {
-                Ok(Attempt::Done((conn, manifest, rdma))) => {
-                    let report = FetchReport {
-                        server: conn.peer.id.clone(),
-                        path: conn.peer.path.or_rdma(rdma),
-                        size: manifest.size(),
-                        fetched_bytes: fetched.load(Ordering::Relaxed),
-                        chunks: manifest.chunk_count(),
-                        chunks_reused: first_reuse.unwrap_or(0),
-                        chunks_fetched: manifest.chunk_count() - first_reuse.unwrap_or(0),
-                        root: manifest.root(),
-                        elapsed: self
-                            .config()
-                            .clock
-                            .instant()
-                            .saturating_duration_since(started),
-                        retries: attempts.failures(),
-                    };
-                    self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
-                    return Ok(report);
-                }
-                Ok(Attempt::Renew) => None,
-                Err(e) => Some(e),
-            };
-            let progress = fetched.load(Ordering::Relaxed);
-            match after_attempt(
-                &mut attempts,
-                error.as_ref().map(FetchError::is_retriable),
-                used.as_deref(),
-                progress,
-            ) {
-                Next::Renew => {
-                    tracing::info!("pull goes on over a renewed connection");
-                }
-                Next::Retry(delay) => {
-                    if let Some(e) = &error {
-                        tracing::warn!(error = %e, attempt = attempts.failures(), "pull interrupted; resuming");
+        // The chunks the first attempt found present, and the partial file of an attempt that
+        // ended for a renewal, still in memory.
+        let kept: (Option<u32>, Option<Arc<PartialFile>>) = (None, None);
+        let done = attempt::run(
+            Kind::Pull,
+            opts.retry,
+            &fetched,
+            kept,
+            |(mut first_reuse, mut kept)| {
+                let attempt = FileAttempt {
+                    dataset,
+                    object,
+                    dir: &dir,
+                    name: &name,
+                    opts,
+                    pace: &pace,
+                    fetched: &fetched,
+                };
+                async move {
+                    let mut used = None;
+                    let result = self
+                        .fetch_file_once(attempt, &mut first_reuse, &mut used, &mut kept)
+                        .await;
+                    Ran {
+                        state: (first_reuse, kept),
+                        used,
+                        result,
                     }
-                    tokio::time::sleep(delay).await;
                 }
-                Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
-            }
-        }
+            },
+        )
+        .await?;
+        let (conn, manifest, rdma) = done.value;
+        let first_reuse = done.state.0;
+        let report = FetchReport {
+            server: conn.peer.id.clone(),
+            path: conn.peer.path.or_rdma(rdma),
+            size: manifest.size(),
+            fetched_bytes: fetched.load(Ordering::Relaxed),
+            chunks: manifest.chunk_count(),
+            chunks_reused: first_reuse.unwrap_or(0),
+            chunks_fetched: manifest.chunk_count() - first_reuse.unwrap_or(0),
+            root: manifest.root(),
+            elapsed: self
+                .config()
+                .clock
+                .instant()
+                .saturating_duration_since(started),
+            retries: done.retries,
+        };
+        self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
+        Ok(report)
     }
 
     /// Pulls a whole object into memory, refusing objects larger than `limit` bytes.
@@ -177,11 +166,9 @@ impl Client {
     ) -> Result<Bytes, FetchError> {
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
         let moved = Arc::new(AtomicU64::new(0));
-        let mut attempts = Attempts::new(opts.retry);
         // Chunks verified by earlier attempts.
-        let mut state = None;
-        loop {
-            let mut used = None;
+        let state: Option<MemoryPull> = None;
+        let done = attempt::run(Kind::Read, opts.retry, &moved, state, |mut state| {
             let attempt = MemoryAttempt {
                 dataset,
                 object,
@@ -191,23 +178,18 @@ impl Client {
                 pace: &pace,
                 moved: &moved,
             };
-            let error = match self.read_once(attempt, &mut state, &mut used).await {
-                Ok(Attempt::Done(b)) => return Ok(b),
-                Ok(Attempt::Renew) => None,
-                Err(e) => Some(e),
-            };
-            let progress = moved.load(Ordering::Relaxed);
-            match after_attempt(
-                &mut attempts,
-                error.as_ref().map(FetchError::is_retriable),
-                used.as_deref(),
-                progress,
-            ) {
-                Next::Renew => tracing::debug!("read goes on over a renewed connection"),
-                Next::Retry(delay) => tokio::time::sleep(delay).await,
-                Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
+            async move {
+                let mut used = None;
+                let result = self.read_once(attempt, &mut state, &mut used).await;
+                Ran {
+                    state,
+                    used,
+                    result,
+                }
             }
-        }
+        })
+        .await?;
+        Ok(done.value)
     }
 
     async fn read_once(

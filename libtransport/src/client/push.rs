@@ -16,12 +16,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 
+use super::attempt::{self, Kind, Ran};
 use super::fetch::run_workers;
 use super::pace::{Gate, Pace};
-use super::{
-    Attempt, Attempts, Client, Connection, Next, PushOptions, after_attempt, renewals_stalled,
-    response, unexpected,
-};
+use super::{Attempt, Client, Connection, PushOptions, response, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
 use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
@@ -159,11 +157,10 @@ impl Client {
     ) -> Result<PushReport, PushError> {
         let manifest = Arc::new(manifest);
         let sent = Arc::new(AtomicU64::new(0));
-        let mut skipped: Option<u32> = None;
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
-        let mut attempts = Attempts::new(opts.retry);
-        loop {
-            let mut used = None;
+        // The chunks the server held at the first attempt.
+        let skipped: Option<u32> = None;
+        let done = attempt::run(Kind::Push, opts.retry, &sent, skipped, |mut skipped| {
             let attempt = PushAttempt {
                 dataset,
                 object,
@@ -173,63 +170,51 @@ impl Client {
                 pace: &pace,
                 sent: &sent,
             };
-            let result = self.push_once(attempt, &mut skipped, &mut used).await;
-            let error = match result {
-                Ok(Attempt::Done((conn, root))) => {
-                    let report = PushReport {
-                        server: conn.peer.id.clone(),
-                        path: conn.peer.path,
-                        size: manifest.size(),
-                        sent_bytes: sent.load(Ordering::Relaxed),
-                        chunks: manifest.chunk_count(),
-                        chunks_skipped: skipped.unwrap_or(0),
-                        root,
-                        elapsed: self
-                            .config()
-                            .clock
-                            .instant()
-                            .saturating_duration_since(started),
-                        retries: attempts.failures(),
-                    };
-                    let record = AuditRecord {
-                        time: self.config().clock.now(),
-                        event: AuditEvent::Transfer {
-                            peer: conn.peer.id.clone(),
-                            direction: Direction::Out,
-                            dataset: dataset.clone(),
-                            object: object.clone(),
-                            bytes: report.sent_bytes,
-                            root,
-                            path: conn.peer.path,
-                            outcome: Outcome::Complete,
-                            duration_ms: report.elapsed.as_millis() as u64,
-                        },
-                    };
-                    if let Err(e) = self.config().audit.record(&record) {
-                        tracing::error!(error = %e, "audit record lost");
-                    }
-                    return Ok(report);
+            async move {
+                let mut used = None;
+                let result = self.push_once(attempt, &mut skipped, &mut used).await;
+                Ran {
+                    state: skipped,
+                    used,
+                    result,
                 }
-                Ok(Attempt::Renew) => None,
-                Err(e) => Some(e),
-            };
-            let progress = sent.load(Ordering::Relaxed);
-            match after_attempt(
-                &mut attempts,
-                error.as_ref().map(PushError::is_retriable),
-                used.as_deref(),
-                progress,
-            ) {
-                Next::Renew => tracing::info!("push goes on over a renewed connection"),
-                Next::Retry(delay) => {
-                    if let Some(e) = &error {
-                        tracing::warn!(error = %e, attempt = attempts.failures(), "push interrupted; resuming");
-                    }
-                    tokio::time::sleep(delay).await;
-                }
-                Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
             }
+        })
+        .await?;
+        let ((conn, root), skipped) = (done.value, done.state);
+        let report = PushReport {
+            server: conn.peer.id.clone(),
+            path: conn.peer.path,
+            size: manifest.size(),
+            sent_bytes: sent.load(Ordering::Relaxed),
+            chunks: manifest.chunk_count(),
+            chunks_skipped: skipped.unwrap_or(0),
+            root,
+            elapsed: self
+                .config()
+                .clock
+                .instant()
+                .saturating_duration_since(started),
+            retries: done.retries,
+        };
+        let record = AuditRecord {
+            time: self.config().clock.now(),
+            event: AuditEvent::Transfer {
+                peer: conn.peer.id.clone(),
+                direction: Direction::Out,
+                dataset: dataset.clone(),
+                object: object.clone(),
+                bytes: report.sent_bytes,
+                root,
+                path: conn.peer.path,
+                outcome: Outcome::Complete,
+                duration_ms: report.elapsed.as_millis() as u64,
+            },
+        };
+        if let Err(e) = self.config().audit.record(&record) {
+            tracing::error!(error = %e, "audit record lost");
         }
+        Ok(report)
     }
 
     async fn push_once(

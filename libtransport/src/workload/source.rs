@@ -19,6 +19,7 @@ use super::WorkloadError;
 use super::client::{WorkloadClient, X509Updates};
 use super::codec::X509Context;
 use crate::identity::{Credentials, IdentityHandle};
+use crate::proto::retry::Backoff;
 
 /// Our identity as the Workload API issues it, following rotations.
 #[derive(Debug)]
@@ -119,20 +120,20 @@ async fn follow(
     handle: IdentityHandle,
 ) {
     let mut updates = Some(first);
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = reconnect_backoff();
     loop {
         let mut stream = match updates.take() {
             Some(s) => s,
             None => match client.watch_x509().await {
                 Ok(s) => s,
                 Err(e) => {
+                    let delay = backoff.fail();
                     warn!(
                         error = %e,
-                        retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                         "workload API unavailable; keeping the current identity"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             },
@@ -140,7 +141,7 @@ async fn follow(
         loop {
             match stream.next().await {
                 Ok(ctx) => {
-                    backoff = MIN_BACKOFF;
+                    backoff.reset();
                     apply(&ctx, want.as_ref(), &handle);
                 }
                 Err(e) => {
@@ -149,9 +150,14 @@ async fn follow(
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.fail()).await;
     }
+}
+
+/// The wait between attempts to reach the agent again: the crate's one doubling backoff, from
+/// [`MIN_BACKOFF`] up to [`MAX_BACKOFF`], back to the first after every good answer.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(MIN_BACKOFF, MAX_BACKOFF)
 }
 
 /// Takes an answer into use if it changes our SVID or bundle.
@@ -201,6 +207,20 @@ mod tests {
     use certs::test_util::TestPki;
 
     use super::*;
+
+    #[test]
+    fn reconnects_back_off_from_100_ms_doubling_to_30_s() {
+        let mut b = reconnect_backoff();
+        let ms: Vec<u128> = (0..12).map(|_| b.fail().as_millis()).collect();
+        assert_eq!(
+            ms,
+            [
+                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
+            ]
+        );
+        b.reset();
+        assert_eq!(b.peek(), Duration::from_millis(100));
+    }
 
     #[test]
     fn credentials_pick_the_wanted_svid_or_the_first() {

@@ -3,11 +3,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use certs::SpiffeId;
 use indicatif::{ProgressBar, ProgressStyle};
 use libtransport::audit::{FileSink, FileSinkConfig};
+use libtransport::proto::retry::{AttemptEnd, Attempts, Next};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::{
     Client, ClientConfig, FetchError, FetchOptions, FetchReport, IdentityHandle, Path as Transport,
@@ -118,7 +120,7 @@ pub(crate) async fn pull(
         }
         let opts = FetchOptions {
             parallel: Some(args.parallel),
-            retry: retry(args.retries),
+            retry: RetryPolicy::with_attempts(args.retries),
             progress: Some(progress_fn(&bar, base)),
             max_rate: args.max_rate.map(|r| r.as_u64()),
         };
@@ -192,7 +194,7 @@ pub(crate) async fn push(
     for (path, object, size) in jobs {
         let opts = PushOptions {
             parallel: Some(args.parallel),
-            retry: retry(args.retries),
+            retry: RetryPolicy::with_attempts(args.retries),
             progress: Some(progress_fn(&bar, base)),
             max_rate: args.max_rate.map(|r| r.as_u64()),
         };
@@ -385,8 +387,7 @@ pub(crate) async fn connect(
     let config = builder.build();
     let addr = resolve(&conn.node).await?;
     // A busy node or a network hiccup at connect time is retried like one mid-transfer.
-    let policy = retry(retries);
-    let mut attempt = 0;
+    let mut attempts = Attempts::new(RetryPolicy::with_attempts(retries));
     loop {
         let result = match conn.path {
             PathArg::Auto => {
@@ -402,13 +403,15 @@ pub(crate) async fn connect(
                     _workload: workload,
                 });
             }
-            Err(e) if e.is_retriable() && attempt < policy.attempts => {
-                tracing::warn!(error = %e, attempt, "connecting failed; retrying");
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
             Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("connecting to {}", conn.node)));
+                let attempt = attempts.failures();
+                let Some(delay) = connect_retry(&mut attempts, e.is_retriable()) else {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("connecting to {}", conn.node))
+                    );
+                };
+                tracing::warn!(error = %e, attempt, "connecting failed; retrying");
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -477,10 +480,17 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String, u64)>) -> anyho
     Ok(())
 }
 
-fn retry(attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        attempts,
-        ..RetryPolicy::default()
+/// The wait before trying again after a connect failed (`retriable`: with an error that may
+/// pass), or none to give up: the library's retry policy, as for a failure mid-transfer.
+fn connect_retry(attempts: &mut Attempts, retriable: bool) -> Option<Duration> {
+    let failed = AttemptEnd::Failed {
+        retriable,
+        // Nothing is connected yet, so no credentials of a connection can have ended.
+        credentials_ended: false,
+    };
+    match attempts.next(failed, 0) {
+        Next::Retry(delay) => Some(delay),
+        Next::Renew | Next::GiveUp => None,
     }
 }
 
@@ -504,4 +514,30 @@ fn progress_fn(bar: &ProgressBar, base: u64) -> Arc<dyn Fn(u64, u64) + Send + Sy
 }
 
 /// How long a command waits for the Workload API's first SVID.
-const WORKLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const WORKLOAD_WAIT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_retries_wait_as_the_library_policy_says_then_give_up() {
+        let policy = RetryPolicy::with_attempts(3);
+        let mut attempts = Attempts::new(policy);
+        for n in 0..3 {
+            assert_eq!(connect_retry(&mut attempts, true), Some(policy.delay(n)));
+        }
+        assert_eq!(connect_retry(&mut attempts, true), None);
+        assert_eq!(attempts.failures(), 3);
+        // An error that will not pass ends it at once.
+        let mut attempts = Attempts::new(policy);
+        assert_eq!(connect_retry(&mut attempts, false), None);
+    }
+
+    #[test]
+    fn retries_keep_the_default_backoff() {
+        let policy = RetryPolicy::with_attempts(7);
+        assert_eq!(policy.attempts, 7);
+        assert_eq!(policy.backoff, RetryPolicy::default().backoff);
+    }
+}
