@@ -180,10 +180,12 @@ impl RequestError {
         )
     }
 
-    /// True if the same request may succeed later: the connection failed, or the server
-    /// could not take new work just then (it was shutting down, say).
+    /// True if the same request may succeed later: the connection failed, its stream was
+    /// reset (what arrived of it does not count; the chunk is asked for again), or the
+    /// server could not take new work just then (it was shutting down, say).
     pub fn is_retriable(&self) -> bool {
         self.is_connection()
+            || matches!(self, Self::Stream(StreamError::Reset(_)))
             || matches!(
                 self.code(),
                 Some(ErrorCode::Unavailable | ErrorCode::AuditUnavailable)

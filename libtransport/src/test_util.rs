@@ -1,6 +1,6 @@
 //! Test helpers (feature `test-util`): a tracing subscriber, an in-memory audit sink,
-//! identities minted per test, a clock that moves when told, and a loopback server over a
-//! temporary store.
+//! identities minted per test, a clock that moves when told, a loopback server over a
+//! temporary store, and an in-memory transport with seeded faults ([`sim`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +18,8 @@ use crate::policy::{AccessList, Grant};
 use crate::proto::DatasetName;
 use crate::server::{Server, ServerHandle};
 use crate::store::Store;
+
+pub mod sim;
 
 /// Routes `tracing` output to the test harness for the rest of the test. Set
 /// `TRANSPORTD_TEST_LOG` (an env-filter) for more than warnings.
@@ -195,6 +197,34 @@ impl TestServer {
         grants: &[TestGrant<'_>],
         transport: TransportConfig,
     ) -> Self {
+        Self::start_on(pki, identity, grants, transport, None).await
+    }
+
+    /// Like [`TestServer::start_with`], serving on `net` at [`sim::SERVER_ADDR`] instead
+    /// of loopback sockets.
+    pub async fn start_sim(
+        pki: &TestPki,
+        grants: &[TestGrant<'_>],
+        transport: TransportConfig,
+        net: &sim::SimNet,
+    ) -> Self {
+        Self::start_on(
+            pki,
+            identity(pki, "/node/storage"),
+            grants,
+            transport,
+            Some(net),
+        )
+        .await
+    }
+
+    async fn start_on(
+        pki: &TestPki,
+        identity: IdentityHandle,
+        grants: &[TestGrant<'_>],
+        transport: TransportConfig,
+        net: Option<&sim::SimNet>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("data");
         let mut acl = AccessList::new();
@@ -220,10 +250,18 @@ impl TestServer {
             .audit(audit.clone())
             .transport(transport)
             .build();
-        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let server = Server::bind(config.clone(), Some(loopback), Some(loopback))
-            .await
-            .expect("bind");
+        let server = match net {
+            Some(net) => {
+                let listener = net.listen(sim::SERVER_ADDR, config.identity.clone());
+                Server::with_listeners(config.clone(), vec![Box::new(listener)])
+            }
+            None => {
+                let loopback: SocketAddr = "127.0.0.1:0".parse().expect("address");
+                Server::bind(config.clone(), Some(loopback), Some(loopback))
+                    .await
+                    .expect("bind")
+            }
+        };
         Self {
             handle: server.spawn(),
             dir,

@@ -692,7 +692,66 @@ pub(super) async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>,
     }
 }
 
+/// Reads one chunk into its place in the partial file. A stream reset in the middle of it
+/// does not count: what arrived is overwritten by asking for the chunk again, up to
+/// [`MAX_CHUNK_RESETS`] times, without failing the other chunks in flight.
 async fn read_chunk_file(
+    conn: &Connection,
+    transfer: TransferId,
+    partial: Arc<PartialFile>,
+    index: ChunkIndex,
+    fetched: &AtomicU64,
+) -> Result<u64, FetchError> {
+    let mut resets = 0;
+    loop {
+        match read_chunk_file_once(conn, transfer, partial.clone(), index, fetched).await {
+            Err(e) if is_reset(&e) && resets < MAX_CHUNK_RESETS => {
+                resets += 1;
+                tracing::debug!(chunk = index.0, resets, "chunk stream reset; asking again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Reads one chunk into `buf`, verified; a reset stream is asked for again as for
+/// [`read_chunk_file`] (into a fresh buffer: the one the failed read held is gone with it).
+async fn read_chunk_mem(
+    conn: &Connection,
+    transfer: TransferId,
+    manifest: &Manifest,
+    index: ChunkIndex,
+    buf: BytesMut,
+) -> Result<BytesMut, FetchError> {
+    let len = buf.len();
+    let mut buf = Some(buf);
+    let mut resets = 0;
+    loop {
+        let b = buf.take().unwrap_or_else(|| BytesMut::zeroed(len));
+        match read_chunk_mem_once(conn, transfer, manifest, index, b).await {
+            Err(e) if is_reset(&e) && resets < MAX_CHUNK_RESETS => {
+                resets += 1;
+                tracing::debug!(chunk = index.0, resets, "chunk stream reset; asking again");
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_reset(e: &FetchError) -> bool {
+    matches!(
+        e,
+        FetchError::Request(RequestError::Stream(crate::transport::StreamError::Reset(
+            _
+        )))
+    )
+}
+
+/// Times one chunk is asked for again after its stream was reset, before the reset fails
+/// the attempt (which then retries as its policy says).
+const MAX_CHUNK_RESETS: u32 = 3;
+
+async fn read_chunk_file_once(
     conn: &Connection,
     transfer: TransferId,
     partial: Arc<PartialFile>,
@@ -716,7 +775,7 @@ async fn read_chunk_file(
     Ok(range.end - range.start)
 }
 
-async fn read_chunk_mem(
+async fn read_chunk_mem_once(
     conn: &Connection,
     transfer: TransferId,
     manifest: &Manifest,
