@@ -1,19 +1,24 @@
-//! Drivers that move frames over QUIC and over TLS/TCP.
+//! The transport seam: what a transport gives the client and server drivers, and the
+//! product's two transports.
 //!
-//! Both transports give the layers above the same thing: request streams that carry
-//! [`Frame`]s in each direction. Over QUIC each request is its own QUIC stream; over TLS/TCP
-//! the multiplexer in `transport/mux.rs` interleaves numbered streams on one connection.
-//! Nothing above this module knows which transport it runs on, except for reporting.
+//! A transport makes connections ([`Connector`] for clients; [`Listener`], [`Incoming`],
+//! [`Handshaken`] for servers) whose peers the drivers then check (`identity.rs`), and
+//! carries request streams of [`Frame`]s in each direction over an established
+//! [`Connection`]. Over QUIC (`quic.rs`) each request is its own QUIC stream; over TLS/TCP
+//! (`tcp.rs`) the multiplexer in `mux.rs` interleaves numbered streams on one connection.
+//! Plug-in transports implement the same traits elsewhere: the bench's plaintext baseline
+//! in `benches/`, the in-memory one of `test_util::sim`. Nothing above this module names
+//! quinn or tokio-rustls, and nothing above it knows which transport it runs on, except for
+//! reporting.
 //!
 //! ```text
-//!   client/server request logic
-//!          │ FrameSink / FrameSource
-//!   ┌──────┴───────────────┐
-//!   │ quic.rs   │ mux.rs   │
-//!   │ (quinn)   │ tcp.rs   │
-//!   │           │ (tokio-  │
-//!   │           │  rustls) │
-//!   └───────────┴──────────┘
+//!   client driver (client.rs)        server driver (server.rs)
+//!          │ Connector                      │ Listener → Incoming → Handshaken
+//!          └──────────── Connection ────────┘
+//!                 RequestStream: FrameSink / FrameSource
+//!   ┌──────────────┬─────────────────┬─────────────────────────┐
+//!   │ quic.rs      │ tcp.rs + mux.rs │ plug-ins (bench, tests) │
+//!   └──────────────┴─────────────────┴─────────────────────────┘
 //! ```
 
 use std::fmt;
