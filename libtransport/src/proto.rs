@@ -12,6 +12,7 @@ pub mod message;
 pub mod name;
 pub mod rdma;
 pub mod retry;
+pub mod schedule;
 pub mod seal;
 
 pub use frame::{Frame, FrameError, FrameHeader, FrameKind};
