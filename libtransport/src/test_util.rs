@@ -197,7 +197,15 @@ impl TestServer {
         grants: &[TestGrant<'_>],
         transport: TransportConfig,
     ) -> Self {
-        Self::start_on(pki, identity, grants, transport, None).await
+        Self::start_on(
+            pki,
+            identity,
+            grants,
+            transport,
+            None,
+            Arc::new(SystemClock),
+        )
+        .await
     }
 
     /// Like [`TestServer::start_with`], serving on `net` at [`sim::SERVER_ADDR`] instead
@@ -208,14 +216,20 @@ impl TestServer {
         transport: TransportConfig,
         net: &sim::SimNet,
     ) -> Self {
-        Self::start_on(
-            pki,
-            identity(pki, "/node/storage"),
-            grants,
-            transport,
-            Some(net),
-        )
-        .await
+        let id = identity(pki, "/node/storage");
+        Self::start_sim_as(pki, id, grants, transport, net, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`TestServer::start_sim`], presenting `identity` and reading time from `clock`.
+    pub async fn start_sim_as(
+        pki: &TestPki,
+        identity: IdentityHandle,
+        grants: &[TestGrant<'_>],
+        transport: TransportConfig,
+        net: &sim::SimNet,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::start_on(pki, identity, grants, transport, Some(net), clock).await
     }
 
     async fn start_on(
@@ -224,6 +238,7 @@ impl TestServer {
         grants: &[TestGrant<'_>],
         transport: TransportConfig,
         net: Option<&sim::SimNet>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("data");
@@ -249,6 +264,7 @@ impl TestServer {
             .store(Arc::new(store))
             .audit(audit.clone())
             .transport(transport)
+            .clock(clock)
             .build();
         let server = match net {
             Some(net) => {

@@ -4,17 +4,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use certs::test_util::TestPki;
 use libtransport::audit::{AuditEvent, Direction, Outcome};
+use libtransport::clock::Clock;
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::test_util::sim::{SERVER_ADDR, SimConnector, SimNet};
-use libtransport::test_util::{TestServer, identity, random_bytes, trace_init};
+use libtransport::test_util::{ManualClock, TestServer, identity, random_bytes, trace_init};
 use libtransport::{
-    Client, ClientConfig, ConnectError, FetchError, FetchOptions, PushOptions, RequestError,
-    RetryPolicy, TransportConfig,
+    Client, ClientConfig, ConnectError, Credentials, FetchError, FetchOptions, IdentityHandle,
+    PushOptions, RequestError, RetryPolicy, TransportConfig,
 };
 
 /// 64 KiB chunks (the smallest), so a small object has many.
@@ -293,3 +294,76 @@ async fn a_peer_of_another_trust_domain_is_refused_over_the_sim_too() {
     assert!(refused, "no refusal audited");
     assert_eq!(sim.net.connections(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_servers_svid_rotating_mid_transfer_renews_the_connection_without_a_failure() {
+    let _trace = trace_init();
+    let net = SimNet::new(23);
+    let pki = TestPki::new("hospital.example");
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let issue = |ttl| {
+        let svid = pki.svid_issued_at("/node/storage", ttl, clock.now());
+        Credentials::new(svid, pki.bundle()).expect("server credentials")
+    };
+    let server_id = IdentityHandle::new(issue(SERVER_TTL));
+    let first_serial = server_id.current().svid().serial().to_owned();
+    let server = TestServer::start_sim_as(
+        &pki,
+        server_id.clone(),
+        &[("/gpu/loader", "scans", true, true)],
+        tuning(),
+        &net,
+        clock.clone(),
+    )
+    .await;
+    let data = random_bytes(32 * CHUNK as usize, 6);
+    server.put("scans", "a.bin", &data);
+    let id = identity(&pki, "/gpu/loader");
+    let config = ClientConfig::builder()
+        .identity(id.clone())
+        .transport(tuning())
+        .clock(clock.clone())
+        .build();
+    let client = Client::connect_with(config, SERVER_ADDR, Arc::new(net.connector(id)))
+        .await
+        .unwrap();
+    // Half-way, the server's SVID is rotated, and the old one comes within its renewal
+    // margin of expiry (still valid: the connection on it is not cut, only replaced).
+    let rotated = Arc::new(AtomicBool::new(false));
+    let opts = FetchOptions {
+        parallel: Some(2),
+        retry: RetryPolicy::none(),
+        progress: Some(Arc::new({
+            let (rotated, clock, server_id) = (rotated.clone(), clock.clone(), server_id.clone());
+            let fresh = std::sync::Mutex::new(Some(issue(SERVER_TTL)));
+            move |done, total| {
+                if done * 2 >= total && !rotated.swap(true, Ordering::Relaxed) {
+                    let creds = fresh.lock().unwrap().take().expect("rotated once");
+                    server_id.update(creds);
+                    clock.advance(SERVER_TTL - Duration::from_secs(1));
+                }
+            }
+        })),
+        ..Default::default()
+    };
+    let (dataset, object) = names("a.bin");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("a.bin");
+    let report = client
+        .fetch_to_file(&dataset, &object, &dest, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("seed {}: {e}", net.seed()));
+    assert!(rotated.load(Ordering::Relaxed));
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(report.retries, 0, "the renewal counted as a failure");
+    assert_eq!(net.connections(), 2, "the connection was not renewed");
+    // The new connection presents the new SVID, which the client verified.
+    let serial = client.server().serial;
+    assert_ne!(serial, first_serial);
+    assert_eq!(serial, server_id.current().svid().serial());
+    // Nothing fetched twice: the chunks in flight finished on the old connection.
+    assert_eq!(report.fetched_bytes, data.len() as u64);
+}
+
+/// The server's SVIDs in the rotation test live this long.
+const SERVER_TTL: Duration = Duration::from_secs(60);
