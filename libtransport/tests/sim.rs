@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use certs::test_util::TestPki;
 use libtransport::audit::{AuditEvent, Direction, Outcome};
-use libtransport::clock::Clock;
+use libtransport::clock::{Clock, SystemClock};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::test_util::sim::{SERVER_ADDR, SimConnector, SimNet};
 use libtransport::test_util::{ManualClock, TestServer, identity, random_bytes, trace_init};
@@ -300,7 +300,7 @@ async fn the_servers_svid_rotating_mid_transfer_renews_the_connection_without_a_
     let _trace = trace_init();
     let net = SimNet::new(23);
     let pki = TestPki::new("hospital.example");
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
     let issue = |ttl| {
         let svid = pki.svid_issued_at("/node/storage", ttl, clock.now());
         Credentials::new(svid, pki.bundle()).expect("server credentials")
