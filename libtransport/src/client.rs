@@ -87,11 +87,6 @@ impl Client {
                     .map_err(|e| ConnectError::Local(format!("UDP socket: {e}")))?,
             ),
             Path::Tcp => Arc::new(TlsTcpConnector::new(identity, server_id, clock, transport)),
-            Path::Rdma => {
-                return Err(ConnectError::Local(
-                    "RDMA carries transfers over a QUIC connection: connect with Path::Quic and enable TransportConfig::rdma".into(),
-                ));
-            }
         };
         Self::connect_with(config, addr, connector).await
     }

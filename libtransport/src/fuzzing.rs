@@ -583,7 +583,7 @@ mod seeds {
     use crate::proto::manifest::MIN_CHUNK_BYTES;
     use crate::proto::{ObjectEntry, TransferId};
     use crate::test_util::identity;
-    use crate::transport::Path as Via;
+    use crate::vocab::{Path as Via, TransferPath};
 
     fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
         let d = dir.join(target);
@@ -790,7 +790,7 @@ mod seeds {
                 object: obj("train/a.bin"),
                 size: m.size(),
                 root: m.root(),
-                path: Via::Quic,
+                path: TransferPath::Quic,
             },
             AuditEvent::Transfer {
                 peer: peer.clone(),
@@ -799,7 +799,7 @@ mod seeds {
                 object: obj("train/a.bin"),
                 bytes: m.size(),
                 root: m.root(),
-                path: Via::Quic,
+                path: TransferPath::Quic,
                 outcome: Outcome::Complete,
                 duration_ms: 3,
             },

@@ -23,22 +23,23 @@ use super::attempt::{self, Kind, Ran};
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
 use super::{Attempt, Client, Connection, FetchOptions, remote, unexpected};
-use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{FetchError, RequestError};
 use crate::proto::{
     ChunkError, ChunkIndex, DatasetName, Digest, FrameKind, Manifest, ObjectPath, Request,
     Response, TransferId,
 };
 use crate::store::{ChunkWriter, PartialFile, WriteError};
-use crate::transport::{FrameSource, Path};
+use crate::transport::FrameSource;
+use crate::vocab::{Direction, Outcome, TransferPath};
 
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FetchReport {
     /// The server that served it.
     pub server: SpiffeId,
-    /// The transport used.
-    pub path: Path,
+    /// How the bytes moved: over the connection's transport, or by RDMA.
+    pub path: TransferPath,
     /// Object size.
     pub size: u64,
     /// Bytes received over the network (less than `size` when resuming).
@@ -108,7 +109,11 @@ impl Client {
         let first_reuse = done.state.0;
         let report = FetchReport {
             server: conn.peer.id.clone(),
-            path: conn.peer.path.or_rdma(rdma),
+            path: if rdma {
+                TransferPath::Rdma
+            } else {
+                conn.peer.path.into()
+            },
             size: manifest.size(),
             fetched_bytes: fetched.load(Ordering::Relaxed),
             chunks: manifest.chunk_count(),

@@ -34,7 +34,8 @@ use crate::store::{ChunkWriter, PartialFile, WriteError};
 use crate::transport::rdma::local_ip;
 use crate::transport::rdma::soft::{SoftConfig, SoftVerbs};
 use crate::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
-use crate::transport::{Path, rdma_keys};
+use crate::transport::rdma_keys;
+use crate::vocab::Path;
 
 /// Most slots in a receive ring.
 const RING_SLOTS: usize = 16;
@@ -471,13 +472,6 @@ pub(super) fn counting(fetched: Arc<AtomicU64>, then: Option<OnChunk>) -> OnChun
             f(n);
         }
     })
-}
-
-impl Path {
-    /// The path a pull reports: RDMA if its chunks moved that way.
-    pub(super) fn or_rdma(self, rdma: bool) -> Self {
-        if rdma { Self::Rdma } else { self }
-    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,7 @@ use bytes::Bytes;
 use tracing::{debug, trace};
 
 use super::conn::{ConnCtx, Transfer, TransferKind};
-use crate::audit::{AuditEvent, Outcome};
-use crate::policy::Action;
+use crate::audit::AuditEvent;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
 use crate::proto::{
@@ -20,6 +19,7 @@ use crate::proto::{
 use crate::server::record_or_refuse;
 use crate::store::{ChunkWriter, StoreError, WriteError};
 use crate::transport::{FrameSink, FrameSource, RequestStream, StreamError};
+use crate::vocab::{Action, Outcome};
 
 /// Serves one request stream to its end.
 pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: RequestStream) {

@@ -44,7 +44,7 @@ pub(crate) async fn serve(
     };
     // RDMA sessions are offered on QUIC connections only, whose control streams carry
     // the grants.
-    if ctx.peer.path != crate::transport::Path::Quic {
+    if ctx.peer.path != crate::vocab::Path::Quic {
         return Err(ErrorCode::NoRdma.into());
     }
     let conn = ctx.conn.clone();
