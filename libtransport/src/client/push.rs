@@ -16,10 +16,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 
-use super::attempt::{self, Kind, Ran};
+use super::attempt::{self, Attempt, Kind, Ran};
+use super::connection::Connection;
 use super::fetch::run_workers;
 use super::pace::{Gate, Pace};
-use super::{Attempt, Client, Connection, PushOptions, response, unexpected};
+use super::reply::{response, unexpected};
+use super::{Client, PushOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;

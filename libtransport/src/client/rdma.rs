@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::{Client, Connection, response, unexpected};
+use super::Client;
+use super::connection::Connection;
+use super::reply::{next_data, response, unexpected};
 use crate::config::RdmaMode;
 use crate::error::{FetchError, RequestError};
 use crate::proto::rdma::{DeviceKind, MAX_SLOTS, RdmaControl, RdmaOffer};
@@ -224,7 +226,7 @@ impl Session<'_> {
             .await
             .map_err(RequestError::from)?;
         s.sink.finish();
-        match super::fetch::next_data(&mut s.source).await? {
+        match next_data(&mut s.source).await? {
             None => Ok(true),
             Some(_) => Err(RequestError::Protocol("data on an RDMA control stream".into()).into()),
         }
