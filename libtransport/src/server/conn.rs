@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use super::{Shared, record, record_or_refuse};
+use super::shared::{Shared, record, record_or_refuse};
 use crate::audit::AuditEvent;
 use crate::identity::Peer;
 use crate::metrics::ConnectionGuard;

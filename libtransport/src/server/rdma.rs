@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tracing::{debug, info};
 
 use super::conn::{ConnCtx, Transfer, TransferKind};
-use super::handler::{Failure, store_code};
+use super::failure::{Failure, store_code};
 use crate::config::RdmaMode;
 use crate::proto::rdma::{DeviceKind, RdmaControl, RdmaOffer};
 use crate::proto::seal::{Direction, HEADER_LEN, KeyLimits, Placement, Sealer, sealed_len};
