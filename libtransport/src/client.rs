@@ -29,10 +29,11 @@ use crate::error::{ConnectError, RequestError};
 use crate::identity::Peer;
 pub use crate::proto::retry::RetryPolicy;
 use crate::proto::{DatasetName, HelloAck, Manifest, ObjectEntry, ObjectPath, Request, Response};
+use crate::transport;
 use crate::transport::quic::QuicConnector;
 use crate::transport::tcp::TlsTcpConnector;
-use crate::transport::{self, Path};
 pub use crate::transport::{Connector, QuicPathStats};
+use crate::vocab::Path;
 
 mod attempt;
 mod connection;

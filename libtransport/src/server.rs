@@ -33,7 +33,8 @@ use crate::proto::ErrorCode;
 use crate::proto::connection::ServerHello;
 use crate::transport::quic::QuicListener;
 use crate::transport::tcp::TlsTcpListener;
-use crate::transport::{Close, Connection, Incoming, IncomingStream, Listener, Path, Refusal};
+use crate::transport::{Close, Connection, Incoming, IncomingStream, Listener, Refusal};
+use crate::vocab::Path;
 
 mod conn;
 mod failure;
