@@ -388,10 +388,10 @@ impl ClientCertVerifier for SvidVerifier {
 
 /// What a peer proved of its identity during a transport's handshake.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PeerProof(pub(crate) ProofKind);
+pub struct PeerProof(ProofKind);
 
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) enum ProofKind {
+enum ProofKind {
     /// The certificate chain the peer presented (leaf first), which TLS checked its
     /// possession of; the driver verifies it against the trust bundle.
     Chain(Vec<CertificateDer<'static>>),
