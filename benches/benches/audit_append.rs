@@ -25,7 +25,7 @@ fn record() -> AuditRecord {
             object: ObjectPath::new("train/shard-000123.bin").unwrap(),
             bytes: 4 << 30,
             root: Digest([7; 32]),
-            path: libtransport::Path::Quic,
+            path: libtransport::TransferPath::Quic,
             outcome: Outcome::Complete,
             duration_ms: 2100,
         },

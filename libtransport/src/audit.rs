@@ -16,9 +16,8 @@ use std::time::SystemTime;
 use certs::SpiffeId;
 use serde::Serialize;
 
-use crate::policy::Action;
 use crate::proto::{DatasetName, Digest, ObjectPath};
-use crate::transport::Path;
+use crate::vocab::{Action, Path, TransferPath};
 
 mod chain;
 mod file;
@@ -27,6 +26,8 @@ mod verify;
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
 pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer};
 pub use verify::{Query, VerifyError, VerifyReport, query, verify};
+
+pub use crate::vocab::{DecisionKind, Direction, Outcome};
 
 /// Something worth recording.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -104,7 +105,7 @@ pub enum AuditEvent {
         /// The object's BLAKE3 root.
         root: Digest,
         /// The transport.
-        path: Path,
+        path: TransferPath,
     },
     /// A transfer ended.
     Transfer {
@@ -121,7 +122,7 @@ pub enum AuditEvent {
         /// The object's BLAKE3 root.
         root: Digest,
         /// The transport.
-        path: Path,
+        path: TransferPath,
         /// How it ended.
         outcome: Outcome,
         /// How long it took.
@@ -308,16 +309,6 @@ pub enum AuditEvent {
     },
 }
 
-/// An authorization outcome, for the trail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecisionKind {
-    /// Allowed.
-    Allow,
-    /// Denied.
-    Deny,
-}
-
 /// One record: a time and an event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
@@ -327,32 +318,6 @@ pub struct AuditRecord {
     /// What happened.
     #[serde(flatten)]
     pub event: AuditEvent,
-}
-
-/// Which way bytes moved, seen from the node writing the record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// Bytes left this node (we served a read or pushed).
-    Out,
-    /// Bytes arrived (we accepted a write or pulled).
-    In,
-}
-
-/// How a transfer ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Every byte moved and verified (for writes: committed durably).
-    Complete,
-    /// Closed before completion; an uncommitted write keeps its verified chunks.
-    Incomplete,
-    /// The connection ended with the transfer open.
-    Interrupted,
-    /// Verification failed.
-    Corrupt,
-    /// Another failure.
-    Failed,
 }
 
 /// Writes audit records somewhere durable.
@@ -412,7 +377,7 @@ mod tests {
                 object: ObjectPath::new("a/b.bin").unwrap(),
                 bytes: 42,
                 root: Digest([0xab; 32]),
-                path: Path::Quic,
+                path: TransferPath::Quic,
                 outcome: Outcome::Complete,
                 duration_ms: 7,
             },

@@ -11,7 +11,7 @@ use crate::client::{Client, FetchOptions, FetchReport, PushOptions, PushReport};
 use crate::config::ClientConfig;
 use crate::error::{ConnectError, FetchError, PushError, RequestError};
 use crate::proto::{DatasetName, Manifest, ObjectEntry, ObjectPath};
-use crate::transport::Path;
+use crate::vocab::Path;
 
 /// A [`Client`] with blocking methods.
 #[derive(Debug)]

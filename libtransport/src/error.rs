@@ -13,8 +13,7 @@ use std::time::Duration;
 use certs::SvidError;
 
 use crate::proto::connection::HelloError;
-use crate::proto::{ChunkIndex, ErrorCode, ManifestError};
-use crate::transport::StreamError;
+use crate::proto::{ChunkIndex, ErrorCode, FrameError, ManifestError};
 
 /// Why a connection could not be established.
 #[derive(Debug, thiserror::Error)]
@@ -273,4 +272,22 @@ impl PushError {
             _ => false,
         }
     }
+}
+
+/// Why a stream failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The peer reset or stopped the stream.
+    #[error("stream reset by peer (code {0})")]
+    Reset(u64),
+    /// The peer sent bytes that are not a valid frame.
+    #[error("peer sent an invalid frame: {0}")]
+    Frame(#[from] FrameError),
+    /// No progress for longer than the I/O timeout.
+    #[error("no progress for {0:?}")]
+    Timeout(Duration),
 }

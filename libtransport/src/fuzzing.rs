@@ -18,7 +18,7 @@ use certs::SpiffeId;
 use crate::audit::{AuditEvent, AuditRecord, AuditSink, FileSink, FileSinkConfig};
 use crate::clock::{Clock, SystemClock};
 use crate::identity::{Credentials, IdentityHandle};
-use crate::policy::{Access, Action, Authorizer, Decision, Effect, Policy};
+use crate::policy::{Access, Authorizer, Decision, Effect, Policy};
 use crate::proto::frame::{HEADER_LEN as FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD};
 use crate::proto::rdma::{RdmaControl, RdmaOffer};
 use crate::proto::seal::{
@@ -29,6 +29,7 @@ use crate::proto::{
     ChunkIndex, ChunkSet, DatasetName, Digest, ErrorCode, Frame, FrameError, FrameHeader,
     FrameKind, Hello, HelloAck, Manifest, ObjectPath, Request, Response,
 };
+use crate::vocab::Action;
 
 /// A byte stream of frames, as a TLS/TCP peer sends it: every frame decoded from the front
 /// re-encodes to exactly the bytes it took; "need more" consumes nothing; each payload goes
@@ -579,11 +580,10 @@ mod seeds {
     use certs::test_util::TestPki;
 
     use super::*;
-    use crate::audit::{DecisionKind, Direction, Outcome};
     use crate::proto::manifest::MIN_CHUNK_BYTES;
     use crate::proto::{ObjectEntry, TransferId};
     use crate::test_util::identity;
-    use crate::transport::Path as Via;
+    use crate::vocab::{DecisionKind, Direction, Outcome, Path as Via, TransferPath};
 
     fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
         let d = dir.join(target);
@@ -790,7 +790,7 @@ mod seeds {
                 object: obj("train/a.bin"),
                 size: m.size(),
                 root: m.root(),
-                path: Via::Quic,
+                path: TransferPath::Quic,
             },
             AuditEvent::Transfer {
                 peer: peer.clone(),
@@ -799,7 +799,7 @@ mod seeds {
                 object: obj("train/a.bin"),
                 bytes: m.size(),
                 root: m.root(),
-                path: Via::Quic,
+                path: TransferPath::Quic,
                 outcome: Outcome::Complete,
                 duration_ms: 3,
             },

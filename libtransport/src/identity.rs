@@ -32,7 +32,7 @@ use rustls::{
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::transport::{PeerProof, ProofKind};
+use crate::vocab::Path;
 
 /// Our SVID, the trust bundle we verify peers against, and the serials we refuse.
 pub struct Credentials {
@@ -51,7 +51,9 @@ impl Credentials {
                 trust_domain: bundle.trust_domain().to_string(),
             });
         }
-        let signing = crate::tls::provider()
+        // The key provider of `tls::provider()` (aws-lc-rs), named here so identity does
+        // not depend on the TLS configuration that is built on it.
+        let signing = rustls::crypto::aws_lc_rs::default_provider()
             .key_provider
             .load_private_key(svid.key().clone_key())
             .map_err(|e| IdentityError::Key(e.to_string()))?;
@@ -194,7 +196,7 @@ pub struct Peer {
     /// The peer's network address.
     pub addr: SocketAddr,
     /// Which transport carries the connection.
-    pub path: crate::transport::Path,
+    pub path: Path,
 }
 
 /// Why credentials could not be used.
@@ -381,6 +383,41 @@ impl ClientCertVerifier for SvidVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// What a peer proved of its identity during a transport's handshake.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerProof(ProofKind);
+
+#[derive(Clone, PartialEq, Eq)]
+enum ProofKind {
+    /// The certificate chain the peer presented (leaf first), which TLS checked its
+    /// possession of; the driver verifies it against the trust bundle.
+    Chain(Vec<CertificateDer<'static>>),
+    /// Nobody proved anything: the identity is taken on trust.
+    Assumed(SpiffeId),
+}
+
+impl PeerProof {
+    /// The chain a TLS handshake received from the peer, leaf first.
+    pub fn chain(chain: Vec<CertificateDer<'static>>) -> Self {
+        Self(ProofKind::Chain(chain))
+    }
+
+    /// Takes `id` on trust, without any authentication: for a benchmark's plaintext
+    /// baseline only. A peer so "identified" is served as if it had proved to be `id`.
+    pub fn dangerous_assumed(id: SpiffeId) -> Self {
+        Self(ProofKind::Assumed(id))
+    }
+}
+
+impl fmt::Debug for PeerProof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            ProofKind::Chain(c) => write!(f, "PeerProof::Chain({} certificates)", c.len()),
+            ProofKind::Assumed(id) => write!(f, "PeerProof::Assumed({id})"),
+        }
     }
 }
 

@@ -63,6 +63,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod transport;
+mod vocab;
 pub mod workload;
 
 #[cfg(any(test, feature = "test-util"))]
@@ -76,4 +77,4 @@ pub use config::{ClientConfig, PolicyHandle, RdmaMode, ServerConfig, TransportCo
 pub use error::{ConnectError, FetchError, PushError, Rejection, RequestError};
 pub use identity::{Credentials, IdentityHandle, Peer};
 pub use server::{Server, ServerHandle};
-pub use transport::Path;
+pub use transport::{Path, TransferPath};

@@ -16,9 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::audit::{Direction, Outcome};
-use crate::policy::Action;
-use crate::transport::Path;
+use crate::vocab::{Action, Direction, Outcome, Path, TransferPath};
 
 /// The node's metrics. Cheap to share (`Arc`); every method is lock-free or nearly.
 pub struct Metrics {
@@ -124,7 +122,7 @@ impl Metrics {
     /// A transfer ended.
     pub fn transfer_ended(
         &self,
-        path: Path,
+        path: TransferPath,
         direction: Direction,
         outcome: Outcome,
         bytes: u64,
@@ -264,7 +262,7 @@ mod tests {
     fn counters_move_and_encode_with_bounded_labels() {
         let m = Metrics::new();
         m.transfer_ended(
-            Path::Quic,
+            TransferPath::Rdma,
             Direction::Out,
             Outcome::Complete,
             1234,
@@ -275,11 +273,11 @@ mod tests {
         let g = m.connection_opened(Path::Tcp);
         let text = m.encode();
         assert!(
-            text.contains(r#"transportd_bytes_total{path="quic",direction="out"} 1234"#),
+            text.contains(r#"transportd_bytes_total{path="rdma",direction="out"} 1234"#),
             "{text}"
         );
         assert!(text.contains(
-            r#"transportd_transfers_total{path="quic",direction="out",outcome="complete"} 1"#
+            r#"transportd_transfers_total{path="rdma",direction="out",outcome="complete"} 1"#
         ));
         assert!(text.contains(
             r#"transportd_authorization_denials_total{action="read",reason="no_rule"} 1"#

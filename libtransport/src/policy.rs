@@ -21,34 +21,7 @@ pub use rules::{
     RuleError, Subject,
 };
 
-/// What a peer wants to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    /// See that a dataset exists and list its objects.
-    List,
-    /// Read objects (stat, open, read).
-    Read,
-    /// Create or replace objects.
-    Write,
-}
-
-impl Action {
-    /// A lower-case label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::List => "list",
-            Self::Read => "read",
-            Self::Write => "write",
-        }
-    }
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::vocab::Action;
 
 /// One access to decide.
 #[derive(Debug, Clone, Copy)]

@@ -6,6 +6,7 @@
 //! allocation, and hostile input yields a typed error, never a panic.
 
 pub mod connection;
+mod decode;
 pub mod frame;
 pub mod manifest;
 pub mod message;
@@ -15,11 +16,10 @@ pub mod retry;
 pub mod schedule;
 pub mod seal;
 
+pub use decode::DecodeError;
 pub use frame::{Frame, FrameError, FrameHeader, FrameKind};
 pub use manifest::{
     ChunkError, ChunkIndex, ChunkSet, Digest, Manifest, ManifestBuilder, ManifestError,
 };
-pub use message::{
-    DecodeError, ErrorCode, Hello, HelloAck, ObjectEntry, Request, Response, TransferId,
-};
+pub use message::{ErrorCode, Hello, HelloAck, ObjectEntry, Request, Response, TransferId};
 pub use name::{DatasetName, NameError, ObjectPath};

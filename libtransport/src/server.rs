@@ -26,36 +26,30 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::audit::{AuditEvent, AuditRecord};
+use crate::audit::AuditEvent;
 use crate::config::ServerConfig;
 use crate::identity::{CredentialsEnd, Peer, peer_credentials_end, verify_peer};
 use crate::proto::ErrorCode;
 use crate::proto::connection::ServerHello;
 use crate::transport::quic::QuicListener;
 use crate::transport::tcp::TlsTcpListener;
-use crate::transport::{Close, Connection, Incoming, IncomingStream, Listener, Path, Refusal};
+use crate::transport::{Close, Connection, Incoming, IncomingStream, Listener, Refusal};
+use crate::vocab::Path;
 
 mod conn;
+mod failure;
 mod handler;
 mod rdma;
+mod shared;
 
 use conn::ConnCtx;
+use shared::{Shared, record};
 
 /// A server bound to its addresses, not yet serving.
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Box<dyn Listener>>,
-}
-
-/// What every connection of a server shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: ServerConfig,
-    slots: Arc<Semaphore>,
-    next_conn: AtomicU64,
-    /// Flips to true on shutdown: accept no more connections or requests.
-    stop: watch::Sender<bool>,
 }
 
 impl Server {
@@ -402,22 +396,4 @@ fn refused(shared: &Shared, addr: SocketAddr, path: Path, refusal: Refusal) {
             reason: refusal.reason,
         },
     );
-}
-
-/// Records an event; a failure is counted and logged by the sink.
-pub(crate) fn record(shared: &Shared, event: AuditEvent) {
-    let _ = record_or_refuse(shared, event);
-}
-
-/// Records an event that work depends on: if it cannot be written, the work is refused.
-pub(crate) fn record_or_refuse(shared: &Shared, event: AuditEvent) -> Result<(), ErrorCode> {
-    let record = AuditRecord {
-        time: shared.config.clock.now(),
-        event,
-    };
-    shared.config.audit.record(&record).map_err(|e| {
-        shared.config.metrics.audit_error();
-        tracing::debug!(error = %e, "audit record not written");
-        ErrorCode::AuditUnavailable
-    })
 }

@@ -303,11 +303,10 @@ impl TestServer {
     }
 
     /// The address for `path`.
-    pub fn addr(&self, path: crate::transport::Path) -> SocketAddr {
+    pub fn addr(&self, path: crate::vocab::Path) -> SocketAddr {
         match path {
-            crate::transport::Path::Quic => self.handle.quic_addr(),
-            crate::transport::Path::Tcp => self.handle.tcp_addr(),
-            crate::transport::Path::Rdma => None,
+            crate::vocab::Path::Quic => self.handle.quic_addr(),
+            crate::vocab::Path::Tcp => self.handle.tcp_addr(),
         }
         .expect("listening")
     }

@@ -29,81 +29,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use certs::SpiffeId;
-use rustls::pki_types::CertificateDer;
-use serde::Serialize;
 
 use crate::error::ConnectError;
+pub use crate::error::StreamError;
 use crate::identity::CredentialsEnd;
+pub use crate::identity::PeerProof;
 use crate::proto::connection::ServerHello;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
-use crate::proto::{ErrorCode, Frame, FrameError, FrameKind, HelloAck};
+use crate::proto::{ErrorCode, Frame, FrameKind, HelloAck};
+pub use crate::vocab::{Path, TransferPath};
 
 pub mod mux;
 pub mod quic;
 pub mod rdma;
 pub mod tcp;
-
-/// Which transport carries a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Path {
-    /// QUIC with mutual TLS 1.3.
-    Quic,
-    /// TLS 1.3 over TCP, for networks that block UDP.
-    Tcp,
-    /// RDMA for the bulk data (each chunk sealed with AES-256-GCM under keys from the TLS
-    /// session), QUIC for control. Only transfers take this path; connections are QUIC.
-    Rdma,
-}
-
-impl Path {
-    /// A lower-case label: `quic` or `tcp`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Quic => "quic",
-            Self::Tcp => "tcp",
-            Self::Rdma => "rdma",
-        }
-    }
-}
-
-impl fmt::Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Path {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "quic" => Ok(Self::Quic),
-            "tcp" => Ok(Self::Tcp),
-            "rdma" => Ok(Self::Rdma),
-            other => Err(format!("unknown path {other:?}: expected quic or tcp")),
-        }
-    }
-}
-
-/// Why a stream failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum StreamError {
-    /// The connection is gone.
-    #[error("connection lost: {0}")]
-    ConnectionLost(String),
-    /// The peer reset or stopped the stream.
-    #[error("stream reset by peer (code {0})")]
-    Reset(u64),
-    /// The peer sent bytes that are not a valid frame.
-    #[error("peer sent an invalid frame: {0}")]
-    Frame(#[from] FrameError),
-    /// No progress for longer than the I/O timeout.
-    #[error("no progress for {0:?}")]
-    Timeout(Duration),
-}
 
 /// Makes client connections over one transport. The client driver calls it for its first
 /// connection and for every reconnection; each call runs the transport's handshake
@@ -128,41 +67,6 @@ pub struct Established {
     pub proof: PeerProof,
     /// The server's answer to our hello.
     pub ack: HelloAck,
-}
-
-/// What a peer proved of its identity during a transport's handshake.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PeerProof(pub(crate) ProofKind);
-
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) enum ProofKind {
-    /// The certificate chain the peer presented (leaf first), which TLS checked its
-    /// possession of; the driver verifies it against the trust bundle.
-    Chain(Vec<CertificateDer<'static>>),
-    /// Nobody proved anything: the identity is taken on trust.
-    Assumed(SpiffeId),
-}
-
-impl PeerProof {
-    /// The chain a TLS handshake received from the peer, leaf first.
-    pub fn chain(chain: Vec<CertificateDer<'static>>) -> Self {
-        Self(ProofKind::Chain(chain))
-    }
-
-    /// Takes `id` on trust, without any authentication: for a benchmark's plaintext
-    /// baseline only. A peer so "identified" is served as if it had proved to be `id`.
-    pub fn dangerous_assumed(id: SpiffeId) -> Self {
-        Self(ProofKind::Assumed(id))
-    }
-}
-
-impl fmt::Debug for PeerProof {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            ProofKind::Chain(c) => write!(f, "PeerProof::Chain({} certificates)", c.len()),
-            ProofKind::Assumed(id) => write!(f, "PeerProof::Assumed({id})"),
-        }
-    }
 }
 
 /// Accepts connections for the server driver, on one transport.

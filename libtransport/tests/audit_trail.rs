@@ -31,7 +31,7 @@ fn event(i: u64) -> AuditEvent {
         object: ObjectPath::new(&format!("train/shard-{i:04}.bin")).unwrap(),
         bytes: 1000 + i,
         root: Digest([i as u8; 32]),
-        path: libtransport::Path::Quic,
+        path: libtransport::TransferPath::Quic,
         outcome: libtransport::audit::Outcome::Complete,
         duration_ms: i,
     }

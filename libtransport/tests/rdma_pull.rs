@@ -10,7 +10,9 @@ use certs::test_util::TestPki;
 use libtransport::audit::{AuditEvent, Direction, Outcome};
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::test_util::{MemoryAudit, TestServer, identity, random_bytes, trace_init};
-use libtransport::{Client, ClientConfig, FetchOptions, Path, RdmaMode, TransportConfig};
+use libtransport::{
+    Client, ClientConfig, FetchOptions, Path, RdmaMode, TransferPath, TransportConfig,
+};
 
 fn transport(mode: RdmaMode) -> TransportConfig {
     let mut t = TransportConfig::default();
@@ -36,7 +38,7 @@ async fn client(pki: &TestPki, server: &TestServer, mode: RdmaMode) -> (Client, 
     (c, audit)
 }
 
-fn server_paths(server: &TestServer) -> Vec<Path> {
+fn server_paths(server: &TestServer) -> Vec<TransferPath> {
     server
         .audit
         .events()
@@ -77,7 +79,7 @@ async fn soft_rdma_pulls_end_byte_identical_in_files_and_memory() {
             .fetch_to_file(&scans, &object, &dest, &FetchOptions::default())
             .await
             .unwrap();
-        assert_eq!(report.path, Path::Rdma, "the pull used RDMA");
+        assert_eq!(report.path, TransferPath::Rdma, "the pull used RDMA");
         assert_eq!(report.fetched_bytes, *len as u64);
         assert!(std::fs::read(&dest).unwrap() == data, "file differs");
 
@@ -90,11 +92,11 @@ async fn soft_rdma_pulls_end_byte_identical_in_files_and_memory() {
     // The server names the path in its trail; so does the client.
     let paths = server_paths(&server);
     assert_eq!(paths.len(), 2 * SIZES.len(), "{paths:?}");
-    assert!(paths.iter().all(|p| *p == Path::Rdma), "{paths:?}");
+    assert!(paths.iter().all(|p| *p == TransferPath::Rdma), "{paths:?}");
     assert!(audit.events().iter().any(|e| matches!(
         e,
         AuditEvent::Transfer {
-            path: Path::Rdma,
+            path: TransferPath::Rdma,
             direction: Direction::In,
             outcome: Outcome::Complete,
             ..
@@ -125,9 +127,9 @@ async fn rdma_falls_back_to_quic_when_either_side_cannot() {
         .fetch_to_file(&scans, &object, &dest, &FetchOptions::default())
         .await
         .unwrap();
-    assert_eq!(report.path, Path::Quic);
+    assert_eq!(report.path, TransferPath::Quic);
     assert!(std::fs::read(&dest).unwrap() == data);
-    assert_eq!(server_paths(&off), vec![Path::Quic]);
+    assert_eq!(server_paths(&off), vec![TransferPath::Quic]);
 
     // A client on a machine without an RDMA device, set to use one when there is one: this
     // machine has none, so it never asks and uses QUIC.
@@ -145,14 +147,17 @@ async fn rdma_falls_back_to_quic_when_either_side_cannot() {
         .fetch_to_file(&scans, &object, &dest, &FetchOptions::default())
         .await
         .unwrap();
-    assert_eq!(report.path, Path::Quic);
+    assert_eq!(report.path, TransferPath::Quic);
     assert!(std::fs::read(&dest).unwrap() == data);
     let got = c
         .fetch(&scans, &object, u64::MAX, &FetchOptions::default())
         .await
         .unwrap();
     assert!(got == data);
-    assert_eq!(server_paths(&soft), vec![Path::Quic, Path::Quic]);
+    assert_eq!(
+        server_paths(&soft),
+        vec![TransferPath::Quic, TransferPath::Quic]
+    );
 
     // The control: the same pair with the client on the soft device does use RDMA.
     let (c, _) = client(&pki, &soft, RdmaMode::Soft).await;
@@ -165,7 +170,7 @@ async fn rdma_falls_back_to_quic_when_either_side_cannot() {
         )
         .await
         .unwrap();
-    assert_eq!(report.path, Path::Rdma);
+    assert_eq!(report.path, TransferPath::Rdma);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +210,7 @@ async fn a_resumed_pull_over_rdma_fetches_only_the_missing_chunks() {
         .fetch_to_file(&scans, &object, &dest, &FetchOptions::default())
         .await
         .unwrap();
-    assert_eq!(report.path, Path::Rdma);
+    assert_eq!(report.path, TransferPath::Rdma);
     assert_eq!(report.chunks_reused, 8);
     assert_eq!(report.chunks_fetched, 8);
     assert_eq!(report.fetched_bytes, 2 << 20);

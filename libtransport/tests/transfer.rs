@@ -156,12 +156,12 @@ async fn multi_shard_dataset_moves_byte_identical_over_quic_and_tcp() {
     for path in [Path::Quic, Path::Tcp] {
         let writes = transfers
             .iter()
-            .filter(|t| t.0 == Direction::In && t.1 == path && t.2 == Outcome::Complete)
+            .filter(|t| t.0 == Direction::In && t.1 == path.into() && t.2 == Outcome::Complete)
             .count();
         assert_eq!(writes, 2, "two pushes committed over {path}");
         let reads = transfers
             .iter()
-            .filter(|t| t.0 == Direction::Out && t.1 == path && t.3 == scans)
+            .filter(|t| t.0 == Direction::Out && t.1 == path.into() && t.3 == scans)
             .count();
         assert!(reads >= SHARDS.len() * 2, "reads over {path}: {reads}");
     }

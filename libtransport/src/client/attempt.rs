@@ -11,9 +11,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Attempt, Attempts, Connection, Next, after_attempt, renewals_stalled};
+use super::connection::Connection;
 use crate::error::{ConnectError, FetchError, PushError};
-use crate::proto::retry::RetryPolicy;
+use crate::proto::retry::{AttemptEnd, Attempts, MAX_STALLED_RENEWALS, Next, RetryPolicy};
 
 /// Which transfer runs, for its log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,16 @@ impl Kind {
             Self::Push => tracing::warn!(error = %error, attempt, "push interrupted; resuming"),
         }
     }
+}
+
+/// How one attempt of a transfer ended, when not with an error.
+#[derive(Debug)]
+pub(super) enum Attempt<T> {
+    /// The transfer is complete.
+    Done(T),
+    /// The connection became due for renewal between chunks: the chunks in flight finished,
+    /// the others wait for the next attempt, on a fresh connection.
+    Renew,
 }
 
 /// How one attempt ended: the state it hands on, the connection it used (none if it got
@@ -135,4 +145,30 @@ where
             Next::GiveUp => return Err(error.unwrap_or_else(|| renewals_stalled().into())),
         }
     }
+}
+
+/// Decides what a transfer does after an attempt that ended for a renewal (`failed` none)
+/// or failed (`failed`: whether its error is retriable). A retriable failure on a connection
+/// that ended with its credentials (`used`) counts as a renewal too.
+fn after_attempt(
+    attempts: &mut Attempts,
+    failed: Option<bool>,
+    used: Option<&Connection>,
+    progress: u64,
+) -> Next {
+    let end = match failed {
+        None => AttemptEnd::Renewal,
+        Some(retriable) => AttemptEnd::Failed {
+            retriable,
+            credentials_ended: used.is_some_and(Connection::ended_by_credentials),
+        },
+    };
+    attempts.next(end, progress)
+}
+
+/// The error of a transfer whose connections kept needing renewal without progress.
+fn renewals_stalled() -> ConnectError {
+    ConnectError::Lost(format!(
+        "the connection was renewed {MAX_STALLED_RENEWALS} times without a chunk getting through"
+    ))
 }

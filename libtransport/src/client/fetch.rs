@@ -19,26 +19,29 @@ use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 use tokio::task::JoinSet;
 
-use super::attempt::{self, Kind, Ran};
+use super::attempt::{self, Attempt, Kind, Ran};
+use super::connection::Connection;
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
-use super::{Attempt, Client, Connection, FetchOptions, remote, unexpected};
-use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
+use super::reply::{next_data, unexpected};
+use super::{Client, FetchOptions};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{FetchError, RequestError};
 use crate::proto::{
-    ChunkError, ChunkIndex, DatasetName, Digest, FrameKind, Manifest, ObjectPath, Request,
-    Response, TransferId,
+    ChunkError, ChunkIndex, DatasetName, Digest, Manifest, ObjectPath, Request, Response,
+    TransferId,
 };
 use crate::store::{ChunkWriter, PartialFile, WriteError};
-use crate::transport::{FrameSource, Path};
+use crate::transport::FrameSource;
+use crate::vocab::{Direction, Outcome, TransferPath};
 
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FetchReport {
     /// The server that served it.
     pub server: SpiffeId,
-    /// The transport used.
-    pub path: Path,
+    /// How the bytes moved: over the connection's transport, or by RDMA.
+    pub path: TransferPath,
     /// Object size.
     pub size: u64,
     /// Bytes received over the network (less than `size` when resuming).
@@ -108,7 +111,11 @@ impl Client {
         let first_reuse = done.state.0;
         let report = FetchReport {
             server: conn.peer.id.clone(),
-            path: conn.peer.path.or_rdma(rdma),
+            path: if rdma {
+                TransferPath::Rdma
+            } else {
+                conn.peer.path.into()
+            },
             size: manifest.size(),
             fetched_bytes: fetched.load(Ordering::Relaxed),
             chunks: manifest.chunk_count(),
@@ -677,19 +684,6 @@ async fn request_chunk(
     let mut s = conn.open(&req).await?;
     s.sink.finish();
     Ok(s.source)
-}
-
-pub(super) async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>, RequestError> {
-    let frame = source
-        .recv()
-        .await?
-        .ok_or_else(|| RequestError::Protocol("stream ended before End".into()))?;
-    match frame.kind {
-        FrameKind::Data => Ok(Some(frame.payload)),
-        FrameKind::End => Ok(None),
-        FrameKind::Error => Err(remote(&frame)),
-        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
-    }
 }
 
 /// Reads one chunk into its place in the partial file. A stream reset in the middle of it

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::Connection;
+use super::connection::Connection;
 use crate::clock::Clock;
 
 /// "Next allowed start" arithmetic for one rate.

@@ -16,18 +16,20 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use certs::SpiffeId;
 
-use super::attempt::{self, Kind, Ran};
+use super::attempt::{self, Attempt, Kind, Ran};
+use super::connection::Connection;
 use super::fetch::run_workers;
 use super::pace::{Gate, Pace};
-use super::{Attempt, Client, Connection, PushOptions, response, unexpected};
-use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
+use super::reply::{response, unexpected};
+use super::{Client, PushOptions};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
 use crate::proto::{
     ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request, Response,
     TransferId,
 };
-use crate::transport::Path;
+use crate::vocab::{Direction, Outcome, Path};
 
 /// What a push did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -206,7 +208,7 @@ impl Client {
                 object: object.clone(),
                 bytes: report.sent_bytes,
                 root,
-                path: conn.peer.path,
+                path: conn.peer.path.into(),
                 outcome: Outcome::Complete,
                 duration_ms: report.elapsed.as_millis() as u64,
             },

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::{Client, Connection, response, unexpected};
+use super::Client;
+use super::connection::Connection;
+use super::reply::{next_data, response, unexpected};
 use crate::config::RdmaMode;
 use crate::error::{FetchError, RequestError};
 use crate::proto::rdma::{DeviceKind, MAX_SLOTS, RdmaControl, RdmaOffer};
@@ -34,7 +36,8 @@ use crate::store::{ChunkWriter, PartialFile, WriteError};
 use crate::transport::rdma::local_ip;
 use crate::transport::rdma::soft::{SoftConfig, SoftVerbs};
 use crate::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
-use crate::transport::{Path, rdma_keys};
+use crate::transport::rdma_keys;
+use crate::vocab::Path;
 
 /// Most slots in a receive ring.
 const RING_SLOTS: usize = 16;
@@ -223,7 +226,7 @@ impl Session<'_> {
             .await
             .map_err(RequestError::from)?;
         s.sink.finish();
-        match super::fetch::next_data(&mut s.source).await? {
+        match next_data(&mut s.source).await? {
             None => Ok(true),
             Some(_) => Err(RequestError::Protocol("data on an RDMA control stream".into()).into()),
         }
@@ -471,13 +474,6 @@ pub(super) fn counting(fetched: Arc<AtomicU64>, then: Option<OnChunk>) -> OnChun
             f(n);
         }
     })
-}
-
-impl Path {
-    /// The path a pull reports: RDMA if its chunks moved that way.
-    pub(super) fn or_rdma(self, rdma: bool) -> Self {
-        if rdma { Self::Rdma } else { self }
-    }
 }
 
 #[cfg(test)]

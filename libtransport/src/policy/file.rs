@@ -31,8 +31,8 @@ use std::ops::Range;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::Action;
 use super::rules::{ClassDeclaration, DataClass, Effect, Pattern, Policy, Rule, Subject};
+use crate::vocab::Action;
 
 impl Policy {
     /// Parses a policy file. Errors name the line they are about.

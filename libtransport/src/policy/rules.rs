@@ -17,7 +17,8 @@ use std::fmt;
 use certs::SpiffeId;
 use globset::{Glob, GlobBuilder, GlobMatcher};
 
-use super::{Access, Action, Authorizer, Decision};
+use super::{Access, Authorizer, Decision};
+use crate::vocab::Action;
 
 /// Why a subject, a pattern or a set of rules was refused ([`Subject::parse`],
 /// [`Pattern::new`], [`Policy::new`]).

@@ -6,8 +6,9 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::manifest::{ChunkIndex, ChunkSet, Digest, Manifest, ManifestError};
-use super::name::{DatasetName, NameError, ObjectPath};
+pub use super::decode::DecodeError;
+use super::manifest::{ChunkIndex, ChunkSet, Digest, Manifest};
+use super::name::{DatasetName, ObjectPath};
 
 /// The client's opening message: the protocol versions it speaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -644,42 +645,6 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
-/// Why a payload could not be decoded. Every variant means the bytes are wrong (a frame
-/// payload is always complete), so the peer misbehaved.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// The payload ended early.
-    #[error("message is truncated")]
-    Truncated,
-    /// Bytes were left after the message.
-    #[error("message has {0} trailing bytes")]
-    Trailing(usize),
-    /// An unknown tag or variant.
-    #[error("unknown tag {0}")]
-    Tag(u8),
-    /// The hello does not start with our magic.
-    #[error("hello does not carry the transportd magic")]
-    Magic,
-    /// A string was not UTF-8.
-    #[error("string is not UTF-8")]
-    Utf8,
-    /// A string or list longer than allowed.
-    #[error("field of {len} exceeds the limit of {max}")]
-    TooLong {
-        /// Claimed length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// An invalid dataset name or object path.
-    #[error("invalid name: {0}")]
-    Name(#[from] NameError),
-    /// An invalid manifest or chunk set.
-    #[error("invalid manifest: {0}")]
-    Manifest(#[from] ManifestError),
-}
-
 fn put_str(b: &mut BytesMut, s: &str) {
     // Every string we send is a validated name or prefix, bounded far below u16::MAX.
     let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
@@ -782,6 +747,7 @@ mod tests {
     use super::*;
     use crate::proto::frame::FrameKind;
     use crate::proto::manifest::MIN_CHUNK_BYTES;
+    use crate::proto::name::NameError;
 
     fn dataset() -> impl Strategy<Value = DatasetName> {
         "[a-z0-9][a-z0-9._-]{0,20}".prop_map(|s| DatasetName::new(&s).unwrap())

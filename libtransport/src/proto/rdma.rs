@@ -14,7 +14,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::message::DecodeError;
+use super::decode::DecodeError;
 
 /// What a receiver offers when it asks for an RDMA session.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,14 +7,15 @@ use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use super::{Shared, record, record_or_refuse};
-use crate::audit::{AuditEvent, DecisionKind, Direction, Outcome};
+use super::shared::{Shared, record, record_or_refuse};
+use crate::audit::AuditEvent;
 use crate::identity::Peer;
 use crate::metrics::ConnectionGuard;
-use crate::policy::{Access, Action, Decision};
+use crate::policy::{Access, Decision};
 use crate::proto::{DatasetName, Digest, ErrorCode, Manifest, ObjectPath, TransferId};
 use crate::store::{ObjectReader, ObjectWriter};
 use crate::transport::Connection;
+use crate::vocab::{Action, DecisionKind, Direction, Outcome, TransferPath};
 
 /// One connection's state, shared by its request tasks.
 #[derive(Debug)]
@@ -149,7 +150,7 @@ impl ConnCtx {
                 object: object.clone(),
                 size: manifest.size(),
                 root: manifest.root(),
-                path: self.peer.path,
+                path: self.peer.path.into(),
             },
         )?;
         let mut t = self.lock();
@@ -190,9 +191,9 @@ impl ConnCtx {
         let direction = t.kind.direction();
         let bytes = t.bytes.load(Ordering::Relaxed);
         let path = if t.rdma.load(Ordering::Relaxed) {
-            crate::transport::Path::Rdma
+            TransferPath::Rdma
         } else {
-            self.peer.path
+            self.peer.path.into()
         };
         let elapsed = self
             .shared

@@ -10,16 +10,17 @@ use bytes::Bytes;
 use tracing::{debug, trace};
 
 use super::conn::{ConnCtx, Transfer, TransferKind};
-use crate::audit::{AuditEvent, Outcome};
-use crate::policy::Action;
+use super::failure::{Failure, store_code};
+use super::shared::record_or_refuse;
+use crate::audit::AuditEvent;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
 use crate::proto::{
     ChunkIndex, DecodeError, ErrorCode, Frame, FrameKind, Request, Response, TransferId,
 };
-use crate::server::record_or_refuse;
 use crate::store::{ChunkWriter, StoreError, WriteError};
-use crate::transport::{FrameSink, FrameSource, RequestStream, StreamError};
+use crate::transport::{FrameSink, FrameSource, RequestStream};
+use crate::vocab::{Action, Outcome};
 
 /// Serves one request stream to its end.
 pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: RequestStream) {
@@ -66,30 +67,6 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
             if stream.sink.send_error(ErrorCode::Cancelled).await.is_ok() {
                 stream.sink.finish_delivered().await;
             }
-        }
-    }
-}
-
-/// Why a request did not complete.
-pub(crate) enum Failure {
-    /// Tell the peer.
-    Code(ErrorCode),
-    /// The stream itself is gone; nothing to tell.
-    Stream(StreamError),
-}
-
-impl From<ErrorCode> for Failure {
-    fn from(c: ErrorCode) -> Self {
-        Self::Code(c)
-    }
-}
-
-impl From<StreamError> for Failure {
-    /// A frame the peer got wrong is answered with a code; a broken stream is not.
-    fn from(e: StreamError) -> Self {
-        match e {
-            StreamError::Frame(f) => Self::Code(f.code()),
-            other => Self::Stream(other),
         }
     }
 }
@@ -370,20 +347,6 @@ where
         .await
         .map_err(|_| ErrorCode::Internal)?
         .map_err(store_code)
-}
-
-pub(crate) fn store_code(e: StoreError) -> ErrorCode {
-    match e {
-        StoreError::NotFound => ErrorCode::NotFound,
-        StoreError::Conflict => ErrorCode::Conflict,
-        StoreError::Corrupt => ErrorCode::Corrupt,
-        StoreError::Manifest(_) => ErrorCode::TooLarge,
-        StoreError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => ErrorCode::NoSpace,
-        other => {
-            tracing::warn!(error = %other, "store failure");
-            ErrorCode::Internal
-        }
-    }
 }
 
 fn write_code(e: WriteError) -> ErrorCode {

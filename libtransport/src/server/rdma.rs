@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tracing::{debug, info};
 
 use super::conn::{ConnCtx, Transfer, TransferKind};
-use super::handler::{Failure, store_code};
+use super::failure::{Failure, store_code};
 use crate::config::RdmaMode;
 use crate::proto::rdma::{DeviceKind, RdmaControl, RdmaOffer};
 use crate::proto::seal::{Direction, HEADER_LEN, KeyLimits, Placement, Sealer, sealed_len};
@@ -44,7 +44,7 @@ pub(crate) async fn serve(
     };
     // RDMA sessions are offered on QUIC connections only, whose control streams carry
     // the grants.
-    if ctx.peer.path != crate::transport::Path::Quic {
+    if ctx.peer.path != crate::vocab::Path::Quic {
         return Err(ErrorCode::NoRdma.into());
     }
     let conn = ctx.conn.clone();

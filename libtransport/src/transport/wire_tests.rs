@@ -15,8 +15,9 @@ use crate::identity::FailureSlot;
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{DatasetName, ErrorCode, Frame, FrameKind, ObjectPath, Request, Response};
 use crate::test_util::{TestServer, client_config, identity, trace_init};
+use crate::transport::mux;
 use crate::transport::quic::QuicConnector;
-use crate::transport::{Path, mux};
+use crate::vocab::Path;
 
 const CANARY: &[u8] = b"PHI-CANARY-9d2e";
 

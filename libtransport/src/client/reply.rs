@@ -1,0 +1,53 @@
+//! Reading what a server answers on a request stream: one response, a read's data frames,
+//! and the errors both may carry.
+
+use bytes::Bytes;
+
+use crate::error::RequestError;
+use crate::proto::{ErrorCode, Frame, FrameKind, Response};
+use crate::transport::FrameSource;
+
+/// Reads one `Response` (or `Error`) frame.
+pub(super) async fn response(source: &mut FrameSource) -> Result<Response, RequestError> {
+    let frame = source
+        .recv()
+        .await?
+        .ok_or_else(|| RequestError::Protocol("stream ended without a response".into()))?;
+    match frame.kind {
+        FrameKind::Response => {
+            Response::decode(&frame.payload).map_err(|e| RequestError::Protocol(e.to_string()))
+        }
+        FrameKind::Error => Err(remote(&frame)),
+        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+    }
+}
+
+/// The error an `Error` frame carries.
+fn remote(frame: &Frame) -> RequestError {
+    match ErrorCode::decode(&frame.payload) {
+        Ok(code) => RequestError::Remote(code),
+        Err(e) => RequestError::Protocol(format!("malformed error frame: {e}")),
+    }
+}
+
+/// A response the request does not take.
+pub(super) fn unexpected(r: &Response) -> RequestError {
+    RequestError::Protocol(format!(
+        "unexpected response {:?}",
+        std::mem::discriminant(r)
+    ))
+}
+
+/// Reads one `Data` frame of a read: `None` at its `End`.
+pub(super) async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>, RequestError> {
+    let frame = source
+        .recv()
+        .await?
+        .ok_or_else(|| RequestError::Protocol("stream ended before End".into()))?;
+    match frame.kind {
+        FrameKind::Data => Ok(Some(frame.payload)),
+        FrameKind::End => Ok(None),
+        FrameKind::Error => Err(remote(&frame)),
+        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+    }
+}

@@ -1,0 +1,38 @@
+//! What every connection of a server shares, and recording to its audit trail.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio::sync::{Semaphore, watch};
+
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::config::ServerConfig;
+use crate::proto::ErrorCode;
+
+/// What every connection of a server shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(super) slots: Arc<Semaphore>,
+    pub(super) next_conn: AtomicU64,
+    /// Flips to true on shutdown: accept no more connections or requests.
+    pub(super) stop: watch::Sender<bool>,
+}
+
+/// Records an event; a failure is counted and logged by the sink.
+pub(crate) fn record(shared: &Shared, event: AuditEvent) {
+    let _ = record_or_refuse(shared, event);
+}
+
+/// Records an event that work depends on: if it cannot be written, the work is refused.
+pub(crate) fn record_or_refuse(shared: &Shared, event: AuditEvent) -> Result<(), ErrorCode> {
+    let record = AuditRecord {
+        time: shared.config.clock.now(),
+        event,
+    };
+    shared.config.audit.record(&record).map_err(|e| {
+        shared.config.metrics.audit_error();
+        tracing::debug!(error = %e, "audit record not written");
+        ErrorCode::AuditUnavailable
+    })
+}
