@@ -29,7 +29,7 @@ use certs::Usage;
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::clock::Clock;
 use crate::config::ClientConfig;
-use crate::error::{ConnectError, RequestError};
+use crate::error::{ConnectError, LocalFailure, LostReason, ProtocolViolation, RequestError};
 use crate::identity::{
     CREDENTIALS_CHECK_INTERVAL, CredentialsEnd, IdentityHandle, Peer, peer_credentials_end,
     renewal_margin, verify_peer,
@@ -84,13 +84,11 @@ impl Client {
         let connector: Arc<dyn Connector> = match path {
             Path::Quic => Arc::new(
                 QuicConnector::new(addr, identity, server_id, clock, transport)
-                    .map_err(|e| ConnectError::Local(format!("UDP socket: {e}")))?,
+                    .map_err(|e| ConnectError::Local(LocalFailure::UdpSocket(e)))?,
             ),
             Path::Tcp => Arc::new(TlsTcpConnector::new(identity, server_id, clock, transport)),
             Path::Rdma => {
-                return Err(ConnectError::Local(
-                    "RDMA carries transfers over a QUIC connection: connect with Path::Quic and enable TransportConfig::rdma".into(),
-                ));
+                return Err(ConnectError::Local(LocalFailure::RdmaPath));
             }
         };
         Self::connect_with(config, addr, connector).await
@@ -134,7 +132,7 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| ConnectError::Local("no path to try".into())))
+        Err(last.unwrap_or_else(|| ConnectError::Local(LocalFailure::NoPath)))
     }
 
     /// The server, as authenticated by its SVID.
@@ -219,7 +217,9 @@ impl Client {
         self.connection()
             .await
             .map_err(|e| {
-                RequestError::Stream(transport::StreamError::ConnectionLost(e.to_string()))
+                RequestError::Stream(transport::StreamError::ConnectionLost(
+                    transport::LostConnection::new(transport::LostKind::Reconnect(Arc::new(e))),
+                ))
             })?
             .call(req)
             .await
@@ -397,9 +397,7 @@ pub(crate) fn after_attempt(
 
 /// The error of a transfer whose connections kept needing renewal without progress.
 pub(crate) fn renewals_stalled() -> ConnectError {
-    ConnectError::Lost(format!(
-        "the connection was renewed {MAX_STALLED_RENEWALS} times without a chunk getting through"
-    ))
+    ConnectError::Lost(LostReason::RenewalsStalled(MAX_STALLED_RENEWALS))
 }
 
 /// One established, authenticated connection.
@@ -517,27 +515,27 @@ pub(crate) async fn response(source: &mut FrameSource) -> Result<Response, Reque
     let frame = source
         .recv()
         .await?
-        .ok_or_else(|| RequestError::Protocol("stream ended without a response".into()))?;
+        .ok_or(RequestError::Protocol(ProtocolViolation::NoResponse))?;
     match frame.kind {
-        FrameKind::Response => {
-            Response::decode(&frame.payload).map_err(|e| RequestError::Protocol(e.to_string()))
-        }
+        FrameKind::Response => Response::decode(&frame.payload)
+            .map_err(|e| RequestError::Protocol(ProtocolViolation::Decode(e))),
         FrameKind::Error => Err(remote(&frame)),
-        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+        k => Err(RequestError::Protocol(ProtocolViolation::UnexpectedFrame(
+            k,
+        ))),
     }
 }
 
 pub(crate) fn remote(frame: &Frame) -> RequestError {
     match ErrorCode::decode(&frame.payload) {
         Ok(code) => RequestError::Remote(code),
-        Err(e) => RequestError::Protocol(format!("malformed error frame: {e}")),
+        Err(e) => RequestError::Protocol(ProtocolViolation::MalformedError(e)),
     }
 }
 
 pub(crate) fn unexpected(r: &Response) -> RequestError {
-    RequestError::Protocol(format!(
-        "unexpected response {:?}",
-        std::mem::discriminant(r)
+    RequestError::Protocol(ProtocolViolation::UnexpectedResponse(
+        std::mem::discriminant(r),
     ))
 }
 

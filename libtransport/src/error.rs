@@ -13,8 +13,9 @@ use std::time::Duration;
 use certs::SvidError;
 
 use crate::proto::connection::HelloError;
-use crate::proto::{ChunkIndex, ErrorCode, ManifestError};
-use crate::transport::StreamError;
+use crate::proto::{ChunkIndex, DecodeError, ErrorCode, FrameKind, ManifestError, Response};
+use crate::transport::rdma::verbs::{CompletionError, CompletionKind, VerbsError};
+use crate::transport::{LostConnection, QuicClose, StreamError};
 
 /// Why a connection could not be established.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +45,7 @@ pub enum ConnectError {
     Rejected(Rejection),
     /// The TLS handshake failed for another reason.
     #[error("TLS handshake failed: {0}")]
-    Tls(String),
+    Tls(#[source] TlsFailure),
     /// The server is at its connection limit.
     #[error("the node is at its connection limit; retry later")]
     Busy,
@@ -53,10 +54,94 @@ pub enum ConnectError {
     Version,
     /// The connection ended during set-up.
     #[error("connection lost during set-up: {0}")]
-    Lost(String),
+    Lost(#[source] LostReason),
     /// Local set-up failed (sockets, TLS configuration).
     #[error("local set-up failed: {0}")]
-    Local(String),
+    Local(#[source] LocalFailure),
+}
+
+/// Why a TLS handshake failed, when the server neither refused us nor was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The handshake finished without the server agreeing on our ALPN.
+    #[error("server did not agree on our ALPN")]
+    Alpn,
+    /// rustls failed the handshake.
+    #[error("{0}")]
+    Rustls(#[source] rustls::Error),
+    /// The QUIC connection ended during the handshake.
+    #[error("{detail}")]
+    Quic {
+        /// How it ended.
+        close: QuicClose,
+        /// QUIC's account of it, for a person.
+        detail: String,
+    },
+    /// The TCP stream failed during the handshake.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+}
+
+/// Why a connection ended during set-up (after the network let us reach the server).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The handshake did not finish before QUIC's idle timeout.
+    #[error("handshake timed out")]
+    HandshakeTimedOut,
+    /// The server closed the connection before answering our hello.
+    #[error("server closed the connection")]
+    ServerClosed,
+    /// The server closed the hello stream without answering.
+    #[error("server closed the hello stream")]
+    HelloStream,
+    /// The server's answer to our hello opened no usable connection.
+    #[error("{0}")]
+    Hello(#[source] HelloError),
+    /// The hello stream failed.
+    #[error("{0}")]
+    Stream(#[source] StreamError),
+    /// The connection ended before the hello stream opened.
+    #[error("{0}")]
+    Connection(LostConnection),
+    /// The byte stream failed during the TLS handshake or the hello (TLS/TCP).
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// Connections kept being renewed without a chunk getting through: the transfer
+    /// gave up after this many renewals.
+    #[error("the connection was renewed {0} times without a chunk getting through")]
+    RenewalsStalled(u32),
+}
+
+/// Why set-up failed on this side, before or beside the network.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalFailure {
+    /// The UDP socket for QUIC could not be opened.
+    #[error("UDP socket: {0}")]
+    UdpSocket(#[source] io::Error),
+    /// Our TLS configuration could not be built (from our credentials).
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    /// The transport's configuration could not be built, or its endpoint refused to
+    /// start the connection.
+    #[error("{0}")]
+    Transport(#[source] io::Error),
+    /// The server name we verify is not a valid DNS name.
+    #[error("{0}")]
+    ServerName(#[source] rustls::pki_types::InvalidDnsNameError),
+    /// The blocking client's runtime could not be started.
+    #[error("runtime: {0}")]
+    Runtime(#[source] io::Error),
+    /// `Path::Rdma` was asked of `connect`: RDMA runs over a QUIC connection.
+    #[error(
+        "RDMA carries transfers over a QUIC connection: connect with Path::Quic and enable TransportConfig::rdma"
+    )]
+    RdmaPath,
+    /// No path was given to try.
+    #[error("no path to try")]
+    NoPath,
 }
 
 impl From<HelloError> for ConnectError {
@@ -64,7 +149,7 @@ impl From<HelloError> for ConnectError {
         match e {
             HelloError::Busy => Self::Busy,
             HelloError::Version => Self::Version,
-            other => Self::Lost(other.to_string()),
+            other => Self::Lost(LostReason::Hello(other)),
         }
     }
 }
@@ -160,7 +245,63 @@ pub enum RequestError {
     Stream(#[from] StreamError),
     /// The server sent something the protocol does not allow.
     #[error("server broke the protocol: {0}")]
-    Protocol(String),
+    Protocol(#[source] ProtocolViolation),
+}
+
+/// What the server sent that the protocol does not allow.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// A `Response` frame did not decode.
+    #[error("{0}")]
+    Decode(#[source] DecodeError),
+    /// An `Error` frame's code did not decode.
+    #[error("malformed error frame: {0}")]
+    MalformedError(#[source] DecodeError),
+    /// A frame of a kind the stream does not carry at this point.
+    #[error("unexpected {0:?} frame")]
+    UnexpectedFrame(FrameKind),
+    /// A response that does not answer the request (which of `Response`'s variants).
+    #[error("unexpected response {0:?}")]
+    UnexpectedResponse(std::mem::Discriminant<Response>),
+    /// The stream ended before its response.
+    #[error("stream ended without a response")]
+    NoResponse,
+    /// The stream ended before its `End` frame.
+    #[error("stream ended before End")]
+    StreamEndedEarly,
+    /// The server's set of chunks it holds is not the size of the manifest's.
+    #[error("chunk set does not match the manifest")]
+    ChunkSetMismatch,
+    /// The server committed an object of another root hash than the manifest's.
+    #[error("server committed another root than the manifest's")]
+    WrongRoot,
+    /// A chunk index past the object's last chunk.
+    #[error("chunk {0} outside the object")]
+    ChunkOutsideObject(ChunkIndex),
+    /// Data frames on an RDMA session's control stream.
+    #[error("data on an RDMA control stream")]
+    RdmaControlData,
+    /// The RDMA session's control stream closed while chunks were being granted.
+    #[error("the control stream closed")]
+    RdmaControlClosed,
+    /// The peer wrote into a ring slot we had not granted.
+    #[error("a write into a slot that was not granted")]
+    UngrantedSlot,
+    /// A completion that is not a granted write, or a failed one.
+    #[error("RDMA completion {kind:?}: {status:?}")]
+    RdmaCompletion {
+        /// What completed.
+        kind: CompletionKind,
+        /// Whether it succeeded.
+        status: Result<(), CompletionError>,
+    },
+    /// Polling the RDMA device for completions failed.
+    #[error("RDMA session failed: {0}")]
+    RdmaSession(#[source] VerbsError),
+    /// Re-posting a receive on the RDMA device failed.
+    #[error("re-posting a receive: {0}")]
+    RdmaRepost(#[source] VerbsError),
 }
 
 impl RequestError {
@@ -229,7 +370,44 @@ pub enum FetchError {
     Local(#[from] io::Error),
     /// RDMA was required (`TransportConfig::rdma_required`) but cannot be used.
     #[error("RDMA is required but cannot be used: {0}")]
-    NoRdma(String),
+    NoRdma(#[source] NoRdmaReason),
+}
+
+/// Why a pull cannot use RDMA.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NoRdmaReason {
+    /// No RDMA device was found on this machine (or RDMA support is not built in).
+    #[error("no RDMA device")]
+    NoDevice,
+    /// A paced pull moves by stream reads: RDMA chunks are not paced.
+    #[error("a paced pull (max_rate) moves by stream reads, not RDMA")]
+    PacedPull,
+    /// The connection is not QUIC (RDMA's control stream runs over QUIC).
+    #[error("RDMA needs a QUIC connection")]
+    NeedsQuic,
+    /// The server cannot use RDMA for this transfer.
+    #[error("the server cannot use RDMA for this transfer")]
+    ServerRefused,
+    /// The RDMA device could not be opened.
+    #[error("RDMA device unavailable ({0})")]
+    DeviceUnavailable(#[source] VerbsError),
+    /// The software RDMA device (`RdmaMode::Soft`) could not be opened.
+    #[error("soft RDMA device unavailable ({0})")]
+    SoftDeviceUnavailable(#[source] VerbsError),
+    /// The RDMA connection to the server's device failed.
+    #[error("RDMA connection failed ({0})")]
+    ConnectFailed(#[source] VerbsError),
+}
+
+impl NoRdmaReason {
+    /// What a pull that may fall back does instead, for the notice it logs.
+    pub(crate) fn fallback(&self) -> &'static str {
+        match self {
+            Self::NeedsQuic => "using TLS over TCP",
+            _ => "using QUIC",
+        }
+    }
 }
 
 impl FetchError {
@@ -272,5 +450,171 @@ impl PushError {
             Self::Connect(c) => c.is_retriable(),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::proto::Frame;
+    use crate::proto::connection::{ServerHello, handle_answer};
+    use crate::transport::{BoxFuture, FrameSource, LostKind, RecvFrames};
+
+    /// A stream that yields `frames`, then ends.
+    #[derive(Debug)]
+    struct Frames(VecDeque<Frame>);
+
+    impl RecvFrames for Frames {
+        fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>, StreamError>> {
+            Box::pin(async move { Ok(self.0.pop_front()) })
+        }
+    }
+
+    async fn response_to(frames: Vec<Frame>) -> Result<Response, RequestError> {
+        let mut source = FrameSource::new(Box::new(Frames(frames.into())), Duration::from_secs(5));
+        crate::client::response(&mut source).await
+    }
+
+    fn frame(kind: FrameKind, payload: &'static [u8]) -> Frame {
+        Frame::new(kind, 1, Bytes::from_static(payload))
+    }
+
+    #[test]
+    fn a_hello_answered_by_another_frame_is_a_typed_loss() {
+        let data = frame(FrameKind::Data, b"");
+        let e = ConnectError::from(handle_answer(&data).unwrap_err());
+        assert!(
+            matches!(
+                e,
+                ConnectError::Lost(LostReason::Hello(HelloError::Unexpected(FrameKind::Data)))
+            ),
+            "{e:?}"
+        );
+        assert!(e.is_retriable() && !e.is_network());
+        assert_eq!(
+            e.to_string(),
+            "connection lost during set-up: unexpected Data frame instead of hello answer"
+        );
+        // Busy and Version keep variants of their own.
+        let busy = ConnectError::from(handle_answer(&ServerHello::busy()).unwrap_err());
+        assert!(matches!(busy, ConnectError::Busy), "{busy:?}");
+    }
+
+    #[tokio::test]
+    async fn responses_that_break_the_protocol_say_how() {
+        let e = response_to(vec![frame(FrameKind::Response, b"\xff")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RequestError::Protocol(ProtocolViolation::Decode(DecodeError::Tag(0xff)))
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "server broke the protocol: unknown tag 255");
+        assert!(!e.is_retriable());
+
+        let e = response_to(vec![frame(FrameKind::End, b"")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RequestError::Protocol(ProtocolViolation::UnexpectedFrame(FrameKind::End))
+            ),
+            "{e:?}"
+        );
+
+        let e = response_to(vec![frame(FrameKind::Error, b"")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RequestError::Protocol(ProtocolViolation::MalformedError(DecodeError::Truncated))
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "server broke the protocol: malformed error frame: message is truncated"
+        );
+
+        let e = response_to(vec![]).await.unwrap_err();
+        assert!(
+            matches!(e, RequestError::Protocol(ProtocolViolation::NoResponse)),
+            "{e:?}"
+        );
+
+        let closed = Frame::new(FrameKind::Response, 1, Response::Closed.encode());
+        assert!(matches!(
+            response_to(vec![closed]).await,
+            Ok(Response::Closed)
+        ));
+    }
+
+    #[test]
+    fn a_failed_reconnect_is_a_lost_connection_that_keeps_its_cause() {
+        let e = RequestError::Stream(StreamError::ConnectionLost(LostConnection::new(
+            LostKind::Reconnect(Arc::new(ConnectError::Busy)),
+        )));
+        assert!(e.is_connection() && e.is_retriable());
+        assert_eq!(
+            e.to_string(),
+            "connection lost: the node is at its connection limit; retry later"
+        );
+        let RequestError::Stream(StreamError::ConnectionLost(lost)) = &e else {
+            unreachable!()
+        };
+        assert!(matches!(&lost.kind, LostKind::Reconnect(c) if matches!(**c, ConnectError::Busy)));
+        // A transport's words stand in for the kind's.
+        let quic = LostConnection::with_detail(LostKind::Quic(QuicClose::TimedOut), "timed out");
+        assert_eq!(quic.to_string(), "timed out");
+        assert_eq!(
+            LostConnection::new(LostKind::Closed).to_string(),
+            "connection closed"
+        );
+    }
+
+    #[test]
+    fn typed_set_up_failures_keep_their_words_and_retriability() {
+        let alpn = ConnectError::Tls(TlsFailure::Alpn);
+        assert_eq!(
+            alpn.to_string(),
+            "TLS handshake failed: server did not agree on our ALPN"
+        );
+        assert!(!alpn.is_retriable());
+        let tls = ConnectError::Tls(TlsFailure::Rustls(rustls::Error::HandshakeNotComplete));
+        assert!(!tls.is_retriable());
+        let local = ConnectError::Local(LocalFailure::NoPath);
+        assert_eq!(local.to_string(), "local set-up failed: no path to try");
+        assert!(!local.is_retriable());
+        let timed_out = ConnectError::Lost(LostReason::HandshakeTimedOut);
+        assert!(timed_out.is_retriable() && !timed_out.is_network());
+        assert_eq!(
+            timed_out.to_string(),
+            "connection lost during set-up: handshake timed out"
+        );
+        // A TLS alert of a QUIC close is at hand.
+        assert_eq!(QuicClose::ConnectionClosed(0x12a).alert(), Some(0x2a));
+        assert_eq!(QuicClose::ApplicationClosed(0x12a).alert(), None);
+    }
+
+    #[test]
+    fn no_rdma_says_why_and_is_final() {
+        let e = FetchError::NoRdma(NoRdmaReason::NeedsQuic);
+        assert!(!e.is_retriable());
+        assert_eq!(
+            e.to_string(),
+            "RDMA is required but cannot be used: RDMA needs a QUIC connection"
+        );
+        assert_eq!(NoRdmaReason::NeedsQuic.fallback(), "using TLS over TCP");
+        assert_eq!(NoRdmaReason::NoDevice.fallback(), "using QUIC");
     }
 }

@@ -88,7 +88,7 @@ impl std::str::FromStr for Path {
 pub enum StreamError {
     /// The connection is gone.
     #[error("connection lost: {0}")]
-    ConnectionLost(String),
+    ConnectionLost(LostConnection),
     /// The peer reset or stopped the stream.
     #[error("stream reset by peer (code {0})")]
     Reset(u64),
@@ -98,6 +98,125 @@ pub enum StreamError {
     /// No progress for longer than the I/O timeout.
     #[error("no progress for {0:?}")]
     Timeout(Duration),
+}
+
+/// Why a stream's connection is gone: a kind to match on and, where the transport gave
+/// one, its account in words.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LostConnection {
+    /// What ended it.
+    pub kind: LostKind,
+    /// The transport's own account, for a person (a QUIC close in words, the I/O failure
+    /// that ended a TLS/TCP connection); shown instead of the kind's words when present.
+    pub detail: Option<String>,
+}
+
+impl LostConnection {
+    /// A loss of `kind`, described by the kind alone.
+    pub fn new(kind: LostKind) -> Self {
+        Self { kind, detail: None }
+    }
+
+    /// A loss of `kind`, described by `detail` (text for a person).
+    pub fn with_detail(kind: LostKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: Some(detail.into()),
+        }
+    }
+}
+
+impl fmt::Display for LostConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.detail {
+            Some(d) => f.write_str(d),
+            None => self.kind.fmt(f),
+        }
+    }
+}
+
+/// The kinds of [`LostConnection`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum LostKind {
+    /// The connection was closed, by either side or by the network.
+    Closed,
+    /// The QUIC connection ended, as QUIC tells it.
+    Quic(QuicClose),
+    /// The stream can no longer be used though the connection may live on (QUIC: the
+    /// stream was already closed on this side, or its 0-RTT data was rejected).
+    Stream,
+    /// Every stream number of the TLS/TCP connection is spent: reconnect.
+    StreamsExhausted,
+    /// This side is the server, which opens no streams.
+    ServerOpensNoStreams,
+    /// The connection had ended and a new one could not be made.
+    Reconnect(Arc<ConnectError>),
+}
+
+impl fmt::Display for LostKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed => f.write_str("connection closed"),
+            Self::Quic(c) => write!(f, "{c}"),
+            Self::Stream => f.write_str("the stream is closed"),
+            Self::StreamsExhausted => f.write_str("stream numbers exhausted; reconnect"),
+            Self::ServerOpensNoStreams => f.write_str("a server opens no streams"),
+            Self::Reconnect(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// How a QUIC connection ended, in this crate's terms (`transport/quic.rs` converts
+/// quinn's): what a caller can match on, beside the close in words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuicClose {
+    /// The peer speaks no QUIC version we do.
+    VersionMismatch,
+    /// This side detected a QUIC transport error (RFC 9000 section 20.1), by its code.
+    TransportError(u64),
+    /// The peer closed the connection with a transport error code (QUIC carries TLS
+    /// alerts as CRYPTO_ERROR codes `0x100 + alert`: see [`QuicClose::alert`]).
+    ConnectionClosed(u64),
+    /// The peer's application closed the connection, with its code.
+    ApplicationClosed(u64),
+    /// The peer reset the connection.
+    Reset,
+    /// No packets for the idle timeout.
+    TimedOut,
+    /// This side closed the connection.
+    LocallyClosed,
+    /// Connection IDs ran out.
+    CidsExhausted,
+}
+
+impl QuicClose {
+    /// The TLS alert the peer closed the connection with, if any.
+    pub fn alert(self) -> Option<u8> {
+        match self {
+            Self::ConnectionClosed(code) => (0x100..=0x1ff)
+                .contains(&code)
+                .then(|| (code - 0x100) as u8),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for QuicClose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::VersionMismatch => f.write_str("peer doesn't implement any supported version"),
+            Self::TransportError(code) => write!(f, "transport error {code:#x}"),
+            Self::ConnectionClosed(code) => write!(f, "closed by peer: error {code:#x}"),
+            Self::ApplicationClosed(code) => write!(f, "closed by peer application: {code}"),
+            Self::Reset => f.write_str("reset by peer"),
+            Self::TimedOut => f.write_str("timed out"),
+            Self::LocallyClosed => f.write_str("closed"),
+            Self::CidsExhausted => f.write_str("connection IDs exhausted"),
+        }
+    }
 }
 
 /// Makes client connections over one transport. The client driver calls it for its first

@@ -24,7 +24,7 @@ use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
 use super::{Attempt, Client, Connection, FetchOptions, remote, unexpected};
 use crate::audit::{AuditEvent, AuditRecord, Direction, Outcome};
-use crate::error::{FetchError, RequestError};
+use crate::error::{FetchError, NoRdmaReason, ProtocolViolation, RequestError};
 use crate::proto::{
     ChunkError, ChunkIndex, DatasetName, Digest, FrameKind, Manifest, ObjectPath, Request,
     Response, TransferId,
@@ -459,9 +459,7 @@ impl Client {
     fn rdma_for_paced_pull(&self) -> Result<bool, FetchError> {
         let transport = &self.config().transport;
         if transport.rdma_required && transport.rdma_mode() != crate::config::RdmaMode::Off {
-            return Err(FetchError::NoRdma(
-                "a paced pull (max_rate) moves by stream reads, not RDMA".into(),
-            ));
+            return Err(FetchError::NoRdma(NoRdmaReason::PacedPull));
         }
         Ok(false)
     }
@@ -683,12 +681,14 @@ pub(super) async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>,
     let frame = source
         .recv()
         .await?
-        .ok_or_else(|| RequestError::Protocol("stream ended before End".into()))?;
+        .ok_or(RequestError::Protocol(ProtocolViolation::StreamEndedEarly))?;
     match frame.kind {
         FrameKind::Data => Ok(Some(frame.payload)),
         FrameKind::End => Ok(None),
         FrameKind::Error => Err(remote(&frame)),
-        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+        k => Err(RequestError::Protocol(ProtocolViolation::UnexpectedFrame(
+            k,
+        ))),
     }
 }
 
