@@ -68,8 +68,8 @@ pub enum TlsFailure {
     #[error("server did not agree on our ALPN")]
     Alpn,
     /// rustls failed the handshake.
-    #[error("{0}")]
-    Rustls(#[source] rustls::Error),
+    #[error(transparent)]
+    Rustls(rustls::Error),
     /// The QUIC connection ended during the handshake.
     #[error("{detail}")]
     Quic {
@@ -79,8 +79,8 @@ pub enum TlsFailure {
         detail: String,
     },
     /// The TCP stream failed during the handshake.
-    #[error("{0}")]
-    Io(#[source] io::Error),
+    #[error(transparent)]
+    Io(io::Error),
 }
 
 /// Why a connection ended during set-up (after the network let us reach the server).
@@ -97,17 +97,17 @@ pub enum LostReason {
     #[error("server closed the hello stream")]
     HelloStream,
     /// The server's answer to our hello opened no usable connection.
-    #[error("{0}")]
-    Hello(#[source] HelloError),
+    #[error(transparent)]
+    Hello(HelloError),
     /// The hello stream failed.
-    #[error("{0}")]
-    Stream(#[source] StreamError),
+    #[error(transparent)]
+    Stream(StreamError),
     /// The connection ended before the hello stream opened.
     #[error("{0}")]
     Connection(LostConnection),
     /// The byte stream failed during the TLS handshake or the hello (TLS/TCP).
-    #[error("{0}")]
-    Io(#[source] io::Error),
+    #[error(transparent)]
+    Io(io::Error),
     /// Connections kept being renewed without a chunk getting through: the transfer
     /// gave up after this many renewals.
     #[error("the connection was renewed {0} times without a chunk getting through")]
@@ -126,11 +126,11 @@ pub enum LocalFailure {
     TlsConfig(#[source] rustls::Error),
     /// The transport's configuration could not be built, or its endpoint refused to
     /// start the connection.
-    #[error("{0}")]
-    Transport(#[source] io::Error),
+    #[error(transparent)]
+    Transport(io::Error),
     /// The server name we verify is not a valid DNS name.
-    #[error("{0}")]
-    ServerName(#[source] rustls::pki_types::InvalidDnsNameError),
+    #[error(transparent)]
+    ServerName(rustls::pki_types::InvalidDnsNameError),
     /// The blocking client's runtime could not be started.
     #[error("runtime: {0}")]
     Runtime(#[source] io::Error),
@@ -253,8 +253,8 @@ pub enum RequestError {
 #[non_exhaustive]
 pub enum ProtocolViolation {
     /// A `Response` frame did not decode.
-    #[error("{0}")]
-    Decode(#[source] DecodeError),
+    #[error(transparent)]
+    Decode(DecodeError),
     /// An `Error` frame's code did not decode.
     #[error("malformed error frame: {0}")]
     MalformedError(#[source] DecodeError),
