@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certs::SpiffeId;
-use libtransport::error::ConnectError;
+use libtransport::error::{ConnectError, LostReason};
 use libtransport::proto::connection::{ServerHello, handle_answer};
 use libtransport::transport::{
     BoxFuture, Connection, Connector, Established, Handshaken, Incoming, Listener, Path, PeerProof,
@@ -46,8 +46,8 @@ impl Connector for PlaintextConnector {
                 .map_err(|source| ConnectError::Unreachable { addr, source })?;
             let answer = mux::hello(&mut socket)
                 .await
-                .map_err(|e| ConnectError::Lost(e.to_string()))?
-                .ok_or_else(|| ConnectError::Lost("server closed the connection".into()))?;
+                .map_err(|e| ConnectError::Lost(LostReason::Io(e)))?
+                .ok_or(ConnectError::Lost(LostReason::ServerClosed))?;
             let ack = handle_answer(&answer)?;
             let connection = mux::start_client(socket, &ack, IO_TIMEOUT, mux::PLAIN_READ_BUFFER);
             Ok(Established {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::client::{Client, FetchOptions, FetchReport, PushOptions, PushReport};
 use crate::config::ClientConfig;
-use crate::error::{ConnectError, FetchError, PushError, RequestError};
+use crate::error::{ConnectError, FetchError, LocalFailure, PushError, RequestError};
 use crate::proto::{DatasetName, Manifest, ObjectEntry, ObjectPath};
 use crate::vocab::Path;
 
@@ -32,7 +32,7 @@ impl BlockingClient {
             .thread_name("transport-client")
             .enable_all()
             .build()
-            .map_err(|e| ConnectError::Local(format!("runtime: {e}")))?;
+            .map_err(|e| ConnectError::Local(LocalFailure::Runtime(e)))?;
         let inner = rt.block_on(Client::connect(config, addr, path))?;
         Ok(Self { rt, inner })
     }

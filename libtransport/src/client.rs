@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::config::ClientConfig;
-use crate::error::{ConnectError, RequestError};
+use crate::error::{ConnectError, LocalFailure, RequestError};
 use crate::identity::Peer;
 pub use crate::proto::retry::RetryPolicy;
 use crate::proto::{DatasetName, HelloAck, Manifest, ObjectEntry, ObjectPath, Request, Response};
@@ -41,7 +41,7 @@ mod fetch;
 mod pace;
 mod push;
 mod rdma;
-mod reply;
+pub(crate) mod reply;
 
 pub(crate) use connection::Connection;
 use connection::{adopt, establish};
@@ -79,7 +79,7 @@ impl Client {
         let connector: Arc<dyn Connector> = match path {
             Path::Quic => Arc::new(
                 QuicConnector::new(addr, identity, server_id, clock, transport)
-                    .map_err(|e| ConnectError::Local(format!("UDP socket: {e}")))?,
+                    .map_err(|e| ConnectError::Local(LocalFailure::UdpSocket(e)))?,
             ),
             Path::Tcp => Arc::new(TlsTcpConnector::new(identity, server_id, clock, transport)),
         };
@@ -124,7 +124,7 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| ConnectError::Local("no path to try".into())))
+        Err(last.unwrap_or_else(|| ConnectError::Local(LocalFailure::NoPath)))
     }
 
     /// The server, as authenticated by its SVID.
@@ -209,7 +209,9 @@ impl Client {
         self.connection()
             .await
             .map_err(|e| {
-                RequestError::Stream(transport::StreamError::ConnectionLost(e.to_string()))
+                RequestError::Stream(transport::StreamError::ConnectionLost(
+                    transport::LostConnection::new(transport::LostKind::Reconnect(Arc::new(e))),
+                ))
             })?
             .call(req)
             .await

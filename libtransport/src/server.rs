@@ -63,7 +63,7 @@ impl Server {
             return Err(ServeError::NoListener);
         }
         let tls = crate::tls::server_config(&config.identity, config.clock.clone())
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
+            .map_err(ServeError::Tls)?;
         let transport = config.transport.clone();
         let mut listeners: Vec<Box<dyn Listener>> = Vec::new();
         if let Some(addr) = quic {
@@ -189,7 +189,7 @@ pub enum ServeError {
     },
     /// The TLS configuration could not be built.
     #[error("TLS configuration: {0}")]
-    Tls(String),
+    Tls(#[source] rustls::Error),
 }
 
 /// Accepts connections on one listener until shutdown, each served in a task of its own;

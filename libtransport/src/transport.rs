@@ -31,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::ConnectError;
-pub use crate::error::StreamError;
+pub use crate::error::{LostConnection, LostKind, QuicClose, StreamError};
 use crate::identity::CredentialsEnd;
 pub use crate::identity::PeerProof;
 use crate::proto::connection::ServerHello;

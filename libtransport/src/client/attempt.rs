@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::connection::Connection;
-use crate::error::{ConnectError, FetchError, PushError};
+use crate::error::{ConnectError, FetchError, LostReason, PushError};
 use crate::proto::retry::{AttemptEnd, Attempts, MAX_STALLED_RENEWALS, Next, RetryPolicy};
 
 /// Which transfer runs, for its log lines.
@@ -168,7 +168,5 @@ fn after_attempt(
 
 /// The error of a transfer whose connections kept needing renewal without progress.
 fn renewals_stalled() -> ConnectError {
-    ConnectError::Lost(format!(
-        "the connection was renewed {MAX_STALLED_RENEWALS} times without a chunk getting through"
-    ))
+    ConnectError::Lost(LostReason::RenewalsStalled(MAX_STALLED_RENEWALS))
 }

@@ -26,7 +26,7 @@ use super::rdma::Deliver;
 use super::reply::{next_data, unexpected};
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::error::{FetchError, RequestError};
+use crate::error::{FetchError, NoRdmaReason, RequestError};
 use crate::proto::{
     ChunkError, ChunkIndex, DatasetName, Digest, Manifest, ObjectPath, Request, Response,
     TransferId,
@@ -466,9 +466,7 @@ impl Client {
     fn rdma_for_paced_pull(&self) -> Result<bool, FetchError> {
         let transport = &self.config().transport;
         if transport.rdma_required && transport.rdma_mode() != crate::config::RdmaMode::Off {
-            return Err(FetchError::NoRdma(
-                "a paced pull (max_rate) moves by stream reads, not RDMA".into(),
-            ));
+            return Err(FetchError::NoRdma(NoRdmaReason::PacedPull));
         }
         Ok(false)
     }

@@ -23,7 +23,7 @@ use super::pace::{Gate, Pace};
 use super::reply::{response, unexpected};
 use super::{Client, PushOptions};
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::error::{PushError, RequestError};
+use crate::error::{ProtocolViolation, PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
 use crate::proto::{
     ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request, Response,
@@ -246,9 +246,7 @@ impl Client {
             other => return Err(unexpected(&other).into()),
         };
         if have.len() != manifest.chunk_count() {
-            return Err(
-                RequestError::Protocol("chunk set does not match the manifest".into()).into(),
-            );
+            return Err(RequestError::Protocol(ProtocolViolation::ChunkSetMismatch).into());
         }
         skipped.get_or_insert(have.count());
         let total = manifest.size();
@@ -311,10 +309,9 @@ impl Client {
             Response::Committed { root } if root == manifest.root() => {
                 Ok(Attempt::Done((conn, root)))
             }
-            Response::Committed { .. } => Err(RequestError::Protocol(
-                "server committed another root than the manifest's".into(),
-            )
-            .into()),
+            Response::Committed { .. } => {
+                Err(RequestError::Protocol(ProtocolViolation::WrongRoot).into())
+            }
             other => Err(unexpected(&other).into()),
         }
     }
@@ -327,9 +324,9 @@ async fn send_chunk(
     source: &Source,
     index: ChunkIndex,
 ) -> Result<u64, PushError> {
-    let range = manifest
-        .chunk_range(index)
-        .ok_or_else(|| RequestError::Protocol(format!("chunk {index} outside the object")))?;
+    let range = manifest.chunk_range(index).ok_or(RequestError::Protocol(
+        ProtocolViolation::ChunkOutsideObject(index),
+    ))?;
     let src = source.clone();
     let r = range.clone();
     let data = tokio::task::spawn_blocking(move || src.chunk(r))

@@ -24,7 +24,7 @@ use super::Client;
 use super::connection::Connection;
 use super::reply::{next_data, response, unexpected};
 use crate::config::RdmaMode;
-use crate::error::{FetchError, RequestError};
+use crate::error::{FetchError, NoRdmaReason, ProtocolViolation, RequestError};
 use crate::proto::rdma::{DeviceKind, MAX_SLOTS, RdmaControl, RdmaOffer};
 use crate::proto::seal::{
     Direction, MAX_OPEN_FAILURES, OpenError, Opener, Placement, SessionKeys, sealed_len,
@@ -76,7 +76,7 @@ impl Client {
             RdmaMode::Off => return Ok(false),
             RdmaMode::Soft => DeviceKind::Soft,
             RdmaMode::Auto if crate::transport::rdma::discover().is_empty() => {
-                return self.rdma_fallback("no RDMA device: using QUIC");
+                return self.rdma_fallback(NoRdmaReason::NoDevice);
             }
             RdmaMode::Auto => DeviceKind::Hardware,
         };
@@ -84,7 +84,7 @@ impl Client {
             return Ok(true);
         }
         if conn.peer.path != Path::Quic {
-            return self.rdma_fallback("RDMA needs a QUIC connection: using TLS over TCP");
+            return self.rdma_fallback(NoRdmaReason::NeedsQuic);
         }
         let unsealed = transport.rdma_unsealed;
         let session = Session {
@@ -101,8 +101,7 @@ impl Client {
                 soft.bind(SocketAddr::new(local_ip(conn.transport()), 0));
                 match SoftVerbs::bind(Arc::new(soft)).await {
                     Ok(device) => session.run(device, work, deliver, on_chunk).await,
-                    Err(e) => self
-                        .rdma_fallback(&format!("soft RDMA device unavailable ({e}): using QUIC")),
+                    Err(e) => self.rdma_fallback(NoRdmaReason::SoftDeviceUnavailable(e)),
                 }
             }
             #[cfg(feature = "rdma")]
@@ -110,23 +109,21 @@ impl Client {
                 use crate::transport::rdma::hardware::{HardwareConfig, HardwareVerbs};
                 match HardwareVerbs::open(Arc::new(HardwareConfig::default())).await {
                     Ok(device) => session.run(device, work, deliver, on_chunk).await,
-                    Err(e) => {
-                        self.rdma_fallback(&format!("RDMA device unavailable ({e}): using QUIC"))
-                    }
+                    Err(e) => self.rdma_fallback(NoRdmaReason::DeviceUnavailable(e)),
                 }
             }
             #[cfg(not(feature = "rdma"))]
-            DeviceKind::Hardware => self.rdma_fallback("no RDMA device: using QUIC"),
+            DeviceKind::Hardware => self.rdma_fallback(NoRdmaReason::NoDevice),
         }
     }
 
     /// Falls back to QUIC, saying why the first time; or fails, if RDMA is required.
-    fn rdma_fallback(&self, why: &str) -> Result<bool, FetchError> {
+    fn rdma_fallback(&self, why: NoRdmaReason) -> Result<bool, FetchError> {
         if self.config().transport.rdma_required {
-            return Err(FetchError::NoRdma(why.to_owned()));
+            return Err(FetchError::NoRdma(why));
         }
         if !self.rdma_notice.swap(true, Ordering::Relaxed) {
-            tracing::info!("{why}");
+            tracing::info!("{why}: {}", why.fallback());
         }
         Ok(false)
     }
@@ -169,9 +166,7 @@ impl Session<'_> {
         let (session, info) = match response(&mut s.source).await {
             Ok(Response::RdmaAccepted { session, info }) => (session, info),
             Err(RequestError::Remote(ErrorCode::NoRdma)) => {
-                return self
-                    .client
-                    .rdma_fallback("the server cannot use RDMA for this transfer: using QUIC");
+                return self.client.rdma_fallback(NoRdmaReason::ServerRefused);
             }
             Err(e) => return Err(e.into()),
             Ok(other) => return Err(unexpected(&other).into()),
@@ -184,9 +179,7 @@ impl Session<'_> {
             Some(keys.opener(Direction::ServerToClient))
         };
         if let Err(e) = ring.device.connect(&info).await {
-            return self
-                .client
-                .rdma_fallback(&format!("RDMA connection failed ({e}): using QUIC"));
+            return self.client.rdma_fallback(NoRdmaReason::ConnectFailed(e));
         }
         tracing::debug!(
             slots = ring.slots,
@@ -228,7 +221,7 @@ impl Session<'_> {
         s.sink.finish();
         match next_data(&mut s.source).await? {
             None => Ok(true),
-            Some(_) => Err(RequestError::Protocol("data on an RDMA control stream".into()).into()),
+            Some(_) => Err(protocol(ProtocolViolation::RdmaControlData)),
         }
     }
 }
@@ -313,7 +306,7 @@ impl<V: Verbs> Ring<V> {
                     slot: slot as u32,
                     chunk: chunk.0,
                 })
-                .map_err(|_| protocol("the control stream closed"))
+                .map_err(|_| protocol(ProtocolViolation::RdmaControlClosed))
         };
         let mut left = work.len();
         for slot in 0..self.slots {
@@ -322,19 +315,21 @@ impl<V: Verbs> Ring<V> {
             }
         }
         while left > 0 {
-            let c = self.device.poll().await.map_err(|e| {
-                FetchError::Request(RequestError::Protocol(format!("RDMA session failed: {e}")))
-            })?;
+            let c = self
+                .device
+                .poll()
+                .await
+                .map_err(|e| protocol(ProtocolViolation::RdmaSession(e)))?;
             let (slot, len) = match (c.kind, c.status) {
                 (CompletionKind::WriteWithImm { imm, len }, Ok(())) => (imm as usize, len as usize),
                 (kind, status) => {
-                    return Err(protocol(&format!("RDMA completion {kind:?}: {status:?}")).into());
+                    return Err(protocol(ProtocolViolation::RdmaCompletion { kind, status }).into());
                 }
             };
             let chunk = granted
                 .get_mut(slot)
                 .and_then(Option::take)
-                .ok_or_else(|| protocol("a write into a slot that was not granted"))?;
+                .ok_or_else(|| protocol(ProtocolViolation::UngrantedSlot))?;
             let range = manifest
                 .chunk_range(chunk)
                 .ok_or(FetchError::Corrupt(chunk))?;
@@ -350,7 +345,7 @@ impl<V: Verbs> Ring<V> {
             opener = back;
             self.device
                 .post_recv(WorkId(slot as u64), &self.region, slot * self.slot_bytes, 0)
-                .map_err(|e| protocol(&format!("re-posting a receive: {e}")))?;
+                .map_err(|e| protocol(ProtocolViolation::RdmaRepost(e)))?;
             let next = match opened {
                 Ok(()) => {
                     left -= 1;
@@ -462,8 +457,8 @@ fn put(
     }
 }
 
-fn protocol(what: &str) -> FetchError {
-    FetchError::Request(RequestError::Protocol(what.to_owned()))
+fn protocol(what: ProtocolViolation) -> FetchError {
+    FetchError::Request(RequestError::Protocol(what))
 }
 
 /// Bytes delivered by RDMA, for the pull's report.

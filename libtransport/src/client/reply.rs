@@ -3,22 +3,23 @@
 
 use bytes::Bytes;
 
-use crate::error::RequestError;
+use crate::error::{ProtocolViolation, RequestError};
 use crate::proto::{ErrorCode, Frame, FrameKind, Response};
 use crate::transport::FrameSource;
 
 /// Reads one `Response` (or `Error`) frame.
-pub(super) async fn response(source: &mut FrameSource) -> Result<Response, RequestError> {
+pub(crate) async fn response(source: &mut FrameSource) -> Result<Response, RequestError> {
     let frame = source
         .recv()
         .await?
-        .ok_or_else(|| RequestError::Protocol("stream ended without a response".into()))?;
+        .ok_or(RequestError::Protocol(ProtocolViolation::NoResponse))?;
     match frame.kind {
-        FrameKind::Response => {
-            Response::decode(&frame.payload).map_err(|e| RequestError::Protocol(e.to_string()))
-        }
+        FrameKind::Response => Response::decode(&frame.payload)
+            .map_err(|e| RequestError::Protocol(ProtocolViolation::Decode(e))),
         FrameKind::Error => Err(remote(&frame)),
-        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+        k => Err(RequestError::Protocol(ProtocolViolation::UnexpectedFrame(
+            k,
+        ))),
     }
 }
 
@@ -26,15 +27,14 @@ pub(super) async fn response(source: &mut FrameSource) -> Result<Response, Reque
 fn remote(frame: &Frame) -> RequestError {
     match ErrorCode::decode(&frame.payload) {
         Ok(code) => RequestError::Remote(code),
-        Err(e) => RequestError::Protocol(format!("malformed error frame: {e}")),
+        Err(e) => RequestError::Protocol(ProtocolViolation::MalformedError(e)),
     }
 }
 
 /// A response the request does not take.
 pub(super) fn unexpected(r: &Response) -> RequestError {
-    RequestError::Protocol(format!(
-        "unexpected response {:?}",
-        std::mem::discriminant(r)
+    RequestError::Protocol(ProtocolViolation::UnexpectedResponse(
+        std::mem::discriminant(r),
     ))
 }
 
@@ -43,11 +43,13 @@ pub(super) async fn next_data(source: &mut FrameSource) -> Result<Option<Bytes>,
     let frame = source
         .recv()
         .await?
-        .ok_or_else(|| RequestError::Protocol("stream ended before End".into()))?;
+        .ok_or(RequestError::Protocol(ProtocolViolation::StreamEndedEarly))?;
     match frame.kind {
         FrameKind::Data => Ok(Some(frame.payload)),
         FrameKind::End => Ok(None),
         FrameKind::Error => Err(remote(&frame)),
-        k => Err(RequestError::Protocol(format!("unexpected {k:?} frame"))),
+        k => Err(RequestError::Protocol(ProtocolViolation::UnexpectedFrame(
+            k,
+        ))),
     }
 }

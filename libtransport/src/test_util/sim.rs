@@ -25,14 +25,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::ConnectError;
+use crate::error::{ConnectError, LostReason};
 use crate::identity::{CredentialsEnd, IdentityHandle};
 use crate::proto::connection::{HelloAnswer, ServerHello, handle_answer, hello_frame};
 use crate::proto::{Frame, FrameKind, Hello};
 use crate::transport::{
     BoxFuture, Close, Connection, Connector, Established, FrameSink, FrameSource, Handshaken,
-    Incoming, IncomingStream, Listener, Path, PeerProof, RecvFrames, Refusal, RequestStream,
-    SendFrames, StreamError,
+    Incoming, IncomingStream, Listener, LostConnection, LostKind, Path, PeerProof, RecvFrames,
+    Refusal, RequestStream, SendFrames, StreamError,
 };
 
 /// A network of in-memory hosts with seeded faults.
@@ -239,7 +239,7 @@ impl Connector for SimConnector {
                 None => hello_frame(),
             };
             let _ = hello_tx.send(hello);
-            let lost = || ConnectError::Lost("server closed the connection".into());
+            let lost = || ConnectError::Lost(LostReason::ServerClosed);
             let server_chain = chain_rx.await.map_err(|_| lost())?;
             let answer = answer_rx.await.map_err(|_| lost())?;
             let ack = handle_answer(&answer)?;
@@ -441,7 +441,7 @@ impl SimConn {
     }
 
     fn lost(&self) -> StreamError {
-        StreamError::ConnectionLost("simulated connection closed".into())
+        closed()
     }
 }
 
@@ -511,7 +511,7 @@ struct SimSend {
 impl SendFrames for SimSend {
     fn send(&mut self, kind: FrameKind, payload: Bytes) -> BoxFuture<'_, Result<(), StreamError>> {
         Box::pin(async move {
-            let lost = || StreamError::ConnectionLost("simulated connection closed".into());
+            let lost = closed;
             if self.state.closed.borrow().is_some() {
                 return Err(lost());
             }
@@ -568,7 +568,7 @@ struct SimRecv {
 impl RecvFrames for SimRecv {
     fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>, StreamError>> {
         Box::pin(async move {
-            let lost = || StreamError::ConnectionLost("simulated connection closed".into());
+            let lost = closed;
             let mut closed = self.state.closed.subscribe();
             if self.stalls {
                 let mut stall = self.net.shared.stall_reads.subscribe();
@@ -625,3 +625,11 @@ const MAX_PENDING_CONNECTIONS: usize = 16;
 
 /// The streams' I/O timeout: the library's default.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a stream of a closed simulated connection fails with.
+fn closed() -> StreamError {
+    StreamError::ConnectionLost(LostConnection::with_detail(
+        LostKind::Closed,
+        "simulated connection closed",
+    ))
+}

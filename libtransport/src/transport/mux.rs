@@ -33,8 +33,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, trace};
 
 use super::{
-    BoxFuture, Close, Connection, FrameSink, FrameSource, IncomingStream, RecvFrames,
-    RequestStream, SendFrames, StreamError,
+    BoxFuture, Close, Connection, FrameSink, FrameSource, IncomingStream, LostConnection, LostKind,
+    RecvFrames, RequestStream, SendFrames, StreamError,
 };
 use crate::proto::connection::{HelloAnswer, ServerHello};
 use crate::proto::frame::HEADER_LEN;
@@ -95,12 +95,10 @@ impl Shared {
     }
 
     fn lost(&self) -> StreamError {
-        StreamError::ConnectionLost(
-            self.error
-                .get()
-                .cloned()
-                .unwrap_or_else(|| "connection closed".into()),
-        )
+        StreamError::ConnectionLost(match self.error.get() {
+            Some(why) => LostConnection::with_detail(LostKind::Closed, why.clone()),
+            None => LostConnection::new(LostKind::Closed),
+        })
     }
 
     /// True once the connection has ended.
@@ -156,7 +154,7 @@ impl MuxClient {
         }
         let id = *next;
         *next = next.checked_add(2).ok_or_else(|| {
-            StreamError::ConnectionLost("stream numbers exhausted; reconnect".into())
+            StreamError::ConnectionLost(LostConnection::new(LostKind::StreamsExhausted))
         })?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_FRAMES);
         self.shared.lock().streams.insert(id, tx);
@@ -199,9 +197,9 @@ struct MuxServer {
 impl Connection for MuxServer {
     fn open(&self, _request: Bytes) -> BoxFuture<'_, Result<RequestStream, StreamError>> {
         Box::pin(async {
-            Err(StreamError::ConnectionLost(
-                "a server opens no streams".into(),
-            ))
+            Err(StreamError::ConnectionLost(LostConnection::new(
+                LostKind::ServerOpensNoStreams,
+            )))
         })
     }
 
@@ -745,11 +743,9 @@ mod tests {
             let c = client.clone();
             tasks.spawn(async move {
                 let mut s = c.open(Bytes::from(i.to_be_bytes().to_vec())).await?;
-                let f = s
-                    .source
-                    .recv()
-                    .await?
-                    .ok_or(StreamError::ConnectionLost("eof".into()))?;
+                let f = s.source.recv().await?.ok_or(StreamError::ConnectionLost(
+                    LostConnection::with_detail(LostKind::Closed, "eof"),
+                ))?;
                 assert_eq!(&f.payload[..], &i.to_be_bytes());
                 Ok::<_, StreamError>(())
             });

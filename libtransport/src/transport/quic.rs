@@ -22,12 +22,13 @@ use rustls::pki_types::CertificateDer;
 
 use super::{
     BoxFuture, Close, Connection, Connector, Established, FrameSink, FrameSource, Handshaken,
-    Incoming, IncomingStream, Listener, NoKeyingMaterial, Path, PeerProof, QuicPathStats,
-    RecvFrames, Refusal, RequestStream, SendFrames, StreamError,
+    Incoming, IncomingStream, Listener, LostConnection, LostKind, NoKeyingMaterial, Path,
+    PeerProof, QuicClose, QuicPathStats, RecvFrames, Refusal, RequestStream, SendFrames,
+    StreamError,
 };
 use crate::clock::Clock;
 use crate::config::TransportConfig;
-use crate::error::{ConnectError, Rejection};
+use crate::error::{ConnectError, LocalFailure, LostReason, Rejection, TlsFailure};
 use crate::identity::{CredentialsEnd, FailureSlot, IdentityHandle, take_failure};
 use crate::proto::connection::{ServerHello, handle_answer, hello_frame};
 use crate::proto::frame::HEADER_LEN;
@@ -263,21 +264,22 @@ impl QuicConnector {
             failure.clone(),
             self.clock.clone(),
         )
-        .map_err(|e| ConnectError::Local(format!("TLS configuration: {e}")))?;
+        .map_err(|e| ConnectError::Local(LocalFailure::TlsConfig(e)))?;
         let t = &self.transport;
         let timeout = t.handshake_timeout;
-        let qc = client_config(tls, t).map_err(|e| ConnectError::Local(e.to_string()))?;
+        let qc =
+            client_config(tls, t).map_err(|e| ConnectError::Local(LocalFailure::Transport(e)))?;
         let connecting = self
             .endpoint
             .connect_with(qc, addr, crate::tls::SERVER_NAME)
-            .map_err(|e| ConnectError::Local(e.to_string()))?;
+            .map_err(|e| ConnectError::Local(LocalFailure::Transport(io::Error::other(e))))?;
         let conn = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(connect_error(&e, &failure)),
             Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
         };
         if alpn(&conn).as_deref() != Some(crate::tls::ALPN) {
-            return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
+            return Err(ConnectError::Tls(TlsFailure::Alpn));
         }
         let chain = peer_chain(&conn);
         let ack = match tokio::time::timeout(timeout, client_hello(&conn, t.io_timeout)).await {
@@ -482,7 +484,7 @@ impl Connection for QuicConnection {
                 .conn
                 .open_bi()
                 .await
-                .map_err(|e| StreamError::ConnectionLost(describe(&e)))?;
+                .map_err(|e| StreamError::ConnectionLost(lost(&e)))?;
             let mut s = self.stream(send, recv);
             s.sink.send(FrameKind::Request, request).await?;
             Ok(s)
@@ -653,20 +655,23 @@ async fn client_hello(
     conn: &quinn::Connection,
     timeout: Duration,
 ) -> Result<crate::proto::HelloAck, ConnectError> {
-    let lost = |e: &dyn std::fmt::Display| ConnectError::Lost(e.to_string());
-    let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let stream = |e| ConnectError::Lost(LostReason::Stream(e));
+    let (send, recv) = conn.open_bi().await.map_err(|e| {
+        ConnectError::Lost(LostReason::Connection(LostConnection::with_detail(
+            LostKind::Quic(quic_close(&e)),
+            e.to_string(),
+        )))
+    })?;
     let mut sink = FrameSink::new(Box::new(QuicSend(send)), timeout);
     let mut source = FrameSource::new(Box::new(QuicRecv(recv)), timeout);
     let hello = hello_frame();
-    sink.send(hello.kind, hello.payload)
-        .await
-        .map_err(|e| lost(&e))?;
+    sink.send(hello.kind, hello.payload).await.map_err(stream)?;
     sink.finish();
     let frame = source
         .recv()
         .await
-        .map_err(|e| lost(&e))?
-        .ok_or_else(|| ConnectError::Lost("server closed the hello stream".into()))?;
+        .map_err(stream)?
+        .ok_or(ConnectError::Lost(LostReason::HelloStream))?;
     handle_answer(&frame).map_err(ConnectError::from)
 }
 
@@ -698,8 +703,11 @@ fn connect_error(e: &ConnectionError, failure: &FailureSlot) -> ConnectError {
         )));
     }
     match e {
-        ConnectionError::TimedOut => ConnectError::Lost("handshake timed out".into()),
-        other => ConnectError::Tls(other.to_string()),
+        ConnectionError::TimedOut => ConnectError::Lost(LostReason::HandshakeTimedOut),
+        other => ConnectError::Tls(TlsFailure::Quic {
+            close: quic_close(other),
+            detail: other.to_string(),
+        }),
     }
 }
 
@@ -713,16 +721,45 @@ fn refusal(e: &ConnectionError) -> String {
 fn write_error(e: quinn::WriteError) -> StreamError {
     match e {
         quinn::WriteError::Stopped(code) => StreamError::Reset(code.into_inner()),
-        quinn::WriteError::ConnectionLost(c) => StreamError::ConnectionLost(describe(&c)),
-        other => StreamError::ConnectionLost(other.to_string()),
+        quinn::WriteError::ConnectionLost(c) => StreamError::ConnectionLost(lost(&c)),
+        other => StreamError::ConnectionLost(LostConnection::with_detail(
+            LostKind::Stream,
+            other.to_string(),
+        )),
     }
 }
 
 fn read_error(e: quinn::ReadError) -> StreamError {
     match e {
         quinn::ReadError::Reset(code) => StreamError::Reset(code.into_inner()),
-        quinn::ReadError::ConnectionLost(c) => StreamError::ConnectionLost(describe(&c)),
-        other => StreamError::ConnectionLost(other.to_string()),
+        quinn::ReadError::ConnectionLost(c) => StreamError::ConnectionLost(lost(&c)),
+        other => StreamError::ConnectionLost(LostConnection::with_detail(
+            LostKind::Stream,
+            other.to_string(),
+        )),
+    }
+}
+
+/// A lost connection: quinn's close as ours, with its words.
+fn lost(c: &ConnectionError) -> LostConnection {
+    LostConnection::with_detail(LostKind::Quic(quic_close(c)), describe(c))
+}
+
+/// quinn's account of a closed connection, as this crate's.
+fn quic_close(c: &ConnectionError) -> QuicClose {
+    match c {
+        ConnectionError::VersionMismatch => QuicClose::VersionMismatch,
+        ConnectionError::TransportError(t) => QuicClose::TransportError(u64::from(t.code)),
+        ConnectionError::ConnectionClosed(close) => {
+            QuicClose::ConnectionClosed(u64::from(close.error_code))
+        }
+        ConnectionError::ApplicationClosed(close) => {
+            QuicClose::ApplicationClosed(close.error_code.into_inner())
+        }
+        ConnectionError::Reset => QuicClose::Reset,
+        ConnectionError::TimedOut => QuicClose::TimedOut,
+        ConnectionError::LocallyClosed => QuicClose::LocallyClosed,
+        ConnectionError::CidsExhausted => QuicClose::CidsExhausted,
     }
 }
 
@@ -740,13 +777,7 @@ fn describe(c: &ConnectionError) -> String {
 /// The TLS alert a peer closed the connection with, if any (QUIC carries alerts as
 /// CRYPTO_ERROR codes 0x100 + alert).
 fn alert_of(c: &ConnectionError) -> Option<u8> {
-    let code = match c {
-        ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
-        _ => return None,
-    };
-    (0x100..=0x1ff)
-        .contains(&code)
-        .then(|| (code - 0x100) as u8)
+    quic_close(c).alert()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::config::TransportConfig;
-use crate::error::{ConnectError, Rejection};
+use crate::error::{ConnectError, LocalFailure, LostReason, Rejection, TlsFailure};
 use crate::identity::{FailureSlot, IdentityHandle, take_failure};
 use crate::proto::connection::{ServerHello, handle_answer};
 
@@ -57,7 +57,7 @@ impl TlsTcpConnector {
             failure.clone(),
             self.clock.clone(),
         )
-        .map_err(|e| ConnectError::Local(format!("TLS configuration: {e}")))?;
+        .map_err(|e| ConnectError::Local(LocalFailure::TlsConfig(e)))?;
         let t = &self.transport;
         let timeout = t.handshake_timeout;
         let socket = connect(addr, timeout)
@@ -68,16 +68,16 @@ impl TlsTcpConnector {
             })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let name = ServerName::try_from(crate::tls::SERVER_NAME)
-            .map_err(|e| ConnectError::Local(e.to_string()))?;
+            .map_err(|e| ConnectError::Local(LocalFailure::ServerName(e)))?;
         let mut stream =
             match tokio::time::timeout(timeout, connector.connect(name, buffered(socket))).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(connect_error(&e, &failure)),
+                Ok(Err(e)) => return Err(connect_error(e, &failure)),
                 Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
             };
         let (_, session) = stream.get_ref();
         if session.alpn_protocol() != Some(crate::tls::ALPN) {
-            return Err(ConnectError::Tls("server did not agree on our ALPN".into()));
+            return Err(ConnectError::Tls(TlsFailure::Alpn));
         }
         let chain = peer_chain(session);
         stream
@@ -86,8 +86,8 @@ impl TlsTcpConnector {
             .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
         let answer = match tokio::time::timeout(timeout, mux::hello(&mut stream)).await {
             Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) => return Err(ConnectError::Lost("server closed the connection".into())),
-            Ok(Err(e)) => return Err(connect_error(&e, &failure)),
+            Ok(Ok(None)) => return Err(ConnectError::Lost(LostReason::ServerClosed)),
+            Ok(Err(e)) => return Err(connect_error(e, &failure)),
             Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
         };
         let ack = handle_answer(&answer)?;
@@ -269,7 +269,7 @@ fn peer_chain(session: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
         .unwrap_or_default()
 }
 
-fn connect_error(e: &io::Error, failure: &FailureSlot) -> ConnectError {
+fn connect_error(e: io::Error, failure: &FailureSlot) -> ConnectError {
     if let Some(svid) = take_failure(failure) {
         return ConnectError::ServerNotTrusted(svid);
     }
@@ -278,12 +278,12 @@ fn connect_error(e: &io::Error, failure: &FailureSlot) -> ConnectError {
         Some(rustls::Error::AlertReceived(alert)) => {
             ConnectError::Rejected(Rejection::from_alert(*alert))
         }
-        Some(other) => ConnectError::Tls(other.to_string()),
+        Some(other) => ConnectError::Tls(TlsFailure::Rustls(other.clone())),
         None => match e.kind() {
             io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
-                ConnectError::Lost(e.to_string())
+                ConnectError::Lost(LostReason::Io(e))
             }
-            _ => ConnectError::Tls(e.to_string()),
+            _ => ConnectError::Tls(TlsFailure::Io(e)),
         },
     }
 }
