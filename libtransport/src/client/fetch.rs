@@ -26,7 +26,8 @@ use super::rdma::Deliver;
 use super::reply::{next_data, unexpected};
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::error::{FetchError, NoRdmaReason, RequestError};
+use crate::error::{FetchError, NoRdmaReason, PushError, RequestError, StreamError};
+use crate::proto::schedule::{AfterReset, ChunkSchedule};
 use crate::proto::{
     ChunkError, ChunkIndex, DatasetName, Digest, Manifest, ObjectPath, Request, Response,
     TransferId,
@@ -272,7 +273,8 @@ impl Client {
                     a.opts.progress.clone(),
                     gate.clone(),
                 );
-                run_workers(a.opts.parallel(self.config()), work, move |index| {
+                let schedule = ChunkSchedule::new(&pull.manifest, work);
+                run_workers(a.opts.parallel(self.config()), schedule, move |index| {
                     let (conn, manifest, slots, verified, done, moved, progress, gate) = (
                         conn.clone(),
                         manifest.clone(),
@@ -286,15 +288,19 @@ impl Client {
                     async move {
                         let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
                         if !gate.admit(len).await {
-                            return Ok(());
+                            return Ok(Turn::NotAsked);
                         }
                         let slot = (index.0 - base) as usize;
+                        // A read whose stream was reset took its buffer with it: the chunk
+                        // lands in a fresh one (rejoining then copies, which only a reset
+                        // costs).
                         let buf = slots
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .get_mut(slot)
-                            .and_then(Option::take)
-                            .ok_or(FetchError::Corrupt(index))?;
+                            .ok_or(FetchError::Corrupt(index))?
+                            .take()
+                            .unwrap_or_else(|| BytesMut::zeroed(len as usize));
                         let buf = read_chunk_mem(&conn, transfer, &manifest, index, buf).await?;
                         let n = buf.len() as u64;
                         slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
@@ -304,7 +310,7 @@ impl Client {
                         if let Some(p) = &progress {
                             p(so_far, total);
                         }
-                        Ok::<_, FetchError>(())
+                        Ok::<_, FetchError>(Turn::Verified)
                     }
                 })
                 .await
@@ -407,36 +413,32 @@ impl Client {
                     a.opts.progress.clone(),
                     gate.clone(),
                 );
-                run_workers(
-                    a.opts.parallel(self.config()),
-                    work.into_iter().collect(),
-                    move |index| {
-                        let (conn, partial, fetched, done, progress, gate) = (
-                            conn.clone(),
-                            partial.clone(),
-                            fetched.clone(),
-                            done.clone(),
-                            progress.clone(),
-                            gate.clone(),
-                        );
-                        async move {
-                            let len = partial
-                                .manifest()
-                                .chunk_range(index)
-                                .map_or(0, |r| r.end - r.start);
-                            if !gate.admit(len).await {
-                                return Ok(());
-                            }
-                            let n =
-                                read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
-                            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                            if let Some(p) = &progress {
-                                p(so_far, total);
-                            }
-                            Ok::<_, FetchError>(())
+                let schedule = ChunkSchedule::new(&manifest, work);
+                run_workers(a.opts.parallel(self.config()), schedule, move |index| {
+                    let (conn, partial, fetched, done, progress, gate) = (
+                        conn.clone(),
+                        partial.clone(),
+                        fetched.clone(),
+                        done.clone(),
+                        progress.clone(),
+                        gate.clone(),
+                    );
+                    async move {
+                        let len = partial
+                            .manifest()
+                            .chunk_range(index)
+                            .map_or(0, |r| r.end - r.start);
+                        if !gate.admit(len).await {
+                            return Ok(Turn::NotAsked);
                         }
-                    },
-                )
+                        let n = read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
+                        let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                        if let Some(p) = &progress {
+                            p(so_far, total);
+                        }
+                        Ok::<_, FetchError>(Turn::Verified)
+                    }
+                })
                 .await
             }
         };
@@ -684,66 +686,8 @@ async fn request_chunk(
     Ok(s.source)
 }
 
-/// Reads one chunk into its place in the partial file. A stream reset in the middle of it
-/// does not count: what arrived is overwritten by asking for the chunk again, up to
-/// [`MAX_CHUNK_RESETS`] times, without failing the other chunks in flight.
+/// Reads one chunk into its place in the partial file; it counts once its hash matches.
 async fn read_chunk_file(
-    conn: &Connection,
-    transfer: TransferId,
-    partial: Arc<PartialFile>,
-    index: ChunkIndex,
-    fetched: &AtomicU64,
-) -> Result<u64, FetchError> {
-    let mut resets = 0;
-    loop {
-        match read_chunk_file_once(conn, transfer, partial.clone(), index, fetched).await {
-            Err(e) if is_reset(&e) && resets < MAX_CHUNK_RESETS => {
-                resets += 1;
-                tracing::debug!(chunk = index.0, resets, "chunk stream reset; asking again");
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Reads one chunk into `buf`, verified; a reset stream is asked for again as for
-/// [`read_chunk_file`] (into a fresh buffer: the one the failed read held is gone with it).
-async fn read_chunk_mem(
-    conn: &Connection,
-    transfer: TransferId,
-    manifest: &Manifest,
-    index: ChunkIndex,
-    buf: BytesMut,
-) -> Result<BytesMut, FetchError> {
-    let len = buf.len();
-    let mut buf = Some(buf);
-    let mut resets = 0;
-    loop {
-        let b = buf.take().unwrap_or_else(|| BytesMut::zeroed(len));
-        match read_chunk_mem_once(conn, transfer, manifest, index, b).await {
-            Err(e) if is_reset(&e) && resets < MAX_CHUNK_RESETS => {
-                resets += 1;
-                tracing::debug!(chunk = index.0, resets, "chunk stream reset; asking again");
-            }
-            other => return other,
-        }
-    }
-}
-
-fn is_reset(e: &FetchError) -> bool {
-    matches!(
-        e,
-        FetchError::Request(RequestError::Stream(crate::transport::StreamError::Reset(
-            _
-        )))
-    )
-}
-
-/// Times one chunk is asked for again after its stream was reset, before the reset fails
-/// the attempt (which then retries as its policy says).
-const MAX_CHUNK_RESETS: u32 = 3;
-
-async fn read_chunk_file_once(
     conn: &Connection,
     transfer: TransferId,
     partial: Arc<PartialFile>,
@@ -767,7 +711,8 @@ async fn read_chunk_file_once(
     Ok(range.end - range.start)
 }
 
-async fn read_chunk_mem_once(
+/// Reads one chunk into `buf`, verified.
+async fn read_chunk_mem(
     conn: &Connection,
     transfer: TransferId,
     manifest: &Manifest,
@@ -813,30 +758,86 @@ fn chunk_failure(e: WriteError, index: ChunkIndex) -> FetchError {
     }
 }
 
-/// Runs `f` over `work` with `parallel` workers; the first error stops everything.
+/// How one chunk's turn with a worker ended, when not with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// It arrived (or was stored) and verified.
+    Verified,
+    /// It was not asked for: the connection is due for renewal, so the worker stops and the
+    /// chunk waits for the next attempt.
+    NotAsked,
+}
+
+/// Errors a chunk's turn can end with, as the schedule needs to tell them apart.
+pub(crate) trait ChunkFailure {
+    /// The chunk's stream was reset before it verified (nothing of it counts).
+    fn is_stream_reset(&self) -> bool;
+}
+
+impl ChunkFailure for FetchError {
+    fn is_stream_reset(&self) -> bool {
+        matches!(
+            self,
+            Self::Request(RequestError::Stream(StreamError::Reset(_)))
+        )
+    }
+}
+
+impl ChunkFailure for PushError {
+    fn is_stream_reset(&self) -> bool {
+        matches!(
+            self,
+            Self::Request(RequestError::Stream(StreamError::Reset(_)))
+        )
+    }
+}
+
+/// Runs `f` over the chunks `schedule` hands out, with `parallel` workers. A chunk whose
+/// stream was reset is asked for again, first, as the schedule allows; any other error, or
+/// a reset past that, stops everything.
 pub(crate) async fn run_workers<F, Fut, E>(
     parallel: usize,
-    work: VecDeque<ChunkIndex>,
+    schedule: ChunkSchedule,
     f: F,
 ) -> Result<(), E>
 where
     F: Fn(ChunkIndex) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Send + 'static,
+    Fut: Future<Output = Result<Turn, E>> + Send + 'static,
+    E: ChunkFailure + Send + 'static,
 {
-    let queue = Arc::new(Mutex::new(work));
+    let schedule = Arc::new(Mutex::new(schedule));
+    let lock = |s: &Arc<Mutex<ChunkSchedule>>| {
+        s.lock().unwrap_or_else(PoisonError::into_inner).poll_next()
+    };
     let mut set = JoinSet::new();
     for _ in 0..parallel {
-        let (queue, f) = (queue.clone(), f.clone());
+        let (schedule, f) = (schedule.clone(), f.clone());
         set.spawn(async move {
-            loop {
-                let next = queue
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .pop_front();
-                let Some(i) = next else { return Ok(()) };
-                f(i).await?;
+            while let Some(i) = lock(&schedule) {
+                let turn = f(i).await;
+                let mut s = schedule.lock().unwrap_or_else(PoisonError::into_inner);
+                // The schedule handed `i` to this worker alone: reporting on it cannot fail.
+                match turn {
+                    Ok(Turn::Verified) => {
+                        let _ = s.handle_verified(i);
+                    }
+                    Ok(Turn::NotAsked) => {
+                        let _ = s.handle_abandoned(i);
+                        return Ok(());
+                    }
+                    Err(e) if e.is_stream_reset() => {
+                        if s.handle_reset(i) == Ok(AfterReset::GiveUp) {
+                            return Err(e);
+                        }
+                        tracing::debug!(chunk = i.0, "chunk stream reset; asking again");
+                    }
+                    Err(e) => {
+                        let _ = s.handle_abandoned(i);
+                        return Err(e);
+                    }
+                }
             }
+            Ok(())
         });
     }
     while let Some(joined) = set.join_next().await {

@@ -18,13 +18,14 @@ use certs::SpiffeId;
 
 use super::attempt::{self, Attempt, Kind, Ran};
 use super::connection::Connection;
-use super::fetch::run_workers;
+use super::fetch::{Turn, run_workers};
 use super::pace::{Gate, Pace};
 use super::reply::{response, unexpected};
 use super::{Client, PushOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{ProtocolViolation, PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
+use crate::proto::schedule::ChunkSchedule;
 use crate::proto::{
     ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request, Response,
     TransferId,
@@ -268,7 +269,8 @@ impl Client {
                 opts.progress.clone(),
                 gate.clone(),
             );
-            run_workers(opts.parallel(self.config()), work, move |index| {
+            let schedule = ChunkSchedule::new(&manifest, work);
+            run_workers(opts.parallel(self.config()), schedule, move |index| {
                 let (conn, manifest, source, sent, done, progress, gate) = (
                     conn.clone(),
                     manifest.clone(),
@@ -281,7 +283,7 @@ impl Client {
                 async move {
                     let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
                     if !gate.admit(len).await {
-                        return Ok(());
+                        return Ok(Turn::NotAsked);
                     }
                     let n = send_chunk(&conn, transfer, &manifest, &source, index).await?;
                     sent.fetch_add(n, Ordering::Relaxed);
@@ -289,7 +291,7 @@ impl Client {
                     if let Some(p) = &progress {
                         p(so_far, total);
                     }
-                    Ok::<_, PushError>(())
+                    Ok::<_, PushError>(Turn::Verified)
                 }
             })
             .await
