@@ -1,4 +1,7 @@
-//! The protocol core, without I/O: frames, messages, names, manifests.
+//! The protocol core, without I/O: frames, messages, names, manifests, and the machines that
+//! decide a connection's opening (`connection`), each request's answer (`request`), a
+//! transfer's attempts (`transfer`, `schedule`, `retry`) and an RDMA session's sealing
+//! (`seal`).
 //!
 //! Nothing in here touches a socket, a file, a clock or tokio. Drivers in
 //! [`crate::transport`] read bytes, hand them to these decoders and write what the encoders
@@ -12,9 +15,11 @@ pub mod manifest;
 pub mod message;
 pub mod name;
 pub mod rdma;
+pub mod request;
 pub mod retry;
 pub mod schedule;
 pub mod seal;
+pub mod transfer;
 
 pub use decode::DecodeError;
 pub use frame::{Frame, FrameError, FrameHeader, FrameKind};
