@@ -5,10 +5,10 @@
 //! streams come back, and every refusal carries its reason.
 //!
 //! Covered elsewhere, not repeated here: oversized, malformed and truncated frames on a QUIC
-//! stream, requests that leave their dataset, reads of 2^63 bytes and reads past the object
-//! (`src/server/tests.rs`); a TCP client opening more streams than announced (same file); a
-//! client without a certificate and a TLS 1.2-only client (`tests/auth.rs`); chunks past the
-//! object and another identity's transfer named in requests, which need no real wire
+//! stream and requests that leave their dataset (`src/transport/wire_tests.rs`); a TCP client
+//! opening more streams than announced (same file); a client without a certificate and a
+//! TLS 1.2-only client (`tests/auth.rs`); reads of 2^63 bytes and past the object, chunks past
+//! the object and another identity's transfer named in requests, which need no real wire
 //! (`tests/sim/transfers.rs`).
 //!
 //! The tests run one at a time (they measure the process's memory) and each bounds its own

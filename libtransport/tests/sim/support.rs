@@ -119,3 +119,25 @@ impl Clock for VirtualClock {
         self.mono + self.start.elapsed()
     }
 }
+
+/// Sends a `Read` (or any request answered by data) on a new stream: its data up to `End`,
+/// or the code of the `Error` it ended with.
+pub(crate) async fn raw_read(conn: &dyn Connection, req: &Request) -> Result<Vec<u8>, ErrorCode> {
+    let mut s = conn.open(req.encode()).await.expect("open a stream");
+    s.sink.finish();
+    let mut out = Vec::new();
+    loop {
+        let f = s
+            .source
+            .recv()
+            .await
+            .expect("the stream failed")
+            .expect("the stream ended before End or Error");
+        match f.kind {
+            FrameKind::Data => out.extend_from_slice(&f.payload),
+            FrameKind::End => return Ok(out),
+            FrameKind::Error => return Err(ErrorCode::decode(&f.payload).expect("an error code")),
+            k => panic!("unexpected {k:?}"),
+        }
+    }
+}

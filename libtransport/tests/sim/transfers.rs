@@ -1,16 +1,17 @@
-//! Transfers are confined to their chunks and to the identity that opened them: requests
-//! the client driver never sends, on raw streams of sim connections (moved from
-//! `tests/hostile.rs`, where they ran on raw QUIC streams that added nothing to them).
+//! Transfers are confined to their object's bytes and chunks and to the identity that
+//! opened them: requests the client driver never sends, on raw streams of sim connections
+//! (moved from `tests/hostile.rs` and `src/transport/wire_tests.rs`, where they ran on raw
+//! QUIC streams and over both transports, which added nothing to them).
 
 use certs::test_util::TestPki;
 use libtransport::proto::manifest::MIN_CHUNK_BYTES;
 use libtransport::proto::{
-    ChunkIndex, DatasetName, ErrorCode, Manifest, ObjectPath, Request, Response,
+    ChunkIndex, DatasetName, ErrorCode, Manifest, ObjectPath, Request, Response, TransferId,
 };
 use libtransport::test_util::sim::SimNet;
 use libtransport::test_util::{random_bytes, trace_init};
 
-use super::support::{error_code, raw_call, raw_session, response, server};
+use super::support::{error_code, raw_call, raw_read, raw_session, response, server};
 use super::tuning;
 
 const GRANTS: &[(&str, &str, bool, bool)] = &[
@@ -133,4 +134,54 @@ async fn resumes_past_the_object_or_of_another_identitys_transfer_are_refused() 
     };
     assert_eq!(have.count(), 1, "{seed}");
     assert!(have.contains(ChunkIndex(0)), "{seed}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_beyond_limits_or_objects_are_refused() {
+    const CANARY: &[u8] = b"PHI-CANARY-9d2e";
+    let _trace = trace_init();
+    let net = SimNet::new(139);
+    let seed = format!("seed {}", net.seed());
+    let pki = TestPki::new("hospital.example");
+    let server = server(
+        &net,
+        &pki,
+        &[("/gpu/loader", "scans", true, false)],
+        tuning(),
+    )
+    .await;
+    server.put("scans", "a.bin", CANARY);
+    let conn = raw_session(&net, &pki, "/gpu/loader").await;
+    let open = Request::OpenRead {
+        dataset: DatasetName::new("scans").unwrap(),
+        object: ObjectPath::new("a.bin").unwrap(),
+    };
+    let Some(Response::OpenedRead { transfer, .. }) =
+        response(&raw_call(&*conn, &open, None).await)
+    else {
+        panic!("{seed}: no transfer opened");
+    };
+    let len = CANARY.len() as u64;
+    let read = |transfer, offset, len| Request::Read {
+        transfer,
+        offset,
+        len,
+    };
+    for (offset, n, code) in [
+        (0, 1u64 << 63, ErrorCode::TooLarge),
+        (u64::MAX - 1, 10, ErrorCode::Range),
+        (len + 1, 1, ErrorCode::Range),
+        (0, len + 1, ErrorCode::Range),
+    ] {
+        let got = raw_read(&*conn, &read(transfer, offset, n)).await;
+        assert_eq!(got, Err(code), "{seed}: read {offset}+{n}");
+    }
+    // A transfer id this connection never opened.
+    let got = raw_read(&*conn, &read(TransferId(transfer.0 + 1000), 0, 1)).await;
+    assert_eq!(got, Err(ErrorCode::UnknownTransfer), "{seed}");
+    // The control: reads inside the object work, to its last byte.
+    let got = raw_read(&*conn, &read(transfer, 0, len)).await;
+    assert_eq!(got.as_deref(), Ok(CANARY), "{seed}");
+    let got = raw_read(&*conn, &read(transfer, len - 4, 4)).await;
+    assert_eq!(got.as_deref(), Ok(&CANARY[CANARY.len() - 4..]), "{seed}");
 }
