@@ -5,9 +5,11 @@
 //! streams come back, and every refusal carries its reason.
 //!
 //! Covered elsewhere, not repeated here: oversized, malformed and truncated frames on a QUIC
-//! stream, requests that leave their dataset, reads of 2^63 bytes and reads past the object
-//! (`src/server/tests.rs`); a TCP client opening more streams than announced (same file); a
-//! client without a certificate and a TLS 1.2-only client (`tests/auth.rs`).
+//! stream and requests that leave their dataset (`src/transport/wire_tests.rs`); a TCP client
+//! opening more streams than announced (same file); a client without a certificate and a
+//! TLS 1.2-only client (`tests/auth.rs`); reads of 2^63 bytes and past the object, chunks past
+//! the object and another identity's transfer named in requests, which need no real wire
+//! (`tests/sim/transfers.rs`).
 //!
 //! The tests run one at a time (they measure the process's memory) and each bounds its own
 //! traffic in count and time. The last section checks, with a counting allocator, that no
@@ -530,107 +532,6 @@ async fn a_tcp_peer_holding_every_stream_unread_is_bounded_and_cut_off() {
         "the connection of a peer that never read stayed open"
     );
     assert!(got < len, "{got} bytes went to a peer that never read");
-}
-
-// ---------------------------------------------------------------------------------------
-// Resumes that point past the object or at another identity's transfer.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resumes_past_the_object_or_of_another_identitys_transfer_are_refused() {
-    let _serial = SERIAL.lock().await;
-    let _trace = trace_init();
-    let pki = TestPki::new("hospital.example");
-    let server = TestServer::start(&pki, GRANTS).await;
-    let quic = server.addr(Path::Quic);
-    let data = random_bytes(MIN_CHUNK_BYTES as usize * 2 + 100, 7);
-    let manifest = Manifest::of_bytes(&data, MIN_CHUNK_BYTES).unwrap();
-    assert_eq!(manifest.chunk_count(), 3);
-    let open = Request::OpenWrite {
-        dataset: ds("scans"),
-        object: obj("ckpt/model.bin"),
-        manifest: manifest.clone(),
-    };
-
-    // The loader starts a push and stores chunk 0.
-    let (_ea, a) = quic_session(quic, &pki.svid("/gpu/loader")).await;
-    let Some(Response::OpenedWrite { transfer: ta, have }) = response(&quic_call(&a, &open).await)
-    else {
-        panic!("no write transfer opened");
-    };
-    assert_eq!(have.count(), 0);
-    let chunk0 = &data[..MIN_CHUNK_BYTES as usize];
-    let frames = write_chunk(&a, ta, 0, chunk0).await;
-    assert!(matches!(
-        response(&frames),
-        Some(Response::ChunkStored(ChunkIndex(0)))
-    ));
-    // Chunks past the object's end are refused.
-    for past in [3, 1000, u32::MAX] {
-        let frames = write_chunk(&a, ta, past, b"bytes past the object").await;
-        assert_eq!(error_code(&frames), Some(ErrorCode::Range), "chunk {past}");
-    }
-
-    // Another identity, on its own connection, names the loader's transfer: it does not exist
-    // there, whatever it asks.
-    let (_eb, b) = quic_session(quic, &pki.svid("/gpu/other")).await;
-    for req in [
-        Request::WriteChunk {
-            transfer: ta,
-            chunk: ChunkIndex(1),
-        },
-        Request::Commit { transfer: ta },
-        Request::Read {
-            transfer: ta,
-            offset: 0,
-            len: 1,
-        },
-        Request::Close { transfer: ta },
-    ] {
-        let frames = quic_call(&b, &req).await;
-        assert_eq!(
-            error_code(&frames),
-            Some(ErrorCode::UnknownTransfer),
-            "{}",
-            req.name()
-        );
-    }
-    // While the loader's write is open, nobody else writes that object.
-    assert_eq!(
-        error_code(&quic_call(&b, &open).await),
-        Some(ErrorCode::Conflict)
-    );
-    // The loader leaves its transfer (its verified chunk stays for a resume).
-    assert!(matches!(
-        response(&quic_call(&a, &Request::Close { transfer: ta }).await),
-        Some(Response::Closed)
-    ));
-    drop(a);
-    // The other identity opens the same object with the same manifest: it does not resume
-    // the loader's chunk, and cannot commit what it has not sent.
-    let Some(Response::OpenedWrite { transfer: tb, have }) = response(&quic_call(&b, &open).await)
-    else {
-        panic!("no write transfer for the other identity");
-    };
-    assert_eq!(
-        have.count(),
-        0,
-        "another identity resumed the loader's chunks"
-    );
-    assert_eq!(
-        error_code(&quic_call(&b, &Request::Commit { transfer: tb }).await),
-        Some(ErrorCode::Incomplete)
-    );
-    assert!(matches!(
-        response(&quic_call(&b, &Request::Close { transfer: tb }).await),
-        Some(Response::Closed)
-    ));
-    // The control: the loader itself resumes, from chunk 1.
-    let (_ec, c) = quic_session(quic, &pki.svid("/gpu/loader")).await;
-    let Some(Response::OpenedWrite { have, .. }) = response(&quic_call(&c, &open).await) else {
-        panic!("the loader cannot reopen its write");
-    };
-    assert_eq!(have.count(), 1);
-    assert!(have.contains(ChunkIndex(0)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1188,13 +1089,6 @@ fn response(frames: &[Frame]) -> Option<Response> {
     }
 }
 
-fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
-    match frames {
-        [f] if f.kind == FrameKind::Error => ErrorCode::decode(&f.payload).ok(),
-        _ => None,
-    }
-}
-
 fn data_of(frames: &[Frame]) -> Vec<u8> {
     frames
         .iter()
@@ -1356,30 +1250,6 @@ async fn quic_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<Frame>, 
 
 async fn quic_call(conn: &quinn::Connection, req: &Request) -> Vec<Frame> {
     let bytes = frame_bytes(FrameKind::Request, 0, req.encode());
-    timeout(Duration::from_secs(20), quic_raw(conn, &bytes))
-        .await
-        .expect("no answer")
-        .unwrap()
-}
-
-/// `WriteChunk`, the chunk's bytes as Data frames, then End, on one stream.
-async fn write_chunk(
-    conn: &quinn::Connection,
-    transfer: TransferId,
-    chunk: u32,
-    data: &[u8],
-) -> Vec<Frame> {
-    let req = Request::WriteChunk {
-        transfer,
-        chunk: ChunkIndex(chunk),
-    };
-    let mut bytes = frame_bytes(FrameKind::Request, 0, req.encode());
-    bytes.extend(frame_bytes(
-        FrameKind::Data,
-        0,
-        Bytes::copy_from_slice(data),
-    ));
-    bytes.extend(frame_bytes(FrameKind::End, 0, Bytes::new()));
     timeout(Duration::from_secs(20), quic_raw(conn, &bytes))
         .await
         .expect("no answer")

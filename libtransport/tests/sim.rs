@@ -1,6 +1,20 @@
 //! The real client and server drivers over the in-memory transport (`test_util::sim`):
 //! no sockets, virtual time (`start_paused`), seeded faults. Each test prints its seed when
 //! it fails, so the same run can be repeated.
+//!
+//! Tests moved here from the socket suites live in `sim/*.rs`; socket tests keep only what
+//! real handshakes, the kernel and hostile bytes on a real wire show.
+
+#[path = "sim/access.rs"]
+mod access;
+#[path = "sim/credentials.rs"]
+mod credentials;
+#[path = "sim/store.rs"]
+mod store;
+#[path = "sim/support.rs"]
+mod support;
+#[path = "sim/transfers.rs"]
+mod transfers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
