@@ -375,6 +375,8 @@ const SERVER_TTL: Duration = Duration::from_secs(60);
 /// TCP socket, and a paused clock would jump to the next timer (a stream's I/O timeout, the
 /// device's connect timeout) whenever the runtime waits on that socket.
 mod rdma {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
     use libtransport::proto::rdma::{DeviceKind, RdmaControl, RdmaOffer};
     use libtransport::proto::seal::{
         Direction as SealDirection, EXPORTER_BYTES, EXPORTER_LABEL, MAX_OPEN_FAILURES, Placement,
