@@ -227,3 +227,25 @@ impl Pair {
         Ok(c.id.0 as usize)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests fail loudly.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bare_loop_moves_every_byte_and_times_its_requests() {
+        let shape = Shape {
+            parallel: 4,
+            connections: 2,
+            requests: 3,
+            request_bytes: 100,
+        };
+        let size = 10 * (64 << 10) + 5;
+        let r = run(size, 64 << 10, shape).await.unwrap();
+        assert_eq!(r.mode, "rdma-soft-plain");
+        assert_eq!(r.bytes, 2 * size);
+        assert!(r.latency.p50_us > 0);
+    }
+}
