@@ -28,7 +28,8 @@ pub enum Mode {
     /// Chunks by RDMA over the software device, sealed with AES-256-GCM under keys from
     /// the QUIC connection's TLS exporter; control over that QUIC connection.
     RdmaSoft,
-    /// The same with chunks unsealed: `rdma-soft`'s baseline, which exists only here.
+    /// The same chunks unsealed, with no protocol: `rdma-soft`'s baseline, a bare loop over
+    /// two soft devices in this process ([`crate::rdma_plain`]); the library always seals.
     RdmaSoftPlain,
     /// Chunks by RDMA over a hardware device, sealed (needs the `rdma` build feature and a
     /// device on both sides).
@@ -108,6 +109,8 @@ pub struct Target {
     pub object: ObjectPath,
     /// Its size.
     pub size: u64,
+    /// Bytes per chunk of the object (the last may be shorter).
+    pub chunk_bytes: u32,
     /// Tuning.
     pub transport: TransportConfig,
     /// The server's process id, when it runs on this machine in another process: its CPU
@@ -175,12 +178,14 @@ pub struct Shape {
 /// `requests` small requests are timed on one of them. When the server shares this process
 /// (`local`), `cpu_s_per_gb` already holds both sides.
 pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<RunResult> {
+    if mode == Mode::RdmaSoftPlain {
+        return crate::rdma_plain::run(target.size, target.chunk_bytes, shape).await;
+    }
     let mut transport = target.transport.clone();
     // The RDMA modes must not fall back to QUIC unnoticed; the others do not use RDMA.
     transport.rdma_required(true);
     match mode {
         Mode::RdmaSoft => transport.rdma(RdmaMode::Soft),
-        Mode::RdmaSoftPlain => transport.rdma(RdmaMode::Soft).dangerous_unsealed_rdma(true),
         Mode::Rdma => transport.rdma(RdmaMode::Auto),
         _ => transport.rdma(RdmaMode::Off),
     };
@@ -270,7 +275,8 @@ async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::R
             Client::connect_with(config, addr, Arc::new(connector)).await?
         }
         Mode::TlsTcp => Client::connect(config, target.tcp, Path::Tcp).await?,
-        Mode::Quic | Mode::RdmaSoft | Mode::RdmaSoftPlain | Mode::Rdma => {
+        Mode::RdmaSoftPlain => anyhow::bail!("rdma-soft-plain makes no client connection"),
+        Mode::Quic | Mode::RdmaSoft | Mode::Rdma => {
             Client::connect(config, target.quic, Path::Quic).await?
         }
     })

@@ -37,12 +37,7 @@ pub struct TransportConfig {
     pub(crate) max_mtu: u16,
     pub(crate) socket_buffer_bytes: usize,
     pub(crate) rdma: RdmaMode,
-    /// Offer (client) or accept (server) unsealed RDMA chunks: the bench's baseline only.
-    pub(crate) rdma_unsealed: bool,
     pub(crate) rdma_required: bool,
-    /// A server that damages every RDMA chunk after sealing it (tests only).
-    #[cfg(feature = "test-util")]
-    pub(crate) rdma_tamper: bool,
 }
 
 /// Whether bulk transfers may move by RDMA. Either way the control channel is QUIC, and
@@ -79,10 +74,7 @@ impl Default for TransportConfig {
             max_mtu: 1452,
             socket_buffer_bytes: 8 << 20,
             rdma: RdmaMode::default(),
-            rdma_unsealed: false,
             rdma_required: false,
-            #[cfg(feature = "test-util")]
-            rdma_tamper: false,
         }
     }
 }
@@ -208,26 +200,10 @@ impl TransportConfig {
         self.rdma
     }
 
-    /// Makes a server flip a bit in every RDMA chunk after sealing it, to test that
-    /// receivers refuse them. Tests only.
-    #[cfg(feature = "test-util")]
-    pub fn tamper_rdma_chunks_for_tests(&mut self) -> &mut Self {
-        self.rdma_tamper = true;
-        self
-    }
-
     /// Fail a pull that cannot use RDMA instead of falling back to QUIC (default: fall
     /// back). For benchmarks and deployments that must not silently change paths.
     pub fn rdma_required(&mut self, required: bool) -> &mut Self {
         self.rdma_required = required;
-        self
-    }
-
-    /// Moves RDMA chunks unsealed: a client offers it and a server accepts it. Exists only
-    /// for `transport-bench`'s `rdma-soft-plain` baseline; never enable it in a product.
-    #[cfg(feature = "bench-unsealed-rdma")]
-    pub fn dangerous_unsealed_rdma(&mut self, on: bool) -> &mut Self {
-        self.rdma_unsealed = on;
         self
     }
 

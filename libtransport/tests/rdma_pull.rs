@@ -1,6 +1,7 @@
 //! Pulls over the RDMA path with the software device: sealed chunks end byte-identical in
 //! files and in memory; a client or server without RDMA falls back to QUIC and the pull
-//! still completes; both ends name the path they used in the audit trail.
+//! still completes; both ends name the path they used in the audit trail. (Chunks that fail
+//! to open, and bad grants, are tested through the sim: `tests/sim.rs`, module `rdma`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
@@ -215,59 +216,4 @@ async fn a_resumed_pull_over_rdma_fetches_only_the_missing_chunks() {
     assert_eq!(report.chunks_fetched, 8);
     assert_eq!(report.fetched_bytes, 2 << 20);
     assert!(std::fs::read(&dest).unwrap() == data);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tampered_chunks_abort_the_pull_land_nowhere_and_are_audited() {
-    let _trace = trace_init();
-    let pki = TestPki::new("hospital.example");
-    let mut t = transport(RdmaMode::Soft);
-    t.tamper_rdma_chunks_for_tests();
-    let server = TestServer::start_with(&pki, &[("/gpu/loader", "scans", true, false)], t).await;
-    let data = random_bytes(3 << 20, 5);
-    server.put("scans", "t.bin", &data);
-    let scans = DatasetName::new("scans").unwrap();
-    let object = ObjectPath::new("t.bin").unwrap();
-    let (c, audit) = client(&pki, &server, RdmaMode::Soft).await;
-    let out = tempfile::tempdir().unwrap();
-    let dest = out.path().join("t.bin");
-    let opts = FetchOptions {
-        retry: libtransport::RetryPolicy::none(),
-        ..FetchOptions::default()
-    };
-    let e = c
-        .fetch_to_file(&scans, &object, &dest, &opts)
-        .await
-        .expect_err("tampered chunks must not make a file");
-    assert!(matches!(e, libtransport::FetchError::Corrupt(_)), "{e}");
-    assert!(!dest.exists());
-    // Nothing that failed to open was written, not even into the partial file.
-    let partial = std::fs::read(out.path().join(".t.bin.transportd-partial")).unwrap_or_default();
-    assert!(
-        partial.iter().all(|&b| b == 0),
-        "unverified bytes were written"
-    );
-    let aborted: Vec<_> = audit
-        .events()
-        .into_iter()
-        .filter_map(|e| match e {
-            AuditEvent::RdmaAborted { peer, failures, .. } => Some((peer, failures)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        aborted,
-        vec![(
-            server.id.clone(),
-            libtransport::proto::seal::MAX_OPEN_FAILURES
-        )]
-    );
-    // In memory too; and the control: the same server's chunks over QUIC are fine.
-    let e = c
-        .fetch(&scans, &object, u64::MAX, &opts)
-        .await
-        .expect_err("tampered chunks must not be returned");
-    assert!(matches!(e, libtransport::FetchError::Corrupt(_)), "{e}");
-    let (quic, _) = client(&pki, &server, RdmaMode::Off).await;
-    assert!(quic.fetch(&scans, &object, u64::MAX, &opts).await.unwrap() == data);
 }

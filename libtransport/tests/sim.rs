@@ -381,3 +381,353 @@ async fn the_servers_svid_rotating_mid_transfer_renews_the_connection_without_a_
 
 /// The server's SVIDs in the rotation test live this long.
 const SERVER_TTL: Duration = Duration::from_secs(60);
+
+/// RDMA sessions through the sim: the real server driver and client driver, the control
+/// stream in memory, chunks on the software device over loopback.
+///
+/// These tests run in real time, not paused: the soft device moves chunks over a loopback
+/// TCP socket, and a paused clock would jump to the next timer (a stream's I/O timeout, the
+/// device's connect timeout) whenever the runtime waits on that socket.
+mod rdma {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
+
+    use libtransport::proto::rdma::{DeviceKind, RdmaControl, RdmaOffer};
+    use libtransport::proto::seal::{
+        Direction as SealDirection, EXPORTER_BYTES, EXPORTER_LABEL, MAX_OPEN_FAILURES, Placement,
+        SessionKeys, exporter_context, sealed_len,
+    };
+    use libtransport::proto::{ErrorCode, FrameKind, Manifest, Request, Response, TransferId};
+    use libtransport::transport::rdma::soft::{SoftConfig, SoftRegion, SoftVerbs};
+    use libtransport::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
+    use libtransport::transport::{Connection, Connector, RequestStream};
+    use libtransport::{RdmaMode, TransferPath};
+
+    use super::*;
+
+    /// Bytes either side of the offered ring in the region that holds it.
+    const GUARD: usize = 4096;
+    /// What the region holds before anything is written.
+    const FILL: u8 = 0xa5;
+
+    async fn rdma_sim(seed: u64) -> Sim {
+        let mut t = tuning();
+        t.rdma(RdmaMode::Soft);
+        Sim::start_with(seed, t).await
+    }
+
+    /// A raw connection of `/gpu/loader`, and an open read transfer of `object`.
+    async fn raw_read(
+        sim: &Sim,
+        object: &str,
+    ) -> (Arc<dyn Connection>, RequestStream, TransferId, Manifest) {
+        let id = identity(&sim.pki, "/gpu/loader");
+        let established = sim
+            .net
+            .connector(id)
+            .connect(SERVER_ADDR)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sim.seed()));
+        let conn = established.connection;
+        let (dataset, object) = names(object);
+        let mut s = conn
+            .open(Request::OpenRead { dataset, object }.encode())
+            .await
+            .unwrap();
+        let frame = s.source.recv().await.unwrap().expect("an answer");
+        assert_eq!(frame.kind, FrameKind::Response, "{}", sim.seed());
+        let Response::OpenedRead { transfer, manifest } = Response::decode(&frame.payload).unwrap()
+        else {
+            panic!("{}: not an open read", sim.seed());
+        };
+        (conn, s, transfer, manifest)
+    }
+
+    /// A soft device on loopback and a region of `GUARD`, a ring of `slots` slots of
+    /// `slot_bytes`, and `GUARD` again, filled with `FILL`, a receive posted per slot.
+    async fn ring(slots: u32, slot_bytes: u32) -> (SoftVerbs, SoftRegion, RdmaOffer) {
+        let mut config = SoftConfig::default();
+        config.bind("127.0.0.1:0".parse().unwrap());
+        let device = SoftVerbs::bind(Arc::new(config)).await.unwrap();
+        let ring_len = slots as usize * slot_bytes as usize;
+        let region = device.register(GUARD + ring_len + GUARD).unwrap();
+        let len = region.len();
+        region.with_mut(0..len, |b| b.fill(FILL)).unwrap();
+        for slot in 0..slots as usize {
+            device
+                .post_recv(
+                    WorkId(slot as u64),
+                    &region,
+                    GUARD + slot * slot_bytes as usize,
+                    0,
+                )
+                .unwrap();
+        }
+        let remote = region.remote();
+        let offer = RdmaOffer {
+            device: DeviceKind::Soft,
+            info: Bytes::from(device.local_info()),
+            ring_addr: remote.addr + GUARD as u64,
+            ring_len: ring_len as u64,
+            ring_rkey: remote.rkey.0,
+            slot_bytes,
+            slots,
+            unsealed: false,
+        };
+        (device, region, offer)
+    }
+
+    /// The first frame the server answers `s` with after what was sent.
+    async fn error_code(s: &mut RequestStream) -> ErrorCode {
+        let frame = s.source.recv().await.unwrap().expect("an answer");
+        assert_eq!(frame.kind, FrameKind::Error, "{frame:?}");
+        ErrorCode::decode(&frame.payload).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_rdma_grant_exchange_with_a_bad_grant_is_refused_with_its_code_and_writes_nothing_outside_the_ring()
+     {
+        let _trace = trace_init();
+        let sim = rdma_sim(41).await;
+        let data = random_bytes(3 * CHUNK as usize, 41);
+        sim.server.put("scans", "g.bin", &data);
+        let (conn, _open, transfer, manifest) = raw_read(&sim, "g.bin").await;
+        assert_eq!(manifest.chunk_count(), 3);
+        let slot_bytes = sealed_len(CHUNK as usize) as u32;
+        // Each kind of bad grant, after a good one, in a session of its own.
+        let cases: [(&str, Bytes, ErrorCode); 3] = [
+            (
+                "a slot past the ring",
+                RdmaControl::Grant { slot: 2, chunk: 1 }.encode(),
+                ErrorCode::Range,
+            ),
+            (
+                "a chunk not in the manifest",
+                RdmaControl::Grant { slot: 1, chunk: 3 }.encode(),
+                ErrorCode::Range,
+            ),
+            (
+                "not a control message",
+                Bytes::from_static(&[7, 0, 0]),
+                ErrorCode::Protocol,
+            ),
+        ];
+        for (what, bad, code) in cases {
+            let (device, region, offer) = ring(2, slot_bytes).await;
+            let mut s = conn
+                .open(Request::RdmaOpen { transfer, offer }.encode())
+                .await
+                .unwrap();
+            let frame = s.source.recv().await.unwrap().expect("an answer");
+            let Ok(Response::RdmaAccepted { session, info }) = Response::decode(&frame.payload)
+            else {
+                panic!(
+                    "{}: {what}: the session was not accepted: {frame:?}",
+                    sim.seed()
+                );
+            };
+            device.connect(&info).await.unwrap();
+
+            // A good grant first: chunk 0 lands sealed in slot 0, as the session's keys say.
+            s.sink
+                .send(
+                    FrameKind::Data,
+                    RdmaControl::Grant { slot: 0, chunk: 0 }.encode(),
+                )
+                .await
+                .unwrap();
+            let c = device.poll().await.unwrap();
+            c.status.unwrap();
+            assert_eq!(
+                c.kind,
+                CompletionKind::WriteWithImm {
+                    imm: 0,
+                    len: slot_bytes
+                },
+                "{}: {what}",
+                sim.seed()
+            );
+            let mut exported = [0u8; EXPORTER_BYTES];
+            conn.export_keying_material(&mut exported, EXPORTER_LABEL, &exporter_context(&session))
+                .unwrap();
+            let mut opener =
+                SessionKeys::derive(session, &exported).opener(SealDirection::ServerToClient);
+            let expect = Placement {
+                transfer: transfer.0,
+                chunk: 0,
+                offset: 0,
+                len: CHUNK,
+            };
+            let at = GUARD..GUARD + slot_bytes as usize;
+            let mut sealed = region.with_mut(at, |b| b.to_vec()).unwrap();
+            let plain = opener.open(expect, &mut sealed).unwrap();
+            assert!(plain == &data[..CHUNK as usize], "{}: {what}", sim.seed());
+
+            // Then the bad one: refused with its code, and the session ends.
+            s.sink.send(FrameKind::Data, bad).await.unwrap();
+            assert_eq!(error_code(&mut s).await, code, "{}: {what}", sim.seed());
+
+            // Nothing was written but the granted slot: both guards and slot 1 as they were.
+            let len = region.len();
+            let all = region.with_mut(0..len, |b| b.to_vec()).unwrap();
+            let untouched = |r: std::ops::Range<usize>| all[r].iter().all(|&b| b == FILL);
+            let ring_end = GUARD + 2 * slot_bytes as usize;
+            assert!(
+                untouched(0..GUARD),
+                "{}: {what}: before the ring",
+                sim.seed()
+            );
+            assert!(
+                untouched(GUARD + slot_bytes as usize..ring_end),
+                "{}: {what}: slot 1 was never granted",
+                sim.seed()
+            );
+            assert!(
+                untouched(ring_end..len),
+                "{}: {what}: after the ring",
+                sim.seed()
+            );
+        }
+        // The transfer is still good for a pull of the real client, over RDMA.
+        let mut t = tuning();
+        t.rdma(RdmaMode::Soft);
+        let client = rdma_client(&sim, t).await;
+        let (dataset, object) = names("g.bin");
+        let got = client
+            .fetch(&dataset, &object, 1 << 30, &FetchOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sim.seed()));
+        assert!(got == data, "{}", sim.seed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offer_of_unsealed_rdma_chunks_is_refused_with_no_rdma() {
+        let _trace = trace_init();
+        let sim = rdma_sim(43).await;
+        sim.server
+            .put("scans", "u.bin", &random_bytes(CHUNK as usize, 43));
+        let (conn, _open, transfer, _) = raw_read(&sim, "u.bin").await;
+        let (_device, region, mut offer) = ring(1, sealed_len(CHUNK as usize) as u32).await;
+        offer.unsealed = true;
+        let mut s = conn
+            .open(Request::RdmaOpen { transfer, offer }.encode())
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(&mut s).await,
+            ErrorCode::NoRdma,
+            "{}",
+            sim.seed()
+        );
+        let len = region.len();
+        assert!(
+            region
+                .with_mut(0..len, |b| b.iter().all(|&b| b == FILL))
+                .unwrap(),
+            "{}",
+            sim.seed()
+        );
+    }
+
+    async fn rdma_client(sim: &Sim, transport: TransportConfig) -> Client {
+        let config = ClientConfig::builder()
+            .identity(identity(&sim.pki, "/gpu/loader"))
+            .audit(sim_audit())
+            .transport(transport)
+            .build();
+        Client::connect_with(
+            config,
+            SERVER_ADDR,
+            Arc::new(sim.net.connector(identity(&sim.pki, "/gpu/loader"))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", sim.seed()))
+    }
+
+    fn sim_audit() -> Arc<libtransport::test_util::MemoryAudit> {
+        Arc::new(libtransport::test_util::MemoryAudit::default())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rdma_chunks_that_fail_to_open_abort_the_pull_land_nowhere_and_are_audited() {
+        let _trace = trace_init();
+        let sim = rdma_sim(47).await;
+        let data = random_bytes(3 << 20, 5);
+        sim.server.put("scans", "t.bin", &data);
+        let (dataset, object) = names("t.bin");
+        // The two ends of the client's connection derive different RDMA keys: every chunk
+        // fails to open, as one damaged in flight would.
+        sim.net.skew_keying_material(true);
+        let audit = sim_audit();
+        let mut t = tuning();
+        t.rdma(RdmaMode::Soft);
+        let id = identity(&sim.pki, "/gpu/loader");
+        let config = ClientConfig::builder()
+            .identity(id.clone())
+            .audit(audit.clone())
+            .transport(t)
+            .build();
+        let c = Client::connect_with(config, SERVER_ADDR, Arc::new(sim.net.connector(id)))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sim.seed()));
+        let opts = FetchOptions {
+            retry: RetryPolicy::none(),
+            ..FetchOptions::default()
+        };
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("t.bin");
+        let e = c
+            .fetch_to_file(&dataset, &object, &dest, &opts)
+            .await
+            .expect_err("chunks that fail to open must not make a file");
+        assert!(matches!(e, FetchError::Corrupt(_)), "{}: {e}", sim.seed());
+        assert!(!dest.exists());
+        // Nothing that failed to open was written, not even into the partial file.
+        let partial =
+            std::fs::read(out.path().join(".t.bin.transportd-partial")).unwrap_or_default();
+        assert!(
+            partial.iter().all(|&b| b == 0),
+            "{}: unverified bytes were written",
+            sim.seed()
+        );
+        let aborted: Vec<_> = audit
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                AuditEvent::RdmaAborted { peer, failures, .. } => Some((peer, failures)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            aborted,
+            vec![(sim.server.id.clone(), MAX_OPEN_FAILURES)],
+            "{}",
+            sim.seed()
+        );
+        // In memory too; and the control: the same server's chunks over the stream are fine.
+        let e = c
+            .fetch(&dataset, &object, u64::MAX, &opts)
+            .await
+            .expect_err("chunks that fail to open must not be returned");
+        assert!(matches!(e, FetchError::Corrupt(_)), "{}: {e}", sim.seed());
+        let mut off = tuning();
+        off.rdma(RdmaMode::Off);
+        let quic = rdma_client(&sim, off).await;
+        assert!(
+            quic.fetch(&dataset, &object, u64::MAX, &opts)
+                .await
+                .unwrap()
+                == data
+        );
+        // And a connection whose ends agree moves the same chunks by RDMA.
+        sim.net.skew_keying_material(false);
+        let mut soft = tuning();
+        soft.rdma(RdmaMode::Soft);
+        let good = rdma_client(&sim, soft).await;
+        let report = good
+            .fetch_to_file(&dataset, &object, &dest, &opts)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sim.seed()));
+        assert_eq!(report.path, TransferPath::Rdma, "{}", sim.seed());
+        assert!(std::fs::read(&dest).unwrap() == data, "{}", sim.seed());
+    }
+}

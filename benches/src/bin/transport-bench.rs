@@ -131,7 +131,8 @@ enum Command {
 struct RunArgs {
     /// Modes to run, comma-separated: plaintext-tcp, tls-tcp, quic, rdma-soft-plain,
     /// rdma-soft, rdma (hardware; needs the `rdma` build feature and a device). Each mode's
-    /// ratio is to its unencrypted baseline: plaintext-tcp, or rdma-soft-plain for rdma-soft.
+    /// ratio is to its unencrypted baseline: plaintext-tcp, or rdma-soft-plain for rdma-soft
+    /// (a bare loop over two soft devices in this process, on loopback).
     #[arg(
         long,
         value_delimiter = ',',
@@ -229,16 +230,14 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             object,
             chunk_size,
             plaintext,
-            dangerous_plaintext,
+            dangerous_plaintext: _,
             max_mtu,
             no_audit,
         } => {
             let mut transport = TransportConfig::default();
             transport.mtu(1200, max_mtu).context("--max-mtu")?;
-            // Serve rdma-soft; and its unsealed baseline only where plaintext is allowed.
-            transport
-                .rdma(RdmaMode::Soft)
-                .dangerous_unsealed_rdma(dangerous_plaintext);
+            // Serve rdma-soft (its unsealed baseline is a bare loop on the client's side).
+            transport.rdma(RdmaMode::Soft);
             let cb = u32::try_from(chunk_size.as_u64()).context("--chunk-size")?;
             transport.chunk_bytes(cb).context("--chunk-size")?;
             let served = benches::setup::serve(ServeSpec {
@@ -301,7 +300,8 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .context("connecting to the server")?;
             let dataset = DatasetName::new("bench")?;
             let object = ObjectPath::new("object.bin")?;
-            let size = probe.stat(&dataset, &object).await?.size();
+            let manifest = probe.stat(&dataset, &object).await?;
+            let (size, chunk_bytes) = (manifest.size(), manifest.chunk_bytes());
             let target = Target {
                 client: client_id,
                 server_id: probe.server().id,
@@ -311,6 +311,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 dataset,
                 object,
                 size,
+                chunk_bytes,
                 transport,
                 server_pid,
             };
@@ -339,9 +340,7 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
         libtransport::IdentityHandle::new(benches::setup::credentials(&ca, "/bench/client")?);
     let loopback: SocketAddr = "127.0.0.1:0".parse()?;
     let mut server_transport = transport.clone();
-    server_transport
-        .rdma(RdmaMode::Soft)
-        .dangerous_unsealed_rdma(true);
+    server_transport.rdma(RdmaMode::Soft);
     let served = benches::setup::serve(ServeSpec {
         identity: server,
         listen: loopback,
@@ -361,6 +360,7 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
         dataset: served.dataset.clone(),
         object: served.object.clone(),
         size: served.size,
+        chunk_bytes: cb,
         transport,
         server_pid: None,
     };

@@ -25,10 +25,9 @@ use super::connection::Connection;
 use super::reply::{next_data, response, unexpected};
 use crate::config::RdmaMode;
 use crate::error::{FetchError, NoRdmaReason, ProtocolViolation, RequestError};
+use crate::proto::rdma::grant::{Aborted, CompletionError, Landed, Receiver, UnknownChunk};
 use crate::proto::rdma::{DeviceKind, MAX_SLOTS, RdmaControl, RdmaOffer};
-use crate::proto::seal::{
-    Direction, MAX_OPEN_FAILURES, OpenError, Opener, Placement, SessionKeys, sealed_len,
-};
+use crate::proto::seal::{Direction, OpenError, Opener, SessionKeys, sealed_len};
 use crate::proto::{
     ChunkIndex, Digest, ErrorCode, FrameKind, Manifest, Request, Response, TransferId,
 };
@@ -86,14 +85,12 @@ impl Client {
         if conn.peer.path != Path::Quic {
             return self.rdma_fallback(NoRdmaReason::NeedsQuic);
         }
-        let unsealed = transport.rdma_unsealed;
         let session = Session {
             client: self,
             conn,
             transfer,
             manifest,
             kind,
-            unsealed,
         };
         match kind {
             DeviceKind::Soft => {
@@ -135,7 +132,6 @@ struct Session<'a> {
     transfer: TransferId,
     manifest: &'a Arc<Manifest>,
     kind: DeviceKind,
-    unsealed: bool,
 }
 
 impl Session<'_> {
@@ -146,7 +142,7 @@ impl Session<'_> {
         deliver: Deliver,
         on_chunk: OnChunk,
     ) -> Result<bool, FetchError> {
-        let ring = Ring::new(device, self.manifest, work.len(), !self.unsealed)
+        let ring = Ring::new(device, self.manifest, work.len())
             .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
         let offer = RdmaOffer {
             device: self.kind,
@@ -156,7 +152,8 @@ impl Session<'_> {
             ring_rkey: ring.region.remote().rkey.0,
             slot_bytes: ring.slot_bytes as u32,
             slots: ring.slots as u32,
-            unsealed: self.unsealed,
+            // Chunks are always sealed; the byte stays in the wire format.
+            unsealed: false,
         };
         let req = Request::RdmaOpen {
             transfer: self.transfer,
@@ -171,21 +168,13 @@ impl Session<'_> {
             Err(e) => return Err(e.into()),
             Ok(other) => return Err(unexpected(&other).into()),
         };
-        let opener = if self.unsealed {
-            None
-        } else {
-            let keys: SessionKeys = rdma_keys(self.conn.transport(), session)
-                .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
-            Some(keys.opener(Direction::ServerToClient))
-        };
+        let keys: SessionKeys = rdma_keys(self.conn.transport(), session)
+            .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
+        let opener = keys.opener(Direction::ServerToClient);
         if let Err(e) = ring.device.connect(&info).await {
             return self.client.rdma_fallback(NoRdmaReason::ConnectFailed(e));
         }
-        tracing::debug!(
-            slots = ring.slots,
-            sealed = opener.is_some(),
-            "RDMA session started"
-        );
+        tracing::debug!(slots = ring.slots, "RDMA session started");
         let (grants, mut rx) = mpsc::unbounded_channel();
         let receiving = ring.receive(
             self.transfer.0,
@@ -259,16 +248,13 @@ impl<V: Verbs> Ring<V> {
         device: V,
         manifest: &Manifest,
         chunks: usize,
-        sealed: bool,
     ) -> Result<Self, crate::transport::rdma::verbs::VerbsError> {
         let largest = (0..manifest.chunk_count())
             .filter_map(|i| manifest.chunk_range(ChunkIndex(i)))
             .map(|r| (r.end - r.start) as usize)
             .max()
             .unwrap_or(0);
-        let slot_bytes = if sealed { sealed_len(largest) } else { largest }
-            .max(1)
-            .next_multiple_of(64);
+        let slot_bytes = sealed_len(largest).max(1).next_multiple_of(64);
         let slots = chunks
             .clamp(1, RING_SLOTS)
             .min((RING_BYTES / slot_bytes).max(1))
@@ -286,135 +272,120 @@ impl<V: Verbs> Ring<V> {
     }
 
     /// Grants chunks slot by slot and delivers each one that opens, until `work` is done.
-    /// Grants go out through `grants`; `on_chunk` hears of each delivered chunk.
+    /// Grants go out through `grants`; `on_chunk` hears of each delivered chunk. What each
+    /// completion means, and what to grant next, is the pure [`Receiver`]'s decision; this
+    /// loop moves grants, completions and slots between it, the device and the opener.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn receive(
         &self,
         transfer: u64,
         manifest: &Arc<Manifest>,
-        mut opener: Option<Opener>,
-        mut work: VecDeque<ChunkIndex>,
+        opener: Opener,
+        work: VecDeque<ChunkIndex>,
         deliver: &Deliver,
         grants: mpsc::UnboundedSender<RdmaControl>,
         on_chunk: &OnChunk,
     ) -> Result<(), ReceiveError> {
-        let mut granted: Vec<Option<ChunkIndex>> = vec![None; self.slots];
-        let grant = |slot: usize, chunk: ChunkIndex, granted: &mut Vec<Option<ChunkIndex>>| {
-            granted[slot] = Some(chunk);
-            grants
-                .send(RdmaControl::Grant {
-                    slot: slot as u32,
-                    chunk: chunk.0,
-                })
-                .map_err(|_| protocol(ProtocolViolation::RdmaControlClosed))
-        };
-        let mut left = work.len();
-        for slot in 0..self.slots {
-            if let Some(chunk) = work.pop_front() {
-                grant(slot, chunk, &mut granted)?;
+        // `slots` is at most MAX_SLOTS (see `new`).
+        let mut machine = Receiver::new(transfer, manifest.clone(), work, self.slots as u32)
+            .map_err(|UnknownChunk(chunk)| FetchError::Corrupt(chunk))?;
+        let send = |machine: &mut Receiver| {
+            while let Some(g) = machine.poll_grant() {
+                grants
+                    .send(g)
+                    .map_err(|_| protocol(ProtocolViolation::RdmaControlClosed))?;
             }
-        }
-        while left > 0 {
+            Ok::<_, FetchError>(())
+        };
+        send(&mut machine)?;
+        let mut opener = Some(opener);
+        while !machine.is_done() {
             let c = self
                 .device
                 .poll()
                 .await
                 .map_err(|e| protocol(ProtocolViolation::RdmaSession(e)))?;
             let (slot, len) = match (c.kind, c.status) {
-                (CompletionKind::WriteWithImm { imm, len }, Ok(())) => (imm as usize, len as usize),
+                (CompletionKind::WriteWithImm { imm, len }, Ok(())) => (imm, len as usize),
                 (kind, status) => {
                     return Err(protocol(ProtocolViolation::RdmaCompletion { kind, status }).into());
                 }
             };
-            let chunk = granted
-                .get_mut(slot)
-                .and_then(Option::take)
-                .ok_or_else(|| protocol(ProtocolViolation::UngrantedSlot))?;
-            let range = manifest
-                .chunk_range(chunk)
-                .ok_or(FetchError::Corrupt(chunk))?;
-            let expect = Placement {
-                transfer,
-                chunk: chunk.0,
-                offset: range.start,
-                len: (range.end - range.start) as u32,
+            let (landed, opened) = match machine.handle_completion(slot, len) {
+                Ok(landed) => {
+                    let (opened, back) = self
+                        .open_and_deliver(&landed, opener.take(), deliver, manifest)
+                        .await?;
+                    opener = back;
+                    (landed, opened)
+                }
+                // Not what a sealer writes for this chunk: refused, as the opener would.
+                Err(CompletionError::WrongLength { landed, .. }) => {
+                    (landed, Err(OpenError::Truncated))
+                }
+                Err(CompletionError::UngrantedSlot { .. }) => {
+                    return Err(protocol(ProtocolViolation::UngrantedSlot).into());
+                }
             };
-            let (opened, back) = self
-                .open_and_deliver(slot, len, expect, opener.take(), deliver, manifest)
-                .await?;
-            opener = back;
+            let slot = landed.slot() as usize;
             self.device
                 .post_recv(WorkId(slot as u64), &self.region, slot * self.slot_bytes, 0)
                 .map_err(|e| protocol(ProtocolViolation::RdmaRepost(e)))?;
-            let next = match opened {
+            match opened {
                 Ok(()) => {
-                    left -= 1;
-                    on_chunk(range.end - range.start);
-                    work.pop_front()
+                    let delivered = machine.handle_opened(landed);
+                    on_chunk(u64::from(delivered.len));
                 }
                 Err(e) => {
-                    let failures = opener.as_ref().map_or(u32::MAX, Opener::failures);
-                    tracing::warn!(chunk = chunk.0, error = %e, failures, "RDMA chunk refused");
-                    if failures >= MAX_OPEN_FAILURES || matches!(e, OpenError::TooManyFailures) {
-                        return Err(ReceiveError {
-                            error: FetchError::Corrupt(chunk),
-                            aborted: Some((chunk, failures)),
-                        });
+                    let chunk = landed.chunk();
+                    match machine.handle_refused(landed) {
+                        Ok(again) => {
+                            tracing::warn!(chunk = chunk.0, error = %e, failures = again.failures, "RDMA chunk refused");
+                        }
+                        Err(Aborted { chunk, failures }) => {
+                            tracing::warn!(chunk = chunk.0, error = %e, failures, "RDMA chunk refused");
+                            return Err(ReceiveError {
+                                error: FetchError::Corrupt(chunk),
+                                aborted: Some((chunk, failures)),
+                            });
+                        }
                     }
-                    // Ask again: the sender seals it afresh under a new sequence number.
-                    Some(chunk)
                 }
-            };
-            if let Some(chunk) = next {
-                grant(slot, chunk, &mut granted)?;
             }
+            send(&mut machine)?;
         }
         Ok(())
     }
 
-    /// Opens slot `slot` in place and, if it opens, delivers the plaintext (off the runtime's
-    /// threads). The outer error ends the transfer; the inner one is a refused chunk.
+    /// Opens `landed`'s slot in place and, if it opens, delivers the plaintext (off the
+    /// runtime's threads). The outer error ends the transfer; the inner one is a refused
+    /// chunk. The opener comes back unless the blocking task was lost.
     async fn open_and_deliver(
         &self,
-        slot: usize,
-        written: usize,
-        expect: Placement,
+        landed: &Landed,
         opener: Option<Opener>,
         deliver: &Deliver,
         manifest: &Arc<Manifest>,
     ) -> Result<(Result<(), OpenError>, Option<Opener>), FetchError> {
-        let len = expect.len as usize;
-        let sealed = opener.is_some();
-        let span = if sealed { sealed_len(len) } else { len };
-        if written != span {
-            // Not what a sealer writes for this chunk: refuse it as the opener would.
-            // (An empty buffer fails to open, and counts as a failure.)
-            let mut opener = opener;
-            let refused = match opener.as_mut() {
-                Some(o) => o
-                    .open(expect, &mut [])
-                    .err()
-                    .unwrap_or(OpenError::Truncated),
-                None => OpenError::Truncated,
-            };
-            return Ok((Err(refused), opener));
-        }
-        let at = slot * self.slot_bytes;
+        let Some(mut opener) = opener else {
+            return Err(FetchError::Local(std::io::Error::other(
+                "the RDMA opener was lost",
+            )));
+        };
+        let expect = landed.placement();
+        let at = landed.slot() as usize * self.slot_bytes;
+        let span = landed.sealed_len();
         let (region, deliver, manifest) = (self.region.clone(), deliver.clone(), manifest.clone());
         tokio::task::spawn_blocking(move || {
-            let mut opener = opener;
             let r = region.with_mut(at..at + span, |buf| {
-                let plain = match opener.as_mut() {
-                    Some(o) => match o.open(expect, buf) {
-                        Ok(p) => p,
-                        Err(e) => return Ok(Err(e)),
-                    },
-                    None => &buf[..len],
+                let plain = match opener.open(expect, buf) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(e)),
                 };
                 put(&deliver, &manifest, ChunkIndex(expect.chunk), plain).map(Ok)
             });
             match r {
-                Ok(Ok(opened)) => Ok((opened, opener)),
+                Ok(Ok(opened)) => Ok((opened, Some(opener))),
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(FetchError::Local(std::io::Error::other(e))),
             }
@@ -476,7 +447,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
     use super::*;
-    use crate::proto::seal::{EXPORTER_BYTES, HEADER_LEN, KeyLimits, Sealer};
+    use crate::proto::seal::{
+        EXPORTER_BYTES, HEADER_LEN, KeyLimits, MAX_OPEN_FAILURES, Placement, Sealer,
+    };
 
     const CHUNK: usize = 64 << 10;
     const CHUNKS: usize = 4;
@@ -511,7 +484,7 @@ mod tests {
         let manifest = Arc::new(Manifest::of_bytes(&data, CHUNK as u32).unwrap());
         let rx = SoftVerbs::bind(Default::default()).await.unwrap();
         let tx = SoftVerbs::bind(Default::default()).await.unwrap();
-        let ring = Ring::new(rx, &manifest, CHUNKS, true).unwrap();
+        let ring = Ring::new(rx, &manifest, CHUNKS).unwrap();
         let (tx_info, rx_info) = (tx.local_info(), ring.device.local_info());
         let (a, b) = tokio::join!(ring.device.connect(&tx_info), tx.connect(&rx_info));
         a.unwrap();
@@ -531,7 +504,7 @@ mod tests {
         let receiving = ring.receive(
             7,
             &manifest,
-            Some(keys(1).opener(Direction::ServerToClient)),
+            keys(1).opener(Direction::ServerToClient),
             work.iter().map(|&c| ChunkIndex(c)).collect(),
             &deliver,
             grants,

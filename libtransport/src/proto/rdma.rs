@@ -11,10 +11,15 @@
 //!  (WriteWithImm completion: open in place, verify, deliver, grant the slot again)
 //!  Finish ───────────────────────────────────────────▶  ends the session
 //! ```
+//!
+//! Both ends of the exchange are pure machines in [`grant`]; the drivers only move grants
+//! and chunks between them and the devices.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::decode::DecodeError;
+
+pub mod grant;
 
 /// What a receiver offers when it asks for an RDMA session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +38,8 @@ pub struct RdmaOffer {
     pub slot_bytes: u32,
     /// Slots in the ring: the most chunks in flight.
     pub slots: u32,
-    /// Chunks move unsealed: only `transport-bench`'s baseline asks, and only a server built
-    /// for the bench agrees.
+    /// Chunks move unsealed. Kept in the wire format, but no client offers it and every
+    /// server refuses such an offer with [`crate::proto::ErrorCode::NoRdma`].
     pub unsealed: bool,
 }
 

@@ -6,7 +6,9 @@
 //! exporter of this very QUIC connection. Then, grant by grant, it reads the chunk straight
 //! into a staging slot, seals it there and writes it into the granted ring slot with the slot
 //! number as the immediate value. It never writes where it was not granted, and the ring
-//! bounds what is in flight.
+//! bounds what is in flight. Which grants it serves, and where each chunk goes, is decided
+//! by the pure [`Sender`] machine (`proto/rdma/grant.rs`); this driver only moves frames,
+//! staging slots and writes. An offer of unsealed chunks is always refused (`NoRdma`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +20,10 @@ use tracing::{debug, info};
 use super::conn::{ConnCtx, Transfer, TransferKind};
 use super::failure::{Failure, store_code};
 use crate::config::RdmaMode;
-use crate::proto::rdma::{DeviceKind, RdmaControl, RdmaOffer};
-use crate::proto::seal::{Direction, HEADER_LEN, KeyLimits, Placement, Sealer, sealed_len};
-use crate::proto::{ChunkIndex, ErrorCode, FrameKind, Response, TransferId};
+use crate::proto::rdma::grant::{Control, Sender, Work};
+use crate::proto::rdma::{DeviceKind, RdmaOffer};
+use crate::proto::seal::{Direction, HEADER_LEN, KeyLimits, Sealer};
+use crate::proto::{ErrorCode, FrameKind, Response, TransferId};
 use crate::transport::rdma::local_ip;
 use crate::transport::rdma::soft::{SoftConfig, SoftVerbs};
 use crate::transport::rdma::verbs::{
@@ -49,28 +52,13 @@ pub(crate) async fn serve(
     }
     let conn = ctx.conn.clone();
     let config = &ctx.shared.config.transport;
-    if offer.unsealed && !config.rdma_unsealed {
-        debug!(peer.id = %ctx.peer.id, "unsealed RDMA refused");
-        return Err(ErrorCode::NoRdma.into());
-    }
-    let manifest = reader.manifest().clone();
-    let largest = (0..manifest.chunk_count())
-        .filter_map(|i| manifest.chunk_range(ChunkIndex(i)))
-        .map(|r| r.end - r.start)
-        .max()
-        .unwrap_or(0) as usize;
-    let slot_bytes = offer.slot_bytes as usize;
-    let need = if offer.unsealed {
-        largest
-    } else {
-        sealed_len(largest)
-    };
-    if slot_bytes < need {
-        return Err(ErrorCode::Protocol.into());
-    }
+    let grants = Sender::new(transfer.0, reader.manifest().clone(), &offer).map_err(|e| {
+        debug!(peer.id = %ctx.peer.id, error = %e, "RDMA offer refused");
+        e.code()
+    })?;
+    let slot_bytes = grants.slot_bytes();
     let session = Session {
         ctx,
-        transfer,
         t: &t,
         offer: &offer,
         conn,
@@ -87,7 +75,7 @@ pub(crate) async fn serve(
                 info!(error = %e, "soft RDMA device unavailable");
                 ErrorCode::NoRdma
             })?;
-            session.run(device, s).await
+            session.run(device, grants, s).await
         }
         #[cfg(feature = "rdma")]
         (DeviceKind::Hardware, RdmaMode::Auto)
@@ -100,7 +88,7 @@ pub(crate) async fn serve(
                     info!(error = %e, "RDMA device unavailable");
                     ErrorCode::NoRdma
                 })?;
-            session.run(device, s).await
+            session.run(device, grants, s).await
         }
         (kind, mode) => {
             debug!(peer.id = %ctx.peer.id, ?kind, ?mode, "RDMA session refused");
@@ -111,7 +99,6 @@ pub(crate) async fn serve(
 
 struct Session<'a> {
     ctx: &'a Arc<ConnCtx>,
-    transfer: TransferId,
     t: &'a Arc<Transfer>,
     offer: &'a RdmaOffer,
     conn: Arc<dyn Connection>,
@@ -119,18 +106,19 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run<V: Verbs>(self, device: V, s: &mut RequestStream) -> Result<(), Failure> {
+    async fn run<V: Verbs>(
+        self,
+        device: V,
+        mut grants: Sender,
+        s: &mut RequestStream,
+    ) -> Result<(), Failure> {
         let session: [u8; 16] =
             crate::transport::rdma::random().map_err(|_| ErrorCode::Internal)?;
-        let mut sealer = if self.offer.unsealed {
-            None
-        } else {
-            let keys = rdma_keys(&*self.conn, session).map_err(|e| {
-                info!(error = %e, "RDMA keys unavailable");
-                ErrorCode::NoRdma
-            })?;
-            Some(keys.sealer(Direction::ServerToClient, KeyLimits::default()))
-        };
+        let keys = rdma_keys(&*self.conn, session).map_err(|e| {
+            info!(error = %e, "RDMA keys unavailable");
+            ErrorCode::NoRdma
+        })?;
+        let mut sealer = keys.sealer(Direction::ServerToClient, KeyLimits::default());
         let ring = RemoteRegion {
             addr: self.offer.ring_addr,
             len: self.offer.ring_len,
@@ -160,7 +148,6 @@ impl Session<'_> {
         debug!(
             peer.id = %self.ctx.peer.id,
             slots = self.offer.slots,
-            sealed = sealer.is_some(),
             "RDMA session started"
         );
         let mut free: Vec<usize> = (0..staging_slots).collect();
@@ -172,25 +159,22 @@ impl Session<'_> {
                 FrameKind::Cancel => return Err(ErrorCode::Cancelled.into()),
                 _ => return Err(ErrorCode::Protocol.into()),
             }
-            let (slot, chunk) =
-                match RdmaControl::decode(&frame.payload).map_err(|_| ErrorCode::Protocol)? {
-                    RdmaControl::Grant { slot, chunk } => (slot, chunk),
-                    RdmaControl::Finish => break,
-                };
-            if slot >= self.offer.slots {
-                return Err(ErrorCode::Range.into());
-            }
+            let work = match grants.handle_control(&frame.payload) {
+                Ok(Control::Write(work)) => work,
+                Ok(Control::Finish) => break,
+                Err(e) => {
+                    debug!(peer.id = %self.ctx.peer.id, error = %e, "bad RDMA grant");
+                    return Err(e.code().into());
+                }
+            };
             while free.is_empty() {
                 let c = device.poll().await.map_err(|_| ErrorCode::Cancelled)?;
                 free.push(written(c)?);
                 in_flight -= 1;
             }
             let stage = free.pop().ok_or(ErrorCode::Internal)?;
-            let (len, sealed) = self
-                .stage(&staging, stage, ChunkIndex(chunk), sealer.take())
-                .await?;
+            let (len, sealed) = self.stage(&staging, stage, &work, sealer).await?;
             sealer = sealed;
-            let dst = u64::from(slot) * self.slot_bytes as u64;
             device
                 .post_write_imm(
                     WorkId(stage as u64),
@@ -198,8 +182,8 @@ impl Session<'_> {
                     stage * self.slot_bytes,
                     len,
                     &ring,
-                    dst,
-                    slot,
+                    work.dst,
+                    work.slot,
                 )
                 .map_err(|e| {
                     debug!(error = %e, "RDMA write refused");
@@ -216,63 +200,31 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Reads chunk `index` into staging slot `stage` and seals it there (off the runtime's
-    /// threads). Returns the bytes to write, and the sealer back.
+    /// Reads the chunk of `work` into staging slot `stage` and seals it there (off the
+    /// runtime's threads). Returns the bytes to write, and the sealer back.
     async fn stage<R: Region>(
         &self,
         staging: &Arc<R>,
         stage: usize,
-        index: ChunkIndex,
-        sealer: Option<Sealer>,
-    ) -> Result<(usize, Option<Sealer>), Failure> {
-        let TransferKind::Read(reader) = &self.t.kind else {
-            return Err(ErrorCode::UnknownTransfer.into());
-        };
-        let range = reader
-            .manifest()
-            .chunk_range(index)
-            .ok_or(ErrorCode::Range)?;
-        let len = (range.end - range.start) as usize;
-        let placement = Placement {
-            transfer: self.transfer.0,
-            chunk: index.0,
-            offset: range.start,
-            len: len as u32,
-        };
+        work: &Work,
+        sealer: Sealer,
+    ) -> Result<(usize, Sealer), Failure> {
+        let len = (work.range.end - work.range.start) as usize;
+        let (start, placement, sealed_len) = (work.range.start, work.placement, work.sealed_len);
         let (t, staging, at) = (self.t.clone(), staging.clone(), stage * self.slot_bytes);
-        #[cfg(feature = "test-util")]
-        let tamper = self.ctx.shared.config.transport.rdma_tamper;
-        let sealed_len = if sealer.is_some() {
-            sealed_len(len)
-        } else {
-            len
-        };
         let (result, sealer) = tokio::task::spawn_blocking(move || {
             let mut sealer = sealer;
             let r = staging.with_mut(at..at + sealed_len, |buf| {
                 let TransferKind::Read(reader) = &t.kind else {
                     return Err(ErrorCode::UnknownTransfer);
                 };
-                match sealer.as_mut() {
-                    Some(sealer) => {
-                        reader
-                            .read_into(range.start, &mut buf[HEADER_LEN..HEADER_LEN + len])
-                            .map_err(store_code)?;
-                        let n = sealer.seal(placement, buf).map_err(|e| {
-                            debug!(error = %e, "sealing failed");
-                            ErrorCode::Internal
-                        })?;
-                        #[cfg(feature = "test-util")]
-                        if tamper {
-                            buf[HEADER_LEN] ^= 1;
-                        }
-                        Ok(n)
-                    }
-                    None => {
-                        reader.read_into(range.start, buf).map_err(store_code)?;
-                        Ok(len)
-                    }
-                }
+                reader
+                    .read_into(start, &mut buf[HEADER_LEN..HEADER_LEN + len])
+                    .map_err(store_code)?;
+                sealer.seal(placement, buf).map_err(|e| {
+                    debug!(error = %e, "sealing failed");
+                    ErrorCode::Internal
+                })
             });
             (r, sealer)
         })

@@ -14,7 +14,15 @@
 //! * [`SimNet::cut`]: every open connection is lost at once;
 //! * [`SimNet::refuse_connections`]: new connections fail as if unreachable;
 //! * [`SimNet::stall_client_reads`]: clients stop reading their streams, so the server's
-//!   sends back up into bounded queues ([`SimNet::queued_high_water`] measures them).
+//!   sends back up into bounded queues ([`SimNet::queued_high_water`] measures them);
+//! * [`SimNet::skew_keying_material`]: the two ends of new connections export different
+//!   keying material, so every sealed RDMA chunk fails to open, as one damaged in flight.
+//!
+//! RDMA sessions run over a sim connection too: each connection has a keying-material
+//! exporter of its own (derived from the net's seed and the connection's number, the same
+//! at both ends), and a loopback local address, so the software RDMA device binds on
+//! 127.0.0.1. Its chunks then move over a real loopback socket; everything else stays in
+//! memory.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -31,8 +39,8 @@ use crate::proto::connection::{HelloAnswer, ServerHello, handle_answer, hello_fr
 use crate::proto::{Frame, FrameKind, Hello};
 use crate::transport::{
     BoxFuture, Close, Connection, Connector, Established, FrameSink, FrameSource, Handshaken,
-    Incoming, IncomingStream, Listener, LostConnection, LostKind, Path, PeerProof, RecvFrames,
-    Refusal, RequestStream, SendFrames, StreamError,
+    Incoming, IncomingStream, Listener, LostConnection, LostKind, NoKeyingMaterial, Path,
+    PeerProof, RecvFrames, Refusal, RequestStream, SendFrames, StreamError,
 };
 
 /// A network of in-memory hosts with seeded faults.
@@ -49,6 +57,10 @@ struct NetShared {
     /// Per million: how often a server's `Data` frame resets its stream instead.
     reset_per_million: AtomicU64,
     refuse: AtomicBool,
+    /// New connections' two ends export different keying material.
+    skew_keys: AtomicBool,
+    /// Connections paired so far: each one's exporter secret is drawn from it.
+    paired: AtomicU64,
     stall_reads: watch::Sender<bool>,
     /// Bumped by [`SimNet::cut`]: connections of older generations are lost.
     generation: watch::Sender<u64>,
@@ -68,6 +80,8 @@ impl SimNet {
                 listeners: Mutex::new(HashMap::new()),
                 reset_per_million: AtomicU64::new(0),
                 refuse: AtomicBool::new(false),
+                skew_keys: AtomicBool::new(false),
+                paired: AtomicU64::new(0),
                 stall_reads: watch::Sender::new(false),
                 generation: watch::Sender::new(0),
                 resets: AtomicU64::new(0),
@@ -124,6 +138,13 @@ impl SimNet {
     /// Makes new connections fail as unreachable (`true`), or succeed again.
     pub fn refuse_connections(&self, refuse: bool) {
         self.shared.refuse.store(refuse, Ordering::Relaxed);
+    }
+
+    /// Makes the two ends of connections made from now on export different keying material
+    /// (`true`), or the same again. Every sealed RDMA chunk of such a connection then fails
+    /// to open at its receiver, as a chunk damaged in flight would.
+    pub fn skew_keying_material(&self, skew: bool) {
+        self.shared.skew_keys.store(skew, Ordering::Relaxed);
     }
 
     /// Makes clients stop reading their streams (`true`), or read again.
@@ -364,6 +385,18 @@ struct SimConn {
     state: Arc<ConnState>,
     /// The chain this side presents (the server's, filled in at accept).
     presented: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// This side's keying-material exporter secret (the same at both ends, unless skewed).
+    exporter: ExporterSecret,
+}
+
+/// A connection's exporter secret; never printed.
+#[derive(Clone, Copy)]
+struct ExporterSecret([u8; 32]);
+
+impl std::fmt::Debug for ExporterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExporterSecret(..)")
+    }
 }
 
 /// What both sides of a connection share.
@@ -396,17 +429,31 @@ impl SimConn {
                 () = closed => {}
             }
         });
-        let side = |is_client, opens, accepts| Self {
+        // Deterministic per connection, apart from the fault draws (which keep their
+        // sequence): the seed and the connection's number.
+        let n = net.shared.paired.fetch_add(1, Ordering::Relaxed);
+        let mut seed = [0u8; 16];
+        seed[..8].copy_from_slice(&net.shared.seed.to_le_bytes());
+        seed[8..].copy_from_slice(&n.to_le_bytes());
+        let exporter = blake3::derive_key("transportd sim connection exporter v1", &seed);
+        let mut server_exporter = exporter;
+        if net.shared.skew_keys.load(Ordering::Relaxed) {
+            server_exporter[0] ^= 1;
+        }
+        let (exporter, server_exporter) =
+            (ExporterSecret(exporter), ExporterSecret(server_exporter));
+        let side = |is_client, opens, accepts, exporter| Self {
             net: net.clone(),
             is_client,
             opens,
             accepts: tokio::sync::Mutex::new(accepts),
             state: state.clone(),
             presented: Vec::new(),
+            exporter,
         };
         (
-            side(true, to_server, from_server),
-            side(false, to_client, from_client),
+            side(true, to_server, from_server, exporter),
+            side(false, to_client, from_client, server_exporter),
         )
     }
 
@@ -490,6 +537,26 @@ impl Connection for SimConn {
             Some(Close::Credentials(end)) => Some(end),
             _ => None,
         }
+    }
+
+    fn export_keying_material(
+        &self,
+        out: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Result<(), NoKeyingMaterial> {
+        // Not TLS's exporter, but like it a function of the connection's secret, the label
+        // and the context, the same at both ends.
+        let mut h = blake3::Hasher::new_keyed(&self.exporter.0);
+        h.update(&(label.len() as u64).to_le_bytes());
+        h.update(label);
+        h.update(context);
+        h.finalize_xof().fill(out);
+        Ok(())
+    }
+
+    fn local_ip(&self) -> Option<IpAddr> {
+        Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
     }
 }
 
