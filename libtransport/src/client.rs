@@ -27,6 +27,7 @@ use std::time::Duration;
 use crate::config::ClientConfig;
 use crate::error::{ConnectError, LocalFailure, RequestError};
 use crate::identity::Peer;
+use crate::proto::request::{Answer, ListObjects};
 pub use crate::proto::retry::RetryPolicy;
 use crate::proto::{DatasetName, HelloAck, Manifest, ObjectEntry, ObjectPath, Request, Response};
 use crate::transport;
@@ -45,7 +46,6 @@ pub(crate) mod reply;
 
 pub(crate) use connection::Connection;
 use connection::{adopt, establish};
-use reply::unexpected;
 
 pub use fetch::FetchReport;
 pub use push::PushReport;
@@ -144,10 +144,7 @@ impl Client {
 
     /// Datasets this identity may see.
     pub async fn list_datasets(&self) -> Result<Vec<DatasetName>, RequestError> {
-        match self.call(&Request::ListDatasets).await? {
-            Response::Datasets(d) => Ok(d),
-            other => Err(unexpected(&other)),
-        }
+        Ok(Answer::datasets(self.call(&Request::ListDatasets).await?)?)
     }
 
     /// Every object of a dataset whose path starts with `prefix`, in path order.
@@ -156,26 +153,11 @@ impl Client {
         dataset: &DatasetName,
         prefix: &str,
     ) -> Result<Vec<ObjectEntry>, RequestError> {
-        let mut out = Vec::new();
-        let mut start_after = None;
-        loop {
-            let req = Request::ListObjects {
-                dataset: dataset.clone(),
-                prefix: prefix.to_owned(),
-                start_after: start_after.clone(),
-                limit: crate::proto::message::MAX_LIST_ENTRIES as u32,
-            };
-            match self.call(&req).await? {
-                Response::Objects { entries, more } => {
-                    start_after = entries.last().map(|e| e.path.clone());
-                    out.extend(entries);
-                    if !more || start_after.is_none() {
-                        return Ok(out);
-                    }
-                }
-                other => return Err(unexpected(&other)),
-            }
+        let mut listing = ListObjects::new(dataset.clone(), prefix.to_owned());
+        while let Some(req) = listing.poll_request() {
+            listing.handle_response(self.call(&req).await?)?;
         }
+        Ok(listing.into_entries())
     }
 
     /// An object's manifest: size, chunk hashes, root hash.
@@ -188,10 +170,7 @@ impl Client {
             dataset: dataset.clone(),
             object: object.clone(),
         };
-        match self.call(&req).await? {
-            Response::Manifest(m) => Ok(m),
-            other => Err(unexpected(&other)),
-        }
+        Ok(Answer::manifest(self.call(&req).await?)?)
     }
 
     /// Closes the connection.

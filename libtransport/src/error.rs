@@ -592,6 +592,39 @@ impl fmt::Display for QuicClose {
     }
 }
 
+impl From<crate::proto::transfer::PullRefusal> for FetchError {
+    fn from(r: crate::proto::transfer::PullRefusal) -> Self {
+        use crate::proto::transfer::PullRefusal;
+        match r {
+            PullRefusal::Range { start, end, size } => Self::Range { start, end, size },
+            PullRefusal::TooLarge { size, limit } => Self::TooLarge { size, limit },
+        }
+    }
+}
+
+impl From<crate::proto::transfer::TransferViolation> for ProtocolViolation {
+    fn from(v: crate::proto::transfer::TransferViolation) -> Self {
+        use crate::proto::transfer::TransferViolation;
+        match v {
+            TransferViolation::ChunkSetMismatch => Self::ChunkSetMismatch,
+            TransferViolation::WrongRoot => Self::WrongRoot,
+            TransferViolation::ChunkOutsideObject(i) => Self::ChunkOutsideObject(i),
+        }
+    }
+}
+
+impl From<crate::proto::transfer::TransferViolation> for RequestError {
+    fn from(v: crate::proto::transfer::TransferViolation) -> Self {
+        Self::Protocol(v.into())
+    }
+}
+
+impl From<crate::proto::request::UnexpectedResponse> for RequestError {
+    fn from(u: crate::proto::request::UnexpectedResponse) -> Self {
+        Self::Protocol(ProtocolViolation::UnexpectedResponse(u.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;

@@ -23,14 +23,15 @@ use super::attempt::{self, Attempt, Kind, Ran};
 use super::connection::Connection;
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
-use super::reply::{next_data, unexpected};
+use super::reply::next_data;
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{FetchError, NoRdmaReason, PushError, RequestError, StreamError};
+use crate::proto::request::Answer;
 use crate::proto::schedule::{AfterReset, ChunkSchedule};
+use crate::proto::transfer::{ChunkCheck, Opened, Pull, PullEnd};
 use crate::proto::{
-    ChunkError, ChunkIndex, DatasetName, Digest, Manifest, ObjectPath, Request, Response,
-    TransferId,
+    ChunkError, ChunkIndex, DatasetName, Digest, Manifest, ObjectPath, Request, TransferId,
 };
 use crate::store::{ChunkWriter, PartialFile, WriteError};
 use crate::transport::FrameSource;
@@ -76,15 +77,15 @@ impl Client {
         let started = self.config().clock.instant();
         let fetched = Arc::new(AtomicU64::new(0));
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
-        // The chunks the first attempt found present, and the partial file of an attempt that
-        // ended for a renewal, still in memory.
-        let kept: (Option<u32>, Option<Arc<PartialFile>>) = (None, None);
+        // The pull's machine, and the partial file of an attempt that ended for a renewal,
+        // still open.
+        let state: (Pull, Option<Arc<PartialFile>>) = (Pull::whole(u64::MAX), None);
         let done = attempt::run(
             Kind::Pull,
             opts.retry,
             &fetched,
-            kept,
-            |(mut first_reuse, mut kept)| {
+            state,
+            |(mut pull, mut kept)| {
                 let attempt = FileAttempt {
                     dataset,
                     object,
@@ -97,10 +98,10 @@ impl Client {
                 async move {
                     let mut used = None;
                     let result = self
-                        .fetch_file_once(attempt, &mut first_reuse, &mut used, &mut kept)
+                        .fetch_file_once(attempt, &mut pull, &mut used, &mut kept)
                         .await;
                     Ran {
-                        state: (first_reuse, kept),
+                        state: (pull, kept),
                         used,
                         result,
                     }
@@ -109,7 +110,7 @@ impl Client {
         )
         .await?;
         let (conn, manifest, rdma) = done.value;
-        let first_reuse = done.state.0;
+        let reused = done.state.0.chunks_reused();
         let report = FetchReport {
             server: conn.peer.id.clone(),
             path: if rdma {
@@ -120,8 +121,8 @@ impl Client {
             size: manifest.size(),
             fetched_bytes: fetched.load(Ordering::Relaxed),
             chunks: manifest.chunk_count(),
-            chunks_reused: first_reuse.unwrap_or(0),
-            chunks_fetched: manifest.chunk_count() - first_reuse.unwrap_or(0),
+            chunks_reused: reused,
+            chunks_fetched: manifest.chunk_count() - reused,
             root: manifest.root(),
             elapsed: self
                 .config()
@@ -142,7 +143,7 @@ impl Client {
         limit: u64,
         opts: &FetchOptions,
     ) -> Result<Bytes, FetchError> {
-        self.read_range_limited(dataset, object, None, limit, opts)
+        self.read_into_memory(dataset, object, Pull::whole(limit), opts)
             .await
     }
 
@@ -153,49 +154,52 @@ impl Client {
         object: &ObjectPath,
         range: Range<u64>,
     ) -> Result<Bytes, FetchError> {
-        let limit = range.end.saturating_sub(range.start);
-        self.read_range_limited(
+        self.read_into_memory(
             dataset,
             object,
-            Some(range),
-            limit,
+            Pull::range(range),
             &FetchOptions::default(),
         )
         .await
     }
 
-    async fn read_range_limited(
+    async fn read_into_memory(
         &self,
         dataset: &DatasetName,
         object: &ObjectPath,
-        range: Option<Range<u64>>,
-        limit: u64,
+        pull: Pull,
         opts: &FetchOptions,
     ) -> Result<Bytes, FetchError> {
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
         let moved = Arc::new(AtomicU64::new(0));
-        // Chunks verified by earlier attempts.
-        let state: Option<MemoryPull> = None;
-        let done = attempt::run(Kind::Read, opts.retry, &moved, state, |mut state| {
-            let attempt = MemoryAttempt {
-                dataset,
-                object,
-                range: range.clone(),
-                limit,
-                opts,
-                pace: &pace,
-                moved: &moved,
-            };
-            async move {
-                let mut used = None;
-                let result = self.read_once(attempt, &mut state, &mut used).await;
-                Ran {
-                    state,
-                    used,
-                    result,
+        // The pull's machine and the buffers its verified chunks are in.
+        let state: (Pull, Option<MemoryDest>) = (pull, None);
+        let done = attempt::run(
+            Kind::Read,
+            opts.retry,
+            &moved,
+            state,
+            |(mut pull, mut dest)| {
+                let attempt = MemoryAttempt {
+                    dataset,
+                    object,
+                    opts,
+                    pace: &pace,
+                    moved: &moved,
+                };
+                async move {
+                    let mut used = None;
+                    let result = self
+                        .read_once(attempt, &mut pull, &mut dest, &mut used)
+                        .await;
+                    Ran {
+                        state: (pull, dest),
+                        used,
+                        result,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         Ok(done.value)
     }
@@ -203,44 +207,39 @@ impl Client {
     async fn read_once(
         &self,
         a: MemoryAttempt<'_>,
-        state: &mut Option<MemoryPull>,
+        pull: &mut Pull,
+        kept: &mut Option<MemoryDest>,
         used: &mut Option<Arc<Connection>>,
     ) -> Result<Attempt<Bytes>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
-        let size = manifest.size();
         // Whole objects may move by RDMA; a session is not worth it for a range.
-        let whole = a.range.is_none();
-        let range = a.range.unwrap_or(0..size);
-        if range.start > range.end || range.end > size {
-            close(&conn, transfer).await;
-            return Err(FetchError::Range {
-                start: range.start,
-                end: range.end,
-                size,
-            });
-        }
-        if range.end - range.start > a.limit {
-            close(&conn, transfer).await;
-            return Err(FetchError::TooLarge {
-                size: range.end - range.start,
-                limit: a.limit,
-            });
-        }
-        // What earlier attempts verified counts only if the object is still the same.
-        let pull = match state.take() {
-            Some(p) if *p.manifest == manifest && p.range == range => p,
-            _ => MemoryPull::new(Arc::new(manifest), range),
+        let whole = pull.is_whole();
+        let dest = match pull.handle_opened(manifest) {
+            Err(refused) => {
+                close(&conn, transfer).await;
+                return Err(refused.into());
+            }
+            Ok(Opened::Resume) => kept.take(),
+            Ok(Opened::Fresh) => None,
         };
-        let work = pull.missing();
-        let (base, total) = (pull.chunks.start, pull.total);
+        let Some(manifest) = pull.manifest().cloned() else {
+            // handle_opened has just set it.
+            close(&conn, transfer).await;
+            return Err(FetchError::Corrupt(ChunkIndex(0)));
+        };
+        let dest = dest.unwrap_or_else(|| MemoryDest::new(&manifest, pull));
+        dest.done.store(pull.progress().0, Ordering::Relaxed);
+        let work: VecDeque<ChunkIndex> = pull.missing().collect();
+        dest.prepare(&manifest, &work);
+        let (base, total) = (dest.chunks.start, pull.progress().1);
         let rdma = if !whole {
             Ok(false)
         } else if a.pace.is_paced() {
             self.rdma_for_paced_pull()
         } else {
-            let (done, progress) = (pull.done.clone(), a.opts.progress.clone());
+            let (done, progress) = (dest.done.clone(), a.opts.progress.clone());
             let on_chunk: super::rdma::OnChunk = Arc::new(move |n| {
                 let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                 if let Some(p) = &progress {
@@ -248,108 +247,126 @@ impl Client {
                 }
             });
             let deliver = Deliver::Memory {
-                slots: pull.slots.clone(),
+                slots: dest.slots.clone(),
                 base,
             };
-            self.pull_rdma(&conn, transfer, &pull.manifest, &work, deliver, on_chunk)
+            self.pull_rdma(&conn, transfer, &manifest, &work, deliver, on_chunk)
                 .await
         };
         let gate = Gate::new(a.pace.clone(), conn.clone());
-        let streamed = matches!(rdma, Ok(false));
         let result = match rdma {
             Ok(true) => {
-                pull.verified_all(&work);
+                for i in &work {
+                    pull.handle_verified(*i);
+                }
                 Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // Chunks an RDMA session wrote are not known one by one: after a failed
+                // session the next attempt starts over.
+                pull.handle_failed(false);
+                Err(e)
+            }
             Ok(false) => {
-                let (conn, manifest, slots, verified, done, moved, progress, gate) = (
+                let (conn, slots, done, moved, progress, gate) = (
                     conn.clone(),
-                    pull.manifest.clone(),
-                    pull.slots.clone(),
-                    pull.verified.clone(),
-                    pull.done.clone(),
+                    dest.slots.clone(),
+                    dest.done.clone(),
                     a.moved.clone(),
                     a.opts.progress.clone(),
                     gate.clone(),
                 );
-                let schedule = ChunkSchedule::new(&pull.manifest, work);
-                run_workers(a.opts.parallel(self.config()), schedule, move |index| {
-                    let (conn, manifest, slots, verified, done, moved, progress, gate) = (
-                        conn.clone(),
-                        manifest.clone(),
-                        slots.clone(),
-                        verified.clone(),
-                        done.clone(),
-                        moved.clone(),
-                        progress.clone(),
-                        gate.clone(),
-                    );
-                    async move {
-                        let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
-                        if !gate.admit(len).await {
-                            return Ok(Turn::NotAsked);
+                let (reads, manifest) = (pull.clone(), manifest.clone());
+                let schedule = ChunkSchedule::new(&manifest, work);
+                let (schedule, result) =
+                    run_workers(a.opts.parallel(self.config()), schedule, move |index| {
+                        let (conn, manifest, slots, done, moved, progress, gate, reads) = (
+                            conn.clone(),
+                            manifest.clone(),
+                            slots.clone(),
+                            done.clone(),
+                            moved.clone(),
+                            progress.clone(),
+                            gate.clone(),
+                            reads.clone(),
+                        );
+                        async move {
+                            let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
+                            if !gate.admit(len).await {
+                                return Ok(Turn::NotAsked);
+                            }
+                            let req = reads
+                                .read_request(transfer, index)
+                                .ok_or(FetchError::Corrupt(index))?;
+                            let slot = (index.0 - base) as usize;
+                            // A read whose stream was reset took its buffer with it: the
+                            // chunk lands in a fresh one (rejoining then copies, which only a
+                            // reset costs).
+                            let buf = slots
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get_mut(slot)
+                                .ok_or(FetchError::Corrupt(index))?
+                                .take()
+                                .unwrap_or_else(|| BytesMut::zeroed(len as usize));
+                            let buf = read_chunk_mem(&conn, &req, &manifest, index, buf).await?;
+                            let n = buf.len() as u64;
+                            slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
+                            moved.fetch_add(n, Ordering::Relaxed);
+                            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                            if let Some(p) = &progress {
+                                p(so_far, total);
+                            }
+                            Ok::<_, FetchError>(Turn::Verified)
                         }
-                        let slot = (index.0 - base) as usize;
-                        // A read whose stream was reset took its buffer with it: the chunk
-                        // lands in a fresh one (rejoining then copies, which only a reset
-                        // costs).
-                        let buf = slots
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .get_mut(slot)
-                            .ok_or(FetchError::Corrupt(index))?
-                            .take()
-                            .unwrap_or_else(|| BytesMut::zeroed(len as usize));
-                        let buf = read_chunk_mem(&conn, transfer, &manifest, index, buf).await?;
-                        let n = buf.len() as u64;
-                        slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
-                        verified.lock().unwrap_or_else(PoisonError::into_inner)[slot] = true;
-                        moved.fetch_add(n, Ordering::Relaxed);
-                        let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                        if let Some(p) = &progress {
-                            p(so_far, total);
-                        }
-                        Ok::<_, FetchError>(Turn::Verified)
-                    }
-                })
-                .await
+                    })
+                    .await;
+                // What stream reads verified is in the buffers, whatever else failed.
+                pull.handle_schedule(&schedule);
+                if result.is_err() {
+                    pull.handle_failed(true);
+                }
+                result
             }
         };
         close(&conn, transfer).await;
-        if let Err(e) = result {
-            // What stream reads verified is kept; chunks an RDMA session wrote are not known
-            // one by one, so after a failed session the next attempt starts over.
-            if streamed {
-                *state = Some(pull);
+        *kept = Some(dest);
+        result?;
+        match pull.poll_end(gate.is_renewing()) {
+            PullEnd::Complete => {
+                let dest = kept.take().ok_or(FetchError::Corrupt(ChunkIndex(base)))?;
+                Ok(Attempt::Done(dest.assemble(pull.bytes())))
             }
-            return Err(e);
+            PullEnd::Renew => Ok(Attempt::Renew),
+            PullEnd::Incomplete(i) => Err(FetchError::Corrupt(i)),
         }
-        if !pull.is_complete() {
-            if gate.is_renewing() {
-                *state = Some(pull);
-                return Ok(Attempt::Renew);
-            }
-            return Err(FetchError::Corrupt(ChunkIndex(base)));
-        }
-        Ok(Attempt::Done(pull.assemble()))
     }
 
     async fn fetch_file_once(
         &self,
         a: FileAttempt<'_>,
-        first_reuse: &mut Option<u32>,
+        pull: &mut Pull,
         used: &mut Option<Arc<Connection>>,
         kept: &mut Option<Arc<PartialFile>>,
     ) -> Result<Attempt<(Arc<Connection>, Manifest, bool)>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
-        let partial = match kept.take() {
+        let opened = match pull.handle_opened(manifest) {
+            Ok(o) => o,
+            Err(refused) => {
+                close(&conn, transfer).await;
+                return Err(refused.into());
+            }
+        };
+        let partial = match (opened, kept.take()) {
             // Its chunks are known verified: no need to read the file again.
-            Some(p) if **p.manifest() == manifest => p,
+            (Opened::Resume, Some(p)) => p,
             _ => {
-                let manifest = Arc::new(manifest);
+                let Some(manifest) = pull.manifest().cloned() else {
+                    close(&conn, transfer).await;
+                    return Err(FetchError::Corrupt(ChunkIndex(0)));
+                };
                 let tmp = format!(".{}.transportd-partial", a.name);
                 let (dir, name) = (a.dir.to_path_buf(), a.name.to_owned());
                 let opened = tokio::task::spawn_blocking(move || {
@@ -358,23 +375,20 @@ impl Client {
                 })
                 .await
                 .map_err(|e| FetchError::Local(std::io::Error::other(e)))??;
+                pull.handle_held(&opened.have());
                 Arc::new(opened)
             }
         };
         let manifest = partial.manifest().clone();
-        let have = partial.have();
-        first_reuse.get_or_insert(have.count());
-        let work: VecDeque<ChunkIndex> = have.missing().collect();
+        let work: VecDeque<ChunkIndex> = pull.missing().collect();
         tracing::debug!(
             object.digest = %a.object.digest().short(),
             chunks = manifest.chunk_count(),
-            reused = have.count(),
+            reused = manifest.chunk_count() as usize - work.len(),
             "pull starting"
         );
-        let total = manifest.size();
-        let done = Arc::new(AtomicU64::new(have.missing().fold(total, |left, i| {
-            left - manifest.chunk_range(i).map_or(0, |r| r.end - r.start)
-        })));
+        let (so_far, total) = pull.progress();
+        let done = Arc::new(AtomicU64::new(so_far));
         let on_chunk = {
             let (done, progress) = (done.clone(), a.opts.progress.clone());
             super::rdma::counting(
@@ -403,7 +417,12 @@ impl Client {
         let used_rdma = matches!(rdma, Ok(true));
         let gate = Gate::new(a.pace.clone(), conn.clone());
         let result = match rdma {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                for i in &work {
+                    pull.handle_verified(*i);
+                }
+                Ok(())
+            }
             Err(e) => Err(e),
             Ok(false) => {
                 let (conn, partial, fetched, progress, gate) = (
@@ -413,42 +432,58 @@ impl Client {
                     a.opts.progress.clone(),
                     gate.clone(),
                 );
+                let reads = pull.clone();
                 let schedule = ChunkSchedule::new(&manifest, work);
-                run_workers(a.opts.parallel(self.config()), schedule, move |index| {
-                    let (conn, partial, fetched, done, progress, gate) = (
-                        conn.clone(),
-                        partial.clone(),
-                        fetched.clone(),
-                        done.clone(),
-                        progress.clone(),
-                        gate.clone(),
-                    );
-                    async move {
-                        let len = partial
-                            .manifest()
-                            .chunk_range(index)
-                            .map_or(0, |r| r.end - r.start);
-                        if !gate.admit(len).await {
-                            return Ok(Turn::NotAsked);
+                let (schedule, result) =
+                    run_workers(a.opts.parallel(self.config()), schedule, move |index| {
+                        let (conn, partial, fetched, done, progress, gate, reads) = (
+                            conn.clone(),
+                            partial.clone(),
+                            fetched.clone(),
+                            done.clone(),
+                            progress.clone(),
+                            gate.clone(),
+                            reads.clone(),
+                        );
+                        async move {
+                            let len = partial
+                                .manifest()
+                                .chunk_range(index)
+                                .map_or(0, |r| r.end - r.start);
+                            if !gate.admit(len).await {
+                                return Ok(Turn::NotAsked);
+                            }
+                            let req = reads
+                                .read_request(transfer, index)
+                                .ok_or(FetchError::Corrupt(index))?;
+                            let n = read_chunk_file(&conn, &req, partial, index, &fetched).await?;
+                            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                            if let Some(p) = &progress {
+                                p(so_far, total);
+                            }
+                            Ok::<_, FetchError>(Turn::Verified)
                         }
-                        let n = read_chunk_file(&conn, transfer, partial, index, &fetched).await?;
-                        let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                        if let Some(p) = &progress {
-                            p(so_far, total);
-                        }
-                        Ok::<_, FetchError>(Turn::Verified)
-                    }
-                })
-                .await
+                    })
+                    .await;
+                pull.handle_schedule(&schedule);
+                result
             }
         };
         close(&conn, transfer).await;
-        result?;
-        if gate.is_renewing() && !partial.is_complete() {
-            // Every worker has returned, so no chunk writer holds the file: keep it for the
-            // next attempt.
-            *kept = Some(partial);
-            return Ok(Attempt::Renew);
+        if let Err(e) = result {
+            // The next attempt reads the partial file again for what it holds.
+            pull.handle_failed(false);
+            return Err(e);
+        }
+        match pull.poll_end(gate.is_renewing()) {
+            PullEnd::Complete => {}
+            PullEnd::Renew => {
+                // Every worker has returned, so no chunk writer holds the file: keep it for
+                // the next attempt.
+                *kept = Some(partial);
+                return Ok(Attempt::Renew);
+            }
+            PullEnd::Incomplete(i) => return Err(FetchError::Corrupt(i)),
         }
         let partial = Arc::into_inner(partial).ok_or_else(|| {
             FetchError::Local(std::io::Error::other("chunk writer still running"))
@@ -546,107 +581,69 @@ struct FileAttempt<'a> {
 struct MemoryAttempt<'a> {
     dataset: &'a DatasetName,
     object: &'a ObjectPath,
-    range: Option<Range<u64>>,
-    limit: u64,
     opts: &'a FetchOptions,
     pace: &'a Arc<Pace>,
     /// Bytes of verified chunks received, across attempts.
     moved: &'a Arc<AtomicU64>,
 }
 
-/// A pull into memory: the chunks covering the range, and which of them are verified, kept
-/// across attempts so a later attempt fetches only the rest.
-struct MemoryPull {
-    manifest: Arc<Manifest>,
-    range: Range<u64>,
+/// Where a pull into memory puts its chunks: one buffer, split into a view per chunk and
+/// rejoined without copying at the end. Which of them hold verified chunks is the pull's
+/// machine's to say.
+struct MemoryDest {
     chunks: Range<u32>,
     /// Where the first chunk starts in the object.
     first: u64,
-    /// Bytes in the chunks.
-    total: u64,
     /// `slots[i - chunks.start]` holds chunk `i` (none while a worker fills it).
     slots: Arc<Mutex<Vec<Option<BytesMut>>>>,
-    verified: Arc<Mutex<Vec<bool>>>,
     /// Bytes of verified chunks, for progress.
     done: Arc<AtomicU64>,
 }
 
-impl MemoryPull {
-    fn new(manifest: Arc<Manifest>, range: Range<u64>) -> Self {
-        let chunks = manifest.chunks_covering(range.clone());
+impl MemoryDest {
+    fn new(manifest: &Manifest, pull: &Pull) -> Self {
+        let chunks = pull.chunks();
         let first = manifest
             .chunk_range(ChunkIndex(chunks.start))
             .map_or(0, |r| r.start);
         let last = manifest
             .chunk_range(ChunkIndex(chunks.end.saturating_sub(1)))
             .map_or(0, |r| r.end);
-        // One buffer for all chunks, split into per-chunk views and rejoined without copying.
         let mut all = BytesMut::zeroed((last.max(first) - first) as usize);
         let mut slots = Vec::new();
         for i in chunks.clone() {
             let r = manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
             slots.push(Some(all.split_to((r.end - r.start) as usize)));
         }
-        let count = slots.len();
         Self {
-            manifest,
-            range,
             chunks,
             first,
-            total: last.max(first) - first,
             slots: Arc::new(Mutex::new(slots)),
-            verified: Arc::new(Mutex::new(vec![false; count])),
             done: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// The chunks still to fetch. A slot a failed attempt's worker took with it gets a fresh
-    /// buffer (rejoining then copies, which only a failure costs).
-    fn missing(&self) -> VecDeque<ChunkIndex> {
-        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Gives each chunk of `work` a buffer: a slot a failed attempt's worker took with it
+    /// gets a fresh one (rejoining then copies, which only a failure costs).
+    fn prepare(&self, manifest: &Manifest, work: &VecDeque<ChunkIndex>) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut work = VecDeque::new();
-        for (slot, i) in self.chunks.clone().enumerate() {
-            if verified.get(slot).copied().unwrap_or(true) {
-                continue;
-            }
-            if let Some(s @ None) = slots.get_mut(slot) {
-                let r = self.manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
+        for i in work {
+            if let Some(s @ None) = slots.get_mut(i.0.wrapping_sub(self.chunks.start) as usize) {
+                let r = manifest.chunk_range(*i).unwrap_or(0..0);
                 *s = Some(BytesMut::zeroed((r.end - r.start) as usize));
             }
-            work.push_back(ChunkIndex(i));
-        }
-        work
-    }
-
-    /// Marks `work` verified (an RDMA session delivered all of it).
-    fn verified_all(&self, work: &VecDeque<ChunkIndex>) {
-        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-        for i in work {
-            if let Some(v) = verified.get_mut((i.0 - self.chunks.start) as usize) {
-                *v = true;
-            }
         }
     }
 
-    fn is_complete(&self) -> bool {
-        self.verified
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .all(|v| *v)
-    }
-
-    /// The range asked for, from the verified chunks.
-    fn assemble(self) -> Bytes {
+    /// The bytes `range` of the object, from the verified chunks.
+    fn assemble(self, range: Range<u64>) -> Bytes {
         let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner));
         let mut joined = BytesMut::new();
         for piece in slots.into_iter().flatten() {
             joined.unsplit(piece);
         }
         let joined = joined.freeze();
-        joined
-            .slice((self.range.start - self.first) as usize..(self.range.end - self.first) as usize)
+        joined.slice((range.start - self.first) as usize..(range.end - self.first) as usize)
     }
 }
 
@@ -655,14 +652,8 @@ async fn open_read(
     dataset: &DatasetName,
     object: &ObjectPath,
 ) -> Result<(TransferId, Manifest), RequestError> {
-    let req = Request::OpenRead {
-        dataset: dataset.clone(),
-        object: object.clone(),
-    };
-    match conn.call(&req).await? {
-        Response::OpenedRead { transfer, manifest } => Ok((transfer, manifest)),
-        other => Err(unexpected(&other)),
-    }
+    let answer = conn.call(&Pull::open_request(dataset, object)).await?;
+    Ok(Answer::opened_read(answer)?)
 }
 
 async fn close(conn: &Connection, transfer: TransferId) {
@@ -670,18 +661,9 @@ async fn close(conn: &Connection, transfer: TransferId) {
     let _ = conn.call(&Request::Close { transfer }).await;
 }
 
-/// Asks for one chunk and hands each `Data` payload to the caller; `None` at `End`.
-async fn request_chunk(
-    conn: &Connection,
-    transfer: TransferId,
-    range: &Range<u64>,
-) -> Result<FrameSource, RequestError> {
-    let req = Request::Read {
-        transfer,
-        offset: range.start,
-        len: range.end - range.start,
-    };
-    let mut s = conn.open(&req).await?;
+/// Sends a chunk's read request: its data frames follow on the stream handed back.
+async fn request_chunk(conn: &Connection, req: &Request) -> Result<FrameSource, RequestError> {
+    let mut s = conn.open(req).await?;
     s.sink.finish();
     Ok(s.source)
 }
@@ -689,7 +671,7 @@ async fn request_chunk(
 /// Reads one chunk into its place in the partial file; it counts once its hash matches.
 async fn read_chunk_file(
     conn: &Connection,
-    transfer: TransferId,
+    req: &Request,
     partial: Arc<PartialFile>,
     index: ChunkIndex,
     fetched: &AtomicU64,
@@ -698,7 +680,7 @@ async fn read_chunk_file(
         .manifest()
         .chunk_range(index)
         .ok_or(FetchError::Corrupt(index))?;
-    let mut source = request_chunk(conn, transfer, &range).await?;
+    let mut source = request_chunk(conn, req).await?;
     let mut writer = ChunkWriter::new(partial, index).map_err(|_| FetchError::Corrupt(index))?;
     while let Some(piece) = next_data(&mut source).await? {
         fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
@@ -711,41 +693,33 @@ async fn read_chunk_file(
     Ok(range.end - range.start)
 }
 
-/// Reads one chunk into `buf`, verified.
+/// Reads one chunk into `buf`; it comes back only if it verified.
 async fn read_chunk_mem(
     conn: &Connection,
-    transfer: TransferId,
+    req: &Request,
     manifest: &Manifest,
     index: ChunkIndex,
     mut buf: BytesMut,
 ) -> Result<BytesMut, FetchError> {
-    let range = manifest
-        .chunk_range(index)
-        .ok_or(FetchError::Corrupt(index))?;
-    let mut source = request_chunk(conn, transfer, &range).await?;
-    let mut at = 0usize;
-    let mut hasher = blake3::Hasher::new();
-    while let Some(piece) = next_data(&mut source).await? {
-        if at + piece.len() > buf.len() {
-            return Err(FetchError::Corrupt(index));
-        }
-        let n = piece.len();
-        let (b, h) = tokio::task::spawn_blocking(move || {
-            buf[at..at + n].copy_from_slice(&piece);
-            hasher.update(&piece);
-            (buf, hasher)
-        })
-        .await
-        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?;
-        buf = b;
-        hasher = h;
-        at += n;
-    }
-    if at != buf.len() {
+    let mut check = ChunkCheck::new(manifest, index).map_err(|_| FetchError::Corrupt(index))?;
+    if check.len() != buf.len() as u64 {
         return Err(FetchError::Corrupt(index));
     }
-    manifest
-        .check_digest(index, Digest(hasher.finalize().into()))
+    let mut source = request_chunk(conn, req).await?;
+    while let Some(piece) = next_data(&mut source).await? {
+        let (b, c) = tokio::task::spawn_blocking(move || {
+            let at = check.handle_data(&piece)?;
+            buf[at].copy_from_slice(&piece);
+            Ok::<_, ChunkError>((buf, check))
+        })
+        .await
+        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+        .map_err(|_| FetchError::Corrupt(index))?;
+        buf = b;
+        check = c;
+    }
+    check
+        .finish(manifest)
         .map_err(|_| FetchError::Corrupt(index))?;
     Ok(buf)
 }
@@ -794,12 +768,13 @@ impl ChunkFailure for PushError {
 
 /// Runs `f` over the chunks `schedule` hands out, with `parallel` workers. A chunk whose
 /// stream was reset is asked for again, first, as the schedule allows; any other error, or
-/// a reset past that, stops everything.
+/// a reset past that, stops everything. Hands the schedule back as the workers left it
+/// (which chunks verified), with the outcome.
 pub(crate) async fn run_workers<F, Fut, E>(
     parallel: usize,
     schedule: ChunkSchedule,
     f: F,
-) -> Result<(), E>
+) -> (ChunkSchedule, Result<(), E>)
 where
     F: Fn(ChunkIndex) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Turn, E>> + Send + 'static,
@@ -840,19 +815,27 @@ where
             Ok(())
         });
     }
+    let mut outcome = Ok(());
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 set.abort_all();
-                return Err(e);
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                }
             }
             // A worker panicked: surface it rather than report a partial success.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => {}
         }
     }
-    Ok(())
+    // Every worker has ended (returned or aborted): the schedule is as they left it.
+    let left = schedule
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    (left, outcome)
 }
 
 fn split_dest(dest: &FsPath) -> Result<(std::path::PathBuf, String), FetchError> {

@@ -5,7 +5,6 @@
 //! then commits. The server verifies every chunk before it counts and makes the object
 //! visible only at commit, durably; a `Committed` answer means the object is on disk.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path as FsPath;
@@ -20,14 +19,15 @@ use super::attempt::{self, Attempt, Kind, Ran};
 use super::connection::Connection;
 use super::fetch::{Turn, run_workers};
 use super::pace::{Gate, Pace};
-use super::reply::{response, unexpected};
+use super::reply::response;
 use super::{Client, PushOptions};
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::error::{ProtocolViolation, PushError, RequestError};
+use crate::error::{PushError, RequestError};
 use crate::proto::manifest::chunk_bytes_for;
-use crate::proto::schedule::ChunkSchedule;
+use crate::proto::request::Answer;
+use crate::proto::transfer::{Push, PushEnd};
 use crate::proto::{
-    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request, Response,
+    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request,
     TransferId,
 };
 use crate::vocab::{Direction, Outcome, Path};
@@ -61,7 +61,6 @@ struct PushAttempt<'a> {
     dataset: &'a DatasetName,
     object: &'a ObjectPath,
     source: &'a Source,
-    manifest: &'a Arc<Manifest>,
     opts: &'a PushOptions,
     pace: &'a Arc<Pace>,
     /// Bytes sent over the network, across attempts.
@@ -158,40 +157,38 @@ impl Client {
         opts: &PushOptions,
         started: std::time::Instant,
     ) -> Result<PushReport, PushError> {
-        let manifest = Arc::new(manifest);
         let sent = Arc::new(AtomicU64::new(0));
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
-        // The chunks the server held at the first attempt.
-        let skipped: Option<u32> = None;
-        let done = attempt::run(Kind::Push, opts.retry, &sent, skipped, |mut skipped| {
+        let push = Push::new(Arc::new(manifest));
+        let done = attempt::run(Kind::Push, opts.retry, &sent, push, |mut push| {
             let attempt = PushAttempt {
                 dataset,
                 object,
                 source: &source,
-                manifest: &manifest,
                 opts,
                 pace: &pace,
                 sent: &sent,
             };
             async move {
                 let mut used = None;
-                let result = self.push_once(attempt, &mut skipped, &mut used).await;
+                let result = self.push_once(attempt, &mut push, &mut used).await;
                 Ran {
-                    state: skipped,
+                    state: push,
                     used,
                     result,
                 }
             }
         })
         .await?;
-        let ((conn, root), skipped) = (done.value, done.state);
+        let ((conn, root), push) = (done.value, done.state);
+        let manifest = push.manifest();
         let report = PushReport {
             server: conn.peer.id.clone(),
             path: conn.peer.path,
             size: manifest.size(),
             sent_bytes: sent.load(Ordering::Relaxed),
             chunks: manifest.chunk_count(),
-            chunks_skipped: skipped.unwrap_or(0),
+            chunks_skipped: push.chunks_skipped(),
             root,
             elapsed: self
                 .config()
@@ -223,69 +220,54 @@ impl Client {
     async fn push_once(
         &self,
         a: PushAttempt<'_>,
-        skipped: &mut Option<u32>,
+        push: &mut Push,
         used: &mut Option<Arc<Connection>>,
     ) -> Result<Attempt<(Arc<Connection>, Digest)>, PushError> {
         let PushAttempt {
             dataset,
             object,
             source,
-            manifest,
             opts,
             pace,
             sent,
         } = a;
         let conn = self.connection().await?;
         *used = Some(conn.clone());
-        let req = Request::OpenWrite {
-            dataset: dataset.clone(),
-            object: object.clone(),
-            manifest: (**manifest).clone(),
-        };
-        let (transfer, have) = match conn.call(&req).await? {
-            Response::OpenedWrite { transfer, have } => (transfer, have),
-            other => return Err(unexpected(&other).into()),
-        };
-        if have.len() != manifest.chunk_count() {
-            return Err(RequestError::Protocol(ProtocolViolation::ChunkSetMismatch).into());
-        }
-        skipped.get_or_insert(have.count());
+        let answer = conn.call(&push.open_request(dataset, object)).await?;
+        let (transfer, have) = Answer::opened_write(answer).map_err(RequestError::from)?;
+        let schedule = push.handle_opened(&have).map_err(RequestError::from)?;
+        let manifest = push.manifest().clone();
         let total = manifest.size();
-        let done = Arc::new(AtomicU64::new(
-            (0..manifest.chunk_count())
-                .map(ChunkIndex)
-                .filter(|i| have.contains(*i))
-                .map(|i| manifest.chunk_range(i).map_or(0, |r| r.end - r.start))
-                .sum(),
-        ));
-        let work: VecDeque<ChunkIndex> = have.missing().collect();
+        let done = Arc::new(AtomicU64::new(push.held_bytes(&have)));
         let gate = Gate::new(pace.clone(), conn.clone());
-        let result = {
-            let (conn, manifest, source, sent, progress, gate) = (
+        let (_, result) = {
+            let (conn, source, sent, progress, gate, writes) = (
                 conn.clone(),
-                manifest.clone(),
                 source.clone(),
                 sent.clone(),
                 opts.progress.clone(),
                 gate.clone(),
+                push.clone(),
             );
-            let schedule = ChunkSchedule::new(&manifest, work);
             run_workers(opts.parallel(self.config()), schedule, move |index| {
-                let (conn, manifest, source, sent, done, progress, gate) = (
+                let (conn, source, sent, done, progress, gate, writes) = (
                     conn.clone(),
-                    manifest.clone(),
                     source.clone(),
                     sent.clone(),
                     done.clone(),
                     progress.clone(),
                     gate.clone(),
+                    writes.clone(),
                 );
                 async move {
-                    let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
+                    let len = writes
+                        .manifest()
+                        .chunk_range(index)
+                        .map_or(0, |r| r.end - r.start);
                     if !gate.admit(len).await {
                         return Ok(Turn::NotAsked);
                     }
-                    let n = send_chunk(&conn, transfer, &manifest, &source, index).await?;
+                    let n = send_chunk(&conn, transfer, &writes, &source, index).await?;
                     sent.fetch_add(n, Ordering::Relaxed);
                     let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                     if let Some(p) = &progress {
@@ -300,21 +282,20 @@ impl Client {
             let _ = conn.call(&Request::Close { transfer }).await;
             return Err(e);
         }
-        if gate.is_renewing() {
-            // Chunks were left for the next attempt, which reopens the transfer on a fresh
-            // connection and learns what the server holds; close this one first, so the
-            // object is not still open for writing when it does.
-            let _ = conn.call(&Request::Close { transfer }).await;
-            return Ok(Attempt::Renew);
-        }
-        match conn.call(&Request::Commit { transfer }).await? {
-            Response::Committed { root } if root == manifest.root() => {
+        match push.poll_end(transfer, gate.is_renewing()) {
+            PushEnd::Renew(close) => {
+                // Chunks were left for the next attempt, which reopens the transfer on a
+                // fresh connection and learns what the server holds; close this one first,
+                // so the object is not still open for writing when it does.
+                let _ = conn.call(&close).await;
+                Ok(Attempt::Renew)
+            }
+            PushEnd::Commit(commit) => {
+                let answer = conn.call(&commit).await?;
+                let root = Answer::committed(answer).map_err(RequestError::from)?;
+                let root = push.handle_committed(root).map_err(RequestError::from)?;
                 Ok(Attempt::Done((conn, root)))
             }
-            Response::Committed { .. } => {
-                Err(RequestError::Protocol(ProtocolViolation::WrongRoot).into())
-            }
-            other => Err(unexpected(&other).into()),
         }
     }
 }
@@ -322,25 +303,20 @@ impl Client {
 async fn send_chunk(
     conn: &Connection,
     transfer: TransferId,
-    manifest: &Manifest,
+    push: &Push,
     source: &Source,
     index: ChunkIndex,
 ) -> Result<u64, PushError> {
-    let range = manifest.chunk_range(index).ok_or(RequestError::Protocol(
-        ProtocolViolation::ChunkOutsideObject(index),
-    ))?;
+    let (req, range) = push
+        .write_request(transfer, index)
+        .map_err(RequestError::from)?;
     let src = source.clone();
     let r = range.clone();
     let data = tokio::task::spawn_blocking(move || src.chunk(r))
         .await
         .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
     let n = data.len() as u64;
-    let mut s = conn
-        .open(&Request::WriteChunk {
-            transfer,
-            chunk: index,
-        })
-        .await?;
+    let mut s = conn.open(&req).await?;
     s.sink.send_data(data).await.map_err(RequestError::from)?;
     s.sink
         .send(FrameKind::End, Bytes::new())
@@ -348,8 +324,10 @@ async fn send_chunk(
         .map_err(RequestError::from)?;
     s.sink.finish();
     match response(&mut s.source).await {
-        Ok(Response::ChunkStored(i)) if i == index => Ok(n),
-        Ok(other) => Err(unexpected(&other).into()),
+        Ok(answer) => {
+            Answer::chunk_stored(answer, index).map_err(RequestError::from)?;
+            Ok(n)
+        }
         Err(RequestError::Remote(ErrorCode::Corrupt)) => Err(PushError::Corrupt(index)),
         Err(e) => Err(e.into()),
     }

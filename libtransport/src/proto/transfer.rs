@@ -44,7 +44,8 @@ pub struct Pull {
     want: Want,
     /// The manifest of the latest attempt; `None` before the first answer.
     manifest: Option<Arc<Manifest>>,
-    /// The chunks covering what is wanted.
+    /// The bytes of the object wanted, and the chunks covering them.
+    bytes: Range<u64>,
     chunks: Range<u32>,
     /// Verified chunks of the manifest (over all of its chunks).
     verified: ChunkSet,
@@ -144,6 +145,7 @@ impl Pull {
         Self {
             want,
             manifest: None,
+            bytes: 0..0,
             chunks: 0..0,
             verified: ChunkSet::new(0),
             kept: false,
@@ -190,7 +192,8 @@ impl Pull {
         if same && self.kept {
             return Ok(Opened::Resume);
         }
-        self.chunks = manifest.chunks_covering(bytes);
+        self.chunks = manifest.chunks_covering(bytes.clone());
+        self.bytes = bytes;
         self.verified = ChunkSet::new(manifest.chunk_count());
         self.manifest = Some(Arc::new(manifest));
         self.kept = true;
@@ -218,6 +221,16 @@ impl Pull {
     /// The manifest of the open transfer (none before the first answer).
     pub fn manifest(&self) -> Option<&Arc<Manifest>> {
         self.manifest.as_ref()
+    }
+
+    /// Whether the pull wants the whole object (not a range of it).
+    pub fn is_whole(&self) -> bool {
+        matches!(self.want, Want::Whole { .. })
+    }
+
+    /// The bytes of the object wanted.
+    pub fn bytes(&self) -> Range<u64> {
+        self.bytes.clone()
     }
 
     /// The chunks covering what is wanted.

@@ -129,7 +129,7 @@ fn bench_server(s: &LabSite, name: &str) -> netlab::Process {
 
 #[test]
 #[ignore = "netlab: needs root"]
-fn the_soft_rdma_device_carries_sealed_chunks_and_the_unsealed_baseline_shows_the_canary() {
+fn the_soft_rdma_device_carries_sealed_chunks_and_the_plaintext_baseline_shows_the_canary() {
     let s = LabSite::new("rdma_canary", &[], |t| t);
     for d in [netlab::Direction::Egress, netlab::Direction::Ingress] {
         s.host("gpu")
@@ -147,6 +147,11 @@ fn the_soft_rdma_device_carries_sealed_chunks_and_the_unsealed_baseline_shows_th
             .host("gpu")
             .command(bench_bin())
             .args(["client", "--server", &format!("{storage}:7543")])
+            .args([
+                "--plaintext-server",
+                &format!("{storage}:7544"),
+                "--dangerous-plaintext",
+            ])
             .args(["--identity", p(&s.site.path("loader")), "--modes", modes])
             .args(["--runs", "1", "--requests", "5", "--json"])
             .output()
@@ -173,13 +178,15 @@ fn the_soft_rdma_device_carries_sealed_chunks_and_the_unsealed_baseline_shows_th
         !sealed.contains(canary.as_bytes()),
         "the canary crossed the wire in rdma-soft"
     );
-    // Unsealed, the same capture finds it: the check can fire.
+    // The bench's plaintext baseline over the same wire, the same capture finds it: the
+    // check can fire. (rdma-soft-plain, the unsealed RDMA baseline, runs inside the bench's
+    // own process and never crosses the wire, so it cannot be the control.)
     let capture = s.lab.capture().unwrap();
-    run("rdma-soft-plain");
+    run("plaintext-tcp");
     let plain = capture.stop().unwrap();
     assert!(
         plain.contains(canary.as_bytes()),
-        "the control failed: the capture does not see unsealed chunks"
+        "the control failed: the capture does not see plaintext chunks"
     );
 }
 

@@ -7,7 +7,9 @@ use super::*;
 const CHUNK: u32 = 64 << 10;
 
 fn data(len: usize, salt: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + i / 251) as u8) ^ salt).collect()
+    (0..len)
+        .map(|i| ((i * 31 + i / 251) as u8) ^ salt)
+        .collect()
 }
 
 /// A manifest of `chunks` full chunks and a short last one.
@@ -227,7 +229,8 @@ fn a_push_refuses_a_held_set_of_another_size_and_chunks_outside_the_object() {
         TransferViolation::ChunkSetMismatch
     );
     assert_eq!(
-        push.write_request(TransferId(1), ChunkIndex(3)).unwrap_err(),
+        push.write_request(TransferId(1), ChunkIndex(3))
+            .unwrap_err(),
         TransferViolation::ChunkOutsideObject(ChunkIndex(3))
     );
 }
