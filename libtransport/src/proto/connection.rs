@@ -10,9 +10,15 @@
 //!    back, if any; it goes on serving only if that answer accepted the hello;
 //! 3. the client hands the answer to [`handle_answer`], which yields the server's
 //!    [`HelloAck`] or says why the connection is of no use.
+//!
+//! Once open, the server keeps the connection's open transfers in a [`TransferTable`].
 
 use crate::proto::message::PROTOCOL_VERSION;
 use crate::proto::{DecodeError, ErrorCode, Frame, FrameKind, Hello, HelloAck};
+
+mod table;
+
+pub use table::{TableError, TransferTable};
 
 /// The client's first frame on a fresh connection.
 pub fn hello_frame() -> Frame {

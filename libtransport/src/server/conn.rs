@@ -1,6 +1,5 @@
 //! Per-connection state: the authenticated peer, its open transfers, its read budget.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -12,6 +11,7 @@ use crate::audit::AuditEvent;
 use crate::identity::Peer;
 use crate::metrics::ConnectionGuard;
 use crate::policy::{Access, Decision};
+use crate::proto::connection::TransferTable;
 use crate::proto::{DatasetName, Digest, ErrorCode, Manifest, ObjectPath, TransferId};
 use crate::store::{ObjectReader, ObjectWriter};
 use crate::transport::Connection;
@@ -22,19 +22,13 @@ use crate::vocab::{Action, DecisionKind, Direction, Outcome, TransferPath};
 pub(crate) struct ConnCtx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) peer: Peer,
-    transfers: Mutex<Transfers>,
+    transfers: Mutex<TransferTable<Arc<Transfer>>>,
     /// Bytes read from disk ahead of the network, in KiB units.
     pub(crate) budget: Arc<Semaphore>,
     /// The transport's connection underneath (for RDMA sessions' key export).
     pub(crate) conn: Arc<dyn Connection>,
     /// Counts this connection in the metrics while it lives.
     _open: ConnectionGuard,
-}
-
-#[derive(Debug, Default)]
-struct Transfers {
-    next: u64,
-    open: HashMap<TransferId, Arc<Transfer>>,
 }
 
 /// An open transfer.
@@ -70,12 +64,13 @@ impl TransferKind {
 impl ConnCtx {
     pub(crate) fn new(shared: Arc<Shared>, peer: Peer, conn: Arc<dyn Connection>) -> Self {
         let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
+        let table = TransferTable::new(shared.config.transport.max_transfers as usize);
         Self {
             _open: shared.config.metrics.connection_opened(peer.path),
             shared,
             peer,
             conn,
-            transfers: Mutex::new(Transfers::default()),
+            transfers: Mutex::new(table),
             budget: Arc::new(Semaphore::new(kib as usize)),
         }
     }
@@ -138,9 +133,7 @@ impl ConnCtx {
         manifest: &Manifest,
         kind: TransferKind,
     ) -> Result<TransferId, ErrorCode> {
-        if self.lock().open.len() >= self.shared.config.transport.max_transfers as usize {
-            return Err(ErrorCode::Busy);
-        }
+        self.lock().check_room()?;
         record_or_refuse(
             &self.shared,
             AuditEvent::TransferStarted {
@@ -153,37 +146,24 @@ impl ConnCtx {
                 path: self.peer.path.into(),
             },
         )?;
-        let mut t = self.lock();
-        t.next += 1;
-        let id = TransferId(t.next);
-        t.open.insert(
-            id,
-            Arc::new(Transfer {
-                dataset,
-                object,
-                root: manifest.root(),
-                kind,
-                started: self.shared.config.clock.instant(),
-                bytes: AtomicU64::new(0),
-                rdma: AtomicBool::new(false),
-            }),
-        );
+        let id = self.lock().insert(Arc::new(Transfer {
+            dataset,
+            object,
+            root: manifest.root(),
+            kind,
+            started: self.shared.config.clock.instant(),
+            bytes: AtomicU64::new(0),
+            rdma: AtomicBool::new(false),
+        }))?;
         Ok(id)
     }
 
     pub(crate) fn get(&self, id: TransferId) -> Result<Arc<Transfer>, ErrorCode> {
-        self.lock()
-            .open
-            .get(&id)
-            .cloned()
-            .ok_or(ErrorCode::UnknownTransfer)
+        Ok(self.lock().get(id)?.clone())
     }
 
     pub(crate) fn remove(&self, id: TransferId) -> Result<Arc<Transfer>, ErrorCode> {
-        self.lock()
-            .open
-            .remove(&id)
-            .ok_or(ErrorCode::UnknownTransfer)
+        Ok(self.lock().remove(id)?)
     }
 
     /// Records a transfer's end in the audit trail and the metrics.
@@ -232,13 +212,13 @@ impl ConnCtx {
 
     /// The connection is over: transfers still open were interrupted.
     pub(crate) fn finish(&self) {
-        let open: Vec<_> = self.lock().open.drain().map(|(_, t)| t).collect();
+        let open = self.lock().drain();
         for t in open {
             self.ended(&t, Outcome::Interrupted);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Transfers> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TransferTable<Arc<Transfer>>> {
         self.transfers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
