@@ -11,6 +11,7 @@
 // A benchmark reads the clock directly; the product injects it.
 #![allow(clippy::disallowed_methods)]
 
+pub mod bare;
 pub mod chart;
 pub mod host;
 pub mod lab;

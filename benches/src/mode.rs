@@ -34,11 +34,20 @@ pub enum Mode {
     /// Chunks by RDMA over a hardware device, sealed (needs the `rdma` build feature and a
     /// device on both sides).
     Rdma,
+    /// A TCP copy loop in this process: one connection's ceiling ([`crate::bare`]).
+    BareTcp,
+    /// rustls over TCP with the product's provider, in this process.
+    BareTls,
+    /// One quinn connection with the product's settings, in this process.
+    BareQuic,
 }
 
 impl Mode {
-    /// Every mode, baselines first.
-    pub const ALL: [Self; 6] = [
+    /// Every mode, reference loops and baselines first.
+    pub const ALL: [Self; 9] = [
+        Self::BareTcp,
+        Self::BareTls,
+        Self::BareQuic,
         Self::PlaintextTcp,
         Self::TlsTcp,
         Self::Quic,
@@ -56,6 +65,31 @@ impl Mode {
             Self::RdmaSoft => "rdma-soft",
             Self::RdmaSoftPlain => "rdma-soft-plain",
             Self::Rdma => "rdma",
+            Self::BareTcp => crate::bare::Bare::Tcp.name(),
+            Self::BareTls => crate::bare::Bare::Tls.name(),
+            Self::BareQuic => crate::bare::Bare::Quic.name(),
+        }
+    }
+
+    /// The reference loop of the library this mode runs on, which it is measured against
+    /// (`ratio_to_bare`): bare-tcp for plaintext-tcp, bare-tls for tls-tcp, bare-quic for
+    /// quic; a loop is its own. None for the RDMA modes.
+    pub fn bare(self) -> Option<Self> {
+        match self {
+            Self::PlaintextTcp | Self::BareTcp => Some(Self::BareTcp),
+            Self::TlsTcp | Self::BareTls => Some(Self::BareTls),
+            Self::Quic | Self::BareQuic => Some(Self::BareQuic),
+            Self::RdmaSoft | Self::RdmaSoftPlain | Self::Rdma => None,
+        }
+    }
+
+    /// The reference loop behind this mode, if it is one.
+    fn as_bare(self) -> Option<crate::bare::Bare> {
+        match self {
+            Self::BareTcp => Some(crate::bare::Bare::Tcp),
+            Self::BareTls => Some(crate::bare::Bare::Tls),
+            Self::BareQuic => Some(crate::bare::Bare::Quic),
+            _ => None,
         }
     }
 
@@ -83,8 +117,8 @@ impl std::str::FromStr for Mode {
             .find(|m| m.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown mode {s:?}: expected plaintext-tcp, tls-tcp, quic, rdma-soft, \
-                     rdma-soft-plain or rdma"
+                    "unknown mode {s:?}: expected bare-tcp, bare-tls, bare-quic, plaintext-tcp, \
+                     tls-tcp, quic, rdma-soft, rdma-soft-plain or rdma"
                 )
             })
     }
@@ -181,6 +215,9 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
     if mode == Mode::RdmaSoftPlain {
         return crate::rdma_plain::run(target.size, target.chunk_bytes, shape).await;
     }
+    if let Some(bare) = mode.as_bare() {
+        return crate::bare::run(bare, target.size, shape).await;
+    }
     let mut transport = target.transport.clone();
     // The RDMA modes must not fall back to QUIC unnoticed; the others do not use RDMA.
     transport.rdma_required(true);
@@ -275,7 +312,9 @@ async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::R
             Client::connect_with(config, addr, Arc::new(connector)).await?
         }
         Mode::TlsTcp => Client::connect(config, target.tcp, Path::Tcp).await?,
-        Mode::RdmaSoftPlain => anyhow::bail!("rdma-soft-plain makes no client connection"),
+        Mode::RdmaSoftPlain | Mode::BareTcp | Mode::BareTls | Mode::BareQuic => {
+            anyhow::bail!("{mode} makes no client connection")
+        }
         Mode::Quic | Mode::RdmaSoft | Mode::Rdma => {
             Client::connect(config, target.quic, Path::Quic).await?
         }

@@ -18,8 +18,22 @@ pub struct ModeSummary {
     /// Median throughput over its baseline's median: plaintext-tcp, or rdma-soft-plain for
     /// the soft RDMA modes (1.0 for a baseline; absent without it).
     pub ratio_to_plaintext: Option<f64>,
+    /// Median throughput over the median of the reference loop of its library (bare-tcp,
+    /// bare-tls or bare-quic; see `Mode::bare`), when that loop ran.
+    #[serde(default)]
+    pub ratio_to_bare: Option<f64>,
     /// Median CPU seconds per GB, both sides.
     pub cpu_s_per_gb: f64,
+    /// Median CPU seconds per GB at the client.
+    #[serde(default)]
+    pub client_cpu_s_per_gb: f64,
+    /// Median CPU seconds per GB at the server, where it was measured.
+    #[serde(default)]
+    pub server_cpu_s_per_gb: Option<f64>,
+    /// CPU seconds per GB over the floor (bare-tcp's, plus one seal, one open and one
+    /// BLAKE3 pass; `floor_cpu_s_per_gb` in the report), when bare-tcp ran.
+    #[serde(default)]
+    pub cost_over_floor: Option<f64>,
     /// Median of each run's p50 small-request latency.
     pub p50_us: u64,
     /// Median of each run's p99 small-request latency.
@@ -34,8 +48,22 @@ pub struct ModeSummary {
     pub runs_gbps: Vec<f64>,
 }
 
-/// Summarises runs by mode, in `order`.
-pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary> {
+/// The floor of CPU seconds per GB in this run: bare-tcp's median (both ends) plus what one
+/// seal, one open and one BLAKE3 pass cost on one core of this host; none without bare-tcp.
+pub fn floor(summary: &[ModeSummary], rates: &crate::host::Rates) -> Option<f64> {
+    summary
+        .iter()
+        .find(|m| m.mode == crate::mode::Mode::BareTcp.name())
+        .map(|m| round(rates.floor_cpu_s_per_gb(m.cpu_s_per_gb), 3))
+}
+
+/// Summarises runs by mode, in `order`, against the floor `floor` (see [`floor`]): call
+/// once without it to find bare-tcp's figures, then with it.
+pub fn summarise(
+    order: &[&'static str],
+    runs: &[RunResult],
+    floor: Option<f64>,
+) -> Vec<ModeSummary> {
     let mut out: Vec<ModeSummary> = order
         .iter()
         .map(|&mode| {
@@ -47,7 +75,16 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
                 mode: mode.to_owned(),
                 gbps: round(med(&|r| r.gbps), 3),
                 ratio_to_plaintext: None,
+                ratio_to_bare: None,
                 cpu_s_per_gb: round(med(&|r| r.cpu_s_per_gb), 3),
+                client_cpu_s_per_gb: round(med(&|r| r.client_cpu_s_per_gb), 3),
+                server_cpu_s_per_gb: {
+                    let s: Vec<f64> = rs.iter().filter_map(|r| r.server_cpu_s_per_gb).collect();
+                    (!s.is_empty()).then(|| round(median(&s), 3))
+                },
+                cost_over_floor: floor
+                    .filter(|f| *f > 0.0)
+                    .map(|f| round(med(&|r| r.cpu_s_per_gb) / f, 3)),
                 p50_us: med(&|r| r.latency.p50_us as f64) as u64,
                 p99_us: med(&|r| r.latency.p99_us as f64) as u64,
                 p999_us: med(&|r| r.latency.p999_us as f64) as u64,
@@ -68,6 +105,15 @@ pub fn summarise(order: &[&'static str], runs: &[RunResult]) -> Vec<ModeSummary>
             .map(|(_, g)| *g)
             .filter(|g| *g > 0.0);
         m.ratio_to_plaintext = base.map(|b| round(m.gbps / b, 3));
+        let bare = m
+            .mode
+            .parse::<crate::mode::Mode>()
+            .ok()
+            .and_then(crate::mode::Mode::bare)
+            .and_then(|b| gbps.iter().find(|(name, _)| name == b.name()))
+            .map(|(_, g)| *g)
+            .filter(|g| *g > 0.0);
+        m.ratio_to_bare = bare.map(|b| round(m.gbps / b, 3));
     }
     out
 }
@@ -114,7 +160,8 @@ pub fn host_line(machine: &Value) -> String {
             .map_or_else(|| "?".to_owned(), |g| format!("{g:.2}"))
     };
     format!(
-        "host: {} (family {}, model {}; {}), one core: AES-128-GCM seal {} GB/s, memcpy {} GB/s",
+        "host: {} (family {}, model {}; {}), one core: AES-128-GCM seal {} GB/s, open {} GB/s, \
+         BLAKE3 {} GB/s, memcpy {} GB/s",
         machine["cpu"].as_str().unwrap_or("unknown"),
         machine["cpu_family"],
         machine["cpu_model"],
@@ -124,24 +171,41 @@ pub fn host_line(machine: &Value) -> String {
             flags.join(" ")
         },
         rate("aes_128_gcm_seal_gbps"),
+        rate("aes_128_gcm_open_gbps"),
+        rate("blake3_gbps"),
         rate("memcpy_gbps"),
     )
 }
 
 /// A plain-text table for the terminal.
 pub fn table(summary: &[ModeSummary]) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
     let mut s = format!(
-        "{:<14} {:>7} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10}\n",
-        "mode", "GB/s", "ratio", "CPU s/GB", "p50 us", "p99 us", "p99.9 us", "connect us"
+        "{:<15} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>10}\n",
+        "mode",
+        "GB/s",
+        "ratio",
+        "to bare",
+        "CPU s/GB",
+        "client",
+        "server",
+        "x floor",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "connect us"
     );
     for m in summary {
         s.push_str(&format!(
-            "{:<14} {:>7.3} {:>9} {:>9.3} {:>8} {:>8} {:>9} {:>10}\n",
+            "{:<15} {:>7.3} {:>9} {:>8} {:>9.3} {:>9.3} {:>9} {:>8} {:>8} {:>8} {:>9} {:>10}\n",
             m.mode,
             m.gbps,
-            m.ratio_to_plaintext
-                .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+            opt(m.ratio_to_plaintext),
+            opt(m.ratio_to_bare),
             m.cpu_s_per_gb,
+            m.client_cpu_s_per_gb,
+            opt(m.server_cpu_s_per_gb),
+            opt(m.cost_over_floor),
             m.p50_us,
             m.p99_us,
             m.p999_us,
@@ -153,17 +217,21 @@ pub fn table(summary: &[ModeSummary]) -> String {
 
 /// The same table in markdown, for `benches/results/`.
 pub fn markdown(summary: &[ModeSummary], machine: &Value, params: &Value) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
     let mut s = String::from(
-        "| mode | GB/s (median) | ratio to plaintext | CPU s/GB | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|\n",
+        "| mode | GB/s (median) | ratio to plaintext | ratio to bare | CPU s/GB (client / server) | × floor | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for m in summary {
         s.push_str(&format!(
-            "| {} | {:.3} | {} | {:.3} | {} | {} | {} |\n",
+            "| {} | {:.3} | {} | {} | {:.3} ({:.3} / {}) | {} | {} | {} | {} |\n",
             m.mode,
             m.gbps,
-            m.ratio_to_plaintext
-                .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+            opt(m.ratio_to_plaintext),
+            opt(m.ratio_to_bare),
             m.cpu_s_per_gb,
+            m.client_cpu_s_per_gb,
+            opt(m.server_cpu_s_per_gb),
+            opt(m.cost_over_floor),
             m.p50_us,
             m.p99_us,
             m.runs_gbps
@@ -194,12 +262,15 @@ mod tests {
         let m = json!({
             "cpu": "AMD EPYC", "cpu_family": 23, "cpu_model": 1,
             "cpu_crypto_flags": ["aes", "avx2"],
-            "one_core": { "aes_128_gcm_seal_gbps": 2.954, "memcpy_gbps": 11.0 },
+            "one_core": {
+                "aes_128_gcm_seal_gbps": 2.954, "aes_128_gcm_open_gbps": 3.1,
+                "blake3_gbps": 1.5, "memcpy_gbps": 11.0
+            },
         });
         assert_eq!(
             host_line(&m),
             "host: AMD EPYC (family 23, model 1; aes avx2), one core: AES-128-GCM seal 2.95 \
-             GB/s, memcpy 11.00 GB/s"
+             GB/s, open 3.10 GB/s, BLAKE3 1.50 GB/s, memcpy 11.00 GB/s"
         );
         // A report from before the probe existed still prints.
         let old = json!({ "cpu": "AMD EPYC" });

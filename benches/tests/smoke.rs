@@ -28,20 +28,44 @@ fn local_reports_every_mode_in_the_documented_shape() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let modes = doc["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(names, ["plaintext-tcp", "tls-tcp", "quic"]);
+    assert_eq!(
+        names,
+        [
+            "bare-tcp",
+            "bare-tls",
+            "bare-quic",
+            "plaintext-tcp",
+            "tls-tcp",
+            "quic"
+        ]
+    );
+    let floor = doc["floor_cpu_s_per_gb"].as_f64().expect("a floor");
+    assert!(floor > 0.0 && floor.is_finite(), "{floor}");
     for m in modes {
         assert!(m["gbps"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["ratio_to_plaintext"].as_f64().unwrap() > 0.0, "{m}");
+        // Each mode against its library's reference loop and the floor, both ends' CPU.
+        assert!(m["ratio_to_bare"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["cost_over_floor"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["cpu_s_per_gb"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["client_cpu_s_per_gb"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["p50_us"].as_u64().unwrap() > 0, "{m}");
         assert!(
             m["p99_us"].as_u64().unwrap() >= m["p50_us"].as_u64().unwrap(),
             "{m}"
         );
     }
-    assert_eq!(modes[0]["ratio_to_plaintext"], 1.0);
+    // A reference loop is its own bare loop; plaintext-tcp is the plaintext baseline.
+    assert_eq!(modes[0]["ratio_to_bare"], 1.0);
+    assert_eq!(modes[3]["ratio_to_plaintext"], 1.0);
     assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
     // The host's one-core rates, measured in the same invocation, travel with the figures.
-    for rate in ["aes_128_gcm_seal_gbps", "memcpy_gbps"] {
+    for rate in [
+        "aes_128_gcm_seal_gbps",
+        "aes_128_gcm_open_gbps",
+        "blake3_gbps",
+        "memcpy_gbps",
+    ] {
         let g = doc["machine"]["one_core"][rate].as_f64().unwrap();
         assert!(g.is_finite() && g > 0.0, "{rate}: {g}");
     }
@@ -151,7 +175,7 @@ fn lab_reports_each_mode_across_a_wire_at_both_mtus() {
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(doc["mtu"].to_string(), mtu);
         let modes = doc["modes"].as_array().unwrap();
-        assert_eq!(modes.len(), 3);
+        assert_eq!(modes.len(), 6);
         for m in modes {
             assert!(m["gbps"].as_f64().unwrap() > 0.0);
             assert!(m["ratio_to_plaintext"].as_f64().unwrap() > 0.0);

@@ -129,14 +129,15 @@ enum Command {
 /// Options every measuring command shares.
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Modes to run, comma-separated: plaintext-tcp, tls-tcp, quic, rdma-soft-plain,
+    /// Modes to run, comma-separated: bare-tcp, bare-tls, bare-quic (the reference loops:
+    /// the libraries alone, in this process on loopback), plaintext-tcp, tls-tcp, quic, rdma-soft-plain,
     /// rdma-soft, rdma (hardware; needs the `rdma` build feature and a device). Each mode's
     /// ratio is to its unencrypted baseline: plaintext-tcp, or rdma-soft-plain for rdma-soft
     /// (a bare loop over two soft devices in this process, on loopback).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "plaintext-tcp,tls-tcp,quic"
+        default_value = "bare-tcp,bare-tls,bare-quic,plaintext-tcp,tls-tcp,quic"
     )]
     modes: Vec<Mode>,
     /// Runs per mode.
@@ -401,7 +402,9 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
         }
     }
     let order: Vec<&'static str> = run.modes.iter().map(|m| m.name()).collect();
-    let summary = report::summarise(&order, &results);
+    // Once to find bare-tcp's CPU per GB, which the floor builds on; then against the floor.
+    let floor = report::floor(&report::summarise(&order, &results, None), &rates);
+    let summary = report::summarise(&order, &results, floor);
     params["size"] = target.size.into();
     params["runs"] = run.runs.into();
     params["parallel"] = run.parallel.into();
@@ -412,6 +415,7 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     Ok(json!({
         "params": params,
         "machine": report::machine(&rates),
+        "floor_cpu_s_per_gb": floor,
         "modes": summary,
         "runs": results,
     }))
@@ -425,6 +429,12 @@ fn finish(doc: &Value, kind: &str, run: &RunArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", report::table(&summary));
         println!("{}", report::host_line(&doc["machine"]));
+        if let Some(floor) = doc["floor_cpu_s_per_gb"].as_f64() {
+            println!(
+                "floor: {floor:.3} CPU s/GB (bare-tcp's, plus one AES-GCM seal, one open and \
+                 one BLAKE3 pass on one core)"
+            );
+        }
     }
     if let Some(dir) = &run.out {
         std::fs::create_dir_all(dir)?;

@@ -34,6 +34,28 @@ use crate::proto::connection::{ServerHello, handle_answer, hello_frame};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{ErrorCode, Frame, FrameError, FrameHeader, FrameKind};
 
+/// A server endpoint on `addr` with the product's QUIC endpoint and transport settings
+/// (`cfg`) and the caller's TLS config, for reference loops that measure quinn itself under
+/// the product's settings (`transport-bench`'s `bare-quic`). The product's own listener,
+/// which verifies peers and speaks the protocol, is [`QuicListener`].
+pub fn reference_server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    cfg: &TransportConfig,
+) -> io::Result<Endpoint> {
+    server_endpoint(addr, tls, cfg)
+}
+
+/// The client side of [`reference_server_endpoint`]: an endpoint for `peer`, and the
+/// connection config to dial it with.
+pub fn reference_client_endpoint(
+    peer: SocketAddr,
+    tls: rustls::ClientConfig,
+    cfg: &TransportConfig,
+) -> io::Result<(Endpoint, quinn::ClientConfig)> {
+    Ok((client_endpoint(peer, cfg)?, client_config(tls, cfg)?))
+}
+
 /// A server endpoint on `addr` speaking our TLS config.
 fn server_endpoint(
     addr: SocketAddr,
