@@ -272,15 +272,10 @@ pub enum ProtocolViolation {
     /// The stream ended before its `End` frame.
     #[error("stream ended before End")]
     StreamEndedEarly,
-    /// The server's set of chunks it holds is not the size of the manifest's.
-    #[error("chunk set does not match the manifest")]
-    ChunkSetMismatch,
-    /// The server committed an object of another root hash than the manifest's.
-    #[error("server committed another root than the manifest's")]
-    WrongRoot,
-    /// A chunk index past the object's last chunk.
-    #[error("chunk {0} outside the object")]
-    ChunkOutsideObject(ChunkIndex),
+    /// An answer the transfer cannot take (a held-chunk set of another size, another
+    /// committed root, a chunk outside the object).
+    #[error(transparent)]
+    Transfer(#[from] crate::proto::transfer::TransferViolation),
     /// Data frames on an RDMA session's control stream.
     #[error("data on an RDMA control stream")]
     RdmaControlData,
@@ -598,17 +593,6 @@ impl From<crate::proto::transfer::PullRefusal> for FetchError {
         match r {
             PullRefusal::Range { start, end, size } => Self::Range { start, end, size },
             PullRefusal::TooLarge { size, limit } => Self::TooLarge { size, limit },
-        }
-    }
-}
-
-impl From<crate::proto::transfer::TransferViolation> for ProtocolViolation {
-    fn from(v: crate::proto::transfer::TransferViolation) -> Self {
-        use crate::proto::transfer::TransferViolation;
-        match v {
-            TransferViolation::ChunkSetMismatch => Self::ChunkSetMismatch,
-            TransferViolation::WrongRoot => Self::WrongRoot,
-            TransferViolation::ChunkOutsideObject(i) => Self::ChunkOutsideObject(i),
         }
     }
 }
