@@ -112,7 +112,10 @@ pub fn measure(budget: Duration) -> anyhow::Result<Rates> {
     let memcpy_gbps = fastest(budget, COPY, || copy.round());
     // Each open round first restores its ciphertext (a copy of the same records): the
     // fastest round of those copies alone is taken out of the fastest round of both.
-    anyhow::ensure!(open.round(), "the AES-GCM open probe failed to open its records");
+    anyhow::ensure!(
+        open.round(),
+        "the AES-GCM open probe failed to open its records"
+    );
     let both = fastest(budget, OpenProbe::BYTES, || {
         open.round();
     });
