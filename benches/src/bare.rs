@@ -20,7 +20,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
-use crate::mode::{RunResult, Shape};
+use crate::outcome::{RunResult, Shape};
 use crate::stats::{Latency, latency_histogram};
 
 /// Bytes per write and per read of the copy loops.

@@ -16,6 +16,7 @@ pub mod chart;
 pub mod host;
 pub mod lab;
 pub mod mode;
+pub mod outcome;
 pub mod plaintext;
 pub mod rdma_plain;
 pub mod report;

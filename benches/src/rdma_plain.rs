@@ -18,7 +18,7 @@ use libtransport::transport::rdma::soft::{SoftConfig, SoftRegion, SoftVerbs};
 use libtransport::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
 use tokio::sync::mpsc;
 
-use crate::mode::{RunResult, Shape};
+use crate::outcome::{RunResult, Shape};
 use crate::stats::{Latency, cpu_time, latency_histogram};
 
 /// Most ring slots, as the client's receive ring has.

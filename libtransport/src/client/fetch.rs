@@ -276,7 +276,7 @@ impl Client {
                     a.opts.progress.clone(),
                     gate.clone(),
                 );
-                let (reads, manifest) = (pull.clone(), manifest.clone());
+                let (reads, manifest) = (Arc::new(pull.clone()), manifest.clone());
                 let schedule = ChunkSchedule::new(&manifest, work);
                 let (schedule, result) =
                     run_workers(a.opts.parallel(self.config()), schedule, move |index| {
@@ -432,7 +432,7 @@ impl Client {
                     a.opts.progress.clone(),
                     gate.clone(),
                 );
-                let reads = pull.clone();
+                let reads = Arc::new(pull.clone());
                 let schedule = ChunkSchedule::new(&manifest, work);
                 let (schedule, result) =
                     run_workers(a.opts.parallel(self.config()), schedule, move |index| {
