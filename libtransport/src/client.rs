@@ -39,6 +39,7 @@ use crate::vocab::Path;
 mod attempt;
 mod connection;
 mod fetch;
+mod memory;
 mod pace;
 mod push;
 mod rdma;

@@ -352,6 +352,13 @@ pub enum FetchError {
         /// The caller's limit.
         limit: u64,
     },
+    /// The object changed its size while it was pulled into the caller's memory, which
+    /// holds the old layout's chunks: pull it again.
+    #[error("the object changed while it was pulled (it is now {size} bytes): pull it again")]
+    Changed {
+        /// The object's size now.
+        size: u64,
+    },
     /// The range asked for lies outside the object.
     #[error("range {start}..{end} is outside the object of {size} bytes")]
     Range {

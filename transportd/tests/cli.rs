@@ -494,3 +494,113 @@ fn pulls_by_soft_rdma_between_processes_and_falls_back_to_quic_without_a_device(
     );
     assert!(std::fs::read(&dest).unwrap() == data);
 }
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmHWM in /proc/self/status");
+    kib << 10
+}
+
+/// Starts counting the peak from what is resident now.
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+/// Whether this test has its process to itself (nextest runs each test in its own); if not,
+/// runs it again alone in a new process of this binary and says so (the caller then
+/// returns): a memory measure of the process must not count other tests.
+fn alone_in_process(name: &str) -> bool {
+    let per_test = std::env::var("NEXTEST_EXECUTION_MODE").is_ok_and(|m| m == "process-per-test");
+    if per_test || std::env::var_os("TRANSPORTD_TEST_ALONE").is_some() {
+        return true;
+    }
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("TRANSPORTD_TEST_ALONE", "1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "{name} failed in its own process");
+    false
+}
+
+#[test]
+fn a_pull_into_the_callers_memory_allocates_nothing_of_the_objects_size() {
+    if !alone_in_process("a_pull_into_the_callers_memory_allocates_nothing_of_the_objects_size") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let site = Site::new();
+        let len = 256 << 20;
+        let root = {
+            let data = write_data(&site.path("storage/datasets/scans/shard.bin"), len, 13);
+            blake3::hash(&data)
+        };
+        let node = Node::start(&site);
+        let client = library_client(&site, &node.quic, libtransport::Path::Quic).await;
+        let dataset = DatasetName::new("scans").unwrap();
+        let object = ObjectPath::new("shard.bin").unwrap();
+        let opts = libtransport::FetchOptions::default();
+        // A first pull warms the connection (windows, buffers) and the node's manifest.
+        client.stat(&dataset, &object).await.unwrap();
+
+        // The caller's buffer, resident before the measure starts.
+        let mut buf = vec![1u8; len];
+        reset_peak_rss();
+        let before = peak_rss();
+        let report = client
+            .fetch_into(&dataset, &object, &mut buf, &opts)
+            .await
+            .unwrap();
+        let grew = peak_rss().saturating_sub(before);
+        assert_eq!(report.size, len as u64);
+        assert_eq!(blake3::hash(&buf), root, "the buffer holds the object");
+        assert!(
+            grew <= 32 << 20,
+            "a 256 MiB pull into the caller's buffer raised the peak RSS by {} MiB",
+            grew >> 20
+        );
+
+        // Control: a pull into memory of the library's own shows up in the same measure.
+        drop(buf);
+        reset_peak_rss();
+        let before = peak_rss();
+        let owned = client
+            .fetch(&dataset, &object, len as u64, &opts)
+            .await
+            .unwrap();
+        let grew_owned = peak_rss().saturating_sub(before);
+        eprintln!(
+            "peak RSS growth: {} KiB into the caller's buffer, {} KiB into the library's",
+            grew >> 10,
+            grew_owned >> 10
+        );
+        assert_eq!(blake3::hash(&owned), root);
+        assert!(
+            grew_owned >= 240 << 20,
+            "the measure missed a 256 MiB allocation (peak grew {} MiB)",
+            grew_owned >> 20
+        );
+
+        // A buffer too small for the object is refused before anything moves.
+        let mut small = vec![0u8; len - 1];
+        let e = client
+            .fetch_into(&dataset, &object, &mut small, &opts)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, libtransport::FetchError::TooLarge { size, limit } if size == len as u64 && limit == len as u64 - 1),
+            "{e}"
+        );
+    });
+}

@@ -15,12 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use certs::SpiffeId;
-use tokio::task::JoinSet;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use super::attempt::{self, Attempt, Kind, Ran};
 use super::connection::Connection;
+use super::memory::ChunkSlots;
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
 use super::reply::next_data;
@@ -143,8 +145,63 @@ impl Client {
         limit: u64,
         opts: &FetchOptions,
     ) -> Result<Bytes, FetchError> {
-        self.read_into_memory(dataset, object, Pull::whole(limit), opts)
-            .await
+        let (range, slots) = self
+            .read_into_memory(dataset, object, Pull::whole(limit), Dest::Ours, opts)
+            .await?;
+        slots.into_bytes(range)
+    }
+
+    /// Pulls a whole object into the start of `dest` (memory the caller owns and may reuse
+    /// for the next pull, such as a pinned buffer), verifying every chunk, and returns what
+    /// the pull did (`size` bytes of `dest` now hold the object). Refuses an object larger
+    /// than `dest`. Nothing of the object's size is allocated: chunks land in place. If the
+    /// pull fails, `dest` holds an unspecified mix of old and new bytes.
+    pub async fn fetch_into(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        dest: &mut [u8],
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
+        let started = self.config().clock.instant();
+        let limit = dest.len() as u64;
+        let (_, slots) = self
+            .read_into_memory(
+                dataset,
+                object,
+                Pull::whole(limit),
+                Dest::Caller(dest),
+                opts,
+            )
+            .await?;
+        let (conn, manifest, rdma, retries) = (
+            slots.conn.clone(),
+            slots.manifest.clone(),
+            slots.rdma,
+            slots.retries,
+        );
+        let report = FetchReport {
+            server: conn.peer.id.clone(),
+            path: if rdma {
+                TransferPath::Rdma
+            } else {
+                conn.peer.path.into()
+            },
+            size: manifest.size(),
+            fetched_bytes: slots.fetched,
+            chunks: manifest.chunk_count(),
+            chunks_reused: 0,
+            chunks_fetched: manifest.chunk_count(),
+            root: manifest.root(),
+            elapsed: self
+                .config()
+                .clock
+                .instant()
+                .saturating_duration_since(started),
+            retries,
+        };
+        self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
+        Ok(report)
     }
 
     /// Reads `range` of an object, verifying every chunk it touches.
@@ -154,26 +211,32 @@ impl Client {
         object: &ObjectPath,
         range: Range<u64>,
     ) -> Result<Bytes, FetchError> {
-        self.read_into_memory(
-            dataset,
-            object,
-            Pull::range(range),
-            &FetchOptions::default(),
-        )
-        .await
+        let (range, slots) = self
+            .read_into_memory(
+                dataset,
+                object,
+                Pull::range(range),
+                Dest::Ours,
+                &FetchOptions::default(),
+            )
+            .await?;
+        slots.into_bytes(range)
     }
 
-    async fn read_into_memory(
+    /// Pulls `pull` into memory: ours or the caller's. Returns the bytes of the object the
+    /// pull wanted and the chunks' memory, every chunk verified.
+    async fn read_into_memory<'a>(
         &self,
         dataset: &DatasetName,
         object: &ObjectPath,
         pull: Pull,
+        dest: Dest<'a>,
         opts: &FetchOptions,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<(Range<u64>, Pulled<'a>), FetchError> {
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
         let moved = Arc::new(AtomicU64::new(0));
-        // The pull's machine and the buffers its verified chunks are in.
-        let state: (Pull, Option<MemoryDest>) = (pull, None);
+        // The pull's machine and the memory its verified chunks are in.
+        let state: (Pull, Dest<'a>) = (pull, dest);
         let done = attempt::run(
             Kind::Read,
             opts.retry,
@@ -201,58 +264,85 @@ impl Client {
             },
         )
         .await?;
-        Ok(done.value)
+        let (pull, dest) = done.state;
+        let Dest::Slots(slots) = dest else {
+            return Err(FetchError::Corrupt(ChunkIndex(0)));
+        };
+        let (conn, manifest, rdma) = done.value;
+        Ok((
+            pull.bytes(),
+            Pulled {
+                slots,
+                conn,
+                manifest,
+                rdma,
+                retries: done.retries,
+                fetched: moved.load(Ordering::Relaxed),
+            },
+        ))
     }
 
-    async fn read_once(
+    async fn read_once<'a>(
         &self,
         a: MemoryAttempt<'_>,
         pull: &mut Pull,
-        kept: &mut Option<MemoryDest>,
+        dest: &mut Dest<'a>,
         used: &mut Option<Arc<Connection>>,
-    ) -> Result<Attempt<Bytes>, FetchError> {
+    ) -> Result<Attempt<(Arc<Connection>, Arc<Manifest>, bool)>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
         // Whole objects may move by RDMA; a session is not worth it for a range.
         let whole = pull.is_whole();
-        let dest = match pull.handle_opened(manifest) {
+        let opened = match pull.handle_opened(manifest) {
             Err(refused) => {
                 close(&conn, transfer).await;
                 return Err(refused.into());
             }
-            Ok(Opened::Resume) => kept.take(),
-            Ok(Opened::Fresh) => None,
+            Ok(o) => o,
         };
         let Some(manifest) = pull.manifest().cloned() else {
             // handle_opened has just set it.
             close(&conn, transfer).await;
             return Err(FetchError::Corrupt(ChunkIndex(0)));
         };
-        let dest = dest.unwrap_or_else(|| MemoryDest::new(&manifest, pull));
-        dest.done.store(pull.progress().0, Ordering::Relaxed);
+        if opened == Opened::Fresh
+            && let Err(e) = dest.shape(&manifest, pull.chunks())
+        {
+            close(&conn, transfer).await;
+            return Err(e);
+        }
+        let Dest::Slots(slots) = &*dest else {
+            close(&conn, transfer).await;
+            return Err(FetchError::Corrupt(ChunkIndex(0)));
+        };
+        let done = Arc::new(AtomicU64::new(pull.progress().0));
         let work: VecDeque<ChunkIndex> = pull.missing().collect();
-        dest.prepare(&manifest, &work);
-        let (base, total) = (dest.chunks.start, pull.progress().1);
+        let total = pull.progress().1;
         let rdma = if !whole {
             Ok(false)
         } else if a.pace.is_paced() {
             self.rdma_for_paced_pull()
         } else {
-            let (done, progress) = (dest.done.clone(), a.opts.progress.clone());
+            let (done, progress, moved) = (done.clone(), a.opts.progress.clone(), a.moved.clone());
             let on_chunk: super::rdma::OnChunk = Arc::new(move |n| {
+                moved.fetch_add(n, Ordering::Relaxed);
                 let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                 if let Some(p) = &progress {
                     p(so_far, total);
                 }
             });
-            let deliver = Deliver::Memory {
-                slots: dest.slots.clone(),
-                base,
-            };
-            self.pull_rdma(&conn, transfer, &manifest, &work, deliver, on_chunk)
-                .await
+            self.pull_rdma(
+                &conn,
+                transfer,
+                &manifest,
+                &work,
+                Deliver::Memory(slots),
+                on_chunk,
+            )
+            .await
         };
+        let used_rdma = matches!(rdma, Ok(true));
         let gate = Gate::new(a.pace.clone(), conn.clone());
         let result = match rdma {
             Ok(true) => {
@@ -268,28 +358,13 @@ impl Client {
                 Err(e)
             }
             Ok(false) => {
-                let (conn, slots, done, moved, progress, gate) = (
-                    conn.clone(),
-                    dest.slots.clone(),
-                    dest.done.clone(),
-                    a.moved.clone(),
-                    a.opts.progress.clone(),
-                    gate.clone(),
-                );
-                let (reads, manifest) = (Arc::new(pull.clone()), manifest.clone());
+                let reads = &*pull;
                 let schedule = ChunkSchedule::new(&manifest, work);
+                // The workers run on this task and borrow the chunks' memory: each data
+                // frame is hashed and copied into place here, while it is in cache.
                 let (schedule, result) =
-                    run_workers(a.opts.parallel(self.config()), schedule, move |index| {
-                        let (conn, manifest, slots, done, moved, progress, gate, reads) = (
-                            conn.clone(),
-                            manifest.clone(),
-                            slots.clone(),
-                            done.clone(),
-                            moved.clone(),
-                            progress.clone(),
-                            gate.clone(),
-                            reads.clone(),
-                        );
+                    run_workers(a.opts.parallel(self.config()), schedule, |index| {
+                        let (conn, manifest, gate, done) = (&conn, &manifest, &gate, &done);
                         async move {
                             let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
                             if !gate.admit(len).await {
@@ -298,30 +373,19 @@ impl Client {
                             let req = reads
                                 .read_request(transfer, index)
                                 .ok_or(FetchError::Corrupt(index))?;
-                            let slot = (index.0 - base) as usize;
-                            // A read whose stream was reset took its buffer with it: the
-                            // chunk lands in a fresh one (rejoining then copies, which only a
-                            // reset costs).
-                            let buf = slots
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .get_mut(slot)
-                                .ok_or(FetchError::Corrupt(index))?
-                                .take()
-                                .unwrap_or_else(|| BytesMut::zeroed(len as usize));
-                            let buf = read_chunk_mem(&conn, &req, &manifest, index, buf).await?;
-                            let n = buf.len() as u64;
-                            slots.lock().unwrap_or_else(PoisonError::into_inner)[slot] = Some(buf);
-                            moved.fetch_add(n, Ordering::Relaxed);
-                            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                            if let Some(p) = &progress {
+                            let mut slot = slots.take(index).ok_or(FetchError::Corrupt(index))?;
+                            read_chunk_mem(conn, &req, manifest, index, &mut slot).await?;
+                            drop(slot);
+                            a.moved.fetch_add(len, Ordering::Relaxed);
+                            let so_far = done.fetch_add(len, Ordering::Relaxed) + len;
+                            if let Some(p) = &a.opts.progress {
                                 p(so_far, total);
                             }
                             Ok::<_, FetchError>(Turn::Verified)
                         }
                     })
                     .await;
-                // What stream reads verified is in the buffers, whatever else failed.
+                // What stream reads verified is in place, whatever else failed.
                 pull.handle_schedule(&schedule);
                 if result.is_err() {
                     pull.handle_failed(true);
@@ -330,13 +394,9 @@ impl Client {
             }
         };
         close(&conn, transfer).await;
-        *kept = Some(dest);
         result?;
         match pull.poll_end(gate.is_renewing()) {
-            PullEnd::Complete => {
-                let dest = kept.take().ok_or(FetchError::Corrupt(ChunkIndex(base)))?;
-                Ok(Attempt::Done(dest.assemble(pull.bytes())))
-            }
+            PullEnd::Complete => Ok(Attempt::Done((conn, manifest, used_rdma))),
             PullEnd::Renew => Ok(Attempt::Renew),
             PullEnd::Incomplete(i) => Err(FetchError::Corrupt(i)),
         }
@@ -587,63 +647,63 @@ struct MemoryAttempt<'a> {
     moved: &'a Arc<AtomicU64>,
 }
 
-/// Where a pull into memory puts its chunks: one buffer, split into a view per chunk and
-/// rejoined without copying at the end. Which of them hold verified chunks is the pull's
-/// machine's to say.
-struct MemoryDest {
-    chunks: Range<u32>,
-    /// Where the first chunk starts in the object.
-    first: u64,
-    /// `slots[i - chunks.start]` holds chunk `i` (none while a worker fills it).
-    slots: Arc<Mutex<Vec<Option<BytesMut>>>>,
-    /// Bytes of verified chunks, for progress.
-    done: Arc<AtomicU64>,
+/// Where a pull into memory puts its chunks, across its attempts.
+enum Dest<'a> {
+    /// A buffer of ours, made once the manifest says how large.
+    Ours,
+    /// The caller's memory, not yet split into chunks.
+    Caller(&'a mut [u8]),
+    /// Split into a slot per chunk.
+    Slots(ChunkSlots<'a>),
 }
 
-impl MemoryDest {
-    fn new(manifest: &Manifest, pull: &Pull) -> Self {
-        let chunks = pull.chunks();
-        let first = manifest
-            .chunk_range(ChunkIndex(chunks.start))
-            .map_or(0, |r| r.start);
-        let last = manifest
-            .chunk_range(ChunkIndex(chunks.end.saturating_sub(1)))
-            .map_or(0, |r| r.end);
-        let mut all = BytesMut::zeroed((last.max(first) - first) as usize);
-        let mut slots = Vec::new();
-        for i in chunks.clone() {
-            let r = manifest.chunk_range(ChunkIndex(i)).unwrap_or(0..0);
-            slots.push(Some(all.split_to((r.end - r.start) as usize)));
-        }
-        Self {
-            chunks,
-            first,
-            slots: Arc::new(Mutex::new(slots)),
-            done: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Gives each chunk of `work` a buffer: a slot a failed attempt's worker took with it
-    /// gets a fresh one (rejoining then copies, which only a failure costs).
-    fn prepare(&self, manifest: &Manifest, work: &VecDeque<ChunkIndex>) {
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        for i in work {
-            if let Some(s @ None) = slots.get_mut(i.0.wrapping_sub(self.chunks.start) as usize) {
-                let r = manifest.chunk_range(*i).unwrap_or(0..0);
-                *s = Some(BytesMut::zeroed((r.end - r.start) as usize));
+impl<'a> Dest<'a> {
+    /// Readies the memory for a fresh pull of `chunks` of `manifest`: split the first time,
+    /// kept when a new manifest has the same layout. Caller memory cannot be split again,
+    /// so an object that changed its layout between attempts fails the pull.
+    fn shape(&mut self, manifest: &Manifest, chunks: Range<u32>) -> Result<(), FetchError> {
+        let next = match std::mem::replace(self, Self::Ours) {
+            Self::Slots(s) if s.fits(manifest, &chunks) => Self::Slots(s),
+            Self::Slots(s) if !s.is_owned() => {
+                *self = Self::Slots(s);
+                return Err(FetchError::Changed {
+                    size: manifest.size(),
+                });
             }
-        }
+            Self::Ours | Self::Slots(_) => Self::Slots(ChunkSlots::owned(manifest, chunks)),
+            Self::Caller(mem) => {
+                let len = mem.len() as u64;
+                match ChunkSlots::borrowed(manifest, chunks, mem) {
+                    Some(s) => Self::Slots(s),
+                    None => {
+                        return Err(FetchError::TooLarge {
+                            size: manifest.size(),
+                            limit: len,
+                        });
+                    }
+                }
+            }
+        };
+        *self = next;
+        Ok(())
     }
+}
 
-    /// The bytes `range` of the object, from the verified chunks.
-    fn assemble(self, range: Range<u64>) -> Bytes {
-        let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner));
-        let mut joined = BytesMut::new();
-        for piece in slots.into_iter().flatten() {
-            joined.unsplit(piece);
-        }
-        let joined = joined.freeze();
-        joined.slice((range.start - self.first) as usize..(range.end - self.first) as usize)
+/// A pull into memory that completed: its chunks, verified, and how it went.
+struct Pulled<'a> {
+    slots: ChunkSlots<'a>,
+    conn: Arc<Connection>,
+    manifest: Arc<Manifest>,
+    rdma: bool,
+    retries: u32,
+    /// Bytes of verified chunks received, across attempts.
+    fetched: u64,
+}
+
+impl Pulled<'_> {
+    /// The bytes `range` of the object (a pull into memory of ours).
+    fn into_bytes(self, range: Range<u64>) -> Result<Bytes, FetchError> {
+        self.slots.into_bytes(range)
     }
 }
 
@@ -693,35 +753,29 @@ async fn read_chunk_file(
     Ok(range.end - range.start)
 }
 
-/// Reads one chunk into `buf`; it comes back only if it verified.
+/// Reads one chunk into `buf`, hashing each data frame as it is copied into place; `Ok`
+/// only if the whole chunk arrived and verified.
 async fn read_chunk_mem(
     conn: &Connection,
     req: &Request,
     manifest: &Manifest,
     index: ChunkIndex,
-    mut buf: BytesMut,
-) -> Result<BytesMut, FetchError> {
+    buf: &mut [u8],
+) -> Result<(), FetchError> {
     let mut check = ChunkCheck::new(manifest, index).map_err(|_| FetchError::Corrupt(index))?;
     if check.len() != buf.len() as u64 {
         return Err(FetchError::Corrupt(index));
     }
     let mut source = request_chunk(conn, req).await?;
     while let Some(piece) = next_data(&mut source).await? {
-        let (b, c) = tokio::task::spawn_blocking(move || {
-            let at = check.handle_data(&piece)?;
-            buf[at].copy_from_slice(&piece);
-            Ok::<_, ChunkError>((buf, check))
-        })
-        .await
-        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
-        .map_err(|_| FetchError::Corrupt(index))?;
-        buf = b;
-        check = c;
+        let at = check
+            .handle_data(&piece)
+            .map_err(|_| FetchError::Corrupt(index))?;
+        buf[at].copy_from_slice(&piece);
     }
     check
         .finish(manifest)
-        .map_err(|_| FetchError::Corrupt(index))?;
-    Ok(buf)
+        .map_err(|_| FetchError::Corrupt(index))
 }
 
 fn chunk_failure(e: WriteError, index: ChunkIndex) -> FetchError {
@@ -770,71 +824,63 @@ impl ChunkFailure for PushError {
 /// stream was reset is asked for again, first, as the schedule allows; any other error, or
 /// a reset past that, stops everything. Hands the schedule back as the workers left it
 /// (which chunks verified), with the outcome.
+///
+/// The workers run concurrently on the caller's task, so they may borrow (the chunks'
+/// memory, the pull's state); what blocks for long (file writes) they hand to blocking
+/// threads themselves. When one fails, the others are dropped where they wait.
 pub(crate) async fn run_workers<F, Fut, E>(
     parallel: usize,
     schedule: ChunkSchedule,
     f: F,
 ) -> (ChunkSchedule, Result<(), E>)
 where
-    F: Fn(ChunkIndex) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<Turn, E>> + Send + 'static,
-    E: ChunkFailure + Send + 'static,
+    F: Fn(ChunkIndex) -> Fut,
+    Fut: Future<Output = Result<Turn, E>>,
+    E: ChunkFailure,
 {
-    let schedule = Arc::new(Mutex::new(schedule));
-    let lock = |s: &Arc<Mutex<ChunkSchedule>>| {
-        s.lock().unwrap_or_else(PoisonError::into_inner).poll_next()
-    };
-    let mut set = JoinSet::new();
-    for _ in 0..parallel {
-        let (schedule, f) = (schedule.clone(), f.clone());
-        set.spawn(async move {
-            while let Some(i) = lock(&schedule) {
-                let turn = f(i).await;
-                let mut s = schedule.lock().unwrap_or_else(PoisonError::into_inner);
-                // The schedule handed `i` to this worker alone: reporting on it cannot fail.
-                match turn {
-                    Ok(Turn::Verified) => {
-                        let _ = s.handle_verified(i);
-                    }
-                    Ok(Turn::NotAsked) => {
-                        let _ = s.handle_abandoned(i);
-                        return Ok(());
-                    }
-                    Err(e) if e.is_stream_reset() => {
-                        if s.handle_reset(i) == Ok(AfterReset::GiveUp) {
-                            return Err(e);
-                        }
-                        tracing::debug!(chunk = i.0, "chunk stream reset; asking again");
-                    }
-                    Err(e) => {
-                        let _ = s.handle_abandoned(i);
+    let schedule = Mutex::new(schedule);
+    let lock = || schedule.lock().unwrap_or_else(PoisonError::into_inner);
+    let worker = || async {
+        loop {
+            let Some(i) = lock().poll_next() else {
+                return Ok(());
+            };
+            let turn = f(i).await;
+            let mut s = lock();
+            // The schedule handed `i` to this worker alone: reporting on it cannot fail.
+            match turn {
+                Ok(Turn::Verified) => {
+                    let _ = s.handle_verified(i);
+                }
+                Ok(Turn::NotAsked) => {
+                    let _ = s.handle_abandoned(i);
+                    return Ok(());
+                }
+                Err(e) if e.is_stream_reset() => {
+                    if s.handle_reset(i) == Ok(AfterReset::GiveUp) {
                         return Err(e);
                     }
+                    tracing::debug!(chunk = i.0, "chunk stream reset; asking again");
+                }
+                Err(e) => {
+                    let _ = s.handle_abandoned(i);
+                    return Err(e);
                 }
             }
-            Ok(())
-        });
-    }
+        }
+    };
+    let mut workers: FuturesUnordered<_> = (0..parallel).map(|_| worker()).collect();
     let mut outcome = Ok(());
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                set.abort_all();
-                if outcome.is_ok() {
-                    outcome = Err(e);
-                }
-            }
-            // A worker panicked: surface it rather than report a partial success.
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => {}
+    while let Some(ended) = workers.next().await {
+        if let Err(e) = ended {
+            outcome = Err(e);
+            break;
         }
     }
-    // Every worker has ended (returned or aborted): the schedule is as they left it.
-    let left = schedule
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    // Dropping the workers left ends their chunks' streams; a chunk they held was not
+    // reported verified, so it stays missing.
+    drop(workers);
+    let left = lock().clone();
     (left, outcome)
 }
 

@@ -14,10 +14,10 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::Client;
@@ -45,14 +45,23 @@ const RING_BYTES: usize = 256 << 20;
 
 /// Where verified chunks go.
 #[derive(Clone)]
-pub(super) enum Deliver {
+pub(super) enum Deliver<'d> {
     /// Into a resumable partial file.
     File(Arc<PartialFile>),
-    /// Into per-chunk buffers: `slots[i - base]` holds chunk `i`.
-    Memory {
-        slots: Arc<Mutex<Vec<Option<BytesMut>>>>,
-        base: u32,
-    },
+    /// Into memory, a place per chunk.
+    Memory(&'d (dyn FillChunk + Sync)),
+}
+
+/// Memory that takes a pull's chunks whole, once they are verified.
+pub(super) trait FillChunk {
+    /// Copies chunk `index` into its place.
+    fn fill(&self, index: ChunkIndex, bytes: &[u8]) -> Result<(), FetchError>;
+}
+
+impl FillChunk for super::memory::ChunkSlots<'_> {
+    fn fill(&self, index: ChunkIndex, bytes: &[u8]) -> Result<(), FetchError> {
+        super::memory::ChunkSlots::fill(self, index, bytes)
+    }
 }
 
 /// Called with each chunk's length as it is delivered.
@@ -67,7 +76,7 @@ impl Client {
         transfer: TransferId,
         manifest: &Arc<Manifest>,
         work: &VecDeque<ChunkIndex>,
-        deliver: Deliver,
+        deliver: Deliver<'_>,
         on_chunk: OnChunk,
     ) -> Result<bool, FetchError> {
         let transport = &self.config().transport;
@@ -139,7 +148,7 @@ impl Session<'_> {
         self,
         device: V,
         work: &VecDeque<ChunkIndex>,
-        deliver: Deliver,
+        deliver: Deliver<'_>,
         on_chunk: OnChunk,
     ) -> Result<bool, FetchError> {
         let ring = Ring::new(device, self.manifest, work.len())
@@ -282,7 +291,7 @@ impl<V: Verbs> Ring<V> {
         manifest: &Arc<Manifest>,
         opener: Opener,
         work: VecDeque<ChunkIndex>,
-        deliver: &Deliver,
+        deliver: &Deliver<'_>,
         grants: mpsc::UnboundedSender<RdmaControl>,
         on_chunk: &OnChunk,
     ) -> Result<(), ReceiveError> {
@@ -357,14 +366,16 @@ impl<V: Verbs> Ring<V> {
         Ok(())
     }
 
-    /// Opens `landed`'s slot in place and, if it opens, delivers the plaintext (off the
-    /// runtime's threads). The outer error ends the transfer; the inner one is a refused
-    /// chunk. The opener comes back unless the blocking task was lost.
+    /// Opens `landed`'s slot in place and, if it opens, delivers the plaintext. Opening,
+    /// checking the digest and writing a file run off the runtime's threads; the copy into
+    /// memory runs here, as memory of the caller's cannot move to another thread. The outer
+    /// error ends the transfer; the inner one is a refused chunk. The opener comes back
+    /// unless the blocking task was lost.
     async fn open_and_deliver(
         &self,
         landed: &Landed,
         opener: Option<Opener>,
-        deliver: &Deliver,
+        deliver: &Deliver<'_>,
         manifest: &Arc<Manifest>,
     ) -> Result<(Result<(), OpenError>, Option<Opener>), FetchError> {
         let Some(mut opener) = opener else {
@@ -373,59 +384,60 @@ impl<V: Verbs> Ring<V> {
             )));
         };
         let expect = landed.placement();
+        let chunk = ChunkIndex(expect.chunk);
         let at = landed.slot() as usize * self.slot_bytes;
         let span = landed.sealed_len();
-        let (region, deliver, manifest) = (self.region.clone(), deliver.clone(), manifest.clone());
-        tokio::task::spawn_blocking(move || {
+        let file = match deliver {
+            Deliver::File(p) => Some(p.clone()),
+            Deliver::Memory(_) => None,
+        };
+        let (region, manifest) = (self.region.clone(), manifest.clone());
+        let (opened, opener) = tokio::task::spawn_blocking(move || {
             let r = region.with_mut(at..at + span, |buf| {
-                let plain = match opener.open(expect, buf) {
+                let plain = match opener.open_range(expect, buf) {
                     Ok(p) => p,
                     Err(e) => return Ok(Err(e)),
                 };
-                put(&deliver, &manifest, ChunkIndex(expect.chunk), plain).map(Ok)
+                match &file {
+                    Some(partial) => put_file(partial, chunk, &buf[plain.clone()])?,
+                    None => manifest
+                        .check_digest(chunk, Digest(blake3::hash(&buf[plain.clone()]).into()))
+                        .map_err(|_| FetchError::Corrupt(chunk))?,
+                }
+                Ok(Ok(plain))
             });
             match r {
-                Ok(Ok(opened)) => Ok((opened, Some(opener))),
+                Ok(Ok(opened)) => Ok((opened, opener)),
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(FetchError::Local(std::io::Error::other(e))),
             }
         })
         .await
-        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+        .map_err(|e| FetchError::Local(std::io::Error::other(e)))??;
+        let opened = match (opened, deliver) {
+            (Ok(plain), Deliver::Memory(memory)) => {
+                let range = at + plain.start..at + plain.end;
+                self.region
+                    .with_mut(range, |p| memory.fill(chunk, p))
+                    .map_err(|e| FetchError::Local(std::io::Error::other(e)))??;
+                Ok(())
+            }
+            (Ok(_), Deliver::File(_)) => Ok(()),
+            (Err(e), _) => Err(e),
+        };
+        Ok((opened, Some(opener)))
     }
 }
 
-/// Puts a chunk that opened into the destination; its digest is checked there.
-fn put(
-    deliver: &Deliver,
-    manifest: &Manifest,
-    index: ChunkIndex,
-    plain: &[u8],
-) -> Result<(), FetchError> {
-    match deliver {
-        Deliver::File(partial) => {
-            let chunk_failure = |e: WriteError| match e {
-                WriteError::Io(e) => FetchError::Local(e),
-                _ => FetchError::Corrupt(index),
-            };
-            let mut w = ChunkWriter::new(partial.clone(), index).map_err(chunk_failure)?;
-            w.feed(plain).map_err(chunk_failure)?;
-            w.finish().map_err(chunk_failure)
-        }
-        Deliver::Memory { slots, base } => {
-            manifest
-                .check_digest(index, Digest(blake3::hash(plain).into()))
-                .map_err(|_| FetchError::Corrupt(index))?;
-            let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
-            let buf = slots
-                .get_mut(index.0.wrapping_sub(*base) as usize)
-                .and_then(Option::as_mut)
-                .filter(|b| b.len() == plain.len())
-                .ok_or(FetchError::Corrupt(index))?;
-            buf.copy_from_slice(plain);
-            Ok(())
-        }
-    }
+/// Writes a chunk that opened into the partial file; its digest is checked there.
+fn put_file(partial: &Arc<PartialFile>, index: ChunkIndex, plain: &[u8]) -> Result<(), FetchError> {
+    let chunk_failure = |e: WriteError| match e {
+        WriteError::Io(e) => FetchError::Local(e),
+        _ => FetchError::Corrupt(index),
+    };
+    let mut w = ChunkWriter::new(partial.clone(), index).map_err(chunk_failure)?;
+    w.feed(plain).map_err(chunk_failure)?;
+    w.finish().map_err(chunk_failure)
 }
 
 fn protocol(what: ProtocolViolation) -> FetchError {
@@ -447,6 +459,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
     use super::*;
+    use crate::client::memory::ChunkSlots;
     use crate::proto::seal::{
         EXPORTER_BYTES, HEADER_LEN, KeyLimits, MAX_OPEN_FAILURES, Placement, Sealer,
     };
@@ -479,7 +492,7 @@ mod tests {
     }
 
     /// Runs a receive loop against a sender that behaves as `sender`, over two soft devices.
-    async fn run(sender: Sender, work: &[u32]) -> (Result<(), ReceiveError>, Vec<BytesMut>) {
+    async fn run(sender: Sender, work: &[u32]) -> (Result<(), ReceiveError>, Vec<Vec<u8>>) {
         let data = Arc::new(data());
         let manifest = Arc::new(Manifest::of_bytes(&data, CHUNK as u32).unwrap());
         let rx = SoftVerbs::bind(Default::default()).await.unwrap();
@@ -492,13 +505,9 @@ mod tests {
         let staging = tx.register(ring.slot_bytes).unwrap();
         let remote = ring.region.remote();
         let slot_bytes = ring.slot_bytes as u64;
-        let slots = Arc::new(Mutex::new(
-            (0..CHUNKS).map(|_| Some(BytesMut::zeroed(CHUNK))).collect(),
-        ));
-        let deliver = Deliver::Memory {
-            slots: slots.clone(),
-            base: 0,
-        };
+        let mut memory = vec![0u8; CHUNK * CHUNKS];
+        let slots = ChunkSlots::borrowed(&manifest, 0..CHUNKS as u32, &mut memory).unwrap();
+        let deliver = Deliver::Memory(&slots);
         let (grants, mut granted) = mpsc::unbounded_channel();
         let on_chunk: OnChunk = Arc::new(|_| {});
         let receiving = ring.receive(
@@ -569,12 +578,15 @@ mod tests {
             }
         };
         let (received, ()) = tokio::join!(receiving, sending);
-        let out = slots
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| s.clone().expect("every buffer is back"))
-            .collect();
+        for i in 0..CHUNKS as u32 {
+            assert!(
+                slots.take(ChunkIndex(i)).is_some(),
+                "every chunk's memory is back"
+            );
+        }
+        drop(deliver);
+        drop(slots);
+        let out = memory.chunks(CHUNK).map(<[u8]>::to_vec).collect();
         (received, out)
     }
 

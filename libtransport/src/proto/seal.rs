@@ -263,16 +263,22 @@ impl Opener {
         expect: Placement,
         sealed: &'a mut [u8],
     ) -> Result<&'a [u8], OpenError> {
+        let range = self.open_range(expect, sealed)?;
+        Ok(&sealed[range])
+    }
+
+    /// As [`Opener::open`], returning where in `sealed` the plaintext lies.
+    pub fn open_range(
+        &mut self,
+        expect: Placement,
+        sealed: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, OpenError> {
         if self.failures >= MAX_OPEN_FAILURES {
             return Err(OpenError::TooManyFailures);
         }
-        match self.try_open(expect, sealed) {
-            Ok(range) => Ok(&sealed[range]),
-            Err(e) => {
-                self.failures += 1;
-                Err(e)
-            }
-        }
+        self.try_open(expect, sealed).inspect_err(|_| {
+            self.failures += 1;
+        })
     }
 
     /// Failures so far.
