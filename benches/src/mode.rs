@@ -187,6 +187,7 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
         retry: RetryPolicy::none(),
         progress: None,
         max_rate: None,
+        connections: None,
     };
     let cpu0 = cpu_time();
     let server0 = target.server_pid.and_then(process_cpu_time);

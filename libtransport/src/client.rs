@@ -62,6 +62,9 @@ pub struct Client {
     reconnecting: tokio::sync::Mutex<()>,
     /// Whether we said why a pull does not use RDMA (said once per client).
     rdma_notice: std::sync::atomic::AtomicBool,
+    /// Further connections to the same server that striped transfers use, kept for the
+    /// next transfer; made on first use.
+    stripes: tokio::sync::Mutex<Vec<Arc<Connection>>>,
 }
 
 impl Client {
@@ -104,6 +107,7 @@ impl Client {
             conn: Mutex::new(conn),
             reconnecting: tokio::sync::Mutex::new(()),
             rdma_notice: std::sync::atomic::AtomicBool::new(false),
+            stripes: tokio::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -174,9 +178,14 @@ impl Client {
         Ok(Answer::manifest(self.call(&req).await?)?)
     }
 
-    /// Closes the connection.
+    /// Closes the connection (and those striped transfers used).
     pub fn close(&self) {
         self.current().close();
+        if let Ok(stripes) = self.stripes.try_lock() {
+            for c in stripes.iter() {
+                c.close();
+            }
+        }
     }
 
     /// What QUIC has learnt of the path so far, for reports; `None` on other transports.
@@ -227,6 +236,21 @@ impl Client {
         Ok(fresh)
     }
 
+    /// `n` further connections to the server for a striped transfer: those kept from an
+    /// earlier one while usable, fresh ones for the rest.
+    pub(crate) async fn stripe_connections(
+        &self,
+        n: usize,
+    ) -> Result<Vec<Arc<Connection>>, ConnectError> {
+        let mut kept = self.stripes.lock().await;
+        kept.retain(|c| c.is_usable());
+        while kept.len() < n {
+            let fresh = establish(&self.config, &*self.connector, self.addr).await?;
+            kept.push(adopt(&self.config, fresh));
+        }
+        Ok(kept[..n].to_vec())
+    }
+
     fn current(&self) -> Arc<Connection> {
         self.conn
             .lock()
@@ -254,6 +278,21 @@ pub struct TransferOptions {
     /// spaced at this rate, so it holds on average over a few chunks; for a smooth flow keep
     /// chunks small against the rate. A paced pull does not use RDMA.
     pub max_rate: Option<u64>,
+    /// Connections one transfer stripes its chunks over, each chunk on one of them (default
+    /// `None`: [`default_stripes`]). The first is the client's own connection; the others
+    /// are kept for later transfers. Resume and verification are as with one; the server
+    /// authorizes and records the transfer on each connection it arrives on. Pulls stripe;
+    /// pushes use one connection.
+    pub connections: Option<u32>,
+}
+
+/// How many connections a transfer stripes over by default: one per four cores of this
+/// machine, at least one and at most four. One connection's encryption and copies keep
+/// about two cores busy (one at each end on a shared machine), so more only pay where
+/// there are cores to run them.
+pub fn default_stripes() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    (cores / 4).clamp(1, 4) as u32
 }
 
 /// How a pull runs.
@@ -268,6 +307,12 @@ impl TransferOptions {
             .unwrap_or(config.transport.parallel_chunks)
             .max(1) as usize
     }
+
+    /// Connections to stripe over: at least one, and no more than chunks in flight.
+    pub(crate) fn stripes(&self, config: &ClientConfig) -> usize {
+        (self.connections.unwrap_or_else(default_stripes).max(1) as usize)
+            .min(self.parallel(config))
+    }
 }
 
 impl std::fmt::Debug for TransferOptions {
@@ -277,6 +322,7 @@ impl std::fmt::Debug for TransferOptions {
             .field("retry", &self.retry)
             .field("progress", &self.progress.is_some())
             .field("max_rate", &self.max_rate)
+            .field("connections", &self.connections)
             .finish()
     }
 }

@@ -212,6 +212,7 @@ async fn a_client_revoked_while_pulling_is_cut_off_and_the_closure_audited() {
             parallel: Some(4),
             // About 16 s for the whole object: the revocation lands mid-pull.
             max_rate: Some(256 << 10),
+            connections: None,
             progress: Some({
                 let seen = seen.clone();
                 Arc::new(move |done, _| {

@@ -208,3 +208,94 @@ fn the_blocking_facade_works_without_a_runtime() {
         );
     }
 }
+
+/// Bytes the server recorded sending of `object`, one entry per transfer.
+fn served(server: &TestServer, object: &ObjectPath) -> Vec<u64> {
+    server
+        .audit
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::Transfer {
+                direction: Direction::Out,
+                object: o,
+                bytes,
+                ..
+            } if o == object => Some(*bytes),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_striped_pull_spreads_its_chunks_over_several_connections_and_lands_the_same_bytes() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(
+        &pki,
+        &[("/gpu/loader", "scans", true, false)],
+        small_chunks(),
+    )
+    .await;
+    let scans = DatasetName::new("scans").unwrap();
+    let data = random_bytes((2 << 20) + 77, 5);
+    server.put("scans", "striped.bin", &data);
+    let object = ObjectPath::new("striped.bin").unwrap();
+    let config = ClientConfig::builder()
+        .identity(identity(&pki, "/gpu/loader"))
+        .transport(small_chunks())
+        .build();
+    let out = tempfile::tempdir().unwrap();
+    for path in [Path::Quic, Path::Tcp] {
+        let client = Client::connect(config.clone(), server.addr(path), path)
+            .await
+            .unwrap();
+        for stripes in [1u32, 3] {
+            let opts = FetchOptions {
+                parallel: Some(6),
+                connections: Some(stripes),
+                ..FetchOptions::default()
+            };
+            // Into the caller's memory, into memory of the library's, into a file.
+            let before = served(&server, &object).len();
+            let mut mem = vec![0u8; data.len()];
+            let report = client
+                .fetch_into(&scans, &object, &mut mem, &opts)
+                .await
+                .unwrap();
+            assert_eq!(report.size, data.len() as u64);
+            assert!(mem == data, "{path} x{stripes}: caller's memory");
+            let expect = stripes as usize;
+            assert!(
+                server
+                    .audit
+                    .wait_for(|_| served(&server, &object).len() >= before + expect)
+                    .await,
+                "{path} x{stripes}: the server never recorded the transfers"
+            );
+            let parts = served(&server, &object)[before..].to_vec();
+            assert_eq!(
+                parts.len(),
+                expect,
+                "{path} x{stripes}: one transfer per connection"
+            );
+            assert_eq!(parts.iter().sum::<u64>(), data.len() as u64);
+            assert!(
+                parts.iter().all(|&b| b > 0),
+                "{path} x{stripes}: every connection carried chunks: {parts:?}"
+            );
+            let owned = client
+                .fetch(&scans, &object, 16 << 20, &opts)
+                .await
+                .unwrap();
+            assert!(owned == data, "{path} x{stripes}: library's memory");
+            let dest = out.path().join(format!("{path}-{stripes}.bin"));
+            client
+                .fetch_to_file(&scans, &object, &dest, &opts)
+                .await
+                .unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), data);
+        }
+        client.close();
+    }
+}

@@ -320,6 +320,7 @@ async fn pull_resumes_after_the_serving_node_is_killed() {
         retry: libtransport::RetryPolicy::none(),
         progress: Some(progress),
         max_rate: None,
+        connections: None,
     };
     let dest = site.path("gpu/big.bin");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
@@ -386,6 +387,7 @@ async fn push_resumes_after_the_receiving_node_is_killed() {
         retry: libtransport::RetryPolicy::none(),
         progress: Some(progress),
         max_rate: None,
+        connections: None,
     };
     let dataset = DatasetName::new("checkpoints").unwrap();
     let object = ObjectPath::new("run-1/step-2000.ckpt").unwrap();

@@ -28,6 +28,7 @@ use super::rdma::Deliver;
 use super::reply::next_data;
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
+use crate::config::ClientConfig;
 use crate::error::{FetchError, NoRdmaReason, PushError, RequestError, StreamError};
 use crate::proto::request::Answer;
 use crate::proto::schedule::{AfterReset, ChunkSchedule};
@@ -344,6 +345,8 @@ impl Client {
         };
         let used_rdma = matches!(rdma, Ok(true));
         let gate = Gate::new(a.pace.clone(), conn.clone());
+        // Whether a further connection of a striped pull became due for renewal.
+        let mut renewing = false;
         let result = match rdma {
             Ok(true) => {
                 for i in &work {
@@ -358,23 +361,31 @@ impl Client {
                 Err(e)
             }
             Ok(false) => {
+                let stripes = self
+                    .stripes(
+                        Stripe::first(&conn, transfer, &gate),
+                        &manifest,
+                        a.open(self.config()),
+                    )
+                    .await;
                 let reads = &*pull;
                 let schedule = ChunkSchedule::new(&manifest, work);
                 // The workers run on this task and borrow the chunks' memory: each data
                 // frame is hashed and copied into place here, while it is in cache.
                 let (schedule, result) =
-                    run_workers(a.opts.parallel(self.config()), schedule, |index| {
-                        let (conn, manifest, gate, done) = (&conn, &manifest, &gate, &done);
+                    run_workers(a.opts.parallel(self.config()), schedule, |worker, index| {
+                        let (stripe, manifest, done) =
+                            (&stripes[worker % stripes.len()], &manifest, &done);
                         async move {
                             let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
-                            if !gate.admit(len).await {
+                            if !stripe.gate.admit(len).await {
                                 return Ok(Turn::NotAsked);
                             }
                             let req = reads
-                                .read_request(transfer, index)
+                                .read_request(stripe.transfer, index)
                                 .ok_or(FetchError::Corrupt(index))?;
                             let mut slot = slots.take(index).ok_or(FetchError::Corrupt(index))?;
-                            read_chunk_mem(conn, &req, manifest, index, &mut slot).await?;
+                            read_chunk_mem(&stripe.conn, &req, manifest, index, &mut slot).await?;
                             drop(slot);
                             a.moved.fetch_add(len, Ordering::Relaxed);
                             let so_far = done.fetch_add(len, Ordering::Relaxed) + len;
@@ -385,6 +396,7 @@ impl Client {
                         }
                     })
                     .await;
+                renewing = close_stripes(&stripes).await;
                 // What stream reads verified is in place, whatever else failed.
                 pull.handle_schedule(&schedule);
                 if result.is_err() {
@@ -395,7 +407,7 @@ impl Client {
         };
         close(&conn, transfer).await;
         result?;
-        match pull.poll_end(gate.is_renewing()) {
+        match pull.poll_end(renewing || gate.is_renewing()) {
             PullEnd::Complete => Ok(Attempt::Done((conn, manifest, used_rdma))),
             PullEnd::Renew => Ok(Attempt::Renew),
             PullEnd::Incomplete(i) => Err(FetchError::Corrupt(i)),
@@ -476,6 +488,8 @@ impl Client {
         };
         let used_rdma = matches!(rdma, Ok(true));
         let gate = Gate::new(a.pace.clone(), conn.clone());
+        // Whether a further connection of a striped pull became due for renewal.
+        let mut renewing = false;
         let result = match rdma {
             Ok(true) => {
                 for i in &work {
@@ -485,46 +499,41 @@ impl Client {
             }
             Err(e) => Err(e),
             Ok(false) => {
-                let (conn, partial, fetched, progress, gate) = (
-                    conn.clone(),
-                    partial.clone(),
-                    a.fetched.clone(),
-                    a.opts.progress.clone(),
-                    gate.clone(),
-                );
-                let reads = Arc::new(pull.clone());
+                let stripes = self
+                    .stripes(
+                        Stripe::first(&conn, transfer, &gate),
+                        &manifest,
+                        a.open(self.config()),
+                    )
+                    .await;
+                let reads = &*pull;
                 let schedule = ChunkSchedule::new(&manifest, work);
                 let (schedule, result) =
-                    run_workers(a.opts.parallel(self.config()), schedule, move |index| {
-                        let (conn, partial, fetched, done, progress, gate, reads) = (
-                            conn.clone(),
-                            partial.clone(),
-                            fetched.clone(),
-                            done.clone(),
-                            progress.clone(),
-                            gate.clone(),
-                            reads.clone(),
-                        );
+                    run_workers(a.opts.parallel(self.config()), schedule, |worker, index| {
+                        let (stripe, partial, done) =
+                            (&stripes[worker % stripes.len()], partial.clone(), &done);
                         async move {
                             let len = partial
                                 .manifest()
                                 .chunk_range(index)
                                 .map_or(0, |r| r.end - r.start);
-                            if !gate.admit(len).await {
+                            if !stripe.gate.admit(len).await {
                                 return Ok(Turn::NotAsked);
                             }
                             let req = reads
-                                .read_request(transfer, index)
+                                .read_request(stripe.transfer, index)
                                 .ok_or(FetchError::Corrupt(index))?;
-                            let n = read_chunk_file(&conn, &req, partial, index, &fetched).await?;
+                            let n = read_chunk_file(&stripe.conn, &req, partial, index, a.fetched)
+                                .await?;
                             let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                            if let Some(p) = &progress {
+                            if let Some(p) = &a.opts.progress {
                                 p(so_far, total);
                             }
                             Ok::<_, FetchError>(Turn::Verified)
                         }
                     })
                     .await;
+                renewing = close_stripes(&stripes).await;
                 pull.handle_schedule(&schedule);
                 result
             }
@@ -535,7 +544,7 @@ impl Client {
             pull.handle_failed(false);
             return Err(e);
         }
-        match pull.poll_end(gate.is_renewing()) {
+        match pull.poll_end(renewing || gate.is_renewing()) {
             PullEnd::Complete => {}
             PullEnd::Renew => {
                 // Every worker has returned, so no chunk writer holds the file: keep it for
@@ -637,6 +646,17 @@ struct FileAttempt<'a> {
     fetched: &'a Arc<AtomicU64>,
 }
 
+impl FileAttempt<'_> {
+    fn open(&self, config: &ClientConfig) -> StripeOpen<'_> {
+        StripeOpen {
+            dataset: self.dataset,
+            object: self.object,
+            pace: self.pace,
+            wanted: self.opts.stripes(config),
+        }
+    }
+}
+
 /// What one attempt of a pull into memory works with.
 struct MemoryAttempt<'a> {
     dataset: &'a DatasetName,
@@ -645,6 +665,17 @@ struct MemoryAttempt<'a> {
     pace: &'a Arc<Pace>,
     /// Bytes of verified chunks received, across attempts.
     moved: &'a Arc<AtomicU64>,
+}
+
+impl MemoryAttempt<'_> {
+    fn open(&self, config: &ClientConfig) -> StripeOpen<'_> {
+        StripeOpen {
+            dataset: self.dataset,
+            object: self.object,
+            pace: self.pace,
+            wanted: self.opts.stripes(config),
+        }
+    }
 }
 
 /// Where a pull into memory puts its chunks, across its attempts.
@@ -705,6 +736,79 @@ impl Pulled<'_> {
     fn into_bytes(self, range: Range<u64>) -> Result<Bytes, FetchError> {
         self.slots.into_bytes(range)
     }
+}
+
+/// One connection a pull's chunks are read over, with the object open on it.
+struct Stripe {
+    conn: Arc<Connection>,
+    transfer: TransferId,
+    gate: Arc<Gate>,
+    /// Whether the transfer is the attempt's own (closed by the attempt).
+    first: bool,
+}
+
+impl Stripe {
+    fn first(conn: &Arc<Connection>, transfer: TransferId, gate: &Arc<Gate>) -> Self {
+        Self {
+            conn: conn.clone(),
+            transfer,
+            gate: gate.clone(),
+            first: true,
+        }
+    }
+}
+
+/// What a pull opens a stripe with.
+struct StripeOpen<'a> {
+    dataset: &'a DatasetName,
+    object: &'a ObjectPath,
+    pace: &'a Arc<Pace>,
+    /// Connections wanted, the first included.
+    wanted: usize,
+}
+
+impl Client {
+    /// A pull's stripes: the attempt's own connection and transfer, then as many more as
+    /// wanted, each with the object open on a further connection to the server. A further
+    /// connection that fails to come up, or whose transfer opens with another manifest (the
+    /// object changed between the opens), is left out, and the pull goes on over the rest.
+    async fn stripes(&self, first: Stripe, manifest: &Manifest, o: StripeOpen<'_>) -> Vec<Stripe> {
+        let mut stripes = vec![first];
+        if o.wanted <= 1 {
+            return stripes;
+        }
+        let more = match self.stripe_connections(o.wanted - 1).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "striping: a further connection failed; going on with one");
+                return stripes;
+            }
+        };
+        for conn in more {
+            match open_read(&conn, o.dataset, o.object).await {
+                Ok((transfer, m)) if m == *manifest => stripes.push(Stripe {
+                    gate: Gate::new(o.pace.clone(), conn.clone()),
+                    conn,
+                    transfer,
+                    first: false,
+                }),
+                Ok((transfer, _)) => close(&conn, transfer).await,
+                Err(e) => tracing::debug!(error = %e, "striping: a further transfer did not open"),
+            }
+        }
+        stripes
+    }
+}
+
+/// Closes the further stripes' transfers (the attempt closes its own); whether any of their
+/// connections became due for renewal.
+async fn close_stripes(stripes: &[Stripe]) -> bool {
+    let mut renewing = false;
+    for s in stripes.iter().filter(|s| !s.first) {
+        close(&s.conn, s.transfer).await;
+        renewing |= s.gate.is_renewing();
+    }
+    renewing
 }
 
 async fn open_read(
@@ -820,7 +924,8 @@ impl ChunkFailure for PushError {
     }
 }
 
-/// Runs `f` over the chunks `schedule` hands out, with `parallel` workers. A chunk whose
+/// Runs `f` over the chunks `schedule` hands out, with `parallel` workers (`f` learns which
+/// worker, `0..parallel`, runs the chunk). A chunk whose
 /// stream was reset is asked for again, first, as the schedule allows; any other error, or
 /// a reset past that, stops everything. Hands the schedule back as the workers left it
 /// (which chunks verified), with the outcome.
@@ -834,18 +939,19 @@ pub(crate) async fn run_workers<F, Fut, E>(
     f: F,
 ) -> (ChunkSchedule, Result<(), E>)
 where
-    F: Fn(ChunkIndex) -> Fut,
+    F: Fn(usize, ChunkIndex) -> Fut,
     Fut: Future<Output = Result<Turn, E>>,
     E: ChunkFailure,
 {
     let schedule = Mutex::new(schedule);
     let lock = || schedule.lock().unwrap_or_else(PoisonError::into_inner);
-    let worker = || async {
+    let (f, lock) = (&f, &lock);
+    let worker = |w| async move {
         loop {
             let Some(i) = lock().poll_next() else {
                 return Ok(());
             };
-            let turn = f(i).await;
+            let turn = f(w, i).await;
             let mut s = lock();
             // The schedule handed `i` to this worker alone: reporting on it cannot fail.
             match turn {
@@ -869,7 +975,7 @@ where
             }
         }
     };
-    let mut workers: FuturesUnordered<_> = (0..parallel).map(|_| worker()).collect();
+    let mut workers: FuturesUnordered<_> = (0..parallel).map(worker).collect();
     let mut outcome = Ok(());
     while let Some(ended) = workers.next().await {
         if let Err(e) = ended {

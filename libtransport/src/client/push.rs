@@ -249,7 +249,7 @@ impl Client {
                 gate.clone(),
                 push.clone(),
             );
-            run_workers(opts.parallel(self.config()), schedule, move |index| {
+            run_workers(opts.parallel(self.config()), schedule, move |_, index| {
                 let (conn, source, sent, done, progress, gate, writes) = (
                     conn.clone(),
                     source.clone(),

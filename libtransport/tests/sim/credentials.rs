@@ -128,6 +128,7 @@ async fn a_paced_pull_survives_svid_rotation_on_both_sides() {
     let opts = FetchOptions {
         parallel: Some(4),
         max_rate: Some(RATE),
+        connections: None,
         // Any failure the caller would see fails the pull.
         retry: RetryPolicy::none(),
         ..FetchOptions::default()
@@ -172,6 +173,7 @@ async fn a_paced_push_survives_svid_rotation_on_both_sides() {
     let opts = PushOptions {
         parallel: Some(4),
         max_rate: Some(RATE),
+        connections: None,
         retry: RetryPolicy::none(),
         ..PushOptions::default()
     };

@@ -123,6 +123,7 @@ pub(crate) async fn pull(
             retry: RetryPolicy::with_attempts(args.retries),
             progress: Some(progress_fn(&bar, base)),
             max_rate: args.max_rate.map(|r| r.as_u64()),
+            connections: args.connections,
         };
         let report = client
             .fetch_to_file(&dataset, &object, &to, &opts)
@@ -197,6 +198,7 @@ pub(crate) async fn push(
             retry: RetryPolicy::with_attempts(args.retries),
             progress: Some(progress_fn(&bar, base)),
             max_rate: args.max_rate.map(|r| r.as_u64()),
+            connections: None,
         };
         let report = client
             .push_file(&dataset, &object, &path, &opts)
