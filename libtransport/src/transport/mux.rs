@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, trace};
 
@@ -434,7 +434,7 @@ where
     }))
 }
 
-type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
+type Reader<S> = FrameReader<tokio::io::ReadHalf<S>>;
 
 fn start<S>(
     io: S,
@@ -460,7 +460,7 @@ where
         closed: watch::Sender::new(false),
     });
     let writer = write_loop(wr, out_rx, shared.clone());
-    (shared, BufReader::with_capacity(read_buffer, rd), writer)
+    (shared, FrameReader::new(rd, read_buffer), writer)
 }
 
 async fn read_loop<S>(
@@ -473,7 +473,7 @@ async fn read_loop<S>(
 {
     let why = loop {
         let read = tokio::select! {
-            r = read_frame(&mut rd) => r,
+            r = rd.next() => r,
             () = shared.wait_closed() => return,
         };
         let frame = match read {
@@ -565,7 +565,70 @@ async fn route(
         .map_err(|_| "server stopped accepting".to_owned())
 }
 
-/// Reads one frame; `None` on a clean end of stream at a frame boundary. An invalid frame
+/// Reads a byte stream's frames into buffers of its own: each frame's payload is a view of
+/// the buffer the bytes were read into, so a frame costs neither a copy nor an allocation of
+/// its own. Reads stop at the end of a large frame, so its successor starts a fresh region
+/// rather than straddling the end of the buffer (which would copy it when the buffer grows).
+pub(crate) struct FrameReader<R> {
+    rd: R,
+    buf: BytesMut,
+    /// Bytes asked for per read when no large frame is pending.
+    read_size: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads `rd` in reads of `read_size` bytes (at least 4 KiB) between large frames.
+    pub(crate) fn new(rd: R, read_size: usize) -> Self {
+        let read_size = read_size.clamp(4 << 10, SMALL_READ_BYTES);
+        Self {
+            rd,
+            buf: BytesMut::with_capacity(read_size),
+            read_size,
+        }
+    }
+
+    /// The next frame; `None` on a clean end of stream at a frame boundary. An invalid frame
+    /// is an `InvalidData` error wrapping the [`FrameError`].
+    pub(crate) async fn next(&mut self) -> std::io::Result<Option<Frame>> {
+        use std::io::{Error, ErrorKind};
+        loop {
+            match Frame::decode(&mut self.buf) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
+            }
+            // The rest of the frame whose header is in, or a read's worth for the next one.
+            let header = FrameHeader::decode(&self.buf).ok();
+            let n = match header {
+                Some(h) if h.len as usize + HEADER_LEN - self.buf.len() > self.read_size => {
+                    let rest = h.len as usize + HEADER_LEN - self.buf.len();
+                    self.buf.reserve(rest);
+                    (&mut self.rd).take(rest as u64).read_buf(&mut self.buf).await?
+                }
+                _ => {
+                    self.buf.reserve(self.read_size);
+                    self.rd.read_buf(&mut self.buf).await?
+                }
+            };
+            if n == 0 {
+                return match (self.buf.is_empty(), header) {
+                    (true, _) => Ok(None),
+                    (false, None) => Err(Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "connection ended inside a frame header",
+                    )),
+                    (false, Some(_)) => Err(Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "connection ended inside a frame",
+                    )),
+                };
+            }
+        }
+    }
+}
+
+/// Reads one frame, reading nothing past it (for the hello, before the multiplexer takes the
+/// byte stream); `None` on a clean end of stream at a frame boundary. An invalid frame
 /// is an `InvalidData` error wrapping the [`FrameError`].
 pub async fn read_frame<R>(rd: &mut R) -> std::io::Result<Option<Frame>>
 where
@@ -693,6 +756,10 @@ fn io_reason(e: &std::io::Error) -> String {
 /// Frames queued per stream before the reader waits: enough to keep a stream busy, few
 /// enough that a stalled stream pins at most a few MiB.
 const STREAM_QUEUE_FRAMES: usize = 4;
+
+/// Most bytes a frame reader asks for between large frames: enough for many small frames
+/// and the start of a large one.
+const SMALL_READ_BYTES: usize = 64 << 10;
 
 /// Frames queued for the writer across all streams of a connection.
 const WRITE_QUEUE_FRAMES: usize = 16;
