@@ -318,6 +318,33 @@ pub trait RecvFrames: Send + fmt::Debug {
     fn try_recv_cancel(&mut self) -> bool {
         false
     }
+
+    /// The next frame, a `Data` frame's payload read straight into the start of `dest` when
+    /// it fits (transports that read on the caller's task save a copy so). By default the
+    /// frame is received as by [`RecvFrames::recv`] and a fitting payload copied.
+    fn recv_into<'a>(
+        &'a mut self,
+        dest: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<Option<Received>, StreamError>> {
+        Box::pin(async move {
+            Ok(self.recv().await?.map(|f| match f.kind {
+                FrameKind::Data if f.payload.len() <= dest.len() => {
+                    dest[..f.payload.len()].copy_from_slice(&f.payload);
+                    Received::Data(f.payload.len())
+                }
+                _ => Received::Frame(f),
+            }))
+        })
+    }
+}
+
+/// What [`FrameSource::recv_into`] received.
+#[derive(Debug)]
+pub enum Received {
+    /// A `Data` frame whose payload, this many bytes, is now at the start of the buffer.
+    Data(usize),
+    /// Any other frame (or a `Data` frame larger than the buffer).
+    Frame(Frame),
 }
 
 /// The sending half of a request stream, with the I/O timeout.
@@ -385,6 +412,15 @@ impl FrameSource {
     pub async fn recv(&mut self) -> Result<Option<Frame>, StreamError> {
         let timeout = self.timeout;
         tokio::time::timeout(timeout, self.inner.recv())
+            .await
+            .map_err(|_| StreamError::Timeout(timeout))?
+    }
+
+    /// The next frame; a `Data` frame whose payload fits in `dest` lands there (see
+    /// [`RecvFrames::recv_into`]). `None` when the peer ended the stream cleanly.
+    pub async fn recv_into(&mut self, dest: &mut [u8]) -> Result<Option<Received>, StreamError> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.inner.recv_into(dest))
             .await
             .map_err(|_| StreamError::Timeout(timeout))?
     }

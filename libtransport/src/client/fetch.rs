@@ -25,7 +25,7 @@ use super::connection::Connection;
 use super::memory::ChunkSlots;
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
-use super::reply::next_data;
+use super::reply::{Landed, next_data, next_data_into};
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::ClientConfig;
@@ -857,8 +857,9 @@ async fn read_chunk_file(
     Ok(range.end - range.start)
 }
 
-/// Reads one chunk into `buf`, hashing each data frame as it is copied into place; `Ok`
-/// only if the whole chunk arrived and verified.
+/// Reads one chunk into `buf`: each data frame lands in place (straight from the transport
+/// where it reads on this task) and is hashed there while it is in cache; `Ok` only if the
+/// whole chunk arrived and verified.
 async fn read_chunk_mem(
     conn: &Connection,
     req: &Request,
@@ -871,11 +872,18 @@ async fn read_chunk_mem(
         return Err(FetchError::Corrupt(index));
     }
     let mut source = request_chunk(conn, req).await?;
-    while let Some(piece) = next_data(&mut source).await? {
-        let at = check
-            .handle_data(&piece)
-            .map_err(|_| FetchError::Corrupt(index))?;
-        buf[at].copy_from_slice(&piece);
+    loop {
+        let at = check.received() as usize;
+        let rest = buf.get_mut(at..).ok_or(FetchError::Corrupt(index))?;
+        match next_data_into(&mut source, rest).await? {
+            Landed::Data(n) => {
+                check
+                    .handle_data(&rest[..n])
+                    .map_err(|_| FetchError::Corrupt(index))?;
+            }
+            Landed::TooLong => return Err(FetchError::Corrupt(index)),
+            Landed::End => break,
+        }
     }
     check
         .finish(manifest)

@@ -450,6 +450,11 @@ impl ChunkCheck {
         self.len == 0
     }
 
+    /// Bytes of the chunk received so far: where the next piece goes.
+    pub fn received(&self) -> u64 {
+        self.at
+    }
+
     /// The next piece of the chunk arrived: where it goes within the chunk. Refuses a piece
     /// that runs past the chunk's end.
     pub fn handle_data(&mut self, piece: &[u8]) -> Result<Range<usize>, ChunkError> {

@@ -603,7 +603,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Some(h) if h.len as usize + HEADER_LEN - self.buf.len() > self.read_size => {
                     let rest = h.len as usize + HEADER_LEN - self.buf.len();
                     self.buf.reserve(rest);
-                    (&mut self.rd).take(rest as u64).read_buf(&mut self.buf).await?
+                    (&mut self.rd)
+                        .take(rest as u64)
+                        .read_buf(&mut self.buf)
+                        .await?
                 }
                 _ => {
                     self.buf.reserve(self.read_size);

@@ -23,7 +23,7 @@ use rustls::pki_types::CertificateDer;
 use super::{
     BoxFuture, Close, Connection, Connector, Established, FrameSink, FrameSource, Handshaken,
     Incoming, IncomingStream, Listener, LostConnection, LostKind, NoKeyingMaterial, Path,
-    PeerProof, QuicClose, QuicPathStats, RecvFrames, Refusal, RequestStream, SendFrames,
+    PeerProof, QuicClose, QuicPathStats, Received, RecvFrames, Refusal, RequestStream, SendFrames,
     StreamError,
 };
 use crate::clock::Clock;
@@ -635,9 +635,47 @@ impl RecvFrames for QuicRecv {
     fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>, StreamError>> {
         Box::pin(quic_recv(&mut self.0))
     }
+
+    fn recv_into<'a>(
+        &'a mut self,
+        dest: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<Option<Received>, StreamError>> {
+        Box::pin(quic_recv_into(&mut self.0, dest))
+    }
+}
+
+/// As [`quic_recv`], reading a `Data` payload that fits straight from quinn's receive
+/// buffer into `dest`.
+async fn quic_recv_into(
+    r: &mut quinn::RecvStream,
+    dest: &mut [u8],
+) -> Result<Option<Received>, StreamError> {
+    let Some(h) = quic_header(r).await? else {
+        return Ok(None);
+    };
+    let len = h.len as usize;
+    if h.kind != FrameKind::Data || len > dest.len() {
+        return Ok(Some(Received::Frame(quic_payload(r, h).await?)));
+    }
+    let mut got = 0;
+    while got < len {
+        match r.read(&mut dest[got..len]).await.map_err(read_error)? {
+            Some(n) => got += n,
+            None => return Err(FrameError::Incomplete.into()),
+        }
+    }
+    Ok(Some(Received::Data(len)))
 }
 
 async fn quic_recv(r: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamError> {
+    match quic_header(r).await? {
+        Some(h) => Ok(Some(quic_payload(r, h).await?)),
+        None => Ok(None),
+    }
+}
+
+/// A frame's header; `None` when the stream ended cleanly before it.
+async fn quic_header(r: &mut quinn::RecvStream) -> Result<Option<FrameHeader>, StreamError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -647,7 +685,11 @@ async fn quic_recv(r: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamErr
             None => return Err(FrameError::Incomplete.into()),
         }
     }
-    let h = FrameHeader::decode(&header)?;
+    Ok(Some(FrameHeader::decode(&header)?))
+}
+
+/// The payload of the frame `h` heads.
+async fn quic_payload(r: &mut quinn::RecvStream, h: FrameHeader) -> Result<Frame, StreamError> {
     let len = h.len as usize;
     let mut payload = BytesMut::with_capacity(len);
     while payload.len() < len {
@@ -660,7 +702,7 @@ async fn quic_recv(r: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamErr
             None => return Err(FrameError::Incomplete.into()),
         }
     }
-    Ok(Some(Frame::new(h.kind, h.stream, payload.freeze())))
+    Ok(Frame::new(h.kind, h.stream, payload.freeze()))
 }
 
 fn payload_len(payload: &Bytes) -> Result<u32, StreamError> {
