@@ -193,9 +193,10 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
     let server0 = target.server_pid.and_then(process_cpu_time);
     let t0 = Instant::now();
     let mut buffers = take_buffers(clients.len(), target.size)?;
-    let pulls = clients.iter().zip(buffers.iter_mut()).map(|(c, buf)| {
-        c.fetch_into(&target.dataset, &target.object, buf, &opts)
-    });
+    let pulls = clients
+        .iter()
+        .zip(buffers.iter_mut())
+        .map(|(c, buf)| c.fetch_into(&target.dataset, &target.object, buf, &opts));
     for report in futures::future::join_all(pulls).await {
         let report = report.with_context(|| format!("{mode}: pulling the object"))?;
         anyhow::ensure!(report.size == target.size, "{mode}: short read");
@@ -256,7 +257,9 @@ static BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new(
 
 fn take_buffers(n: usize, size: u64) -> anyhow::Result<Vec<Vec<u8>>> {
     let size = usize::try_from(size).context("the object does not fit in memory")?;
-    let mut pool = BUFFERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut pool = BUFFERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     pool.retain(|b| b.len() == size);
     let keep = n.min(pool.len());
     let mut out: Vec<Vec<u8>> = pool.drain(..keep).collect();
