@@ -20,7 +20,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
-use crate::outcome::{RunResult, Shape};
+use crate::outcome::{Destination, RunResult, Shape};
 use crate::stats::{Latency, latency_histogram};
 
 /// Bytes per write and per read of the copy loops.
@@ -84,6 +84,7 @@ fn result(bare: Bare, size: u64, client: ClientSide, server: Spent) -> RunResult
     let per_gb = |d: Duration| d.as_secs_f64() / gb;
     RunResult {
         mode: bare.name(),
+        into: Destination::Memory,
         bytes: size,
         seconds: client.seconds,
         gbps: size as f64 / client.seconds / 1e9,

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use crate::mode::Mode;
 use crate::report::ModeSummary;
 
 /// Draws `summary` into an SVG file at `path`, titled `title`.
@@ -37,7 +38,8 @@ pub fn svg(path: &Path, title: &str, summary: &[ModeSummary]) -> anyhow::Result<
         })
         .draw()
         .map_err(draw)?;
-    let colour = |mode: &str| match mode {
+    // A mode's pulls into a file share its colour; their labels tell them apart.
+    let colour = |row: &str| match Mode::parse_row(row).map_or(row, |(mode, _)| mode.name()) {
         "plaintext-tcp" => RGBColor(150, 150, 150),
         "tls-tcp" => RGBColor(52, 101, 164),
         "quic" => RGBColor(78, 154, 6),

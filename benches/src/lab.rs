@@ -21,6 +21,8 @@ pub struct LabArgs {
     pub rate_mbit: Option<u64>,
     /// Modes, comma-separated names.
     pub modes: String,
+    /// Destinations of the pulls, comma-separated (`memory`, `file`).
+    pub into: String,
     /// Runs per mode.
     pub runs: u32,
     /// Chunks in flight.
@@ -100,7 +102,8 @@ pub fn run(a: &LabArgs) -> anyhow::Result<Value> {
         .args(["--server-id", id, "--server-pid", &server.pid().to_string()])
         .arg("--identity")
         .arg(tmp.path().join("client"))
-        .args(["--modes", &a.modes, "--runs", &a.runs.to_string()])
+        .args(["--modes", &a.modes, "--into", &a.into])
+        .args(["--runs", &a.runs.to_string()])
         .args([
             "--parallel",
             &a.parallel.to_string(),

@@ -1,7 +1,9 @@
-//! One measured run of one mode: connect, move the object, then time small requests.
+//! One measured run of one mode: connect, move the object into memory or into a file, then
+//! time small requests.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use libtransport::{
     TransportConfig,
 };
 
-pub use crate::outcome::{QuicPath, RunResult, Shape};
+pub use crate::outcome::{Destination, QuicPath, RunResult, Shape};
 use crate::plaintext::PlaintextConnector;
 use crate::stats::{Latency, cpu_time, latency_histogram, process_cpu_time};
 
@@ -101,6 +103,39 @@ impl Mode {
             _ => Self::PlaintextTcp,
         }
     }
+
+    /// Whether the mode pulls the object through the product's client, so it can pull into
+    /// a file too; the reference loops and `rdma-soft-plain` only move bytes into memory.
+    pub fn pulls_object(self) -> bool {
+        self.as_bare().is_none() && self != Self::RdmaSoftPlain
+    }
+
+    /// The name of this mode's rows in reports when it pulls `into`: its own name into
+    /// memory, `NAME>file` into a file (`tls-tcp>file`). None for a file and a mode that
+    /// pulls no object.
+    pub fn row_name(self, into: Destination) -> Option<&'static str> {
+        match into {
+            Destination::Memory => Some(self.name()),
+            Destination::File => match self {
+                Self::PlaintextTcp => Some("plaintext-tcp>file"),
+                Self::TlsTcp => Some("tls-tcp>file"),
+                Self::Quic => Some("quic>file"),
+                Self::RdmaSoft => Some("rdma-soft>file"),
+                Self::Rdma => Some("rdma>file"),
+                Self::RdmaSoftPlain | Self::BareTcp | Self::BareTls | Self::BareQuic => None,
+            },
+        }
+    }
+
+    /// The mode and destination a row name (see [`Self::row_name`]) stands for.
+    pub fn parse_row(row: &str) -> Option<(Self, Destination)> {
+        let (mode, into) = match row.split_once('>') {
+            Some((mode, into)) => (mode, into.parse().ok()?),
+            None => (row, Destination::Memory),
+        };
+        let mode: Self = mode.parse().ok()?;
+        (mode.row_name(into) == Some(row)).then_some((mode, into))
+    }
 }
 
 impl fmt::Display for Mode {
@@ -151,12 +186,25 @@ pub struct Target {
     /// The server's process id, when it runs on this machine in another process: its CPU
     /// time is then measured too.
     pub server_pid: Option<u32>,
+    /// Where pulls into a file land: each run in a directory of its own inside, removed
+    /// after the run. On the same filesystem as the server's store when it runs here.
+    pub pull_dir: PathBuf,
 }
 
-/// Runs `mode` once: `connections` clients each pull the object into memory at once, then
-/// `requests` small requests are timed on one of them. When the server shares this process
-/// (`local`), `cpu_s_per_gb` already holds both sides.
-pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<RunResult> {
+/// Runs `mode` once: `connections` clients each pull the object `into` memory or a file of
+/// their own at once, then `requests` small requests are timed on one of them. When the
+/// server shares this process (`local`), `cpu_s_per_gb` already holds both sides. The time
+/// of a pull into a file ends when the file is complete: verified, fsynced and renamed; the
+/// files are removed after that, outside the time.
+pub async fn run(
+    target: &Target,
+    mode: Mode,
+    into: Destination,
+    shape: Shape,
+) -> anyhow::Result<RunResult> {
+    let row = mode
+        .row_name(into)
+        .with_context(|| format!("{mode} pulls no object, so it cannot pull into a {into}"))?;
     if mode == Mode::RdmaSoftPlain {
         return crate::rdma_plain::run(target.size, target.chunk_bytes, shape).await;
     }
@@ -189,17 +237,29 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
         max_rate: None,
         connections: Some(1),
     };
+    // A fresh directory per run: nothing an earlier run wrote can be resumed from.
+    let scratch = tempfile::Builder::new()
+        .prefix("pull-")
+        .tempdir_in(&target.pull_dir)
+        .with_context(|| format!("creating a directory in {}", target.pull_dir.display()))?;
+    let mut buffers = match into {
+        Destination::Memory => take_buffers(clients.len(), target.size)?,
+        Destination::File => vec![Vec::new(); clients.len()],
+    };
     let cpu0 = cpu_time();
     let server0 = target.server_pid.and_then(process_cpu_time);
     let t0 = Instant::now();
-    let mut buffers = take_buffers(clients.len(), target.size)?;
     let pulls = clients
         .iter()
         .zip(buffers.iter_mut())
-        .map(|(c, buf)| c.fetch_into(&target.dataset, &target.object, buf, &opts));
-    for report in futures::future::join_all(pulls).await {
-        let report = report.with_context(|| format!("{mode}: pulling the object"))?;
-        anyhow::ensure!(report.size == target.size, "{mode}: short read");
+        .enumerate()
+        .map(|(i, (c, buf))| {
+            let dest = scratch.path().join(format!("object-{i}.bin"));
+            pull(c, target, into, dest, buf, &opts)
+        });
+    for pulled in futures::future::join_all(pulls).await {
+        let pulled = pulled.with_context(|| format!("{row}: pulling the object"))?;
+        anyhow::ensure!(pulled == target.size, "{row}: short read");
     }
     let secs = t0.elapsed().as_secs_f64();
     give_back_buffers(buffers);
@@ -208,6 +268,10 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
+    // The files go now, so the next run writes into free space again, not over them.
+    tokio::task::spawn_blocking(move || scratch.close())
+        .await?
+        .context("removing the pulled files")?;
     let bytes = target.size * u64::from(shape.connections.max(1));
     let quic_path = clients[0].quic_path_stats().map(|p| QuicPath {
         mtu: p.mtu,
@@ -238,7 +302,8 @@ pub async fn run(target: &Target, mode: Mode, shape: Shape) -> anyhow::Result<Ru
     let gb = bytes as f64 / 1e9;
     let per_gb = |d: Duration| d.as_secs_f64() / gb;
     Ok(RunResult {
-        mode: mode.name(),
+        mode: row,
+        into,
         bytes,
         seconds: secs,
         gbps: bytes as f64 / secs / 1e9,
@@ -275,6 +340,38 @@ fn give_back_buffers(buffers: Vec<Vec<u8>>) {
         .extend(buffers);
 }
 
+/// Pulls the whole object into `buf`, or into a file at `dest`; returns the bytes it holds.
+async fn pull(
+    client: &Client,
+    target: &Target,
+    into: Destination,
+    dest: PathBuf,
+    buf: &mut [u8],
+    opts: &FetchOptions,
+) -> anyhow::Result<u64> {
+    match into {
+        Destination::Memory => {
+            let report = client
+                .fetch_into(&target.dataset, &target.object, buf, opts)
+                .await?;
+            Ok(report.size)
+        }
+        Destination::File => {
+            let report = client
+                .fetch_to_file(&target.dataset, &target.object, &dest, opts)
+                .await?;
+            // The whole object came over the wire; nothing was resumed.
+            anyhow::ensure!(
+                report.chunks_reused == 0 && report.chunks_fetched == report.chunks,
+                "{} of {} chunks were reused",
+                report.chunks_reused,
+                report.chunks
+            );
+            Ok(std::fs::metadata(&dest)?.len())
+        }
+    }
+}
+
 async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::Result<Client> {
     Ok(match mode {
         Mode::PlaintextTcp => {
@@ -297,4 +394,45 @@ async fn connect(target: &Target, mode: Mode, config: ClientConfig) -> anyhow::R
 /// Gives the previous run's connections time to close before the next starts.
 pub async fn settle() {
     tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_rows_are_named_after_their_mode_and_parse_back() {
+        for mode in Mode::ALL {
+            assert_eq!(mode.row_name(Destination::Memory), Some(mode.name()));
+            assert_eq!(
+                Mode::parse_row(mode.name()),
+                Some((mode, Destination::Memory))
+            );
+            match mode.row_name(Destination::File) {
+                Some(row) => {
+                    assert!(mode.pulls_object(), "{mode}");
+                    assert_eq!(row, format!("{mode}>file"));
+                    assert_eq!(Mode::parse_row(row), Some((mode, Destination::File)));
+                }
+                None => assert!(!mode.pulls_object(), "{mode}"),
+            }
+        }
+        // The loops move no file; unknown names and destinations are nobody's rows.
+        for row in [
+            "bare-tcp>file",
+            "rdma-soft-plain>file",
+            "quic>disk",
+            "pigeon",
+            "quic>",
+        ] {
+            assert_eq!(Mode::parse_row(row), None, "{row}");
+        }
+        assert_eq!("file".parse(), Ok(Destination::File));
+        assert!(
+            "disk"
+                .parse::<Destination>()
+                .unwrap_err()
+                .contains("memory")
+        );
+    }
 }

@@ -1,14 +1,19 @@
-//! What a measured run is asked to do ([`Shape`]) and what it returns ([`RunResult`]): the
-//! shared vocabulary of the product's modes (`mode.rs`) and the bench's own loops
-//! (`bare.rs`, `rdma_plain.rs`), which imports none of them.
+//! What a measured run is asked to do ([`Shape`], [`Destination`]) and what it returns
+//! ([`RunResult`]): the shared vocabulary of the product's modes (`mode.rs`) and the
+//! bench's own loops (`bare.rs`, `rdma_plain.rs`), which imports none of them.
+
+use std::fmt;
 
 use crate::stats::Latency;
 
 /// What one run measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunResult {
-    /// Which mode.
+    /// Which mode, as its rows are named: `tls-tcp` into memory, `tls-tcp>file` into a file
+    /// (see `Mode::row_name`).
     pub mode: &'static str,
+    /// Where the object went.
+    pub into: Destination,
     /// Bytes moved and verified.
     pub bytes: u64,
     /// Wall time of the transfer.
@@ -58,4 +63,49 @@ pub struct Shape {
     pub requests: u32,
     /// Bytes each latency request reads (0: a `stat`, one round trip without data).
     pub request_bytes: u64,
+}
+
+/// Where a run pulls the object to.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Destination {
+    /// Into memory (`Client::fetch`); the reference loops always read into memory.
+    #[default]
+    Memory,
+    /// Into a file (`Client::fetch_to_file`): each chunk written in place and verified, the
+    /// file fsynced and renamed when complete. Deleted after each run, so every run pulls
+    /// the whole object.
+    File,
+}
+
+impl Destination {
+    /// Every destination, in the order runs take them.
+    pub const ALL: [Self; 2] = [Self::Memory, Self::File];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::File => "file",
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown destination {s:?}: expected memory or file"))
+    }
 }

@@ -18,7 +18,7 @@ use libtransport::transport::rdma::soft::{SoftConfig, SoftRegion, SoftVerbs};
 use libtransport::transport::rdma::verbs::{CompletionKind, Region, Verbs, WorkId};
 use tokio::sync::mpsc;
 
-use crate::outcome::{RunResult, Shape};
+use crate::outcome::{Destination, RunResult, Shape};
 use crate::stats::{Latency, cpu_time, latency_histogram};
 
 /// Most ring slots, as the client's receive ring has.
@@ -81,6 +81,7 @@ pub async fn run(size: u64, chunk_bytes: u32, shape: Shape) -> anyhow::Result<Ru
     let per_gb = |d: Duration| d.as_secs_f64() / gb;
     Ok(RunResult {
         mode: "rdma-soft-plain",
+        into: Destination::Memory,
         bytes,
         seconds: secs,
         gbps: bytes as f64 / secs / 1e9,

@@ -1,27 +1,39 @@
-//! Reports: medians per mode, ratios to each mode's unencrypted baseline (plaintext-tcp;
-//! rdma-soft-plain for rdma-soft), the machine they ran on; as
-//! a table, JSON and markdown.
+//! Reports: medians per mode (and per destination: `tls-tcp` pulls into memory,
+//! `tls-tcp>file` into a file), ratios to each mode's unencrypted baseline (plaintext-tcp;
+//! rdma-soft-plain for rdma-soft), to its library's reference loop and, for a pull into a
+//! file, to the same pull into memory; the machine they ran on; as a table, JSON and
+//! markdown.
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::mode::RunResult;
+use crate::mode::{Destination, Mode, RunResult};
 use crate::stats::median;
 
 /// One mode's summary over all runs.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ModeSummary {
-    /// Mode name.
+    /// Mode name, as its rows are named: `tls-tcp` for pulls into memory, `tls-tcp>file`
+    /// for pulls into a file (see `Mode::row_name`).
     pub mode: String,
+    /// Where the object went: `memory` or `file`.
+    #[serde(default)]
+    pub into: Destination,
     /// Median throughput, 10^9 bytes/s.
     pub gbps: f64,
     /// Median throughput over its baseline's median: plaintext-tcp, or rdma-soft-plain for
-    /// the soft RDMA modes (1.0 for a baseline; absent without it).
+    /// the soft RDMA modes (1.0 for a baseline; absent without it). A pull into a file is
+    /// set against the baseline's pull into a file.
     pub ratio_to_plaintext: Option<f64>,
     /// Median throughput over the median of the reference loop of its library (bare-tcp,
-    /// bare-tls or bare-quic; see `Mode::bare`), when that loop ran.
+    /// bare-tls or bare-quic; see `Mode::bare`), when that loop ran. The loops read into
+    /// memory; a pull into a file is set against them all the same.
     #[serde(default)]
     pub ratio_to_bare: Option<f64>,
+    /// A pull into a file: its median throughput over the same mode's pull into memory,
+    /// when both ran (absent for pulls into memory).
+    #[serde(default)]
+    pub ratio_to_memory: Option<f64>,
     /// Median CPU seconds per GB, both sides.
     pub cpu_s_per_gb: f64,
     /// Median CPU seconds per GB at the client.
@@ -53,7 +65,7 @@ pub struct ModeSummary {
 pub fn floor(summary: &[ModeSummary], rates: &crate::host::Rates) -> Option<f64> {
     summary
         .iter()
-        .find(|m| m.mode == crate::mode::Mode::BareTcp.name())
+        .find(|m| m.mode == Mode::BareTcp.name())
         .map(|m| round(rates.floor_cpu_s_per_gb(m.cpu_s_per_gb), 3))
 }
 
@@ -73,9 +85,11 @@ pub fn summarise(
             };
             ModeSummary {
                 mode: mode.to_owned(),
+                into: rs.first().map(|r| r.into).unwrap_or_default(),
                 gbps: round(med(&|r| r.gbps), 3),
                 ratio_to_plaintext: None,
                 ratio_to_bare: None,
+                ratio_to_memory: None,
                 cpu_s_per_gb: round(med(&|r| r.cpu_s_per_gb), 3),
                 client_cpu_s_per_gb: round(med(&|r| r.client_cpu_s_per_gb), 3),
                 server_cpu_s_per_gb: {
@@ -95,25 +109,23 @@ pub fn summarise(
         })
         .collect();
     let gbps: Vec<(String, f64)> = out.iter().map(|m| (m.mode.clone(), m.gbps)).collect();
+    // The median of the row named `row`, if it ran and moved anything.
+    let of = |row: Option<&str>| {
+        row.and_then(|row| gbps.iter().find(|(name, _)| name == row))
+            .map(|(_, g)| *g)
+            .filter(|g| *g > 0.0)
+    };
     for m in &mut out {
-        let base = m
-            .mode
-            .parse::<crate::mode::Mode>()
-            .map(|mode| mode.baseline().name())
-            .ok()
-            .and_then(|b| gbps.iter().find(|(name, _)| name == b))
-            .map(|(_, g)| *g)
-            .filter(|g| *g > 0.0);
-        m.ratio_to_plaintext = base.map(|b| round(m.gbps / b, 3));
-        let bare = m
-            .mode
-            .parse::<crate::mode::Mode>()
-            .ok()
-            .and_then(crate::mode::Mode::bare)
-            .and_then(|b| gbps.iter().find(|(name, _)| name == b.name()))
-            .map(|(_, g)| *g)
-            .filter(|g| *g > 0.0);
-        m.ratio_to_bare = bare.map(|b| round(m.gbps / b, 3));
+        let Some((mode, into)) = Mode::parse_row(&m.mode) else {
+            continue;
+        };
+        let g = m.gbps;
+        let ratio = |base: Option<f64>| base.map(|b| round(g / b, 3));
+        m.ratio_to_plaintext = ratio(of(mode.baseline().row_name(into)));
+        m.ratio_to_bare = ratio(of(mode.bare().map(Mode::name)));
+        if into == Destination::File {
+            m.ratio_to_memory = ratio(of(Some(mode.name())));
+        }
     }
     out
 }
@@ -181,11 +193,12 @@ pub fn host_line(machine: &Value) -> String {
 pub fn table(summary: &[ModeSummary]) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
     let mut s = format!(
-        "{:<15} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>10}\n",
+        "{:<18} {:>7} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>10}\n",
         "mode",
         "GB/s",
         "ratio",
         "to bare",
+        "to mem",
         "CPU s/GB",
         "client",
         "server",
@@ -197,11 +210,12 @@ pub fn table(summary: &[ModeSummary]) -> String {
     );
     for m in summary {
         s.push_str(&format!(
-            "{:<15} {:>7.3} {:>9} {:>8} {:>9.3} {:>9.3} {:>9} {:>8} {:>8} {:>8} {:>9} {:>10}\n",
+            "{:<18} {:>7.3} {:>9} {:>8} {:>7} {:>9.3} {:>9.3} {:>9} {:>8} {:>8} {:>8} {:>9} {:>10}\n",
             m.mode,
             m.gbps,
             opt(m.ratio_to_plaintext),
             opt(m.ratio_to_bare),
+            opt(m.ratio_to_memory),
             m.cpu_s_per_gb,
             m.client_cpu_s_per_gb,
             opt(m.server_cpu_s_per_gb),
@@ -219,15 +233,16 @@ pub fn table(summary: &[ModeSummary]) -> String {
 pub fn markdown(summary: &[ModeSummary], machine: &Value, params: &Value) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
     let mut s = String::from(
-        "| mode | GB/s (median) | ratio to plaintext | ratio to bare | CPU s/GB (client / server) | × floor | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | GB/s (median) | ratio to plaintext | ratio to bare | ratio to memory | CPU s/GB (client / server) | × floor | p50 µs | p99 µs | runs (GB/s) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for m in summary {
         s.push_str(&format!(
-            "| {} | {:.3} | {} | {} | {:.3} ({:.3} / {}) | {} | {} | {} | {} |\n",
+            "| {} | {:.3} | {} | {} | {} | {:.3} ({:.3} / {}) | {} | {} | {} | {} |\n",
             m.mode,
             m.gbps,
             opt(m.ratio_to_plaintext),
             opt(m.ratio_to_bare),
+            opt(m.ratio_to_memory),
             m.cpu_s_per_gb,
             m.client_cpu_s_per_gb,
             opt(m.server_cpu_s_per_gb),

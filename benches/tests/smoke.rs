@@ -58,6 +58,12 @@ fn local_reports_every_mode_in_the_documented_shape() {
     // A reference loop is its own bare loop; plaintext-tcp is the plaintext baseline.
     assert_eq!(modes[0]["ratio_to_bare"], 1.0);
     assert_eq!(modes[3]["ratio_to_plaintext"], 1.0);
+    // By default every pull goes into memory.
+    for m in modes.iter().chain(doc["runs"].as_array().unwrap()) {
+        assert_eq!(m["into"], "memory", "{m}");
+        assert!(m["ratio_to_memory"].is_null(), "{m}");
+    }
+    assert_eq!(doc["params"]["into"], serde_json::json!(["memory"]));
     assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
     // The host's one-core rates, measured in the same invocation, travel with the figures.
     for rate in [
@@ -69,6 +75,101 @@ fn local_reports_every_mode_in_the_documented_shape() {
         let g = doc["machine"]["one_core"][rate].as_f64().unwrap();
         assert!(g.is_finite() && g > 0.0, "{rate}: {g}");
     }
+}
+
+#[test]
+fn local_pulls_into_files_beside_memory_with_the_same_fields() {
+    let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+        .args([
+            "local",
+            "--size",
+            "4MiB",
+            "--modes",
+            "bare-tcp,bare-tls,plaintext-tcp,tls-tcp",
+            "--into",
+            "memory,file",
+            "--runs",
+            "2",
+            "--requests",
+            "5",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes = doc["modes"].as_array().unwrap();
+    let rows: Vec<(&str, &str)> = modes
+        .iter()
+        .map(|m| (m["mode"].as_str().unwrap(), m["into"].as_str().unwrap()))
+        .collect();
+    // The loops read into memory only; each product mode pulls into memory, then a file.
+    assert_eq!(
+        rows,
+        [
+            ("bare-tcp", "memory"),
+            ("bare-tls", "memory"),
+            ("plaintext-tcp", "memory"),
+            ("plaintext-tcp>file", "file"),
+            ("tls-tcp", "memory"),
+            ("tls-tcp>file", "file"),
+        ]
+    );
+    let row = |name: &str| modes.iter().find(|m| m["mode"] == name).unwrap();
+    for name in ["plaintext-tcp>file", "tls-tcp>file"] {
+        let m = row(name);
+        // The same fields as a pull into memory ...
+        assert_eq!(m["runs_gbps"].as_array().unwrap().len(), 2, "{m}");
+        for field in [
+            "gbps",
+            "ratio_to_plaintext",
+            "ratio_to_bare",
+            "cost_over_floor",
+            "cpu_s_per_gb",
+            "client_cpu_s_per_gb",
+        ] {
+            let v = m[field].as_f64().unwrap_or_else(|| panic!("{field}: {m}"));
+            assert!(v.is_finite() && v > 0.0, "{field}: {m}");
+        }
+        assert!(m["p50_us"].as_u64().unwrap() > 0, "{m}");
+        // ... and the ratio to the same mode's pull into memory.
+        let memory = row(name.trim_end_matches(">file"));
+        let ratio = m["ratio_to_memory"].as_f64().unwrap();
+        let expected = m["gbps"].as_f64().unwrap() / memory["gbps"].as_f64().unwrap();
+        assert!((ratio - expected).abs() < 0.01 * expected + 0.002, "{m}");
+        assert!(memory["ratio_to_memory"].is_null(), "{memory}");
+    }
+    // A file pull is set against the baseline's file pull, and its loop like the rest.
+    assert_eq!(row("plaintext-tcp>file")["ratio_to_plaintext"], 1.0);
+    let tls_file = row("tls-tcp>file");
+    let expected = tls_file["gbps"].as_f64().unwrap() / row("bare-tls")["gbps"].as_f64().unwrap();
+    assert!(
+        (tls_file["ratio_to_bare"].as_f64().unwrap() - expected).abs() < 0.01 * expected + 0.002
+    );
+    // Every run is recorded with where it pulled to, each file pull of the whole object.
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2 * 6);
+    for r in runs {
+        let file = r["mode"].as_str().unwrap().ends_with(">file");
+        assert_eq!(r["into"], if file { "file" } else { "memory" }, "{r}");
+        assert_eq!(r["bytes"], 4 << 20, "{r}");
+    }
+    assert_eq!(doc["params"]["into"], serde_json::json!(["memory", "file"]));
+}
+
+#[test]
+fn unknown_destinations_are_refused_with_the_known_ones() {
+    let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+        .args(["local", "--into", "disk"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("memory") && err.contains("file"), "{err}");
 }
 
 #[test]

@@ -8,6 +8,10 @@
 //! over QUIC/mTLS and over TLS/TCP and pushes a checkpoint back. Every byte is compared by
 //! BLAKE3 against the source, independently of the transfer's own verification, and every
 //! audit trail (issuer, both nodes, the loader) is verified.
+//!
+//! Beside each path's GB/s the report puts what one bare TCP connection moves over loopback
+//! on the same machine in the same run ([`probe`]), and the ratio of the two: the distance
+//! from the path to the machine.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -24,6 +28,8 @@ use tokio::process::{Child, Command};
 use crate::cmd::ca::write_secret;
 use crate::role::issuer::admin::AdminClient;
 use crate::role::issuer::wire::{EntryCreate, TokenCreate, TokenCreated};
+
+mod probe;
 
 const TRUST_DOMAIN: &str = "demo.transportd.internal";
 const STORAGE: &str = "/node/storage";
@@ -175,6 +181,13 @@ async fn exercise(
     size: u64,
     say: &impl Fn(&str),
 ) -> anyhow::Result<Value> {
+    let probe_bytes = probe::probe_bytes(size);
+    say(&format!(
+        "measuring what one bare TCP connection moves here ({} over loopback)",
+        human(probe_bytes)
+    ));
+    let bare = probe::bare_tcp(probe_bytes).await?;
+    let to_bare = |gbps: f64| round3(gbps / bare.gbps());
     let mut paths = Vec::new();
     let mut all_ok = true;
     for (path, addr) in [("quic", &addrs.quic), ("tcp", &addrs.tcp)] {
@@ -198,11 +211,13 @@ async fn exercise(
             ok &= same_bytes(src, &got).await?;
         }
         all_ok &= ok;
+        let gbps = size as f64 / secs / 1e9;
         paths.push(json!({
             "path": path,
             "bytes": size,
             "seconds": round3(secs),
-            "gbps": round3(size as f64 / secs / 1e9),
+            "gbps": round3(gbps),
+            "ratio_to_bare_tcp": to_bare(gbps),
             "verified": ok,
         }));
     }
@@ -228,15 +243,20 @@ async fn exercise(
     let stored = dir.join("storage/datasets/checkpoints/step-1000.ckpt");
     let push_ok = out["verified"].as_bool() == Some(true) && same_bytes(&ckpt, &stored).await?;
     all_ok &= push_ok;
+    let push_gbps = ckpt_len as f64 / secs / 1e9;
     Ok(json!({
         "verified": all_ok,
         "dataset": { "name": "scans", "bytes": size, "shards": sources.len() },
+        "bare_tcp_gbps": round3(bare.gbps()),
+        "bare_tcp_bytes": bare.bytes,
+        "bare_tcp_seconds": round3(bare.seconds),
         "paths": paths,
         "push": {
             "path": "quic",
             "bytes": ckpt_len,
             "seconds": round3(secs),
-            "gbps": round3(ckpt_len as f64 / secs / 1e9),
+            "gbps": round3(push_gbps),
+            "ratio_to_bare_tcp": to_bare(push_gbps),
             "verified": push_ok,
         },
     }))
@@ -564,22 +584,31 @@ fn print_report(r: &Value, temporary: bool) {
         human(r["dataset"]["bytes"].as_u64().unwrap_or(0)),
         r["dataset"]["shards"]
     );
+    let bare = r["bare_tcp_gbps"].as_f64().unwrap_or(0.0);
+    println!(
+        "  bare TCP       {} over one loopback connection in {:.2} s = {bare:.2} GB/s \
+         (no TLS, no protocol)",
+        human(r["bare_tcp_bytes"].as_u64().unwrap_or(0)),
+        r["bare_tcp_seconds"].as_f64().unwrap_or(0.0),
+    );
     for p in r["paths"].as_array().into_iter().flatten() {
         println!(
-            "  pull over {:<5} {} in {:.2} s = {:.2} GB/s, {}",
+            "  pull over {:<5} {} in {:.2} s = {:.2} GB/s = {:.2} of bare TCP ({bare:.2} GB/s), {}",
             p["path"].as_str().unwrap_or("?"),
             human(p["bytes"].as_u64().unwrap_or(0)),
             p["seconds"].as_f64().unwrap_or(0.0),
             p["gbps"].as_f64().unwrap_or(0.0),
+            p["ratio_to_bare_tcp"].as_f64().unwrap_or(0.0),
             verdict(&p["verified"])
         );
     }
     let push = &r["push"];
     println!(
-        "  push over quic  {} checkpoint in {:.2} s = {:.2} GB/s, {}",
+        "  push over quic  {} checkpoint in {:.2} s = {:.2} GB/s = {:.2} of bare TCP, {}",
         human(push["bytes"].as_u64().unwrap_or(0)),
         push["seconds"].as_f64().unwrap_or(0.0),
         push["gbps"].as_f64().unwrap_or(0.0),
+        push["ratio_to_bare_tcp"].as_f64().unwrap_or(0.0),
         verdict(&push["verified"])
     );
     for (i, node) in TRAILS.into_iter().enumerate() {

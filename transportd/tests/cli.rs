@@ -24,9 +24,24 @@ fn demo_moves_64mib_over_both_paths_and_verifies() {
     let paths = report["paths"].as_array().unwrap();
     let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
     assert_eq!(names, ["quic", "tcp"]);
+    // One bare TCP connection on loopback, measured in the same run: at least 256 MiB.
+    let bare = report["bare_tcp_gbps"].as_f64().unwrap();
+    assert!(bare.is_finite() && bare > 0.0, "{report}");
+    assert_eq!(report["bare_tcp_bytes"], 256 << 20);
+    assert!(report["bare_tcp_seconds"].as_f64().unwrap() > 0.0);
+    for p in paths.iter().chain([&report["push"]]) {
+        let gbps = p["gbps"].as_f64().unwrap();
+        assert!(gbps > 0.0);
+        // Each path against that figure (all three are rounded to three places).
+        let ratio = p["ratio_to_bare_tcp"].as_f64().unwrap();
+        assert!(ratio > 0.0, "{p}");
+        assert!(
+            (ratio * bare - gbps).abs() <= 0.001 + 0.001 * bare,
+            "{p}: bare {bare}"
+        );
+    }
     for p in paths {
         assert_eq!(p["bytes"], 64 << 20);
-        assert!(p["gbps"].as_f64().unwrap() > 0.0);
     }
     assert_eq!(report["push"]["verified"], true);
 }

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use benches::mode::{self, Mode, Target};
+use benches::mode::{self, Destination, Mode, Target};
 use benches::setup::{ObjectSource, ServeSpec};
 use benches::{chart, report};
 use clap::{Args, Parser, Subcommand};
@@ -140,6 +140,16 @@ struct RunArgs {
         default_value = "bare-tcp,bare-tls,bare-quic,plaintext-tcp,tls-tcp,quic"
     )]
     modes: Vec<Mode>,
+    /// Where each mode that pulls the object puts it, comma-separated: memory
+    /// (`Client::fetch`) and/or file (`Client::fetch_to_file`: written in place, verified,
+    /// fsynced and renamed; removed after each run, so every run pulls it whole). With
+    /// both, a mode's two pulls run one after the other in each round; its file pulls are
+    /// reported as their own rows, named `MODE>file` (`tls-tcp>file`), with their ratio to
+    /// the same mode's pull into memory ("to mem", `ratio_to_memory`). Files land under
+    /// the bench's temporary directory (`local`: beside the server's store; else TMPDIR).
+    /// The reference loops and rdma-soft-plain always read into memory, once per round.
+    #[arg(long, value_delimiter = ',', default_value = "memory")]
+    into: Vec<Destination>,
     /// Runs per mode.
     #[arg(long, default_value_t = 3)]
     runs: u32,
@@ -198,6 +208,12 @@ fn main() -> anyhow::Result<()> {
                 .modes
                 .iter()
                 .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            into: run
+                .into
+                .iter()
+                .map(|d| d.name())
                 .collect::<Vec<_>>()
                 .join(","),
             runs: run.runs.max(1),
@@ -303,6 +319,10 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             let object = ObjectPath::new("object.bin")?;
             let manifest = probe.stat(&dataset, &object).await?;
             let (size, chunk_bytes) = (manifest.size(), manifest.chunk_bytes());
+            let pulls = tempfile::Builder::new()
+                .prefix("transport-bench-pulls-")
+                .tempdir()
+                .context("creating a directory for pulls into files")?;
             let target = Target {
                 client: client_id,
                 server_id: probe.server().id,
@@ -315,6 +335,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 chunk_bytes,
                 transport,
                 server_pid,
+                pull_dir: pulls.path().to_path_buf(),
             };
             probe.close();
             let doc = measure(&target, &run, json!({ "kind": "client", "server": server })).await?;
@@ -364,7 +385,10 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
         chunk_bytes: cb,
         transport,
         server_pid: None,
+        // The same filesystem as the server's store.
+        pull_dir: served.dir.path().join("pulls"),
     };
+    std::fs::create_dir_all(&target.pull_dir)?;
     let doc = measure(
         &target,
         run,
@@ -378,30 +402,41 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
 async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::Result<Value> {
     // What this host's processor can do, measured before the runs while it is quiet.
     let rates = benches::host::measure(std::time::Duration::from_millis(300))?;
+    // Each mode with each destination it can pull into (the loops read into memory only);
+    // a round runs them all in this order.
+    let mut rows: Vec<(Mode, Destination, &'static str)> = Vec::new();
+    for &m in &run.modes {
+        let intos: &[Destination] = if m.pulls_object() {
+            &run.into
+        } else {
+            &[Destination::Memory]
+        };
+        for &into in intos {
+            if let Some(row) = m.row_name(into)
+                && !rows.iter().any(|r| r.2 == row)
+            {
+                rows.push((m, into, row));
+            }
+        }
+    }
     let mut results = Vec::new();
     for i in 0..run.runs.max(1) {
-        for &m in &run.modes {
+        for &(m, into, row) in &rows {
             let shape = mode::Shape {
                 parallel: run.parallel,
                 connections: run.connections.max(1),
                 requests: run.requests,
                 request_bytes: run.request_size.as_u64(),
             };
-            let r = mode::run(target, m, shape).await?;
+            let r = mode::run(target, m, into, shape).await?;
             if !run.json {
-                eprintln!(
-                    "run {}/{}: {:<14} {:.3} GB/s",
-                    i + 1,
-                    run.runs,
-                    m.name(),
-                    r.gbps
-                );
+                eprintln!("run {}/{}: {row:<18} {:.3} GB/s", i + 1, run.runs, r.gbps);
             }
             results.push(r);
             mode::settle().await;
         }
     }
-    let order: Vec<&'static str> = run.modes.iter().map(|m| m.name()).collect();
+    let order: Vec<&'static str> = rows.iter().map(|r| r.2).collect();
     // Once to find bare-tcp's CPU per GB, which the floor builds on; then against the floor.
     let floor = report::floor(&report::summarise(&order, &results, None), &rates);
     let summary = report::summarise(&order, &results, floor);
@@ -412,6 +447,7 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     params["requests"] = run.requests.into();
     params["connections"] = run.connections.into();
     params["request_bytes"] = run.request_size.as_u64().into();
+    params["into"] = json!(run.into);
     Ok(json!({
         "params": params,
         "machine": report::machine(&rates),
