@@ -85,6 +85,7 @@ fn result(bare: Bare, size: u64, client: ClientSide, server: Spent) -> RunResult
     RunResult {
         mode: bare.name(),
         into: Destination::Memory,
+        stripes: 1,
         bytes: size,
         seconds: client.seconds,
         gbps: size as f64 / client.seconds / 1e9,
@@ -407,6 +408,7 @@ mod tests {
             connections: 1,
             requests: 5,
             request_bytes: 0,
+            stripes: 1,
         }
     }
 

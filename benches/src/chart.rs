@@ -39,7 +39,7 @@ pub fn svg(path: &Path, title: &str, summary: &[ModeSummary]) -> anyhow::Result<
         .draw()
         .map_err(draw)?;
     // A mode's pulls into a file share its colour; their labels tell them apart.
-    let colour = |row: &str| match Mode::parse_row(row).map_or(row, |(mode, _)| mode.name()) {
+    let colour = |row: &str| match Mode::parse_row(row).map_or(row, |(mode, _, _)| mode.name()) {
         "plaintext-tcp" => RGBColor(150, 150, 150),
         "tls-tcp" => RGBColor(52, 101, 164),
         "quic" => RGBColor(78, 154, 6),

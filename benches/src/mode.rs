@@ -110,10 +110,21 @@ impl Mode {
         self.as_bare().is_none() && self != Self::RdmaSoftPlain
     }
 
-    /// The name of this mode's rows in reports when it pulls `into`: its own name into
-    /// memory, `NAME>file` into a file (`tls-tcp>file`). None for a file and a mode that
-    /// pulls no object.
-    pub fn row_name(self, into: Destination) -> Option<&'static str> {
+    /// The name of this mode's rows in reports when it pulls `into`, striped over `stripes`
+    /// connections: its own name into memory, `NAME>file` into a file (`tls-tcp>file`),
+    /// with `*N` after it when striped (`tls-tcp*2`, `quic>file*4`). None for a file, or
+    /// stripes, and a mode that pulls no object.
+    pub fn row_name(self, into: Destination, stripes: u32) -> Option<&'static str> {
+        let one = self.row_name_one(into)?;
+        match stripes {
+            1 => Some(one),
+            0 => None,
+            _ if !self.pulls_object() => None,
+            n => Some(intern(format!("{one}*{n}"))),
+        }
+    }
+
+    fn row_name_one(self, into: Destination) -> Option<&'static str> {
         match into {
             Destination::Memory => Some(self.name()),
             Destination::File => match self {
@@ -127,14 +138,18 @@ impl Mode {
         }
     }
 
-    /// The mode and destination a row name (see [`Self::row_name`]) stands for.
-    pub fn parse_row(row: &str) -> Option<(Self, Destination)> {
-        let (mode, into) = match row.split_once('>') {
+    /// The mode, destination and stripes a row name (see [`Self::row_name`]) stands for.
+    pub fn parse_row(row: &str) -> Option<(Self, Destination, u32)> {
+        let (name, stripes) = match row.rsplit_once('*') {
+            Some((name, n)) => (name, n.parse().ok()?),
+            None => (row, 1),
+        };
+        let (mode, into) = match name.split_once('>') {
             Some((mode, into)) => (mode, into.parse().ok()?),
-            None => (row, Destination::Memory),
+            None => (name, Destination::Memory),
         };
         let mode: Self = mode.parse().ok()?;
-        (mode.row_name(into) == Some(row)).then_some((mode, into))
+        (mode.row_name(into, stripes) == Some(row)).then_some((mode, into, stripes))
     }
 }
 
@@ -203,7 +218,7 @@ pub async fn run(
     shape: Shape,
 ) -> anyhow::Result<RunResult> {
     let row = mode
-        .row_name(into)
+        .row_name(into, shape.stripes)
         .with_context(|| format!("{mode} pulls no object, so it cannot pull into a {into}"))?;
     if mode == Mode::RdmaSoftPlain {
         return crate::rdma_plain::run(target.size, target.chunk_bytes, shape).await;
@@ -235,7 +250,7 @@ pub async fn run(
         retry: RetryPolicy::none(),
         progress: None,
         max_rate: None,
-        connections: Some(1),
+        connections: Some(shape.stripes.max(1)),
     };
     // A fresh directory per run: nothing an earlier run wrote can be resumed from.
     let scratch = tempfile::Builder::new()
@@ -304,6 +319,7 @@ pub async fn run(
     Ok(RunResult {
         mode: row,
         into,
+        stripes: shape.stripes.max(1),
         bytes,
         seconds: secs,
         gbps: bytes as f64 / secs / 1e9,
@@ -314,6 +330,20 @@ pub async fn run(
         latency: Latency::of(&h),
         quic_path,
     })
+}
+
+/// A row name made at run time, kept for the process's life (a few per invocation).
+fn intern(name: String) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.push(leaked);
+    leaked
 }
 
 /// Destination buffers, one per connection, kept across runs as a data loader keeps its
@@ -401,27 +431,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_rows_are_named_after_their_mode_and_parse_back() {
+    fn file_and_striped_rows_are_named_after_their_mode_and_parse_back() {
         for mode in Mode::ALL {
-            assert_eq!(mode.row_name(Destination::Memory), Some(mode.name()));
+            assert_eq!(mode.row_name(Destination::Memory, 1), Some(mode.name()));
             assert_eq!(
                 Mode::parse_row(mode.name()),
-                Some((mode, Destination::Memory))
+                Some((mode, Destination::Memory, 1))
             );
-            match mode.row_name(Destination::File) {
+            match mode.row_name(Destination::File, 1) {
                 Some(row) => {
                     assert!(mode.pulls_object(), "{mode}");
                     assert_eq!(row, format!("{mode}>file"));
-                    assert_eq!(Mode::parse_row(row), Some((mode, Destination::File)));
+                    assert_eq!(Mode::parse_row(row), Some((mode, Destination::File, 1)));
+                    let striped = mode.row_name(Destination::File, 4).unwrap();
+                    assert_eq!(striped, format!("{mode}>file*4"));
+                    assert_eq!(Mode::parse_row(striped), Some((mode, Destination::File, 4)));
+                    let striped = mode.row_name(Destination::Memory, 2).unwrap();
+                    assert_eq!(striped, format!("{mode}*2"));
+                    assert_eq!(
+                        Mode::parse_row(striped),
+                        Some((mode, Destination::Memory, 2))
+                    );
                 }
-                None => assert!(!mode.pulls_object(), "{mode}"),
+                None => {
+                    assert!(!mode.pulls_object(), "{mode}");
+                    assert_eq!(mode.row_name(Destination::Memory, 2), None, "{mode}");
+                }
             }
         }
-        // The loops move no file; unknown names and destinations are nobody's rows.
+        // The loops move no file and stripe nothing; unknown names and destinations are
+        // nobody's rows.
         for row in [
             "bare-tcp>file",
+            "bare-tcp*2",
             "rdma-soft-plain>file",
             "quic>disk",
+            "quic*0",
+            "quic*x",
             "pigeon",
             "quic>",
         ] {

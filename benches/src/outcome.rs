@@ -14,6 +14,8 @@ pub struct RunResult {
     pub mode: &'static str,
     /// Where the object went.
     pub into: Destination,
+    /// Connections the pull was striped over (1 for the reference loops).
+    pub stripes: u32,
     /// Bytes moved and verified.
     pub bytes: u64,
     /// Wall time of the transfer.
@@ -63,6 +65,8 @@ pub struct Shape {
     pub requests: u32,
     /// Bytes each latency request reads (0: a `stat`, one round trip without data).
     pub request_bytes: u64,
+    /// Connections each client's pull stripes its chunks over (`FetchOptions::connections`).
+    pub stripes: u32,
 }
 
 /// Where a run pulls the object to.

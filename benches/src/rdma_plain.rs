@@ -82,6 +82,7 @@ pub async fn run(size: u64, chunk_bytes: u32, shape: Shape) -> anyhow::Result<Ru
     Ok(RunResult {
         mode: "rdma-soft-plain",
         into: Destination::Memory,
+        stripes: 1,
         bytes,
         seconds: secs,
         gbps: bytes as f64 / secs / 1e9,
@@ -242,6 +243,7 @@ mod tests {
             connections: 2,
             requests: 3,
             request_bytes: 100,
+            stripes: 1,
         };
         let size = 10 * (64 << 10) + 5;
         let r = run(size, 64 << 10, shape).await.unwrap();

@@ -19,6 +19,9 @@ pub struct ModeSummary {
     /// Where the object went: `memory` or `file`.
     #[serde(default)]
     pub into: Destination,
+    /// Connections one pull was striped over (`MODE*N` rows).
+    #[serde(default = "one")]
+    pub stripes: u32,
     /// Median throughput, 10^9 bytes/s.
     pub gbps: f64,
     /// Median throughput over its baseline's median: plaintext-tcp, or rdma-soft-plain for
@@ -60,6 +63,10 @@ pub struct ModeSummary {
     pub runs_gbps: Vec<f64>,
 }
 
+fn one() -> u32 {
+    1
+}
+
 /// The floor of CPU seconds per GB in this run: bare-tcp's median (both ends) plus what one
 /// seal, one open and one BLAKE3 pass cost on one core of this host; none without bare-tcp.
 pub fn floor(summary: &[ModeSummary], rates: &crate::host::Rates) -> Option<f64> {
@@ -86,6 +93,7 @@ pub fn summarise(
             ModeSummary {
                 mode: mode.to_owned(),
                 into: rs.first().map(|r| r.into).unwrap_or_default(),
+                stripes: rs.first().map_or(1, |r| r.stripes),
                 gbps: round(med(&|r| r.gbps), 3),
                 ratio_to_plaintext: None,
                 ratio_to_bare: None,
@@ -116,15 +124,15 @@ pub fn summarise(
             .filter(|g| *g > 0.0)
     };
     for m in &mut out {
-        let Some((mode, into)) = Mode::parse_row(&m.mode) else {
+        let Some((mode, into, stripes)) = Mode::parse_row(&m.mode) else {
             continue;
         };
         let g = m.gbps;
         let ratio = |base: Option<f64>| base.map(|b| round(g / b, 3));
-        m.ratio_to_plaintext = ratio(of(mode.baseline().row_name(into)));
+        m.ratio_to_plaintext = ratio(of(mode.baseline().row_name(into, stripes)));
         m.ratio_to_bare = ratio(of(mode.bare().map(Mode::name)));
         if into == Destination::File {
-            m.ratio_to_memory = ratio(of(Some(mode.name())));
+            m.ratio_to_memory = ratio(of(mode.row_name(Destination::Memory, stripes)));
         }
     }
     out

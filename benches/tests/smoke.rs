@@ -162,6 +162,60 @@ fn local_pulls_into_files_beside_memory_with_the_same_fields() {
 }
 
 #[test]
+fn local_reports_one_pull_striped_over_several_connections_as_rows_of_their_own() {
+    let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
+        .args([
+            "local",
+            "--size",
+            "4MiB",
+            "--chunk-size",
+            "256KiB",
+            "--modes",
+            "bare-tcp,tls-tcp,quic",
+            "--stripes",
+            "1,2,4",
+            "--runs",
+            "1",
+            "--requests",
+            "5",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes = doc["modes"].as_array().unwrap();
+    let rows: Vec<(&str, u64)> = modes
+        .iter()
+        .map(|m| (m["mode"].as_str().unwrap(), m["stripes"].as_u64().unwrap()))
+        .collect();
+    // The loop runs once, over one connection; each product mode over 1, 2 and 4.
+    assert_eq!(
+        rows,
+        [
+            ("bare-tcp", 1),
+            ("tls-tcp", 1),
+            ("tls-tcp*2", 2),
+            ("tls-tcp*4", 4),
+            ("quic", 1),
+            ("quic*2", 2),
+            ("quic*4", 4),
+        ]
+    );
+    for m in &modes[1..] {
+        for field in ["gbps", "cpu_s_per_gb", "cost_over_floor"] {
+            let v = m[field].as_f64().unwrap_or_else(|| panic!("{field}: {m}"));
+            assert!(v.is_finite() && v > 0.0, "{field}: {m}");
+        }
+    }
+    assert_eq!(doc["params"]["stripes"], serde_json::json!([1, 2, 4]));
+}
+
+#[test]
 fn unknown_destinations_are_refused_with_the_known_ones() {
     let out = Command::new(env!("CARGO_BIN_EXE_transport-bench"))
         .args(["local", "--into", "disk"])

@@ -150,6 +150,12 @@ struct RunArgs {
     /// The reference loops and rdma-soft-plain always read into memory, once per round.
     #[arg(long, value_delimiter = ',', default_value = "memory")]
     into: Vec<Destination>,
+    /// Connections one pull stripes its chunks over, comma-separated, each a row of its own
+    /// for every mode that pulls the object: `MODE*N` (`tls-tcp*2`) for N over 1. Striping
+    /// gains only where there are idle cores at both ends; what must hold everywhere is that
+    /// CPU s/GB does not grow with N. The reference loops use one connection.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u32).range(1..=16))]
+    stripes: Vec<u32>,
     /// Runs per mode.
     #[arg(long, default_value_t = 3)]
     runs: u32,
@@ -404,29 +410,32 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     let rates = benches::host::measure(std::time::Duration::from_millis(300))?;
     // Each mode with each destination it can pull into (the loops read into memory only);
     // a round runs them all in this order.
-    let mut rows: Vec<(Mode, Destination, &'static str)> = Vec::new();
+    let mut rows: Vec<(Mode, Destination, u32, &'static str)> = Vec::new();
     for &m in &run.modes {
-        let intos: &[Destination] = if m.pulls_object() {
-            &run.into
+        let (intos, stripes): (&[Destination], &[u32]) = if m.pulls_object() {
+            (&run.into, &run.stripes)
         } else {
-            &[Destination::Memory]
+            (&[Destination::Memory], &[1])
         };
-        for &into in intos {
-            if let Some(row) = m.row_name(into)
-                && !rows.iter().any(|r| r.2 == row)
-            {
-                rows.push((m, into, row));
+        for &n in stripes {
+            for &into in intos {
+                if let Some(row) = m.row_name(into, n)
+                    && !rows.iter().any(|r| r.3 == row)
+                {
+                    rows.push((m, into, n, row));
+                }
             }
         }
     }
     let mut results = Vec::new();
     for i in 0..run.runs.max(1) {
-        for &(m, into, row) in &rows {
+        for &(m, into, stripes, row) in &rows {
             let shape = mode::Shape {
                 parallel: run.parallel,
                 connections: run.connections.max(1),
                 requests: run.requests,
                 request_bytes: run.request_size.as_u64(),
+                stripes,
             };
             let r = mode::run(target, m, into, shape).await?;
             if !run.json {
@@ -436,7 +445,7 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
             mode::settle().await;
         }
     }
-    let order: Vec<&'static str> = rows.iter().map(|r| r.2).collect();
+    let order: Vec<&'static str> = rows.iter().map(|r| r.3).collect();
     // Once to find bare-tcp's CPU per GB, which the floor builds on; then against the floor.
     let floor = report::floor(&report::summarise(&order, &results, None), &rates);
     let summary = report::summarise(&order, &results, floor);
@@ -448,6 +457,7 @@ async fn measure(target: &Target, run: &RunArgs, mut params: Value) -> anyhow::R
     params["connections"] = run.connections.into();
     params["request_bytes"] = run.request_size.as_u64().into();
     params["into"] = json!(run.into);
+    params["stripes"] = json!(run.stripes);
     Ok(json!({
         "params": params,
         "machine": report::machine(&rates),
