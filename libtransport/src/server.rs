@@ -83,6 +83,7 @@ impl Server {
     /// authorized and audited as on the built-in transports.
     pub fn with_listeners(config: ServerConfig, listeners: Vec<Box<dyn Listener>>) -> Self {
         let slots = Arc::new(Semaphore::new(config.transport.max_connections as usize));
+        config.metrics.observe_store(&config.store);
         Self {
             shared: Arc::new(Shared {
                 config,
