@@ -39,6 +39,7 @@ use crate::vocab::Path;
 mod conn;
 mod failure;
 mod handler;
+mod pool;
 mod rdma;
 mod shared;
 
@@ -90,6 +91,7 @@ impl Server {
                 slots,
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
+                buffers: Arc::default(),
             }),
             listeners,
         }
