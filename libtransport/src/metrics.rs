@@ -2,20 +2,26 @@
 //! and identity are healthy, in the Prometheus text format. The daemon serves it on its
 //! admin address; a library user can encode it anywhere.
 //!
+//! A server also exports its store's counters ([`crate::store::StoreCounters`]): object bytes
+//! read to serve peers and bytes hashed to compute manifests.
+//!
 //! Labels are bounded: paths, directions, outcomes, actions and refusal classes, never
 //! identities or object names.
 
 use std::fmt;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::store::Store;
 use crate::vocab::{Action, Direction, Outcome, Path, TransferPath};
 
 /// The node's metrics. Cheap to share (`Arc`); every method is lock-free or nearly.
@@ -30,6 +36,7 @@ pub struct Metrics {
     audit_errors: Counter,
     svid_expiry: Gauge<f64, AtomicU64>,
     duration: Family<DirectionLabel, Histogram, fn() -> Histogram>,
+    store: Arc<StoreIo>,
 }
 
 impl Default for Metrics {
@@ -97,6 +104,8 @@ impl Metrics {
             "Transfer durations, by direction",
             duration.clone(),
         );
+        let store = Arc::new(StoreIo::default());
+        registry.register_collector(Box::new(store.clone()));
         Self {
             registry,
             bytes,
@@ -108,7 +117,14 @@ impl Metrics {
             audit_errors,
             svid_expiry,
             duration,
+            store,
         }
+    }
+
+    /// Exports `store`'s counters from now on (a server calls this with its store). The
+    /// metrics do not keep the store alive.
+    pub fn observe_store(&self, store: &Arc<Store>) {
+        *self.store.0.lock().unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(store);
     }
 
     /// The metrics in the Prometheus text exposition format.
@@ -203,6 +219,41 @@ impl fmt::Debug for Metrics {
     }
 }
 
+/// The store whose counters are read at each scrape.
+#[derive(Debug, Default)]
+struct StoreIo(Mutex<Weak<Store>>);
+
+impl Collector for StoreIo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let store = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade();
+        let Some(store) = store else {
+            return Ok(());
+        };
+        let c = store.io_counters();
+        for (name, help, value) in [
+            (
+                "store_read_bytes",
+                "Object bytes read from the store to serve peers (streamed and RDMA)",
+                c.bytes_read,
+            ),
+            (
+                "manifest_hashed_bytes",
+                "Object bytes read and hashed to compute manifests",
+                c.bytes_hashed,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 /// Counts one open connection until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard(Gauge);
@@ -290,5 +341,31 @@ mod tests {
             m.encode()
                 .contains(r#"transportd_connections_active{path="tcp"} 0"#)
         );
+    }
+
+    #[test]
+    fn store_counters_are_exported_while_the_store_lives() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("scans")).unwrap();
+        std::fs::write(tmp.path().join("scans/a.bin"), vec![3u8; 100_000]).unwrap();
+        let store = Arc::new(Store::open(tmp.path(), None, 64 << 10).unwrap());
+        let m = Metrics::new();
+        assert!(!m.encode().contains("store_read_bytes"), "no store yet");
+        m.observe_store(&store);
+        let dataset = crate::proto::DatasetName::new("scans").unwrap();
+        let object = crate::proto::ObjectPath::new("a.bin").unwrap();
+        let reader = store.open_read(&dataset, &object).unwrap();
+        reader.read_at(0, 1000).unwrap();
+        let text = m.encode();
+        assert!(
+            text.contains("transportd_store_read_bytes_total 1000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("transportd_manifest_hashed_bytes_total 100000\n"),
+            "{text}"
+        );
+        drop((reader, store));
+        assert!(!m.encode().contains("store_read_bytes"));
     }
 }

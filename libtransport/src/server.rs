@@ -39,6 +39,7 @@ use crate::vocab::Path;
 mod conn;
 mod failure;
 mod handler;
+mod pool;
 mod rdma;
 mod shared;
 
@@ -83,12 +84,14 @@ impl Server {
     /// authorized and audited as on the built-in transports.
     pub fn with_listeners(config: ServerConfig, listeners: Vec<Box<dyn Listener>>) -> Self {
         let slots = Arc::new(Semaphore::new(config.transport.max_connections as usize));
+        config.metrics.observe_store(&config.store);
         Self {
             shared: Arc::new(Shared {
                 config,
                 slots,
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
+                buffers: Arc::default(),
             }),
             listeners,
         }

@@ -10,6 +10,10 @@
 //! bytes change without its metadata changing (bit rot, a careless in-place edit) keeps its
 //! old manifest, so receivers detect the damage instead of accepting it as good.
 //!
+//! A store counts the bytes it reads for peers and the bytes it hashes for manifests
+//! ([`Store::io_counters`]), so tests and operators can see that a file is hashed once per
+//! version and read once per pull.
+//!
 //! All methods here block; the server calls them from `spawn_blocking`.
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +21,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
@@ -39,6 +44,7 @@ pub struct Store {
     chunk_bytes: u32,
     manifests: Mutex<ManifestCache>,
     writing: Arc<Mutex<HashSet<(DatasetName, ObjectPath)>>>,
+    io: Arc<IoCounters>,
 }
 
 impl Store {
@@ -73,7 +79,13 @@ impl Store {
                 .unwrap_or(crate::proto::manifest::DEFAULT_CHUNK_BYTES),
             manifests: Mutex::new(HashMap::new()),
             writing: Arc::new(Mutex::new(HashSet::new())),
+            io: Arc::new(IoCounters::default()),
         })
+    }
+
+    /// What this store has read and hashed since it was opened.
+    pub fn io_counters(&self) -> StoreCounters {
+        self.io.snapshot()
     }
 
     /// The directory holding the datasets.
@@ -142,7 +154,11 @@ impl Store {
         let file = fs::open_file_beneath(&dir, object).map_err(not_found)?;
         let stamp = Stamp::of(&file.metadata()?);
         let manifest = self.manifest_for(dataset, object, &file, stamp)?;
-        Ok(ObjectReader { file, manifest })
+        Ok(ObjectReader {
+            file,
+            manifest,
+            io: self.io.clone(),
+        })
     }
 
     /// Starts (or resumes) receiving an object. `owner` scopes the temporary file, so one
@@ -221,7 +237,12 @@ impl Store {
             self.lock_manifests().insert(key, (stamp, m.clone()));
             return Ok(m);
         }
-        let m = Arc::new(compute_manifest(file, stamp.len, self.chunk_bytes)?);
+        let m = Arc::new(hash_manifest(
+            file,
+            stamp.len,
+            self.chunk_bytes,
+            &self.io.hashed,
+        )?);
         debug!(
             dataset = %dataset,
             object.digest = %object.digest().short(),
@@ -312,12 +333,42 @@ impl Store {
 /// Manifests by object, with the file version each describes.
 type ManifestCache = HashMap<(DatasetName, ObjectPath), (Stamp, Arc<Manifest>)>;
 
+/// Bytes a [`Store`] has read and hashed since it was opened: a snapshot of counters that
+/// only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreCounters {
+    /// Object bytes read through [`ObjectReader`] (every read path: streamed pieces and
+    /// RDMA staging), counted when a read succeeds.
+    pub bytes_read: u64,
+    /// Object bytes read and hashed to compute manifests (zero for a file version whose
+    /// manifest is cached in memory or persisted in the state directory).
+    pub bytes_hashed: u64,
+}
+
+/// The live counters behind [`StoreCounters`], shared by a store and its readers.
+#[derive(Debug, Default)]
+struct IoCounters {
+    read: AtomicU64,
+    hashed: AtomicU64,
+}
+
+impl IoCounters {
+    fn snapshot(&self) -> StoreCounters {
+        StoreCounters {
+            bytes_read: self.read.load(Ordering::Relaxed),
+            bytes_hashed: self.hashed.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// An object open for reading, pinned to the file version its manifest describes: a file
 /// replaced by rename while a transfer runs keeps serving the old version.
 #[derive(Debug)]
 pub struct ObjectReader {
     file: File,
     manifest: Arc<Manifest>,
+    io: Arc<IoCounters>,
 }
 
 impl ObjectReader {
@@ -343,7 +394,9 @@ impl ObjectReader {
             } else {
                 StoreError::Io(e)
             }
-        })
+        })?;
+        self.io.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -457,9 +510,19 @@ impl Stamp {
 
 /// Computes the manifest of the first `len` bytes of `file`.
 pub fn compute_manifest(
+    file: &File,
+    len: u64,
+    preferred_chunk_bytes: u32,
+) -> Result<Manifest, StoreError> {
+    hash_manifest(file, len, preferred_chunk_bytes, &AtomicU64::new(0))
+}
+
+/// [`compute_manifest`], adding every byte hashed to `hashed`.
+fn hash_manifest(
     mut file: &File,
     len: u64,
     preferred_chunk_bytes: u32,
+    hashed: &AtomicU64,
 ) -> Result<Manifest, StoreError> {
     let chunk_bytes = chunk_bytes_for(len, preferred_chunk_bytes)?;
     let mut b = ManifestBuilder::new(len, chunk_bytes)?;
@@ -472,6 +535,7 @@ pub fn compute_manifest(
             return Err(StoreError::Corrupt);
         }
         b.update(&buf[..n])?;
+        hashed.fetch_add(n as u64, Ordering::Relaxed);
         left -= n as u64;
     }
     Ok(b.finish()?)

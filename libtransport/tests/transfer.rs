@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use certs::test_util::TestPki;
 use libtransport::audit::{AuditEvent, Direction, Outcome};
@@ -19,6 +20,9 @@ fn small_chunks() -> TransportConfig {
     t.chunk_bytes(64 << 10).unwrap();
     t
 }
+
+/// Longer than any pull here takes; a read that stalls fails the test instead of hanging it.
+const STALL: Duration = Duration::from_secs(30);
 
 /// Shard sizes around the chunk boundaries, and an empty one.
 const SHARDS: [usize; 6] = [0, 1, 65_536, 65_537, 1_000_003, (3 << 20) + 5];
@@ -170,6 +174,56 @@ async fn multi_shard_dataset_moves_byte_identical_over_quic_and_tcp() {
             .iter()
             .any(|e| matches!(e, AuditEvent::ConnectionAccepted { peer, .. } if *peer == pki.id("/gpu/loader")))
     );
+}
+
+/// The server reads a chunk in blocks (up to 4 MiB, at most half the connection's read
+/// budget) and sends each block as pieces of at most 1 MiB sharing one buffer. Chunks
+/// larger than a block, blocks that are not whole pieces, and a budget that holds only two
+/// blocks all end byte-identical, and the budget comes back (a later pull still runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_larger_than_a_read_block_move_byte_identical_within_small_read_budgets() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let scans = DatasetName::new("scans").unwrap();
+    let object = ObjectPath::new("big.bin").unwrap();
+    let data = random_bytes((16 << 20) + 12_345, 7);
+    // Default budget: 4 MiB blocks of four pieces; 3 MiB: blocks of a piece and a half.
+    for budget in [64 << 20, 3 << 20] {
+        let mut t = TransportConfig::default();
+        t.chunk_bytes(8 << 20).unwrap();
+        t.max_buffered_bytes(budget).unwrap();
+        let server =
+            TestServer::start_with(&pki, &[("/gpu/loader", "scans", true, false)], t).await;
+        server.put("scans", object.as_str(), &data);
+        for path in [Path::Quic, Path::Tcp] {
+            let client = Client::connect(
+                libtransport::test_util::client_config(&pki, "/gpu/loader"),
+                server.addr(path),
+                path,
+            )
+            .await
+            .unwrap();
+            // Budget that never came back would stall a later read: fail instead of hanging.
+            for _ in 0..2 {
+                let got = tokio::time::timeout(
+                    STALL,
+                    client.fetch(&scans, &object, 32 << 20, &FetchOptions::default()),
+                )
+                .await
+                .expect("pull stalled")
+                .unwrap();
+                assert!(got[..] == data[..], "budget {budget} over {path}");
+            }
+            let range = (8 << 20) - 10..(8 << 20) + (3 << 20);
+            let got =
+                tokio::time::timeout(STALL, client.read_range(&scans, &object, range.clone()))
+                    .await
+                    .expect("range read stalled")
+                    .unwrap();
+            assert!(got[..] == data[range.start as usize..range.end as usize]);
+            client.close();
+        }
+    }
 }
 
 #[test]

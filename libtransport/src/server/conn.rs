@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
+use super::handler::READ_BLOCK_BYTES;
 use super::shared::{Shared, record, record_or_refuse};
 use crate::audit::AuditEvent;
 use crate::identity::Peer;
 use crate::metrics::ConnectionGuard;
 use crate::policy::{Access, Decision};
 use crate::proto::connection::TransferTable;
+use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::{DatasetName, Digest, ErrorCode, Manifest, ObjectPath, TransferId};
 use crate::store::{ObjectReader, ObjectWriter};
 use crate::transport::Connection;
@@ -25,6 +27,9 @@ pub(crate) struct ConnCtx {
     transfers: Mutex<TransferTable<Arc<Transfer>>>,
     /// Bytes read from disk ahead of the network, in KiB units.
     pub(crate) budget: Arc<Semaphore>,
+    /// The most one disk read takes of the budget: half of it, so a read can run ahead of
+    /// the block being sent, between one piece and [`READ_BLOCK_BYTES`].
+    pub(crate) read_block_bytes: usize,
     /// The transport's connection underneath (for RDMA sessions' key export).
     pub(crate) conn: Arc<dyn Connection>,
     /// Counts this connection in the metrics while it lives.
@@ -64,6 +69,9 @@ impl TransferKind {
 impl ConnCtx {
     pub(crate) fn new(shared: Arc<Shared>, peer: Peer, conn: Arc<dyn Connection>) -> Self {
         let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
+        let read_block_bytes = usize::try_from(kib * 1024 / 2)
+            .unwrap_or(usize::MAX)
+            .clamp(MAX_DATA_PAYLOAD, READ_BLOCK_BYTES);
         let table = TransferTable::new(shared.config.transport.max_transfers as usize);
         Self {
             _open: shared.config.metrics.connection_opened(peer.path),
@@ -72,6 +80,7 @@ impl ConnCtx {
             conn,
             transfers: Mutex::new(table),
             budget: Arc::new(Semaphore::new(kib as usize)),
+            read_block_bytes,
         }
     }
 

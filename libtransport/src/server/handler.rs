@@ -187,7 +187,10 @@ async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {
 }
 
 /// Streams `len` bytes at `offset` of a read transfer as `Data` frames, then `End`. Disk
-/// reads run one piece ahead of the network, within the connection's read budget.
+/// reads run one block ahead of the network, within the connection's read budget: a block
+/// (up to [`READ_BLOCK_BYTES`]) is read by one blocking call into a pooled buffer and sent
+/// as pieces of at most [`MAX_DATA_PAYLOAD`] that share it; each piece gives its share of
+/// the budget back once handed to the transport.
 async fn read(
     ctx: &Arc<ConnCtx>,
     id: TransferId,
@@ -209,47 +212,60 @@ async fn read(
     let mut at = offset;
     let mut next = (at < end).then(|| spawn_read(ctx, &t, at, end));
     while let Some(pending) = next.take() {
-        let (piece, permit) = pending
+        let (mut block, mut permit) = pending
             .await
             .map_err(|_| ErrorCode::Internal)?
             .map_err(store_code)?;
-        at += piece.len() as u64;
+        at += block.len() as u64;
         if at < end {
             next = Some(spawn_read(ctx, &t, at, end));
         }
-        if s.source.try_recv_cancel() {
-            return Err(ErrorCode::Cancelled.into());
+        while !block.is_empty() {
+            if s.source.try_recv_cancel() {
+                return Err(ErrorCode::Cancelled.into());
+            }
+            let piece = block.split_to(block.len().min(MAX_DATA_PAYLOAD));
+            let n = piece.len();
+            s.sink.send(FrameKind::Data, piece).await?;
+            // The last piece gives back what is left of the block's permit below.
+            if !block.is_empty() {
+                drop(permit.split(kib(n) as usize));
+            }
+            t.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
-        let n = piece.len() as u64;
-        s.sink.send(FrameKind::Data, piece).await?;
         drop(permit);
-        t.bytes.fetch_add(n, Ordering::Relaxed);
     }
     s.sink.send(FrameKind::End, Bytes::new()).await?;
     Ok(())
 }
 
-type ReadPiece =
+type ReadBlock =
     tokio::task::JoinHandle<Result<(Bytes, tokio::sync::OwnedSemaphorePermit), StoreError>>;
 
-fn spawn_read(ctx: &Arc<ConnCtx>, t: &Arc<Transfer>, at: u64, end: u64) -> ReadPiece {
-    let n = (end - at).min(MAX_DATA_PAYLOAD as u64) as usize;
+/// Reads the next block of `at..end`, once the connection's budget has room for it.
+fn spawn_read(ctx: &Arc<ConnCtx>, t: &Arc<Transfer>, at: u64, end: u64) -> ReadBlock {
+    let n = (end - at).min(ctx.read_block_bytes as u64) as usize;
     let budget = ctx.budget.clone();
+    let buffers = ctx.shared.buffers.clone();
     let t = t.clone();
     tokio::spawn(async move {
-        let kib = n.div_ceil(1024).max(1) as u32;
         let permit = budget
-            .acquire_many_owned(kib)
+            .acquire_many_owned(kib(n))
             .await
             .map_err(|_| StoreError::Io(std::io::Error::other("connection closing")))?;
-        let piece = tokio::task::spawn_blocking(move || match &t.kind {
-            TransferKind::Read(r) => r.read_at(at, n),
+        let block = tokio::task::spawn_blocking(move || match &t.kind {
+            TransferKind::Read(r) => buffers.fill(n, |buf| r.read_into(at, buf)),
             TransferKind::Write(_) => Err(StoreError::NotFound),
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-        Ok((piece, permit))
+        Ok((block, permit))
     })
+}
+
+/// Read-budget units (KiB) that `bytes` take; at least one.
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
 }
 
 /// Receives one chunk of a write transfer: each `Data` frame is hashed and written as it
@@ -362,3 +378,7 @@ fn write_code(e: WriteError) -> ErrorCode {
         }
     }
 }
+
+/// The most a read request reads from disk in one blocking call (one default chunk): fewer
+/// calls and task hand-offs than one per piece, and one buffer for the pieces to share.
+pub(crate) const READ_BLOCK_BYTES: usize = 4 << 20;

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::sync::{Semaphore, watch};
 
+use super::pool::BufferPool;
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::ServerConfig;
 use crate::proto::ErrorCode;
@@ -17,6 +18,8 @@ pub(crate) struct Shared {
     pub(super) next_conn: AtomicU64,
     /// Flips to true on shutdown: accept no more connections or requests.
     pub(super) stop: watch::Sender<bool>,
+    /// Buffers the send path reads object bytes into, reused once sent.
+    pub(crate) buffers: Arc<BufferPool>,
 }
 
 /// Records an event; a failure is counted and logged by the sink.
