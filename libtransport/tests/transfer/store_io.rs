@@ -4,8 +4,6 @@
 //! in the state directory, and is computed again once the file changes; a range reads only
 //! the chunks it touches.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
-
 use std::net::SocketAddr;
 use std::path::Path as FsPath;
 use std::sync::Arc;
