@@ -59,13 +59,21 @@ struct Spent {
     cpu: Duration,
 }
 
-/// Runs one loop: `size` bytes in one request, then the small requests of `shape`.
-pub async fn run(bare: Bare, size: u64, shape: Shape) -> anyhow::Result<RunResult> {
+/// Runs one loop: `size` bytes in one request, then the small requests of `shape`. The
+/// QUIC loop takes the product's transport settings `cfg` (path-MTU ceiling, windows), as
+/// the run's product modes do.
+pub async fn run(
+    bare: Bare,
+    size: u64,
+    shape: Shape,
+    cfg: &libtransport::TransportConfig,
+) -> anyhow::Result<RunResult> {
     let requests = shape.requests;
     let small = shape.request_bytes.max(1);
+    let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || match bare {
         Bare::Tcp | Bare::Tls => stream_loop(bare, size, requests, small),
-        Bare::Quic => quic_loop(size, requests, small),
+        Bare::Quic => quic_loop(size, requests, small, cfg),
     })
     .await
     .context("the reference loop panicked")?
@@ -284,9 +292,14 @@ impl TlsPair {
 
 /// One quinn connection with the product's settings; each end on a single-threaded runtime
 /// of its own thread, so each end's CPU is that thread's.
-fn quic_loop(size: u64, requests: u32, small: u64) -> anyhow::Result<RunResult> {
+fn quic_loop(
+    size: u64,
+    requests: u32,
+    small: u64,
+    cfg: libtransport::TransportConfig,
+) -> anyhow::Result<RunResult> {
     let tls = TlsPair::new()?;
-    let cfg = libtransport::TransportConfig::default();
+    let client_cfg = cfg.clone();
     let server_tls = (*tls.server).clone();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || -> anyhow::Result<Spent> {
@@ -333,12 +346,14 @@ fn quic_loop(size: u64, requests: u32, small: u64) -> anyhow::Result<RunResult> 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let cfg = libtransport::TransportConfig::default();
         rt.block_on(async move {
             let t0 = thread_cpu();
             let started = Instant::now();
-            let (endpoint, config) =
-                libtransport::transport::quic::reference_client_endpoint(addr, client_tls, &cfg)?;
+            let (endpoint, config) = libtransport::transport::quic::reference_client_endpoint(
+                addr,
+                client_tls,
+                &client_cfg,
+            )?;
             let conn = endpoint.connect_with(config, addr, NAME)?.await?;
             let connect_us = started.elapsed().as_micros() as u64;
             let mut buf = vec![0u8; IO_BYTES];
@@ -416,7 +431,7 @@ mod tests {
     async fn each_reference_loop_moves_every_byte_and_measures_both_ends() {
         for bare in [Bare::Tcp, Bare::Tls, Bare::Quic] {
             let size = (3 << 20) + 12_345;
-            let r = run(bare, size, shape()).await.unwrap();
+            let r = run(bare, size, shape(), &Default::default()).await.unwrap();
             assert_eq!(r.mode, bare.name());
             assert_eq!(r.bytes, size);
             assert!(r.gbps > 0.0, "{}", r.mode);

@@ -224,7 +224,7 @@ pub async fn run(
         return crate::rdma_plain::run(target.size, target.chunk_bytes, shape).await;
     }
     if let Some(bare) = mode.as_bare() {
-        return crate::bare::run(bare, target.size, shape).await;
+        return crate::bare::run(bare, target.size, shape, &target.transport).await;
     }
     let mut transport = target.transport.clone();
     // The RDMA modes must not fall back to QUIC unnoticed; the others do not use RDMA.

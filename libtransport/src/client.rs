@@ -278,21 +278,13 @@ pub struct TransferOptions {
     /// spaced at this rate, so it holds on average over a few chunks; for a smooth flow keep
     /// chunks small against the rate. A paced pull does not use RDMA.
     pub max_rate: Option<u64>,
-    /// Connections one transfer stripes its chunks over, each chunk on one of them (default
-    /// `None`: [`default_stripes`]). The first is the client's own connection; the others
-    /// are kept for later transfers. Resume and verification are as with one; the server
-    /// authorizes and records the transfer on each connection it arrives on. Pulls stripe;
-    /// pushes use one connection.
+    /// Connections one pull stripes its chunks over, each chunk on one of them, no more than
+    /// make two chunks each (default `None`: one). The first is the client's own
+    /// connection; the others are kept for later pulls. Resume and verification are as
+    /// with one, and the client records one transfer; the node, though, authorizes and
+    /// records the transfer on each connection it arrives on, each part `incomplete` with
+    /// its own bytes, which is why one connection stays the default. Pushes use one.
     pub connections: Option<u32>,
-}
-
-/// How many connections a transfer stripes over by default: one per four cores of this
-/// machine, at least one and at most four. One connection's encryption and copies keep
-/// about two cores busy (one at each end on a shared machine), so more only pay where
-/// there are cores to run them.
-pub fn default_stripes() -> u32 {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    (cores / 4).clamp(1, 4) as u32
 }
 
 /// How a pull runs.
@@ -310,8 +302,7 @@ impl TransferOptions {
 
     /// Connections to stripe over: at least one, and no more than chunks in flight.
     pub(crate) fn stripes(&self, config: &ClientConfig) -> usize {
-        (self.connections.unwrap_or_else(default_stripes).max(1) as usize)
-            .min(self.parallel(config))
+        (self.connections.unwrap_or(1).max(1) as usize).min(self.parallel(config))
     }
 }
 

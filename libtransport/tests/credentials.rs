@@ -212,7 +212,8 @@ async fn a_client_revoked_while_pulling_is_cut_off_and_the_closure_audited() {
             parallel: Some(4),
             // About 16 s for the whole object: the revocation lands mid-pull.
             max_rate: Some(256 << 10),
-            connections: None,
+            // One connection, whose closure the trail must show once.
+            connections: Some(1),
             progress: Some({
                 let seen = seen.clone();
                 Arc::new(move |done, _| {

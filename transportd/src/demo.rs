@@ -204,7 +204,9 @@ async fn exercise(
             &["pull", "scans", path_str(&dest)?],
         )
         .await?;
-        let secs = started.elapsed().as_secs_f64();
+        let command_secs = started.elapsed().as_secs_f64();
+        // The pulls' own time (handshake to the last rename), not the loader's start-up.
+        let secs = transfer_seconds(&out).unwrap_or(command_secs);
         let mut ok = out["verified"].as_bool() == Some(true);
         for (name, src, _) in sources {
             let got = dest.join(name);
@@ -216,6 +218,7 @@ async fn exercise(
             "path": path,
             "bytes": size,
             "seconds": round3(secs),
+            "command_seconds": round3(command_secs),
             "gbps": round3(gbps),
             "ratio_to_bare_tcp": to_bare(gbps),
             "verified": ok,
@@ -239,7 +242,8 @@ async fn exercise(
         &["push", path_str(&ckpt)?, "checkpoints/step-1000.ckpt"],
     )
     .await?;
-    let secs = started.elapsed().as_secs_f64();
+    let command_secs = started.elapsed().as_secs_f64();
+    let secs = transfer_seconds(&out).unwrap_or(command_secs);
     let stored = dir.join("storage/datasets/checkpoints/step-1000.ckpt");
     let push_ok = out["verified"].as_bool() == Some(true) && same_bytes(&ckpt, &stored).await?;
     all_ok &= push_ok;
@@ -255,6 +259,7 @@ async fn exercise(
             "path": "quic",
             "bytes": ckpt_len,
             "seconds": round3(secs),
+            "command_seconds": round3(command_secs),
             "gbps": round3(push_gbps),
             "ratio_to_bare_tcp": to_bare(push_gbps),
             "verified": push_ok,
@@ -551,6 +556,17 @@ fn shard_count(size: u64) -> u64 {
 fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// The time a `pull` or `push` command's transfers took, by their own reports (milliseconds
+/// each): without the command's start-up, which would dominate small transfers.
+fn transfer_seconds(out: &Value) -> Option<f64> {
+    let ms: u64 = out["objects"]
+        .as_array()?
+        .iter()
+        .map(|o| o["report"]["elapsed"].as_u64())
+        .sum::<Option<u64>>()?;
+    (ms > 0).then(|| ms as f64 / 1000.0)
 }
 
 fn round3(x: f64) -> f64 {

@@ -365,6 +365,7 @@ impl Client {
                     .stripes(
                         Stripe::first(&conn, transfer, &gate),
                         &manifest,
+                        work.len(),
                         a.open(self.config()),
                     )
                     .await;
@@ -503,6 +504,7 @@ impl Client {
                     .stripes(
                         Stripe::first(&conn, transfer, &gate),
                         &manifest,
+                        work.len(),
                         a.open(self.config()),
                     )
                     .await;
@@ -772,12 +774,20 @@ impl Client {
     /// wanted, each with the object open on a further connection to the server. A further
     /// connection that fails to come up, or whose transfer opens with another manifest (the
     /// object changed between the opens), is left out, and the pull goes on over the rest.
-    async fn stripes(&self, first: Stripe, manifest: &Manifest, o: StripeOpen<'_>) -> Vec<Stripe> {
+    async fn stripes(
+        &self,
+        first: Stripe,
+        manifest: &Manifest,
+        chunks: usize,
+        o: StripeOpen<'_>,
+    ) -> Vec<Stripe> {
         let mut stripes = vec![first];
-        if o.wanted <= 1 {
+        // A further connection costs a request: each takes two chunks at least.
+        let wanted = o.wanted.min(chunks / 2);
+        if wanted <= 1 {
             return stripes;
         }
-        let more = match self.stripe_connections(o.wanted - 1).await {
+        let more = match self.stripe_connections(wanted - 1).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "striping: a further connection failed; going on with one");
