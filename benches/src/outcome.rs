@@ -75,7 +75,7 @@ pub struct Shape {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Destination {
-    /// Into memory (`Client::fetch`); the reference loops always read into memory.
+    /// Into memory (`Client::fetch_into`, a buffer kept across runs); the reference loops always read into memory.
     #[default]
     Memory,
     /// Into a file (`Client::fetch_to_file`): each chunk written in place and verified, the

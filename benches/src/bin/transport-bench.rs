@@ -141,7 +141,7 @@ struct RunArgs {
     )]
     modes: Vec<Mode>,
     /// Where each mode that pulls the object puts it, comma-separated: memory
-    /// (`Client::fetch`) and/or file (`Client::fetch_to_file`: written in place, verified,
+    /// (`Client::fetch_into`, a buffer kept across runs) and/or file (`Client::fetch_to_file`: written in place, verified,
     /// fsynced and renamed; removed after each run, so every run pulls it whole). With
     /// both, a mode's two pulls run one after the other in each round; its file pulls are
     /// reported as their own rows, named `MODE>file` (`tls-tcp>file`), with their ratio to
