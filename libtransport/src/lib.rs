@@ -71,7 +71,7 @@ pub mod test_util;
 
 pub use client::{
     Client, FetchOptions, FetchReport, PushOptions, PushReport, QuicPathStats, RetryPolicy,
-    TransferOptions,
+    TransferOptions, default_stripes,
 };
 pub use config::{ClientConfig, PolicyHandle, RdmaMode, ServerConfig, TransportConfig};
 pub use error::{ConnectError, FetchError, PushError, Rejection, RequestError};

@@ -92,6 +92,7 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
                 buffers: Arc::default(),
+                stripes: Default::default(),
             }),
             listeners,
         }

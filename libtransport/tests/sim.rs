@@ -191,6 +191,8 @@ async fn a_connection_lost_mid_transfer_reconnects_and_resumes_from_verified_chu
     let (net, cut) = (sim.net.clone(), Arc::new(AtomicBool::new(false)));
     let opts = FetchOptions {
         parallel: Some(2),
+        // One connection, whose loss and replacement the test counts.
+        connections: Some(1),
         progress: Some(Arc::new({
             let cut = cut.clone();
             move |done, total| {
@@ -347,6 +349,8 @@ async fn the_servers_svid_rotating_mid_transfer_renews_the_connection_without_a_
     let opts = FetchOptions {
         parallel: Some(2),
         retry: RetryPolicy::none(),
+        // One connection, whose renewal the test counts.
+        connections: Some(1),
         progress: Some(Arc::new({
             let (rotated, clock, server_id) = (rotated.clone(), clock.clone(), server_id.clone());
             let fresh = std::sync::Mutex::new(Some(issue(SERVER_TTL)));

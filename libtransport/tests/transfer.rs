@@ -266,22 +266,28 @@ fn the_blocking_facade_works_without_a_runtime() {
     }
 }
 
-/// Bytes the server recorded sending of `object`, one entry per transfer.
-fn served(server: &TestServer, object: &ObjectPath) -> Vec<u64> {
-    server
-        .audit
-        .events()
+/// What the server recorded sending of `object`, one entry per transfer, and how many
+/// read decisions it recorded for it (one per part opened).
+fn served(server: &TestServer, object: &ObjectPath) -> (Vec<(u64, Outcome)>, usize) {
+    let events = server.audit.events();
+    let transfers = events
         .iter()
         .filter_map(|e| match e {
             AuditEvent::Transfer {
                 direction: Direction::Out,
                 object: o,
                 bytes,
+                outcome,
                 ..
-            } if o == object => Some(*bytes),
+            } if o == object => Some((*bytes, *outcome)),
             _ => None,
         })
-        .collect()
+        .collect();
+    let opened = events
+        .iter()
+        .filter(|e| matches!(e, AuditEvent::Authorization { object: Some(o), .. } if o == object))
+        .count();
+    (transfers, opened)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,7 +320,7 @@ async fn a_striped_pull_spreads_its_chunks_over_several_connections_and_lands_th
                 ..FetchOptions::default()
             };
             // Into the caller's memory, into memory of the library's, into a file.
-            let before = served(&server, &object).len();
+            let (before, opened_before) = served(&server, &object);
             let mut mem = vec![0u8; data.len()];
             let report = client
                 .fetch_into(&scans, &object, &mut mem, &opts)
@@ -322,24 +328,25 @@ async fn a_striped_pull_spreads_its_chunks_over_several_connections_and_lands_th
                 .unwrap();
             assert_eq!(report.size, data.len() as u64);
             assert!(mem == data, "{path} x{stripes}: caller's memory");
-            let expect = stripes as usize;
             assert!(
                 server
                     .audit
-                    .wait_for(|_| served(&server, &object).len() >= before + expect)
+                    .wait_for(|_| served(&server, &object).0.len() > before.len())
                     .await,
-                "{path} x{stripes}: the server never recorded the transfers"
+                "{path} x{stripes}: the server never recorded the transfer"
             );
-            let parts = served(&server, &object)[before..].to_vec();
+            let (after, opened) = served(&server, &object);
+            // Each part was authorized on its own connection; the trail holds one transfer,
+            // complete, with every byte.
             assert_eq!(
-                parts.len(),
-                expect,
-                "{path} x{stripes}: one transfer per connection"
+                opened - opened_before,
+                stripes as usize,
+                "{path} x{stripes}"
             );
-            assert_eq!(parts.iter().sum::<u64>(), data.len() as u64);
-            assert!(
-                parts.iter().all(|&b| b > 0),
-                "{path} x{stripes}: every connection carried chunks: {parts:?}"
+            assert_eq!(
+                after[before.len()..],
+                [(data.len() as u64, Outcome::Complete)],
+                "{path} x{stripes}: one transfer in the node's trail"
             );
             let owned = client
                 .fetch(&scans, &object, 16 << 20, &opts)

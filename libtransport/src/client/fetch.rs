@@ -80,6 +80,7 @@ impl Client {
         let started = self.config().clock.instant();
         let fetched = Arc::new(AtomicU64::new(0));
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
+        let group = stripe_group(opts.stripes(self.config()))?;
         // The pull's machine, and the partial file of an attempt that ended for a renewal,
         // still open.
         let state: (Pull, Option<Arc<PartialFile>>) = (Pull::whole(u64::MAX), None);
@@ -92,6 +93,7 @@ impl Client {
                 let attempt = FileAttempt {
                     dataset,
                     object,
+                    group,
                     dir: &dir,
                     name: &name,
                     opts,
@@ -235,6 +237,7 @@ impl Client {
         opts: &FetchOptions,
     ) -> Result<(Range<u64>, Pulled<'a>), FetchError> {
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
+        let group = stripe_group(opts.stripes(self.config()))?;
         let moved = Arc::new(AtomicU64::new(0));
         // The pull's machine and the memory its verified chunks are in.
         let state: (Pull, Dest<'a>) = (pull, dest);
@@ -247,6 +250,7 @@ impl Client {
                 let attempt = MemoryAttempt {
                     dataset,
                     object,
+                    group,
                     opts,
                     pace: &pace,
                     moved: &moved,
@@ -292,7 +296,7 @@ impl Client {
     ) -> Result<Attempt<(Arc<Connection>, Arc<Manifest>, bool)>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
-        let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
+        let (transfer, manifest) = open_read(&conn, a.dataset, a.object, a.group).await?;
         // Whole objects may move by RDMA; a session is not worth it for a range.
         let whole = pull.is_whole();
         let opened = match pull.handle_opened(manifest) {
@@ -424,7 +428,7 @@ impl Client {
     ) -> Result<Attempt<(Arc<Connection>, Manifest, bool)>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
-        let (transfer, manifest) = open_read(&conn, a.dataset, a.object).await?;
+        let (transfer, manifest) = open_read(&conn, a.dataset, a.object, a.group).await?;
         let opened = match pull.handle_opened(manifest) {
             Ok(o) => o,
             Err(refused) => {
@@ -640,6 +644,8 @@ impl Client {
 struct FileAttempt<'a> {
     dataset: &'a DatasetName,
     object: &'a ObjectPath,
+    /// The striped pull's id, when it stripes.
+    group: Option<[u8; 16]>,
     dir: &'a FsPath,
     name: &'a str,
     opts: &'a FetchOptions,
@@ -653,6 +659,7 @@ impl FileAttempt<'_> {
         StripeOpen {
             dataset: self.dataset,
             object: self.object,
+            group: self.group,
             pace: self.pace,
             wanted: self.opts.stripes(config),
         }
@@ -663,6 +670,8 @@ impl FileAttempt<'_> {
 struct MemoryAttempt<'a> {
     dataset: &'a DatasetName,
     object: &'a ObjectPath,
+    /// The striped pull's id, when it stripes.
+    group: Option<[u8; 16]>,
     opts: &'a FetchOptions,
     pace: &'a Arc<Pace>,
     /// Bytes of verified chunks received, across attempts.
@@ -674,6 +683,7 @@ impl MemoryAttempt<'_> {
         StripeOpen {
             dataset: self.dataset,
             object: self.object,
+            group: self.group,
             pace: self.pace,
             wanted: self.opts.stripes(config),
         }
@@ -764,6 +774,7 @@ impl Stripe {
 struct StripeOpen<'a> {
     dataset: &'a DatasetName,
     object: &'a ObjectPath,
+    group: Option<[u8; 16]>,
     pace: &'a Arc<Pace>,
     /// Connections wanted, the first included.
     wanted: usize,
@@ -795,7 +806,7 @@ impl Client {
             }
         };
         for conn in more {
-            match open_read(&conn, o.dataset, o.object).await {
+            match open_read(&conn, o.dataset, o.object, o.group).await {
                 Ok((transfer, m)) if m == *manifest => stripes.push(Stripe {
                     gate: Gate::new(o.pace.clone(), conn.clone()),
                     conn,
@@ -821,13 +832,35 @@ async fn close_stripes(stripes: &[Stripe]) -> bool {
     renewing
 }
 
+/// Opens the object for reading: a part of the striped pull `group`, if it stripes.
 async fn open_read(
     conn: &Connection,
     dataset: &DatasetName,
     object: &ObjectPath,
+    group: Option<[u8; 16]>,
 ) -> Result<(TransferId, Manifest), RequestError> {
-    let answer = conn.call(&Pull::open_request(dataset, object)).await?;
+    let req = match group {
+        None => Pull::open_request(dataset, object),
+        Some(group) => Request::OpenReadPart {
+            dataset: dataset.clone(),
+            object: object.clone(),
+            group,
+        },
+    };
+    let answer = conn.call(&req).await?;
     Ok(Answer::opened_read(answer)?)
+}
+
+/// A striped pull's id, so the node records its parts as one transfer; none for a pull
+/// over one connection.
+fn stripe_group(stripes: usize) -> Result<Option<[u8; 16]>, FetchError> {
+    if stripes <= 1 {
+        return Ok(None);
+    }
+    let mut id = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut id)
+        .map_err(|_| FetchError::Local(std::io::Error::other("no randomness for a pull id")))?;
+    Ok(Some(id))
 }
 
 async fn close(conn: &Connection, transfer: TransferId) {

@@ -139,6 +139,18 @@ pub enum Request {
         /// Object.
         object: ObjectPath,
     },
+    /// Opens a read transfer as one part of a pull striped over several connections,
+    /// answered as `OpenRead`. The parts a peer opens with the same `group` (a random id
+    /// the client picks per pull) and the same object version are one transfer in the
+    /// node's trail: started with the first part, ended with the last.
+    OpenReadPart {
+        /// Dataset.
+        dataset: DatasetName,
+        /// Object.
+        object: ObjectPath,
+        /// The striped pull this part belongs to.
+        group: [u8; 16],
+    },
     /// Reads bytes of an open read transfer; answered with `Data` frames and `End`.
     Read {
         /// The transfer.
@@ -260,6 +272,16 @@ impl Request {
                 b.put_u64(transfer.0);
                 offer.encode(&mut b);
             }
+            Self::OpenReadPart {
+                dataset,
+                object,
+                group,
+            } => {
+                b.put_u8(11);
+                put_str(&mut b, dataset.as_str());
+                put_str(&mut b, object.as_str());
+                b.put_slice(group);
+            }
         }
         b.freeze()
     }
@@ -311,6 +333,13 @@ impl Request {
                 transfer: TransferId(get_u64(r)?),
                 offer: super::rdma::RdmaOffer::decode(r)?,
             },
+            11 => Self::OpenReadPart {
+                dataset: get_dataset(r)?,
+                object: get_object(r)?,
+                group: take(r, 16)?
+                    .try_into()
+                    .map_err(|_| DecodeError::Truncated)?,
+            },
             t => return Err(DecodeError::Tag(t)),
         };
         finish(r)?;
@@ -324,6 +353,7 @@ impl Request {
             Self::ListObjects { .. } => "list-objects",
             Self::Stat { .. } => "stat",
             Self::OpenRead { .. } => "open-read",
+            Self::OpenReadPart { .. } => "open-read-part",
             Self::Read { .. } => "read",
             Self::OpenWrite { .. } => "open-write",
             Self::WriteChunk { .. } => "write-chunk",
@@ -785,6 +815,13 @@ mod tests {
             (dataset(), object()).prop_map(|(dataset, object)| Request::Stat { dataset, object }),
             (dataset(), object())
                 .prop_map(|(dataset, object)| Request::OpenRead { dataset, object }),
+            (dataset(), object(), any::<[u8; 16]>()).prop_map(|(dataset, object, group)| {
+                Request::OpenReadPart {
+                    dataset,
+                    object,
+                    group,
+                }
+            }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(t, offset, len)| {
                 Request::Read {
                     transfer: TransferId(t),
@@ -1081,6 +1118,9 @@ mod tests {
             Request::Stat { dataset, object } | Request::OpenRead { dataset, object } => {
                 str_len(dataset.as_str()) + str_len(object.as_str())
             }
+            Request::OpenReadPart {
+                dataset, object, ..
+            } => str_len(dataset.as_str()) + str_len(object.as_str()) + 16,
             Request::Read { .. } => 8 + 8 + 8,
             Request::OpenWrite {
                 dataset,

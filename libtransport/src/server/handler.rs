@@ -16,7 +16,8 @@ use crate::audit::AuditEvent;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
 use crate::proto::{
-    ChunkIndex, DecodeError, ErrorCode, Frame, FrameKind, Request, Response, TransferId,
+    ChunkIndex, DatasetName, DecodeError, ErrorCode, Frame, FrameKind, ObjectPath, Request,
+    Response, TransferId,
 };
 use crate::store::{ChunkWriter, StoreError, WriteError};
 use crate::transport::{FrameSink, FrameSource, RequestStream};
@@ -130,13 +131,13 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
             .await
         }
         Request::OpenRead { dataset, object } => {
-            ctx.authorize(Action::Read, &dataset, Some(&object))?;
-            let (d, o) = (dataset.clone(), object.clone());
-            let reader = blocking(move || store.open_read(&d, &o)).await?;
-            let manifest = (**reader.manifest()).clone();
-            let transfer = ctx.open(dataset, object, &manifest, TransferKind::Read(reader))?;
-            respond(&mut s.sink, Response::OpenedRead { transfer, manifest }).await
+            open_read(ctx, store, &mut s.sink, dataset, object, None).await
         }
+        Request::OpenReadPart {
+            dataset,
+            object,
+            group,
+        } => open_read(ctx, store, &mut s.sink, dataset, object, Some(group)).await,
         Request::Read {
             transfer,
             offset,
@@ -179,6 +180,30 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
             respond(&mut s.sink, Response::Closed).await
         }
     }
+}
+
+/// Opens a read transfer (a part of the striped pull `group`, if any) after authorizing it,
+/// and answers with the manifest.
+async fn open_read(
+    ctx: &Arc<ConnCtx>,
+    store: Arc<crate::store::Store>,
+    sink: &mut FrameSink,
+    dataset: DatasetName,
+    object: ObjectPath,
+    group: Option<[u8; 16]>,
+) -> Result<(), Failure> {
+    ctx.authorize(Action::Read, &dataset, Some(&object))?;
+    let (d, o) = (dataset.clone(), object.clone());
+    let reader = blocking(move || store.open_read(&d, &o)).await?;
+    let manifest = (**reader.manifest()).clone();
+    let transfer = ctx.open_part(
+        dataset,
+        object,
+        &manifest,
+        TransferKind::Read(reader),
+        group,
+    )?;
+    respond(sink, Response::OpenedRead { transfer, manifest }).await
 }
 
 async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {

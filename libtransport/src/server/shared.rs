@@ -20,6 +20,8 @@ pub(crate) struct Shared {
     pub(super) stop: watch::Sender<bool>,
     /// Buffers the send path reads object bytes into, reused once sent.
     pub(crate) buffers: Arc<BufferPool>,
+    /// Striped pulls with parts open, across connections.
+    pub(crate) stripes: super::conn::StripeGroups,
 }
 
 /// Records an event; a failure is counted and logged by the sink.
