@@ -42,6 +42,7 @@ mod handler;
 mod pool;
 mod rdma;
 mod shared;
+mod stripes;
 
 use conn::ConnCtx;
 use shared::{Shared, record};

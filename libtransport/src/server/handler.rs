@@ -213,8 +213,8 @@ async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {
 
 /// Streams `len` bytes at `offset` of a read transfer as `Data` frames, then `End`. Disk
 /// reads run one block ahead of the network, within the connection's read budget: a block
-/// (up to [`READ_BLOCK_BYTES`]) is read by one blocking call into a pooled buffer and sent
-/// as pieces of at most [`MAX_DATA_PAYLOAD`] that share it; each piece gives its share of
+/// (up to [`READ_BLOCK_BYTES`](super::conn::READ_BLOCK_BYTES)) is read by one blocking
+/// call into a pooled buffer and sent as pieces of at most [`MAX_DATA_PAYLOAD`] that share it; each piece gives its share of
 /// the budget back once handed to the transport.
 async fn read(
     ctx: &Arc<ConnCtx>,
@@ -403,7 +403,3 @@ fn write_code(e: WriteError) -> ErrorCode {
         }
     }
 }
-
-/// The most a read request reads from disk in one blocking call (one default chunk): fewer
-/// calls and task hand-offs than one per piece, and one buffer for the pieces to share.
-pub(crate) const READ_BLOCK_BYTES: usize = 4 << 20;

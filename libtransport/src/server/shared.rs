@@ -21,7 +21,7 @@ pub(crate) struct Shared {
     /// Buffers the send path reads object bytes into, reused once sent.
     pub(crate) buffers: Arc<BufferPool>,
     /// Striped pulls with parts open, across connections.
-    pub(crate) stripes: super::conn::StripeGroups,
+    pub(crate) stripes: super::stripes::StripeGroups,
 }
 
 /// Records an event; a failure is counted and logged by the sink.
