@@ -44,6 +44,7 @@ mod pace;
 mod push;
 mod rdma;
 pub(crate) mod reply;
+mod stripe;
 
 pub(crate) use connection::Connection;
 use connection::{adopt, establish};
@@ -278,11 +279,12 @@ pub struct TransferOptions {
     /// spaced at this rate, so it holds on average over a few chunks; for a smooth flow keep
     /// chunks small against the rate. A paced pull does not use RDMA.
     pub max_rate: Option<u64>,
-    /// Connections one pull stripes its chunks over, each chunk on one of them, no more than
-    /// make two chunks each (default `None`: [`default_stripes`]). The first is the
-    /// client's own connection; the others are kept for later pulls. Resume, verification
-    /// and the audit trails are as with one: the node authorizes each part on the
-    /// connection it arrives on and records the pull as one transfer. Pushes use one.
+    /// Connections one pull or push stripes its chunks over, each chunk on one of them, no
+    /// more than make two chunks each (default `None`: [`default_stripes`]). The first is
+    /// the client's own connection; the others are kept for later transfers. Resume,
+    /// verification and the audit trails are as with one: the node authorizes each part on
+    /// the connection it arrives on and records the transfer as one; a striped push's
+    /// parts write one partial object, committed once.
     pub connections: Option<u32>,
 }
 

@@ -269,17 +269,26 @@ fn the_blocking_facade_works_without_a_runtime() {
 /// What the server recorded sending of `object`, one entry per transfer, and how many
 /// read decisions it recorded for it (one per part opened).
 fn served(server: &TestServer, object: &ObjectPath) -> (Vec<(u64, Outcome)>, usize) {
+    moved(server, object, Direction::Out)
+}
+
+/// The node's trail for `object`: its transfers `direction`, and how many authorizations.
+fn moved(
+    server: &TestServer,
+    object: &ObjectPath,
+    direction: Direction,
+) -> (Vec<(u64, Outcome)>, usize) {
     let events = server.audit.events();
     let transfers = events
         .iter()
         .filter_map(|e| match e {
             AuditEvent::Transfer {
-                direction: Direction::Out,
+                direction: d,
                 object: o,
                 bytes,
                 outcome,
                 ..
-            } if o == object => Some((*bytes, *outcome)),
+            } if o == object && *d == direction => Some((*bytes, *outcome)),
             _ => None,
         })
         .collect();
@@ -288,6 +297,77 @@ fn served(server: &TestServer, object: &ObjectPath) -> (Vec<(u64, Outcome)>, usi
         .filter(|e| matches!(e, AuditEvent::Authorization { object: Some(o), .. } if o == object))
         .count();
     (transfers, opened)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_striped_push_spreads_its_chunks_over_several_connections_and_commits_once() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start_with(
+        &pki,
+        &[("/gpu/trainer", "checkpoints", false, true)],
+        small_chunks(),
+    )
+    .await;
+    let ckpt = DatasetName::new("checkpoints").unwrap();
+    let data = random_bytes((2 << 20) + 77, 6);
+    let config = ClientConfig::builder()
+        .identity(identity(&pki, "/gpu/trainer"))
+        .transport(small_chunks())
+        .build();
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("model.bin");
+    std::fs::write(&file, &data).unwrap();
+    for path in [Path::Quic, Path::Tcp] {
+        let client = Client::connect(config.clone(), server.addr(path), path)
+            .await
+            .unwrap();
+        for stripes in [1u32, 3] {
+            let opts = PushOptions {
+                parallel: Some(6),
+                connections: Some(stripes),
+                ..PushOptions::default()
+            };
+            // From memory and from a file.
+            for from_file in [false, true] {
+                let what = format!("{path} x{stripes} from file {from_file}");
+                let object = ObjectPath::new(&format!("{path}/{stripes}/{from_file}.bin")).unwrap();
+                let report = if from_file {
+                    client.push_file(&ckpt, &object, &file, &opts).await
+                } else {
+                    client
+                        .push_bytes(&ckpt, &object, data.clone().into(), &opts)
+                        .await
+                }
+                .unwrap();
+                assert_eq!(report.sent_bytes, data.len() as u64, "{what}");
+                assert_eq!(report.chunks_skipped, 0, "{what}");
+                assert_eq!(report.connections, stripes, "{what}");
+                let stored = server.data_dir().join("checkpoints").join(object.as_str());
+                assert!(
+                    std::fs::read(&stored).unwrap() == data,
+                    "{what}: stored bytes"
+                );
+                assert!(
+                    server
+                        .audit
+                        .wait_for(|_| !moved(&server, &object, Direction::In).0.is_empty())
+                        .await,
+                    "{what}: the server never recorded the push"
+                );
+                // Each part was authorized on its own connection; the trail holds one
+                // transfer, complete, with every byte, whichever part sent them.
+                let (transfers, opened) = moved(&server, &object, Direction::In);
+                assert_eq!(opened, stripes as usize, "{what}");
+                assert_eq!(
+                    transfers,
+                    [(data.len() as u64, Outcome::Complete)],
+                    "{what}: one transfer in the node's trail"
+                );
+            }
+        }
+        client.close();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,6 +407,7 @@ async fn a_striped_pull_spreads_its_chunks_over_several_connections_and_lands_th
                 .await
                 .unwrap();
             assert_eq!(report.size, data.len() as u64);
+            assert_eq!(report.connections, stripes, "{path} x{stripes}");
             assert!(mem == data, "{path} x{stripes}: caller's memory");
             assert!(
                 server
@@ -354,10 +435,14 @@ async fn a_striped_pull_spreads_its_chunks_over_several_connections_and_lands_th
                 .unwrap();
             assert!(owned == data, "{path} x{stripes}: library's memory");
             let dest = out.path().join(format!("{path}-{stripes}.bin"));
-            client
+            let report = client
                 .fetch_to_file(&scans, &object, &dest, &opts)
                 .await
                 .unwrap();
+            assert_eq!(
+                report.connections, stripes,
+                "{path} x{stripes}: into a file"
+            );
             assert_eq!(std::fs::read(&dest).unwrap(), data);
         }
         client.close();

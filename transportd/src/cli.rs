@@ -514,9 +514,9 @@ pub(crate) struct TransferArgs {
     /// unlimited. A paced pull moves by stream reads, not RDMA.
     #[arg(long, value_name = "RATE")]
     pub(crate) max_rate: Option<bytesize::ByteSize>,
-    /// Pulls: connections to the node each object's chunks are striped over (default: one
-    /// per core of this machine, at most 4; never more than make two chunks each). The node
-    /// records the pull as one transfer. Pushes use one.
+    /// Connections to the node each object's chunks are striped over, for pulls and
+    /// pushes (default: one per core of this machine, at most 4; never more than make two
+    /// chunks each). The node records each object's transfer as one.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     pub(crate) connections: Option<u32>,
     /// Keep this client's own audit trail (hash-chained, signed with its SVID) in this

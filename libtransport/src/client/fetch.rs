@@ -26,9 +26,9 @@ use super::memory::ChunkSlots;
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
 use super::reply::{Landed, next_data, next_data_into};
+use super::stripe::{Stripe, close, close_stripes, stripe_group};
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::config::ClientConfig;
 use crate::error::{FetchError, NoRdmaReason, PushError, RequestError, StreamError};
 use crate::proto::request::Answer;
 use crate::proto::schedule::{AfterReset, ChunkSchedule};
@@ -64,6 +64,9 @@ pub struct FetchReport {
     pub elapsed: Duration,
     /// Reconnections needed.
     pub retries: u32,
+    /// Connections the last attempt's chunks moved over (see
+    /// [`TransferOptions::connections`](super::TransferOptions::connections)); 1 by RDMA.
+    pub connections: u32,
 }
 
 impl Client {
@@ -80,7 +83,7 @@ impl Client {
         let started = self.config().clock.instant();
         let fetched = Arc::new(AtomicU64::new(0));
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
-        let group = stripe_group(opts.stripes(self.config()))?;
+        let group = stripe_group(opts.stripes(self.config())).map_err(FetchError::Local)?;
         // The pull's machine, and the partial file of an attempt that ended for a renewal,
         // still open.
         let state: (Pull, Option<Arc<PartialFile>>) = (Pull::whole(u64::MAX), None);
@@ -114,7 +117,7 @@ impl Client {
             },
         )
         .await?;
-        let (conn, manifest, rdma) = done.value;
+        let (conn, manifest, rdma, connections) = done.value;
         let reused = done.state.0.chunks_reused();
         let report = FetchReport {
             server: conn.peer.id.clone(),
@@ -135,6 +138,7 @@ impl Client {
                 .instant()
                 .saturating_duration_since(started),
             retries: done.retries,
+            connections,
         };
         self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
         Ok(report)
@@ -177,11 +181,12 @@ impl Client {
                 opts,
             )
             .await?;
-        let (conn, manifest, rdma, retries) = (
+        let (conn, manifest, rdma, retries, connections) = (
             slots.conn.clone(),
             slots.manifest.clone(),
             slots.rdma,
             slots.retries,
+            slots.connections,
         );
         let report = FetchReport {
             server: conn.peer.id.clone(),
@@ -202,6 +207,7 @@ impl Client {
                 .instant()
                 .saturating_duration_since(started),
             retries,
+            connections,
         };
         self.audit_pull(&conn, dataset, object, &report, Outcome::Complete);
         Ok(report)
@@ -237,7 +243,7 @@ impl Client {
         opts: &FetchOptions,
     ) -> Result<(Range<u64>, Pulled<'a>), FetchError> {
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
-        let group = stripe_group(opts.stripes(self.config()))?;
+        let group = stripe_group(opts.stripes(self.config())).map_err(FetchError::Local)?;
         let moved = Arc::new(AtomicU64::new(0));
         // The pull's machine and the memory its verified chunks are in.
         let state: (Pull, Dest<'a>) = (pull, dest);
@@ -273,7 +279,7 @@ impl Client {
         let Dest::Slots(slots) = dest else {
             return Err(FetchError::Corrupt(ChunkIndex(0)));
         };
-        let (conn, manifest, rdma) = done.value;
+        let (conn, manifest, rdma, connections) = done.value;
         Ok((
             pull.bytes(),
             Pulled {
@@ -281,6 +287,7 @@ impl Client {
                 conn,
                 manifest,
                 rdma,
+                connections,
                 retries: done.retries,
                 fetched: moved.load(Ordering::Relaxed),
             },
@@ -293,7 +300,7 @@ impl Client {
         pull: &mut Pull,
         dest: &mut Dest<'a>,
         used: &mut Option<Arc<Connection>>,
-    ) -> Result<Attempt<(Arc<Connection>, Arc<Manifest>, bool)>, FetchError> {
+    ) -> Result<Attempt<(Arc<Connection>, Arc<Manifest>, bool, u32)>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object, a.group).await?;
@@ -351,6 +358,7 @@ impl Client {
         let gate = Gate::new(a.pace.clone(), conn.clone());
         // Whether a further connection of a striped pull became due for renewal.
         let mut renewing = false;
+        let mut connections = 1;
         let result = match rdma {
             Ok(true) => {
                 for i in &work {
@@ -368,9 +376,10 @@ impl Client {
                 let stripes = self
                     .stripes(
                         Stripe::first(&conn, transfer, &gate),
-                        &manifest,
                         work.len(),
-                        a.open(self.config()),
+                        a.opts.stripes(self.config()),
+                        a.pace,
+                        |c| open_part(c, a.dataset, a.object, a.group, &manifest),
                     )
                     .await;
                 let reads = &*pull;
@@ -402,6 +411,7 @@ impl Client {
                     })
                     .await;
                 renewing = close_stripes(&stripes).await;
+                connections = stripes.len() as u32;
                 // What stream reads verified is in place, whatever else failed.
                 pull.handle_schedule(&schedule);
                 if result.is_err() {
@@ -413,7 +423,7 @@ impl Client {
         close(&conn, transfer).await;
         result?;
         match pull.poll_end(renewing || gate.is_renewing()) {
-            PullEnd::Complete => Ok(Attempt::Done((conn, manifest, used_rdma))),
+            PullEnd::Complete => Ok(Attempt::Done((conn, manifest, used_rdma, connections))),
             PullEnd::Renew => Ok(Attempt::Renew),
             PullEnd::Incomplete(i) => Err(FetchError::Corrupt(i)),
         }
@@ -425,7 +435,7 @@ impl Client {
         pull: &mut Pull,
         used: &mut Option<Arc<Connection>>,
         kept: &mut Option<Arc<PartialFile>>,
-    ) -> Result<Attempt<(Arc<Connection>, Manifest, bool)>, FetchError> {
+    ) -> Result<Attempt<(Arc<Connection>, Manifest, bool, u32)>, FetchError> {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object, a.group).await?;
@@ -495,6 +505,7 @@ impl Client {
         let gate = Gate::new(a.pace.clone(), conn.clone());
         // Whether a further connection of a striped pull became due for renewal.
         let mut renewing = false;
+        let mut connections = 1;
         let result = match rdma {
             Ok(true) => {
                 for i in &work {
@@ -507,9 +518,10 @@ impl Client {
                 let stripes = self
                     .stripes(
                         Stripe::first(&conn, transfer, &gate),
-                        &manifest,
                         work.len(),
-                        a.open(self.config()),
+                        a.opts.stripes(self.config()),
+                        a.pace,
+                        |c| open_part(c, a.dataset, a.object, a.group, &manifest),
                     )
                     .await;
                 let reads = &*pull;
@@ -540,6 +552,7 @@ impl Client {
                     })
                     .await;
                 renewing = close_stripes(&stripes).await;
+                connections = stripes.len() as u32;
                 pull.handle_schedule(&schedule);
                 result
             }
@@ -570,7 +583,12 @@ impl Client {
                 WriteError::Io(e) => FetchError::Local(e),
                 other => FetchError::Local(std::io::Error::other(other)),
             })?;
-        Ok(Attempt::Done((conn, (*manifest).clone(), used_rdma)))
+        Ok(Attempt::Done((
+            conn,
+            (*manifest).clone(),
+            used_rdma,
+            connections,
+        )))
     }
 
     /// A paced pull moves by stream reads: RDMA chunks are not paced. Fails if RDMA is
@@ -654,18 +672,6 @@ struct FileAttempt<'a> {
     fetched: &'a Arc<AtomicU64>,
 }
 
-impl FileAttempt<'_> {
-    fn open(&self, config: &ClientConfig) -> StripeOpen<'_> {
-        StripeOpen {
-            dataset: self.dataset,
-            object: self.object,
-            group: self.group,
-            pace: self.pace,
-            wanted: self.opts.stripes(config),
-        }
-    }
-}
-
 /// What one attempt of a pull into memory works with.
 struct MemoryAttempt<'a> {
     dataset: &'a DatasetName,
@@ -676,18 +682,6 @@ struct MemoryAttempt<'a> {
     pace: &'a Arc<Pace>,
     /// Bytes of verified chunks received, across attempts.
     moved: &'a Arc<AtomicU64>,
-}
-
-impl MemoryAttempt<'_> {
-    fn open(&self, config: &ClientConfig) -> StripeOpen<'_> {
-        StripeOpen {
-            dataset: self.dataset,
-            object: self.object,
-            group: self.group,
-            pace: self.pace,
-            wanted: self.opts.stripes(config),
-        }
-    }
 }
 
 /// Where a pull into memory puts its chunks, across its attempts.
@@ -739,6 +733,8 @@ struct Pulled<'a> {
     manifest: Arc<Manifest>,
     rdma: bool,
     retries: u32,
+    /// Connections the last attempt's chunks moved over.
+    connections: u32,
     /// Bytes of verified chunks received, across attempts.
     fetched: u64,
 }
@@ -750,86 +746,26 @@ impl Pulled<'_> {
     }
 }
 
-/// One connection a pull's chunks are read over, with the object open on it.
-struct Stripe {
+/// Opens a further stripe of a pull: the object, as a part of the striped pull `group`, on
+/// `conn`, if it opens there with the pull's `manifest` (it may have changed since).
+async fn open_part(
     conn: Arc<Connection>,
-    transfer: TransferId,
-    gate: Arc<Gate>,
-    /// Whether the transfer is the attempt's own (closed by the attempt).
-    first: bool,
-}
-
-impl Stripe {
-    fn first(conn: &Arc<Connection>, transfer: TransferId, gate: &Arc<Gate>) -> Self {
-        Self {
-            conn: conn.clone(),
-            transfer,
-            gate: gate.clone(),
-            first: true,
-        }
-    }
-}
-
-/// What a pull opens a stripe with.
-struct StripeOpen<'a> {
-    dataset: &'a DatasetName,
-    object: &'a ObjectPath,
+    dataset: &DatasetName,
+    object: &ObjectPath,
     group: Option<[u8; 16]>,
-    pace: &'a Arc<Pace>,
-    /// Connections wanted, the first included.
-    wanted: usize,
-}
-
-impl Client {
-    /// A pull's stripes: the attempt's own connection and transfer, then as many more as
-    /// wanted, each with the object open on a further connection to the server. A further
-    /// connection that fails to come up, or whose transfer opens with another manifest (the
-    /// object changed between the opens), is left out, and the pull goes on over the rest.
-    async fn stripes(
-        &self,
-        first: Stripe,
-        manifest: &Manifest,
-        chunks: usize,
-        o: StripeOpen<'_>,
-    ) -> Vec<Stripe> {
-        let mut stripes = vec![first];
-        // A further connection costs a request: each takes two chunks at least.
-        let wanted = o.wanted.min(chunks / 2);
-        if wanted <= 1 {
-            return stripes;
+    manifest: &Manifest,
+) -> Option<TransferId> {
+    match open_read(&conn, dataset, object, group).await {
+        Ok((transfer, m)) if m == *manifest => Some(transfer),
+        Ok((transfer, _)) => {
+            close(&conn, transfer).await;
+            None
         }
-        let more = match self.stripe_connections(wanted - 1).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "striping: a further connection failed; going on with one");
-                return stripes;
-            }
-        };
-        for conn in more {
-            match open_read(&conn, o.dataset, o.object, o.group).await {
-                Ok((transfer, m)) if m == *manifest => stripes.push(Stripe {
-                    gate: Gate::new(o.pace.clone(), conn.clone()),
-                    conn,
-                    transfer,
-                    first: false,
-                }),
-                Ok((transfer, _)) => close(&conn, transfer).await,
-                Err(e) => tracing::debug!(error = %e, "striping: a further transfer did not open"),
-            }
+        Err(e) => {
+            tracing::debug!(error = %e, "striping: a further transfer did not open");
+            None
         }
-        stripes
     }
-}
-
-/// Closes the further stripes' transfers (the attempt closes its own); whether any of their
-/// connections became due for renewal.
-async fn close_stripes(stripes: &[Stripe]) -> bool {
-    let mut renewing = false;
-    for s in stripes.iter().filter(|s| !s.first) {
-        close(&s.conn, s.transfer).await;
-        renewing |= s.gate.is_renewing();
-    }
-    renewing
 }
 
 /// Opens the object for reading: a part of the striped pull `group`, if it stripes.
@@ -849,23 +785,6 @@ async fn open_read(
     };
     let answer = conn.call(&req).await?;
     Ok(Answer::opened_read(answer)?)
-}
-
-/// A striped pull's id, so the node records its parts as one transfer; none for a pull
-/// over one connection.
-fn stripe_group(stripes: usize) -> Result<Option<[u8; 16]>, FetchError> {
-    if stripes <= 1 {
-        return Ok(None);
-    }
-    let mut id = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut id)
-        .map_err(|_| FetchError::Local(std::io::Error::other("no randomness for a pull id")))?;
-    Ok(Some(id))
-}
-
-async fn close(conn: &Connection, transfer: TransferId) {
-    // Best effort: the server also ends transfers when the connection ends.
-    let _ = conn.call(&Request::Close { transfer }).await;
 }
 
 /// Sends a chunk's read request: its data frames follow on the stream handed back.

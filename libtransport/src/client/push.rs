@@ -20,6 +20,7 @@ use super::connection::Connection;
 use super::fetch::{Turn, run_workers};
 use super::pace::{Gate, Pace};
 use super::reply::response;
+use super::stripe::{Stripe, close, close_stripes, stripe_group};
 use super::{Client, PushOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{PushError, RequestError};
@@ -27,8 +28,7 @@ use crate::proto::manifest::chunk_bytes_for;
 use crate::proto::request::Answer;
 use crate::proto::transfer::{Push, PushEnd};
 use crate::proto::{
-    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, Request,
-    TransferId,
+    ChunkIndex, DatasetName, Digest, ErrorCode, FrameKind, Manifest, ObjectPath, TransferId,
 };
 use crate::vocab::{Direction, Outcome, Path};
 
@@ -54,12 +54,17 @@ pub struct PushReport {
     pub elapsed: Duration,
     /// Reconnections needed.
     pub retries: u32,
+    /// Connections the last attempt's chunks moved over (see
+    /// [`TransferOptions::connections`](super::TransferOptions::connections)).
+    pub connections: u32,
 }
 
 /// What one attempt of a push works with.
 struct PushAttempt<'a> {
     dataset: &'a DatasetName,
     object: &'a ObjectPath,
+    /// The striped push's id, when it stripes.
+    group: Option<[u8; 16]>,
     source: &'a Source,
     opts: &'a PushOptions,
     pace: &'a Arc<Pace>,
@@ -159,11 +164,13 @@ impl Client {
     ) -> Result<PushReport, PushError> {
         let sent = Arc::new(AtomicU64::new(0));
         let pace = Arc::new(Pace::new(opts.max_rate, self.config().clock.clone()));
+        let group = stripe_group(opts.stripes(self.config())).map_err(PushError::Local)?;
         let push = Push::new(Arc::new(manifest));
         let done = attempt::run(Kind::Push, opts.retry, &sent, push, |mut push| {
             let attempt = PushAttempt {
                 dataset,
                 object,
+                group,
                 source: &source,
                 opts,
                 pace: &pace,
@@ -180,7 +187,7 @@ impl Client {
             }
         })
         .await?;
-        let ((conn, root), push) = (done.value, done.state);
+        let ((conn, root, connections), push) = (done.value, done.state);
         let manifest = push.manifest();
         let report = PushReport {
             server: conn.peer.id.clone(),
@@ -196,6 +203,7 @@ impl Client {
                 .instant()
                 .saturating_duration_since(started),
             retries: done.retries,
+            connections,
         };
         let record = AuditRecord {
             time: self.config().clock.now(),
@@ -222,10 +230,11 @@ impl Client {
         a: PushAttempt<'_>,
         push: &mut Push,
         used: &mut Option<Arc<Connection>>,
-    ) -> Result<Attempt<(Arc<Connection>, Digest)>, PushError> {
+    ) -> Result<Attempt<(Arc<Connection>, Digest, u32)>, PushError> {
         let PushAttempt {
             dataset,
             object,
+            group,
             source,
             opts,
             pace,
@@ -233,56 +242,53 @@ impl Client {
         } = a;
         let conn = self.connection().await?;
         *used = Some(conn.clone());
-        let answer = conn.call(&push.open_request(dataset, object)).await?;
+        let open = match group {
+            None => push.open_request(dataset, object),
+            Some(g) => push.open_part_request(dataset, object, g),
+        };
+        let answer = conn.call(&open).await?;
         let (transfer, have) = Answer::opened_write(answer).map_err(RequestError::from)?;
         let schedule = push.handle_opened(&have).map_err(RequestError::from)?;
         let manifest = push.manifest().clone();
         let total = manifest.size();
-        let done = Arc::new(AtomicU64::new(push.held_bytes(&have)));
+        let missing = (manifest.chunk_count() - have.count()) as usize;
+        let done = AtomicU64::new(push.held_bytes(&have));
         let gate = Gate::new(pace.clone(), conn.clone());
-        let (_, result) = {
-            let (conn, source, sent, progress, gate, writes) = (
-                conn.clone(),
-                source.clone(),
-                sent.clone(),
-                opts.progress.clone(),
-                gate.clone(),
-                push.clone(),
-            );
-            run_workers(opts.parallel(self.config()), schedule, move |_, index| {
-                let (conn, source, sent, done, progress, gate, writes) = (
-                    conn.clone(),
-                    source.clone(),
-                    sent.clone(),
-                    done.clone(),
-                    progress.clone(),
-                    gate.clone(),
-                    writes.clone(),
-                );
-                async move {
-                    let len = writes
-                        .manifest()
-                        .chunk_range(index)
-                        .map_or(0, |r| r.end - r.start);
-                    if !gate.admit(len).await {
-                        return Ok(Turn::NotAsked);
-                    }
-                    let n = send_chunk(&conn, transfer, &writes, &source, index).await?;
-                    sent.fetch_add(n, Ordering::Relaxed);
-                    let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                    if let Some(p) = &progress {
-                        p(so_far, total);
-                    }
-                    Ok::<_, PushError>(Turn::Verified)
+        let writes = &*push;
+        let stripes = self
+            .stripes(
+                Stripe::first(&conn, transfer, &gate),
+                missing,
+                opts.stripes(self.config()),
+                pace,
+                |c| open_part(c, writes, dataset, object, group),
+            )
+            .await;
+        let (_, result) = run_workers(opts.parallel(self.config()), schedule, |worker, index| {
+            let (stripe, manifest, done) = (&stripes[worker % stripes.len()], &manifest, &done);
+            async move {
+                let len = manifest.chunk_range(index).map_or(0, |r| r.end - r.start);
+                if !stripe.gate.admit(len).await {
+                    return Ok(Turn::NotAsked);
                 }
-            })
-            .await
-        };
+                let n = send_chunk(&stripe.conn, stripe.transfer, writes, source, index).await?;
+                sent.fetch_add(n, Ordering::Relaxed);
+                let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(p) = &opts.progress {
+                    p(so_far, total);
+                }
+                Ok::<_, PushError>(Turn::Verified)
+            }
+        })
+        .await;
+        // The further parts end before the commit, so the node records the push, as one
+        // transfer, when it commits.
+        let renewing = close_stripes(&stripes).await;
         if let Err(e) = result {
-            let _ = conn.call(&Request::Close { transfer }).await;
+            close(&conn, transfer).await;
             return Err(e);
         }
-        match push.poll_end(transfer, gate.is_renewing()) {
+        match push.poll_end(transfer, renewing || gate.is_renewing()) {
             PushEnd::Renew(close) => {
                 // Chunks were left for the next attempt, which reopens the transfer on a
                 // fresh connection and learns what the server holds; close this one first,
@@ -294,10 +300,29 @@ impl Client {
                 let answer = conn.call(&commit).await?;
                 let root = Answer::committed(answer).map_err(RequestError::from)?;
                 let root = push.handle_committed(root).map_err(RequestError::from)?;
-                Ok(Attempt::Done((conn, root)))
+                Ok(Attempt::Done((conn, root, stripes.len() as u32)))
             }
         }
     }
+}
+
+/// Opens a further stripe of a push: the object, as a part of the striped push `group`,
+/// on `conn`.
+async fn open_part(
+    conn: Arc<Connection>,
+    push: &Push,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    group: Option<[u8; 16]>,
+) -> Option<TransferId> {
+    let req = push.open_part_request(dataset, object, group?);
+    let opened = conn.call(&req).await.and_then(|answer| {
+        let (transfer, _) = Answer::opened_write(answer)?;
+        Ok(transfer)
+    });
+    opened
+        .inspect_err(|e| tracing::debug!(error = %e, "striping: a further transfer did not open"))
+        .ok()
 }
 
 async fn send_chunk(

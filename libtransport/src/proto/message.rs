@@ -170,6 +170,21 @@ pub enum Request {
         /// What the object will be.
         manifest: Manifest,
     },
+    /// Opens a write transfer as one part of a push striped over several connections,
+    /// answered as `OpenWrite`. The parts a peer opens with the same `group` (a random id
+    /// the client picks per push) and the same manifest share one partial object: a chunk
+    /// sent on any part counts for all, `Commit` on any part commits it, and the node's
+    /// trail records them as one transfer.
+    OpenWritePart {
+        /// Dataset.
+        dataset: DatasetName,
+        /// Object.
+        object: ObjectPath,
+        /// What the object will be.
+        manifest: Manifest,
+        /// The striped push this part belongs to.
+        group: [u8; 16],
+    },
     /// Sends one chunk of an open write transfer in the `Data` frames that follow, then
     /// `End`; answered once the chunk is verified and stored.
     WriteChunk {
@@ -282,6 +297,18 @@ impl Request {
                 put_str(&mut b, object.as_str());
                 b.put_slice(group);
             }
+            Self::OpenWritePart {
+                dataset,
+                object,
+                manifest,
+                group,
+            } => {
+                b.put_u8(12);
+                put_str(&mut b, dataset.as_str());
+                put_str(&mut b, object.as_str());
+                manifest.encode(&mut b);
+                b.put_slice(group);
+            }
         }
         b.freeze()
     }
@@ -340,6 +367,14 @@ impl Request {
                     .try_into()
                     .map_err(|_| DecodeError::Truncated)?,
             },
+            12 => Self::OpenWritePart {
+                dataset: get_dataset(r)?,
+                object: get_object(r)?,
+                manifest: Manifest::decode(r)?,
+                group: take(r, 16)?
+                    .try_into()
+                    .map_err(|_| DecodeError::Truncated)?,
+            },
             t => return Err(DecodeError::Tag(t)),
         };
         finish(r)?;
@@ -356,6 +391,7 @@ impl Request {
             Self::OpenReadPart { .. } => "open-read-part",
             Self::Read { .. } => "read",
             Self::OpenWrite { .. } => "open-write",
+            Self::OpenWritePart { .. } => "open-write-part",
             Self::WriteChunk { .. } => "write-chunk",
             Self::Commit { .. } => "commit",
             Self::Close { .. } => "close",
@@ -836,6 +872,14 @@ mod tests {
                     manifest,
                 }
             }),
+            (dataset(), object(), manifest(), any::<[u8; 16]>()).prop_map(
+                |(dataset, object, manifest, group)| Request::OpenWritePart {
+                    dataset,
+                    object,
+                    manifest,
+                    group,
+                }
+            ),
             (any::<u64>(), any::<u32>()).prop_map(|(t, c)| Request::WriteChunk {
                 transfer: TransferId(t),
                 chunk: ChunkIndex(c)
@@ -1127,6 +1171,12 @@ mod tests {
                 object,
                 manifest,
             } => str_len(dataset.as_str()) + str_len(object.as_str()) + manifest.encoded_len(),
+            Request::OpenWritePart {
+                dataset,
+                object,
+                manifest,
+                ..
+            } => str_len(dataset.as_str()) + str_len(object.as_str()) + manifest.encoded_len() + 16,
             Request::WriteChunk { .. } => 8 + 4,
             Request::Commit { .. } | Request::Close { .. } => 8,
             Request::RdmaOpen { offer, .. } => 8 + offer.encoded_len(),

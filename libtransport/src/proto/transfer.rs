@@ -354,6 +354,23 @@ impl Push {
         }
     }
 
+    /// The request that opens one part of the transfer striped over several connections,
+    /// `group` naming the striped push, at the start of each attempt and on each further
+    /// connection.
+    pub fn open_part_request(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        group: [u8; 16],
+    ) -> Request {
+        Request::OpenWritePart {
+            dataset: dataset.clone(),
+            object: object.clone(),
+            manifest: (*self.manifest).clone(),
+            group,
+        }
+    }
+
     /// The server opened the transfer holding `have`: the schedule of the chunks to send.
     pub fn handle_opened(&mut self, have: &ChunkSet) -> Result<ChunkSchedule, TransferViolation> {
         if have.len() != self.manifest.chunk_count() {

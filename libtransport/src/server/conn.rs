@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 
 use super::shared::{Shared, record, record_or_refuse};
-use super::stripes::{GroupKey, PartEnd};
+use super::stripes::{GroupKey, PartEnd, WriterSlot};
 use crate::audit::AuditEvent;
 use crate::identity::Peer;
 use crate::metrics::ConnectionGuard;
@@ -15,7 +15,7 @@ use crate::policy::{Access, Decision};
 use crate::proto::connection::TransferTable;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::{DatasetName, Digest, ErrorCode, Manifest, ObjectPath, TransferId};
-use crate::store::{ObjectReader, ObjectWriter};
+use crate::store::ObjectReader;
 use crate::transport::Connection;
 use crate::vocab::{Action, DecisionKind, Direction, Outcome, TransferPath};
 
@@ -51,15 +51,15 @@ pub(crate) struct Transfer {
     pub(crate) bytes: AtomicU64,
     /// Whether its chunks moved by RDMA (the audit record and metrics name the path).
     pub(crate) rdma: AtomicBool,
-    /// The striped pull it is a part of, if any.
+    /// The striped transfer it is a part of, if any.
     group: Option<GroupKey>,
 }
 
 #[derive(Debug)]
 pub(crate) enum TransferKind {
     Read(ObjectReader),
-    /// `None` once committed.
-    Write(Mutex<Option<ObjectWriter>>),
+    /// Shared by the parts of a striped push.
+    Write(Arc<WriterSlot>),
 }
 
 impl TransferKind {
@@ -140,20 +140,9 @@ impl ConnCtx {
     }
 
     /// Registers a transfer, within the per-connection limit, and records its start; a
-    /// start that cannot be recorded is refused.
+    /// start that cannot be recorded is refused. For a part of the striped transfer `group`
+    /// only the transfer's first part records its start.
     pub(crate) fn open(
-        &self,
-        dataset: DatasetName,
-        object: ObjectPath,
-        manifest: &Manifest,
-        kind: TransferKind,
-    ) -> Result<TransferId, ErrorCode> {
-        self.open_part(dataset, object, manifest, kind, None)
-    }
-
-    /// As [`ConnCtx::open`], for a part of the striped pull `group` (if any): only the
-    /// pull's first part records its start.
-    pub(crate) fn open_part(
         &self,
         dataset: DatasetName,
         object: ObjectPath,
@@ -183,7 +172,9 @@ impl ConnCtx {
         );
         if let Err(e) = started {
             if let Some(key) = &group {
-                self.shared.stripes.leave(key, 0, false);
+                self.shared
+                    .stripes
+                    .leave(key, 0, false, Outcome::Incomplete);
             }
             return Err(e);
         }
@@ -212,7 +203,9 @@ impl ConnCtx {
         if inserted.is_err()
             && let Some(key) = &group
         {
-            self.shared.stripes.leave(key, 0, false);
+            self.shared
+                .stripes
+                .leave(key, 0, false, Outcome::Incomplete);
         }
         Ok(inserted?)
     }
@@ -226,8 +219,8 @@ impl ConnCtx {
     }
 
     /// Records a transfer's end in the audit trail and the metrics; a part of a striped
-    /// pull only once it is the last, with the whole pull's bytes, complete if they are the
-    /// object's.
+    /// transfer only once it is the last, with the whole transfer's bytes: a pull complete
+    /// if they are the object's, a push as its commit settled it.
     pub(crate) fn ended(&self, t: &Transfer, outcome: Outcome) {
         let direction = t.kind.direction();
         let (mut bytes, mut rdma, mut started) = (
@@ -237,14 +230,15 @@ impl ConnCtx {
         );
         let mut outcome = outcome;
         if let Some(key) = &t.group {
-            match self.shared.stripes.leave(key, bytes, rdma) {
+            match self.shared.stripes.leave(key, bytes, rdma, outcome) {
                 PartEnd::Open => return,
                 PartEnd::Last {
                     bytes: all,
                     rdma: any,
                     started: first,
+                    outcome: settled,
                 } => {
-                    (bytes, rdma, started) = (all, any, first);
+                    (bytes, rdma, started, outcome) = (all, any, first, settled);
                     if let TransferKind::Read(r) = &t.kind
                         && bytes >= r.manifest().size()
                     {

@@ -16,8 +16,8 @@ use crate::audit::AuditEvent;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
 use crate::proto::{
-    ChunkIndex, DatasetName, DecodeError, ErrorCode, Frame, FrameKind, ObjectPath, Request,
-    Response, TransferId,
+    ChunkIndex, DatasetName, DecodeError, ErrorCode, Frame, FrameKind, Manifest, ObjectPath,
+    Request, Response, TransferId,
 };
 use crate::store::{ChunkWriter, StoreError, WriteError};
 use crate::transport::{FrameSink, FrameSource, RequestStream};
@@ -147,20 +147,15 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
             dataset,
             object,
             manifest,
+        } => open_write(ctx, store, &mut s.sink, (dataset, object, manifest), None).await,
+        Request::OpenWritePart {
+            dataset,
+            object,
+            manifest,
+            group,
         } => {
-            ctx.authorize(Action::Write, &dataset, Some(&object))?;
-            let manifest = Arc::new(manifest);
-            let (d, o, m) = (dataset.clone(), object.clone(), manifest.clone());
-            let owner = ctx.peer.id.to_string();
-            let writer = blocking(move || store.open_write(&d, &o, m, &owner)).await?;
-            let have = writer.partial().have();
-            let transfer = ctx.open(
-                dataset,
-                object,
-                &manifest,
-                TransferKind::Write(std::sync::Mutex::new(Some(writer))),
-            )?;
-            respond(&mut s.sink, Response::OpenedWrite { transfer, have }).await
+            let target = (dataset, object, manifest);
+            open_write(ctx, store, &mut s.sink, target, Some(group)).await
         }
         Request::WriteChunk { transfer, chunk } => {
             write_chunk(ctx, transfer, chunk, &mut s.source).await?;
@@ -196,7 +191,7 @@ async fn open_read(
     let (d, o) = (dataset.clone(), object.clone());
     let reader = blocking(move || store.open_read(&d, &o)).await?;
     let manifest = (**reader.manifest()).clone();
-    let transfer = ctx.open_part(
+    let transfer = ctx.open(
         dataset,
         object,
         &manifest,
@@ -204,6 +199,45 @@ async fn open_read(
         group,
     )?;
     respond(sink, Response::OpenedRead { transfer, manifest }).await
+}
+
+/// Opens a write transfer (a part of the striped push `group`, if any) after authorizing
+/// it, and answers with the chunks already held. The parts of a striped push write through
+/// one writer: the first part opens the object, the others join it.
+async fn open_write(
+    ctx: &Arc<ConnCtx>,
+    store: Arc<crate::store::Store>,
+    sink: &mut FrameSink,
+    (dataset, object, manifest): (DatasetName, ObjectPath, Manifest),
+    group: Option<[u8; 16]>,
+) -> Result<(), Failure> {
+    ctx.authorize(Action::Write, &dataset, Some(&object))?;
+    let manifest = Arc::new(manifest);
+    let (d, o, m) = (dataset.clone(), object.clone(), manifest.clone());
+    let owner = ctx.peer.id.to_string();
+    let open = blocking(move || store.open_write(&d, &o, m, &owner));
+    let writer = match group {
+        None => Arc::new(std::sync::Mutex::new(Some(open.await?))),
+        Some(g) => {
+            let key = (ctx.peer.id.clone(), g, manifest.root());
+            ctx.shared.stripes.writer(&key, open).await?
+        }
+    };
+    let have = writer
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|w| w.partial().have())
+        // The push was committed on another part while this one opened.
+        .ok_or(ErrorCode::Busy)?;
+    let transfer = ctx.open(
+        dataset,
+        object,
+        &manifest,
+        TransferKind::Write(writer),
+        group,
+    )?;
+    respond(sink, Response::OpenedWrite { transfer, have }).await
 }
 
 async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {

@@ -198,7 +198,7 @@ pub(crate) async fn push(
             retry: RetryPolicy::with_attempts(args.retries),
             progress: Some(progress_fn(&bar, base)),
             max_rate: args.max_rate.map(|r| r.as_u64()),
-            connections: None,
+            connections: args.connections,
         };
         let report = client
             .push_file(&dataset, &object, &path, &opts)
