@@ -64,6 +64,9 @@ pub fn run(a: &LabArgs) -> anyhow::Result<Value> {
     let max_mtu = (a.mtu.saturating_sub(28)).clamp(1200, 65_527).to_string();
     let listen = format!("{}:7443", server_host.addr());
     let plaintext = format!("{}:7444", server_host.addr());
+    // The reference loops cross the same wire: bare-tcp and bare-quic on 7450, bare-tls on
+    // 7451.
+    let bare = format!("{}:7450", server_host.addr());
     let server = server_host
         .process(&exe)
         .args([
@@ -73,6 +76,8 @@ pub fn run(a: &LabArgs) -> anyhow::Result<Value> {
             "--plaintext",
             &plaintext,
             "--dangerous-plaintext",
+            "--bare",
+            &bare,
         ])
         .arg("--identity")
         .arg(tmp.path().join("server"))
@@ -89,6 +94,13 @@ pub fn run(a: &LabArgs) -> anyhow::Result<Value> {
     let id = ready["id"]
         .as_str()
         .context("server reported no identity")?;
+    let bare_cert = tmp.path().join("bare-cert.pem");
+    std::fs::write(
+        &bare_cert,
+        ready["bare_cert"]
+            .as_str()
+            .context("server reported no reference loops")?,
+    )?;
     let out = client_host
         .command(&exe)
         .args([
@@ -100,6 +112,9 @@ pub fn run(a: &LabArgs) -> anyhow::Result<Value> {
             "--dangerous-plaintext",
         ])
         .args(["--server-id", id, "--server-pid", &server.pid().to_string()])
+        .args(["--bare-server", &bare])
+        .arg("--bare-cert")
+        .arg(&bare_cert)
         .arg("--identity")
         .arg(tmp.path().join("client"))
         .args(["--modes", &a.modes, "--into", &a.into])

@@ -204,6 +204,10 @@ pub struct Target {
     /// Where pulls into a file land: each run in a directory of its own inside, removed
     /// after the run. On the same filesystem as the server's store when it runs here.
     pub pull_dir: PathBuf,
+    /// The reference loops' server end, when the server runs them (`server --bare`): the
+    /// loops then cross the same network as the product's modes. `None`: they run on this
+    /// machine's loopback.
+    pub bare: Option<crate::bare::RemoteBare>,
 }
 
 /// Runs `mode` once: `connections` clients each pull the object `into` memory or a file of
@@ -224,7 +228,14 @@ pub async fn run(
         return crate::rdma_plain::run(target.size, target.chunk_bytes, shape).await;
     }
     if let Some(bare) = mode.as_bare() {
-        return crate::bare::run(bare, target.size, shape, &target.transport).await;
+        return crate::bare::run(
+            bare,
+            target.size,
+            shape,
+            &target.transport,
+            target.bare.as_ref(),
+        )
+        .await;
     }
     let mut transport = target.transport.clone();
     // The RDMA modes must not fall back to QUIC unnoticed; the others do not use RDMA.

@@ -329,6 +329,8 @@ fn lab_reports_each_mode_across_a_wire_at_both_mtus() {
         );
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(doc["mtu"].to_string(), mtu);
+        // The reference loops crossed the same wire, against the server host's own loops.
+        assert_eq!(doc["params"]["reference_loops"], "server");
         let modes = doc["modes"].as_array().unwrap();
         assert_eq!(modes.len(), 6);
         for m in modes {

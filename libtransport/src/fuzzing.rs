@@ -672,11 +672,28 @@ mod seeds {
                 },
             ),
             (
+                "open-read-part",
+                Request::OpenReadPart {
+                    dataset: ds("scans"),
+                    object: obj("a/b.bin"),
+                    group: [7; 16],
+                },
+            ),
+            (
                 "open-write",
                 Request::OpenWrite {
                     dataset: ds("checkpoints"),
                     object: obj("step-1/model.bin"),
+                    manifest: m.clone(),
+                },
+            ),
+            (
+                "open-write-part",
+                Request::OpenWritePart {
+                    dataset: ds("checkpoints"),
+                    object: obj("step-1/model.bin"),
                     manifest: m,
+                    group: [9; 16],
                 },
             ),
             (

@@ -82,6 +82,12 @@ enum Command {
         /// Run without an audit trail.
         #[arg(long)]
         no_audit: bool,
+        /// Also serve the reference loops here, so a `client` elsewhere measures them across
+        /// the same network: bare-tcp on this TCP port, bare-tls on the next, bare-quic on
+        /// this UDP port. The ready line carries their certificate (`bare_cert`, PEM) for
+        /// the client's --bare-cert.
+        #[arg(long, value_name = "ADDR")]
+        bare: Option<SocketAddr>,
     },
     /// Measure the modes against a `server` on another machine.
     Client {
@@ -108,6 +114,14 @@ enum Command {
         /// QUIC path-MTU ceiling.
         #[arg(long, default_value_t = 1452)]
         max_mtu: u16,
+        /// The server's reference loops (`server --bare`): without it the loops run on this
+        /// machine's loopback, and ratios to them compare the network with loopback.
+        #[arg(long, value_name = "ADDR", requires = "bare_cert")]
+        bare_server: Option<SocketAddr>,
+        /// A PEM file with the certificate the server's reference loops present (its ready
+        /// line's `bare_cert`).
+        #[arg(long, value_name = "FILE", requires = "bare_server")]
+        bare_cert: Option<PathBuf>,
     },
     /// A server and a client on two netlab hosts (network namespaces joined by a bridge):
     /// the modes cross a wire with a real MTU. Needs root.
@@ -130,7 +144,9 @@ enum Command {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Modes to run, comma-separated: bare-tcp, bare-tls, bare-quic (the reference loops:
-    /// the libraries alone, in this process on loopback), plaintext-tcp, tls-tcp, quic, rdma-soft-plain,
+    /// the libraries alone; in `local` on loopback, in `lab` and in `client --bare-server`
+    /// against the server's own loops, across the same network), plaintext-tcp, tls-tcp,
+    /// quic, rdma-soft-plain,
     /// rdma-soft, rdma (hardware; needs the `rdma` build feature and a device). Each mode's
     /// ratio is to its unencrypted baseline: plaintext-tcp, or rdma-soft-plain for rdma-soft
     /// (a bare loop over two soft devices in this process, on loopback).
@@ -256,9 +272,17 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             dangerous_plaintext: _,
             max_mtu,
             no_audit,
+            bare,
         } => {
             let mut transport = TransportConfig::default();
             transport.mtu(1200, max_mtu).context("--max-mtu")?;
+            let bare_cert = match bare {
+                Some(addr) => Some(pem::encode(&pem::Pem::new(
+                    "CERTIFICATE",
+                    benches::bare::serve_remote(addr, &transport)?.to_vec(),
+                ))),
+                None => None,
+            };
             // Serve rdma-soft (its unsealed baseline is a bare loop on the client's side).
             transport.rdma(RdmaMode::Soft);
             let cb = u32::try_from(chunk_size.as_u64()).context("--chunk-size")?;
@@ -283,6 +307,8 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                     "plaintext": served.plaintext,
                     "size": served.size,
                     "pid": std::process::id(),
+                    "bare": bare,
+                    "bare_cert": bare_cert,
                 })
             );
             // Stop on SIGINT or SIGTERM, and drop what was served: the synthetic object
@@ -304,7 +330,23 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             server_pid,
             run,
             max_mtu,
+            bare_server,
+            bare_cert,
         } => {
+            let bare = match (bare_server, bare_cert) {
+                (Some(addr), Some(path)) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading --bare-cert {}", path.display()))?;
+                    let cert = pem::parse(text)
+                        .with_context(|| format!("--bare-cert {}: not PEM", path.display()))?;
+                    Some(benches::bare::RemoteBare {
+                        addr,
+                        cert: cert.into_contents().into(),
+                        server_pid,
+                    })
+                }
+                _ => None,
+            };
             let mut transport = TransportConfig::default();
             transport.mtu(1200, max_mtu).context("--max-mtu")?;
             transport
@@ -342,9 +384,17 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 transport,
                 server_pid,
                 pull_dir: pulls.path().to_path_buf(),
+                bare,
             };
             probe.close();
-            let doc = measure(&target, &run, json!({ "kind": "client", "server": server })).await?;
+            // Where the reference loops' server end ran: across the network, or loopback.
+            let loops = if target.bare.is_some() {
+                "server"
+            } else {
+                "loopback"
+            };
+            let params = json!({ "kind": "client", "server": server, "reference_loops": loops });
+            let doc = measure(&target, &run, params).await?;
             finish(&doc, "client", &run)
         }
         Command::Lab { .. } => bail!("lab runs without a runtime"),
@@ -393,12 +443,13 @@ async fn local(size: u64, run: &RunArgs, max_mtu: u16, audit: bool) -> anyhow::R
         server_pid: None,
         // The same filesystem as the server's store.
         pull_dir: served.dir.path().join("pulls"),
+        bare: None,
     };
     std::fs::create_dir_all(&target.pull_dir)?;
     let doc = measure(
         &target,
         run,
-        json!({ "kind": "local", "max_mtu": max_mtu, "audit": audit }),
+        json!({ "kind": "local", "max_mtu": max_mtu, "audit": audit, "reference_loops": "loopback" }),
     )
     .await?;
     finish(&doc, "local", run)
