@@ -24,7 +24,7 @@ mod file;
 mod verify;
 
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
-pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer};
+pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer, TrailBreak};
 pub use verify::{Query, VerifyError, VerifyReport, query, verify};
 
 pub use crate::vocab::{DecisionKind, Direction, Outcome};
@@ -295,6 +295,23 @@ pub enum AuditEvent {
         /// The last sequence number in it: the checkpoint that follows this record.
         last_seq: u64,
     },
+    /// The node found its trail broken when it opened it: records cut off, changed or torn,
+    /// or the latest checkpoint's record gone. The trail goes on after what it found, this
+    /// record first; `audit verify` reports the break for as long as the record is there.
+    TrailBroken {
+        /// What was found.
+        found: TrailBreakKind,
+        /// Where, in words (segment, sequence numbers); never record contents.
+        detail: String,
+        /// The latest checkpoint on record before the break: its sequence number...
+        #[serde(skip_serializing_if = "Option::is_none")]
+        checkpoint_seq: Option<u64>,
+        /// ... and the hash of its line.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        checkpoint_hash: Option<Digest>,
+        /// The last record the trail held when the node opened it; this record follows it.
+        last_seq: u64,
+    },
     /// A signed checkpoint: the signer vouches for every record up to this one.
     Checkpoint {
         /// The SPIFFE ID whose key signed.
@@ -307,6 +324,40 @@ pub enum AuditEvent {
         /// hex.
         signature: String,
     },
+}
+
+/// What a node found wrong with its trail when it opened it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrailBreakKind {
+    /// Records after the latest checkpoint are gone: the trail ends before it.
+    Cut,
+    /// A record at or after the latest checkpoint no longer matches it or its neighbours.
+    Changed,
+    /// The last record was half-written (a crash while writing, or a cut mid-record); the
+    /// node cut the partial line off.
+    Torn,
+    /// The trail has records but `checkpoint.json` is missing or unreadable, so a cut
+    /// cannot be ruled out.
+    CheckpointMissing,
+}
+
+impl TrailBreakKind {
+    /// The name records and reports use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cut => "cut",
+            Self::Changed => "changed",
+            Self::Torn => "torn",
+            Self::CheckpointMissing => "checkpoint_missing",
+        }
+    }
+}
+
+impl fmt::Display for TrailBreakKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One record: a time and an event.

@@ -319,7 +319,7 @@ pub fn manifest(data: &[u8]) {
 /// The input is the segments' bytes, separated by `0xFF` (at most 4 segments), then
 /// optionally `0xFE` and `checkpoint.json`'s bytes, then optionally `0xFD` and a trust
 /// bundle (PEM) to verify checkpoint signers with. A trail that verified must still verify
-/// after a node resumed it, appended a record and closed it.
+/// after a node resumed it, appended a record and closed it; one that failed must still fail.
 pub fn audit_trail(data: &[u8]) {
     let (trail, bundle) = split_once(data, 0xFD);
     let (segments, head) = split_once(trail, 0xFE);
@@ -336,6 +336,7 @@ pub fn audit_trail(data: &[u8]) {
         .and_then(|b| std::str::from_utf8(b).ok())
         .and_then(|b| certs::TrustBundle::from_pem(b).ok());
     let before = crate::audit::verify(&dir, bundle.as_ref());
+    let broken = crate::audit::verify(&dir, None).is_err();
     if let Ok(report) = &before {
         assert_eq!(report.unsealed, report.last_seq - report.last_checkpoint);
         assert_eq!(report.records, report.last_seq);
@@ -360,6 +361,13 @@ pub fn audit_trail(data: &[u8]) {
     };
     let appended = sink.record(&record).and_then(|()| sink.close());
     drop(sink);
+    if broken && appended.is_ok() {
+        // A node never papers over what it finds: a trail that failed stays failed.
+        assert!(
+            crate::audit::verify(&dir, None).is_err(),
+            "a broken trail verified once a node resumed it"
+        );
+    }
     if let (Ok(report), Ok(())) = (&before, appended) {
         // A clean trail stays clean once a node has resumed it. (Its own checkpoints are
         // signed by the fuzzing identity, so the signer bundle is not applied here.)

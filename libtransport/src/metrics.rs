@@ -34,6 +34,7 @@ pub struct Metrics {
     denials: Family<DenialLabels, Counter>,
     chunk_failures: Counter,
     audit_errors: Counter,
+    audit_breaks: Gauge,
     svid_expiry: Gauge<f64, AtomicU64>,
     duration: Family<DirectionLabel, Histogram, fn() -> Histogram>,
     store: Arc<StoreIo>,
@@ -91,6 +92,12 @@ impl Metrics {
             "Audit records that could not be written (each refused the work it was about)",
             audit_errors.clone(),
         );
+        let audit_breaks = Gauge::default();
+        registry.register(
+            "audit_trail_breaks",
+            "Breaks on record in this node's audit trail (records cut off, changed or torn, found when it started); `transportd audit verify` fails while there are any",
+            audit_breaks.clone(),
+        );
         let svid_expiry = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "svid_expiry_seconds",
@@ -115,6 +122,7 @@ impl Metrics {
             denials,
             chunk_failures,
             audit_errors,
+            audit_breaks,
             svid_expiry,
             duration,
             store,
@@ -205,6 +213,12 @@ impl Metrics {
     /// An audit record could not be written.
     pub fn audit_error(&self) {
         self.audit_errors.inc();
+    }
+
+    /// Sets the breaks on record in the node's audit trail.
+    pub fn set_audit_trail_breaks(&self, breaks: u64) {
+        self.audit_breaks
+            .set(i64::try_from(breaks).unwrap_or(i64::MAX));
     }
 
     /// Sets the seconds until the node's SVID expires.

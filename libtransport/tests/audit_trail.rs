@@ -1,7 +1,9 @@
 //! The audit trail on disk: a clean trail verifies, and every kind of tampering (a changed
 //! byte, a removed record, swapped records, a tail cut back past a checkpoint, a forged
-//! checkpoint, a removed segment) is detected by `verify`, naming the record. A crash's
-//! half-written line is cut off on restart; queries filter records.
+//! checkpoint, a removed segment) is detected by `verify`, naming the record. A node that
+//! opens a trail cut, changed or torn since its latest checkpoint records the break before
+//! it goes on, so `verify` keeps reporting it after any number of restarts; queries filter
+//! records.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
@@ -11,7 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use certs::test_util::TestPki;
 use libtransport::audit::{
-    AuditEvent, AuditRecord, AuditSink, FileSink, FileSinkConfig, Query, Signer, query, verify,
+    AuditEvent, AuditRecord, AuditSink, FileSink, FileSinkConfig, Query, Signer, TrailBreakKind,
+    query, verify,
 };
 use libtransport::clock::SystemClock;
 use libtransport::proto::{DatasetName, Digest, ObjectPath};
@@ -269,14 +272,18 @@ fn a_half_written_record_is_reported_then_cut_off_on_restart() {
     drop(f);
     let e = verify(&t.dir, None).unwrap_err();
     assert!(e.reason.contains("incomplete"), "{e}");
-    // The node restarts: the partial line goes, the chain continues, all verifies.
-    let signer: Arc<dyn Signer> = Arc::new(identity(&t.pki, "/node/storage"));
-    let sink = FileSink::open(FileSinkConfig::new(&t.dir), signer, Arc::new(SystemClock)).unwrap();
+    // The node restarts: the partial line goes and the chain continues, but the tear is
+    // recorded, and the trail reports it from then on.
+    let sink = reopen(&t);
+    assert_eq!(kinds(&sink), [TrailBreakKind::Torn]);
     sink.record(&record(6)).unwrap();
     sink.close().unwrap();
     drop(sink);
-    let report = verify(&t.dir, None).unwrap();
-    assert_eq!(report.unsealed, 0);
+    let e = verify(&t.dir, None).unwrap_err();
+    assert!(
+        e.reason.contains("broken") && e.reason.contains("torn"),
+        "{e}"
+    );
     // A second writer on the same trail waits, then gives up with a clear error.
     let signer: Arc<dyn Signer> = Arc::new(identity(&t.pki, "/node/storage"));
     let mut cfg = FileSinkConfig::new(&t.dir);
@@ -285,6 +292,121 @@ fn a_half_written_record_is_reported_then_cut_off_on_restart() {
     let e = FileSink::open(cfg, signer, Arc::new(SystemClock)).unwrap_err();
     assert!(e.to_string().contains("another process"), "{e}");
     drop(first);
+}
+
+/// The node restarts on the trail.
+fn reopen(t: &Trail) -> FileSink {
+    let signer: Arc<dyn Signer> = Arc::new(identity(&t.pki, "/node/storage"));
+    FileSink::open(FileSinkConfig::new(&t.dir), signer, Arc::new(SystemClock)).unwrap()
+}
+
+fn kinds(sink: &FileSink) -> Vec<TrailBreakKind> {
+    sink.breaks().iter().map(|b| b.found).collect()
+}
+
+/// Restarts the node on the trail `times` times, a record each time: no new break is
+/// found, and `verify` still fails, naming the first.
+fn restarts_keep_it_failed(t: &Trail, times: u64, naming: &str) {
+    for i in 0..times {
+        let sink = reopen(t);
+        assert!(sink.breaks().is_empty(), "restart {i}: {:?}", sink.breaks());
+        assert_eq!(
+            sink.breaks_on_record(),
+            1,
+            "restart {i}: the break is still on record"
+        );
+        sink.record(&record(100 + i)).unwrap();
+        sink.close().unwrap();
+        drop(sink);
+        let e = verify(&t.dir, None).unwrap_err();
+        assert!(
+            e.reason.contains("broken when it opened it") && e.reason.contains(naming),
+            "restart {i}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_trail_cut_changed_or_torn_is_recorded_on_restart_and_stays_failed() {
+    // Control: a node restarted on an intact trail finds nothing, and it verifies.
+    let t = trail(25, 1 << 20);
+    for _ in 0..2 {
+        let sink = reopen(&t);
+        assert!(sink.breaks().is_empty(), "{:?}", sink.breaks());
+        assert_eq!(sink.breaks_on_record(), 0);
+        sink.record(&record(26)).unwrap();
+        drop(sink);
+        verify(&t.dir, None).unwrap();
+    }
+
+    // The last eight records cut off (the issue's reproduction).
+    let t = trail(25, 1 << 20);
+    let (file, original) = lines(&t.dir).remove(0);
+    let kept = original.len() - 8;
+    rewrite(&file, &original[..kept]);
+    let sink = reopen(&t);
+    assert_eq!(kinds(&sink), [TrailBreakKind::Cut]);
+    let b = &sink.breaks()[0];
+    let (last_seq, head_seq) = (
+        seq_of(&original[kept - 1]),
+        seq_of(original.last().unwrap()),
+    );
+    assert_eq!(b.last_seq, last_seq);
+    assert_eq!(
+        b.checkpoint.map(|c| c.0),
+        Some(head_seq),
+        "the old checkpoint is on record"
+    );
+    assert!(b.detail.contains("cut off"), "{}", b.detail);
+    drop(sink);
+    // The break is a record of its own, right after the last record that was left.
+    let broken = query(
+        &t.dir,
+        &Query {
+            event: Some("trail_broken".into()),
+            ..Query::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(broken.len(), 1);
+    assert_eq!(broken[0]["found"], "cut");
+    assert_eq!(broken[0]["seq"].as_u64(), Some(last_seq + 1));
+    assert_eq!(broken[0]["checkpoint_seq"].as_u64(), Some(head_seq));
+    restarts_keep_it_failed(&t, 3, "cut");
+
+    // The latest checkpoint's own record changed (a byte of its time: the signature does
+    // not cover it, so only checkpoint.json shows it).
+    let t = trail(25, 1 << 20);
+    let (file, mut l) = lines(&t.dir).remove(0);
+    let last = l.len() - 1;
+    l[last] = l[last].replacen("\"time\":\"20", "\"time\":\"19", 1);
+    rewrite(&file, &l);
+    let sink = reopen(&t);
+    assert_eq!(kinds(&sink), [TrailBreakKind::Changed]);
+    drop(sink);
+    restarts_keep_it_failed(&t, 3, "changed");
+
+    // A torn last line.
+    let t = trail(25, 1 << 20);
+    let (file, _) = lines(&t.dir).remove(0);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":41,\"pr").unwrap();
+    drop(f);
+    let sink = reopen(&t);
+    assert_eq!(kinds(&sink), [TrailBreakKind::Torn]);
+    drop(sink);
+    restarts_keep_it_failed(&t, 3, "torn");
+
+    // checkpoint.json removed, so a cut could not be told.
+    let t = trail(25, 1 << 20);
+    std::fs::remove_file(t.dir.join("checkpoint.json")).unwrap();
+    let sink = reopen(&t);
+    assert_eq!(kinds(&sink), [TrailBreakKind::CheckpointMissing]);
+    drop(sink);
+    restarts_keep_it_failed(&t, 1, "checkpoint_missing");
 }
 
 #[test]

@@ -89,12 +89,24 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             if !state.audit.is_healthy() {
                 problems.push("the audit trail cannot be written");
             }
+            // Serving goes on over a broken trail, but its breaks are said wherever anyone
+            // looks: here, in the metrics, the log and the trail itself.
+            let mut detail = String::new();
+            let breaks = state.audit.breaks_on_record();
+            if breaks > 0 {
+                detail.push_str(&format!(
+                    "audit trail: {breaks} break(s) on record; `transportd audit verify` names them\n"
+                ));
+                for b in state.audit.breaks() {
+                    detail.push_str(&format!("audit trail found broken at this start: {b}\n"));
+                }
+            }
             if problems.is_empty() {
-                text(StatusCode::OK, "ready\n".into())
+                text(StatusCode::OK, format!("ready\n{detail}"))
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {}\n", problems.join("; ")),
+                    format!("not ready: {}\n{detail}", problems.join("; ")),
                 )
             }
         }

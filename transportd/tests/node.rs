@@ -267,6 +267,56 @@ fn audit_verify_accepts_a_clean_trail_and_names_a_tampered_record() {
 }
 
 #[test]
+fn a_node_restarted_on_a_cut_trail_records_the_break_and_keeps_reporting_it() {
+    let site = site_with_policy_file();
+    write_data(&site.path("storage/datasets/scans/a.bin"), 50_000, 1);
+    let mut node = Node::start(&site);
+    for _ in 0..3 {
+        let mut args = vec!["pull".to_owned()];
+        args.extend(client(&site, "loader", &node, "tcp"));
+        args.extend(["scans/a.bin".into(), p(&site.path("a.bin")).into()]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    node.stop();
+    let dir = site.path("storage/audit");
+    ok(&["audit", "verify", p(&dir)]);
+    // Someone removes the last eight records, then the node starts again.
+    let seg = dir.join("audit-000001.jsonl");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = lines.len() - 8;
+    std::fs::write(&seg, format!("{}\n", lines[..kept].join("\n"))).unwrap();
+    for start in 0..4 {
+        let mut node = Node::start(&site);
+        let (status, body) = node.admin_get("/readyz");
+        assert_eq!(status, 200, "start {start}: {body}");
+        assert!(
+            body.contains("audit trail: 1 break(s) on record"),
+            "start {start}: {body}"
+        );
+        // Only the first start finds it; later ones carry it on.
+        assert_eq!(
+            body.contains("found broken at this start: cut"),
+            start == 0,
+            "start {start}: {body}"
+        );
+        let (_, metrics) = node.admin_get("/metrics");
+        assert!(
+            metrics.contains("\ntransportd_audit_trail_breaks 1\n"),
+            "start {start}: {metrics}"
+        );
+        node.stop();
+        let out = run(&["audit", "verify", p(&dir)]);
+        assert_eq!(out.status.code(), Some(65), "start {start}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("broken when it opened it (cut)"),
+            "start {start}: {err}"
+        );
+    }
+}
+
+#[test]
 fn the_admin_endpoint_reports_health_and_counters_that_move() {
     let site = site_with_policy_file();
     write_data(&site.path("storage/datasets/scans/a.bin"), 50_000, 1);
@@ -281,6 +331,10 @@ fn the_admin_endpoint_reports_health_and_counters_that_move() {
     assert_eq!(node.admin_get("/nope").0, 404);
     let (_, before) = node.admin_get("/metrics");
     assert!(!before.contains("transportd_bytes_total{"));
+    assert!(
+        before.contains("\ntransportd_audit_trail_breaks 0\n"),
+        "{before}"
+    );
     let mut args = vec!["pull".to_owned()];
     args.extend(client(&site, "loader", &node, "quic"));
     args.extend(["scans/a.bin".into(), p(&site.path("a.bin")).into()]);

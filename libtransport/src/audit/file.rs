@@ -16,6 +16,13 @@
 //! segment is sealed, and by [`FileSink::close`] at shutdown; each is fsynced and recorded
 //! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it.
 //! Segments are sealed by size and age and never deleted by the daemon.
+//!
+//! On open the sink checks the trail from the latest checkpoint to its end: records cut off
+//! after it, a record there changed, a half-written last line, or records without a
+//! `checkpoint.json` are never papered over. Each break is logged, kept in
+//! [`FileSink::breaks`] for the node's metrics and `/readyz`, and recorded as a
+//! `trail_broken` record (naming the old checkpoint) before the sink's first checkpoint, so
+//! `audit verify` reports it after any number of restarts.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -28,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use certs::SpiffeId;
 
 use super::chain::{Chain, checkpoint_message, hash_line};
-use super::{AuditError, AuditEvent, AuditRecord, AuditSink};
+use super::{AuditError, AuditEvent, AuditRecord, AuditSink, TrailBreakKind};
 use crate::clock::Clock;
 use crate::proto::Digest;
 
@@ -98,6 +105,25 @@ pub struct CheckpointSignature {
     pub signature: Vec<u8>,
 }
 
+/// A break the sink found in its trail when it opened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailBreak {
+    /// What was found.
+    pub found: TrailBreakKind,
+    /// Where, in words.
+    pub detail: String,
+    /// The latest checkpoint on record before it (seq and line hash), if any.
+    pub checkpoint: Option<(u64, Digest)>,
+    /// The last record the trail held.
+    pub last_seq: u64,
+}
+
+impl std::fmt::Display for TrailBreak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.found, self.detail)
+    }
+}
+
 /// The hash-chained, checkpointed trail in a directory.
 #[derive(Debug)]
 pub struct FileSink {
@@ -106,6 +132,8 @@ pub struct FileSink {
     clock: Arc<dyn Clock>,
     inner: Mutex<Inner>,
     healthy: AtomicBool,
+    breaks: Vec<TrailBreak>,
+    breaks_on_record: u64,
     _lock: File,
 }
 
@@ -123,8 +151,10 @@ struct Inner {
 
 impl FileSink {
     /// Opens (creating if needed) the trail in `cfg.dir` and writes a checkpoint. A record
-    /// left half-written by a crash is cut off first; a trail whose last record does not
-    /// parse is refused (run `transportd audit verify` on it).
+    /// left half-written (by a crash, say) is cut off first; a trail whose last record does
+    /// not parse is refused (run `transportd audit verify` on it). What is found broken
+    /// since the latest checkpoint is recorded before that checkpoint (see the module's
+    /// documentation) and kept in [`FileSink::breaks`].
     pub fn open(
         cfg: FileSinkConfig,
         signer: Arc<dyn Signer>,
@@ -137,13 +167,15 @@ impl FileSink {
         let lock = lock_dir(&cfg.dir, cfg.lock_wait)?;
         let segments = segments(&cfg.dir)?;
         let now = clock.now();
-        let (segment, chain, opened) = match segments.last() {
-            None => (1, Chain::new(), now),
+        let (segment, chain, opened, breaks) = match segments.last() {
+            None => (1, Chain::new(), now, check_head(&cfg.dir, &segments, 0)),
             Some(&(last, _)) => {
-                let (chain, first_time) = recover(&cfg.dir, &segments)?;
-                (last, chain, first_time.unwrap_or(now))
+                let r = recover(&cfg.dir, &segments)?;
+                (last, r.chain, r.first_time.unwrap_or(now), r.breaks)
             }
         };
+        // Breaks recorded before this start, as the latest checkpoint carries them.
+        let earlier_breaks = read_head(&cfg.dir).ok().flatten().map_or(0, |h| h.breaks);
         let file = open_segment(&cfg.dir, segment)?;
         let bytes = file.metadata()?.len();
         let started = clock.instant();
@@ -160,11 +192,47 @@ impl FileSink {
                 last_checkpoint: started,
             }),
             healthy: AtomicBool::new(true),
+            breaks_on_record: earlier_breaks + breaks.len() as u64,
+            breaks,
             cfg,
             _lock: lock,
         };
+        {
+            let mut g = sink.lock();
+            for b in &sink.breaks {
+                tracing::error!(
+                    dir = %sink.cfg.dir.display(),
+                    found = %b.found,
+                    detail = %b.detail,
+                    "the audit trail was found broken; recording the break"
+                );
+                let record = AuditRecord {
+                    time: sink.clock.now(),
+                    event: AuditEvent::TrailBroken {
+                        found: b.found,
+                        detail: b.detail.clone(),
+                        checkpoint_seq: b.checkpoint.map(|c| c.0),
+                        checkpoint_hash: b.checkpoint.map(|c| c.1),
+                        last_seq: b.last_seq,
+                    },
+                };
+                sink.write(&mut g, &record)?;
+            }
+        }
         sink.checkpoint()?;
         Ok(sink)
+    }
+
+    /// What the sink found broken in its trail when it opened it (empty for a trail intact
+    /// since its latest checkpoint). Each is also a `trail_broken` record in the trail.
+    pub fn breaks(&self) -> &[TrailBreak] {
+        &self.breaks
+    }
+
+    /// The `trail_broken` records in the trail, these included: found at this start or at
+    /// an earlier one (the count goes from checkpoint to checkpoint in `checkpoint.json`).
+    pub fn breaks_on_record(&self) -> u64 {
+        self.breaks_on_record
     }
 
     /// The trail's directory.
@@ -250,6 +318,7 @@ impl FileSink {
                     segment: segment_name(g.segment),
                     seq,
                     hash: g.chain.prev(),
+                    breaks: self.breaks_on_record,
                 },
             )
         });
@@ -316,6 +385,13 @@ pub(crate) struct Head {
     pub(crate) segment: String,
     pub(crate) seq: u64,
     pub(crate) hash: Digest,
+    /// `trail_broken` records in the trail so far, carried from checkpoint to checkpoint.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) breaks: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub(crate) const HEAD_FILE: &str = "checkpoint.json";
@@ -344,23 +420,31 @@ pub(crate) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Finds where the chain stands, cutting off a half-written last line, and the time of the
-/// last segment's first record.
-fn recover(
-    dir: &Path,
-    segments: &[(u64, PathBuf)],
-) -> Result<(Chain, Option<SystemTime>), AuditError> {
+/// Where a trail stands when a sink opens it.
+struct Recovered {
+    chain: Chain,
+    /// The time of the last segment's first record.
+    first_time: Option<SystemTime>,
+    breaks: Vec<TrailBreak>,
+}
+
+/// Finds where the chain stands, cutting off a half-written last line, and what is broken
+/// since the latest checkpoint.
+fn recover(dir: &Path, segments: &[(u64, PathBuf)]) -> Result<Recovered, AuditError> {
     let mut first_time = None;
-    for (i, (_, path)) in segments.iter().enumerate().rev() {
+    let mut torn = None;
+    let mut chain = None;
+    for (i, (index, path)) in segments.iter().enumerate().rev() {
         let mut f = OpenOptions::new().read(true).write(true).open(path)?;
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes)?;
         let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
         if whole < bytes.len() {
-            tracing::warn!(segment = %path.display(), bytes = bytes.len() - whole, "cutting off a half-written audit record left by a crash");
+            tracing::warn!(segment = %path.display(), bytes = bytes.len() - whole, "cutting off a half-written audit record");
             f.set_len(whole as u64)?;
             f.seek(SeekFrom::End(0))?;
             f.sync_data()?;
+            torn.get_or_insert((*index, bytes.len() - whole));
         }
         let lines: Vec<&[u8]> = bytes[..whole]
             .split(|&b| b == b'\n')
@@ -383,10 +467,167 @@ fn recover(
                         ),
                     ))
                 })?;
-            return Ok((Chain::resume(seq, hash_line(last)), first_time));
+            chain = Some(Chain::resume(seq, hash_line(last)));
+            break;
         }
     }
-    Ok((Chain::new(), first_time))
+    let chain = chain.unwrap_or_default();
+    let last_seq = chain.next_seq() - 1;
+    let mut breaks = check_head(dir, segments, last_seq);
+    if let Some((index, bytes)) = torn {
+        let head = read_head(dir).ok().flatten();
+        breaks.push(TrailBreak {
+            found: TrailBreakKind::Torn,
+            detail: format!(
+                "{bytes} bytes of a half-written record at the end of {} (after seq {last_seq}) were cut off",
+                segment_name(index)
+            ),
+            checkpoint: head.map(|h| (h.seq, h.hash)),
+            last_seq,
+        });
+    }
+    Ok(Recovered {
+        chain,
+        first_time,
+        breaks,
+    })
+}
+
+/// `checkpoint.json`, if there is one.
+fn read_head(dir: &Path) -> Result<Option<Head>, String> {
+    match std::fs::read(dir.join(HEAD_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{HEAD_FILE} does not parse ({e})")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{HEAD_FILE} cannot be read ({e})")),
+    }
+}
+
+/// Checks the trail from its latest checkpoint (as `checkpoint.json` names it) to its last
+/// record, `last_seq`: that record is there, unchanged, and every record after it follows.
+fn check_head(dir: &Path, segments: &[(u64, PathBuf)], last_seq: u64) -> Vec<TrailBreak> {
+    let broken = |found, detail: String, head: Option<&Head>| {
+        vec![TrailBreak {
+            found,
+            detail,
+            checkpoint: head.map(|h| (h.seq, h.hash)),
+            last_seq,
+        }]
+    };
+    let head = match read_head(dir) {
+        Ok(Some(h)) => h,
+        Ok(None) if last_seq == 0 => return Vec::new(),
+        Ok(None) => {
+            return broken(
+                TrailBreakKind::CheckpointMissing,
+                format!("the trail holds records up to seq {last_seq}, but {HEAD_FILE} is missing"),
+                None,
+            );
+        }
+        Err(why) => return broken(TrailBreakKind::CheckpointMissing, why, None),
+    };
+    let h = Some(&head);
+    if last_seq < head.seq {
+        let detail = if last_seq == 0 {
+            format!(
+                "the trail holds no records, but its latest checkpoint is seq {} in {}",
+                head.seq, head.segment
+            )
+        } else {
+            format!(
+                "the trail ends at seq {last_seq}, before its latest checkpoint (seq {} in {}): \
+                 records after seq {last_seq} were cut off",
+                head.seq, head.segment
+            )
+        };
+        return broken(TrailBreakKind::Cut, detail, h);
+    }
+    let Some(start) = segments
+        .iter()
+        .position(|(i, _)| segment_name(*i) == head.segment)
+    else {
+        return broken(
+            TrailBreakKind::Changed,
+            format!(
+                "{}, which holds the latest checkpoint (seq {}), is gone",
+                head.segment, head.seq
+            ),
+            h,
+        );
+    };
+    // From the checkpoint's record on: (seq, hash) of the record before.
+    let mut before: Option<(u64, Digest)> = None;
+    for (index, path) in &segments[start..] {
+        let name = segment_name(*index);
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                return broken(TrailBreakKind::Changed, format!("{name}: {e}"), h);
+            }
+        };
+        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let v: Option<serde_json::Value> = serde_json::from_slice(line).ok();
+            let seq = v.as_ref().and_then(|v| v["seq"].as_u64());
+            let prev = v
+                .as_ref()
+                .and_then(|v| v["prev"].as_str().and_then(Digest::from_hex));
+            let (Some(seq), Some(prev)) = (seq, prev) else {
+                if before.is_none() {
+                    continue;
+                }
+                return broken(
+                    TrailBreakKind::Changed,
+                    format!("{name} line {}: the record no longer parses", n + 1),
+                    h,
+                );
+            };
+            let hash = hash_line(line);
+            match before {
+                None if seq == head.seq => {
+                    if hash != head.hash {
+                        return broken(
+                            TrailBreakKind::Changed,
+                            format!(
+                                "{name} line {}: the record at seq {seq} no longer matches the \
+                                 latest checkpoint",
+                                n + 1
+                            ),
+                            h,
+                        );
+                    }
+                }
+                None => continue,
+                Some((s, p)) if seq != s + 1 || prev != p => {
+                    return broken(
+                        TrailBreakKind::Changed,
+                        format!(
+                            "{name} line {}: the record at seq {seq} does not follow the record \
+                             before it (seq {s})",
+                            n + 1
+                        ),
+                        h,
+                    );
+                }
+                Some(_) => {}
+            }
+            before = Some((seq, hash));
+        }
+    }
+    if before.is_none() {
+        return broken(
+            TrailBreakKind::Changed,
+            format!(
+                "{} holds no record with the latest checkpoint's seq {}",
+                head.segment, head.seq
+            ),
+            h,
+        );
+    }
+    Vec::new()
 }
 
 fn record_time(line: &[u8]) -> Option<SystemTime> {

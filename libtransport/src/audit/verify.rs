@@ -8,6 +8,10 @@
 //! gone). Records after the latest checkpoint are reported as not yet sealed: a node that is
 //! running, or that crashed, has such a tail; a clean shutdown leaves none.
 //!
+//! A `trail_broken` record (a node found its trail cut, changed or torn when it opened it,
+//! and said so before going on) fails verification too, naming what was found: the trail
+//! stays failed for as long as the record is in it.
+//!
 //! Limits: `checkpoint.json` lives beside the trail, so someone who can rewrite both can roll
 //! the trail back to an earlier checkpoint; copy checkpoints off the node to rule that out.
 
@@ -116,6 +120,17 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<VerifyReport, 
                     "this record was changed: it does not link to the record before it".into(),
                 ),
             });
+        }
+        if rec.event == "trail_broken" {
+            let field = |k: &str| rec.value[k].as_str().unwrap_or("?").to_owned();
+            return Err(raw.error(
+                Some(rec.seq),
+                format!(
+                    "the node found this trail broken when it opened it ({}): {}",
+                    field("found"),
+                    field("detail")
+                ),
+            ));
         }
         if rec.event == "checkpoint" {
             check_signature(&raw, &rec, bundle)?;

@@ -86,6 +86,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let store = Store::open(&cfg.store_root, cfg.state_dir.clone(), cfg.chunk_bytes)
         .context("opening the store")?;
     let metrics = Arc::new(Metrics::new());
+    metrics.set_audit_trail_breaks(audit.breaks_on_record());
     let config = ServerConfig::builder()
         .identity(identity.clone())
         .policy(policy.clone())
