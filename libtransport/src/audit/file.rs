@@ -543,29 +543,39 @@ fn check_head(dir: &Path, segments: &[(u64, PathBuf)], last_seq: u64) -> Vec<Tra
         };
         return broken(TrailBreakKind::Cut, detail, h);
     }
-    let Some(start) = segments
+    // Usually from the segment the checkpoint names; if its record is not there or after,
+    // from the first segment (as `verify` looks for it, by sequence number).
+    let named = segments
         .iter()
-        .position(|(i, _)| segment_name(*i) == head.segment)
-    else {
-        return broken(
+        .position(|(i, _)| segment_name(*i) == head.segment);
+    let found = match named.map(|start| follow(&segments[start..], &head)) {
+        Some(Ok(Some(()))) => Ok(Some(())),
+        Some(Err(e)) => Err(e),
+        Some(Ok(None)) | None => follow(segments, &head),
+    };
+    match found {
+        Ok(Some(())) => Vec::new(),
+        Ok(None) => broken(
             TrailBreakKind::Changed,
             format!(
-                "{}, which holds the latest checkpoint (seq {}), is gone",
-                head.segment, head.seq
+                "no record with the latest checkpoint's seq {} (in {})",
+                head.seq, head.segment
             ),
             h,
-        );
-    };
+        ),
+        Err(detail) => broken(TrailBreakKind::Changed, detail, h),
+    }
+}
+
+/// Follows `segments` from the record of `head` to the end: `Some` if that record is there
+/// unchanged and every record after it follows; `None` if it is not there; what is wrong
+/// otherwise.
+fn follow(segments: &[(u64, PathBuf)], head: &Head) -> Result<Option<()>, String> {
     // From the checkpoint's record on: (seq, hash) of the record before.
     let mut before: Option<(u64, Digest)> = None;
-    for (index, path) in &segments[start..] {
+    for (index, path) in segments {
         let name = segment_name(*index);
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) => {
-                return broken(TrailBreakKind::Changed, format!("{name}: {e}"), h);
-            }
-        };
+        let bytes = std::fs::read(path).map_err(|e| format!("{name}: {e}"))?;
         for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
@@ -579,55 +589,33 @@ fn check_head(dir: &Path, segments: &[(u64, PathBuf)], last_seq: u64) -> Vec<Tra
                 if before.is_none() {
                     continue;
                 }
-                return broken(
-                    TrailBreakKind::Changed,
-                    format!("{name} line {}: the record no longer parses", n + 1),
-                    h,
-                );
+                return Err(format!("{name} line {}: the record no longer parses", n + 1));
             };
             let hash = hash_line(line);
             match before {
                 None if seq == head.seq => {
                     if hash != head.hash {
-                        return broken(
-                            TrailBreakKind::Changed,
-                            format!(
-                                "{name} line {}: the record at seq {seq} no longer matches the \
-                                 latest checkpoint",
-                                n + 1
-                            ),
-                            h,
-                        );
+                        return Err(format!(
+                            "{name} line {}: the record at seq {seq} no longer matches the \
+                             latest checkpoint",
+                            n + 1
+                        ));
                     }
                 }
                 None => continue,
                 Some((s, p)) if seq != s + 1 || prev != p => {
-                    return broken(
-                        TrailBreakKind::Changed,
-                        format!(
-                            "{name} line {}: the record at seq {seq} does not follow the record \
-                             before it (seq {s})",
-                            n + 1
-                        ),
-                        h,
-                    );
+                    return Err(format!(
+                        "{name} line {}: the record at seq {seq} does not follow the record \
+                         before it (seq {s})",
+                        n + 1
+                    ));
                 }
                 Some(_) => {}
             }
             before = Some((seq, hash));
         }
     }
-    if before.is_none() {
-        return broken(
-            TrailBreakKind::Changed,
-            format!(
-                "{} holds no record with the latest checkpoint's seq {}",
-                head.segment, head.seq
-            ),
-            h,
-        );
-    }
-    Vec::new()
+    Ok(before.map(|_| ()))
 }
 
 fn record_time(line: &[u8]) -> Option<SystemTime> {
