@@ -589,7 +589,10 @@ fn follow(segments: &[(u64, PathBuf)], head: &Head) -> Result<Option<()>, String
                 if before.is_none() {
                     continue;
                 }
-                return Err(format!("{name} line {}: the record no longer parses", n + 1));
+                return Err(format!(
+                    "{name} line {}: the record no longer parses",
+                    n + 1
+                ));
             };
             let hash = hash_line(line);
             match before {

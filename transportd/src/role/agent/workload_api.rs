@@ -292,24 +292,21 @@ impl WorkloadApi {
         }
     }
 
-    /// `workload.spiffe.io: true`, exactly; without it the call is refused and recorded.
+    /// `workload.spiffe.io: true`, exactly; without it, or with another value, the call is
+    /// refused and recorded, saying which (never echoing the value).
     fn check_header<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let ok = req
-            .metadata()
-            .get(SECURITY_HEADER)
-            .is_some_and(|v| v.as_bytes() == SECURITY_HEADER_VALUE.as_bytes());
-        if ok {
-            return Ok(());
-        }
+        let why = match req.metadata().get(SECURITY_HEADER) {
+            Some(v) if v.as_bytes() == SECURITY_HEADER_VALUE.as_bytes() => return Ok(()),
+            Some(_) => WRONG_HEADER,
+            None => MISSING_HEADER,
+        };
         let cred = req
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.0.as_ref().as_ref().ok().map(|c| (c.pid, c.uid)));
         let (pid, uid) = cred.map_or((None, None), |(p, u)| (p, Some(u)));
-        self.refuse_raw(pid, uid, "security header missing from request");
-        Err(Status::invalid_argument(
-            "security header missing from request",
-        ))
+        self.refuse_raw(pid, uid, why);
+        Err(Status::invalid_argument(why))
     }
 
     fn refuse(&self, caller: Option<&Caller>, reason: &str) {
@@ -589,6 +586,10 @@ impl AsyncWrite for PeerStream {
 
 /// What a caller no entry matches is told (SPIRE's words).
 const NO_IDENTITY: &str = "no identity issued";
+/// The refusal of a call without the security header (as SPIRE words it).
+const MISSING_HEADER: &str = "security header missing from request";
+/// The refusal of a call whose security header is not exactly `true`.
+const WRONG_HEADER: &str = "security header workload.spiffe.io must be \"true\"";
 
 /// Most Workload API connections open at once. Any local user may connect, and each
 /// connection holds a descriptor and its streams a task's worth of memory; without a bound
@@ -898,16 +899,20 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        // A wrong value is said as such, not as a missing header.
+        assert_eq!(status.message(), WRONG_HEADER);
 
         let events = f.audit.events();
         assert!(attested(&events).is_empty());
         let refused = refusals(&events);
         assert_eq!(refused.len(), 2, "{events:?}");
-        assert!(refused.iter().all(|(pid, uid, reason)| {
-            *pid == Some(std::process::id())
-                && *uid == Some(my_uid())
-                && reason == "security header missing from request"
-        }));
+        assert!(
+            refused.iter().all(|(pid, uid, _)| {
+                *pid == Some(std::process::id()) && *uid == Some(my_uid())
+            })
+        );
+        let reasons: Vec<&str> = refused.iter().map(|r| r.2.as_str()).collect();
+        assert_eq!(reasons, [MISSING_HEADER, WRONG_HEADER]);
 
         // With the header, the JWT profile is not implemented.
         let mut jwt = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::with_interceptor(
