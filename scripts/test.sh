@@ -15,11 +15,12 @@ quick=0
 
 # System packages: a C compiler for aws-lc-sys (the TLS crypto), git for the bench's
 # records, and for the lab (netlab) and the root-only tests: iproute2 (ip, tc), nftables,
-# tcpdump, ping and util-linux (unshare, nsenter); for the `rdma` feature (ibverbs through
+# tcpdump, ping, util-linux (unshare, nsenter) and python3-venv (py-spiffe's venv); for
+# the `rdma` feature (ibverbs through
 # rdma-sys, whose bindings bindgen generates at build time): libibverbs-dev, librdmacm-dev,
 # libclang-dev, clang and pkg-config.
 packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux
-    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config)
+    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -149,7 +150,14 @@ if [ "$quick" = 1 ]; then
 fi
 
 # Tests that need root: network namespaces (netlab), mount namespaces (a full audit disk).
+# Among the ignored tests too: py-spiffe, the SPIFFE Python client (grpc-core underneath),
+# against a node's Workload API, from a venv of its own.
 if [ "$(id -u)" = 0 ]; then
+    step "py-spiffe for the Workload API's interoperability test"
+    py_spiffe=target/py-spiffe
+    [ -x "$py_spiffe/bin/python" ] || python3 -m venv "$py_spiffe"
+    "$py_spiffe/bin/pip" install --quiet --disable-pip-version-check "spiffe==0.3.2"
+    export PY_SPIFFE_PYTHON="$PWD/$py_spiffe/bin/python"
     step "cargo test -- --ignored (root-only: labs of network namespaces, a full disk)"
     # (The hardware device's own tests, ignored because they need a device, stay skipped.)
     cargo test --workspace --locked "${features[@]}" -- --ignored --test-threads=1 \

@@ -585,6 +585,57 @@ fn another_uid_running_another_executable_gets_permission_denied() {
     assert!(refused.iter().any(|r| r["uid"] == nobody), "{refused:?}");
 }
 
+/// The Python client py-spiffe (grpc-core underneath, which sends the socket's path,
+/// percent-encoded, as every call's `:authority`) fetches its X.509-SVID and the bundles
+/// from a node's Workload API socket, unchanged.
+#[test]
+#[ignore = "needs py-spiffe: PY_SPIFFE_PYTHON names a Python with it (scripts/test.sh sets one up)"]
+fn py_spiffe_fetches_the_svid_and_bundles_from_the_workload_api() {
+    let python = std::env::var("PY_SPIFFE_PYTHON")
+        .expect("PY_SPIFFE_PYTHON: a Python with py-spiffe (`pip install spiffe`)");
+    let d = Domain::start("1h");
+    let dir = d.node_dir("gpu-0", Some(&d.token("/node/gpu-0")), "");
+    let node = AgentNode::start(&dir);
+    d.admin_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id("/gpu/notebook"),
+        "--parent-id",
+        &id("/node/gpu-0"),
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+    ]);
+    wait_for("the workload's SVID", Duration::from_secs(15), || {
+        as_workload(&node, &["workload", "fetch", "--json"])
+            .status
+            .success()
+    });
+    let script = r#"
+import json, os
+from spiffe import WorkloadApiClient
+with WorkloadApiClient(os.environ["SPIFFE_ENDPOINT_SOCKET"]) as client:
+    svid = client.fetch_x509_svid()
+    bundles = client.fetch_x509_bundles()
+    print(json.dumps({
+        "id": str(svid.spiffe_id),
+        "chain": len(svid.cert_chain),
+        "domains": sorted(str(b.trust_domain) for b in bundles.bundles),
+    }))
+"#;
+    let (k, v) = node.workload_env();
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .env(k, v)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "py-spiffe: {}", stderr(&out));
+    let got = json(&out);
+    assert_eq!(got["id"], id("/gpu/notebook"));
+    assert!(got["chain"].as_u64().unwrap() >= 1);
+    assert_eq!(got["domains"], serde_json::json!([TD]));
+}
+
 /// A storage node and a GPU node of one domain, the GPU node's loader workload allowed to
 /// read `scans` and write `checkpoints` on the storage node.
 fn storage_and_gpu(d: &Domain) -> (AgentNode, AgentNode) {

@@ -38,6 +38,7 @@ use crate::role::issuer::wire::{
     AGENT_ALPN, AttestRequest, NodeSvid, RenewRequest, Sync, WorkloadRequest, WorkloadSvid,
 };
 
+mod authority;
 pub(crate) mod peercred;
 pub(crate) mod view;
 pub(crate) mod workload_api;

@@ -41,6 +41,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::transport::server::Connected;
+
+use super::authority::Rewriter;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
@@ -509,6 +511,8 @@ fn accept_loop(
                     let conn = PeerStream {
                         stream,
                         peer: PeerInfo(Arc::new(cred)),
+                        rewriter: Rewriter::default(),
+                        read_buf: Box::new([0; READ_BYTES]),
                         _permit: permit,
                     };
                     return Some((Ok(conn), (listener, limit)));
@@ -528,13 +532,20 @@ fn accept_loop(
 struct PeerInfo(Arc<Result<PeerCred, String>>);
 
 /// An accepted connection: the socket, its peer's credentials, and its place among the
-/// [`MAX_CONNECTIONS`].
+/// [`MAX_CONNECTIONS`]. What the peer sends reaches the gRPC server through a
+/// [`Rewriter`], so grpc-core clients' socket-path authorities do not get their calls
+/// reset.
 #[derive(Debug)]
 struct PeerStream {
     stream: UnixStream,
     peer: PeerInfo,
+    rewriter: Rewriter,
+    read_buf: Box<[u8; READ_BYTES]>,
     _permit: OwnedSemaphorePermit,
 }
+
+/// Bytes read from a Workload API socket at a time.
+const READ_BYTES: usize = 16 << 10;
 
 impl Connected for PeerStream {
     type ConnectInfo = PeerInfo;
@@ -550,7 +561,31 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        loop {
+            let ready = this.rewriter.output();
+            if !ready.is_empty() {
+                let n = ready.len().min(buf.remaining());
+                buf.put_slice(&ready.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = ReadBuf::new(&mut this.read_buf[..]);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut raw) {
+                Poll::Ready(Ok(())) if raw.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    let before = this.rewriter.rewritten();
+                    this.rewriter.feed(raw.filled())?;
+                    if this.rewriter.rewritten() > before && before == 0 {
+                        debug!(
+                            pid = this.peer.0.as_ref().as_ref().ok().and_then(|c| c.pid),
+                            "a socket-path :authority (grpc-core) read as localhost"
+                        );
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
