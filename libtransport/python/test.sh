@@ -34,8 +34,11 @@ export CARGO_TARGET_DIR=$target
 step "ruff check and ruff format --check"
 (cd "$here" && ruff check . && ruff format --check .)
 
-step "cargo build -p transportd (the node the tests start)"
-(cd "$repo" && cargo build --locked --quiet -p transportd)
+# The node the tests start; CARGO_BUILD_FEATURES (e.g. "--features libtransport/rdma", as
+# scripts/test.sh passes) builds it as the Rust tests did, so it is not rebuilt here.
+step "cargo build -p transportd ${CARGO_BUILD_FEATURES:-} (the node the tests start)"
+# shellcheck disable=SC2086 # the features are words
+(cd "$repo" && cargo build --locked --quiet -p transportd ${CARGO_BUILD_FEATURES:-})
 
 step "maturin develop (transportd._native into the venv)"
 (cd "$here" && maturin develop --locked)

@@ -129,8 +129,8 @@ impl Client {
     /// Datasets this identity may see.
     fn list_datasets(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         self.usable()?;
-        let names = block_on(py, &self.rt, self.inner.list_datasets())?
-            .map_err(|e| error::request(&e))?;
+        let names =
+            block_on(py, &self.rt, self.inner.list_datasets())?.map_err(|e| error::request(&e))?;
         Ok(names.iter().map(|n| n.as_str().to_owned()).collect())
     }
 

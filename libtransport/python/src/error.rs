@@ -9,8 +9,7 @@
 //! object and carries no payload.
 
 use libtransport::error::{
-    ConnectError, FetchError, LostKind, PushError, Rejection, RequestError, StreamError,
-    TlsFailure,
+    ConnectError, FetchError, LostKind, PushError, Rejection, RequestError, StreamError, TlsFailure,
 };
 use libtransport::proto::{ErrorCode, NameError};
 use libtransport::workload::WorkloadError;

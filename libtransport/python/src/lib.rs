@@ -9,9 +9,9 @@
 //! ```
 //!
 //! * Every call that touches the network or the disk runs with the GIL released
-//!   (`Python::detach`) on the module's tokio runtime ([`runtime`]), checking for Ctrl-C
+//!   (`Python::detach`) on the module's tokio runtime (`runtime.rs`), checking for Ctrl-C
 //!   while it waits.
-//! * Bytes cross into Python once: [`buffer::Buffer`] hands out the memory a pull landed
+//! * Bytes cross into Python once: `Buffer` (`buffer.rs`) hands out the memory a pull landed
 //!   in through the buffer protocol, and `fetch_into` lands a pull in the caller's own
 //!   writable buffer. The buffer protocol's two unsafe spots live in `buffer.rs`, behind
 //!   safe functions; nothing else here is unsafe.

@@ -158,25 +158,31 @@ class Site:
         config = self.path(f"storage/node-{tag}.toml")
         config.write_text(NODE_TOML.format(quic=quic, tcp=tcp, tag=tag))
         log = self.path(f"node-{random.getrandbits(32):08x}.log")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSPORTD_")}
-        env["TRANSPORTD_LOG"] = "debug"
-        with log.open("w") as err:
-            proc = subprocess.Popen(
-                [transportd_bin(), "node", "--config", str(config)],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                env=env,
-            )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        try:
-            ready = json.loads(line)
-        except json.JSONDecodeError:
-            proc.wait()
-            pytest.fail(f"node did not start: {log.read_text()}")
+        proc, ready = spawn_ready(["node", "--config", str(config)], log)
         return Node(proc, ready["quic"], ready["tcp"], log, self.path(f"storage/audit-{tag}"))
+
+
+def spawn_ready(args: list[str], log: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """Starts a role (node, issuer) with debug logs into ``log`` and reads the JSON line it
+    prints once it serves."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSPORTD_")}
+    env["TRANSPORTD_LOG"] = "debug"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [transportd_bin(), *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        return proc, json.loads(line)
+    except json.JSONDecodeError:
+        proc.wait()
+        pytest.fail(f"transportd {args[0]} did not start: {log.read_text()}")
 
 
 @pytest.fixture(scope="session")

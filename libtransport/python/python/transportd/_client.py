@@ -200,7 +200,10 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<transportd.Client {self.server_id} over {self.path}>"
+        native = getattr(self, "_native", None)  # None if connecting failed
+        if native is None:
+            return "<transportd.Client (not connected)>"
+        return f"<transportd.Client {native.server_id} over {native.path}>"
 
     def _call(self, op: str, dataset: str | None, object: str | None, call: Callable[[], _T]) -> _T:
         """Runs ``call``, logging what it did: the object only as its digest."""
