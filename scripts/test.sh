@@ -15,12 +15,13 @@ quick=0
 
 # System packages: a C compiler for aws-lc-sys (the TLS crypto), git for the bench's
 # records, and for the lab (netlab) and the root-only tests: iproute2 (ip, tc), nftables,
-# tcpdump, ping, util-linux (unshare, nsenter) and python3-venv (py-spiffe's venv); for
-# the `rdma` feature (ibverbs through
+# tcpdump, ping and util-linux (unshare, nsenter); for the `rdma` feature (ibverbs through
 # rdma-sys, whose bindings bindgen generates at build time): libibverbs-dev, librdmacm-dev,
-# libclang-dev, clang and pkg-config.
+# libclang-dev, clang and pkg-config; python3 (3.11 or later) and python3-venv for the
+# Python package's venv (maturin, pytest, numpy and ruff come from PyPI into it) and
+# py-spiffe's (the Workload API's interoperability test).
 packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux
-    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3-venv)
+    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -141,6 +142,11 @@ else
     step "cargo test (every crate, feature rdma; the real transportd and transport-bench binaries)"
     cargo test --workspace --locked "${features[@]}"
 fi
+
+# The Python package (libtransport/python): its venv, the extension module built by maturin,
+# ruff, and pytest against real nodes over QUIC and TLS/TCP.
+step "libtransport/python/test.sh (the Python package: ruff, maturin, pytest)"
+CARGO_BUILD_FEATURES="${features[*]}" libtransport/python/test.sh
 
 # Fuzzing: every parser's target runs for a short while from its seed corpus (FUZZ_SECONDS
 # each, 30 by default; scripts/fuzz.sh --seconds N for longer runs), in the background job

@@ -1,0 +1,71 @@
+"""transportd for Python: pull and push datasets between nodes that know each other only by
+SPIFFE identity, over QUIC or TLS/TCP with mutual TLS, every chunk BLAKE3-verified.
+
+>>> import numpy as np, transportd
+>>> with transportd.Client("storage-0:7443", identity="gpu-id/") as c:  # doctest: +SKIP
+...     shard = c.fetch("scans", "train/shard-0001.bin")        # no copy into numpy:
+...     arr = np.frombuffer(shard, dtype=np.uint8)
+
+The network and disk work runs in Rust (libtransport) with the GIL released. Errors are the
+typed exceptions of :mod:`transportd.errors`.
+"""
+
+from . import errors
+from ._client import Client
+from ._native import (
+    Buffer,
+    FetchReport,
+    ObjectEntry,
+    ObjectStat,
+    PushReport,
+    __version__,
+    object_digest,
+)
+from .errors import (
+    Busy,
+    Changed,
+    Conflict,
+    ConnectionLost,
+    Corrupt,
+    IdentityError,
+    InvalidName,
+    LocalError,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    ProtocolError,
+    ServerNotTrusted,
+    TooLarge,
+    TransportError,
+    Unauthenticated,
+    Unreachable,
+)
+
+__all__ = [
+    "Buffer",
+    "Busy",
+    "Changed",
+    "Client",
+    "Conflict",
+    "ConnectionLost",
+    "Corrupt",
+    "FetchReport",
+    "IdentityError",
+    "InvalidName",
+    "LocalError",
+    "NoSpace",
+    "NotFound",
+    "ObjectEntry",
+    "ObjectStat",
+    "OutOfRange",
+    "ProtocolError",
+    "PushReport",
+    "ServerNotTrusted",
+    "TooLarge",
+    "TransportError",
+    "Unauthenticated",
+    "Unreachable",
+    "__version__",
+    "errors",
+    "object_digest",
+]

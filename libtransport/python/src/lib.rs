@@ -1,0 +1,44 @@
+//! `transportd._native`: libtransport's client for Python, the extension module under the
+//! pure-Python package `transportd` (`python/transportd/`).
+//!
+//! ```text
+//!   Python (GIL held)            Rust (GIL released)
+//!   transportd.Client ──────▶ client::Client ──▶ runtime: block_on ──▶ libtransport::Client
+//!        ▲   errors.py ◀── error::raise (typed exceptions, stable codes)
+//!        └── buffer::Buffer (fetch, read_range: the pulled bytes, no copy)
+//! ```
+//!
+//! * Every call that touches the network or the disk runs with the GIL released
+//!   (`Python::detach`) on the module's tokio runtime (`runtime.rs`), checking for Ctrl-C
+//!   while it waits.
+//! * Bytes cross into Python once: `Buffer` (`buffer.rs`) hands out the memory a pull landed
+//!   in through the buffer protocol, and `fetch_into` lands a pull in the caller's own
+//!   writable buffer. The buffer protocol's two unsafe spots live in `buffer.rs`, behind
+//!   safe functions; nothing else here is unsafe.
+//! * Library errors become the exceptions of `transportd.errors`, each with its stable code.
+//!
+//! What is not here yet (issue 16's later phases): the asyncio client, PyTorch datasets, the
+//! cache, the fsspec filesystem and tensor reads.
+
+use pyo3::prelude::*;
+
+mod buffer;
+mod client;
+mod error;
+mod identity;
+mod runtime;
+
+/// The extension module `transportd._native`.
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<client::Client>()?;
+    m.add_class::<client::ObjectEntry>()?;
+    m.add_class::<client::ObjectStat>()?;
+    m.add_class::<client::FetchReport>()?;
+    m.add_class::<client::PushReport>()?;
+    m.add_class::<buffer::Buffer>()?;
+    m.add_function(wrap_pyfunction!(client::object_digest, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The Python package's build and tests: a venv with pinned tools, the extension module built
+# by maturin into it, ruff (lint and format check), then pytest against real nodes (the
+# transportd binary, built here too). scripts/test.sh calls it after the Rust tests.
+#
+#   libtransport/python/test.sh [pytest args...]
+#
+# The venv lives in $CARGO_TARGET_DIR/python (target/python by default) and is reused. The
+# module is built with the workspace's dev profile (dependencies optimised, as the Rust tests
+# build them, so the two builds share their dependencies); a wheel for users is
+# `maturin build --release` in this directory (one abi3 wheel for CPython 3.11 and later).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+target=${CARGO_TARGET_DIR:-$repo/target}
+venv=$target/python/venv
+python=${PYTHON:-python3}
+
+started=$(date +%s)
+step() { echo "== [python $(( $(date +%s) - started )) s] $*"; }
+
+# Pinned: the build backend, the test runner, numpy (the zero-copy checks), the linter.
+requirements=(maturin==1.16.0 pytest==9.2.0 numpy==2.4.6 ruff==0.17.6)
+stamp=$venv/.requirements
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${requirements[*]}" ]; then
+    step "venv in $venv: ${requirements[*]}"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${requirements[@]}"
+    echo "${requirements[*]}" >"$stamp"
+fi
+export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH
+export CARGO_TARGET_DIR=$target
+
+step "ruff check and ruff format --check"
+(cd "$here" && ruff check . && ruff format --check .)
+
+# The node the tests start; CARGO_BUILD_FEATURES (e.g. "--features libtransport/rdma", as
+# scripts/test.sh passes) builds it as the Rust tests did, so it is not rebuilt here.
+step "cargo build -p transportd ${CARGO_BUILD_FEATURES:-} (the node the tests start)"
+# shellcheck disable=SC2086 # the features are words
+(cd "$repo" && cargo build --locked --quiet -p transportd ${CARGO_BUILD_FEATURES:-})
+
+step "maturin develop (transportd._native into the venv)"
+(cd "$here" && maturin develop --locked)
+python -c 'import transportd' # fails loudly if the build above did not install
+
+step "pytest"
+(cd "$here" && python -m pytest -q "$@")
+step "passed"

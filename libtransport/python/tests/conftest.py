@@ -1,0 +1,206 @@
+"""Fixtures: a trust domain made with the real ``transportd`` binary (``ca init``, ``ca csr``,
+``ca issue``), a storage node with a policy, started as a child process, and identities.
+
+The binary is ``$TRANSPORTD_BIN``, else ``$CARGO_TARGET_DIR/debug/transportd``, else the
+workspace's ``target/debug/transportd`` (``test.sh`` builds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+TD = "hospital.example"
+
+NODE_TOML = """
+[identity]
+svid = "identity/svid.pem"
+key = "identity/svid.key"
+bundle = "identity/bundle.pem"
+
+[listen]
+quic = "{quic}"
+tcp = "{tcp}"
+
+[store]
+root = "datasets"
+state_dir = "state-{tag}"
+
+[audit]
+dir = "audit-{tag}"
+
+[admin]
+listen = "off"
+
+[[allow]]
+peer = "spiffe://hospital.example/gpu/loader"
+dataset = "scans"
+actions = ["read"]
+
+[[allow]]
+peer = "spiffe://hospital.example/gpu/loader"
+dataset = "checkpoints"
+actions = ["read", "write"]
+
+[limits]
+chunk_size = "1MiB"
+"""
+
+
+def transportd_bin() -> Path:
+    if env := os.environ.get("TRANSPORTD_BIN"):
+        return Path(env)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    return target / "debug" / "transportd"
+
+
+def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """Runs the binary; fails the test with its stderr if it fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSPORTD_")}
+    out = subprocess.run(
+        [transportd_bin(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert out.returncode == 0, f"transportd {args} failed: {out.stderr}"
+    return out
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@dataclass
+class Node:
+    """A running ``transportd node``."""
+
+    proc: subprocess.Popen[str]
+    quic: str
+    tcp: str
+    log: Path
+    audit: Path
+
+    def addr(self, path: str) -> str:
+        return self.tcp if path == "tcp" else self.quic
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def audit_records(self, peer: str | None = None) -> list[dict[str, object]]:
+        """The node's trail, through ``transportd audit query``."""
+        args = ["audit", "query", str(self.audit), "--json"]
+        if peer:
+            args += ["--peer", peer]
+        out = run(*args)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+class Site:
+    """A trust domain in a directory: its CA, a storage node's identity (key made on the
+    node, CSR signed by the CA), client identities, and the node's datasets."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        run("ca", "init", "--trust-domain", TD, "--out", self.path("ca"), "--validity", "30d")
+        node_id = f"spiffe://{TD}/node/storage"
+        ident = self.path("storage/identity")
+        run("ca", "csr", "--id", node_id, "--out", ident)
+        run("ca", "issue", "--ca", self.path("ca"), "--id", node_id,
+            "--csr", ident / "svid.csr", "--out", ident)  # fmt: skip
+        for who in ("loader", "intruder"):
+            run("ca", "issue", "--ca", self.path("ca"), "--id", f"spiffe://{TD}/gpu/{who}",
+                "--out", self.path(who))  # fmt: skip
+        # The same SPIFFE ID as the loader, signed by another CA of the same trust domain
+        # name: it trusts our node (our bundle), but our node does not trust it.
+        run("ca", "init", "--trust-domain", TD, "--out", self.path("other-ca"))
+        run("ca", "issue", "--ca", self.path("other-ca"), "--id", f"spiffe://{TD}/gpu/loader",
+            "--out", self.path("rogue"))  # fmt: skip
+        (self.path("rogue") / "bundle.pem").write_bytes(
+            (self.path("ca") / "bundle.pem").read_bytes()
+        )
+        for ds in ("scans", "checkpoints"):
+            self.path(f"storage/datasets/{ds}").mkdir(parents=True, exist_ok=True)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def identity(self, who: str) -> Path:
+        return self.path(who)
+
+    def write(self, rel: str, data: bytes) -> Path:
+        """Writes a file into the node's store (``scans/ward-7/x.bin``)."""
+        p = self.path(f"storage/datasets/{rel}")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        return p
+
+    def start_node(
+        self, tag: str = "main", quic: str = "127.0.0.1:0", tcp: str = "127.0.0.1:0"
+    ) -> Node:
+        """Starts a node serving the site's datasets; nodes of different tags have trails
+        and state of their own."""
+        config = self.path(f"storage/node-{tag}.toml")
+        config.write_text(NODE_TOML.format(quic=quic, tcp=tcp, tag=tag))
+        log = self.path(f"node-{random.getrandbits(32):08x}.log")
+        proc, ready = spawn_ready(["node", "--config", str(config)], log)
+        return Node(proc, ready["quic"], ready["tcp"], log, self.path(f"storage/audit-{tag}"))
+
+
+def spawn_ready(args: list[str], log: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """Starts a role (node, issuer) with debug logs into ``log`` and reads the JSON line it
+    prints once it serves."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSPORTD_")}
+    env["TRANSPORTD_LOG"] = "debug"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [transportd_bin(), *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        return proc, json.loads(line)
+    except json.JSONDecodeError:
+        proc.wait()
+        pytest.fail(f"transportd {args[0]} did not start: {log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    binary = transportd_bin()
+    if not binary.exists():
+        pytest.fail(f"no transportd binary at {binary}: run `cargo build -p transportd`")
+    return Site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="session")
+def node(site: Site) -> Iterator[Node]:
+    n = site.start_node()
+    yield n
+    n.stop()
+
+
+@pytest.fixture(params=["quic", "tcp"])
+def path(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs over QUIC and over TLS/TCP."""
+    return request.param
