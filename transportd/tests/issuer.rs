@@ -846,6 +846,61 @@ fn a_ca_rollover_during_traffic_breaks_nothing_and_retire_cuts_off_the_old_ca() 
 }
 
 #[test]
+fn a_node_restarted_while_the_issuer_is_down_keeps_its_revocations_and_workload_svids() {
+    let mut d = Domain::start("1h");
+    let (mut storage, mut gpu) = storage_and_gpu(&d);
+    let rogue_dir = d.node_dir("gpu-1", Some(&d.token("/node/gpu-1")), "");
+    AgentNode::start(&rogue_dir).stop();
+    // The rogue node's own SVID, as an attacker holding its disk would use it.
+    let node_pem = rogue_dir.join("agent/node.pem");
+    let bundle = rogue_dir.join("agent/bundle.pem");
+    let rogue_ls = |storage: &AgentNode| {
+        bin()
+            .args(["ls", "--node", &storage.quic, "--path", "quic"])
+            .args(["--svid", p(&node_pem), "--key", p(&node_pem)])
+            .args(["--bundle", p(&bundle), "scans"])
+            .output()
+            .unwrap()
+    };
+    let control = rogue_ls(&storage);
+    assert!(control.status.success(), "control: {}", stderr(&control));
+    d.admin_ok(&["node", "ban", &id("/node/gpu-1")]);
+    wait_for(
+        "the storage node to refuse gpu-1",
+        Duration::from_secs(10),
+        || rogue_ls(&storage).status.code() == Some(77),
+    );
+    // The issuer goes away, then both nodes restart.
+    d.crash_issuer();
+    let (storage_dir, gpu_dir) = (storage.dir.clone(), gpu.dir.clone());
+    storage.stop();
+    gpu.stop();
+    drop((storage, gpu));
+    let mut storage = AgentNode::start(&storage_dir);
+    let gpu = AgentNode::start(&gpu_dir);
+    // At once, with no issuer to ask: the ban from before the restart holds...
+    let refused = rogue_ls(&storage);
+    assert_eq!(refused.status.code(), Some(77), "{}", stderr(&refused));
+    // ... and the GPU node serves its loader the SVID it kept, which the storage node
+    // accepts.
+    let fetched = as_workload(&gpu, &["workload", "fetch", "--json"]);
+    assert!(fetched.status.success(), "{}", stderr(&fetched));
+    assert_eq!(json(&fetched)["svids"][0]["spiffe_id"], id("/gpu/loader"));
+    let ls = as_workload(
+        &gpu,
+        &["ls", "--node", &storage.quic, "--path", "quic", "scans"],
+    );
+    assert!(ls.status.success(), "{}", stderr(&ls));
+    // Control: without the kept revocations a restarted node would take the rogue back.
+    storage.stop();
+    drop(storage);
+    std::fs::remove_file(storage_dir.join("agent/revoked.json")).unwrap();
+    let storage = AgentNode::start(&storage_dir);
+    let accepted = rogue_ls(&storage);
+    assert!(accepted.status.success(), "{}", stderr(&accepted));
+}
+
+#[test]
 fn peers_refuse_a_banned_node_within_seconds() {
     let d = Domain::start("1h");
     let (storage, _gpu) = storage_and_gpu(&d);

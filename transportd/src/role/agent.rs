@@ -13,6 +13,10 @@
 //!    entry (renewed at half-life), and publishes each change: the node's credentials
 //!    through its [`IdentityHandle`] (new handshakes use them; open connections keep
 //!    theirs) and the workloads' through a [`view::WorkloadView`] the Workload API pushes.
+//! 3. Across restarts (`keep.rs`): the revoked serials and the workload SVIDs (keys sealed
+//!    under the node's key) are kept beside the node SVID, so a node restarted while the
+//!    issuer is unreachable still refuses revoked peers and serves its workloads while
+//!    their SVIDs are valid.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -39,6 +43,7 @@ use crate::role::issuer::wire::{
 };
 
 mod authority;
+mod keep;
 pub(crate) mod peercred;
 pub(crate) mod view;
 pub(crate) mod workload_api;
@@ -90,20 +95,22 @@ pub(crate) async fn bootstrap(
     };
     let now = clock.now();
     let kept = load_kept(&cfg.data_dir, now);
-    let (svid, bundle, how, sync_interval) = match kept {
+    let (svid, bundle, how, sync_interval, revoked) = match kept {
         Some((svid, bundle)) => {
-            info!(peer.id = %svid.id(), "using the node SVID kept from the last run");
-            (svid, bundle, "kept", DEFAULT_SYNC_INTERVAL)
+            // The revocations as of the last sync hold until the issuer says otherwise.
+            let revoked = keep::load_revoked(&cfg.data_dir)?;
+            info!(peer.id = %svid.id(), revoked = revoked.len(), "using the node SVID kept from the last run");
+            (svid, bundle, "kept", DEFAULT_SYNC_INTERVAL, revoked)
         }
         None => {
             let token = read_token(&cfg.join_token)?;
             let node = attest(&issuer, &bootstrap_bundle, &token).await?;
             info!(peer.id = %node.0.id(), "node attested with its join token");
-            (node.0, node.1, "attested", node.2)
+            (node.0, node.1, "attested", node.2, HashSet::new())
         }
     };
     persist(&cfg.data_dir, &svid, &bundle)?;
-    let creds = Credentials::new(svid.clone(), bundle.clone())?;
+    let creds = Credentials::new(svid.clone(), bundle.clone())?.with_revoked(revoked);
     let identity = IdentityHandle::new(creds);
     let (view_tx, _) = watch::channel(Arc::new(WorkloadView {
         bundle: bundle.clone(),
@@ -156,12 +163,21 @@ impl Agent {
     pub(crate) async fn run(self: Arc<Self>, audit: Arc<dyn AuditSink>) {
         let mut node_renew = self.node_renewal_time();
         let mut next_sync = self.clock.instant();
-        let mut state = Synced::default();
+        let mut state = self.kept_workloads();
+        if !state.workloads.is_empty() {
+            // Served at once: the issuer may be unreachable for a while.
+            self.publish(&state);
+        }
         loop {
             let now = self.clock.now();
             if now >= node_renew {
                 node_renew = match self.renew_node(&*audit).await {
-                    Ok(()) => self.node_renewal_time(),
+                    Ok(()) => {
+                        // The kept workload keys are sealed under the node's key: seal
+                        // them again under the new one.
+                        self.keep_workloads(&state);
+                        self.node_renewal_time()
+                    }
                     Err(e) => {
                         let svid_end = self.identity.current().svid().not_after();
                         warn!(error = %format!("{e:#}"), "node SVID renewal failed; retrying");
@@ -179,6 +195,47 @@ impl Agent {
                 warn!(error = %format!("{e:#}"), "workload SVID renewal failed; retrying");
             }
             tokio::time::sleep(TICK).await;
+        }
+    }
+
+    /// The workload SVIDs kept from the last run that are still valid, as a state to
+    /// start from (the first sync keeps those whose entries still stand).
+    fn kept_workloads(&self) -> Synced {
+        let creds = self.identity.current();
+        let node_key = certs::private_key_pem(creds.svid().key());
+        let now = self.clock.now();
+        let kept = keep::load_workloads(&self.cfg.data_dir, &node_key, creds.bundle(), now);
+        let mut state = Synced::default();
+        if let Some(soonest) = kept.iter().map(|(_, svid)| svid.not_after()).min() {
+            let left = soonest.duration_since(now).unwrap_or_default().as_secs();
+            info!(
+                workloads = kept.len(),
+                valid_for_s = left,
+                "serving workload SVIDs kept from the last run until the issuer is reached"
+            );
+        }
+        for (entry, svid) in kept {
+            let renew_at = certs::renew_at(svid.not_before(), svid.not_after(), jitter());
+            state.workloads.insert(
+                entry.id.clone(),
+                Minted {
+                    entry,
+                    svid,
+                    renew_at,
+                },
+            );
+        }
+        state
+    }
+
+    /// Keeps the current workload SVIDs for the next run; a failure is logged (they are
+    /// served all the same).
+    fn keep_workloads(&self, state: &Synced) {
+        let creds = self.identity.current();
+        let node_key = certs::private_key_pem(creds.svid().key());
+        let all = state.workloads.values().map(|m| (&m.entry, &m.svid));
+        if let Err(e) = keep::save_workloads(&self.cfg.data_dir, &node_key, all) {
+            warn!(error = %format!("{e:#}"), "workload SVIDs not kept for the next run");
         }
     }
 
@@ -250,6 +307,7 @@ impl Agent {
                 .with_revoked(revoked.clone());
             self.identity.update(fresh);
             persist(&self.cfg.data_dir, creds.svid(), &bundle)?;
+            keep::save_revoked(&self.cfg.data_dir, &revoked)?;
             info!(
                 cas = bundle.cas().len(),
                 revoked = revoked.len(),
@@ -367,6 +425,7 @@ impl Agent {
         svids.sort_by(|a, b| a.entry.id.cmp(&b.entry.id));
         self.view
             .send_replace(Arc::new(WorkloadView { bundle, svids }));
+        self.keep_workloads(state);
     }
 }
 
