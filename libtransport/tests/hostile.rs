@@ -19,7 +19,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -753,7 +753,7 @@ async fn two_thousand_quic_initials_that_never_complete_do_not_lock_out_a_good_c
     let initials = client_initials(SILENT as usize, quic);
     let metrics = server.config.metrics().clone();
     let rogues: Vec<_> = (0..40u8)
-        .map(|i| std::net::UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 1, 2 + i), 0)).unwrap())
+        .map(|i| UdpSocket::bind((Ipv4Addr::new(127, 0, 1, 2 + i), 0)).unwrap())
         .collect();
     for r in &rogues {
         r.set_nonblocking(true).unwrap();
@@ -763,7 +763,7 @@ async fn two_thousand_quic_initials_that_never_complete_do_not_lock_out_a_good_c
         let _ = rogues[i % rogues.len()].send_to(d, quic);
     }
     // The node has answered most of them (a handshake flight, a Retry or a refusal).
-    let answers = std::cell::Cell::new(0u32);
+    let answers = Cell::new(0u32);
     let answered = wait_until(|| {
         let mut buf = [0u8; 2048];
         for r in &rogues {
@@ -807,7 +807,7 @@ async fn two_thousand_quic_initials_that_never_complete_do_not_lock_out_a_good_c
 /// Connection attempts the tests above make, from rogue addresses.
 const SILENT: u32 = 2000;
 /// Where the silent TCP connections come from (the good client comes from 127.0.0.1).
-const ROGUE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+const ROGUE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// `TransportConfig`'s default `max_handshakes_per_source`.
 const DEFAULT_PER_SOURCE: u32 = 64;
 /// `TransportConfig`'s default `max_handshakes`.
@@ -1079,7 +1079,7 @@ fn noise_header(seed: u64) -> [u8; HEADER_LEN] {
 }
 
 fn udp_noise(to: SocketAddr, datagrams: u64) {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..datagrams {
         let r = random_bytes(1500, 10_000 + i);
         let len = 1 + usize::from(u16::from_be_bytes([r[0], r[1]])) % 1500;
