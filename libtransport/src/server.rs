@@ -3,10 +3,13 @@
 //!
 //! This is the server driver: it takes connections from [`Listener`]s (QUIC and TLS/TCP in
 //! `transport/`, or a plug-in transport) and shuttles between them and the request
-//! handlers; it names no transport. Call order per connection: the transport's handshake
-//! (TLS, ALPN) → the peer's proof checked by `identity.rs` (a refusal is audited and
-//! nothing is read) → `Hello` / `HelloAck` ([`crate::proto::connection`]) → requests, each
-//! on its own stream, at most `max_streams` at once. When the connection ends, transfers
+//! handlers; it names no transport. Call order per connection: a place in the handshake
+//! budget (`server/admission.rs`; without one the attempt is shed unanswered, counted and
+//! not audited) → the transport's handshake (TLS, ALPN) within the handshake timeout → the
+//! peer's proof checked by `identity.rs` (a refusal is audited and nothing is read) → a
+//! connection slot and a place among its identity's connections (or `Busy`) → `Hello` /
+//! `HelloAck` ([`crate::proto::connection`]) → requests, each on its own stream, at most
+//! `max_streams` at once. When the connection ends, transfers
 //! still open are audited as interrupted.
 //!
 //! A connection lasts no longer than the client's credentials: once its SVID expires (by the
