@@ -1,6 +1,7 @@
 //! What only the real transports show of the server's limits and metrics: a node at its
 //! connection limit answers Busy over QUIC (a refused connection attempt) and TLS/TCP (a Busy
-//! answer after the handshake), and the metrics count transfers per transport and handshake
+//! answer after the handshake), one identity at its own limit is answered Busy after the
+//! handshake on both, and the metrics count transfers per transport and handshake
 //! failures. Default deny, path confinement, corrupt objects and an unwritable audit trail
 //! are tested over the in-memory transport (`tests/sim/access.rs`, `tests/sim/store.rs`).
 
