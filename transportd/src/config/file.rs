@@ -201,7 +201,7 @@ max_connections = 1024     # authenticated connections at once; more are told "b
 max_connections_per_identity = 256  # of those, how many one SPIFFE ID may hold
 max_handshakes = 256       # handshakes of peers not yet authenticated, a budget apart from
                            # max_connections: attempts past it are closed at once, before any
-                           # TLS work, and only counted (metric transportd_handshakes_shed),
+                           # TLS work, and only counted (transportd_handshakes_shed_total),
                            # not audited one by one; QUIC peers are asked to prove their
                            # address (Retry) once half of it is in use
 max_handshakes_per_source = 64     # of those, how many one IPv4 address or IPv6 /64 may hold
