@@ -67,8 +67,8 @@ async fn start(
 ) -> (TestServer, ServerHandle, mpsc::UnboundedSender<Attempt>) {
     let pki = certs::test_util::TestPki::new("hospital.example");
     let mut t = tuned(64 << 10);
-    t.max_handshakes(max_handshakes).unwrap();
-    t.max_handshakes_per_source(per_source).unwrap();
+    t.max_handshakes(max_handshakes).expect("budget");
+    t.max_handshakes_per_source(per_source).expect("share");
     t.handshake_timeout(Duration::from_secs(10));
     // The test server only lends its configuration (audit trail, metrics, identity).
     let server = TestServer::start_sim(&pki, &[], t, &SimNet::new(1)).await;
