@@ -151,10 +151,10 @@ async fn one_identity_at_its_connection_limit_is_told_busy_while_others_are_serv
         ("/gpu/loader", "scans", true, false),
         ("/gpu/other", "scans", true, false),
     ];
-    let server = TestServer::start_with(&pki, &grants, t).await;
-    server.put("scans", "a.bin", b"scan bytes");
-    let metrics = server.config.metrics().clone();
     for path in [Path::Quic, Path::Tcp] {
+        // A node per transport: one identity's places are shared by both.
+        let server = TestServer::start_with(&pki, &grants, t.clone()).await;
+        server.put("scans", "a.bin", b"scan bytes");
         let first = Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path)
             .await
             .unwrap();
@@ -203,12 +203,12 @@ async fn one_identity_at_its_connection_limit_is_told_busy_while_others_are_serv
         for c in [again, other] {
             c.close();
         }
+        let text = server.config.metrics().encode();
+        assert!(
+            text.contains(r#"transportd_connections_busy_total{reason="per_identity"}"#),
+            "{path}: {text}"
+        );
     }
-    let text = metrics.encode();
-    assert!(
-        text.contains(r#"transportd_connections_busy_total{reason="per_identity"}"#),
-        "{text}"
-    );
 }
 
 fn accepted_connections(server: &TestServer) -> usize {

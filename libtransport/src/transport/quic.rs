@@ -467,6 +467,9 @@ impl Handshaken for QuicHandshaken {
                 let busy = ServerHello::busy();
                 stream.sink.send(busy.kind, busy.payload).await.ok()?;
                 stream.sink.finish_delivered().await;
+                // Closing now could discard the answer before the client has read it; the
+                // client closes once it has.
+                conn.conn.closed().await;
                 Some(())
             };
             let _ = tokio::time::timeout(timeout, answer).await;
