@@ -92,7 +92,7 @@ impl Metrics {
         let address_retries = Counter::default();
         registry.register(
             "quic_address_retries",
-            "QUIC connection attempts asked to prove their address (Retry) while the handshake budget was half spent or more",
+            "QUIC connection attempts asked to prove their address (Retry): the handshake budget was half spent or more, or their source's share for unproven addresses was",
             address_retries.clone(),
         );
         let busy = Family::<ReasonLabel, Counter>::default();

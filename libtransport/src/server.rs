@@ -236,16 +236,21 @@ async fn accept(shared: Arc<Shared>, mut listener: Box<dyn Listener>) {
             conns.spawn(incoming.refuse_busy());
             continue;
         }
-        if !incoming.address_validated() && shared.handshakes.under_pressure() {
-            // Spoofed sources never come back with the token, so they take no place.
-            shared.config.metrics.address_retry();
-            incoming.retry();
-            continue;
-        }
-        let ticket = match shared.handshakes.admit(Source::of(addr.ip())) {
-            Ok(t) => t,
-            Err(full) => {
+        let proven = incoming.address_validated();
+        let admitted = (proven || !shared.handshakes.under_pressure())
+            .then(|| shared.handshakes.admit(Source::of(addr.ip(), proven)));
+        let ticket = match admitted {
+            Some(Ok(t)) => t,
+            Some(Err(full)) if proven => {
                 shed(&shared, incoming, full);
+                continue;
+            }
+            // An unproven address (QUIC) is asked to prove it rather than taking a place or
+            // being turned away: spoofed sources never come back with the token, and the host
+            // whose address they use comes back proven, counted apart from them.
+            _ => {
+                shared.config.metrics.address_retry();
+                incoming.retry();
                 continue;
             }
         };

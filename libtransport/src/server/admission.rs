@@ -82,8 +82,8 @@ impl<K: Hash + Eq + Clone> Budget<K> {
         self.lock().total
     }
 
-    /// Whether half the places or more are held: the QUIC listener then asks peers to prove
-    /// their address (Retry) before they count, so spoofed sources cannot take places.
+    /// Whether half the places or more are held: the server driver then asks QUIC peers to
+    /// prove their address (Retry) before they count, so spoofed sources cannot take places.
     pub(crate) fn under_pressure(&self) -> bool {
         self.held() * 2 >= self.max_total
     }
@@ -117,19 +117,26 @@ impl<K: Hash + Eq + Clone> Drop for Ticket<K> {
 }
 
 /// The source a handshake counts against: an IPv4 address (also when mapped into IPv6), or
-/// an IPv6 address's /64 prefix, the least a single host is usually given.
+/// an IPv6 address's /64 prefix, the least a single host is usually given; and whether the
+/// peer has shown it receives there. Attempts from unproven addresses (QUIC Initials
+/// without a Retry token, which anyone can send with any source address) count apart, so
+/// a sender spoofing a host's address cannot use up that host's own share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Source(IpAddr);
+pub(crate) struct Source {
+    prefix: IpAddr,
+    proven: bool,
+}
 
 impl Source {
-    pub(crate) fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(_) => Self(ip),
+    pub(crate) fn of(ip: IpAddr, proven: bool) -> Self {
+        let prefix = match ip {
+            IpAddr::V4(_) => ip,
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self(IpAddr::V4(v4)),
-                None => Self(IpAddr::V6((u128::from(v6) & !0u128 << 64).into())),
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !0u128 << 64).into()),
             },
-        }
+        };
+        Self { prefix, proven }
     }
 }
 
@@ -172,7 +179,7 @@ mod tests {
     use super::*;
 
     fn v4(last: u8) -> Source {
-        Source::of(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)))
+        Source::of(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)), true)
     }
 
     #[test]
@@ -226,10 +233,22 @@ mod tests {
         let a: Ipv6Addr = "2001:db8:1:2::1".parse().unwrap();
         let b: Ipv6Addr = "2001:db8:1:2:ffff::9".parse().unwrap();
         let c: Ipv6Addr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(Source::of(a.into()), Source::of(b.into()));
-        assert_ne!(Source::of(a.into()), Source::of(c.into()));
+        assert_eq!(Source::of(a.into(), true), Source::of(b.into(), true));
+        assert_ne!(Source::of(a.into(), true), Source::of(c.into(), true));
         let mapped = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped();
-        assert_eq!(Source::of(mapped.into()), v4(1));
+        assert_eq!(Source::of(mapped.into(), true), v4(1));
+    }
+
+    #[test]
+    fn unproven_attempts_from_an_address_do_not_use_up_its_proven_share() {
+        let b = Budget::new(10, 2);
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let spoofed: Vec<_> = (0..2)
+            .map(|_| b.admit(Source::of(ip, false)).unwrap())
+            .collect();
+        assert_eq!(b.admit(Source::of(ip, false)).unwrap_err(), Full::Key);
+        assert!(b.admit(Source::of(ip, true)).is_ok());
+        drop(spoofed);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The server driver's admission of connection attempts, without sockets and in virtual
 //! time: attempts whose handshake never completes hold at most their source's share of the
 //! handshake budget, and only until the handshake deadline; the rest are shed at once,
-//! counted, and not audited; once half the budget is held, attempts from unproven addresses
-//! are asked to prove them (QUIC's Retry) instead of taking a place.
+//! counted, and not audited; once half the budget is held, or their source's unproven share
+//! is, attempts from unproven addresses are asked to prove them (QUIC's Retry) instead of
+//! taking a place.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -57,6 +58,24 @@ async fn unproven_addresses_are_asked_to_prove_them_once_half_the_budget_is_held
     // A proven address still gets a place while the budget lasts.
     attempts.send(Attempt::from(source(1), true)).unwrap();
     settle(|| metric(&metrics, "transportd_handshakes_in_progress") == 21).await;
+    assert_eq!(shed(&metrics, "per_source") + shed(&metrics, "budget"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_spoofing_a_hosts_address_do_not_use_up_its_share() {
+    let _trace = trace_init();
+    let (server, _handle, attempts) = start(40, 16).await;
+    let metrics = server.config.metrics().clone();
+    // 20 unproven attempts with host 1's address: 16 take places, the rest are asked to
+    // prove it (never shed, so the host's genuine attempt would be asked too, not refused).
+    for _ in 0..20 {
+        attempts.send(Attempt::from(source(1), false)).unwrap();
+    }
+    settle(|| metric(&metrics, "transportd_quic_address_retries_total") == 4).await;
+    assert_eq!(metric(&metrics, "transportd_handshakes_in_progress"), 16);
+    // Host 1 itself, its address proven, still gets a place.
+    attempts.send(Attempt::from(source(1), true)).unwrap();
+    settle(|| metric(&metrics, "transportd_handshakes_in_progress") == 17).await;
     assert_eq!(shed(&metrics, "per_source") + shed(&metrics, "budget"), 0);
 }
 

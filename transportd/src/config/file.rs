@@ -205,6 +205,8 @@ max_handshakes = 256       # handshakes of peers not yet authenticated, a budget
                            # not audited one by one; QUIC peers are asked to prove their
                            # address (Retry) once half of it is in use
 max_handshakes_per_source = 64     # of those, how many one IPv4 address or IPv6 /64 may hold
+                           # (QUIC attempts from addresses not yet proven count apart, and
+                           # past it are asked to Retry rather than refused)
 handshake_timeout = "10s"  # longest a handshake may take, and hold its place (1s to 60s)
 max_streams = 64           # requests in flight per connection
 max_transfers = 64         # open transfers per connection
