@@ -283,7 +283,8 @@ fn shed(shared: &Shared, incoming: Box<dyn Incoming>, full: Full) {
 }
 
 /// Serves one connection from its handshake to its end. `ticket` is its place in the
-/// handshake budget, held until the peer is authenticated or the handshake ends.
+/// handshake budget, held until the peer is authenticated and has a slot, or the handshake
+/// ends.
 async fn serve(
     shared: Arc<Shared>,
     incoming: Box<dyn Incoming>,
@@ -302,7 +303,8 @@ async fn serve(
         handshaken.refuse();
         return;
     };
-    drop((handshaking, ticket));
+    // A peer turned away here keeps its place in the handshake budget while it is told so,
+    // which bounds those answers too.
     let Ok(_permit) = shared.slots.clone().try_acquire_owned() else {
         debug!(peer.id = %peer.id, "connection limit reached; answering busy");
         shared.config.metrics.busy(false);
@@ -313,6 +315,7 @@ async fn serve(
         shared.config.metrics.busy(true);
         return handshaken.busy(timeout).await;
     };
+    drop((handshaking, ticket));
     accepted(&shared, &peer);
     let hello = ServerHello {
         max_streams: shared.config.transport.max_streams,
