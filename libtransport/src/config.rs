@@ -24,6 +24,9 @@ pub struct TransportConfig {
     pub(crate) max_streams: u32,
     pub(crate) max_transfers: u32,
     pub(crate) max_connections: u32,
+    pub(crate) max_connections_per_identity: u32,
+    pub(crate) max_handshakes: u32,
+    pub(crate) max_handshakes_per_source: u32,
     pub(crate) max_buffered_bytes: u64,
     pub(crate) parallel_chunks: u32,
     pub(crate) chunk_bytes: u32,
@@ -61,6 +64,9 @@ impl Default for TransportConfig {
             max_streams: 64,
             max_transfers: 64,
             max_connections: 1024,
+            max_connections_per_identity: 256,
+            max_handshakes: 256,
+            max_handshakes_per_source: 64,
             max_buffered_bytes: 64 << 20,
             parallel_chunks: 8,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
@@ -98,6 +104,33 @@ impl TransportConfig {
         Ok(self)
     }
 
+    /// Authenticated connections one identity (SPIFFE ID) may hold on a server at once;
+    /// more are answered `Busy` (default 256: a quarter of the default connection limit, so
+    /// one workload, however many processes share its identity, leaves room for others).
+    pub fn max_connections_per_identity(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_connections_per_identity =
+            in_range("max_connections_per_identity", n, 1, 1 << 20)?;
+        Ok(self)
+    }
+
+    /// Handshakes a server runs at once for peers not yet authenticated, a budget apart
+    /// from [`TransportConfig::max_connections`]: peers past it are closed at once, before
+    /// any TLS work, and only counted (default 256). A handshake holds its place until it
+    /// completes, fails or reaches the handshake timeout.
+    pub fn max_handshakes(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_handshakes = in_range("max_handshakes", n, 1, 1 << 20)?;
+        Ok(self)
+    }
+
+    /// Of [`TransportConfig::max_handshakes`], how many one source may hold (an IPv4
+    /// address, or an IPv6 /64), so one host that opens connections and says nothing
+    /// cannot take them all (default 64: above the bursts of a GPU node's data loaders,
+    /// which finish their handshakes in milliseconds).
+    pub fn max_handshakes_per_source(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_handshakes_per_source = in_range("max_handshakes_per_source", n, 1, 1 << 20)?;
+        Ok(self)
+    }
+
     /// Bytes a server reads from disk ahead of the network, per connection (default 64 MiB).
     pub fn max_buffered_bytes(&mut self, n: u64) -> Result<&mut Self, ConfigError> {
         if n < (1 << 20) {
@@ -131,7 +164,9 @@ impl TransportConfig {
         Ok(self)
     }
 
-    /// Longest a TLS handshake plus hello may take (default 10 s).
+    /// Longest a TLS handshake plus hello may take (default 10 s); on a server, also how
+    /// long a peer that never finishes its handshake holds a place of the handshake budget
+    /// ([`TransportConfig::max_handshakes`]).
     pub fn handshake_timeout(&mut self, d: Duration) -> &mut Self {
         self.handshake_timeout = d;
         self

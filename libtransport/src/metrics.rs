@@ -31,6 +31,10 @@ pub struct Metrics {
     transfers: Family<TransferLabels, Counter>,
     connections: Family<PathLabel, Gauge>,
     handshake_failures: Family<ReasonLabel, Counter>,
+    handshakes_shed: Family<ReasonLabel, Counter>,
+    handshakes: Gauge,
+    address_retries: Counter,
+    busy: Family<ReasonLabel, Counter>,
     denials: Family<DenialLabels, Counter>,
     chunk_failures: Counter,
     audit_errors: Counter,
@@ -73,6 +77,30 @@ impl Metrics {
             "handshake_failures",
             "Connections refused before any request, by reason",
             handshake_failures.clone(),
+        );
+        let handshakes_shed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "handshakes_shed",
+            "Connection attempts closed before any TLS work because the handshake budget was spent (not audited one by one), by reason (budget: every place taken; per_source: their source's places taken)",
+            handshakes_shed.clone(),
+        );
+        let handshakes = Gauge::default();
+        registry.register(
+            "handshakes_in_progress",
+            "Handshakes of peers not yet authenticated running now",
+            handshakes.clone(),
+        );
+        let address_retries = Counter::default();
+        registry.register(
+            "quic_address_retries",
+            "QUIC connection attempts asked to prove their address (Retry): the handshake budget was half spent or more, or their source's share for unproven addresses was",
+            address_retries.clone(),
+        );
+        let busy = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_busy",
+            "Connection attempts told the node is busy, by reason (max_connections: the node's limit; per_identity: the peer identity's limit)",
+            busy.clone(),
         );
         let denials = Family::<DenialLabels, Counter>::default();
         registry.register(
@@ -119,6 +147,10 @@ impl Metrics {
             transfers,
             connections,
             handshake_failures,
+            handshakes_shed,
+            handshakes,
+            address_retries,
+            busy,
             denials,
             chunk_failures,
             audit_errors,
@@ -190,6 +222,42 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&ReasonLabel {
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A connection attempt was closed unanswered: the handshake budget was spent.
+    /// `per_source`: its source's share of it.
+    pub fn handshake_shed(&self, per_source: bool) {
+        self.handshakes_shed
+            .get_or_create(&ReasonLabel {
+                reason: if per_source { "per_source" } else { "budget" }.into(),
+            })
+            .inc();
+    }
+
+    /// A handshake of a peer not yet authenticated began; the guard counts it until dropped.
+    pub fn handshake_started(&self) -> ConnectionGuard {
+        self.handshakes.inc();
+        ConnectionGuard(self.handshakes.clone())
+    }
+
+    /// A QUIC connection attempt was asked to prove its address first.
+    pub fn address_retry(&self) {
+        self.address_retries.inc();
+    }
+
+    /// A connection attempt was told the node is busy. `per_identity`: its identity holds
+    /// all the connections it may; otherwise the node is at its connection limit.
+    pub fn busy(&self, per_identity: bool) {
+        self.busy
+            .get_or_create(&ReasonLabel {
+                reason: if per_identity {
+                    "per_identity"
+                } else {
+                    "max_connections"
+                }
+                .into(),
             })
             .inc();
     }
@@ -268,7 +336,7 @@ impl Collector for StoreIo {
     }
 }
 
-/// Counts one open connection until dropped.
+/// Counts one open connection (or handshake in progress) until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard(Gauge);
 
@@ -335,6 +403,9 @@ mod tests {
         );
         m.denial(Action::Read, false);
         m.handshake_failed("certificate");
+        m.handshake_shed(true);
+        m.busy(true);
+        let h = m.handshake_started();
         let g = m.connection_opened(Path::Tcp);
         let text = m.encode();
         assert!(
@@ -349,6 +420,14 @@ mod tests {
         ));
         assert!(text.contains(r#"transportd_handshake_failures_total{reason="certificate"} 1"#));
         assert!(text.contains(r#"transportd_connections_active{path="tcp"} 1"#));
+        assert!(text.contains(r#"transportd_handshakes_shed_total{reason="per_source"} 1"#));
+        assert!(text.contains(r#"transportd_connections_busy_total{reason="per_identity"} 1"#));
+        assert!(
+            text.contains("transportd_handshakes_in_progress 1\n"),
+            "{text}"
+        );
+        drop(h);
+        assert!(m.encode().contains("transportd_handshakes_in_progress 0\n"));
         assert!(text.contains("transportd_transfer_duration_seconds_count{direction=\"out\"} 1"));
         drop(g);
         assert!(

@@ -3,10 +3,13 @@
 //!
 //! This is the server driver: it takes connections from [`Listener`]s (QUIC and TLS/TCP in
 //! `transport/`, or a plug-in transport) and shuttles between them and the request
-//! handlers; it names no transport. Call order per connection: the transport's handshake
-//! (TLS, ALPN) → the peer's proof checked by `identity.rs` (a refusal is audited and
-//! nothing is read) → `Hello` / `HelloAck` ([`crate::proto::connection`]) → requests, each
-//! on its own stream, at most `max_streams` at once. When the connection ends, transfers
+//! handlers; it names no transport. Call order per connection: a place in the handshake
+//! budget (`server/admission.rs`; without one the attempt is shed unanswered, counted and
+//! not audited) → the transport's handshake (TLS, ALPN) within the handshake timeout → the
+//! peer's proof checked by `identity.rs` (a refusal is audited and nothing is read) → a
+//! connection slot and a place among its identity's connections (or `Busy`) → `Hello` /
+//! `HelloAck` ([`crate::proto::connection`]) → requests, each on its own stream, at most
+//! `max_streams` at once. When the connection ends, transfers
 //! still open are audited as interrupted.
 //!
 //! A connection lasts no longer than the client's credentials: once its SVID expires (by the
@@ -22,9 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certs::Usage;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::audit::AuditEvent;
 use crate::config::ServerConfig;
@@ -36,6 +39,7 @@ use crate::transport::tcp::TlsTcpListener;
 use crate::transport::{Close, Connection, Incoming, IncomingStream, Listener, Refusal};
 use crate::vocab::Path;
 
+mod admission;
 mod conn;
 mod failure;
 mod handler;
@@ -44,6 +48,7 @@ mod rdma;
 mod shared;
 mod stripes;
 
+use admission::{Budget, Full, ShedLog, Source, Ticket};
 use conn::ConnCtx;
 use shared::{Shared, record};
 
@@ -84,12 +89,24 @@ impl Server {
     /// Serves on listeners of the caller's (see [`Listener`]): every peer is checked,
     /// authorized and audited as on the built-in transports.
     pub fn with_listeners(config: ServerConfig, listeners: Vec<Box<dyn Listener>>) -> Self {
-        let slots = Arc::new(Semaphore::new(config.transport.max_connections as usize));
+        let t = &config.transport;
+        let slots = Arc::new(Semaphore::new(t.max_connections as usize));
+        let handshakes = Budget::new(
+            t.max_handshakes as usize,
+            t.max_handshakes_per_source as usize,
+        );
+        let identities = Budget::new(
+            t.max_connections as usize,
+            t.max_connections_per_identity as usize,
+        );
         config.metrics.observe_store(&config.store);
         Self {
             shared: Arc::new(Shared {
                 config,
                 slots,
+                handshakes,
+                identities,
+                shed_log: ShedLog::new(SHED_LOG_PERIOD),
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
                 buffers: Arc::default(),
@@ -198,7 +215,9 @@ pub enum ServeError {
 }
 
 /// Accepts connections on one listener until shutdown, each served in a task of its own;
-/// then lets them finish and closes the listener.
+/// then lets them finish and closes the listener. An attempt gets a place in the handshake
+/// budget (in all and for its source) or is shed unanswered; a connection slot is taken only
+/// once the peer is authenticated, so peers that are not anyone cannot fill the slots.
 async fn accept(shared: Arc<Shared>, mut listener: Box<dyn Listener>) {
     let path = listener.path();
     let mut stop = shared.stop.subscribe();
@@ -210,14 +229,34 @@ async fn accept(shared: Arc<Shared>, mut listener: Box<dyn Listener>) {
         };
         let Some(incoming) = incoming else { break };
         let addr = incoming.remote_addr();
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+        if shared.slots.available_permits() == 0 {
+            // Only authenticated peers hold slots, so only they can bring this about.
             warn!(peer.addr = %addr, "connection limit reached; refusing");
+            shared.config.metrics.busy(false);
             conns.spawn(incoming.refuse_busy());
             continue;
+        }
+        let proven = incoming.address_validated();
+        let admitted = (proven || !shared.handshakes.under_pressure())
+            .then(|| shared.handshakes.admit(Source::of(addr.ip(), proven)));
+        let ticket = match admitted {
+            Some(Ok(t)) => t,
+            Some(Err(full)) if proven => {
+                shed(&shared, incoming, full);
+                continue;
+            }
+            // An unproven address (QUIC) is asked to prove it rather than taking a place or
+            // being turned away: spoofed sources never come back with the token, and the host
+            // whose address they use comes back proven, counted apart from them.
+            _ => {
+                shared.config.metrics.address_retry();
+                incoming.retry();
+                continue;
+            }
         };
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", conn.id = id, peer.addr = %addr, path = path.as_str());
-        conns.spawn(serve(shared.clone(), incoming, path, permit).instrument(span));
+        conns.spawn(serve(shared.clone(), incoming, path, ticket).instrument(span));
         // Reap finished connections so the set does not grow.
         while conns.try_join_next().is_some() {}
     }
@@ -226,15 +265,35 @@ async fn accept(shared: Arc<Shared>, mut listener: Box<dyn Listener>) {
     listener.close().await;
 }
 
-/// Serves one connection from its handshake to its end.
+/// Closes an attempt the handshake budget has no place for: counted, logged at most once
+/// per [`SHED_LOG_PERIOD`], never audited one by one (a sender that is not anyone must not
+/// be able to flood the trail).
+fn shed(shared: &Shared, incoming: Box<dyn Incoming>, full: Full) {
+    let per_source = full == Full::Key;
+    shared.config.metrics.handshake_shed(per_source);
+    if let Some(n) = shared.shed_log.note(shared.config.clock.instant()) {
+        warn!(
+            peer.addr = %incoming.remote_addr(),
+            shed = n,
+            reason = if per_source { "per_source" } else { "budget" },
+            "handshake budget spent; closing connection attempts unanswered"
+        );
+    }
+    incoming.shed();
+}
+
+/// Serves one connection from its handshake to its end. `ticket` is its place in the
+/// handshake budget, held until the peer is authenticated and has a slot, or the handshake
+/// ends.
 async fn serve(
     shared: Arc<Shared>,
     incoming: Box<dyn Incoming>,
     path: Path,
-    _permit: OwnedSemaphorePermit,
+    ticket: Ticket<Source>,
 ) {
     let addr = incoming.remote_addr();
     let timeout = shared.config.transport.handshake_timeout;
+    let handshaking = shared.config.metrics.handshake_started();
     let handshaken = match tokio::time::timeout(timeout, incoming.handshake()).await {
         Ok(Ok(h)) => h,
         Ok(Err(refusal)) => return refused(&shared, addr, path, refusal),
@@ -244,6 +303,20 @@ async fn serve(
         handshaken.refuse();
         return;
     };
+    // A peer turned away here keeps its place in the handshake budget while it is told so,
+    // which bounds those answers too.
+    let Ok(_permit) = shared.slots.clone().try_acquire_owned() else {
+        debug!(peer.id = %peer.id, "connection limit reached; answering busy");
+        shared.config.metrics.busy(false);
+        return handshaken.busy(timeout).await;
+    };
+    let Ok(_per_identity) = shared.identities.admit(peer.id.clone()) else {
+        debug!(peer.id = %peer.id, "connection limit of this identity reached; answering busy");
+        shared.config.metrics.busy(true);
+        return handshaken.busy(timeout).await;
+    };
+    drop((handshaking, ticket));
+    accepted(&shared, &peer);
     let hello = ServerHello {
         max_streams: shared.config.transport.max_streams,
         max_transfers: shared.config.transport.max_transfers,
@@ -345,7 +418,7 @@ async fn finish_requests(requests: &mut JoinSet<()>, io_timeout: Duration) {
     }
 }
 
-/// Checks and audits the peer's identity from what its handshake proved.
+/// Checks the peer's identity from what its handshake proved; a refusal is audited.
 fn authenticate(
     shared: &Shared,
     proof: &crate::transport::PeerProof,
@@ -355,26 +428,13 @@ fn authenticate(
     let creds = shared.config.identity.current();
     let now = shared.config.clock.now();
     match verify_peer(proof, &creds, now, Usage::Client) {
-        Ok(v) => {
-            let peer = Peer {
-                id: v.id,
-                serial: v.serial,
-                not_after: v.not_after,
-                addr,
-                path,
-            };
-            info!(peer.id = %peer.id, "connection accepted");
-            record(
-                shared,
-                AuditEvent::ConnectionAccepted {
-                    peer: peer.id.clone(),
-                    serial: peer.serial.clone(),
-                    addr,
-                    path,
-                },
-            );
-            Some(peer)
-        }
+        Ok(v) => Some(Peer {
+            id: v.id,
+            serial: v.serial,
+            not_after: v.not_after,
+            addr,
+            path,
+        }),
         Err(e) => {
             refused(
                 shared,
@@ -385,6 +445,20 @@ fn authenticate(
             None
         }
     }
+}
+
+/// Audits an authenticated peer's connection, once it has a slot.
+fn accepted(shared: &Shared, peer: &Peer) {
+    info!(peer.id = %peer.id, "connection accepted");
+    record(
+        shared,
+        AuditEvent::ConnectionAccepted {
+            peer: peer.id.clone(),
+            serial: peer.serial.clone(),
+            addr: peer.addr,
+            path: peer.path,
+        },
+    );
 }
 
 fn refused(shared: &Shared, addr: SocketAddr, path: Path, refusal: Refusal) {
@@ -402,3 +476,6 @@ fn refused(shared: &Shared, addr: SocketAddr, path: Path, refusal: Refusal) {
         },
     );
 }
+
+/// Shortest time between two log lines about attempts shed for want of handshake budget.
+const SHED_LOG_PERIOD: Duration = Duration::from_secs(10);

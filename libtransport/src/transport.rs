@@ -98,6 +98,24 @@ pub trait Incoming: Send + 'static {
 
     /// Runs the transport's handshake (TLS, ALPN).
     fn handshake(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Handshaken>, Refusal>>;
+
+    /// Turns it away unanswered and without any TLS work, as cheaply as the transport can:
+    /// the server's handshake budget is spent. By default it is dropped (TCP: closed).
+    fn shed(self: Box<Self>) {}
+
+    /// Whether the peer has shown it receives at its source address (QUIC: it came back
+    /// with a Retry token). Transports whose connection setup shows it (TCP) say `true`,
+    /// the default.
+    fn address_validated(&self) -> bool {
+        true
+    }
+
+    /// Asks the peer to show it receives at its address before its attempt counts (QUIC:
+    /// a stateless Retry; the peer comes back as a new attempt). Where the transport cannot
+    /// ask, or the address is shown already, this is [`Incoming::shed`].
+    fn retry(self: Box<Self>) {
+        self.shed();
+    }
 }
 
 /// A connection whose handshake is done, before the hello: the server driver checks the
@@ -108,6 +126,15 @@ pub trait Handshaken: Send + 'static {
 
     /// Closes it: its proof did not verify.
     fn refuse(self: Box<Self>);
+
+    /// Answers the client's hello with `Busy` (the server is at its connection limit, or
+    /// the peer's identity at its own) within `timeout`, then closes. By default it is
+    /// closed as by [`Handshaken::refuse`], unanswered.
+    fn busy(self: Box<Self>, timeout: Duration) -> BoxFuture<'static, ()> {
+        let _ = timeout;
+        self.refuse();
+        Box::pin(async {})
+    }
 
     /// Reads the client's hello, sends what `hello` answers, and hands back the connection
     /// if the hello was accepted (`None`: the hello failed or was refused, and the

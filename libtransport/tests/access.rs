@@ -1,6 +1,7 @@
 //! What only the real transports show of the server's limits and metrics: a node at its
 //! connection limit answers Busy over QUIC (a refused connection attempt) and TLS/TCP (a Busy
-//! answer after the handshake), and the metrics count transfers per transport and handshake
+//! answer after the handshake), one identity at its own limit is answered Busy after the
+//! handshake on both, and the metrics count transfers per transport and handshake
 //! failures. Default deny, path confinement, corrupt objects and an unwritable audit trail
 //! are tested over the in-memory transport (`tests/sim/access.rs`, `tests/sim/store.rs`).
 
@@ -138,4 +139,83 @@ async fn a_node_at_its_connection_limit_says_busy_and_serves_again_later() {
         drop(c);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_at_its_connection_limit_is_told_busy_while_others_are_served() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let mut t = TransportConfig::default();
+    t.max_connections_per_identity(1).unwrap();
+    let grants = [
+        ("/gpu/loader", "scans", true, false),
+        ("/gpu/other", "scans", true, false),
+    ];
+    for path in [Path::Quic, Path::Tcp] {
+        // A node per transport: one identity's places are shared by both.
+        let server = TestServer::start_with(&pki, &grants, t.clone()).await;
+        server.put("scans", "a.bin", b"scan bytes");
+        let first = Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path)
+            .await
+            .unwrap();
+        // The same identity again: told busy after its handshake, and not audited as accepted.
+        let accepted = accepted_connections(&server);
+        let second =
+            Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path).await;
+        match second {
+            Err(libtransport::ConnectError::Busy) => {}
+            Err(e) => panic!("{path}: {e}"),
+            Ok(_) => panic!("{path}: a second connection of one identity past its cap"),
+        }
+        assert_eq!(accepted_connections(&server), accepted, "{path}");
+        // Another identity is served meanwhile.
+        let other = Client::connect(client_config(&pki, "/gpu/other"), server.addr(path), path)
+            .await
+            .unwrap();
+        let got = other
+            .fetch(
+                &DatasetName::new("scans").unwrap(),
+                &ObjectPath::new("a.bin").unwrap(),
+                1 << 20,
+                &FetchOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"scan bytes");
+        // Once the first goes, its identity's place frees.
+        first.close();
+        drop(first);
+        let mut again = None;
+        for _ in 0..50 {
+            match Client::connect(client_config(&pki, "/gpu/loader"), server.addr(path), path).await
+            {
+                Ok(c) => {
+                    again = Some(c);
+                    break;
+                }
+                Err(libtransport::ConnectError::Busy) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{path}: {e}"),
+            }
+        }
+        let again = again.expect("the identity's freed place was never reused");
+        for c in [again, other] {
+            c.close();
+        }
+        let text = server.config.metrics().encode();
+        assert!(
+            text.contains(r#"transportd_connections_busy_total{reason="per_identity"}"#),
+            "{path}: {text}"
+        );
+    }
+}
+
+fn accepted_connections(server: &TestServer) -> usize {
+    server
+        .audit
+        .events()
+        .iter()
+        .filter(|e| matches!(e, AuditEvent::ConnectionAccepted { .. }))
+        .count()
 }

@@ -19,7 +19,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -681,6 +681,139 @@ async fn an_alpn_we_do_not_speak_is_refused_before_any_request() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Connection attempts that never finish their handshake.
+
+/// 2000 TCP connections from one address that never say a word: twice the node's connection
+/// limit. They may hold only their source's share of the handshake budget, and only until
+/// the handshake deadline; the rest are closed unanswered, counted and not audited, and a
+/// good client from another address is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_silent_tcp_connections_from_one_address_do_not_lock_out_a_good_client() {
+    let _serial = SERIAL.lock().await;
+    let _trace = trace_init();
+    raise_fd_limit(6000);
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start(&pki, GRANTS).await;
+    let object = random_bytes(1 << 20, 40);
+    server.put("scans", "a.bin", &object);
+    let tcp = server.addr(Path::Tcp);
+    let mut held = Vec::new();
+    for _ in 0..SILENT {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::new(ROGUE, 0)).unwrap();
+        // The node may reset it before `connect` has seen it established.
+        if let Ok(c) = s.connect(tcp).await {
+            held.push(c);
+        }
+    }
+    // The good client, on another address, is served within 2 s.
+    let served = timeout(Duration::from_secs(2), async {
+        let client = Client::connect(client_config(&pki, "/gpu/loader"), tcp, Path::Tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(fetch(&client, "a.bin").await)
+    })
+    .await;
+    match served {
+        Ok(Ok(got)) => assert!(got == object, "wrong bytes"),
+        Ok(Err(e)) => panic!("the good client was refused: {e}"),
+        Err(_) => panic!("the good client was not served within 2 s"),
+    }
+    let metrics = server.config.metrics().clone();
+    let shed = u64::from(SILENT - DEFAULT_PER_SOURCE);
+    assert!(
+        wait_until(|| metric(&metrics, "transportd_handshakes_shed_total") >= shed).await,
+        "not every attempt past the source's share was shed: {}",
+        metrics.encode()
+    );
+    // The ones it holds are cut at the handshake deadline and free their places.
+    assert!(
+        wait_until(|| metric(&metrics, "transportd_handshakes_in_progress") == 0).await,
+        "handshakes still held past the deadline: {}",
+        metrics.encode()
+    );
+    // Only those reached the trail; the shed ones were counted, not recorded one by one.
+    let refused = refusals(&server);
+    assert_eq!(refused, DEFAULT_PER_SOURCE as usize, "refusals audited");
+    drop(held);
+}
+
+/// QUIC Initials that never complete, from 40 addresses (50 each): once half the handshake
+/// budget is held, attempts must prove their address (Retry), which these never do, so they
+/// take no place, and a good client (which answers the Retry) is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_quic_initials_that_never_complete_do_not_lock_out_a_good_client() {
+    let _serial = SERIAL.lock().await;
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start(&pki, GRANTS).await;
+    let object = random_bytes(1 << 20, 41);
+    server.put("scans", "a.bin", &object);
+    let quic = server.addr(Path::Quic);
+    let initials = client_initials(SILENT as usize, quic);
+    let metrics = server.config.metrics().clone();
+    let rogues: Vec<_> = (0..40u8)
+        .map(|i| UdpSocket::bind((Ipv4Addr::new(127, 0, 1, 2 + i), 0)).unwrap())
+        .collect();
+    for r in &rogues {
+        r.set_nonblocking(true).unwrap();
+    }
+    for (i, d) in initials.iter().enumerate() {
+        // Loopback drops what it cannot queue: the test waits for what arrived, below.
+        let _ = rogues[i % rogues.len()].send_to(d, quic);
+    }
+    // The node has answered most of them (a handshake flight, a Retry or a refusal).
+    let answers = Cell::new(0u32);
+    let answered = wait_until(|| {
+        let mut buf = [0u8; 2048];
+        for r in &rogues {
+            while r.recv(&mut buf).is_ok() {
+                answers.set(answers.get() + 1);
+            }
+        }
+        answers.get() >= SILENT / 2
+    })
+    .await;
+    assert!(answered, "{} answers to {SILENT} Initials", answers.get());
+    let served = timeout(Duration::from_secs(2), async {
+        let client = Client::connect(client_config(&pki, "/gpu/loader"), quic, Path::Quic)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(fetch(&client, "a.bin").await)
+    })
+    .await;
+    match served {
+        Ok(Ok(got)) => assert!(got == object, "wrong bytes"),
+        Ok(Err(e)) => panic!("the good client was refused: {e}"),
+        Err(_) => panic!("the good client was not served within 2 s"),
+    }
+    assert!(
+        metric(&metrics, "transportd_quic_address_retries_total") > 0,
+        "no attempt was asked to prove its address: {}",
+        metrics.encode()
+    );
+    let in_progress = metric(&metrics, "transportd_handshakes_in_progress");
+    assert!(
+        in_progress <= u64::from(DEFAULT_HANDSHAKES),
+        "{in_progress} handshakes held"
+    );
+    assert!(
+        refusals(&server) <= DEFAULT_HANDSHAKES as usize,
+        "attempts over the budget were audited"
+    );
+    drop(rogues);
+}
+
+/// Connection attempts the tests above make, from rogue addresses.
+const SILENT: u32 = 2000;
+/// Where the silent TCP connections come from (the good client comes from 127.0.0.1).
+const ROGUE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// `TransportConfig`'s default `max_handshakes_per_source`.
+const DEFAULT_PER_SOURCE: u32 = 64;
+/// `TransportConfig`'s default `max_handshakes`.
+const DEFAULT_HANDSHAKES: u32 = 256;
+
+// ---------------------------------------------------------------------------------------
 // Length fields against the allocator.
 
 proptest! {
@@ -946,7 +1079,7 @@ fn noise_header(seed: u64) -> [u8; HEADER_LEN] {
 }
 
 fn udp_noise(to: SocketAddr, datagrams: u64) {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..datagrams {
         let r = random_bytes(1500, 10_000 + i);
         let len = 1 + usize::from(u16::from_be_bytes([r[0], r[1]])) % 1500;
@@ -977,6 +1110,72 @@ async fn expect_closed<S: AsyncRead + Unpin>(s: &mut S, what: &str) {
     })
     .await;
     assert!(closed.is_ok(), "{what}: the node kept the connection open");
+}
+
+/// Polls `cond` until it holds, for up to 20 s; whether it did.
+async fn wait_until(cond: impl Fn() -> bool) -> bool {
+    timeout(Duration::from_secs(20), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// The sum of a metric's values over its labels.
+fn metric(metrics: &libtransport::metrics::Metrics, name: &str) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Connection refusals in the server's trail.
+fn refusals(server: &TestServer) -> usize {
+    server
+        .audit
+        .events()
+        .iter()
+        .filter(|e| matches!(e, AuditEvent::ConnectionRefused { .. }))
+        .count()
+}
+
+/// Lets this process hold `want` file descriptors, as far as its hard limit allows.
+fn raise_fd_limit(want: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|c| c < want) {
+        limit.current = Some(limit.maximum.map_or(want, |m| m.min(want)));
+        setrlimit(Resource::Nofile, limit).unwrap();
+    }
+}
+
+/// `n` QUIC Initial packets of distinct connections to `to`, as a real client sends them
+/// first: made by quinn's protocol machine without a socket, so none can ever go further.
+#[allow(clippy::disallowed_methods)] // quinn-proto's clock input, not a measurement.
+fn client_initials(n: usize, to: SocketAddr) -> Vec<Vec<u8>> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(raw_tls(None, &[ALPN])).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let endpoint_config = Arc::new(quinn::EndpointConfig::default());
+    let mut endpoint = quinn_proto::Endpoint::new(endpoint_config, None, false, None);
+    let now = std::time::Instant::now();
+    (0..n)
+        .map(|_| {
+            let (_, mut conn) = endpoint
+                .connect(now, config.clone(), to, "transportd.invalid")
+                .unwrap();
+            let mut datagram = Vec::new();
+            let t = conn.poll_transmit(now, 1, &mut datagram).unwrap();
+            datagram.truncate(t.size);
+            datagram
+        })
+        .collect()
 }
 
 /// A client config whose handshake gives up quickly.

@@ -7,6 +7,8 @@
 
 #[path = "sim/access.rs"]
 mod access;
+#[path = "sim/admission.rs"]
+mod admission;
 #[path = "sim/credentials.rs"]
 mod credentials;
 #[path = "sim/store.rs"]

@@ -184,6 +184,27 @@ impl NodeConfig {
             t.max_connections(n)
                 .map_err(|e| range("max_connections", e))?;
         }
+        if let Some(n) = l.max_connections_per_identity {
+            t.max_connections_per_identity(n)
+                .map_err(|e| range("max_connections_per_identity", e))?;
+        }
+        if let Some(n) = l.max_handshakes {
+            t.max_handshakes(n)
+                .map_err(|e| range("max_handshakes", e))?;
+        }
+        if let Some(n) = l.max_handshakes_per_source {
+            t.max_handshakes_per_source(n)
+                .map_err(|e| range("max_handshakes_per_source", e))?;
+        }
+        if let Some(d) = l.handshake_timeout {
+            if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(60) {
+                return Err(invalid(
+                    "limits.handshake_timeout",
+                    "must be between 1s and 60s",
+                ));
+            }
+            t.handshake_timeout(d);
+        }
         if let Some(n) = l.max_streams {
             t.max_streams(n).map_err(|e| range("max_streams", e))?;
         }
@@ -464,6 +485,27 @@ dir = "audit"
     }
 
     #[test]
+    fn the_examples_limits_are_the_defaults() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(
+            format!("{:?}", c.transport),
+            format!("{:?}", TransportConfig::default())
+        );
+        let text = format!(
+            "{MINIMAL}\n[limits]\nmax_handshakes = 8\nmax_handshakes_per_source = 2\nmax_connections_per_identity = 3\nhandshake_timeout = \"3s\"\n"
+        );
+        let t = format!("{:?}", parse(&text).unwrap().transport);
+        for field in [
+            "max_handshakes: 8,",
+            "max_handshakes_per_source: 2,",
+            "max_connections_per_identity: 3,",
+            "handshake_timeout: 3s,",
+        ] {
+            assert!(t.contains(field), "{field}: {t}");
+        }
+    }
+
+    #[test]
     fn allow_rules_become_a_default_deny_policy() {
         let text = format!(
             "{MINIMAL}\n[[allow]]\npeer = \"spiffe://td/gpu/a\"\ndataset = \"scans\"\nactions = [\"read\"]\n\n[[allow]]\npeer = \"spiffe://td/gpu/a\"\ndataset = \"ckpt\"\nactions = [\"write\"]\n"
@@ -569,6 +611,14 @@ dir = "audit"
             (
                 format!("{MINIMAL}\n[limits]\nchunk_size = \"3MB\"\n"),
                 "limits.chunk_size",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_handshakes_per_source = 0\n"),
+                "limits.max_handshakes_per_source",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nhandshake_timeout = \"0s\"\n"),
+                "limits.handshake_timeout",
             ),
             (
                 format!(

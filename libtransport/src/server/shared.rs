@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use certs::SpiffeId;
 use tokio::sync::{Semaphore, watch};
 
+use super::admission::{Budget, ShedLog, Source};
 use super::pool::BufferPool;
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::ServerConfig;
@@ -14,7 +16,14 @@ use crate::proto::ErrorCode;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
+    /// Authenticated connections (taken once the peer is authenticated).
     pub(super) slots: Arc<Semaphore>,
+    /// Handshakes of peers not yet authenticated, in all and per source.
+    pub(super) handshakes: Arc<Budget<Source>>,
+    /// Authenticated connections per identity.
+    pub(super) identities: Arc<Budget<SpiffeId>>,
+    /// Rate-limits the log line about shed attempts.
+    pub(super) shed_log: ShedLog,
     pub(super) next_conn: AtomicU64,
     /// Flips to true on shutdown: accept no more connections or requests.
     pub(super) stop: watch::Sender<bool>,

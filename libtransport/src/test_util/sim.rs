@@ -352,6 +352,12 @@ impl Handshaken for SimHandshaken {
         self.conn.close(Close::Shutdown);
     }
 
+    fn busy(self: Box<Self>, _timeout: Duration) -> BoxFuture<'static, ()> {
+        let _ = self.answer.send(ServerHello::busy());
+        self.conn.close(Close::Shutdown);
+        Box::pin(async {})
+    }
+
     fn hello(
         self: Box<Self>,
         hello: ServerHello,

@@ -405,6 +405,23 @@ impl Incoming for QuicIncoming {
         Box::pin(async {})
     }
 
+    fn shed(self: Box<Self>) {
+        // One small close packet, smaller than the peer's padded Initial: no amplification.
+        self.incoming.refuse();
+    }
+
+    fn address_validated(&self) -> bool {
+        self.incoming.remote_address_validated()
+    }
+
+    fn retry(self: Box<Self>) {
+        if self.incoming.may_retry()
+            && let Err(e) = self.incoming.retry()
+        {
+            e.into_incoming().refuse();
+        }
+    }
+
     fn handshake(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Handshaken>, Refusal>> {
         Box::pin(async move {
             let conn = self.incoming.await.map_err(|e| Refusal::new(refusal(&e)))?;
@@ -435,6 +452,30 @@ impl Handshaken for QuicHandshaken {
     fn refuse(self: Box<Self>) {
         self.conn
             .close(VarInt::from_u32(ErrorCode::Protocol as u32), b"identity");
+    }
+
+    fn busy(self: Box<Self>, timeout: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let conn = QuicConnection {
+                conn: self.conn,
+                timeout: self.io_timeout.min(timeout),
+            };
+            let answer = async {
+                let (send, recv) = conn.conn.accept_bi().await.ok()?;
+                let mut stream = conn.stream(send, recv);
+                stream.source.recv().await.ok()??;
+                let busy = ServerHello::busy();
+                stream.sink.send(busy.kind, busy.payload).await.ok()?;
+                stream.sink.finish_delivered().await;
+                // Closing now could discard the answer before the client has read it; the
+                // client closes once it has.
+                conn.conn.closed().await;
+                Some(())
+            };
+            let _ = tokio::time::timeout(timeout, answer).await;
+            conn.conn
+                .close(VarInt::from_u32(ErrorCode::Busy as u32), b"busy");
+        })
     }
 
     fn hello(

@@ -210,6 +210,11 @@ impl Incoming for TlsTcpIncoming {
             }) as Box<dyn Handshaken>)
         })
     }
+
+    fn shed(self: Box<Self>) {
+        // A reset, not an orderly close: nothing of it lingers in the kernel either.
+        let _ = SockRef::from(&self.socket).set_linger(Some(Duration::ZERO));
+    }
 }
 
 struct TlsTcpHandshaken {
@@ -224,6 +229,20 @@ impl Handshaken for TlsTcpHandshaken {
     }
 
     fn refuse(self: Box<Self>) {}
+
+    fn busy(self: Box<Self>, timeout: Duration) -> BoxFuture<'static, ()> {
+        let mut tls = self.tls;
+        Box::pin(async move {
+            let answer = async {
+                mux::read_frame(&mut tls).await.ok()??;
+                mux::write_frame(&mut tls, &ServerHello::busy())
+                    .await
+                    .ok()?;
+                tls.shutdown().await.ok()
+            };
+            let _ = tokio::time::timeout(timeout, answer).await;
+        })
+    }
 
     fn hello(
         mut self: Box<Self>,

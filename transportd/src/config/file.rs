@@ -119,6 +119,11 @@ pub(crate) enum ActionFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct LimitsFile {
     pub(crate) max_connections: Option<u32>,
+    pub(crate) max_connections_per_identity: Option<u32>,
+    pub(crate) max_handshakes: Option<u32>,
+    pub(crate) max_handshakes_per_source: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) handshake_timeout: Option<std::time::Duration>,
     pub(crate) max_streams: Option<u32>,
     pub(crate) max_transfers: Option<u32>,
     pub(crate) chunk_size: Option<bytesize::ByteSize>,
@@ -192,7 +197,17 @@ mode = "auto"              # "auto": RDMA when both sides have a device (build f
                            # "off": never. Chunks are sealed with AES-256-GCM either way.
 
 [limits]                   # optional; these are the defaults
-max_connections = 1024
+max_connections = 1024     # authenticated connections at once; more are told "busy"
+max_connections_per_identity = 256  # of those, how many one SPIFFE ID may hold
+max_handshakes = 256       # handshakes of peers not yet authenticated, a budget apart from
+                           # max_connections: attempts past it are closed at once, before any
+                           # TLS work, and only counted (transportd_handshakes_shed_total),
+                           # not audited one by one; QUIC peers are asked to prove their
+                           # address (Retry) once half of it is in use
+max_handshakes_per_source = 64     # of those, how many one IPv4 address or IPv6 /64 may hold
+                           # (QUIC attempts from addresses not yet proven count apart, and
+                           # past it are asked to Retry rather than refused)
+handshake_timeout = "10s"  # longest a handshake may take, and hold its place (1s to 60s)
 max_streams = 64           # requests in flight per connection
 max_transfers = 64         # open transfers per connection
 chunk_size = "4MiB"        # chunk size of manifests this node builds
