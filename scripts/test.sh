@@ -146,7 +146,9 @@ fi
 # The Python package (libtransport/python): its venv, the extension module built by maturin,
 # ruff, and pytest against real nodes over QUIC and TLS/TCP.
 step "libtransport/python/test.sh (the Python package: ruff, maturin, pytest)"
-CARGO_BUILD_FEATURES="${features[*]}" libtransport/python/test.sh
+# The node its tests start is the one the Rust tests just built (not built again).
+TRANSPORTD_BIN="$PWD/target/debug/transportd" CARGO_BUILD_FEATURES="${features[*]}" \
+    libtransport/python/test.sh
 
 # Fuzzing: every parser's target runs for a short while from its seed corpus (FUZZ_SECONDS
 # each, 30 by default; scripts/fuzz.sh --seconds N for longer runs), in the background job

@@ -6,9 +6,11 @@
 #   libtransport/python/test.sh [pytest args...]
 #
 # The venv lives in $CARGO_TARGET_DIR/python (target/python by default) and is reused. The
-# module is built with the workspace's dev profile (dependencies optimised, as the Rust tests
-# build them, so the two builds share their dependencies); a wheel for users is
-# `maturin build --release` in this directory (one abi3 wheel for CPython 3.11 and later).
+# node the tests start is built with the test profile, as the Rust tests build it, so their
+# dependencies are reused; the module with the dev profile (its dependencies optimised, as
+# the test profile's are: maturin cannot build a library with the test profile). A wheel
+# for users is `maturin build --release` in this directory (one abi3 wheel for CPython 3.11
+# and later).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -34,11 +36,17 @@ export CARGO_TARGET_DIR=$target
 step "ruff check and ruff format --check"
 (cd "$here" && ruff check . && ruff format --check .)
 
-# The node the tests start; CARGO_BUILD_FEATURES (e.g. "--features libtransport/rdma", as
-# scripts/test.sh passes) builds it as the Rust tests did, so it is not rebuilt here.
-step "cargo build -p transportd ${CARGO_BUILD_FEATURES:-} (the node the tests start)"
-# shellcheck disable=SC2086 # the features are words
-(cd "$repo" && cargo build --locked --quiet -p transportd ${CARGO_BUILD_FEATURES:-})
+# The node the tests start: $TRANSPORTD_BIN if given (scripts/test.sh passes the one the
+# Rust tests built), else built here; CARGO_BUILD_FEATURES (e.g. "--features
+# libtransport/rdma") builds it with the features the Rust tests use.
+if [ -n "${TRANSPORTD_BIN:-}" ]; then
+    [ -x "$TRANSPORTD_BIN" ] || { echo "TRANSPORTD_BIN=$TRANSPORTD_BIN is not an executable" >&2; exit 1; }
+    step "the node the tests start: $TRANSPORTD_BIN"
+else
+    step "cargo build -p transportd ${CARGO_BUILD_FEATURES:-} (the node the tests start)"
+    # shellcheck disable=SC2086 # the features are words
+    (cd "$repo" && cargo build --locked --quiet --profile test -p transportd ${CARGO_BUILD_FEATURES:-})
+fi
 
 step "maturin develop (transportd._native into the venv)"
 (cd "$here" && maturin develop --locked)
