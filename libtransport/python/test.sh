@@ -21,8 +21,14 @@ python=${PYTHON:-python3}
 started=$(date +%s)
 step() { echo "== [python $(( $(date +%s) - started )) s] $*"; }
 
-# Pinned: the build backend, the test runner, numpy (the zero-copy checks), the linter.
-requirements=(maturin==1.16.0 pytest==9.2.0 numpy==2.4.6 ruff==0.17.6)
+# Pinned: the build backend, the test runner, numpy (the zero-copy checks), the linter; and
+# what the package's integrations are tested against: PyTorch (CPU; PyPI's wheel brings its
+# CUDA libraries, about 7 GB, installed in about a minute from pip's cache) with torchdata's
+# StatefulDataLoader, fsspec with pyarrow and pandas (Parquet through transportd://), and
+# safetensors (tensor reads).
+requirements=(maturin==1.16.0 pytest==9.2.0 numpy==2.4.6 ruff==0.17.6
+    torch==2.15.0 torchdata==0.11.0 fsspec==2026.9.0 pyarrow==26.0.1 pandas==3.1.1
+    safetensors==0.8.0)
 stamp=$venv/.requirements
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${requirements[*]}" ]; then
     step "venv in $venv: ${requirements[*]}"
