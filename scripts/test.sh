@@ -58,8 +58,9 @@ cargo_deny_version=0.20.2
 scratch=$(mktemp -d)
 # Background jobs run in sessions of their own, so that a failure here stops them all.
 background=""
+python_venv=""
 cleanup() {
-    for pid in $background; do
+    for pid in $background $python_venv; do
         kill -- "-$pid" 2>/dev/null || true
     done
     rm -rf "$scratch"
@@ -96,6 +97,10 @@ if [ "$quick" = 0 ]; then
     start_background "$scratch/background.log" bash -c tools_then_fuzz
     background=$job
 fi
+# The Python package's venv (PyTorch and the rest from PyPI: about a minute of download and
+# unpacking, little CPU) is made in the background too, while the Rust builds run.
+start_background "$scratch/python-venv.log" libtransport/python/test.sh --venv-only
+python_venv=$job
 # Waits for background job $1, whose output is in $2, and prints that output; fails if it did.
 await() {
     local status=0
@@ -145,6 +150,8 @@ fi
 
 # The Python package (libtransport/python): its venv, the extension module built by maturin,
 # ruff, and pytest against real nodes over QUIC and TLS/TCP.
+step "waiting for the Python package's venv"
+await "$python_venv" "$scratch/python-venv.log" "making the Python package's venv"
 step "libtransport/python/test.sh (the Python package: ruff, maturin, pytest)"
 # The node its tests start is the one the Rust tests just built (not built again).
 TRANSPORTD_BIN="$PWD/target/debug/transportd" CARGO_BUILD_FEATURES="${features[*]}" \

@@ -4,6 +4,8 @@
 # transportd binary, built here too). scripts/test.sh calls it after the Rust tests.
 #
 #   libtransport/python/test.sh [pytest args...]
+#   libtransport/python/test.sh --venv-only   only make the venv (scripts/test.sh runs this
+#                                             in the background while the Rust tests run)
 #
 # The venv lives in $CARGO_TARGET_DIR/python (target/python by default) and is reused. The
 # node the tests start is built with the test profile, as the Rust tests build it, so their
@@ -35,6 +37,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${requirem
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${requirements[@]}"
     echo "${requirements[*]}" >"$stamp"
+fi
+if [ "${1:-}" = --venv-only ]; then
+    step "venv ready"
+    exit 0
 fi
 export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH
 export CARGO_TARGET_DIR=$target
