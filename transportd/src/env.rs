@@ -4,6 +4,12 @@
 pub(crate) const LOG: &str = "TRANSPORTD_LOG";
 /// Log format: `plain` (default) or `json`.
 pub(crate) const LOG_FORMAT: &str = "TRANSPORTD_LOG_FORMAT";
+/// Colour in plain logs: `auto` (default: only when stderr is a terminal and `NO_COLOR` is
+/// unset), `always` or `never`.
+pub(crate) const LOG_COLOR: &str = "TRANSPORTD_LOG_COLOR";
+/// The informal standard's switch (<https://no-color.org>): set and not empty, no colour
+/// under `auto`.
+pub(crate) const NO_COLOR: &str = "NO_COLOR";
 /// Certificate chain (leaf first) of the SVID client commands present.
 pub(crate) const SVID: &str = "TRANSPORTD_SVID";
 /// Private key of that SVID.

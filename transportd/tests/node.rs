@@ -523,6 +523,38 @@ fn a_full_audit_disk_stops_new_transfers_until_space_returns() {
 }
 
 #[test]
+fn logs_into_a_file_carry_no_colour_codes_unless_asked() {
+    let site = site_with_policy_file();
+    // Default: stderr is a file here, so plain text.
+    let mut node = Node::start_with(&site, bin());
+    ls(&site, "loader", &node);
+    node.stop();
+    let plain = std::fs::read_to_string(&node.log).unwrap();
+    assert!(plain.contains("connection accepted"), "{plain}");
+    assert!(
+        !plain.contains('\x1b'),
+        "escape codes in a log file: {plain:?}"
+    );
+    // The control: asked for colour, the same log does carry escape codes, so the check
+    // above can fail.
+    let mut cmd = bin();
+    cmd.env("TRANSPORTD_LOG_COLOR", "always");
+    let mut node = Node::start_with(&site, cmd);
+    ls(&site, "loader", &node);
+    node.stop();
+    let coloured = std::fs::read_to_string(&node.log).unwrap();
+    assert!(coloured.contains("\x1b["), "{coloured}");
+    // A bad value is a configuration error that says what is allowed.
+    let out = bin()
+        .env("TRANSPORTD_LOG_COLOR", "sometimes")
+        .args(["config", "check", p(&site.config())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, always or never"));
+}
+
+#[test]
 fn logs_come_as_json_lines_when_asked_and_a_bad_format_is_refused() {
     let site = site_with_policy_file();
     let mut cmd = bin();
