@@ -794,9 +794,22 @@ fn a_ca_rollover_during_traffic_breaks_nothing_and_retire_cuts_off_the_old_ca() 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // The pull is under way once its partial file exists (it is rate-limited to 64 s).
+    let partial = d.path("pulled/.roll.bin.transportd-partial");
+    wait_for("the pull to start", Duration::from_secs(30), || {
+        partial.exists()
+    });
     d.admin_ok(&["ca", "prepare"]);
-    std::thread::sleep(Duration::from_secs(3)); // nodes sync the two-CA bundle
+    // Both nodes trust the two-CA bundle before the new CA signs anything.
+    let trusts = |node: &AgentNode, cas: u64| {
+        let updates = node.trail("trust_updated");
+        updates.last().is_some_and(|r| r["cas"] == cas)
+    };
+    wait_for(
+        "the nodes to sync the two-CA bundle",
+        Duration::from_secs(30),
+        || trusts(&storage, 2) && trusts(&gpu, 2),
+    );
     d.admin_ok(&["ca", "activate"]);
     // Every SVID of the old CA runs out within its 20 s lifetime; retire as soon as allowed.
     wait_for("retire to be allowed", Duration::from_secs(60), || {
@@ -807,7 +820,11 @@ fn a_ca_rollover_during_traffic_breaks_nothing_and_retire_cuts_off_the_old_ca() 
     assert!(std::fs::read(&dest).unwrap() == data, "bytes differ");
 
     // After retire, an SVID signed by the old CA is refused, although valid in time.
-    std::thread::sleep(Duration::from_secs(3)); // the bundle without it reaches the node
+    wait_for(
+        "the bundle without the old CA to reach the node",
+        Duration::from_secs(30),
+        || trusts(&storage, 1),
+    );
     let after = d.path("old-svid-after");
     mint_old(&after);
     let refused = ls_as(&after);
