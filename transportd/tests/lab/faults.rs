@@ -8,7 +8,7 @@ use libtransport::store::digest_file;
 use netlab::{Direction, Rate};
 
 use crate::common::{p, write_data};
-use crate::util::{LabSite, report, wait_exit};
+use crate::util::{LabSite, report, wait_exit, wait_landed};
 
 /// Slows the GPU host's link so transfers last long enough to interrupt.
 fn slow(s: &LabSite, mbit: u64) {
@@ -32,7 +32,11 @@ fn a_link_cut_for_ten_seconds_mid_transfer_heals_by_itself() {
             "pull",
             &["--path", path, "--json", "scans/big.bin", p(&dest)],
         );
-        std::thread::sleep(Duration::from_millis(1200));
+        wait_landed(
+            &s.site.path(""),
+            &format!(".big-{path}.bin.transportd-partial"),
+            4 << 20,
+        );
         assert!(pull.is_running(), "the pull ended before the cut");
         s.host("gpu").cut().unwrap();
         std::thread::sleep(Duration::from_secs(10));
@@ -60,7 +64,7 @@ fn a_serving_node_killed_mid_pull_restarts_and_the_pull_resumes() {
         "pull",
         &["--path", "quic", "--json", "scans/big.bin", p(&dest)],
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_landed(&s.site.path(""), ".big.bin.transportd-partial", 4 << 20);
     s.node().kill().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     s.restart_node();
@@ -91,7 +95,11 @@ fn a_receiving_node_killed_mid_push_restarts_the_push_completes_and_acknowledged
         "push",
         &["--json", p(&src), "checkpoints/run/step-1.ckpt"],
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_landed(
+        &s.dataset_file("checkpoints/run"),
+        ".transportd-partial-",
+        4 << 20,
+    );
     s.node().kill().unwrap();
     let stored = s.dataset_file("checkpoints/run/step-1.ckpt");
     assert!(!stored.exists(), "a partial object became visible");

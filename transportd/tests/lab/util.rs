@@ -149,6 +149,29 @@ fn wait_listening(node: &Process, before: usize) {
     panic!("the node did not listen within 15 s:\n{}", node.log());
 }
 
+/// Waits until a file in `dir` whose name starts with `prefix` (a transfer's partial file,
+/// pre-sized and sparse) holds at least `bytes` on disk: the transfer is under way, with
+/// data landed, rather than merely started.
+pub fn wait_landed(dir: &std::path::Path, prefix: &str, bytes: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let landed = || {
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+            let name = e.file_name();
+            let m = e.metadata().ok()?;
+            (name.to_string_lossy().starts_with(prefix) && m.blocks() * 512 >= bytes).then_some(())
+        })
+    };
+    let start = libtransport::clock::Clock::instant(&libtransport::clock::SystemClock);
+    while landed().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no {prefix}* in {} with {bytes} bytes landed within 60 s",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for a background process to end, up to `limit`.
 pub fn wait_exit(p: &Process, limit: Duration) -> std::process::ExitStatus {
     p.wait_timeout(limit)

@@ -194,7 +194,7 @@ fn the_soft_rdma_device_carries_sealed_chunks_and_the_plaintext_baseline_shows_t
 #[ignore = "netlab: needs root"]
 fn a_rogue_host_with_another_cas_or_an_expired_svid_gets_nothing() {
     let mut s = LabSite::new("rogue_host", &["rogue"], |t| t);
-    write_data(&s.dataset_file("scans/secret.bin"), 100_000, 1);
+    let secret = write_data(&s.dataset_file("scans/secret.bin"), 100_000, 1);
     // An SVID for the loader's very ID, from another CA; and a real one that has expired.
     let other = s.site.path("other-ca");
     ok(&[
@@ -253,7 +253,23 @@ fn a_rogue_host_with_another_cas_or_an_expired_svid_gets_nothing() {
         assert_eq!(out.status.code(), Some(77));
         assert!(out.stdout.is_empty(), "{who} was told something");
     }
-    capture.stop().unwrap();
+    let seen = capture.stop().unwrap();
+    // On the wire: the rogue host's attempts were captured, and what the node sent it is
+    // handshakes only: far less than the object, and none of its bytes.
+    let rogue_ip = s.host("rogue").addr();
+    let (from_rogue, to_rogue) = ipv4_bytes(&seen, rogue_ip);
+    assert!(from_rogue > 0, "the capture saw nothing of the rogue host");
+    assert!(
+        to_rogue < secret.len() / 2,
+        "the node sent the rogue host {to_rogue} bytes"
+    );
+    assert!(
+        !seen.contains(&secret[50_000..50_064]),
+        "object bytes on the wire"
+    );
+    // The control for the byte count: the loader's pull below, captured the same way, does
+    // carry the object's size to the GPU host.
+    let capture = s.lab.capture().unwrap();
     // The node refused them by name of their address, and served them nothing.
     let rogue = s.host("rogue").addr().to_string();
     let trail = s.trail();
@@ -278,5 +294,29 @@ fn a_rogue_host_with_another_cas_or_an_expired_svid_gets_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let (_, to_gpu) = ipv4_bytes(&capture.stop().unwrap(), s.host("gpu").addr());
+    assert!(
+        to_gpu >= secret.len(),
+        "the control saw {to_gpu} bytes to the GPU host"
+    );
     let _ = BIN;
+}
+
+/// IPv4 bytes (headers included) in the captured Ethernet frames from `addr`, and to it.
+fn ipv4_bytes(pcap: &netlab::Pcap, addr: std::net::Ipv4Addr) -> (usize, usize) {
+    let octets = addr.octets();
+    let (mut from, mut to) = (0, 0);
+    for f in pcap.frames() {
+        // Ethernet (14 bytes), then IPv4: source at 12..16, destination at 16..20.
+        if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        if f[26..30] == octets {
+            from += f.len() - 14;
+        }
+        if f[30..34] == octets {
+            to += f.len() - 14;
+        }
+    }
+    (from, to)
 }
