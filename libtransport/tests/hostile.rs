@@ -1123,11 +1123,21 @@ async fn wait_until(cond: impl Fn() -> bool) -> bool {
     .is_ok()
 }
 
-/// The sum of a metric's values over its labels.
+/// The sum of a metric's values over its labels. A counter's series that was never touched
+/// is not exported yet and reads 0; a gauge is always exported, so a renamed or removed
+/// gauge fails here rather than reading as 0.
 fn metric(metrics: &libtransport::metrics::Metrics, name: &str) -> u64 {
-    metrics
-        .encode()
-        .lines()
+    let text = metrics.encode();
+    let family = name;
+    let gauge = !family.ends_with("_total");
+    assert!(
+        !gauge
+            || text.lines().any(|l| l
+                .strip_prefix("# TYPE ")
+                .is_some_and(|t| t.split(' ').next() == Some(family))),
+        "metric {family} is not exported:\n{text}"
+    );
+    text.lines()
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))

@@ -119,11 +119,21 @@ fn shed(metrics: &Metrics, reason: &str) -> u64 {
     )
 }
 
-/// A metric's value (a name with its labels names one series).
+/// A metric's value (a name with its labels names one series). A counter's series that
+/// was never touched is not exported yet and reads 0; a gauge is always exported, so a
+/// renamed or removed gauge fails here rather than reading as 0.
 fn metric(metrics: &Metrics, series: &str) -> u64 {
-    metrics
-        .encode()
-        .lines()
+    let text = metrics.encode();
+    let family = series.split('{').next().unwrap_or(series);
+    let gauge = !family.ends_with("_total");
+    assert!(
+        !gauge
+            || text.lines().any(|l| l
+                .strip_prefix("# TYPE ")
+                .is_some_and(|t| t.split(' ').next() == Some(family))),
+        "metric {family} is not exported:\n{text}"
+    );
+    text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0)
 }
