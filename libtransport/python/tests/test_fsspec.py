@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -18,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_client import leaks
 
 import transportd
 from conftest import TD, Node, Site, random_bytes
@@ -186,6 +188,7 @@ def test_ls_and_info_agree_with_the_node(
             fs.info(missing)
     with pytest.raises(FileNotFoundError):
         fs.ls("scans/fsspec/nothing")
+    assert fs.glob("scans/fsspec/tables/*.parquet") == [f"scans/{TABLE}"]
     assert fs.find("scans/fsspec/tables") == sorted(
         f"scans/fsspec/tables/{p}" for p in ("2026/part-1.parquet", "README", "part-0.parquet")
     )
@@ -263,6 +266,13 @@ def test_put_file_pipe_file_and_writes_land_and_read_back(
             f.write(b"committed at the end")
         assert not fs.exists(f"{base}/txn.bin")
     assert fs.cat_file(f"{base}/txn.bin") == b"committed at the end"
+
+    # pandas writes through it too (open "wb", pushed on close).
+    df = pd.DataFrame({"x": range(100), "y": [f"row-{i}" for i in range(100)]})
+    df.to_parquet(url(node, path, f"{base}/frame.parquet"), storage_options=options(site, path))
+    back = pd.read_parquet(url(node, path, f"{base}/frame.parquet"),
+                           storage_options=options(site, path))  # fmt: skip
+    pd.testing.assert_frame_equal(back, df)
 
     # What nodes do not do says what to do instead.
     for call in (
@@ -381,3 +391,33 @@ def test_a_filesystem_made_before_a_fork_reconnects_in_the_child(
     assert answer == "refused True"
     assert fs.client is inherited  # the parent keeps its connection
     assert transportd.Client is type(inherited)
+
+
+def test_no_object_name_or_payload_reaches_a_log_record(
+    site: Site, node: Node, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # Every logger at DEBUG: ours, and fsspec's (which logs files by their str()).
+    caplog.set_level(logging.DEBUG)
+    secret = "patient-0815-john-roe.bin"
+    payload = b"CANARY-FSSPEC-" + random_bytes(48, 51).hex().encode()
+    secrets = [secret, "patient-0815", payload.decode()[:24]]
+    site.write(f"scans/fsspec/ward-3/{secret}", payload * 1000)
+    fs = filesystem(site, node, "tcp")
+    obj = f"scans/fsspec/ward-3/{secret}"
+    fs.ls("scans/fsspec/ward-3")
+    fs.info(obj)
+    fs.cat_file(obj, start=-10)
+    with fs.open(obj, "rb", block_size=1 << 16) as f:
+        while f.read(10_000):
+            pass
+        assert secret not in repr(f)
+    fs.pipe_file(f"checkpoints/fsspec-logs/{secret}", payload)
+    with fs.open(f"checkpoints/fsspec-logs/w-{secret}", "wb") as f:
+        f.write(payload)
+    with pytest.raises(FileNotFoundError):
+        fs.cat_file(f"scans/fsspec/ward-3/missing-{secret}")
+    records = caplog.records
+    # The check looked at real records of these calls (fsspec's reads among them).
+    assert any(r.name.startswith("fsspec") for r in records)
+    assert sum(r.name == "transportd" for r in records) >= 8
+    assert leaks(records, secrets) == []

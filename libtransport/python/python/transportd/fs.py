@@ -68,6 +68,7 @@ from fsspec.utils import stringify_path
 
 from . import errors
 from ._client import Client, PathLike
+from ._native import object_digest
 
 __all__ = ["BLOCK_SIZE", "PROTOCOL", "PathNotFound", "TransportdFile", "TransportdFileSystem"]
 
@@ -429,6 +430,13 @@ class TransportdFile(AbstractBufferedFile):  # type: ignore[misc] # fsspec is un
             raise FileExistsError("the object exists and mode='xb'")
         with _not_found():
             super().__init__(fs, path, **kwargs)
+
+    def __str__(self) -> str:
+        # fsspec logs files by their str() (reads, at DEBUG): the object only as its digest.
+        dataset, obj = self._target
+        return f"<TransportdFile {dataset}/object.digest={object_digest(obj)[:16]}>"
+
+    __repr__ = __str__
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         end = min(end, self.size)

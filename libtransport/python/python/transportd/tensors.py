@@ -10,11 +10,11 @@ readers see them whole or not at all.
 ...     w = read_tensor(c, "models", "llama/model-00001-of-00004.safetensors",
 ...                     "model.embed_tokens.weight", framework="torch", header=header)
 
-:func:`read_safetensors_header` reads the 8-byte header length and then the JSON header
-(two ``read_range`` calls, after a ``stat`` for the object's size), validating both;
-:func:`read_tensor` reads that tensor's bytes only (a third ``read_range``; pass ``header=``
-to reuse a header already read). The node verifies and sends whole chunks, so a small tensor
-costs the chunks it touches.
+:func:`read_safetensors_header` reads the 8-byte header length and the JSON header (after a
+``stat`` for the object's size and chunking: one ``read_range`` of the first chunk, a second
+only for a header longer than a chunk), validating both; :func:`read_tensor` reads that
+tensor's bytes only (one more ``read_range``; pass ``header=`` to reuse a header already
+read). The node verifies and sends whole chunks, so a tensor costs the chunks it touches.
 
 **No copies**: the bytes arrive in a read-only :class:`transportd.Buffer`; numpy arrays are
 ``numpy.frombuffer`` views of it (read-only: writing raises). torch tensors are
@@ -159,17 +159,26 @@ class SafetensorsHeader(dict[str, Any]):
 
 
 def read_safetensors_header(client: Client, dataset: str, object: str) -> SafetensorsHeader:
-    """The header of a safetensors object: a ``stat`` and two range reads (the 8-byte
-    little-endian length, then the JSON). Raises :class:`InvalidSafetensors` for anything
-    that is not a valid header: a length past the object or over :data:`MAX_HEADER_BYTES`,
-    bytes that are not JSON, tensors whose dtype, shape or offsets do not add up."""
+    """The header of a safetensors object, validated: a ``stat`` (size, chunking, root) and
+    one range read of the first chunk, which holds the 8-byte little-endian header length
+    and, almost always, the JSON header (the node verifies and sends whole chunks, so that
+    read costs what reading the 8 bytes alone would); a header longer than the first chunk
+    takes a second range read for the rest.
+
+    Raises :class:`InvalidSafetensors` for anything that is not a valid header: a length
+    past the object or over :data:`MAX_HEADER_BYTES`, bytes that are not JSON, tensors whose
+    dtype, shape or offsets do not add up.
+    """
     st = client.stat(dataset, object)
     if st.size < 8:
         raise InvalidSafetensors("not safetensors: shorter than the 8-byte header length")
-    n = int.from_bytes(bytes(client.read_range(dataset, object, 0, 8)), "little")
+    first = memoryview(client.read_range(dataset, object, 0, min(st.size, st.chunk_bytes)))
+    n = int.from_bytes(first[:8], "little")
     _check_length(n, st.size)
-    raw = client.read_range(dataset, object, 8, 8 + n)
-    return _parse_header(bytes(raw), 8 + n, st.size, st.root)
+    raw = bytes(first[8 : 8 + n])
+    if len(raw) < n:
+        raw += bytes(client.read_range(dataset, object, len(first), 8 + n))
+    return _parse_header(raw, 8 + n, st.size, st.root)
 
 
 def read_tensor(
