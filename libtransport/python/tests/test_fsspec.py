@@ -332,6 +332,8 @@ def test_urls_name_the_node_and_the_protocol_is_registered(site: Site, node: Nod
     assert fs.unstrip_protocol(p) == url(node, "tcp", f"scans/{BLOB}")
     assert TransportdFileSystem._strip_protocol("transportd://h:1/scans/a/b/") == "scans/a/b"
     assert TransportdFileSystem._strip_protocol("scans/a") == "scans/a"
+    assert TransportdFileSystem._strip_protocol("transportd:///scans/a") == "scans/a"
+    assert TransportdFileSystem._strip_protocol("transportd::scans/a") == "scans/a"
     # Pickled (as dask and spawned DataLoader workers get it): its options, not a client.
     again = pickle.loads(pickle.dumps(fs))  # noqa: S301 # our own object
     assert again.info(p)["size"] == BLOB_LEN

@@ -1,5 +1,5 @@
-"""``transportd://`` for fsspec: pandas, pyarrow, dask and anything else that opens files
-through fsspec read a node's datasets, and push to them, by URL.
+"""``transportd://`` for fsspec: pandas, pyarrow and anything else that opens files through
+fsspec read a node's datasets, and push to them, by URL.
 
 A URL names the node, the dataset and the object::
 
@@ -156,11 +156,11 @@ class TransportdFileSystem(AbstractFileSystem):  # type: ignore[misc] # fsspec i
         if isinstance(path, list):
             return [cls._strip_protocol(p) for p in path]
         path = stringify_path(path)
-        for marker in (f"{PROTOCOL}://", f"{PROTOCOL}::"):
-            if path.startswith(marker):
-                # The node is the URL's authority; paths inside the filesystem go without it.
-                path = path[len(marker) :].partition("/")[2]
-                break
+        if path.startswith(f"{PROTOCOL}://"):
+            # The node is the URL's authority; paths inside the filesystem go without it.
+            path = path[len(PROTOCOL) + 3 :].partition("/")[2]
+        elif path.startswith(f"{PROTOCOL}::"):
+            path = path[len(PROTOCOL) + 2 :]
         return path.strip("/")
 
     @staticmethod
