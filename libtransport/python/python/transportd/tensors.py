@@ -1,7 +1,7 @@
 """Tensors out of safetensors files on a node, by byte range; checkpoints pushed so that
 readers see them whole or not at all.
 
-**One tensor** of a large file costs three small requests, not the file:
+**One tensor** of a large file costs a ``stat`` and two range reads, not the file:
 
 >>> import transportd
 >>> from transportd.tensors import read_safetensors_header, read_tensor
@@ -38,8 +38,9 @@ bfloat16 or 8-bit floats: those raise :class:`UnsupportedDtype` with ``framework
 2. Each shard is one object push, which the node makes visible only once complete and
    verified (a partial file renamed on commit).
 3. Last, the index ``PREFIX/model.safetensors.index.json`` is pushed: the usual
-   ``weight_map`` (tensor -> shard) and ``metadata.total_size``, plus ``parts``: each
-   shard's size and BLAKE3 root as the node reported them. Pushing it is the commit point:
+   ``weight_map`` (tensor -> shard) and ``metadata.total_size``, plus
+   ``metadata.format`` (``"transportd-checkpoint/1"``) and ``parts``: each shard's size and
+   BLAKE3 root as the node reported them. Pushing it is the commit point:
    it replaces the previous index, if any, in one rename on the node.
 4. Readers go through the index only: :func:`read_checkpoint_index` reads it and checks that
    every part it lists is on the node with the root it records (``stat``), so a reader sees
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INDEX_NAME",
     "MAX_HEADER_BYTES",
+    "MAX_INDEX_BYTES",
     "CheckpointCorrupt",
     "CheckpointNotFound",
     "InvalidSafetensors",
@@ -149,13 +151,13 @@ class SafetensorsHeader(dict[str, Any]):
             raise KeyError(f"no tensor {name!r} in this safetensors file")
         e = self[name]
         begin, end = e["data_offsets"]
-        return TensorInfo(e["dtype"], tuple(e["shape"]), self.data_start + begin,
-                          self.data_start + end)  # fmt: skip
+        start = self.data_start
+        return TensorInfo(e["dtype"], tuple(e["shape"]), start + begin, start + end)
 
     def tensor_names(self) -> list[str]:
         """The tensors' names, in file order."""
-        return sorted((k for k in self if k != "__metadata__"),
-                      key=lambda k: self[k]["data_offsets"][0])  # fmt: skip
+        names = [k for k in self if k != "__metadata__"]
+        return sorted(names, key=lambda k: self[k]["data_offsets"][0])
 
 
 def read_safetensors_header(client: Client, dataset: str, object: str) -> SafetensorsHeader:
