@@ -7,7 +7,9 @@ SPIFFE identity, over QUIC or TLS/TCP with mutual TLS, every chunk BLAKE3-verifi
 ...     arr = np.frombuffer(shard, dtype=np.uint8)
 
 The network and disk work runs in Rust (libtransport) with the GIL released. Errors are the
-typed exceptions of :mod:`transportd.errors`.
+typed exceptions of :mod:`transportd.errors`. Tensors by byte range out of safetensors files,
+and checkpoints pushed atomically for readers: :mod:`transportd.tensors`. ``transportd://``
+for fsspec, pandas and pyarrow: :mod:`transportd.fs`.
 """
 
 from . import errors
@@ -40,6 +42,13 @@ from .errors import (
     Unauthenticated,
     Unreachable,
 )
+from .tensors import (  # numpy, torch and safetensors are imported on first use
+    load_checkpoint,
+    push_checkpoint,
+    read_checkpoint_index,
+    read_safetensors_header,
+    read_tensor,
+)
 
 __all__ = [
     "Buffer",
@@ -67,5 +76,10 @@ __all__ = [
     "Unreachable",
     "__version__",
     "errors",
+    "load_checkpoint",
     "object_digest",
+    "push_checkpoint",
+    "read_checkpoint_index",
+    "read_safetensors_header",
+    "read_tensor",
 ]
