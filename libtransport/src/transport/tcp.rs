@@ -194,8 +194,30 @@ impl Incoming for TlsTcpIncoming {
 
     fn handshake(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Handshaken>, Refusal>> {
         Box::pin(async move {
-            let tls = tokio_rustls::TlsAcceptor::from(self.tls.clone())
-                .accept(buffered(self.socket))
+            // The ClientHello first: a client that offers no ALPN at all would otherwise
+            // complete the handshake (RFC 7301 lets a server ignore a missing extension), and
+            // only learn from a closed connection that it spoke the wrong protocol. It gets
+            // the alert a mismatched ALPN gets, no_application_protocol, before any key is
+            // derived. (A client offering other protocols only gets it from rustls.)
+            let mut lazy = tokio_rustls::LazyConfigAcceptor::new(
+                rustls::server::Acceptor::default(),
+                buffered(self.socket),
+            );
+            let start = (&mut lazy).await.map_err(|e| Refusal::new(refusal(&e)))?;
+            if start.client_hello().alpn().is_none() {
+                let mut io = start.io;
+                let answer = async {
+                    io.write_all(&NO_APPLICATION_PROTOCOL).await?;
+                    io.flush().await?;
+                    io.shutdown().await
+                };
+                let _ = answer.await;
+                return Err(Refusal::new(
+                    "peer offered no ALPN (answered no_application_protocol)",
+                ));
+            }
+            let tls = start
+                .into_stream(self.tls.clone())
                 .await
                 .map_err(|e| Refusal::new(refusal(&e)))?;
             let (_, session) = tls.get_ref();
@@ -313,6 +335,16 @@ fn refusal(e: &io::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// A fatal `no_application_protocol` alert (RFC 7301, description 120) as a plaintext TLS
+/// record: before the ServerHello nothing is encrypted yet, in TLS 1.3 as before it.
+const NO_APPLICATION_PROTOCOL: [u8; 7] = [
+    21, // ContentType alert
+    3, 3, // legacy_record_version TLS 1.2, as TLS 1.3 records carry
+    0, 2,   // length
+    2,   // AlertLevel fatal
+    120, // AlertDescription no_application_protocol
+];
 
 /// Connections past the limit answered with `Busy` at once; more are closed unanswered.
 const MAX_BUSY_ANSWERS: usize = 64;
