@@ -25,6 +25,7 @@ pub struct TransportConfig {
     pub(crate) max_transfers: u32,
     pub(crate) max_connections: u32,
     pub(crate) max_connections_per_identity: u32,
+    pub(crate) max_requests_per_identity: u32,
     pub(crate) max_handshakes: u32,
     pub(crate) max_handshakes_per_source: u32,
     pub(crate) max_buffered_bytes: u64,
@@ -65,6 +66,7 @@ impl Default for TransportConfig {
             max_transfers: 64,
             max_connections: 1024,
             max_connections_per_identity: 256,
+            max_requests_per_identity: 1024,
             max_handshakes: 256,
             max_handshakes_per_source: 64,
             max_buffered_bytes: 64 << 20,
@@ -110,6 +112,15 @@ impl TransportConfig {
     pub fn max_connections_per_identity(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
         self.max_connections_per_identity =
             in_range("max_connections_per_identity", n, 1, 1 << 20)?;
+        Ok(self)
+    }
+
+    /// Requests one identity may have in flight across all its connections (default 1024:
+    /// sixteen connections' worth of streams, room for a node's DataLoader workers sharing
+    /// one workload identity). More are answered `Busy` at once, so one peer flooding
+    /// requests cannot take the node from everyone else.
+    pub fn max_requests_per_identity(&mut self, n: u32) -> Result<&mut Self, ConfigError> {
+        self.max_requests_per_identity = in_range("max_requests_per_identity", n, 1, 1 << 20)?;
         Ok(self)
     }
 

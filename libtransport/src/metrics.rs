@@ -17,7 +17,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -35,6 +35,7 @@ pub struct Metrics {
     handshakes: Gauge,
     address_retries: Counter,
     busy: Family<ReasonLabel, Counter>,
+    requests_busy: Counter,
     denials: Family<DenialLabels, Counter>,
     chunk_failures: Counter,
     audit_errors: Counter,
@@ -102,6 +103,12 @@ impl Metrics {
             "Connection attempts told the node is busy, by reason (max_connections: the node's limit; per_identity: the peer identity's limit)",
             busy.clone(),
         );
+        let requests_busy = Counter::default();
+        registry.register(
+            "requests_busy",
+            "Requests told the node is busy because their identity had max_requests_per_identity in flight already (across all its connections)",
+            requests_busy.clone(),
+        );
         let denials = Family::<DenialLabels, Counter>::default();
         registry.register(
             "authorization_denials",
@@ -151,6 +158,7 @@ impl Metrics {
             handshakes,
             address_retries,
             busy,
+            requests_busy,
             denials,
             chunk_failures,
             audit_errors,
@@ -262,6 +270,12 @@ impl Metrics {
             .inc();
     }
 
+    /// A request was told the node is busy: its identity had all the requests in flight it
+    /// may.
+    pub fn request_busy(&self) {
+        self.requests_busy.inc();
+    }
+
     /// The policy denied a request; `by_rule` if a deny rule matched rather than no rule
     /// allowing it.
     pub fn denial(&self, action: Action, by_rule: bool) {
@@ -327,10 +341,31 @@ impl Collector for StoreIo {
                 "Object bytes read and hashed to compute manifests",
                 c.bytes_hashed,
             ),
+            (
+                "manifest_builds_waited",
+                "Manifest builds that waited for a place (the store's cap on builds at once)",
+                c.builds_waited,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
+        }
+        for (name, help, value) in [
+            (
+                "manifest_builds_running",
+                "Manifests being computed now",
+                c.builds_running,
+            ),
+            (
+                "manifest_builds_waiting",
+                "Requests waiting for a place to compute a manifest",
+                c.builds_waiting,
+            ),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
         }
         Ok(())
     }

@@ -99,6 +99,10 @@ impl Server {
             t.max_connections as usize,
             t.max_connections_per_identity as usize,
         );
+        let requests = Budget::new(
+            (t.max_connections as usize).saturating_mul(t.max_streams as usize),
+            t.max_requests_per_identity as usize,
+        );
         config.metrics.observe_store(&config.store);
         Self {
             shared: Arc::new(Shared {
@@ -106,6 +110,7 @@ impl Server {
                 slots,
                 handshakes,
                 identities,
+                requests,
                 shed_log: ShedLog::new(SHED_LOG_PERIOD),
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
@@ -346,7 +351,33 @@ async fn serve_requests(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Pe
         let Some(IncomingStream { first, stream }) = accepted else {
             break None;
         };
-        requests.spawn(handler::handle(ctx.clone(), first, stream).in_current_span());
+        match shared.requests.admit(ctx.peer.id.clone()) {
+            Ok(place) => {
+                let handled = handler::handle(ctx.clone(), first, stream);
+                requests.spawn(
+                    async move {
+                        handled.await;
+                        drop(place);
+                    }
+                    .in_current_span(),
+                );
+            }
+            Err(_) => {
+                // The identity has all the requests in flight it may, across its
+                // connections: this one is told so at once, without reading it.
+                shared.config.metrics.request_busy();
+                debug!(peer.id = %ctx.peer.id, "requests in flight limit of this identity reached; answering busy");
+                let mut stream = stream;
+                requests.spawn(
+                    async move {
+                        if stream.sink.send_error(ErrorCode::Busy).await.is_ok() {
+                            stream.sink.finish_delivered().await;
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+        }
         while requests.try_join_next().is_some() {}
     };
     // Requests arriving from now on are turned away; those in flight finish.

@@ -31,9 +31,11 @@ use crate::proto::manifest::chunk_bytes_for;
 use crate::proto::name::RESERVED_PREFIX;
 use crate::proto::{DatasetName, Digest, Manifest, ManifestBuilder, ObjectEntry, ObjectPath};
 
+mod builds;
 mod fs;
 pub mod partial;
 
+pub use builds::DEFAULT_MAX_MANIFEST_BUILDS;
 pub use partial::{ChunkWriter, PartialFile, WriteError};
 
 /// The objects this node serves and receives.
@@ -45,6 +47,7 @@ pub struct Store {
     manifests: Mutex<ManifestCache>,
     writing: Arc<Mutex<HashSet<(DatasetName, ObjectPath)>>>,
     io: Arc<IoCounters>,
+    builds: builds::BuildGate,
 }
 
 impl Store {
@@ -80,12 +83,27 @@ impl Store {
             manifests: Mutex::new(HashMap::new()),
             writing: Arc::new(Mutex::new(HashSet::new())),
             io: Arc::new(IoCounters::default()),
+            builds: builds::BuildGate::new(DEFAULT_MAX_MANIFEST_BUILDS),
         })
+    }
+
+    /// At most `n` manifests computed at once (default [`DEFAULT_MAX_MANIFEST_BUILDS`]):
+    /// each reads and hashes a whole object, so this bounds what requests for objects not
+    /// yet hashed can make the node read at once. More wait their turn.
+    pub fn with_max_manifest_builds(mut self, n: usize) -> Self {
+        self.builds = builds::BuildGate::new(n);
+        self
     }
 
     /// What this store has read and hashed since it was opened.
     pub fn io_counters(&self) -> StoreCounters {
-        self.io.snapshot()
+        let (builds_running, builds_waiting, builds_waited) = self.builds.snapshot();
+        StoreCounters {
+            builds_running,
+            builds_waiting,
+            builds_waited,
+            ..self.io.snapshot()
+        }
     }
 
     /// The directory holding the datasets.
@@ -237,6 +255,14 @@ impl Store {
             self.lock_manifests().insert(key, (stamp, m.clone()));
             return Ok(m);
         }
+        let (_place, waited) = self.builds.enter();
+        // Another request may have built it while this one waited.
+        if waited
+            && let Some((s, m)) = self.lock_manifests().get(&key)
+            && *s == stamp
+        {
+            return Ok(m.clone());
+        }
         let m = Arc::new(hash_manifest(
             file,
             stamp.len,
@@ -344,6 +370,12 @@ pub struct StoreCounters {
     /// Object bytes read and hashed to compute manifests (zero for a file version whose
     /// manifest is cached in memory or persisted in the state directory).
     pub bytes_hashed: u64,
+    /// Manifests being computed now (at most the store's cap).
+    pub builds_running: usize,
+    /// Requests waiting for a place to compute a manifest now.
+    pub builds_waiting: usize,
+    /// Manifest builds that had to wait for a place, since the store was opened.
+    pub builds_waited: u64,
 }
 
 /// The live counters behind [`StoreCounters`], shared by a store and its readers.
@@ -358,6 +390,9 @@ impl IoCounters {
         StoreCounters {
             bytes_read: self.read.load(Ordering::Relaxed),
             bytes_hashed: self.hashed.load(Ordering::Relaxed),
+            builds_running: 0,
+            builds_waiting: 0,
+            builds_waited: 0,
         }
     }
 }

@@ -679,6 +679,98 @@ async fn an_alpn_we_do_not_speak_is_refused_before_any_request() {
 }
 
 // ---------------------------------------------------------------------------------------
+// An authenticated peer that floods requests.
+
+/// One identity holding reads it never takes, on two connections, past its cap on requests
+/// in flight: the requests past the cap are answered `Busy` at once (and counted), another
+/// identity's pulls are served meanwhile, and the flooder's places come back when its
+/// connections go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_requests_from_one_identity_is_capped_and_another_is_served() {
+    let _serial = SERIAL.lock().await;
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    const CAP: u64 = 6;
+    let mut t = TransportConfig::default();
+    t.max_requests_per_identity(CAP as u32).unwrap();
+    // Far beyond the test: held reads end because their connections go, not by timing out.
+    t.io_timeout(Duration::from_secs(120));
+    let server = TestServer::start_with(&pki, GRANTS, t).await;
+    let object = random_bytes(100_000, 31);
+    server.put("scans", "a.bin", &object);
+    server.put("scans", "big.bin", &random_bytes(48 << 20, 32));
+    let metrics = server.config.metrics().clone();
+    let busy = || metric(&metrics, "transportd_requests_busy_total");
+
+    // Two connections of /gpu/other, each with eight 16 MiB reads it never reads: they
+    // stay in flight (the node blocks sending them), and hold the identity's places.
+    let other = pki.svid("/gpu/other");
+    let mut flooders = Vec::new();
+    for _ in 0..2 {
+        let mut s = tcp_session(server.addr(Path::Tcp), &other).await;
+        let opened = tcp_call(&mut s, 1, &open_read("big.bin")).await;
+        let Some(Response::OpenedRead { transfer, .. }) = opened else {
+            panic!("no transfer opened: {opened:?}");
+        };
+        flooders.push((s, transfer));
+    }
+    for (s, transfer) in &mut flooders {
+        let mut out = Vec::new();
+        for i in 0..8u32 {
+            let read = Request::Read {
+                transfer: *transfer,
+                offset: u64::from(i) * (4 << 20),
+                len: 16 << 20,
+            };
+            out.extend(frame_bytes(FrameKind::Request, 3 + 2 * i, read.encode()));
+        }
+        s.write_all(&out).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    // Sixteen reads, CAP admitted: the rest told Busy.
+    assert!(
+        wait_until(|| busy() >= 16 - CAP).await,
+        "{} of the flood's requests answered busy",
+        busy()
+    );
+    // The cap is the identity's, not the node's: the loader is served over both paths.
+    assert_served(&pki, &server, &object).await;
+    // ... while a third connection of the flooder is told Busy for a plain stat.
+    let mut third = tcp_session(server.addr(Path::Tcp), &other).await;
+    let stat = Request::Stat {
+        dataset: ds("scans"),
+        object: obj("a.bin"),
+    };
+    third
+        .write_all(&frame_bytes(FrameKind::Request, 1, stat.encode()))
+        .await
+        .unwrap();
+    let f = timeout(Duration::from_secs(10), read_frame(&mut third))
+        .await
+        .expect("no answer")
+        .unwrap()
+        .expect("closed");
+    assert_eq!(f.kind, FrameKind::Error, "{f:?}");
+    assert_eq!(ErrorCode::decode(&f.payload), Ok(ErrorCode::Busy));
+    assert_eq!(busy(), 16 - CAP + 1);
+    // The flood's connections go; their reads end and give their places back.
+    drop(flooders);
+    let mut n = 1;
+    let served = timeout(Duration::from_secs(30), async {
+        loop {
+            n += 2;
+            let answer = tcp_call(&mut third, n, &stat).await;
+            if matches!(answer, Some(Response::Manifest(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "the flooder's places never came back");
+}
+
+// ---------------------------------------------------------------------------------------
 // Connection attempts that never finish their handshake.
 
 /// 2000 TCP connections from one address that never say a word: twice the node's connection

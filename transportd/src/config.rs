@@ -31,6 +31,8 @@ pub(crate) struct NodeConfig {
     pub(crate) transport: TransportConfig,
     /// Preferred chunk size of manifests this node builds.
     pub(crate) chunk_bytes: u32,
+    /// Manifests the store computes at once (`limits.max_manifest_builds`).
+    pub(crate) max_manifest_builds: usize,
     /// BLAKE3 of the configuration file's bytes.
     pub(crate) digest: Digest,
 }
@@ -188,6 +190,20 @@ impl NodeConfig {
             t.max_connections_per_identity(n)
                 .map_err(|e| range("max_connections_per_identity", e))?;
         }
+        if let Some(n) = l.max_requests_per_identity {
+            t.max_requests_per_identity(n)
+                .map_err(|e| range("max_requests_per_identity", e))?;
+        }
+        let max_manifest_builds = match l.max_manifest_builds {
+            None => libtransport::store::DEFAULT_MAX_MANIFEST_BUILDS,
+            Some(n @ 1..=256) => n as usize,
+            Some(_) => {
+                return Err(invalid(
+                    "limits.max_manifest_builds",
+                    "must be between 1 and 256",
+                ));
+            }
+        };
         if let Some(n) = l.max_handshakes {
             t.max_handshakes(n)
                 .map_err(|e| range("max_handshakes", e))?;
@@ -311,6 +327,7 @@ impl NodeConfig {
             digest: Digest::of(text.as_bytes()),
             transport: t,
             chunk_bytes,
+            max_manifest_builds,
         })
     }
 
@@ -491,17 +508,29 @@ dir = "audit"
             format!("{:?}", c.transport),
             format!("{:?}", TransportConfig::default())
         );
-        let text = format!(
-            "{MINIMAL}\n[limits]\nmax_handshakes = 8\nmax_handshakes_per_source = 2\nmax_connections_per_identity = 3\nhandshake_timeout = \"3s\"\n"
+        assert_eq!(
+            c.max_manifest_builds,
+            libtransport::store::DEFAULT_MAX_MANIFEST_BUILDS
         );
-        let t = format!("{:?}", parse(&text).unwrap().transport);
+        let text = format!(
+            "{MINIMAL}\n[limits]\nmax_handshakes = 8\nmax_handshakes_per_source = 2\nmax_connections_per_identity = 3\nmax_requests_per_identity = 5\nmax_manifest_builds = 1\nhandshake_timeout = \"3s\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.max_manifest_builds, 1);
+        let t = format!("{:?}", c.transport);
         for field in [
             "max_handshakes: 8,",
             "max_handshakes_per_source: 2,",
             "max_connections_per_identity: 3,",
+            "max_requests_per_identity: 5,",
             "handshake_timeout: 3s,",
         ] {
             assert!(t.contains(field), "{field}: {t}");
+        }
+        for bad in ["max_manifest_builds = 0", "max_requests_per_identity = 0"] {
+            let e = parse(&format!("{MINIMAL}\n[limits]\n{bad}\n")).unwrap_err();
+            let field = bad.split(' ').next().unwrap();
+            assert!(e.to_string().contains(&format!("limits.{field}")), "{e}");
         }
     }
 

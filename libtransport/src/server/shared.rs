@@ -22,6 +22,8 @@ pub(crate) struct Shared {
     pub(super) handshakes: Arc<Budget<Source>>,
     /// Authenticated connections per identity.
     pub(super) identities: Arc<Budget<SpiffeId>>,
+    /// Requests in flight per identity, across its connections.
+    pub(super) requests: Arc<Budget<SpiffeId>>,
     /// Rate-limits the log line about shed attempts.
     pub(super) shed_log: ShedLog,
     pub(super) next_conn: AtomicU64,

@@ -227,3 +227,57 @@ fn oversized_objects_are_refused_with_a_typed_error() {
         Err(ManifestError::TooLarge(_))
     ));
 }
+
+#[test]
+fn manifest_builds_are_capped_and_requests_that_waited_for_one_object_hash_it_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    std::fs::create_dir_all(root.join("scans")).unwrap();
+    for i in 0..12 {
+        std::fs::write(root.join(format!("scans/{i}.bin")), vec![i as u8; 300_000]).unwrap();
+    }
+    // Twelve objects nobody has hashed, asked for at once: at most two hash at a time.
+    let store = Store::open(&root, None, MIN_CHUNK_BYTES)
+        .unwrap()
+        .with_max_manifest_builds(2);
+    std::thread::scope(|s| {
+        for i in 0..12 {
+            let store = &store;
+            s.spawn(move || {
+                store
+                    .open_read(&ds("scans"), &obj(&format!("{i}.bin")))
+                    .unwrap()
+            });
+        }
+    });
+    assert!(
+        store.builds.peak() <= 2,
+        "{} builds at once",
+        store.builds.peak()
+    );
+    assert_eq!(store.io_counters().bytes_hashed, 12 * 300_000);
+    assert_eq!(store.io_counters().builds_running, 0);
+
+    // One object asked for by sixteen requests at once, one build at a time: those that
+    // waited find it built, so it is read and hashed once, not sixteen times.
+    let store = Store::open(&root, None, MIN_CHUNK_BYTES)
+        .unwrap()
+        .with_max_manifest_builds(1);
+    let roots: Vec<Digest> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let store = &store;
+                s.spawn(move || {
+                    store
+                        .open_read(&ds("scans"), &obj("0.bin"))
+                        .unwrap()
+                        .manifest()
+                        .root()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(roots.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(store.io_counters().bytes_hashed, 300_000);
+}

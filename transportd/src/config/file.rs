@@ -120,6 +120,8 @@ pub(crate) enum ActionFile {
 pub(crate) struct LimitsFile {
     pub(crate) max_connections: Option<u32>,
     pub(crate) max_connections_per_identity: Option<u32>,
+    pub(crate) max_requests_per_identity: Option<u32>,
+    pub(crate) max_manifest_builds: Option<u32>,
     pub(crate) max_handshakes: Option<u32>,
     pub(crate) max_handshakes_per_source: Option<u32>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -199,6 +201,10 @@ mode = "auto"              # "auto": RDMA when both sides have a device (build f
 [limits]                   # optional; these are the defaults
 max_connections = 1024     # authenticated connections at once; more are told "busy"
 max_connections_per_identity = 256  # of those, how many one SPIFFE ID may hold
+max_requests_per_identity = 1024    # requests one SPIFFE ID may have in flight across its
+                           # connections; more are told "busy" (transportd_requests_busy_total)
+max_manifest_builds = 4    # manifests computed at once (each reads and hashes a whole object
+                           # the first time it is asked for); more requests wait their turn
 max_handshakes = 256       # handshakes of peers not yet authenticated, a budget apart from
                            # max_connections: attempts past it are closed at once, before any
                            # TLS work, and only counted (transportd_handshakes_shed_total),

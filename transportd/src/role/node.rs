@@ -84,7 +84,8 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     })?;
     let policy = PolicyHandle::new(Arc::new(policy));
     let store = Store::open(&cfg.store_root, cfg.state_dir.clone(), cfg.chunk_bytes)
-        .context("opening the store")?;
+        .context("opening the store")?
+        .with_max_manifest_builds(cfg.max_manifest_builds);
     let metrics = Arc::new(Metrics::new());
     metrics.set_audit_trail_breaks(audit.breaks_on_record());
     let config = ServerConfig::builder()
