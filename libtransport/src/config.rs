@@ -29,6 +29,7 @@ pub struct TransportConfig {
     pub(crate) max_handshakes: u32,
     pub(crate) max_handshakes_per_source: u32,
     pub(crate) max_buffered_bytes: u64,
+    pub(crate) max_memory_bytes: u64,
     pub(crate) parallel_chunks: u32,
     pub(crate) chunk_bytes: u32,
     pub(crate) handshake_timeout: Duration,
@@ -70,6 +71,7 @@ impl Default for TransportConfig {
             max_handshakes: 256,
             max_handshakes_per_source: 64,
             max_buffered_bytes: 64 << 20,
+            max_memory_bytes: 1 << 30,
             parallel_chunks: 8,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             handshake_timeout: Duration::from_secs(10),
@@ -152,6 +154,24 @@ impl TransportConfig {
             });
         }
         self.max_buffered_bytes = n;
+        Ok(self)
+    }
+
+    /// Bytes a server reads from disk ahead of the network across all its connections
+    /// (default 1 GiB), of which one identity may hold a quarter: the node's ceiling on
+    /// memory for object bytes however many peers hold reads they never take (each
+    /// connection's own share is [`TransportConfig::max_buffered_bytes`]). Reads past it
+    /// wait for bytes to leave. Besides it, each connection's transport buffers what it has
+    /// been handed (TLS/TCP: up to 4 MiB; QUIC: up to its send window). At least 16 MiB.
+    pub fn max_memory_bytes(&mut self, n: u64) -> Result<&mut Self, ConfigError> {
+        if n < (16 << 20) {
+            return Err(ConfigError::Range {
+                field: "max_memory_bytes",
+                min: 16 << 20,
+                max: u64::MAX,
+            });
+        }
+        self.max_memory_bytes = n;
         Ok(self)
     }
 

@@ -43,6 +43,7 @@ mod admission;
 mod conn;
 mod failure;
 mod handler;
+mod memory;
 mod pool;
 mod rdma;
 mod shared;
@@ -103,6 +104,7 @@ impl Server {
             (t.max_connections as usize).saturating_mul(t.max_streams as usize),
             t.max_requests_per_identity as usize,
         );
+        let memory = memory::MemoryBudget::new(t.max_memory_bytes);
         config.metrics.observe_store(&config.store);
         Self {
             shared: Arc::new(Shared {
@@ -111,6 +113,7 @@ impl Server {
                 handshakes,
                 identities,
                 requests,
+                memory,
                 shed_log: ShedLog::new(SHED_LOG_PERIOD),
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),

@@ -29,8 +29,10 @@ pub(crate) struct ConnCtx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) peer: Peer,
     transfers: Mutex<TransferTable<Arc<Transfer>>>,
-    /// Bytes read from disk ahead of the network, in KiB units.
+    /// Bytes read from disk ahead of the network, in KiB units: this connection's own...
     pub(crate) budget: Arc<Semaphore>,
+    /// ... and its identity's share of the node's (`server/memory.rs`).
+    pub(crate) identity_budget: Arc<Semaphore>,
     /// The most one disk read takes of the budget: half of it, so a read can run ahead of
     /// the block being sent, between one piece and [`READ_BLOCK_BYTES`].
     pub(crate) read_block_bytes: usize,
@@ -77,7 +79,9 @@ impl ConnCtx {
         let kib = (shared.config.transport.max_buffered_bytes / 1024).min(u64::from(u32::MAX));
         let read_block_bytes = usize::try_from(kib * 1024 / 2)
             .unwrap_or(usize::MAX)
+            .min(shared.memory.max_block_kib() * 1024)
             .clamp(MAX_DATA_PAYLOAD, READ_BLOCK_BYTES);
+        let identity_budget = shared.memory.identity(&peer.id);
         let table = TransferTable::new(shared.config.transport.max_transfers as usize);
         Self {
             _open: shared.config.metrics.connection_opened(peer.path),
@@ -86,6 +90,7 @@ impl ConnCtx {
             conn,
             transfers: Mutex::new(table),
             budget: Arc::new(Semaphore::new(kib as usize)),
+            identity_budget,
             read_block_bytes,
         }
     }

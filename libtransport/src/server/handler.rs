@@ -11,6 +11,7 @@ use tracing::{debug, trace};
 
 use super::conn::{ConnCtx, Transfer, TransferKind};
 use super::failure::{Failure, store_code};
+use super::memory::BlockPermit;
 use super::shared::record_or_refuse;
 use crate::audit::AuditEvent;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
@@ -288,7 +289,7 @@ async fn read(
             s.sink.send(FrameKind::Data, piece).await?;
             // The last piece gives back what is left of the block's permit below.
             if !block.is_empty() {
-                drop(permit.split(kib(n) as usize));
+                permit.release(kib(n) as usize);
             }
             t.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
@@ -298,20 +299,25 @@ async fn read(
     Ok(())
 }
 
-type ReadBlock =
-    tokio::task::JoinHandle<Result<(Bytes, tokio::sync::OwnedSemaphorePermit), StoreError>>;
+type ReadBlock = tokio::task::JoinHandle<Result<(Bytes, BlockPermit), StoreError>>;
 
-/// Reads the next block of `at..end`, once the connection's budget has room for it.
+/// Reads the next block of `at..end`, once the connection's, its identity's and the node's
+/// budgets have room for it (`server/memory.rs`).
 fn spawn_read(ctx: &Arc<ConnCtx>, t: &Arc<Transfer>, at: u64, end: u64) -> ReadBlock {
     let n = (end - at).min(ctx.read_block_bytes as u64) as usize;
-    let budget = ctx.budget.clone();
+    let ctx2 = ctx.clone();
     let buffers = ctx.shared.buffers.clone();
     let t = t.clone();
     tokio::spawn(async move {
-        let permit = budget
-            .acquire_many_owned(kib(n))
-            .await
-            .map_err(|_| StoreError::Io(std::io::Error::other("connection closing")))?;
+        let ctx = ctx2;
+        let permit = BlockPermit::acquire(
+            &ctx.budget,
+            &ctx.identity_budget,
+            ctx.shared.memory.node(),
+            kib(n),
+        )
+        .await
+        .map_err(|_| StoreError::Io(std::io::Error::other("connection closing")))?;
         let block = tokio::task::spawn_blocking(move || match &t.kind {
             TransferKind::Read(r) => buffers.fill(n, |buf| r.read_into(at, buf)),
             TransferKind::Write(_) => Err(StoreError::NotFound),

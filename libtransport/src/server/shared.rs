@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub(super) next_conn: AtomicU64,
     /// Flips to true on shutdown: accept no more connections or requests.
     pub(super) stop: watch::Sender<bool>,
+    /// Object bytes read ahead of the network: the node's ceiling and identities' shares.
+    pub(crate) memory: super::memory::MemoryBudget,
     /// Buffers the send path reads object bytes into, reused once sent.
     pub(crate) buffers: Arc<BufferPool>,
     /// Striped pulls with parts open, across connections.
