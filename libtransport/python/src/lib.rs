@@ -27,6 +27,7 @@ mod client;
 mod error;
 mod identity;
 mod runtime;
+mod verify;
 
 /// The extension module `transportd._native`.
 #[pymodule]
@@ -39,6 +40,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::PushReport>()?;
     m.add_class::<buffer::Buffer>()?;
     m.add_function(wrap_pyfunction!(client::object_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::manifest_root, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    runtime::reseed_after_fork(m)?;
     Ok(())
 }
