@@ -11,17 +11,21 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import transportd
-from conftest import Node, Site, random_bytes
+from conftest import TD, Node, Site, random_bytes
 from transportd import errors
 from transportd.pytorch import Connection, ObjectDataset, Sample, ShardDataset, merge_states
 
@@ -224,6 +228,75 @@ def test_a_plain_state_dict_resumes_without_torchdata(conn: Connection, shards: 
     other = ShardDataset(conn, SOURCES[:1])
     with pytest.raises(ValueError, match="same objects"):
         other.load_state_dict(state)
+
+
+def test_prefetch_runs_ahead_by_at_most_its_depth(
+    node: Node, conn: Connection, shards: Objects
+) -> None:
+    names = {o for d, o in shards if d == "scans"}
+    before = reads(node, names)
+    ds = ShardDataset(conn, [SOURCES[0]], seed=2, prefetch=2)
+    it = iter(ds)
+    first = next(it)
+    # One handed out, two waiting in the queue, one more fetched and waiting to be queued:
+    # the thread then blocks until the consumer takes one.
+    poll(lambda: reads(node, names) - before == 4)
+    thread = next(t for t in threading.enumerate() if t.name == "transportd-prefetch")
+    poll(lambda: "_put" in frames(thread))
+    assert reads(node, names) - before == 4
+    rest = list(it)
+    assert sorted([first.object] + [s.object for s in rest]) == sorted(names)
+    assert not thread.is_alive()
+    # The control: without prefetching, nothing is fetched ahead (and no thread runs).
+    before = reads(node, names)
+    it = iter(ShardDataset(conn, [SOURCES[0]], seed=2, prefetch=0))
+    next(it)
+    assert reads(node, names) - before == 1
+    assert not any(t.name == "transportd-prefetch" for t in threading.enumerate())
+
+
+def reads(node: Node, names: set[str]) -> int:
+    """Reads of these objects the node's audit trail records."""
+    return sum(
+        r["event"] == "transfer_started" and r.get("object") in names
+        for r in node.audit_records(peer=f"spiffe://{TD}/gpu/loader")
+    )
+
+
+def frames(thread: threading.Thread) -> list[str]:
+    """The functions a thread is in now, innermost first."""
+    assert thread.ident is not None
+    frame = sys._current_frames().get(thread.ident)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def poll(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_the_rank_comes_from_torch_distributed_when_initialised(
+    conn: Connection, shards: Objects, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # The control: from the environment, rank 1 of 2 gets half.
+    assert len(ShardDataset(conn, SOURCES)) == 15
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        ds = ShardDataset(conn, SOURCES)
+        assert len(ds) == len(shards)
+        assert len(list(ds)) == len(shards)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fetch_into_a_tensor_and_frombuffer_make_no_copy(
