@@ -13,24 +13,27 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch.utils.data import DataLoader, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
+from typing import TYPE_CHECKING, Any
 
 from transportd import Client
 from transportd.cache import Cache
-from transportd.pytorch import Connection, ShardDataset
+
+# The cache's jobs do without torch (it takes seconds to import); the others import it.
+if TYPE_CHECKING:
+    from transportd.pytorch import ShardDataset
 
 
 def record(dataset: str, object: str, data: memoryview) -> tuple[str, str, str, int]:
     """The decode of these jobs: what the test compares, and which worker yielded it."""
+    from torch.utils.data import get_worker_info
+
     info = get_worker_info()
     return dataset, object, bytes(data).hex(), info.id if info is not None else -1
 
 
 def shards(p: dict[str, Any]) -> ShardDataset:
+    from transportd.pytorch import Connection, ShardDataset
+
     return ShardDataset(
         Connection(p["node"], identity=p["identity"], path="quic"),
         [tuple(s) for s in p["sources"]],
@@ -51,6 +54,8 @@ def write(out: Any, samples: Any, **extra: Any) -> int:
 def epochs(p: dict[str, Any]) -> None:
     """One rank (RANK and WORLD_SIZE set by the test) running through epochs with a
     DataLoader of two workers; a second dataset object runs the first epoch again."""
+    from torch.utils.data import DataLoader
+
     with open(p["out"], "w") as out:
         for run, epoch in p["runs"]:
             ds = shards(p)
@@ -61,6 +66,9 @@ def epochs(p: dict[str, Any]) -> None:
 
 def stop(p: dict[str, Any]) -> None:
     """Takes ``take`` samples under a StatefulDataLoader, saves its state and quits."""
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     ds = shards(p)
     ds.set_epoch(p["epoch"])
     loader = StatefulDataLoader(ds, batch_size=None, num_workers=p["workers"])
@@ -78,6 +86,9 @@ def resume(p: dict[str, Any]) -> None:
     """Resumes from the saved state twice, in this fresh process: with another number of
     workers (the loader's state given to the dataset, a new loader), and with the same
     number (the state given to the loader)."""
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     saved = torch.load(p["state"], weights_only=True)
     other = shards(p)
     other.load_state_dict(saved)

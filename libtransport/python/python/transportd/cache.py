@@ -19,7 +19,7 @@ in progress (one directory each, locked by its puller). ``lock`` serialises the 
 and evicting of entries; ``over-budget`` marks a budget left exceeded. There is no index
 but the directory itself, so any number of processes may use the cache at once, and a
 crashed one leaves nothing inconsistent (its pull directory is removed by the next trim).
-The cache directory is made mode 0700: the entries are plaintext objects.
+A cache directory this class creates gets mode 0700: the entries are plaintext objects.
 
 **Locks.** A process serving an entry holds a shared ``flock`` on its file for as long as
 it reads it (:meth:`Cache.read`) or holds it open (:meth:`Cache.open`). Eviction takes an
