@@ -209,28 +209,35 @@ def test_an_entry_in_use_elsewhere_is_not_evicted_until_released(
         assert not (tmp_path / "c" / "over-budget").exists()
 
 
-def test_two_processes_filling_the_cache_at_once_leave_it_consistent(
+def test_processes_filling_the_cache_at_once_leave_it_consistent(
     site: Site, node: Node, client: transportd.Client, objs: dict[str, bytes], tmp_path: Path
 ) -> None:
     names = sorted(objs)
-    budget = 5 * SIZE
+    budget = 3 * SIZE  # a quarter of the objects: placing and evicting all along
     go = tmp_path / "go"
     params = {
         "job": "fill", "node": node.quic, "identity": str(site.identity("loader")),
         "cache": str(tmp_path / "c"), "budget": budget, "go": str(go),
     }  # fmt: skip
     procs = [
-        job({**params, "objects": [["scans", n] for n in order], "out": str(tmp_path / f"{k}")})
-        for k, order in enumerate((names, names[::-1] + names))
+        # Each process reads every object eight times, starting at a different one.
+        job(
+            {
+                **params,
+                "objects": [["scans", n] for n in (names[k:] + names[:k]) * 8],
+                "out": str(tmp_path / f"{k}"),
+            }
+        )
+        for k in (0, 4, 8)
     ]
     for p in procs:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n"
-    go.touch()  # both start at once
+    go.touch()  # all start at once
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
-    for k in range(len(procs)):
+    for k in (0, 4, 8):
         *served, counts = [
             json.loads(line) for line in (tmp_path / f"{k}").read_text().splitlines()
         ]

@@ -7,7 +7,9 @@ The ranks and the resumed job run as processes of their own (tests/torch_job.py)
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,11 +24,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from test_client import leaks
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 import transportd
 from conftest import TD, Node, Site, random_bytes
 from transportd import errors
+from transportd.cache import Cache
 from transportd.pytorch import Connection, ObjectDataset, Sample, ShardDataset, merge_states
 
 JOB = Path(__file__).with_name("torch_job.py")
@@ -35,6 +40,12 @@ SOURCES = [("scans", "shards-a/"), ("checkpoints", "shards-b/")]
 COUNTS = {"scans": 17, "checkpoints": 14}
 
 Objects = dict[tuple[str, str], bytes]
+
+# torch's advice for this two-core machine, and torchdata's own use of a deprecated call.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning"),
+    pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +165,28 @@ def test_a_state_saved_mid_epoch_resumes_with_another_worker_count(
             assert bytes.fromhex(s["data"]) == shards[(s["dataset"], s["object"])]
     # The new worker count was used: three workers shared the rest.
     assert {s["worker"] for s in after if s["how"] == "other"} == {0, 1, 2}
+
+
+def test_a_resumed_run_saves_and_resumes_again(conn: Connection, shards: Objects) -> None:
+    def take(loader: StatefulDataLoader, n: int | None) -> tuple[list[Any], dict[str, Any]]:
+        it = iter(loader)
+        got = [(s.dataset, s.object) for s in itertools.islice(it, n)]
+        return got, loader.state_dict()
+
+    first = ShardDataset(conn, SOURCES, seed=8)
+    first.set_epoch(1)
+    seen, state = take(StatefulDataLoader(first, batch_size=None, num_workers=2), 7)
+    # Two workers to three, through the dataset; the new run saves a state of its own...
+    second = ShardDataset(conn, SOURCES)
+    second.load_state_dict(state)
+    more, state = take(StatefulDataLoader(second, batch_size=None, num_workers=3), 9)
+    seen += more
+    # ...which its loader resumes, with its three workers.
+    loader = StatefulDataLoader(ShardDataset(conn, SOURCES), batch_size=None, num_workers=3)
+    loader.load_state_dict(state)
+    rest, _ = take(loader, None)
+    assert Counter(seen + rest) == Counter(shards.keys())
+    assert len(seen) == 16
 
 
 def test_states_merge_across_workers_and_ranks_and_resume_in_another_world(
@@ -384,6 +417,10 @@ def test_an_object_not_permitted_raises_not_found(
 def test_the_map_style_dataset_fetches_by_index_in_each_worker(
     conn: Connection, shards: Objects
 ) -> None:
+    # This process connects first, so its main thread's random generator is in use when
+    # the workers fork: each worker must reseed it, or both draw the same QUIC connection
+    # IDs and the node routes the second's handshake to the first's connection.
+    conn.client().list_datasets()
     keys = sorted(shards)
     ds = ObjectDataset(conn, keys, decode=lambda d, o, b: (d, o, bytes(b)))
     assert len(ds) == len(keys)
@@ -391,6 +428,36 @@ def test_the_map_style_dataset_fetches_by_index_in_each_worker(
     assert sorted((d, o) for d, o, _ in got) == keys
     for d, o, data in got:
         assert data == shards[(d, o)]
+
+
+def test_no_object_name_or_payload_reaches_a_log_record(
+    site: Site, conn: Connection, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="transportd")
+    secret = "patient-4711-jane-doe"
+    name = f"leak/{secret}.bin"
+    payload = b"CANARY-PAYLOAD-" + random_bytes(64, 13).hex().encode()
+    site.write(f"scans/{name}", payload)
+    cache = Cache(tmp_path / "c", max_bytes=1 << 20)
+    ds = ShardDataset(conn, [("scans", "leak/")], cache=cache)
+    assert [s.data.numpy().tobytes() for s in ds] == [payload]  # a miss
+    ds.set_epoch(1)
+    assert len(list(ds)) == 1  # a hit
+    entry = cache.entry_path("scans", name, conn.client().stat("scans", name).root)
+    entry.write_bytes(payload[::-1])  # discarded, pulled again
+    assert [s.data.numpy().tobytes() for s in ds] == [payload]
+    assert ObjectDataset(conn, [("scans", name)])[0].data.numpy().tobytes() == payload
+    with pytest.raises(errors.NotFound):
+        ObjectDataset(conn, [("scans", f"leak/missing-{secret}.bin")])[0]
+    records = [r for r in caplog.records if r.name.startswith("transportd")]
+    # The check looked at real records of the datasets and the cache, and of the client.
+    assert {"transportd", "transportd.pytorch", "transportd.cache"} <= {r.name for r in records}
+    assert any("verification" in r.getMessage() for r in records)
+    secrets = [secret, payload.decode()[:32], payload[::-1].decode()[:32]]
+    assert leaks(records, secrets) == []
+    # The control: a record that does carry the name is caught.
+    logging.getLogger("transportd.cache").debug("cached %s", name)
+    assert leaks([r for r in caplog.records if r.name.startswith("transportd")], secrets)
 
 
 def test_importing_transportd_does_not_import_torch() -> None:

@@ -128,5 +128,6 @@ def object_digest(object: str) -> str:
 def manifest_root(data: str | PathLike[str] | _BufferProtocol, chunk_bytes: int) -> str:
     """The BLAKE3 manifest root (hex) of a file or of bytes, cut into chunks of
     ``chunk_bytes``: equal to the node's ``stat().root`` when they are the object's bytes and
-    ``chunk_bytes`` is ``stat().chunk_bytes``. A writable buffer is hashed in place, a
-    read-only one copied once; the GIL is released while hashing."""
+    ``chunk_bytes`` is ``stat().chunk_bytes`` (a power of two from 64 KiB to 64 MiB, else
+    ``ValueError``). A writable buffer is hashed in place, a read-only one copied once; the
+    GIL is released while hashing."""

@@ -305,7 +305,10 @@ class Cache:
         directory) until the returned function removes it, so trims leave it alone."""
         while True:
             path = Path(tempfile.mkdtemp(dir=self.directory / "tmp"))
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # a trim took it for abandoned before we could lock it
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:

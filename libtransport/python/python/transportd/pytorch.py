@@ -58,10 +58,11 @@ out, so prefetched objects are not. Three ways to resume:
 * *Same world size and number of workers*: under ``torchdata``'s ``StatefulDataLoader``,
   ``loader.load_state_dict(saved)``; each worker gets its own copy's state back and
   continues its own share.
-* *Another number of workers* (``StatefulDataLoader`` refuses that): give the loader's
-  state to the dataset, ``dataset.load_state_dict(saved)``, and make a new loader without
-  loading a state into it. The dataset merges its workers' states and deals this rank's
-  remaining objects to the new workers.
+* *Another number of workers* (``StatefulDataLoader`` refuses that with an
+  ``AssertionError``): give the loader's state to the dataset,
+  ``dataset.load_state_dict(saved)``, and make a new loader without loading a state into
+  it. The dataset merges its workers' states and deals this rank's remaining objects to
+  the new workers. A later ``loader.state_dict()`` of that run resumes as usual.
 * *Another world size*: merge the saved states of every rank with :func:`merge_states`
   and load the result into each rank's dataset; the remaining objects are dealt afresh.
 
