@@ -30,8 +30,9 @@ otherwise never changed in place: placed by an atomic rename, removed by unlinki
 
 **Budget.** ``max_bytes`` bounds the entries' sizes (pulls in progress are not counted). An
 object larger than the whole budget is served but not kept. Two processes that miss the
-same object at once both pull it (the first to finish places it, the other's copy is
-dropped).
+same object at once both pull it (the first to finish places its copy; the other serves
+its own once and drops it). The directory belongs on a local filesystem: the locks are
+``flock`` locks, which network filesystems may not share between machines.
 
 The counters (:attr:`Cache.hits`, ...) count what this process's :class:`Cache` object did;
 each DataLoader worker counts its own.
@@ -283,13 +284,14 @@ class Cache:
             fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_SH)
             entry = self._entry(dataset, object, st.root)
+            held = _Held(fd, dest, os.fstat(fd).st_ino)  # served from the pull directory...
             if report.size <= self.max_bytes:
                 with self._locked():
-                    self._evict(report.size)
-                    os.replace(dest, entry)
-                held = _Held(fd, entry, os.fstat(fd).st_ino)
-            else:
-                held = _Held(fd, dest, os.fstat(fd).st_ino)
+                    # ...unless placed: not when another process placed it meanwhile.
+                    if not entry.exists():
+                        self._evict(report.size)
+                        os.replace(dest, entry)
+                        held = _Held(fd, entry, held.ino)
         except BaseException:
             unlock_tmp()
             raise

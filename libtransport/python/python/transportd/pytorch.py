@@ -322,7 +322,8 @@ class ShardDataset(IterableDataset[Any]):
         whole state, or :func:`merge_states`' result. In the main process the state is
         merged to this rank's (:func:`merge_states`), so the remaining objects can be dealt
         to any number of workers; in a DataLoader worker (where ``StatefulDataLoader`` gives
-        each worker its own state back) a worker's state continues that worker's share."""
+        each worker its own state back) a worker's state continues that worker's share.
+        The state brings its seed, epoch and shuffle; its listing must be this dataset's."""
         found = _find_states(state)
         if not found:
             raise ValueError("no ShardDataset state in what was given")
