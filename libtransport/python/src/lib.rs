@@ -16,9 +16,12 @@
 //!   writable buffer. The buffer protocol's two unsafe spots live in `buffer.rs`, behind
 //!   safe functions; nothing else here is unsafe.
 //! * Library errors become the exceptions of `transportd.errors`, each with its stable code.
+//! * `manifest_root` (`verify.rs`) hashes local bytes as the node does, so the node-local
+//!   cache (`transportd.cache`, pure Python like the PyTorch datasets of
+//!   `transportd.pytorch`) can check its entries against the node's root.
 //!
-//! What is not here yet (issue 16's later phases): the asyncio client, PyTorch datasets, the
-//! cache, the fsspec filesystem and tensor reads.
+//! What is not here yet (issue 16's later phases): the asyncio client, the fsspec filesystem
+//! and tensor reads.
 
 use pyo3::prelude::*;
 
@@ -27,6 +30,7 @@ mod client;
 mod error;
 mod identity;
 mod runtime;
+mod verify;
 
 /// The extension module `transportd._native`.
 #[pymodule]
@@ -39,6 +43,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::PushReport>()?;
     m.add_class::<buffer::Buffer>()?;
     m.add_function(wrap_pyfunction!(client::object_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::manifest_root, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    runtime::reseed_after_fork(m)?;
     Ok(())
 }

@@ -4,6 +4,12 @@
 //! runtime (a DataLoader worker) inherits its memory but none of its threads, so the child
 //! starts a runtime of its own; clients made before the fork refuse to run in the child
 //! (`client.rs`).
+//!
+//! A child also inherits the random generator of the thread that forked (rand's
+//! `ThreadRng`, which does not reseed on fork), and quinn draws connection IDs from it on
+//! the thread that connects. Two DataLoader workers forked from one process would then open
+//! QUIC connections with the same IDs, and the node would route the second's handshake to
+//! the first's connection. The module registers [`reseed_after_fork`] to reseed it.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -63,6 +69,25 @@ where
             }
         })
     })
+}
+
+/// Registers, with `os.register_at_fork`, a reseeding of the forking thread's random
+/// generator in each child: the thread that forked is the child's only thread then.
+pub(crate) fn reseed_after_fork(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("after_in_child", wrap_pyfunction!(reseed_thread_rng, m)?)?;
+    py.import("os")?
+        .call_method("register_at_fork", (), Some(&kwargs))?;
+    Ok(())
+}
+
+/// Reseeds this thread's `ThreadRng` from the operating system.
+#[pyfunction]
+fn reseed_thread_rng() -> PyResult<()> {
+    rand::rng()
+        .reseed()
+        .map_err(|e| error::local(&format!("reseeding after fork: {e}")).into())
 }
 
 /// The runtime and the process that started it.

@@ -1,5 +1,6 @@
 """Type stubs of the extension module ``transportd._native`` (libtransport/python/src)."""
 
+from os import PathLike
 from typing import final
 
 from typing_extensions import Buffer as _BufferProtocol
@@ -123,3 +124,10 @@ class Client:
 
 def object_digest(object: str) -> str:
     """BLAKE3 of an object path, hex: what logs show in place of the path."""
+
+def manifest_root(data: str | PathLike[str] | _BufferProtocol, chunk_bytes: int) -> str:
+    """The BLAKE3 manifest root (hex) of a file or of bytes, cut into chunks of
+    ``chunk_bytes``: equal to the node's ``stat().root`` when they are the object's bytes and
+    ``chunk_bytes`` is ``stat().chunk_bytes`` (a power of two from 64 KiB to 64 MiB, else
+    ``ValueError``). A writable buffer is hashed in place, a read-only one copied once; the
+    GIL is released while hashing."""
