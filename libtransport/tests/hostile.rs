@@ -770,6 +770,100 @@ async fn a_flood_of_requests_from_one_identity_is_capped_and_another_is_served()
     assert!(served.is_ok(), "the flooder's places never came back");
 }
 
+/// 64 connections of two identities, each holding a 16 MiB read it never takes: what the
+/// node holds for them stays within its memory budget (of which each identity may hold a
+/// quarter), plus a stated margin: the server's idle buffer pool (64 MiB at most) and 32 MiB
+/// of slack. (Each connection's TLS layer may hold up to 4 MiB of records besides; the
+/// assertion shows they do not add up here.) The control: the same with the default budget
+/// of 1 GiB grows well past that bound, so the bound is the budget's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_nobody_takes_stay_within_the_nodes_memory_budget() {
+    let _serial = SERIAL.lock().await;
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    const BUDGET: u64 = 64 << 20;
+    let bound = BUDGET + (64 << 20) + (32 << 20);
+    // The budgeted node first: the control's freed memory could otherwise be reused by it.
+    let grown = held_reads_growth(&pki, BUDGET).await;
+    assert!(
+        grown <= bound,
+        "RSS grew by {} MiB, above the budget's bound of {} MiB",
+        grown >> 20,
+        bound >> 20
+    );
+    let control = held_reads_growth(&pki, 1 << 30).await;
+    assert!(
+        control > bound,
+        "control: with a 1 GiB budget RSS grew by only {} MiB",
+        control >> 20
+    );
+}
+
+/// RSS growth, in bytes, of this process while a node with a memory budget of `budget`
+/// serves 64 connections that each hold a 16 MiB read and never take it.
+async fn held_reads_growth(pki: &TestPki, budget: u64) -> u64 {
+    const CONNS: u64 = 64;
+    let mut t = TransportConfig::default();
+    t.max_memory_bytes(budget).unwrap();
+    t.io_timeout(Duration::from_secs(120));
+    let server = TestServer::start_with(pki, GRANTS, t).await;
+    server.put("scans", "big.bin", &random_bytes(64 << 20, 41));
+    // The object's manifest, and its pages, once: the reads below only read.
+    let warm = Client::connect(
+        client_config(pki, "/gpu/loader"),
+        server.addr(Path::Tcp),
+        Path::Tcp,
+    )
+    .await
+    .unwrap();
+    fetch(&warm, "big.bin").await;
+    warm.close();
+    drop(warm);
+    let before = rss_kib();
+    let mut held = Vec::new();
+    for i in 0..CONNS {
+        let who = if i % 2 == 0 {
+            "/gpu/loader"
+        } else {
+            "/gpu/other"
+        };
+        let mut s = tcp_session(server.addr(Path::Tcp), &pki.svid(who)).await;
+        let opened = tcp_call(&mut s, 1, &open_read("big.bin")).await;
+        let Some(Response::OpenedRead { transfer, .. }) = opened else {
+            panic!("no transfer opened: {opened:?}");
+        };
+        let read = Request::Read {
+            transfer,
+            offset: (i % 4) * (16 << 20),
+            len: 16 << 20,
+        };
+        s.write_all(&frame_bytes(FrameKind::Request, 3, read.encode()))
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        held.push(s);
+    }
+    // The node reads ahead until its budgets stop it: RSS settles.
+    let (mut peak, mut last, mut steady) = (0, 0, 0);
+    let settled = timeout(Duration::from_secs(60), async {
+        while steady < 10 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = rss_kib();
+            peak = peak.max(now);
+            steady = if now.abs_diff(last) < 1024 {
+                steady + 1
+            } else {
+                0
+            };
+            last = now;
+        }
+    })
+    .await;
+    assert!(settled.is_ok(), "RSS never settled (last {last} KiB)");
+    drop(held);
+    peak.saturating_sub(before) * 1024
+}
+
 // ---------------------------------------------------------------------------------------
 // Connection attempts that never finish their handshake.
 

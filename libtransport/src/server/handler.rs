@@ -272,7 +272,7 @@ async fn read(
     let mut at = offset;
     let mut next = (at < end).then(|| spawn_read(ctx, &t, at, end));
     while let Some(pending) = next.take() {
-        let (mut block, mut permit) = pending
+        let mut block = pending
             .await
             .map_err(|_| ErrorCode::Internal)?
             .map_err(store_code)?;
@@ -287,22 +287,19 @@ async fn read(
             let piece = block.split_to(block.len().min(MAX_DATA_PAYLOAD));
             let n = piece.len();
             s.sink.send(FrameKind::Data, piece).await?;
-            // The last piece gives back what is left of the block's permit below.
-            if !block.is_empty() {
-                permit.release(kib(n) as usize);
-            }
             t.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
-        drop(permit);
     }
     s.sink.send(FrameKind::End, Bytes::new()).await?;
     Ok(())
 }
 
-type ReadBlock = tokio::task::JoinHandle<Result<(Bytes, BlockPermit), StoreError>>;
+type ReadBlock = tokio::task::JoinHandle<Result<Bytes, StoreError>>;
 
 /// Reads the next block of `at..end`, once the connection's, its identity's and the node's
-/// budgets have room for it (`server/memory.rs`).
+/// budgets have room for it (`server/memory.rs`). The block holds its share of them for as
+/// long as it is in memory: until the transport has let go of its last piece (written to
+/// the socket over TCP, acknowledged over QUIC), not merely been handed it.
 fn spawn_read(ctx: &Arc<ConnCtx>, t: &Arc<Transfer>, at: u64, end: u64) -> ReadBlock {
     let n = (end - at).min(ctx.read_block_bytes as u64) as usize;
     let ctx2 = ctx.clone();
@@ -319,12 +316,12 @@ fn spawn_read(ctx: &Arc<ConnCtx>, t: &Arc<Transfer>, at: u64, end: u64) -> ReadB
         .await
         .map_err(|_| StoreError::Io(std::io::Error::other("connection closing")))?;
         let block = tokio::task::spawn_blocking(move || match &t.kind {
-            TransferKind::Read(r) => buffers.fill(n, |buf| r.read_into(at, buf)),
+            TransferKind::Read(r) => buffers.fill_holding(n, |buf| r.read_into(at, buf), permit),
             TransferKind::Write(_) => Err(StoreError::NotFound),
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-        Ok((block, permit))
+        Ok(block)
     })
 }
 

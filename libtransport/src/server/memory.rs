@@ -1,6 +1,6 @@
 //! The node's ceiling on object bytes read from disk ahead of the network. Every block a
-//! read request reads holds a share of three budgets until its last piece is handed to the
-//! transport: its connection's (`max_buffered_bytes`), its identity's (a quarter of the
+//! read request reads holds a share of three budgets for as long as it is in memory (until
+//! the transport has let go of its last piece: written to the socket, or acknowledged): its connection's (`max_buffered_bytes`), its identity's (a quarter of the
 //! node's, shared by that identity's connections) and the node's (`max_memory_bytes`). So
 //! peers that ask for reads and never take them hold at most the node's budget in all, and
 //! one identity at most a quarter of it, whatever the number of connections; a read past a
@@ -76,12 +76,12 @@ impl MemoryBudget {
     }
 }
 
-/// What one block holds of the three budgets.
+/// What one block holds of the three budgets, given back when dropped.
 #[derive(Debug)]
 pub(crate) struct BlockPermit {
-    conn: OwnedSemaphorePermit,
-    identity: OwnedSemaphorePermit,
-    node: OwnedSemaphorePermit,
+    _conn: OwnedSemaphorePermit,
+    _identity: OwnedSemaphorePermit,
+    _node: OwnedSemaphorePermit,
 }
 
 impl BlockPermit {
@@ -97,18 +97,10 @@ impl BlockPermit {
         let identity = identity.clone().acquire_many_owned(kib).await?;
         let node = node.clone().acquire_many_owned(kib).await?;
         Ok(Self {
-            conn,
-            identity,
-            node,
+            _conn: conn,
+            _identity: identity,
+            _node: node,
         })
-    }
-
-    /// Gives back `kib` of each (a piece handed to the transport); the rest goes when this
-    /// is dropped.
-    pub(crate) fn release(&mut self, kib: usize) {
-        drop(self.conn.split(kib));
-        drop(self.identity.split(kib));
-        drop(self.node.split(kib));
     }
 }
 
@@ -163,8 +155,8 @@ mod tests {
                     .is_err(),
                 "the node's budget was exceeded"
             );
-            // A piece handed on gives its bytes back: the waiting read gets them.
-            held[0].release(block as usize);
+            // A block gone from memory gives its bytes back: the waiting read gets them.
+            drop(held.remove(0));
             let got = tokio::time::timeout(std::time::Duration::from_secs(5), &mut waiting)
                 .await
                 .expect("the freed bytes did not reach the waiting read");

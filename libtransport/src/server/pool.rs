@@ -25,15 +25,28 @@ impl BufferPool {
     /// Fills `len` bytes of a buffer with `read` (which must write all of them) and hands
     /// them out as `Bytes`. The buffer returns to the pool when the last view of it is
     /// dropped, or at once if `read` fails.
+    #[cfg(test)]
     pub(crate) fn fill<E>(
         self: &Arc<Self>,
         len: usize,
         read: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<Bytes, E> {
+        self.fill_holding(len, read, ())
+    }
+
+    /// As [`BufferPool::fill`], and `held` lives as long as the buffer is lent out: a share
+    /// of a memory budget, say, given back only when the bytes are gone from memory.
+    pub(crate) fn fill_holding<E>(
+        self: &Arc<Self>,
+        len: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        held: impl Send + 'static,
+    ) -> Result<Bytes, E> {
         let mut block = Block {
             buf: self.take(len),
             len,
             pool: Arc::downgrade(self),
+            _held: Box::new(held),
         };
         read(&mut block.buf[..len])?;
         Ok(Bytes::from_owner(block))
@@ -79,6 +92,8 @@ struct Block {
     buf: Vec<u8>,
     len: usize,
     pool: Weak<BufferPool>,
+    /// Dropped after the buffer went back to the pool (fields drop after `Drop::drop`).
+    _held: Box<dyn Send>,
 }
 
 impl AsRef<[u8]> for Block {
