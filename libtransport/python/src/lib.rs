@@ -2,10 +2,12 @@
 //! pure-Python package `transportd` (`python/transportd/`).
 //!
 //! ```text
-//!   Python (GIL held)            Rust (GIL released)
-//!   transportd.Client ──────▶ client::Client ──▶ runtime: block_on ──▶ libtransport::Client
-//!        ▲   errors.py ◀── error::raise (typed exceptions, stable codes)
-//!        └── buffer::Buffer (fetch, read_range: the pulled bytes, no copy)
+//!   Python (GIL held)                 Rust (GIL released)
+//!   transportd.Client ─────────▶ client::Client ──▶ runtime: block_on ─┐
+//!   transportd.AsyncClient ────▶ aio::AsyncClient ─▶ runtime: spawn ───┴▶ ops ─▶ libtransport::Client
+//!        ▲   errors.py ◀── error (typed exceptions, stable codes)
+//!        ├── buffer::Buffer (fetch, read_range: the pulled bytes, no copy)
+//!        └── logging "transportd.native.*" ◀── log (libtransport's tracing events)
 //! ```
 //!
 //! * Every call that touches the network or the disk runs with the GIL released
@@ -16,23 +18,29 @@
 //!   writable buffer. The buffer protocol's two unsafe spots live in `buffer.rs`, behind
 //!   safe functions; nothing else here is unsafe.
 //! * Library errors become the exceptions of `transportd.errors`, each with its stable code.
-//!
-//! What is not here yet (issue 16's later phases): the asyncio client, PyTorch datasets, the
-//! cache, the fsspec filesystem and tensor reads.
+//! * The two clients make the same calls (`ops.rs`); the asyncio one hands them to the event
+//!   loop as awaitables (`aio.rs`).
+//! * libtransport's `tracing` events go to Python's `logging` (`log.rs`), only those Python
+//!   would keep.
 
 use pyo3::prelude::*;
 
+mod aio;
 mod buffer;
 mod client;
 mod error;
 mod identity;
+mod log;
+mod ops;
 mod runtime;
 
 /// The extension module `transportd._native`.
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    log::install(m.py());
     m.add_class::<client::Client>()?;
+    m.add_class::<aio::AsyncClient>()?;
     m.add_class::<client::ObjectEntry>()?;
     m.add_class::<client::ObjectStat>()?;
     m.add_class::<client::FetchReport>()?;

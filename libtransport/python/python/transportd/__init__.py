@@ -21,6 +21,7 @@ from ._native import (
     __version__,
     object_digest,
 )
+from .aio import AsyncClient
 from .errors import (
     Busy,
     Changed,
@@ -42,6 +43,7 @@ from .errors import (
 )
 
 __all__ = [
+    "AsyncClient",
     "Buffer",
     "Busy",
     "Changed",
