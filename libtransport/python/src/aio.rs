@@ -120,7 +120,11 @@ impl AsyncClient {
     fn list_datasets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.usable(py)?;
         let inner = self.inner.clone();
-        spawn(py, &self.rt, async move { ops::list_datasets(&inner).await })
+        spawn(
+            py,
+            &self.rt,
+            async move { ops::list_datasets(&inner).await },
+        )
     }
 
     /// Objects of `dataset` whose path starts with `prefix`, in path order.
@@ -300,9 +304,7 @@ where
 {
     // ModuleRuntime spawns on the runtime entered here, and tasks spawn on their own.
     let _entered = rt.enter();
-    generic::future_into_py::<ModuleRuntime, _, Answer<T>>(py, async move {
-        Ok(Answer(fut.await))
-    })
+    generic::future_into_py::<ModuleRuntime, _, Answer<T>>(py, async move { Ok(Answer(fut.await)) })
 }
 
 /// A call's answer on its way to Python: the value, or the exception its failure becomes,

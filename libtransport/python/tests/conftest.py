@@ -177,8 +177,8 @@ class Relay:
     """A TCP relay in front of a node's TLS/TCP port, to interrupt or stall a connection at
     a chosen point: it copies bytes both ways (the TLS session stays end to end) and counts
     those coming from the node. Once ``after`` of them have passed (over all connections),
-    it either holds the node's bytes back until :meth:`release` (``cut=False``), or calls
-    ``on_cut`` and closes every connection (``cut=True``); later connections pass freely."""
+    it either holds the node's bytes back until :meth:`release` (``cut=False``), or closes
+    every connection and calls ``on_cut`` (``cut=True``); later connections pass freely."""
 
     def __init__(self, upstream: str, after: int, cut: bool = False,
                  on_cut: Callable[[], object] | None = None) -> None:  # fmt: skip
@@ -235,9 +235,11 @@ class Relay:
                         if trip:
                             self.tripped.set()
                     if trip and self.cut:
+                        # Every connection ends first: nothing the node sends after
+                        # `on_cut` (which may change what it serves) reaches the client.
+                        self._drop_all()
                         if self.on_cut is not None:
                             self.on_cut()
-                        self._drop_all()
                         return
                 if from_node and self.tripped.is_set() and not self.cut:
                     self._open.wait()

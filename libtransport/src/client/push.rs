@@ -342,18 +342,34 @@ async fn send_chunk(
         .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
     let n = data.len() as u64;
     let mut s = conn.open(&req).await?;
-    s.sink.send_data(data).await.map_err(RequestError::from)?;
-    s.sink
-        .send(FrameKind::End, Bytes::new())
-        .await
-        .map_err(RequestError::from)?;
+    let sent = match s.sink.send_data(data).await {
+        Ok(()) => s.sink.send(FrameKind::End, Bytes::new()).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        // The server may refuse a chunk before it has read all of it (a full disk): it
+        // answers, then stops our side of the stream (QUIC's STOP_SENDING), which fails
+        // our sending. Its answer, not the stop, says why; without one, the stop does.
+        return match response(&mut s.source).await {
+            Err(RequestError::Remote(code)) => Err(chunk_refused(code, index)),
+            _ => Err(RequestError::from(e).into()),
+        };
+    }
     s.sink.finish();
     match response(&mut s.source).await {
         Ok(answer) => {
             Answer::chunk_stored(answer, index).map_err(RequestError::from)?;
             Ok(n)
         }
-        Err(RequestError::Remote(ErrorCode::Corrupt)) => Err(PushError::Corrupt(index)),
+        Err(RequestError::Remote(code)) => Err(chunk_refused(code, index)),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A chunk the server answered with an error code.
+fn chunk_refused(code: ErrorCode, index: ChunkIndex) -> PushError {
+    match code {
+        ErrorCode::Corrupt => PushError::Corrupt(index),
+        code => RequestError::Remote(code).into(),
     }
 }
