@@ -31,7 +31,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use libtransport::workload::WorkloadIdentity;
 use pyo3::IntoPyObjectExt;
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
@@ -51,8 +50,6 @@ pub(crate) struct AsyncClient {
     rt: Arc<Runtime>,
     /// The process that made the client: a forked child cannot use it.
     pid: u32,
-    /// Follows the Workload API's rotations while the client lives (None with files).
-    _workload: Option<WorkloadIdentity>,
 }
 
 #[pymethods]
@@ -94,12 +91,11 @@ impl AsyncClient {
         let rt = runtime()?;
         let client_rt = rt.clone();
         spawn(py, &rt, async move {
-            let connected = connect.run().await?;
+            let inner = connect.run(client_rt.clone()).await?;
             Ok(Self {
-                inner: connected.inner,
+                inner,
                 rt: client_rt,
                 pid: std::process::id(),
-                _workload: connected.workload,
             })
         })
     }
@@ -270,10 +266,13 @@ impl AsyncClient {
     }
 
     /// Closes the connection; a later call reconnects. Calls in flight fail.
-    fn close(&self) {
+    fn close(&self, py: Python<'_>) {
         if std::process::id() == self.pid {
-            let _rt = self.rt.enter();
-            self.inner.close();
+            // Without the GIL: closing takes quinn's connection lock (see `ops::Shared`).
+            py.detach(|| {
+                let _rt = self.rt.enter();
+                self.inner.close();
+            });
         }
     }
 }
@@ -285,12 +284,6 @@ impl AsyncClient {
         ops::usable(self.pid, "AsyncClient")?;
         crate::log::refresh(py);
         Ok(())
-    }
-}
-
-impl Drop for AsyncClient {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 

@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use libtransport::workload::WorkloadIdentity;
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
@@ -25,8 +24,6 @@ pub(crate) struct Client {
     rt: Arc<Runtime>,
     /// The process that made the client: a forked child cannot use it.
     pid: u32,
-    /// Follows the Workload API's rotations while the client lives (None with files).
-    _workload: Option<WorkloadIdentity>,
 }
 
 #[pymethods]
@@ -66,12 +63,11 @@ impl Client {
         )?;
         crate::log::refresh(py);
         let rt = runtime()?;
-        let connected = block_on(py, &rt, connect.run())??;
+        let inner = block_on(py, &rt, connect.run(rt.clone()))??;
         Ok(Self {
-            inner: connected.inner,
+            inner,
             rt,
             pid: std::process::id(),
-            _workload: connected.workload,
         })
     }
 
@@ -207,10 +203,13 @@ impl Client {
     }
 
     /// Closes the connection; a later call reconnects.
-    fn close(&self) {
+    fn close(&self, py: Python<'_>) {
         if std::process::id() == self.pid {
-            let _rt = self.rt.enter();
-            self.inner.close();
+            // Without the GIL: closing takes quinn's connection lock (see `ops::Shared`).
+            py.detach(|| {
+                let _rt = self.rt.enter();
+                self.inner.close();
+            });
         }
     }
 }
@@ -222,12 +221,6 @@ impl Client {
         ops::usable(self.pid, "Client")?;
         crate::log::refresh(py);
         Ok(())
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 

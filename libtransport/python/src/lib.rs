@@ -47,6 +47,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::PushReport>()?;
     m.add_class::<buffer::Buffer>()?;
     m.add_function(wrap_pyfunction!(client::object_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(log::forwarded_events, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -21,7 +21,7 @@
 //! with the GIL released (`runtime::block_on`, or on the event loop for the asyncio client).
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
@@ -79,6 +79,14 @@ fn python_threshold(py: Python<'_>) -> PyResult<u8> {
     Ok(u8::try_from(lowest.clamp(0, i64::from(u8::MAX))).unwrap_or(u8::MAX))
 }
 
+/// How many events have taken the GIL to reach Python so far (`_native._forwarded_events`):
+/// the package's tests check that events Python would discard never do.
+#[pyfunction]
+#[pyo3(name = "_forwarded_events")]
+pub(crate) fn forwarded_events() -> u64 {
+    FORWARDED.load(Ordering::Relaxed)
+}
+
 /// Python's number for a tracing level (Python has no TRACE; 5 is the customary one).
 fn python_level(level: &Level) -> u8 {
     match *level {
@@ -119,6 +127,7 @@ impl Subscriber for Forwarder {
     fn event(&self, event: &Event<'_>) {
         // None while the interpreter shuts down: the record is dropped.
         let _ = Python::try_attach(|py| {
+            FORWARDED.fetch_add(1, Ordering::Relaxed);
             // Keep an exception this thread is raising (a record may be logged while one
             // is being made) apart from anything logging does.
             let pending = PyErr::take(py);
@@ -198,3 +207,6 @@ impl Visit for Text {
 /// The lowest Python level some logger under [`LOGGER`] handles; above every level until
 /// the module reads Python's.
 static THRESHOLD: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// Events that took the GIL (see [`forwarded_events`]).
+static FORWARDED: AtomicU64 = AtomicU64::new(0);

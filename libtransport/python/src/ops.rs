@@ -8,6 +8,7 @@
 //! turns it into an exception with the GIL held.
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use libtransport::workload::WorkloadIdentity;
 use libtransport::{ClientConfig, FetchOptions, Path as Transport, PushOptions, TransportConfig};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use tokio::runtime::Runtime;
 
 use crate::buffer::Buffer;
 use crate::client::{FetchReport, ObjectEntry, ObjectStat, PushReport};
@@ -26,7 +28,51 @@ use crate::error::{self, Failure};
 use crate::identity::IdentitySource;
 
 /// The library's client, shared by a Python client and the calls it has in flight.
-pub(crate) type Inner = Arc<libtransport::Client>;
+pub(crate) type Inner = Arc<Shared>;
+
+/// The library's client and what must live as long as it. The last holder to let go of it
+/// closes and drops it on a blocking thread of the runtime, never on a thread that may hold
+/// the GIL: quinn logs while it holds its connection's lock, and a record on its way to
+/// Python waits for the GIL (`log.rs`), so a thread holding the GIL must never wait for
+/// that lock.
+pub(crate) struct Shared {
+    client: Option<libtransport::Client>,
+    /// Follows the Workload API's rotations while the client lives (None with files).
+    workload: Option<WorkloadIdentity>,
+    rt: Arc<Runtime>,
+    /// The process that made it: a forked child leaves it alone.
+    pid: u32,
+}
+
+impl Deref for Shared {
+    type Target = libtransport::Client;
+
+    fn deref(&self) -> &libtransport::Client {
+        match &self.client {
+            Some(c) => c,
+            None => unreachable!("the client is taken out only when dropped"),
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let parts = (self.client.take(), self.workload.take());
+        if std::process::id() != self.pid {
+            // Its connections and tasks belong to the parent's runtime, whose threads did
+            // not come along: touching them could wait forever. The memory stays.
+            std::mem::forget(parts);
+            return;
+        }
+        // Blocking threads run in the runtime's context, as closing needs.
+        drop(self.rt.spawn_blocking(move || {
+            if let Some(client) = &parts.0 {
+                client.close();
+            }
+            drop(parts);
+        }));
+    }
+}
 
 /// A client's constructor options, checked.
 #[derive(Debug)]
@@ -36,13 +82,6 @@ pub(crate) struct Connect {
     server_id: Option<SpiffeId>,
     transport: TransportConfig,
     source: IdentitySource,
-}
-
-/// A connected client, and the task that keeps a Workload API identity current (None with
-/// files), which must live as long as the client.
-pub(crate) struct Connected {
-    pub(crate) inner: Inner,
-    pub(crate) workload: Option<WorkloadIdentity>,
 }
 
 impl Connect {
@@ -101,8 +140,8 @@ impl Connect {
     }
 
     /// Loads the identity, resolves the node and connects: the TLS handshake and a first
-    /// round trip. Runs on the module's runtime.
-    pub(crate) async fn run(self) -> Result<Connected, Failure> {
+    /// round trip. Runs on `rt`, the module's runtime.
+    pub(crate) async fn run(self, rt: Arc<Runtime>) -> Result<Inner, Failure> {
         let identity = self.source.load().await?;
         let mut builder = ClientConfig::builder()
             .identity(identity.handle.clone())
@@ -114,10 +153,12 @@ impl Connect {
         let client = libtransport::Client::connect_any(builder.build(), addr, self.paths)
             .await
             .map_err(|e| error::connect(&e))?;
-        Ok(Connected {
-            inner: Arc::new(client),
+        Ok(Arc::new(Shared {
+            client: Some(client),
             workload: identity.workload,
-        })
+            rt,
+            pid: std::process::id(),
+        }))
     }
 }
 

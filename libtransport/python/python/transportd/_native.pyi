@@ -167,3 +167,6 @@ class AsyncClient:
 
 def object_digest(object: str) -> str:
     """BLAKE3 of an object path, hex: what logs show in place of the path."""
+
+def _forwarded_events() -> int:
+    """How many Rust-side log events have taken the GIL to reach Python (for tests)."""
