@@ -176,15 +176,17 @@ class Site:
 class Relay:
     """A TCP relay in front of a node's TLS/TCP port, to interrupt or stall a connection at
     a chosen point: it copies bytes both ways (the TLS session stays end to end) and counts
-    those coming from the node. Once ``after`` of them have passed (over all connections),
-    it either holds the node's bytes back until :meth:`release` (``cut=False``), or closes
-    every connection and calls ``on_cut`` (``cut=True``); later connections pass freely."""
+    those coming from the node (``to_node=False``) or going to it. Once ``after`` of them
+    have passed (over all connections), it either holds those bytes back until
+    :meth:`release` (``cut=False``), or closes every connection and calls ``on_cut``
+    (``cut=True``); later connections pass freely."""
 
     def __init__(self, upstream: str, after: int, cut: bool = False,
-                 on_cut: Callable[[], object] | None = None) -> None:  # fmt: skip
+                 on_cut: Callable[[], object] | None = None,
+                 to_node: bool = False) -> None:  # fmt: skip
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
-        self.after, self.cut, self.on_cut = after, cut, on_cut
+        self.after, self.cut, self.on_cut, self.to_node = after, cut, on_cut, to_node
         self.passed = 0
         self.tripped = threading.Event()  # the point was reached
         self._open = threading.Event()  # held bytes may go on
@@ -222,13 +224,14 @@ class Relay:
             node = socket.create_connection(self.upstream)
             with self._lock:
                 self._socks += [client, node]
-            threading.Thread(target=self._pump, args=(client, node, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(node, client, True), daemon=True).start()
+            for src, dst, to_node in ((client, node, True), (node, client, False)):
+                watched = to_node == self.to_node
+                threading.Thread(target=self._pump, args=(src, dst, watched), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, from_node: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, watched: bool) -> None:
         try:
             while data := src.recv(65536):
-                if from_node and not self.tripped.is_set():
+                if watched and not self.tripped.is_set():
                     with self._lock:
                         self.passed += len(data)
                         trip = self.passed >= self.after and not self.tripped.is_set()
@@ -241,7 +244,7 @@ class Relay:
                         if self.on_cut is not None:
                             self.on_cut()
                         return
-                if from_node and self.tripped.is_set() and not self.cut:
+                if watched and self.tripped.is_set() and not self.cut:
                     self._open.wait()
                 dst.sendall(data)
         except OSError:

@@ -172,3 +172,32 @@ def test_errors_are_typed(site: Site, node: Node, series: bytes, path: str) -> N
         assert u.value.code == "unknown_ca"
 
     run(main)
+
+
+def test_a_push_cancelled_mid_way_commits_nothing(site: Site, node: Node, series: bytes) -> None:
+    # Our bytes are held back once 2 MiB of them have gone: the push is under way and
+    # cannot finish.
+    relay = Relay(node.tcp, after=2 << 20, to_node=True)
+    ckpt = random_bytes((6 << 20) + 1, 23)
+    stored = site.path("storage/datasets/checkpoints/aio/cancelled.ckpt")
+
+    async def main() -> None:
+        async with await connect(site, relay.addr, "tcp") as c:
+            task = asyncio.create_task(c.push_bytes("checkpoints", "aio/cancelled.ckpt", ckpt))
+            await until("the push to be under way", relay.tripped.is_set)
+            assert task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            relay.release()
+            # A round trip after everything the push sent: the node has had all of it.
+            assert (await c.stat("scans", SERIES)).size == SERIES_LEN
+            assert not stored.exists()
+            # The object goes up whole when pushed again.
+            report = await c.push_bytes("checkpoints", "aio/cancelled.ckpt", ckpt)
+            assert report.size == len(ckpt)
+            assert stored.read_bytes() == ckpt
+
+    try:
+        run(main)
+    finally:
+        relay.close()
