@@ -19,7 +19,10 @@
 //!   [`ModuleRuntime`] spawns on the runtime the caller entered.
 //! * Cancelling the Python task cancels the Rust future (it is dropped): a pull stops, a push
 //!   stops with nothing committed (the node commits an object only once every chunk is
-//!   there and verified; what it already has is kept for a later push to resume).
+//!   there and verified, and is never asked to; what it already has is kept for a later
+//!   push to resume). Either way the node is told at once that the transfer is over
+//!   (libtransport closes a transfer whose future is dropped), so the object is not left
+//!   locked for writing and the connection's transfer table has room.
 //! * `fetch_into` holds the caller's buffer exported until the Rust side has let go of it,
 //!   and says so through a callback, so the Python side returns, also on cancellation,
 //!   only once nothing writes into the buffer any more.

@@ -17,8 +17,10 @@
 //! (its style guide's rule; the package's log-leak test checks the records).
 //!
 //! A forwarded event takes the GIL on the thread that logs it (a runtime worker, mostly),
-//! so no thread may wait for one of ours while holding the GIL: every call that waits runs
-//! with the GIL released (`runtime::block_on`, or on the event loop for the asyncio client).
+//! maybe holding a lock as it does (quinn logs under its connection's lock). So no thread
+//! holding the GIL may wait for such a lock: every call that waits runs with the GIL
+//! released (`runtime::block_on`, or off the event loop for the asyncio client), `close`
+//! too, and the last holder of a client drops it on a blocking thread (`ops::Shared`).
 
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
