@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -196,6 +196,47 @@ def test_a_push_cancelled_mid_way_commits_nothing(site: Site, node: Node, series
             report = await c.push_bytes("checkpoints", "aio/cancelled.ckpt", ckpt)
             assert report.size == len(ckpt)
             assert stored.read_bytes() == ckpt
+
+    try:
+        run(main)
+    finally:
+        relay.close()
+
+
+@pytest.fixture(scope="module")
+def one_transfer_node(site: Site) -> Iterator[Node]:
+    """A node that lets a connection hold a single open transfer."""
+    n = site.start_node("one-transfer", limits={"max_transfers": 1})
+    yield n
+    n.stop()
+
+
+def test_a_cancelled_pull_gives_its_transfer_back_to_the_node(
+    site: Site, one_transfer_node: Node, series: bytes
+) -> None:
+    # On a connection that may hold one transfer, a pull left open on the node by a
+    # cancelled task would make every later call on it Busy; its close frees the place.
+    relay = Relay(one_transfer_node.tcp, after=2 << 20)
+
+    async def main() -> None:
+        async with await connect(site, relay.addr, "tcp") as c:
+            task = asyncio.create_task(c.fetch("scans", SERIES))
+            await until("the pull to be under way", relay.tripped.is_set)
+            assert task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            relay.release()
+            # The close goes out when the task is cancelled and may land after the next
+            # call is asked for: that call is Busy (retriable) until it has.
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    got = await c.read_range("scans", SERIES, 100, 5000)
+                    break
+                except errors.Busy:
+                    assert time.monotonic() < deadline, "the cancelled pull kept its transfer"
+                    await asyncio.sleep(0.01)
+            assert bytes(got) == series[100:5000]
 
     try:
         run(main)
