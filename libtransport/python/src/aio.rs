@@ -11,8 +11,9 @@
 //!            exception its Failure becomes, is made there)
 //! ```
 //!
-//! * One `libtransport::Client` (one connection) serves every call of a client, concurrently:
-//!   calls in flight are requests on streams of that connection.
+//! * One `libtransport::Client` serves every call of a client, concurrently: calls in flight
+//!   are requests on streams of its connection (a whole-object pull or push may also stripe
+//!   its chunks over a few more, as the blocking client's do).
 //! * The runtime is the module's own (`runtime.rs`), not pyo3-async-runtimes' process-wide
 //!   one: that one is set once per process, so a process forked from one that had it (a
 //!   DataLoader worker) would be left with a runtime whose threads stayed in the parent.

@@ -8,16 +8,18 @@
 ...               for i in range(32))
 ...         )
 
-Every call is a request on the client's one connection (QUIC streams, or frames over
-TLS/TCP), so calls gathered together run at once without more handshakes; the work runs in
-Rust on the package's runtime threads, never on the event loop.
+Calls share the client's connection (QUIC streams, or frames over TLS/TCP), so calls
+gathered together run at once without more handshakes; a whole-object pull or push of
+several chunks may also spread its chunks over a few more connections, kept for later
+transfers (as the blocking client's do). The work runs in Rust on the package's runtime
+threads, never on the event loop.
 
-Cancelling a task cancels its call: the Rust side stops. A cancelled pull leaves nothing
-behind but what ``fetch_to_file`` keeps to resume; a cancelled push commits nothing (the node
-makes an object visible only once every chunk has arrived verified, and keeps what it has
-for a later push of the same object to resume). ``fetch_into`` returns, whether with a
-result, an error or a cancellation, only once nothing writes into the caller's buffer any
-more.
+Cancelling a task cancels its call: the Rust side stops and tells the node the transfer is
+over. A cancelled pull leaves nothing behind but what ``fetch_to_file`` keeps to resume; a
+cancelled push commits nothing (the node makes an object visible only once every chunk has
+arrived verified, and keeps what it has for a later push of the same object to resume).
+``fetch_into`` returns, whether with a result, an error or a cancellation, only once nothing
+writes into the caller's buffer any more.
 
 Errors are those of :mod:`transportd.errors`; logging is the blocking client's: the
 ``transportd`` logger, objects as digests only, and the Rust side's records under
@@ -54,8 +56,7 @@ class AsyncClient:
 
     Make one with ``await AsyncClient.connect(node, ...)``, which takes the options of
     :class:`transportd.Client`; use it as ``async with``. Calls may run concurrently from
-    any number of tasks of the loop that made them. A client made before a fork refuses to
-    run in the child.
+    any number of tasks. A client made before a fork refuses to run in the child.
     """
 
     def __init__(self, native: _native.AsyncClient, node: str) -> None:
