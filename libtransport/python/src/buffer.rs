@@ -74,7 +74,9 @@ impl Buffer {
 /// resize it meanwhile (a bytearray refuses to resize while exported).
 ///
 /// The caller's side of the contract, as for `readinto`: no other code touches the buffer
-/// until the call that writes into it returns.
+/// until the call that writes into it returns (for the asyncio client: until its awaitable
+/// is over, which `transportd.aio` makes wait, also on cancellation, for this value to be
+/// dropped). It may be dropped on any thread: releasing the export takes the GIL there.
 pub(crate) struct WritableBuffer {
     buf: PyUntypedBuffer,
 }

@@ -5,35 +5,25 @@
 //! the GIL released (`runtime::block_on`). Names are checked here, before anything is
 //! sent; failures become the typed exceptions of `transportd.errors` (`error.rs`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use certs::SpiffeId;
-use libtransport::proto::{DatasetName, ObjectPath};
-use libtransport::workload::WorkloadIdentity;
-use libtransport::{ClientConfig, FetchOptions, Path as Transport, PushOptions, TransportConfig};
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 
 use crate::buffer::{Buffer, WritableBuffer};
-use crate::error::{self, Failure};
-use crate::identity::IdentitySource;
+use crate::error::Failure;
+use crate::ops::{self, Connect, DEFAULT_MAX_BYTES, Inner};
 use crate::runtime::{block_on, runtime};
 
 /// A connection to one node, authenticated by our SVID, re-established on demand.
 #[pyclass(module = "transportd._native", frozen)]
 pub(crate) struct Client {
-    inner: libtransport::Client,
+    inner: Inner,
     rt: Arc<Runtime>,
     /// The process that made the client: a forked child cannot use it.
     pid: u32,
-    /// Follows the Workload API's rotations while the client lives (None with files).
-    _workload: Option<WorkloadIdentity>,
 }
 
 #[pymethods]
@@ -59,79 +49,44 @@ impl Client {
         path: &str,
         connect_timeout: Option<f64>,
     ) -> PyResult<Self> {
-        let paths: &[Transport] = match path {
-            "auto" => &[Transport::Quic, Transport::Tcp],
-            "quic" => &[Transport::Quic],
-            "tcp" => &[Transport::Tcp],
-            _ => {
-                return Err(PyValueError::new_err(
-                    "path must be \"auto\", \"quic\" or \"tcp\"",
-                ));
-            }
-        };
-        let server_id = server_id
-            .as_deref()
-            .map(SpiffeId::parse)
-            .transpose()
-            .map_err(|e| PyValueError::new_err(format!("server_id: {e}")))?;
-        let mut transport = TransportConfig::default();
-        if let Some(secs) = connect_timeout {
-            let d = Duration::try_from_secs_f64(secs)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| PyValueError::new_err("connect_timeout must be positive"))?;
-            transport.handshake_timeout(d);
-        }
-        let source = IdentitySource {
-            dir: identity,
+        let connect = Connect::new(
+            node,
+            identity,
             svid,
             key,
             bundle,
             workload_socket,
             workload_id,
-        };
+            server_id,
+            path,
+            connect_timeout,
+        )?;
+        crate::log::refresh(py);
         let rt = runtime()?;
-        let connected = block_on(py, &rt, async move {
-            let identity = source.load().await?;
-            let mut builder = ClientConfig::builder()
-                .identity(identity.handle.clone())
-                .transport(transport);
-            if let Some(id) = server_id {
-                builder = builder.server_id(id);
-            }
-            let addr = resolve(&node).await?;
-            let client = libtransport::Client::connect_any(builder.build(), addr, paths)
-                .await
-                .map_err(|e| error::connect(&e))?;
-            Ok::<_, Failure>((client, identity.workload))
-        })?;
-        let (inner, workload) = connected?;
+        let inner = block_on(py, &rt, connect.run(rt.clone()))??;
         Ok(Self {
             inner,
             rt,
             pid: std::process::id(),
-            _workload: workload,
         })
     }
 
     /// The server's SPIFFE ID, as its SVID proved it.
     #[getter]
     fn server_id(&self) -> String {
-        self.inner.server().id.to_string()
+        ops::server_id(&self.inner)
     }
 
     /// The transport in use: `"quic"` or `"tcp"`.
     #[getter]
     fn path(&self) -> String {
-        self.inner.path().to_string()
+        ops::path(&self.inner)
     }
 
     /// Datasets this identity may see.
     fn list_datasets(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        self.usable()?;
-        let names =
-            block_on(py, &self.rt, self.inner.list_datasets())?.map_err(|e| error::request(&e))?;
-        Ok(names.iter().map(|n| n.as_str().to_owned()).collect())
+        self.usable(py)?;
+        Ok(block_on(py, &self.rt, ops::list_datasets(&self.inner))??)
     }
 
     /// Objects of `dataset` whose path starts with `prefix`, in path order.
@@ -142,31 +97,18 @@ impl Client {
         dataset: &str,
         prefix: &str,
     ) -> PyResult<Vec<ObjectEntry>> {
-        self.usable()?;
-        let dataset = dataset_name(dataset)?;
-        let entries = block_on(py, &self.rt, self.inner.list_objects(&dataset, prefix))?
-            .map_err(|e| error::request(&e))?;
-        Ok(entries
-            .into_iter()
-            .map(|e| ObjectEntry {
-                path: e.path.as_str().to_owned(),
-                size: e.size,
-            })
-            .collect())
+        self.usable(py)?;
+        let dataset = ops::dataset_name(dataset)?;
+        let fut = ops::list_objects(&self.inner, &dataset, prefix);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// An object's size, chunking and BLAKE3 root.
     fn stat(&self, py: Python<'_>, dataset: &str, object: &str) -> PyResult<ObjectStat> {
-        self.usable()?;
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
-        let m = block_on(py, &self.rt, self.inner.stat(&dataset, &object))?
-            .map_err(|e| error::request(&e))?;
-        Ok(ObjectStat {
-            size: m.size(),
-            chunk_bytes: m.chunk_bytes(),
-            chunk_count: m.chunk_count(),
-            root: m.root().to_hex(),
-        })
+        self.usable(py)?;
+        let (dataset, object) = ops::names(dataset, object)?;
+        let fut = ops::stat(&self.inner, &dataset, &object);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// Bytes `start..end` of an object, every chunk they touch verified.
@@ -178,18 +120,11 @@ impl Client {
         start: u64,
         end: u64,
     ) -> PyResult<Buffer> {
-        self.usable()?;
-        if end < start {
-            return Err(PyValueError::new_err("end is before start"));
-        }
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
-        let data = block_on(
-            py,
-            &self.rt,
-            self.inner.read_range(&dataset, &object, start..end),
-        )?
-        .map_err(|e| error::fetch(&e))?;
-        Ok(Buffer::new(data))
+        self.usable(py)?;
+        let (start, end) = ops::range(start, end)?;
+        let (dataset, object) = ops::names(dataset, object)?;
+        let fut = ops::read_range(&self.inner, &dataset, &object, start, end);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// A whole object, verified, in memory of ours; refuses one over `max_bytes`.
@@ -201,16 +136,10 @@ impl Client {
         object: &str,
         max_bytes: u64,
     ) -> PyResult<Buffer> {
-        self.usable()?;
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
-        let opts = FetchOptions::default();
-        let data = block_on(
-            py,
-            &self.rt,
-            self.inner.fetch(&dataset, &object, max_bytes, &opts),
-        )?
-        .map_err(|e| error::fetch(&e))?;
-        Ok(Buffer::new(data))
+        self.usable(py)?;
+        let (dataset, object) = ops::names(dataset, object)?;
+        let fut = ops::fetch(&self.inner, &dataset, &object, max_bytes);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// A whole object, verified, into the start of the caller's writable buffer.
@@ -221,18 +150,11 @@ impl Client {
         object: &str,
         buffer: &Bound<'_, PyAny>,
     ) -> PyResult<FetchReport> {
-        self.usable()?;
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
+        self.usable(py)?;
+        let (dataset, object) = ops::names(dataset, object)?;
         let mut dest = WritableBuffer::get(buffer)?;
-        let dest = dest.as_mut_slice();
-        let opts = FetchOptions::default();
-        let report = block_on(
-            py,
-            &self.rt,
-            self.inner.fetch_into(&dataset, &object, dest, &opts),
-        )?
-        .map_err(|e| error::fetch(&e))?;
-        Ok(FetchReport::from(report))
+        let fut = ops::fetch_into(&self.inner, &dataset, &object, dest.as_mut_slice());
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// A whole object into the file `dest`, which appears only once complete and verified;
@@ -244,16 +166,10 @@ impl Client {
         object: &str,
         dest: PathBuf,
     ) -> PyResult<FetchReport> {
-        self.usable()?;
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
-        let opts = FetchOptions::default();
-        let report = block_on(
-            py,
-            &self.rt,
-            self.inner.fetch_to_file(&dataset, &object, &dest, &opts),
-        )?
-        .map_err(|e| error::fetch(&e))?;
-        Ok(FetchReport::from(report))
+        self.usable(py)?;
+        let (dataset, object) = ops::names(dataset, object)?;
+        let fut = ops::fetch_to_file(&self.inner, &dataset, &object, &dest);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// Stores the bytes of `data` (any C-contiguous buffer of bytes, copied once) as
@@ -265,17 +181,11 @@ impl Client {
         object: &str,
         data: PyBuffer<u8>,
     ) -> PyResult<PushReport> {
-        self.usable()?;
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
-        let data = Bytes::from(data.to_vec(py)?);
-        let opts = PushOptions::default();
-        let report = block_on(
-            py,
-            &self.rt,
-            self.inner.push_bytes(&dataset, &object, data, &opts),
-        )?
-        .map_err(|e| error::push(&e))?;
-        Ok(PushReport::from(report))
+        self.usable(py)?;
+        let (dataset, object) = ops::names(dataset, object)?;
+        let data = bytes::Bytes::from(data.to_vec(py)?);
+        let fut = ops::push_bytes(&self.inner, &dataset, &object, data);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// Stores the file `src` as `object` of `dataset`.
@@ -286,45 +196,31 @@ impl Client {
         object: &str,
         src: PathBuf,
     ) -> PyResult<PushReport> {
-        self.usable()?;
-        let (dataset, object) = (dataset_name(dataset)?, object_path(object)?);
-        let opts = PushOptions::default();
-        let report = block_on(
-            py,
-            &self.rt,
-            self.inner.push_file(&dataset, &object, &src, &opts),
-        )?
-        .map_err(|e| error::push(&e))?;
-        Ok(PushReport::from(report))
+        self.usable(py)?;
+        let (dataset, object) = ops::names(dataset, object)?;
+        let fut = ops::push_file(&self.inner, &dataset, &object, &src);
+        Ok(block_on(py, &self.rt, fut)??)
     }
 
     /// Closes the connection; a later call reconnects.
-    fn close(&self) {
+    fn close(&self, py: Python<'_>) {
         if std::process::id() == self.pid {
-            let _rt = self.rt.enter();
-            self.inner.close();
+            // Without the GIL: closing takes quinn's connection lock (see `ops::Shared`).
+            py.detach(|| {
+                let _rt = self.rt.enter();
+                self.inner.close();
+            });
         }
     }
 }
 
 impl Client {
-    /// Refuses to run in a process forked after the client was made: its connections and
-    /// runtime threads stayed in the parent.
-    fn usable(&self) -> Result<(), Failure> {
-        if std::process::id() == self.pid {
-            Ok(())
-        } else {
-            Err(error::local(
-                "this Client was made before the process forked; make one in this process \
-                 (in a DataLoader, in each worker)",
-            ))
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.close();
+    /// Refuses to run in a process forked after the client was made, and brings the level
+    /// of the Rust side's logs up to date with Python's (`log.rs`).
+    fn usable(&self, py: Python<'_>) -> Result<(), Failure> {
+        ops::usable(self.pid, "Client")?;
+        crate::log::refresh(py);
+        Ok(())
     }
 }
 
@@ -335,6 +231,15 @@ pub(crate) struct ObjectEntry {
     path: String,
     /// Size in bytes.
     size: u64,
+}
+
+impl From<libtransport::proto::ObjectEntry> for ObjectEntry {
+    fn from(e: libtransport::proto::ObjectEntry) -> Self {
+        Self {
+            path: e.path.as_str().to_owned(),
+            size: e.size,
+        }
+    }
 }
 
 #[pymethods]
@@ -355,6 +260,17 @@ pub(crate) struct ObjectStat {
     chunk_count: u32,
     /// The BLAKE3 root over the chunks' hashes, hex.
     root: String,
+}
+
+impl From<&libtransport::proto::Manifest> for ObjectStat {
+    fn from(m: &libtransport::proto::Manifest) -> Self {
+        Self {
+            size: m.size(),
+            chunk_bytes: m.chunk_bytes(),
+            chunk_count: m.chunk_count(),
+            root: m.root().to_hex(),
+        }
+    }
 }
 
 #[pymethods]
@@ -472,25 +388,5 @@ impl PushReport {
 /// identifier): BLAKE3 of the path, hex.
 #[pyfunction]
 pub(crate) fn object_digest(object: &str) -> PyResult<String> {
-    Ok(object_path(object)?.digest().to_hex())
+    Ok(ops::object_path(object)?.digest().to_hex())
 }
-
-fn dataset_name(s: &str) -> Result<DatasetName, Failure> {
-    DatasetName::new(s).map_err(|e| error::name("dataset", &e))
-}
-
-fn object_path(s: &str) -> Result<ObjectPath, Failure> {
-    ObjectPath::new(s).map_err(|e| error::name("object", &e))
-}
-
-async fn resolve(node: &str) -> Result<SocketAddr, Failure> {
-    let bad = |why: String| error::local(&format!("resolving {node:?}: {why}"));
-    tokio::net::lookup_host(node)
-        .await
-        .map_err(|e| bad(format!("{e} (expected HOST:PORT)")))?
-        .next()
-        .ok_or_else(|| bad("no address".to_owned()))
-}
-
-/// `fetch`'s default limit: larger objects belong in a file or the caller's own buffer.
-const DEFAULT_MAX_BYTES: u64 = 16 << 30;

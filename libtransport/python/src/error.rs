@@ -5,7 +5,8 @@
 //! A server's answer keeps its wire code's label (`ErrorCode::label`: `not_found`,
 //! `audit_unavailable`, ...) as `code` and its number as `wire_code`; failures on this side
 //! have codes of their own (`unreachable`, `rejected`, `corrupt`, ...). `retriable` is the
-//! library's own `is_retriable`. Messages are the library's `Display`, which names no
+//! library's own `is_retriable`, except that a `Busy` always is (the node said "not now";
+//! the library leaves a full transfer table to its caller). Messages are the library's `Display`, which names no
 //! object and carries no payload.
 
 use libtransport::error::{
@@ -78,20 +79,30 @@ impl Failure {
             class,
             code,
             wire_code: None,
-            retriable: false,
+            retriable: class == Class::Busy,
             message: message.to_string(),
         }
     }
 
+    /// Sets `retriable`; a `Busy` always is (the node said "not now", whatever the
+    /// library's own retry loop makes of it: `RequestError::is_retriable` leaves a full
+    /// transfer table to the caller).
     fn retriable(mut self, retriable: bool) -> Self {
-        self.retriable = retriable;
+        self.retriable = retriable || self.class == Class::Busy;
         self
+    }
+}
+
+impl Failure {
+    /// The exception, made with the GIL the caller holds.
+    pub(crate) fn into_pyerr(self, py: Python<'_>) -> PyErr {
+        exception(py, &self).unwrap_or_else(|e| e)
     }
 }
 
 impl From<Failure> for PyErr {
     fn from(f: Failure) -> Self {
-        Python::attach(|py| exception(py, &f).unwrap_or_else(|e| e))
+        Python::attach(|py| f.into_pyerr(py))
     }
 }
 

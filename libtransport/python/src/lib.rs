@@ -2,10 +2,12 @@
 //! pure-Python package `transportd` (`python/transportd/`).
 //!
 //! ```text
-//!   Python (GIL held)            Rust (GIL released)
-//!   transportd.Client ──────▶ client::Client ──▶ runtime: block_on ──▶ libtransport::Client
-//!        ▲   errors.py ◀── error::raise (typed exceptions, stable codes)
-//!        └── buffer::Buffer (fetch, read_range: the pulled bytes, no copy)
+//!   Python (GIL held)                 Rust (GIL released)
+//!   transportd.Client ─────────▶ client::Client ──▶ runtime: block_on ─┐
+//!   transportd.AsyncClient ────▶ aio::AsyncClient ─▶ runtime: spawn ───┴▶ ops ─▶ libtransport::Client
+//!        ▲   errors.py ◀── error (typed exceptions, stable codes)
+//!        ├── buffer::Buffer (fetch, read_range: the pulled bytes, no copy)
+//!        └── logging "transportd.native.*" ◀── log (libtransport's tracing events)
 //! ```
 //!
 //! * Every call that touches the network or the disk runs with the GIL released
@@ -19,16 +21,20 @@
 //! * `manifest_root` (`verify.rs`) hashes local bytes as the node does, so the node-local
 //!   cache (`transportd.cache`, pure Python like the PyTorch datasets of
 //!   `transportd.pytorch`) can check its entries against the node's root.
-//!
-//! What is not here yet (issue 16's later phases): the asyncio client, the fsspec filesystem
-//! and tensor reads.
+//! * The two clients make the same calls (`ops.rs`); the asyncio one hands them to the event
+//!   loop as awaitables (`aio.rs`).
+//! * libtransport's `tracing` events go to Python's `logging` (`log.rs`), only those Python
+//!   would keep.
 
 use pyo3::prelude::*;
 
+mod aio;
 mod buffer;
 mod client;
 mod error;
 mod identity;
+mod log;
+mod ops;
 mod runtime;
 mod verify;
 
@@ -36,7 +42,9 @@ mod verify;
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    log::install(m.py());
     m.add_class::<client::Client>()?;
+    m.add_class::<aio::AsyncClient>()?;
     m.add_class::<client::ObjectEntry>()?;
     m.add_class::<client::ObjectStat>()?;
     m.add_class::<client::FetchReport>()?;
@@ -44,6 +52,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffer::Buffer>()?;
     m.add_function(wrap_pyfunction!(client::object_digest, m)?)?;
     m.add_function(wrap_pyfunction!(verify::manifest_root, m)?)?;
+    m.add_function(wrap_pyfunction!(log::forwarded_events, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     runtime::reseed_after_fork(m)?;
     Ok(())

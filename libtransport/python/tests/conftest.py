@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ quic = "{quic}"
 tcp = "{tcp}"
 
 [store]
-root = "datasets"
+root = "{root}"
 state_dir = "state-{tag}"
 
 [audit]
@@ -151,15 +153,108 @@ class Site:
         return p
 
     def start_node(
-        self, tag: str = "main", quic: str = "127.0.0.1:0", tcp: str = "127.0.0.1:0"
+        self,
+        tag: str = "main",
+        quic: str = "127.0.0.1:0",
+        tcp: str = "127.0.0.1:0",
+        limits: Mapping[str, int | str] | None = None,
+        root: Path | None = None,
     ) -> Node:
         """Starts a node serving the site's datasets; nodes of different tags have trails
-        and state of their own."""
+        and state of their own. ``limits`` adds settings to its ``[limits]`` (such as
+        ``{"max_connections_per_identity": 1}``); ``root`` serves datasets from another
+        directory than the site's."""
         config = self.path(f"storage/node-{tag}.toml")
-        config.write_text(NODE_TOML.format(quic=quic, tcp=tcp, tag=tag))
+        text = NODE_TOML.format(quic=quic, tcp=tcp, tag=tag, root=root or "datasets")
+        text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in (limits or {}).items())
+        config.write_text(text)
         log = self.path(f"node-{random.getrandbits(32):08x}.log")
         proc, ready = spawn_ready(["node", "--config", str(config)], log)
         return Node(proc, ready["quic"], ready["tcp"], log, self.path(f"storage/audit-{tag}"))
+
+
+class Relay:
+    """A TCP relay in front of a node's TLS/TCP port, to interrupt or stall a connection at
+    a chosen point: it copies bytes both ways (the TLS session stays end to end) and counts
+    those coming from the node (``to_node=False``) or going to it. Once ``after`` of them
+    have passed (over all connections), it either holds those bytes back until
+    :meth:`release` (``cut=False``), or closes every connection and calls ``on_cut``
+    (``cut=True``); later connections pass freely."""
+
+    def __init__(self, upstream: str, after: int, cut: bool = False,
+                 on_cut: Callable[[], object] | None = None,
+                 to_node: bool = False) -> None:  # fmt: skip
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.after, self.cut, self.on_cut, self.to_node = after, cut, on_cut, to_node
+        self.passed = 0
+        self.tripped = threading.Event()  # the point was reached
+        self._open = threading.Event()  # held bytes may go on
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        """Lets held bytes go on, and every byte after them."""
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.set()
+        self._listener.close()
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            for s in self._socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the pumps blocked on it
+                except OSError:
+                    pass
+                s.close()
+            self._socks.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            node = socket.create_connection(self.upstream)
+            with self._lock:
+                self._socks += [client, node]
+            for src, dst, to_node in ((client, node, True), (node, client, False)):
+                watched = to_node == self.to_node
+                threading.Thread(target=self._pump, args=(src, dst, watched), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, watched: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if watched and not self.tripped.is_set():
+                    with self._lock:
+                        self.passed += len(data)
+                        trip = self.passed >= self.after and not self.tripped.is_set()
+                        if trip:
+                            self.tripped.set()
+                    if trip and self.cut:
+                        # Every connection ends first: nothing the node sends after
+                        # `on_cut` (which may change what it serves) reaches the client.
+                        self._drop_all()
+                        if self.on_cut is not None:
+                            self.on_cut()
+                        return
+                if watched and self.tripped.is_set() and not self.cut:
+                    self._open.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def spawn_ready(args: list[str], log: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -12,7 +13,7 @@ import pytest
 
 import transportd
 from conftest import TD, Node, Site, random_bytes
-from transportd import errors
+from transportd import _native, errors
 
 SCAN = "ward-7/patient-0042.bin"
 SCAN_LEN = (5 << 20) + 3  # six chunks of 1 MiB, the last of 3 bytes
@@ -274,7 +275,10 @@ def leaks(records: list[logging.LogRecord], secrets: list[str]) -> list[str]:
 def test_no_object_name_payload_or_key_reaches_a_log_record(
     site: Site, node: Node, scan: bytes, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="transportd")
+    # Everything, down to the Rust side's TRACE (Python level 5): quinn's per-packet events
+    # too, which it logs holding its connection's lock; closing a client with the GIL held
+    # deadlocked on that once (a record waiting for the GIL, the GIL's holder for the lock).
+    caplog.set_level(5, logger="transportd")
     secret_name = "patient-4711-jane-doe.bin"
     payload = b"CANARY-PAYLOAD-" + random_bytes(64, 11).hex().encode()
     key_pem = (site.identity("loader") / "svid.key").read_text()
@@ -298,12 +302,82 @@ def test_no_object_name_payload_or_key_reaches_a_log_record(
                 c.fetch("scans", f"ward-9/missing-{secret_name}")
         with pytest.raises(errors.Unauthenticated):
             connect(site, node, path, "rogue")
+        asyncio.run(every_async_call(site, node, path, secret_name, payload, tmp_path))
     records = [r for r in caplog.records if r.name.startswith("transportd")]
-    # The check looked at real records of these calls: each call logged, by digest.
+    # The check looked at real records of these calls: each call logged, by digest, by
+    # both clients...
     digest = transportd.object_digest(f"ward-9/{secret_name}")[:16]
-    assert sum(digest in r.getMessage() for r in records) >= 12
+    assert sum(digest in r.getMessage() for r in records) >= 24
     assert any("failed" in r.getMessage() for r in records)
+    # ...and the Rust side's (libtransport's tracing events) at DEBUG too, its pulls by
+    # digest as well.
+    native = [r for r in records if r.name.startswith("transportd.native.")]
+    assert any(r.levelno == logging.DEBUG for r in native), {r.name for r in records}
+    assert any(r.name.startswith("transportd.native.libtransport.") for r in native)
+    assert any(digest in r.getMessage() for r in native)
     assert leaks(records, secrets) == []
     # The control: a record that does carry the name is caught.
     logging.getLogger("transportd").debug("pulled %s", f"ward-9/{secret_name}")
     assert leaks([r for r in caplog.records if r.name.startswith("transportd")], secrets)
+
+
+async def every_async_call(
+    site: Site, node: Node, path: str, secret_name: str, payload: bytes, tmp_path: Path
+) -> None:
+    obj = f"ward-9/{secret_name}"
+    async with await transportd.AsyncClient.connect(
+        node.addr(path), identity=site.identity("loader"), path=path
+    ) as c:
+        await c.list_datasets()
+        await c.list_objects("scans", "ward-9/")
+        await c.stat("scans", obj)
+        await c.read_range("scans", obj, 0, 10)
+        await c.fetch("scans", obj)
+        await c.fetch_into("scans", obj, bytearray(len(payload)))
+        await c.fetch_to_file("scans", obj, tmp_path / f"out-async-{path}")
+        await c.push_bytes("checkpoints", f"ward-9/async-{secret_name}", payload)
+        await c.push_file("checkpoints", f"ward-9/async-{path}-{secret_name}", tmp_path / "src.bin")
+        with pytest.raises(errors.NotFound):
+            await c.fetch("scans", f"ward-9/missing-{secret_name}")
+    with pytest.raises(errors.Unauthenticated):
+        await transportd.AsyncClient.connect(
+            node.addr(path), identity=site.identity("rogue"), path=path
+        )
+
+
+def test_the_rust_sides_records_follow_pythons_levels(
+    site: Site, node: Node, scan: bytes, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    def native_debug() -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name.startswith("transportd.native.") and r.levelno == logging.DEBUG
+        ]
+
+    def native() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.startswith("transportd.native.")]
+
+    with connect(site, node, "tcp") as c:
+        caplog.set_level(logging.INFO, logger="transportd")
+        forwarded, kept = _native._forwarded_events(), len(native())
+        c.fetch_to_file("scans", SCAN, tmp_path / "a")
+        assert native_debug() == []
+        # Cheaply: the GIL was taken only for events that became records (none, or a rare
+        # INFO one), not for the DEBUG ones Python discards.
+        assert _native._forwarded_events() - forwarded == len(native()) - kept
+        # A level set later, and on the Rust side's logger alone, is followed at the next
+        # call: the records reach Python...
+        caplog.set_level(logging.DEBUG, logger="transportd.native")
+        forwarded = _native._forwarded_events()
+        c.fetch_to_file("scans", SCAN, tmp_path / "b")
+        assert any("pull starting" in r.getMessage() for r in native_debug())
+        assert _native._forwarded_events() - forwarded >= len(native_debug()) > 0
+        assert not any(
+            r.name == "transportd" and r.levelno == logging.DEBUG for r in caplog.records
+        )
+        # ...and stop when it is raised again.
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="transportd.native")
+        c.fetch_to_file("scans", SCAN, tmp_path / "c")
+        assert native_debug() == []

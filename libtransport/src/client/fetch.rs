@@ -26,7 +26,7 @@ use super::memory::ChunkSlots;
 use super::pace::{Gate, Pace};
 use super::rdma::Deliver;
 use super::reply::{Landed, next_data, next_data_into};
-use super::stripe::{Stripe, close, close_stripes, stripe_group};
+use super::stripe::{OpenTransfer, Stripe, close, close_stripes, stripe_group};
 use super::{Client, FetchOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{FetchError, NoRdmaReason, PushError, RequestError, StreamError};
@@ -304,28 +304,29 @@ impl Client {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object, a.group).await?;
+        let open = OpenTransfer::new(&conn, transfer);
         // Whole objects may move by RDMA; a session is not worth it for a range.
         let whole = pull.is_whole();
         let opened = match pull.handle_opened(manifest) {
             Err(refused) => {
-                close(&conn, transfer).await;
+                open.close().await;
                 return Err(refused.into());
             }
             Ok(o) => o,
         };
         let Some(manifest) = pull.manifest().cloned() else {
             // handle_opened has just set it.
-            close(&conn, transfer).await;
+            open.close().await;
             return Err(FetchError::Corrupt(ChunkIndex(0)));
         };
         if opened == Opened::Fresh
             && let Err(e) = dest.shape(&manifest, pull.chunks())
         {
-            close(&conn, transfer).await;
+            open.close().await;
             return Err(e);
         }
         let Dest::Slots(slots) = &*dest else {
-            close(&conn, transfer).await;
+            open.close().await;
             return Err(FetchError::Corrupt(ChunkIndex(0)));
         };
         let done = Arc::new(AtomicU64::new(pull.progress().0));
@@ -420,7 +421,7 @@ impl Client {
                 result
             }
         };
-        close(&conn, transfer).await;
+        open.close().await;
         result?;
         match pull.poll_end(renewing || gate.is_renewing()) {
             PullEnd::Complete => Ok(Attempt::Done((conn, manifest, used_rdma, connections))),
@@ -439,10 +440,11 @@ impl Client {
         let conn = self.connection().await?;
         *used = Some(conn.clone());
         let (transfer, manifest) = open_read(&conn, a.dataset, a.object, a.group).await?;
+        let open = OpenTransfer::new(&conn, transfer);
         let opened = match pull.handle_opened(manifest) {
             Ok(o) => o,
             Err(refused) => {
-                close(&conn, transfer).await;
+                open.close().await;
                 return Err(refused.into());
             }
         };
@@ -451,7 +453,7 @@ impl Client {
             (Opened::Resume, Some(p)) => p,
             _ => {
                 let Some(manifest) = pull.manifest().cloned() else {
-                    close(&conn, transfer).await;
+                    open.close().await;
                     return Err(FetchError::Corrupt(ChunkIndex(0)));
                 };
                 let tmp = format!(".{}.transportd-partial", a.name);
@@ -557,7 +559,7 @@ impl Client {
                 result
             }
         };
-        close(&conn, transfer).await;
+        open.close().await;
         if let Err(e) = result {
             // The next attempt reads the partial file again for what it holds.
             pull.handle_failed(false);

@@ -20,7 +20,7 @@ use super::connection::Connection;
 use super::fetch::{Turn, run_workers};
 use super::pace::{Gate, Pace};
 use super::reply::response;
-use super::stripe::{Stripe, close, close_stripes, stripe_group};
+use super::stripe::{OpenTransfer, Stripe, close_stripes, stripe_group};
 use super::{Client, PushOptions};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::error::{PushError, RequestError};
@@ -248,6 +248,7 @@ impl Client {
         };
         let answer = conn.call(&open).await?;
         let (transfer, have) = Answer::opened_write(answer).map_err(RequestError::from)?;
+        let open = OpenTransfer::new(&conn, transfer);
         let schedule = push.handle_opened(&have).map_err(RequestError::from)?;
         let manifest = push.manifest().clone();
         let total = manifest.size();
@@ -285,7 +286,7 @@ impl Client {
         // transfer, when it commits.
         let renewing = close_stripes(&stripes).await;
         if let Err(e) = result {
-            close(&conn, transfer).await;
+            open.close().await;
             return Err(e);
         }
         match push.poll_end(transfer, renewing || gate.is_renewing()) {
@@ -294,10 +295,14 @@ impl Client {
                 // fresh connection and learns what the server holds; close this one first,
                 // so the object is not still open for writing when it does.
                 let _ = conn.call(&close).await;
+                open.ended();
                 Ok(Attempt::Renew)
             }
             PushEnd::Commit(commit) => {
-                let answer = conn.call(&commit).await?;
+                // However the commit went, the server has ended the transfer.
+                let answer = conn.call(&commit).await;
+                open.ended();
+                let answer = answer?;
                 let root = Answer::committed(answer).map_err(RequestError::from)?;
                 let root = push.handle_committed(root).map_err(RequestError::from)?;
                 Ok(Attempt::Done((conn, root, stripes.len() as u32)))
@@ -342,18 +347,34 @@ async fn send_chunk(
         .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
     let n = data.len() as u64;
     let mut s = conn.open(&req).await?;
-    s.sink.send_data(data).await.map_err(RequestError::from)?;
-    s.sink
-        .send(FrameKind::End, Bytes::new())
-        .await
-        .map_err(RequestError::from)?;
+    let sent = match s.sink.send_data(data).await {
+        Ok(()) => s.sink.send(FrameKind::End, Bytes::new()).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        // The server may refuse a chunk before it has read all of it (a full disk): it
+        // answers, then stops our side of the stream (QUIC's STOP_SENDING), which fails
+        // our sending. Its answer, not the stop, says why; without one, the stop does.
+        return match response(&mut s.source).await {
+            Err(RequestError::Remote(code)) => Err(chunk_refused(code, index)),
+            _ => Err(RequestError::from(e).into()),
+        };
+    }
     s.sink.finish();
     match response(&mut s.source).await {
         Ok(answer) => {
             Answer::chunk_stored(answer, index).map_err(RequestError::from)?;
             Ok(n)
         }
-        Err(RequestError::Remote(ErrorCode::Corrupt)) => Err(PushError::Corrupt(index)),
+        Err(RequestError::Remote(code)) => Err(chunk_refused(code, index)),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A chunk the server answered with an error code.
+fn chunk_refused(code: ErrorCode, index: ChunkIndex) -> PushError {
+    match code {
+        ErrorCode::Corrupt => PushError::Corrupt(index),
+        code => RequestError::Remote(code).into(),
     }
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Client;
 use super::connection::Connection;
@@ -14,8 +15,9 @@ pub(super) struct Stripe {
     pub(super) conn: Arc<Connection>,
     pub(super) transfer: TransferId,
     pub(super) gate: Arc<Gate>,
-    /// Whether the transfer is the attempt's own (closed or committed by the attempt).
-    first: bool,
+    /// A further stripe's transfer, which [`close_stripes`] ends; none for the attempt's
+    /// own (closed or committed by the attempt).
+    open: Option<OpenTransfer>,
 }
 
 impl Stripe {
@@ -25,7 +27,7 @@ impl Stripe {
             conn: conn.clone(),
             transfer,
             gate: gate.clone(),
-            first: true,
+            open: None,
         }
     }
 }
@@ -64,9 +66,9 @@ impl Client {
             if let Some(transfer) = open(conn.clone()).await {
                 stripes.push(Stripe {
                     gate: Gate::new(pace.clone(), conn.clone()),
+                    open: Some(OpenTransfer::new(&conn, transfer)),
                     conn,
                     transfer,
-                    first: false,
                 });
             }
         }
@@ -78,11 +80,59 @@ impl Client {
 /// connections became due for renewal.
 pub(super) async fn close_stripes(stripes: &[Stripe]) -> bool {
     let mut renewing = false;
-    for s in stripes.iter().filter(|s| !s.first) {
-        close(&s.conn, s.transfer).await;
-        renewing |= s.gate.is_renewing();
+    for s in stripes {
+        if let Some(open) = &s.open {
+            open.close().await;
+            renewing |= s.gate.is_renewing();
+        }
     }
     renewing
+}
+
+/// A transfer the server holds open until we end it or the connection ends. If the future
+/// that opened it is dropped before it has ended it (the caller's task was cancelled, or an
+/// error returned early), a task of its own sends the `Close`: otherwise a cancelled push
+/// would keep its object locked for writing (`Conflict` for the next push of it), and a
+/// cancelled pull its place in the connection's transfer table, while the connection lives.
+pub(super) struct OpenTransfer {
+    conn: Arc<Connection>,
+    transfer: TransferId,
+    ended: AtomicBool,
+}
+
+impl OpenTransfer {
+    /// `transfer`, just opened on `conn`.
+    pub(super) fn new(conn: &Arc<Connection>, transfer: TransferId) -> Self {
+        Self {
+            conn: conn.clone(),
+            transfer,
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    /// Closes it (best effort, as [`close`]).
+    pub(super) async fn close(&self) {
+        close(&self.conn, self.transfer).await;
+        self.ended();
+    }
+
+    /// Says it has been ended otherwise: committed, or closed by a request of the caller's.
+    pub(super) fn ended(&self) {
+        self.ended.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for OpenTransfer {
+    fn drop(&mut self) {
+        if *self.ended.get_mut() {
+            return;
+        }
+        // Without a runtime (its shutdown), the connection is ending anyway.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (conn, transfer) = (self.conn.clone(), self.transfer);
+            drop(rt.spawn(async move { close(&conn, transfer).await }));
+        }
+    }
 }
 
 /// Ends a transfer, best effort: the server also ends transfers when the connection ends.

@@ -23,6 +23,7 @@ from ._native import (
     __version__,
     object_digest,
 )
+from .aio import AsyncClient
 from .errors import (
     Busy,
     Changed,
@@ -51,6 +52,7 @@ from .tensors import (  # numpy, torch and safetensors are imported on first use
 )
 
 __all__ = [
+    "AsyncClient",
     "Buffer",
     "Busy",
     "Changed",

@@ -1,5 +1,6 @@
 """Type stubs of the extension module ``transportd._native`` (libtransport/python/src)."""
 
+from collections.abc import Awaitable, Callable
 from os import PathLike
 from typing import final
 
@@ -122,6 +123,49 @@ class Client:
     def push_file(self, dataset: str, object: str, src: str) -> PushReport: ...
     def close(self) -> None: ...
 
+@final
+class AsyncClient:
+    """The asyncio client; ``transportd.AsyncClient`` wraps it. Each call returns an awaitable
+    of the blocking client's answer; cancelling it cancels the call."""
+
+    @staticmethod
+    def connect(
+        node: str,
+        *,
+        identity: str | None = None,
+        svid: str | None = None,
+        key: str | None = None,
+        bundle: str | None = None,
+        workload_socket: str | None = None,
+        workload_id: str | None = None,
+        server_id: str | None = None,
+        path: str = "auto",
+        connect_timeout: float | None = None,
+    ) -> Awaitable[AsyncClient]: ...
+    @property
+    def server_id(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    def list_datasets(self) -> Awaitable[list[str]]: ...
+    def list_objects(self, dataset: str, prefix: str = "") -> Awaitable[list[ObjectEntry]]: ...
+    def stat(self, dataset: str, object: str) -> Awaitable[ObjectStat]: ...
+    def read_range(self, dataset: str, object: str, start: int, end: int) -> Awaitable[Buffer]: ...
+    def fetch(self, dataset: str, object: str, *, max_bytes: int = ...) -> Awaitable[Buffer]: ...
+    def fetch_into(
+        self,
+        dataset: str,
+        object: str,
+        buffer: _BufferProtocol,
+        on_release: Callable[[], object],
+    ) -> Awaitable[FetchReport]:
+        """``on_release`` is called (from another thread) once the buffer is let go of."""
+    def fetch_to_file(self, dataset: str, object: str, dest: str) -> Awaitable[FetchReport]: ...
+    def push_bytes(
+        self, dataset: str, object: str, data: _BufferProtocol
+    ) -> Awaitable[PushReport]: ...
+    def push_file(self, dataset: str, object: str, src: str) -> Awaitable[PushReport]: ...
+    def close(self) -> None: ...
+
 def object_digest(object: str) -> str:
     """BLAKE3 of an object path, hex: what logs show in place of the path."""
 
@@ -131,3 +175,6 @@ def manifest_root(data: str | PathLike[str] | _BufferProtocol, chunk_bytes: int)
     ``chunk_bytes`` is ``stat().chunk_bytes`` (a power of two from 64 KiB to 64 MiB, else
     ``ValueError``). A writable buffer is hashed in place, a read-only one copied once; the
     GIL is released while hashing."""
+
+def _forwarded_events() -> int:
+    """How many Rust-side log events have taken the GIL to reach Python (for tests)."""

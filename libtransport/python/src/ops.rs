@@ -1,0 +1,341 @@
+//! What both clients do, without Python: the constructor's options checked, connecting, and
+//! each call as a future that checks nothing Python-side, calls libtransport and converts its
+//! answer into the module's value types or a [`Failure`].
+//!
+//! The blocking client (`client.rs`) runs these futures with `runtime::block_on`; the
+//! asyncio client (`aio.rs`) hands them to the event loop. Neither holds the GIL while one
+//! runs, and none of them touches Python: a failure stays a [`Failure`] until the caller
+//! turns it into an exception with the GIL held.
+
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use certs::SpiffeId;
+use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::workload::WorkloadIdentity;
+use libtransport::{ClientConfig, FetchOptions, Path as Transport, PushOptions, TransportConfig};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use tokio::runtime::Runtime;
+
+use crate::buffer::Buffer;
+use crate::client::{FetchReport, ObjectEntry, ObjectStat, PushReport};
+use crate::error::{self, Failure};
+use crate::identity::IdentitySource;
+
+/// The library's client, shared by a Python client and the calls it has in flight.
+pub(crate) type Inner = Arc<Shared>;
+
+/// The library's client and what must live as long as it. The last holder to let go of it
+/// closes and drops it on a blocking thread of the runtime, never on a thread that may hold
+/// the GIL: quinn logs while it holds its connection's lock, and a record on its way to
+/// Python waits for the GIL (`log.rs`), so a thread holding the GIL must never wait for
+/// that lock.
+pub(crate) struct Shared {
+    client: Option<libtransport::Client>,
+    /// Follows the Workload API's rotations while the client lives (None with files).
+    workload: Option<WorkloadIdentity>,
+    rt: Arc<Runtime>,
+    /// The process that made it: a forked child leaves it alone.
+    pid: u32,
+}
+
+impl Deref for Shared {
+    type Target = libtransport::Client;
+
+    fn deref(&self) -> &libtransport::Client {
+        match &self.client {
+            Some(c) => c,
+            None => unreachable!("the client is taken out only when dropped"),
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let parts = (self.client.take(), self.workload.take());
+        if std::process::id() != self.pid {
+            // Its connections and tasks belong to the parent's runtime, whose threads did
+            // not come along: touching them could wait forever. The memory stays.
+            std::mem::forget(parts);
+            return;
+        }
+        // Blocking threads run in the runtime's context, as closing needs.
+        drop(self.rt.spawn_blocking(move || {
+            if let Some(client) = &parts.0 {
+                client.close();
+            }
+            drop(parts);
+        }));
+    }
+}
+
+/// A client's constructor options, checked.
+#[derive(Debug)]
+pub(crate) struct Connect {
+    node: String,
+    paths: &'static [Transport],
+    server_id: Option<SpiffeId>,
+    transport: TransportConfig,
+    source: IdentitySource,
+}
+
+impl Connect {
+    /// Checks the options both clients take (see `transportd.Client`); nothing is read or
+    /// sent yet.
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments.
+    pub(crate) fn new(
+        node: String,
+        identity: Option<PathBuf>,
+        svid: Option<PathBuf>,
+        key: Option<PathBuf>,
+        bundle: Option<PathBuf>,
+        workload_socket: Option<String>,
+        workload_id: Option<String>,
+        server_id: Option<String>,
+        path: &str,
+        connect_timeout: Option<f64>,
+    ) -> PyResult<Self> {
+        let paths: &'static [Transport] = match path {
+            "auto" => &[Transport::Quic, Transport::Tcp],
+            "quic" => &[Transport::Quic],
+            "tcp" => &[Transport::Tcp],
+            _ => {
+                return Err(PyValueError::new_err(
+                    "path must be \"auto\", \"quic\" or \"tcp\"",
+                ));
+            }
+        };
+        let server_id = server_id
+            .as_deref()
+            .map(SpiffeId::parse)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("server_id: {e}")))?;
+        let mut transport = TransportConfig::default();
+        if let Some(secs) = connect_timeout {
+            let d = Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| PyValueError::new_err("connect_timeout must be positive"))?;
+            transport.handshake_timeout(d);
+        }
+        Ok(Self {
+            node,
+            paths,
+            server_id,
+            transport,
+            source: IdentitySource {
+                dir: identity,
+                svid,
+                key,
+                bundle,
+                workload_socket,
+                workload_id,
+            },
+        })
+    }
+
+    /// Loads the identity, resolves the node and connects: the TLS handshake and a first
+    /// round trip. Runs on `rt`, the module's runtime.
+    pub(crate) async fn run(self, rt: Arc<Runtime>) -> Result<Inner, Failure> {
+        let identity = self.source.load().await?;
+        let mut builder = ClientConfig::builder()
+            .identity(identity.handle.clone())
+            .transport(self.transport);
+        if let Some(id) = self.server_id {
+            builder = builder.server_id(id);
+        }
+        let addr = resolve(&self.node).await?;
+        let client = libtransport::Client::connect_any(builder.build(), addr, self.paths)
+            .await
+            .map_err(|e| error::connect(&e))?;
+        Ok(Arc::new(Shared {
+            client: Some(client),
+            workload: identity.workload,
+            rt,
+            pid: std::process::id(),
+        }))
+    }
+}
+
+/// The server's SPIFFE ID, as its SVID proved it.
+pub(crate) fn server_id(inner: &libtransport::Client) -> String {
+    inner.server().id.to_string()
+}
+
+/// The transport in use: `"quic"` or `"tcp"`.
+pub(crate) fn path(inner: &libtransport::Client) -> String {
+    inner.path().to_string()
+}
+
+/// Datasets this identity may see.
+pub(crate) async fn list_datasets(inner: &libtransport::Client) -> Result<Vec<String>, Failure> {
+    let names = inner
+        .list_datasets()
+        .await
+        .map_err(|e| error::request(&e))?;
+    Ok(names.iter().map(|n| n.as_str().to_owned()).collect())
+}
+
+/// Objects of `dataset` whose path starts with `prefix`, in path order.
+pub(crate) async fn list_objects(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    prefix: &str,
+) -> Result<Vec<ObjectEntry>, Failure> {
+    let entries = inner
+        .list_objects(dataset, prefix)
+        .await
+        .map_err(|e| error::request(&e))?;
+    Ok(entries.into_iter().map(ObjectEntry::from).collect())
+}
+
+/// An object's size, chunking and BLAKE3 root.
+pub(crate) async fn stat(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+) -> Result<ObjectStat, Failure> {
+    let m = inner
+        .stat(dataset, object)
+        .await
+        .map_err(|e| error::request(&e))?;
+    Ok(ObjectStat::from(&m))
+}
+
+/// Bytes `start..end` of an object, every chunk they touch verified.
+pub(crate) async fn read_range(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    start: u64,
+    end: u64,
+) -> Result<Buffer, Failure> {
+    let data = inner
+        .read_range(dataset, object, start..end)
+        .await
+        .map_err(|e| error::fetch(&e))?;
+    Ok(Buffer::new(data))
+}
+
+/// A whole object, verified, in memory of ours; refuses one over `max_bytes`.
+pub(crate) async fn fetch(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    max_bytes: u64,
+) -> Result<Buffer, Failure> {
+    let data = inner
+        .fetch(dataset, object, max_bytes, &FetchOptions::default())
+        .await
+        .map_err(|e| error::fetch(&e))?;
+    Ok(Buffer::new(data))
+}
+
+/// A whole object, verified, into the start of `dest`.
+pub(crate) async fn fetch_into(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    dest: &mut [u8],
+) -> Result<FetchReport, Failure> {
+    let report = inner
+        .fetch_into(dataset, object, dest, &FetchOptions::default())
+        .await
+        .map_err(|e| error::fetch(&e))?;
+    Ok(FetchReport::from(report))
+}
+
+/// A whole object into the file `dest`, which appears only once complete and verified.
+pub(crate) async fn fetch_to_file(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    dest: &Path,
+) -> Result<FetchReport, Failure> {
+    let report = inner
+        .fetch_to_file(dataset, object, dest, &FetchOptions::default())
+        .await
+        .map_err(|e| error::fetch(&e))?;
+    Ok(FetchReport::from(report))
+}
+
+/// Stores `data` as `object` of `dataset`; committed only once complete and verified.
+pub(crate) async fn push_bytes(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    data: Bytes,
+) -> Result<PushReport, Failure> {
+    let report = inner
+        .push_bytes(dataset, object, data, &PushOptions::default())
+        .await
+        .map_err(|e| error::push(&e))?;
+    Ok(PushReport::from(report))
+}
+
+/// Stores the file `src` as `object` of `dataset`.
+pub(crate) async fn push_file(
+    inner: &libtransport::Client,
+    dataset: &DatasetName,
+    object: &ObjectPath,
+    src: &Path,
+) -> Result<PushReport, Failure> {
+    let report = inner
+        .push_file(dataset, object, src, &PushOptions::default())
+        .await
+        .map_err(|e| error::push(&e))?;
+    Ok(PushReport::from(report))
+}
+
+/// Checks `end` against `start` before anything is sent.
+pub(crate) fn range(start: u64, end: u64) -> PyResult<(u64, u64)> {
+    if end < start {
+        return Err(PyValueError::new_err("end is before start"));
+    }
+    Ok((start, end))
+}
+
+/// A dataset name, checked.
+pub(crate) fn dataset_name(s: &str) -> Result<DatasetName, Failure> {
+    DatasetName::new(s).map_err(|e| error::name("dataset", &e))
+}
+
+/// An object path, checked.
+pub(crate) fn object_path(s: &str) -> Result<ObjectPath, Failure> {
+    ObjectPath::new(s).map_err(|e| error::name("object", &e))
+}
+
+/// A dataset name and an object path, checked.
+pub(crate) fn names(dataset: &str, object: &str) -> Result<(DatasetName, ObjectPath), Failure> {
+    Ok((dataset_name(dataset)?, object_path(object)?))
+}
+
+/// Refuses to run in a process forked after the client was made (`pid`): its connections
+/// and runtime threads stayed in the parent. `what` names the class for the message.
+pub(crate) fn usable(pid: u32, what: &str) -> Result<(), Failure> {
+    if std::process::id() == pid {
+        Ok(())
+    } else {
+        Err(error::local(&format!(
+            "this {what} was made before the process forked; make one in this process \
+             (in a DataLoader, in each worker)"
+        )))
+    }
+}
+
+async fn resolve(node: &str) -> Result<SocketAddr, Failure> {
+    let bad = |why: String| error::local(&format!("resolving {node:?}: {why}"));
+    tokio::net::lookup_host(node)
+        .await
+        .map_err(|e| bad(format!("{e} (expected HOST:PORT)")))?
+        .next()
+        .ok_or_else(|| bad("no address".to_owned()))
+}
+
+/// `fetch`'s default limit: larger objects belong in a file or the caller's own buffer.
+pub(crate) const DEFAULT_MAX_BYTES: u64 = 16 << 30;
