@@ -8,7 +8,8 @@ machine's moment.
   allocated once (the connection made before the clock starts).
 * ``dataloader``: a ``torch.utils.data.DataLoader`` with ``--workers`` workers over
   ``transportd.pytorch.ShardDataset`` reading the same bytes cut into ``--shards`` objects
-  (``bench/shards/``), each sample handed to the training process as a uint8 tensor.
+  (``bench/shards/``), each sample (``transportd.pytorch.Sample``) a uint8 tensor the
+  worker fetched straight into, handed to the training process as DataLoader does.
   Persistent workers, and one untimed epoch first, so that a timed epoch is steady state
   (worker start-up and connections are not in it).
 
@@ -38,11 +39,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 import transportd
-from transportd.pytorch import ShardDataset
+from transportd.pytorch import Connection, ShardDataset
 
 TD = "bench.example"
 # Python's ``path`` for each transport-bench mode.
@@ -197,19 +197,14 @@ def measure(
     clients = {m: transportd.Client(addrs[m], identity=identity, path=PATHS[m]) for m in modes}
     loaders = {}
     for m in modes:
-        ds = ShardDataset(
-            addrs[m],
-            sources=[("bench", "shards/")],
-            identity=str(identity),
-            path=PATHS[m],
-            decode=as_tensor,
-        )
+        conn = Connection(addrs[m], identity=str(identity), path=PATHS[m])
+        ds = ShardDataset(conn, [("bench", "shards/")], shuffle=False)
         loaders[m] = DataLoader(
             ds, batch_size=None, num_workers=args.workers, persistent_workers=True
         )
 
     def epoch(m: str) -> Callable[[], int]:
-        return lambda: sum(t.numel() for t in loaders[m])
+        return lambda: sum(s.data.numel() for s in loaders[m])
 
     def pull(m: str) -> Callable[[], int]:
         return lambda: clients[m].fetch_into("bench", "object.bin", dest).size
@@ -235,13 +230,6 @@ def measure(
     for c in clients.values():
         c.close()
     return {"runs": runs, "host": host}
-
-
-def as_tensor(dataset: str, obj: str, data: transportd.Buffer) -> torch.Tensor:
-    """A sample as the training process gets it: the shard's bytes as a uint8 tensor (no
-    copy in the worker; the DataLoader moves it into shared memory once)."""
-    del dataset, obj
-    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def report(args: argparse.Namespace, modes: list[str], results: dict[str, object]) -> None:

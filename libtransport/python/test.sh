@@ -45,8 +45,9 @@ fi
 export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH
 export CARGO_TARGET_DIR=$target
 
-step "ruff check and ruff format --check"
+step "ruff check and ruff format --check (the package, and its benchmark in benches/python)"
 (cd "$here" && ruff check . && ruff format --check .)
+(cd "$repo/benches/python" && ruff check . && ruff format --check .)
 
 # The node the tests start: $TRANSPORTD_BIN if given (scripts/test.sh passes the one the
 # Rust tests built), else built here; CARGO_BUILD_FEATURES (e.g. "--features
