@@ -287,7 +287,7 @@ class ShardDataset(IterableDataset[Any]):
         dataset, object, _ = self._items[i]
         if self.decode is not None:
             return self.decode(dataset, object, memoryview(data))
-        return Sample(dataset, object, torch.from_numpy(data))
+        return Sample(dataset, object, _tensor(data))
 
     def _rank_world(self) -> tuple[int, int]:
         rank, world = self._pinned or self._captured or _rank_world()
@@ -438,7 +438,7 @@ class ObjectDataset(Dataset[Any]):
         data = _load(self.connection.client(), self.cache, dataset, object, None)
         if self.decode is not None:
             return self.decode(dataset, object, memoryview(data))
-        return Sample(dataset, object, torch.from_numpy(data))
+        return Sample(dataset, object, _tensor(data))
 
     def __repr__(self) -> str:
         return f"<transportd.pytorch.ObjectDataset of {len(self.objects)} objects>"
@@ -669,7 +669,28 @@ def _load(
 
 
 def _empty(size: int) -> np.ndarray:
-    return np.empty(size, dtype=np.uint8)
+    """A new uint8 array whose memory is a tensor's: in a DataLoader worker, a tensor in
+    shared memory already, so handing the sample to the training process moves only a
+    handle (a tensor in ordinary memory would be copied into shared memory on the way)."""
+    t = torch.empty(size, dtype=torch.uint8)
+    if size and get_worker_info() is not None:
+        t.share_memory_()
+    return t.numpy()
+
+
+def _tensor(data: np.ndarray) -> torch.Tensor:
+    """``data`` as a tensor without a copy: the tensor ``_empty`` made it from, if it is one
+    (keeping its shared memory), else a view of the array."""
+    base = data.base
+    if (
+        isinstance(base, torch.Tensor)
+        and base.dtype == torch.uint8
+        and base.dim() == 1
+        and base.numel() == data.size
+        and base.data_ptr() == data.ctypes.data
+    ):
+        return base
+    return torch.from_numpy(data)
 
 
 def _as_cache(cache: Cache | str | os.PathLike[str] | None, max_bytes: int | None) -> Cache | None:
