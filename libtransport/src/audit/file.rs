@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use certs::SpiffeId;
 
 use super::chain::{Chain, checkpoint_message, hash_line};
+use super::witness::{WitnessQueue, WitnessedCheckpoint};
 use super::{AuditError, AuditEvent, AuditRecord, AuditSink, TrailBreakKind};
 use crate::clock::Clock;
 use crate::proto::Digest;
@@ -52,6 +53,9 @@ pub struct FileSinkConfig {
     pub checkpoint_interval: Duration,
     /// How long to wait for another process that holds the trail (default 10 s).
     pub lock_wait: Duration,
+    /// Where each checkpoint also goes, to be sent to a witness outside the node (none by
+    /// default).
+    pub witness: Option<WitnessQueue>,
 }
 
 impl FileSinkConfig {
@@ -63,6 +67,7 @@ impl FileSinkConfig {
             segment_max_age: Duration::from_secs(24 * 3600),
             checkpoint_interval: Duration::from_secs(10),
             lock_wait: Duration::from_secs(10),
+            witness: None,
         }
     }
 }
@@ -299,7 +304,8 @@ impl FileSink {
 
     fn checkpoint_locked(&self, g: &mut Inner) -> Result<(), AuditError> {
         let seq = g.chain.next_seq();
-        let msg = checkpoint_message(seq, &g.chain.prev());
+        let prev = g.chain.prev();
+        let msg = checkpoint_message(seq, &prev);
         let sig = self.signer.sign_checkpoint(&msg)?;
         let record = AuditRecord {
             time: self.clock.now(),
@@ -328,6 +334,10 @@ impl FileSink {
         }
         g.sealed_seq = seq;
         g.last_checkpoint = self.clock.instant();
+        if let Some(q) = &self.cfg.witness {
+            let hash = g.chain.prev();
+            q.push(WitnessedCheckpoint { seq, prev, hash }, g.last_checkpoint);
+        }
         Ok(())
     }
 
