@@ -27,8 +27,7 @@ mod witness;
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
 pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer, TrailBreak};
 pub use verify::{
-    Query, VerifyError, VerifyReport, WitnessReport, query, read_receipts, verify,
-    verify_witnessed,
+    Query, VerifyError, VerifyReport, WitnessReport, query, read_receipts, verify, verify_witnessed,
 };
 pub use witness::{
     Receipt, WITNESS_CONTEXT, WitnessDecision, WitnessQueue, WitnessRefusal, WitnessStatus,

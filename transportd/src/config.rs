@@ -28,6 +28,8 @@ pub(crate) struct NodeConfig {
     pub(crate) policy: PolicySource,
     /// Where metrics and health are served; `None` when turned off.
     pub(crate) admin: Option<SocketAddr>,
+    /// Who witnesses the audit trail's checkpoints; `None` when no one does.
+    pub(crate) witness: Option<WitnessTarget>,
     pub(crate) transport: TransportConfig,
     /// Preferred chunk size of manifests this node builds.
     pub(crate) chunk_bytes: u32,
@@ -96,6 +98,17 @@ pub(crate) struct AgentConfig {
     pub(crate) data_dir: PathBuf,
     /// Where the Workload API listens; `None` serves none.
     pub(crate) workload_socket: Option<PathBuf>,
+}
+
+/// Where the node sends its audit checkpoints to be witnessed.
+#[derive(Debug, Clone)]
+pub(crate) struct WitnessTarget {
+    /// `HOST:PORT` of the witness's agent API; `None`: the agent's issuer.
+    pub(crate) addr: Option<String>,
+    /// Its SPIFFE ID; `None`: the issuer of the node's trust domain.
+    pub(crate) id: Option<SpiffeId>,
+    /// `/readyz` says so when a checkpoint has waited longer than this.
+    pub(crate) lag: std::time::Duration,
 }
 
 /// Where a join token comes from.
@@ -279,6 +292,32 @@ impl NodeConfig {
             }
             audit.checkpoint_interval = every;
         }
+        let witness_id = f
+            .audit
+            .witness_id
+            .as_deref()
+            .map(|s| SpiffeId::parse(s).map_err(|e| invalid("audit.witness_id", &e.to_string())))
+            .transpose()?;
+        let witness_lag = f.audit.witness_lag.unwrap_or(DEFAULT_WITNESS_LAG);
+        let witness = match (f.audit.witness.as_deref(), f.agent.is_some()) {
+            (Some("off"), _) | (None, false) => None,
+            (Some("issuer") | None, true) => Some(WitnessTarget {
+                addr: None,
+                id: witness_id,
+                lag: witness_lag,
+            }),
+            (Some("issuer"), false) => {
+                return Err(invalid(
+                    "audit.witness",
+                    "\"issuer\" needs an [agent] section; give the witness as HOST:PORT, or \"off\"",
+                ));
+            }
+            (Some(addr), _) => Some(WitnessTarget {
+                addr: Some(addr.to_owned()),
+                id: witness_id,
+                lag: witness_lag,
+            }),
+        };
         let identity = match (&f.identity, &f.agent) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -308,6 +347,7 @@ impl NodeConfig {
             audit,
             policy,
             admin,
+            witness,
             digest: Digest::of(text.as_bytes()),
             transport: t,
             chunk_bytes,
@@ -433,6 +473,9 @@ fn agent_config(
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
+
+/// How long checkpoints may wait for the witness before `/readyz` says so, by default.
+const DEFAULT_WITNESS_LAG: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn invalid(field: &str, message: &str) -> ConfigError {
     ConfigError::Invalid {

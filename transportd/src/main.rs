@@ -103,9 +103,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", config::POLICY_EXAMPLE);
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify { dir, bundle, json }) => {
-            cmd::audit::verify_cmd(&dir, bundle.as_deref(), json)
-        }
+        Command::Audit(AuditCommand::Verify {
+            dir,
+            bundle,
+            witness,
+            json,
+        }) => cmd::audit::verify_cmd(&dir, bundle.as_deref(), witness.as_deref(), json),
         Command::Audit(AuditCommand::Query {
             dir,
             peer,

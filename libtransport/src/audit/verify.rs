@@ -439,7 +439,10 @@ fn check_signature(raw: &Raw, rec: &Rec, bundle: Option<&TrustBundle>) -> Result
     if let Some(signer) = signer
         && v["signer"].as_str() != Some(signer.as_str())
     {
-        return Err(bad(format!("signed by {signer} but claims {}", v["signer"])));
+        return Err(bad(format!(
+            "signed by {signer} but claims {}",
+            v["signer"]
+        )));
     }
     Ok(())
 }

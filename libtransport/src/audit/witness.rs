@@ -124,10 +124,9 @@ impl Receipt {
             bundle.map(|b| (b, at)),
         )?;
         match signer {
-            Some(id) if id != self.witness => Err(format!(
-                "countersigned by {id} but claims {}",
-                self.witness
-            )),
+            Some(id) if id != self.witness => {
+                Err(format!("countersigned by {id} but claims {}", self.witness))
+            }
             _ => Ok(()),
         }
     }
@@ -194,7 +193,10 @@ pub fn decide(
 ) -> WitnessDecision {
     match (held, last) {
         (Some(h), _) if h == cp => WitnessDecision::Held,
-        (Some(h), _) => WitnessDecision::Refuse(WitnessRefusal::Rewrite { sent: *cp, held: *h }),
+        (Some(h), _) => WitnessDecision::Refuse(WitnessRefusal::Rewrite {
+            sent: *cp,
+            held: *h,
+        }),
         (None, Some(last)) if cp.seq <= last => {
             WitnessDecision::Refuse(WitnessRefusal::Stale { sent: *cp, last })
         }

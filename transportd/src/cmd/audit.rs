@@ -4,11 +4,16 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use libtransport::audit::{Query, query, verify};
+use libtransport::audit::{Query, query, read_receipts, verify, verify_witnessed};
 use libtransport::clock::{Clock, SystemClock};
 
 /// `audit verify DIR`.
-pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyhow::Result<()> {
+pub(crate) fn verify_cmd(
+    dir: &Path,
+    bundle: Option<&Path>,
+    witness: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!(
             "{} is not a directory holding an audit trail",
@@ -23,10 +28,20 @@ pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyho
         })
         .transpose()?;
     let report = verify(dir, bundle.as_ref()).context("audit trail does not verify")?;
+    let witnessed = witness
+        .map(|w| {
+            let text =
+                std::fs::read_to_string(w).with_context(|| format!("reading {}", w.display()))?;
+            let receipts =
+                read_receipts(&text).map_err(|e| anyhow::anyhow!("{}: {e}", w.display()))?;
+            verify_witnessed(dir, &receipts, bundle.as_ref())
+                .context("audit trail does not match what its witness holds")
+        })
+        .transpose()?;
     if json {
         println!(
             "{}",
-            serde_json::json!({ "verified": true, "report": report })
+            serde_json::json!({ "verified": true, "report": report, "witness": witnessed })
         );
         return Ok(());
     }
@@ -46,6 +61,18 @@ pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyho
         println!(
             "  {} records after the latest checkpoint (seq {}) are not sealed yet: the node is running or did not shut down cleanly",
             report.unsealed, report.last_checkpoint
+        );
+    }
+    if let Some(w) = &witnessed {
+        println!(
+            "  matches its witness: {} witnessed checkpoints, the latest seq {}{}",
+            w.witnessed,
+            w.last_witnessed,
+            if w.witnesses_verified {
+                " (countersigners checked against the bundle)"
+            } else {
+                ""
+            }
         );
     }
     if !report.signers_verified {
