@@ -6,7 +6,8 @@
 //! [`FileSink`] (`audit/file.rs`): append-only JSON lines in segments, each record carrying
 //! its sequence number and the BLAKE3 hash of the record before it (`audit/chain.rs`), with
 //! checkpoints signed by the node's SVID key, so `verify` (`audit/verify.rs`) detects a
-//! changed, removed, reordered or cut-off record. A transfer is recorded when it starts and
+//! changed, removed, reordered or cut-off record; checkpoints countersigned by a witness off
+//! the node (`audit/witness.rs`) also expose a trail rebuilt and signed again on the node. A transfer is recorded when it starts and
 //! when it ends, not per chunk, so the trail never limits throughput.
 
 use std::fmt;

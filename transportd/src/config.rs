@@ -588,6 +588,36 @@ dir = "audit"
     }
 
     #[test]
+    fn the_issuer_witnesses_an_agent_nodes_checkpoints_unless_told_otherwise() {
+        let files =
+            "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";
+        let agent = "[agent]\nissuer = \"issuer:8443\"\nbundle = \"boot.pem\"\njoin_token_file = \"token\"\ndata_dir = \"agent\"\n";
+        let with_agent = MINIMAL.replace(files, agent);
+        let w = parse(&with_agent).unwrap().witness.unwrap();
+        assert_eq!((w.addr, w.id), (None, None));
+        assert_eq!(w.lag, DEFAULT_WITNESS_LAG);
+        let audit = |extra: &str| format!("[audit]\ndir = \"audit\"\n{extra}");
+        let off = with_agent.replace(&audit(""), &audit("witness = \"off\"\n"));
+        assert!(parse(&off).unwrap().witness.is_none());
+        // Without an agent, none unless named.
+        assert!(parse(MINIMAL).unwrap().witness.is_none());
+        let named = MINIMAL.replace(
+            &audit(""),
+            &audit(
+                "witness = \"witness.example:8443\"\nwitness_id = \"spiffe://td/witness\"\nwitness_lag = \"30s\"\n",
+            ),
+        );
+        let w = parse(&named).unwrap().witness.unwrap();
+        assert_eq!(w.addr.as_deref(), Some("witness.example:8443"));
+        assert_eq!(w.id.unwrap().as_str(), "spiffe://td/witness");
+        assert_eq!(w.lag, std::time::Duration::from_secs(30));
+        let no_issuer = MINIMAL.replace(&audit(""), &audit("witness = \"issuer\"\n"));
+        assert!(
+            matches!(parse(&no_issuer), Err(ConfigError::Invalid { field, .. }) if field == "audit.witness")
+        );
+    }
+
+    #[test]
     fn an_agent_section_replaces_identity_files() {
         let files =
             "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";

@@ -14,7 +14,8 @@
 //! written when the sink opens, by [`FileSink::tick`] (call it every second or so: it signs
 //! once `checkpoint_interval` has passed since the last one with records after it), when a
 //! segment is sealed, and by [`FileSink::close`] at shutdown; each is fsynced and recorded
-//! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it.
+//! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it, and, with
+//! [`FileSinkConfig::witness`], queued for a witness off the node (`audit/witness.rs`).
 //! Segments are sealed by size and age and never deleted by the daemon.
 //!
 //! On open the sink checks the trail from the latest checkpoint to its end: records cut off

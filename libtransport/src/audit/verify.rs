@@ -1,5 +1,6 @@
 //! Reading a trail back: `verify` checks every link, every checkpoint signature and the
-//! latest checkpoint; `query` filters records.
+//! latest checkpoint; `verify_witnessed` compares the trail with a witness's receipts;
+//! `query` filters records.
 //!
 //! What `verify` detects, naming the record: a changed byte anywhere (the next record's
 //! `prev` no longer matches, or the record no longer parses, or a checkpoint signature
@@ -12,8 +13,9 @@
 //! and said so before going on) fails verification too, naming what was found: the trail
 //! stays failed for as long as the record is in it.
 //!
-//! Limits: `checkpoint.json` lives beside the trail, so someone who can rewrite both can roll
-//! the trail back to an earlier checkpoint; copy checkpoints off the node to rule that out.
+//! Limits: `checkpoint.json` and the signing key live beside the trail, so someone who can
+//! rewrite both can rebuild the trail and sign it again. [`verify_witnessed`] rules that out
+//! back to the latest checkpoint a witness off the node countersigned (`audit/witness.rs`).
 
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
