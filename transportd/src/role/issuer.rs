@@ -415,6 +415,8 @@ impl Issuer {
                 "at most {MAX_WITNESS_BATCH} checkpoints per request"
             )));
         }
+        // Nodes with an identity from files may be witnessed too, but not workloads: their
+        // SVIDs come from registration entries.
         if let Some(n) = self.state.node(node).map_err(|e| ApiError::internal(&e))?
             && n.banned_at.is_some()
         {
@@ -422,6 +424,17 @@ impl Issuer {
                 Some(node),
                 None,
                 ApiError::forbidden(format!("node {node} is banned")),
+            ));
+        }
+        let entries = self.state.entries().map_err(|e| ApiError::internal(&e))?;
+        if entries.iter().any(|e| e.spiffe_id == *node) || *node == self.id {
+            return Err(self.refuse(
+                Some(node),
+                None,
+                ApiError::forbidden(format!(
+                    "{node} is a workload (or the issuer): only nodes' audit checkpoints are \
+                     witnessed"
+                )),
             ));
         }
         let mut sorted = req.checkpoints.clone();
