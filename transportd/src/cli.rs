@@ -432,6 +432,10 @@ pub(crate) enum AuditCommand {
         /// rebuilt and signed again on the node fails, naming the seq.
         #[arg(long, value_name = "RECEIPTS")]
         witness: Option<PathBuf>,
+        /// Or ask the running issuer for them, through its admin socket (on the issuer's
+        /// host, as its user or root), for the node whose key signed the trail.
+        #[arg(long, value_name = "ISSUER.TOML", conflicts_with = "witness")]
+        witness_issuer: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,

@@ -107,8 +107,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             dir,
             bundle,
             witness,
+            witness_issuer,
             json,
-        }) => cmd::audit::verify_cmd(&dir, bundle.as_deref(), witness.as_deref(), json),
+        }) => {
+            let receipts =
+                cmd::audit::receipts(&dir, witness.as_deref(), witness_issuer.as_deref()).await?;
+            cmd::audit::verify_cmd(&dir, bundle.as_deref(), receipts.as_deref(), json)
+        }
         Command::Audit(AuditCommand::Query {
             dir,
             peer,

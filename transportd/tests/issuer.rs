@@ -1101,6 +1101,9 @@ fn a_trail_rebuilt_with_the_nodes_key_fails_against_its_witness_which_refuses_th
     let ok = verify_trail(&audit, &witness_args);
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("matches its witness"));
+    // ... also asked of the running issuer...
+    let asked = verify_trail(&audit, &["--witness-issuer", p(&d.config())]);
+    assert!(asked.status.success(), "{}", stderr(&asked));
     // ... and so do the receipts the node kept beside it.
     let kept = verify_trail(&audit, &["--witness", p(&audit.join("witness.jsonl"))]);
     assert!(kept.status.success(), "{}", stderr(&kept));
@@ -1133,6 +1136,9 @@ fn a_trail_rebuilt_with_the_nodes_key_fails_against_its_witness_which_refuses_th
         "{}",
         stderr(&caught)
     );
+    let asked = verify_trail(&audit, &["--witness-issuer", p(&d.config())]);
+    assert_eq!(asked.status.code(), Some(65), "{}", stderr(&asked));
+    assert!(stderr(&asked).contains(&format!("(seq {first_lost})")));
 
     // Cut back to just before that checkpoint and restarted, the node checkpoints that seq
     // again over other records: the witness refuses it and records the refusal, and the
