@@ -48,7 +48,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let mut audit_cfg = cfg.audit.clone();
     let witness = match &cfg.witness {
         Some(target) => {
-            let queue = WitnessQueue::new(WITNESS_QUEUE);
+            let queue = WitnessQueue::new(MAX_UNWITNESSED);
             audit_cfg.witness = Some(queue.clone());
             let addr = match (&target.addr, &agent) {
                 (Some(a), _) => a.clone(),
@@ -332,4 +332,4 @@ fn stamp(path: &Path) -> Option<(u64, SystemTime, u64)> {
 /// Checkpoints that wait for the witness at most; beyond, the oldest are dropped (a newer
 /// witnessed checkpoint vouches for everything before it). At the default interval of 10 s,
 /// about 40 minutes of an unreachable witness.
-const WITNESS_QUEUE: usize = 256;
+const MAX_UNWITNESSED: usize = 256;
