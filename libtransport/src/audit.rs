@@ -6,7 +6,8 @@
 //! [`FileSink`] (`audit/file.rs`): append-only JSON lines in segments, each record carrying
 //! its sequence number and the BLAKE3 hash of the record before it (`audit/chain.rs`), with
 //! checkpoints signed by the node's SVID key, so `verify` (`audit/verify.rs`) detects a
-//! changed, removed, reordered or cut-off record. A transfer is recorded when it starts and
+//! changed, removed, reordered or cut-off record; checkpoints countersigned by a witness off
+//! the node (`audit/witness.rs`) also expose a trail rebuilt and signed again on the node. A transfer is recorded when it starts and
 //! when it ends, not per chunk, so the trail never limits throughput.
 
 use std::fmt;
@@ -22,10 +23,17 @@ use crate::vocab::{Action, Path, TransferPath};
 mod chain;
 mod file;
 mod verify;
+mod witness;
 
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
 pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer, TrailBreak};
-pub use verify::{Query, VerifyError, VerifyReport, query, verify};
+pub use verify::{
+    Query, VerifyError, VerifyReport, WitnessReport, query, read_receipts, verify, verify_witnessed,
+};
+pub use witness::{
+    Receipt, WITNESS_CONTEXT, WitnessDecision, WitnessQueue, WitnessRefusal, WitnessStatus,
+    WitnessedCheckpoint, decide, witness_message,
+};
 
 pub use crate::vocab::{DecisionKind, Direction, Outcome};
 
@@ -311,6 +319,17 @@ pub enum AuditEvent {
         checkpoint_hash: Option<Digest>,
         /// The last record the trail held when the node opened it; this record follows it.
         last_seq: u64,
+    },
+    /// A witness refused a node's checkpoint (issuer trail): it conflicts with the one held
+    /// for its seq, or goes back before the latest held. Either means the node's trail was
+    /// rewritten or cut back after it was witnessed.
+    WitnessRefused {
+        /// The node that sent it.
+        node: SpiffeId,
+        /// The checkpoint's sequence number.
+        seq: u64,
+        /// Why, naming the checkpoint held.
+        reason: String,
     },
     /// A signed checkpoint: the signer vouches for every record up to this one.
     Checkpoint {

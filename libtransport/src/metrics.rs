@@ -40,6 +40,9 @@ pub struct Metrics {
     chunk_failures: Counter,
     audit_errors: Counter,
     audit_breaks: Gauge,
+    unwitnessed: Gauge,
+    last_witnessed: Gauge,
+    witness_refusals: Gauge,
     svid_expiry: Gauge<f64, AtomicU64>,
     duration: Family<DirectionLabel, Histogram, fn() -> Histogram>,
     store: Arc<StoreIo>,
@@ -133,6 +136,24 @@ impl Metrics {
             "Breaks on record in this node's audit trail (records cut off, changed or torn, found when it started); `transportd audit verify` fails while there are any",
             audit_breaks.clone(),
         );
+        let unwitnessed = Gauge::default();
+        registry.register(
+            "audit_checkpoints_unwitnessed",
+            "Audit checkpoints waiting to be sent to the witness (the issuer by default)",
+            unwitnessed.clone(),
+        );
+        let last_witnessed = Gauge::default();
+        registry.register(
+            "audit_last_witnessed_seq",
+            "Sequence number of the latest audit checkpoint the witness countersigned since the node started (0: none yet)",
+            last_witnessed.clone(),
+        );
+        let witness_refusals = Gauge::default();
+        registry.register(
+            "audit_witness_refusals",
+            "Audit checkpoints the witness refused since the node started: the trail was rewritten or cut back after it was witnessed",
+            witness_refusals.clone(),
+        );
         let svid_expiry = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "svid_expiry_seconds",
@@ -163,6 +184,9 @@ impl Metrics {
             chunk_failures,
             audit_errors,
             audit_breaks,
+            unwitnessed,
+            last_witnessed,
+            witness_refusals,
             svid_expiry,
             duration,
             store,
@@ -301,6 +325,14 @@ impl Metrics {
     pub fn set_audit_trail_breaks(&self, breaks: u64) {
         self.audit_breaks
             .set(i64::try_from(breaks).unwrap_or(i64::MAX));
+    }
+
+    /// Sets where witnessing of the audit trail's checkpoints stands.
+    pub fn set_audit_witness(&self, unwitnessed: usize, last_witnessed: u64, refusals: u64) {
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.unwitnessed.set(g(unwitnessed as u64));
+        self.last_witnessed.set(g(last_witnessed));
+        self.witness_refusals.set(g(refusals));
     }
 
     /// Sets the seconds until the node's SVID expires.

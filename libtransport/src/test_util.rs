@@ -146,6 +146,79 @@ pub fn client_config(pki: &TestPki, path: &str) -> ClientConfig {
         .build()
 }
 
+/// Rebuilds the audit trail in `dir` as root on its node could, with the node's key in
+/// `signer`: the records up to `keep` (all if `None`), each passed through `edit` (which
+/// returns whether it changed the record). From the first changed record on, every record
+/// is chained again and every checkpoint signed again; the lines before it stay byte for
+/// byte. The result is one segment and a `checkpoint.json` naming its last record, so
+/// `verify` passes it. Returns the seq of the first changed record.
+pub fn rebuild_trail(
+    dir: &std::path::Path,
+    signer: &dyn crate::audit::Signer,
+    keep: Option<u64>,
+    mut edit: impl FnMut(&mut serde_json::Value) -> bool,
+) -> Option<u64> {
+    use crate::audit::{checkpoint_message, hash_line};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("trail directory")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    segments.sort();
+    let mut out = Vec::new();
+    let mut prev = crate::audit::GENESIS;
+    let mut changed_at = None;
+    let mut last = 0;
+    for segment in &segments {
+        let text = std::fs::read(segment).expect("segment");
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let mut v: serde_json::Value = serde_json::from_slice(line).expect("record");
+            let seq = v["seq"].as_u64().expect("seq");
+            if keep.is_some_and(|k| seq > k) {
+                break;
+            }
+            if edit(&mut v) && changed_at.is_none() {
+                changed_at = Some(seq);
+            }
+            let bytes = if changed_at.is_none() {
+                line.to_vec()
+            } else {
+                v["prev"] = prev.to_hex().into();
+                if v["event"] == "checkpoint" {
+                    let sig = signer
+                        .sign_checkpoint(&checkpoint_message(seq, &prev))
+                        .expect("sign");
+                    v["signer"] = sig.signer.as_str().into();
+                    v["alg"] = sig.alg.into();
+                    v["chain"] = sig.chain.iter().map(|c| hex(c)).collect();
+                    v["signature"] = hex(&sig.signature).into();
+                }
+                serde_json::to_vec(&v).expect("encode")
+            };
+            prev = hash_line(&bytes);
+            last = seq;
+            out.extend_from_slice(&bytes);
+            out.push(b'\n');
+        }
+    }
+    for segment in &segments {
+        std::fs::remove_file(segment).expect("remove segment");
+    }
+    std::fs::write(dir.join("audit-000001.jsonl"), out).expect("write segment");
+    let head = serde_json::json!({
+        "segment": "audit-000001.jsonl",
+        "seq": last,
+        "hash": prev.to_hex(),
+    });
+    std::fs::write(dir.join("checkpoint.json"), head.to_string()).expect("checkpoint.json");
+    changed_at
+}
+
 /// Deterministic pseudo-random bytes (BLAKE3 output stream of `seed`).
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut out = vec![0u8; len];

@@ -1,6 +1,7 @@
 //! The admin endpoint (loopback by default): `/metrics` in the Prometheus text format,
 //! `/healthz` (the process is up), `/readyz` (ready only with a valid SVID and a writable
-//! audit trail). Nothing here changes state.
+//! audit trail; detail lines for trail breaks and a lagging or refusing witness). Nothing
+//! here changes state.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use libtransport::IdentityHandle;
-use libtransport::audit::{AuditSink, FileSink};
+use libtransport::audit::{AuditSink, FileSink, WitnessQueue, WitnessStatus};
 use libtransport::clock::Clock;
 use libtransport::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -27,6 +28,9 @@ pub(crate) struct State {
     pub(crate) identity: IdentityHandle,
     pub(crate) audit: Arc<FileSink>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// The audit checkpoints waiting for the witness, and how long they may wait before
+    /// `/readyz` says so; `None` without a witness.
+    pub(crate) witness: Option<(WitnessQueue, std::time::Duration)>,
 }
 
 /// The running endpoint.
@@ -74,6 +78,14 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             state.metrics.set_svid_expiry(svid_expiry_seconds(state));
+            if let Some((q, _)) = &state.witness {
+                let s = q.status();
+                state.metrics.set_audit_witness(
+                    s.pending,
+                    s.last_witnessed.unwrap_or(0),
+                    s.refused,
+                );
+            }
             let mut r = text(StatusCode::OK, state.metrics.encode());
             if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
                 r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
@@ -101,6 +113,9 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     detail.push_str(&format!("audit trail found broken at this start: {b}\n"));
                 }
             }
+            if let Some((q, lag)) = &state.witness {
+                detail.push_str(&witness_detail(&q.status(), *lag, state.clock.instant()));
+            }
             if problems.is_empty() {
                 text(StatusCode::OK, format!("ready\n{detail}"))
             } else {
@@ -115,6 +130,33 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "not found: try /metrics, /healthz or /readyz\n".into(),
         ),
     }
+}
+
+/// `/readyz` lines about the witness: checkpoints waiting longer than `lag`, refusals.
+fn witness_detail(s: &WitnessStatus, lag: std::time::Duration, now: std::time::Instant) -> String {
+    let mut out = String::new();
+    if let Some(oldest) = s.oldest
+        && now.saturating_duration_since(oldest) > lag
+    {
+        out.push_str(&format!(
+            "audit witness lags: {} checkpoint(s) not witnessed, the oldest for {}s (last \
+             witnessed seq {}){}\n",
+            s.pending,
+            now.saturating_duration_since(oldest).as_secs(),
+            s.last_witnessed.map_or("none".into(), |l| l.to_string()),
+            s.last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(r) = &s.last_refusal {
+        out.push_str(&format!(
+            "audit witness refused {} checkpoint(s); the last: {r}\n",
+            s.refused
+        ));
+    }
+    out
 }
 
 fn svid_expiry_seconds(state: &State) -> f64 {

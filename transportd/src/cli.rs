@@ -163,6 +163,9 @@ pub(crate) enum IssuerCommand {
     /// SVIDs come from it), `retire` the old one once its last SVID has expired.
     #[command(subcommand)]
     Ca(IssuerCaCommand),
+    /// Audit checkpoints the issuer witnessed for nodes.
+    #[command(subcommand)]
+    Witness(WitnessCommand),
     /// The issuer's CAs, nodes, pending tokens, counts and recent SVIDs.
     Status {
         #[command(flatten)]
@@ -260,6 +263,19 @@ pub(crate) enum NodeCommand {
         target: AdminTarget,
         /// The node's SPIFFE ID.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum WitnessCommand {
+    /// Print the countersigned checkpoints the issuer holds for a node, one JSON object a
+    /// line, for `transportd audit verify DIR --witness FILE` (offline, anywhere).
+    Export {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The node's SPIFFE ID.
+        #[arg(long)]
+        node: String,
     },
 }
 
@@ -406,9 +422,20 @@ pub(crate) enum AuditCommand {
     Verify {
         /// The trail's directory.
         dir: PathBuf,
-        /// Also check each checkpoint's signer against this trust bundle.
+        /// Also check each checkpoint's signer against this trust bundle (and, with
+        /// --witness, each countersigner's): `transportd issuer bundle --all`.
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// Also compare the trail with what its witness holds: receipts (JSON lines) from
+        /// `transportd issuer witness export --node ID`, or the node's own `witness.jsonl`.
+        /// Every witnessed checkpoint must be in the trail, record for record: a trail
+        /// rebuilt and signed again on the node fails, naming the seq.
+        #[arg(long, value_name = "RECEIPTS")]
+        witness: Option<PathBuf>,
+        /// Or ask the running issuer for them, through its admin socket (on the issuer's
+        /// host, as its user or root), for the node whose key signed the trail.
+        #[arg(long, value_name = "ISSUER.TOML", conflicts_with = "witness")]
+        witness_issuer: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,

@@ -28,6 +28,8 @@ pub(crate) struct NodeConfig {
     pub(crate) policy: PolicySource,
     /// Where metrics and health are served; `None` when turned off.
     pub(crate) admin: Option<SocketAddr>,
+    /// Who witnesses the audit trail's checkpoints; `None` when no one does.
+    pub(crate) witness: Option<WitnessTarget>,
     pub(crate) transport: TransportConfig,
     /// Preferred chunk size of manifests this node builds.
     pub(crate) chunk_bytes: u32,
@@ -98,6 +100,17 @@ pub(crate) struct AgentConfig {
     pub(crate) data_dir: PathBuf,
     /// Where the Workload API listens; `None` serves none.
     pub(crate) workload_socket: Option<PathBuf>,
+}
+
+/// Where the node sends its audit checkpoints to be witnessed.
+#[derive(Debug, Clone)]
+pub(crate) struct WitnessTarget {
+    /// `HOST:PORT` of the witness's agent API; `None`: the agent's issuer.
+    pub(crate) addr: Option<String>,
+    /// Its SPIFFE ID; `None`: the issuer of the node's trust domain.
+    pub(crate) id: Option<SpiffeId>,
+    /// `/readyz` says so when a checkpoint has waited longer than this.
+    pub(crate) lag: std::time::Duration,
 }
 
 /// Where a join token comes from.
@@ -295,6 +308,32 @@ impl NodeConfig {
             }
             audit.checkpoint_interval = every;
         }
+        let witness_id = f
+            .audit
+            .witness_id
+            .as_deref()
+            .map(|s| SpiffeId::parse(s).map_err(|e| invalid("audit.witness_id", &e.to_string())))
+            .transpose()?;
+        let witness_lag = f.audit.witness_lag.unwrap_or(DEFAULT_WITNESS_LAG);
+        let witness = match (f.audit.witness.as_deref(), f.agent.is_some()) {
+            (Some("off"), _) | (None, false) => None,
+            (Some("issuer") | None, true) => Some(WitnessTarget {
+                addr: None,
+                id: witness_id,
+                lag: witness_lag,
+            }),
+            (Some("issuer"), false) => {
+                return Err(invalid(
+                    "audit.witness",
+                    "\"issuer\" needs an [agent] section; give the witness as HOST:PORT, or \"off\"",
+                ));
+            }
+            (Some(addr), _) => Some(WitnessTarget {
+                addr: Some(addr.to_owned()),
+                id: witness_id,
+                lag: witness_lag,
+            }),
+        };
         let identity = match (&f.identity, &f.agent) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -324,6 +363,7 @@ impl NodeConfig {
             audit,
             policy,
             admin,
+            witness,
             digest: Digest::of(text.as_bytes()),
             transport: t,
             chunk_bytes,
@@ -451,6 +491,9 @@ fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
+/// How long checkpoints may wait for the witness before `/readyz` says so, by default.
+const DEFAULT_WITNESS_LAG: std::time::Duration = std::time::Duration::from_secs(300);
+
 fn invalid(field: &str, message: &str) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_owned(),
@@ -570,6 +613,36 @@ dir = "audit"
                 .unwrap_err()
                 .to_string()
                 .starts_with("admin.listen")
+        );
+    }
+
+    #[test]
+    fn the_issuer_witnesses_an_agent_nodes_checkpoints_unless_told_otherwise() {
+        let files =
+            "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";
+        let agent = "[agent]\nissuer = \"issuer:8443\"\nbundle = \"boot.pem\"\njoin_token_file = \"token\"\ndata_dir = \"agent\"\n";
+        let with_agent = MINIMAL.replace(files, agent);
+        let w = parse(&with_agent).unwrap().witness.unwrap();
+        assert_eq!((w.addr, w.id), (None, None));
+        assert_eq!(w.lag, DEFAULT_WITNESS_LAG);
+        let audit = |extra: &str| format!("[audit]\ndir = \"audit\"\n{extra}");
+        let off = with_agent.replace(&audit(""), &audit("witness = \"off\"\n"));
+        assert!(parse(&off).unwrap().witness.is_none());
+        // Without an agent, none unless named.
+        assert!(parse(MINIMAL).unwrap().witness.is_none());
+        let named = MINIMAL.replace(
+            &audit(""),
+            &audit(
+                "witness = \"witness.example:8443\"\nwitness_id = \"spiffe://td/witness\"\nwitness_lag = \"30s\"\n",
+            ),
+        );
+        let w = parse(&named).unwrap().witness.unwrap();
+        assert_eq!(w.addr.as_deref(), Some("witness.example:8443"));
+        assert_eq!(w.id.unwrap().as_str(), "spiffe://td/witness");
+        assert_eq!(w.lag, std::time::Duration::from_secs(30));
+        let no_issuer = MINIMAL.replace(&audit(""), &audit("witness = \"issuer\"\n"));
+        assert!(
+            matches!(parse(&no_issuer), Err(ConfigError::Invalid { field, .. }) if field == "audit.witness")
         );
     }
 

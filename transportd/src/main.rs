@@ -103,8 +103,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", config::POLICY_EXAMPLE);
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify { dir, bundle, json }) => {
-            cmd::audit::verify_cmd(&dir, bundle.as_deref(), json)
+        Command::Audit(AuditCommand::Verify {
+            dir,
+            bundle,
+            witness,
+            witness_issuer,
+            json,
+        }) => {
+            let receipts =
+                cmd::audit::receipts(&dir, witness.as_deref(), witness_issuer.as_deref()).await?;
+            cmd::audit::verify_cmd(&dir, bundle.as_deref(), receipts.as_deref(), json)
         }
         Command::Audit(AuditCommand::Query {
             dir,

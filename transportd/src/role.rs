@@ -3,3 +3,4 @@
 pub(crate) mod agent;
 pub(crate) mod issuer;
 pub(crate) mod node;
+pub(crate) mod witness;

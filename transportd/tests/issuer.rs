@@ -166,9 +166,10 @@ state_dir = "state"
 [audit]
 dir = "audit"
 checkpoint_interval = "1s"
+witness_lag = "2s"
 
 [admin]
-listen = "off"
+listen = "127.0.0.1:0"
 
 {allow}
 
@@ -205,6 +206,7 @@ struct AgentNode {
     quic: String,
     tcp: String,
     socket: String,
+    admin: String,
     log: PathBuf,
 }
 
@@ -221,6 +223,7 @@ impl AgentNode {
             quic: ready["quic"].as_str().unwrap().to_owned(),
             tcp: ready["tcp"].as_str().unwrap().to_owned(),
             socket: ready["workload_socket"].as_str().unwrap().to_owned(),
+            admin: ready["admin"].as_str().unwrap().to_owned(),
             log,
         })
     }
@@ -243,6 +246,36 @@ impl AgentNode {
 
     fn trail(&self, event: &str) -> Vec<Value> {
         trail(&self.dir.join("audit"), event)
+    }
+
+    /// GET `path` from the node's admin endpoint: (status code, body).
+    fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// A gauge from `/metrics`; panics if it is not exported.
+    fn gauge(&self, name: &str) -> i64 {
+        let (_, body) = self.admin_get("/metrics");
+        let prefix = format!("transportd_{name} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{name} is not exported: {body}"))
+            .parse()
+            .unwrap()
     }
 
     fn workload_env(&self) -> (String, String) {
@@ -987,4 +1020,203 @@ fn peers_refuse_a_banned_node_within_seconds() {
         .expect("a banned node cannot attest");
     assert!(log.contains("banned"), "{log}");
     drop(last);
+}
+
+/// The checkpoints the issuer witnessed for `node`, as `issuer witness export` prints them.
+fn witnessed(d: &Domain, node: &str) -> (Vec<u64>, String) {
+    let out = d.admin_ok(&["witness", "export", "--node", &id(node)]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let seqs = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    (seqs, text)
+}
+
+/// A pull of a small file by the GPU node's loader; the seq of the storage node's record
+/// of it.
+fn pull_one(d: &Domain, storage: &AgentNode, gpu: &AgentNode, name: &str) -> u64 {
+    write_data(
+        &storage.dir.join(format!("datasets/scans/{name}")),
+        256 << 10,
+        5,
+    );
+    let dest = d.path(&format!("pulled/{name}"));
+    let out = as_workload(
+        gpu,
+        &[
+            "pull",
+            "--node",
+            &storage.quic,
+            "--path",
+            "quic",
+            &format!("scans/{name}"),
+            p(&dest),
+        ],
+    );
+    assert!(out.status.success(), "pull: {}", stderr(&out));
+    let mut seq = None;
+    wait_for("the transfer record", Duration::from_secs(10), || {
+        seq = storage
+            .trail("transfer")
+            .iter()
+            .find(|r| r["object"] == name)
+            .and_then(|r| r["seq"].as_u64());
+        seq.is_some()
+    });
+    seq.unwrap()
+}
+
+fn verify_trail(dir: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["audit", "verify", p(dir)])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_trail_rebuilt_with_the_nodes_key_fails_against_its_witness_which_refuses_the_rewrite() {
+    let d = Domain::start("1h");
+    let (mut storage, gpu) = storage_and_gpu(&d);
+    let transfer = pull_one(&d, &storage, &gpu, "witnessed.bin");
+    wait_for(
+        "a checkpoint after the transfer at the witness",
+        Duration::from_secs(15),
+        || witnessed(&d, "/node/storage").0.last() > Some(&transfer),
+    );
+    storage.stop();
+    let (seqs, text) = witnessed(&d, "/node/storage");
+    let receipts = d.path("receipts.jsonl");
+    std::fs::write(&receipts, text).unwrap();
+    let bundle = d.path("all-cas.pem");
+    std::fs::write(&bundle, d.admin_ok(&["bundle", "--all"]).stdout).unwrap();
+    let audit = storage.dir.join("audit");
+    let witness_args = ["--bundle", p(&bundle), "--witness", p(&receipts)];
+    // The untouched trail matches its witness, countersignatures checked...
+    let ok = verify_trail(&audit, &witness_args);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("matches its witness"));
+    // ... also asked of the running issuer...
+    let asked = verify_trail(&audit, &["--witness-issuer", p(&d.config())]);
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    // ... and so do the receipts the node kept beside it.
+    let kept = verify_trail(&audit, &["--witness", p(&audit.join("witness.jsonl"))]);
+    assert!(kept.status.success(), "{}", stderr(&kept));
+
+    // Root on the node rebuilds the trail with the node's own key: the transfer now reads
+    // as another object.
+    let pem = std::fs::read_to_string(storage.dir.join("agent/node.pem")).unwrap();
+    let node_bundle = std::fs::read_to_string(storage.dir.join("agent/bundle.pem")).unwrap();
+    let node_key = libtransport::test_util::identity_of(
+        certs::Svid::from_pem(&pem, &pem).unwrap(),
+        certs::TrustBundle::from_pem(&node_bundle).unwrap(),
+    );
+    let changed = libtransport::test_util::rebuild_trail(&audit, &node_key, None, |v| {
+        let hit = v["event"] == "transfer" && v["object"] == "witnessed.bin";
+        if hit {
+            v["object"] = "something-else.bin".into();
+        }
+        hit
+    });
+    assert_eq!(changed, Some(transfer));
+    let first_lost = *seqs.iter().find(|s| **s > transfer).unwrap();
+    // The control: the node's own signatures cannot tell...
+    let plain = verify_trail(&audit, &["--bundle", p(&bundle)]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    // ... its witness can, naming the first witnessed checkpoint the trail lost.
+    let caught = verify_trail(&audit, &witness_args);
+    assert_eq!(caught.status.code(), Some(65), "{}", stderr(&caught));
+    assert!(
+        stderr(&caught).contains(&format!("(seq {first_lost})")),
+        "{}",
+        stderr(&caught)
+    );
+    let asked = verify_trail(&audit, &["--witness-issuer", p(&d.config())]);
+    assert_eq!(asked.status.code(), Some(65), "{}", stderr(&asked));
+    assert!(stderr(&asked).contains(&format!("(seq {first_lost})")));
+
+    // Cut back to just before that checkpoint and restarted, the node checkpoints that seq
+    // again over other records: the witness refuses it and records the refusal, and the
+    // node says so.
+    libtransport::test_util::rebuild_trail(&audit, &node_key, Some(first_lost - 1), |_| false);
+    let storage = AgentNode::start(&storage.dir);
+    wait_for(
+        "the refusal in the issuer's trail",
+        Duration::from_secs(15),
+        || {
+            d.issuer_trail("witness_refused")
+                .iter()
+                .any(|r| r["node"] == id("/node/storage") && r["seq"] == first_lost)
+        },
+    );
+    let refusal = d.issuer_trail("witness_refused");
+    assert!(
+        refusal[0]["reason"].as_str().unwrap().contains("rewritten"),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        witnessed(&d, "/node/storage").0,
+        seqs,
+        "the witness kept what it held"
+    );
+    wait_for("the node to report it", Duration::from_secs(10), || {
+        storage.gauge("audit_witness_refusals") >= 1
+    });
+    let (status, body) = storage.admin_get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("audit witness refused"), "{body}");
+}
+
+#[test]
+fn checkpoints_wait_while_the_issuer_is_down_and_reach_it_when_it_is_back() {
+    let mut d = Domain::start("1h");
+    let (storage, gpu) = storage_and_gpu(&d);
+    d.crash_issuer();
+    // Transfers go on without the witness...
+    let transfer = pull_one(&d, &storage, &gpu, "offline.bin");
+    let mut sealed = 0;
+    wait_for(
+        "a checkpoint after the transfer",
+        Duration::from_secs(10),
+        || {
+            sealed = storage
+                .trail("checkpoint")
+                .last()
+                .and_then(|r| r["seq"].as_u64())
+                .unwrap_or(0);
+            sealed > transfer
+        },
+    );
+    // ... while its checkpoints wait, and the node says so once they wait too long.
+    assert!(storage.gauge("audit_checkpoints_unwitnessed") >= 1);
+    wait_for("the lag in /readyz", Duration::from_secs(10), || {
+        storage
+            .admin_get("/readyz")
+            .1
+            .contains("audit witness lags")
+    });
+    let (status, body) = storage.admin_get("/readyz");
+    assert_eq!(status, 200, "still ready: {body}");
+    // Back, the issuer gets them.
+    d.start_issuer();
+    wait_for(
+        "the checkpoints at the witness",
+        Duration::from_secs(20),
+        || witnessed(&d, "/node/storage").0.last() >= Some(&sealed),
+    );
+    wait_for("the queue to drain", Duration::from_secs(10), || {
+        storage.gauge("audit_checkpoints_unwitnessed") == 0
+    });
+    assert!(storage.gauge("audit_last_witnessed_seq") >= sealed as i64);
+    assert!(
+        !storage
+            .admin_get("/readyz")
+            .1
+            .contains("audit witness lags")
+    );
 }

@@ -14,7 +14,8 @@
 //! written when the sink opens, by [`FileSink::tick`] (call it every second or so: it signs
 //! once `checkpoint_interval` has passed since the last one with records after it), when a
 //! segment is sealed, and by [`FileSink::close`] at shutdown; each is fsynced and recorded
-//! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it.
+//! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it, and, with
+//! [`FileSinkConfig::witness`], queued for a witness off the node (`audit/witness.rs`).
 //! Segments are sealed by size and age and never deleted by the daemon.
 //!
 //! On open the sink checks the trail from the latest checkpoint to its end: records cut off
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 use certs::SpiffeId;
 
 use super::chain::{Chain, checkpoint_message, hash_line};
+use super::witness::{WitnessQueue, WitnessedCheckpoint};
 use super::{AuditError, AuditEvent, AuditRecord, AuditSink, TrailBreakKind};
 use crate::clock::Clock;
 use crate::proto::Digest;
@@ -52,6 +54,9 @@ pub struct FileSinkConfig {
     pub checkpoint_interval: Duration,
     /// How long to wait for another process that holds the trail (default 10 s).
     pub lock_wait: Duration,
+    /// Where each checkpoint also goes, to be sent to a witness outside the node (none by
+    /// default).
+    pub witness: Option<WitnessQueue>,
 }
 
 impl FileSinkConfig {
@@ -63,6 +68,7 @@ impl FileSinkConfig {
             segment_max_age: Duration::from_secs(24 * 3600),
             checkpoint_interval: Duration::from_secs(10),
             lock_wait: Duration::from_secs(10),
+            witness: None,
         }
     }
 }
@@ -299,7 +305,8 @@ impl FileSink {
 
     fn checkpoint_locked(&self, g: &mut Inner) -> Result<(), AuditError> {
         let seq = g.chain.next_seq();
-        let msg = checkpoint_message(seq, &g.chain.prev());
+        let prev = g.chain.prev();
+        let msg = checkpoint_message(seq, &prev);
         let sig = self.signer.sign_checkpoint(&msg)?;
         let record = AuditRecord {
             time: self.clock.now(),
@@ -328,6 +335,10 @@ impl FileSink {
         }
         g.sealed_seq = seq;
         g.last_checkpoint = self.clock.instant();
+        if let Some(q) = &self.cfg.witness {
+            let hash = g.chain.prev();
+            q.push(WitnessedCheckpoint { seq, prev, hash }, g.last_checkpoint);
+        }
         Ok(())
     }
 

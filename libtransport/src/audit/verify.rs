@@ -1,5 +1,6 @@
 //! Reading a trail back: `verify` checks every link, every checkpoint signature and the
-//! latest checkpoint; `query` filters records.
+//! latest checkpoint; `verify_witnessed` compares the trail with a witness's receipts;
+//! `query` filters records.
 //!
 //! What `verify` detects, naming the record: a changed byte anywhere (the next record's
 //! `prev` no longer matches, or the record no longer parses, or a checkpoint signature
@@ -12,18 +13,20 @@
 //! and said so before going on) fails verification too, naming what was found: the trail
 //! stays failed for as long as the record is in it.
 //!
-//! Limits: `checkpoint.json` lives beside the trail, so someone who can rewrite both can roll
-//! the trail back to an earlier checkpoint; copy checkpoints off the node to rule that out.
+//! Limits: `checkpoint.json` and the signing key live beside the trail, so someone who can
+//! rewrite both can rebuild the trail and sign it again. [`verify_witnessed`] rules that out
+//! back to the latest checkpoint a witness off the node countersigned (`audit/witness.rs`).
 
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use certs::{TrustBundle, Usage};
+use certs::{SpiffeId, TrustBundle, Usage};
 use rustls::pki_types::CertificateDer;
 
 use super::chain::{GENESIS, checkpoint_message, hash_line};
 use super::file::{HEAD_FILE, Head, segments};
+use super::witness::Receipt;
 use crate::proto::Digest;
 
 /// What a verified trail holds.
@@ -185,6 +188,115 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<VerifyReport, 
     Ok(report)
 }
 
+/// How a trail compares with what its witness holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WitnessReport {
+    /// Witnessed checkpoints found in the trail, record for record.
+    pub witnessed: u64,
+    /// The latest of them.
+    pub last_witnessed: u64,
+    /// True if the countersigners' chains were verified against a trust bundle.
+    pub witnesses_verified: bool,
+}
+
+/// Compares the trail in `dir` with `receipts`, a witness's countersigned checkpoints for
+/// the node: every one must verify (with `bundle`, its countersigner's chain too) and
+/// appear in the trail as a checkpoint with the same `seq`, `prev` and line hash. A trail
+/// rebuilt and signed again on the node fails at the first witnessed checkpoint it lost.
+/// Run [`verify`] too: this checks only what the witness vouches for.
+pub fn verify_witnessed(
+    dir: &Path,
+    receipts: &[Receipt],
+    bundle: Option<&TrustBundle>,
+) -> Result<WitnessReport, VerifyError> {
+    if receipts.is_empty() {
+        return Err(dir_error(
+            dir,
+            "the witness holds no checkpoints for this node: nothing to compare with (was \
+             the node's witness reachable, and is this the node's ID?)",
+        ));
+    }
+    let files = segments(dir).map_err(|e| dir_error(dir, &e.to_string()))?;
+    // seq -> (where, prev, line hash, event, signer)
+    let mut by_seq = std::collections::HashMap::new();
+    let mut signer: Option<String> = None;
+    for item in Lines::new(&files) {
+        let raw = item?;
+        let rec = parse(&raw)?;
+        if rec.event == "checkpoint" {
+            signer = rec.value["signer"].as_str().map(str::to_owned);
+        }
+        let at = Raw {
+            bytes: Vec::new(),
+            ..raw
+        };
+        by_seq.insert(rec.seq, (at, rec.prev, rec.hash, rec.event == "checkpoint"));
+    }
+    let mut sorted: Vec<&Receipt> = receipts.iter().collect();
+    sorted.sort_by_key(|r| r.seq);
+    let mut report = WitnessReport {
+        witnesses_verified: bundle.is_some(),
+        ..WitnessReport::default()
+    };
+    for r in sorted {
+        let at_seq = |reason: String| VerifyError {
+            segment: dir.display().to_string(),
+            line: 0,
+            seq: Some(r.seq),
+            reason,
+        };
+        if let Some(s) = &signer
+            && s != r.node.as_str()
+        {
+            return Err(at_seq(format!(
+                "the witness's receipt is for {}, but this trail's checkpoints are signed by {s}",
+                r.node
+            )));
+        }
+        r.verify(bundle)
+            .map_err(|e| at_seq(format!("the witness's receipt does not verify: {e}")))?;
+        let lost = format!(
+            "the witness holds checkpoint seq {} (prev {}, witnessed at {} by {})",
+            r.seq,
+            r.prev.short(),
+            r.witnessed_at,
+            r.witness
+        );
+        match by_seq.get(&r.seq) {
+            None => {
+                return Err(at_seq(format!(
+                    "{lost}, but the trail has no record with that seq: it was cut back or \
+                     rebuilt after it was witnessed"
+                )));
+            }
+            Some((raw, prev, hash, is_checkpoint)) => {
+                if !is_checkpoint || *prev != r.prev || *hash != r.hash {
+                    return Err(raw.error(
+                        Some(r.seq),
+                        format!(
+                            "{lost}, but this record is not that checkpoint: the trail was \
+                             rewritten after it was witnessed"
+                        ),
+                    ));
+                }
+            }
+        }
+        report.witnessed += 1;
+        report.last_witnessed = r.seq;
+    }
+    Ok(report)
+}
+
+/// Reads receipts as `transportd issuer witness export` writes them and a node keeps them
+/// (`witness.jsonl`): one JSON object per line.
+pub fn read_receipts(text: &str) -> Result<Vec<Receipt>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", n + 1)))
+        .collect()
+}
+
 /// Which records `query` returns.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
@@ -306,46 +418,69 @@ fn parse(raw: &Raw) -> Result<Rec, VerifyError> {
 fn check_signature(raw: &Raw, rec: &Rec, bundle: Option<&TrustBundle>) -> Result<(), VerifyError> {
     let bad = |why: String| raw.error(Some(rec.seq), format!("checkpoint does not verify: {why}"));
     let v = &rec.value;
-    let chain: Vec<CertificateDer<'static>> = v["chain"]
+    let chain: Vec<String> = v["chain"]
         .as_array()
         .ok_or_else(|| bad("no certificate chain".into()))?
         .iter()
-        .map(|c| c.as_str().and_then(unhex).map(CertificateDer::from))
+        .map(|c| c.as_str().map(str::to_owned))
         .collect::<Option<_>>()
         .ok_or_else(|| bad("certificate chain is not hex".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| bad("empty certificate chain".into()))?;
-    let signature = v["signature"]
-        .as_str()
-        .and_then(unhex)
-        .ok_or_else(|| bad("signature is not hex".into()))?;
-    let alg: &dyn rustls::pki_types::SignatureVerificationAlgorithm = match v["alg"].as_str() {
+    let signature = v["signature"].as_str().unwrap_or_default();
+    let at = match bundle {
+        Some(b) => Some((
+            b,
+            v["time"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .ok_or_else(|| bad("no time".into()))?,
+        )),
+        None => None,
+    };
+    let message = checkpoint_message(rec.seq, &rec.prev);
+    let signer = check_signed(v["alg"].as_str(), &chain, &message, signature, at).map_err(bad)?;
+    if let Some(signer) = signer
+        && v["signer"].as_str() != Some(signer.as_str())
+    {
+        return Err(bad(format!(
+            "signed by {signer} but claims {}",
+            v["signer"]
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `signature` (hex) over `message` with the leaf of `chain` (DER, hex); with a
+/// bundle and a time, also that the chain verifies against it then: the signer's ID.
+pub(crate) fn check_signed(
+    alg: Option<&str>,
+    chain: &[String],
+    message: &[u8],
+    signature: &str,
+    bundle: Option<(&TrustBundle, SystemTime)>,
+) -> Result<Option<SpiffeId>, String> {
+    let chain: Vec<CertificateDer<'static>> = chain
+        .iter()
+        .map(|c| unhex(c).map(CertificateDer::from))
+        .collect::<Option<_>>()
+        .ok_or("certificate chain is not hex")?;
+    let leaf = chain.first().ok_or("empty certificate chain")?;
+    let signature = unhex(signature).ok_or("signature is not hex")?;
+    let alg: &dyn rustls::pki_types::SignatureVerificationAlgorithm = match alg {
         Some("ecdsa_p256_sha256") => webpki::aws_lc_rs::ECDSA_P256_SHA256,
         Some("ecdsa_p384_sha384") => webpki::aws_lc_rs::ECDSA_P384_SHA384,
         Some("ed25519") => webpki::aws_lc_rs::ED25519,
-        other => return Err(bad(format!("unknown algorithm {other:?}"))),
+        other => return Err(format!("unknown algorithm {other:?}")),
     };
-    let ee =
-        webpki::EndEntityCert::try_from(leaf).map_err(|e| bad(format!("certificate: {e:?}")))?;
-    ee.verify_signature(alg, &checkpoint_message(rec.seq, &rec.prev), &signature)
-        .map_err(|_| bad("the signature does not match the records it covers".into()))?;
-    if let Some(bundle) = bundle {
-        let at = v["time"]
-            .as_str()
-            .and_then(|t| humantime::parse_rfc3339(t).ok())
-            .ok_or_else(|| bad("no time".into()))?;
-        let signer = bundle
-            .verify(&chain, at + Duration::from_secs(0), Usage::Client)
-            .map_err(|e| bad(format!("signer's certificate: {e}")))?;
-        if v["signer"].as_str() != Some(signer.id.as_str()) {
-            return Err(bad(format!(
-                "signed by {} but claims {}",
-                signer.id, v["signer"]
-            )));
-        }
-    }
-    Ok(())
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("certificate: {e:?}"))?;
+    ee.verify_signature(alg, message, &signature)
+        .map_err(|_| "the signature does not match what it covers".to_owned())?;
+    let Some((bundle, at)) = bundle else {
+        return Ok(None);
+    };
+    let signer = bundle
+        .verify(&chain, at + Duration::from_secs(0), Usage::Client)
+        .map_err(|e| format!("signer's certificate: {e}"))?;
+    Ok(Some(signer.id))
 }
 
 fn read_head(dir: &Path) -> Result<Option<Head>, VerifyError> {

@@ -4,11 +4,61 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use libtransport::audit::{Query, query, verify};
+use hyper::Method;
+use libtransport::audit::{Query, Receipt, query, read_receipts, verify, verify_witnessed};
 use libtransport::clock::{Clock, SystemClock};
 
-/// `audit verify DIR`.
-pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyhow::Result<()> {
+use crate::config::issuer::IssuerConfig;
+use crate::role::issuer::admin::AdminClient;
+use crate::role::issuer::wire::WitnessExport;
+
+/// The witness's receipts for the trail in `dir`: from a file (`--witness`), or from the
+/// running issuer (`--witness-issuer`) for the node whose key signed the trail.
+pub(crate) async fn receipts(
+    dir: &Path,
+    file: Option<&Path>,
+    issuer: Option<&Path>,
+) -> anyhow::Result<Option<Vec<Receipt>>> {
+    if let Some(f) = file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return read_receipts(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()));
+    }
+    let Some(config) = issuer else {
+        return Ok(None);
+    };
+    let checkpoints = query(
+        dir,
+        &Query {
+            event: Some("checkpoint".into()),
+            ..Query::default()
+        },
+    )?;
+    let node = checkpoints
+        .last()
+        .and_then(|c| c["signer"].as_str())
+        .context("the trail holds no signed checkpoint, so it names no node to ask about")?;
+    let node = certs::SpiffeId::parse(node).context("the trail's signer")?;
+    let socket = IssuerConfig::load(config)?.admin_socket;
+    let receipts = AdminClient::new(socket)
+        .call(
+            Method::POST,
+            "/v1/witness/export",
+            Some(&WitnessExport { node }),
+        )
+        .await?;
+    Ok(Some(receipts))
+}
+
+/// `audit verify DIR`, with the witness's receipts if given.
+pub(crate) fn verify_cmd(
+    dir: &Path,
+    bundle: Option<&Path>,
+    witness: Option<&[Receipt]>,
+    json: bool,
+) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!(
             "{} is not a directory holding an audit trail",
@@ -23,10 +73,16 @@ pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyho
         })
         .transpose()?;
     let report = verify(dir, bundle.as_ref()).context("audit trail does not verify")?;
+    let witnessed = witness
+        .map(|receipts| {
+            verify_witnessed(dir, receipts, bundle.as_ref())
+                .context("audit trail does not match what its witness holds")
+        })
+        .transpose()?;
     if json {
         println!(
             "{}",
-            serde_json::json!({ "verified": true, "report": report })
+            serde_json::json!({ "verified": true, "report": report, "witness": witnessed })
         );
         return Ok(());
     }
@@ -46,6 +102,18 @@ pub(crate) fn verify_cmd(dir: &Path, bundle: Option<&Path>, json: bool) -> anyho
         println!(
             "  {} records after the latest checkpoint (seq {}) are not sealed yet: the node is running or did not shut down cleanly",
             report.unsealed, report.last_checkpoint
+        );
+    }
+    if let Some(w) = &witnessed {
+        println!(
+            "  matches its witness: {} witnessed checkpoints, the latest seq {}{}",
+            w.witnessed,
+            w.last_witnessed,
+            if w.witnesses_verified {
+                " (countersigners checked against the bundle)"
+            } else {
+                ""
+            }
         );
     }
     if !report.signers_verified {

@@ -9,12 +9,12 @@ use serde_json::Value;
 
 use crate::cli::{
     AdminTarget, EntryCommand, IssuerArgs, IssuerCaCommand, IssuerCommand, NodeCommand,
-    TokenCommand,
+    TokenCommand, WitnessCommand,
 };
 use crate::config::issuer::{ISSUER_EXAMPLE, IssuerConfig};
 use crate::role::issuer::admin::AdminClient;
 use crate::role::issuer::wire::{
-    Ban, Banned, CaInfo, CaStep, EntryCreate, TokenCreate, TokenCreated,
+    Ban, Banned, CaInfo, CaStep, EntryCreate, TokenCreate, TokenCreated, WitnessExport,
 };
 
 /// Dispatches `transportd issuer`.
@@ -37,6 +37,21 @@ pub(crate) async fn run(args: IssuerArgs) -> anyhow::Result<()> {
                 .call(Method::GET, route, None::<&()>)
                 .await?;
             print!("{}", v["bundle"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        IssuerCommand::Witness(WitnessCommand::Export { target, node }) => {
+            let node = SpiffeId::parse(&node).context("--node")?;
+            let receipts: Vec<libtransport::audit::Receipt> = client(&target)?
+                .call(
+                    Method::POST,
+                    "/v1/witness/export",
+                    Some(&WitnessExport { node: node.clone() }),
+                )
+                .await?;
+            for r in &receipts {
+                println!("{}", serde_json::to_string(r)?);
+            }
+            eprintln!("{} witnessed checkpoints for {node}", receipts.len());
             Ok(())
         }
         IssuerCommand::Status { target, json } => {

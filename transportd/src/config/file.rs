@@ -82,6 +82,10 @@ pub(crate) struct AuditFile {
     pub(crate) segment_age: Option<std::time::Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) checkpoint_interval: Option<std::time::Duration>,
+    pub(crate) witness: Option<String>,
+    pub(crate) witness_id: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) witness_lag: Option<std::time::Duration>,
 }
 
 /// The access policy file.
@@ -179,6 +183,12 @@ dir = "/var/log/transportd/audit"
 segment_size = "64MiB"     # optional: a segment is sealed at this size
 segment_age = "1d"         # optional: ... or at this age
 checkpoint_interval = "10s"  # optional: a signed checkpoint at most this long after records
+witness = "off"            # optional: who else keeps each checkpoint, append-only, and
+                           # countersigns it, so a trail rebuilt on this node is caught
+                           # (`audit verify --witness`): "issuer" (the default with
+                           # [agent]), HOST:PORT of an issuer's agent API, or "off"
+#witness_id = "spiffe://hospital.example/issuer"  # optional: that witness's SPIFFE ID
+witness_lag = "5m"         # optional: /readyz says so when checkpoints wait longer
 
 # Who may do what: a policy file (see `transportd policy example`) ...
 [policy]

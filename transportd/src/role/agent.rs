@@ -487,13 +487,15 @@ fn renewal_error(e: CallError, node: &SpiffeId) -> anyhow::Error {
 
 /// The issuer's agent API, one TLS connection per call.
 #[derive(Debug, Clone)]
-struct IssuerClient {
-    addr: String,
-    id: SpiffeId,
+pub(crate) struct IssuerClient {
+    /// `HOST:PORT`.
+    pub(crate) addr: String,
+    /// The SPIFFE ID it must present.
+    pub(crate) id: SpiffeId,
 }
 
 impl IssuerClient {
-    async fn call<B: Serialize, T: DeserializeOwned>(
+    pub(crate) async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         bundle: &TrustBundle,
         client: Option<&Svid>,

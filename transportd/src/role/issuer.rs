@@ -10,6 +10,9 @@
 //! * Its state (`state.rs`: tokens as hashes, entries, nodes, the CAs, the ledger of issued
 //!   SVIDs) is SQLite and survives restarts and crashes; its CAs (`authority.rs`) roll over
 //!   in three steps; every issuance, renewal, refusal and change goes to its audit trail.
+//! * It witnesses the nodes' audit checkpoints (`POST /v1/witness`): append-only per node,
+//!   countersigned with its own SVID key, so a trail rebuilt on a node is caught by
+//!   `transportd audit verify --witness` (see `libtransport::audit::Receipt`).
 //!
 //! The issuer has an SVID of its own (`spiffe://<trust-domain>/issuer`), issued by itself
 //! and renewed at half-life; agents insist on that ID.
@@ -23,7 +26,7 @@ use certs::{
     CaParams, Csr, IssueParams, Issued, JoinToken, KeyAlgorithm, RegistrationEntry, SpiffeId,
     TrustDomain,
 };
-use libtransport::audit::{AuditEvent, AuditRecord, AuditSink, FileSink};
+use libtransport::audit::{AuditEvent, AuditRecord, AuditSink, FileSink, Receipt};
 use libtransport::clock::{Clock, SystemClock};
 use libtransport::{Credentials, IdentityHandle};
 use tokio::signal::unix::{SignalKind, signal};
@@ -43,8 +46,9 @@ use authority::{Authority, CaChange};
 use http::ApiError;
 use state::{LedgerEntry, State};
 use wire::{
-    AttestRequest, Banned, CaInfo, EntryCreate, NodeSvid, RenewRequest, Sync, TokenCreate,
-    TokenCreated, WorkloadRequest, WorkloadSvid,
+    AttestRequest, Banned, CaInfo, EntryCreate, MAX_WITNESS_BATCH, NodeSvid, RenewRequest, Sync,
+    TokenCreate, TokenCreated, WitnessAnswer, WitnessRefused, WitnessRequest, WorkloadRequest,
+    WorkloadSvid,
 };
 
 /// The issuer's own SPIFFE ID in a trust domain.
@@ -397,6 +401,78 @@ impl Issuer {
         Ok(WorkloadSvid {
             svid: issued.chain_pem(),
         })
+    }
+
+    /// Witnesses a node's audit checkpoints: each is kept append-only and countersigned;
+    /// one that would rewrite or go back is refused and the refusal recorded.
+    pub(crate) fn witness(
+        &self,
+        node: &SpiffeId,
+        req: &WitnessRequest,
+    ) -> Result<WitnessAnswer, ApiError> {
+        if req.checkpoints.len() > MAX_WITNESS_BATCH {
+            return Err(ApiError::bad_request(format!(
+                "at most {MAX_WITNESS_BATCH} checkpoints per request"
+            )));
+        }
+        // Nodes with an identity from files may be witnessed too, but not workloads: their
+        // SVIDs come from registration entries.
+        if let Some(n) = self.state.node(node).map_err(|e| ApiError::internal(&e))?
+            && n.banned_at.is_some()
+        {
+            return Err(self.refuse(
+                Some(node),
+                None,
+                ApiError::forbidden(format!("node {node} is banned")),
+            ));
+        }
+        let entries = self.state.entries().map_err(|e| ApiError::internal(&e))?;
+        if entries.iter().any(|e| e.spiffe_id == *node) || *node == self.id {
+            return Err(self.refuse(
+                Some(node),
+                None,
+                ApiError::forbidden(format!(
+                    "{node} is a workload (or the issuer): only nodes' audit checkpoints are \
+                     witnessed"
+                )),
+            ));
+        }
+        let mut sorted = req.checkpoints.clone();
+        sorted.sort_by_key(|c| c.seq);
+        let mut answer = WitnessAnswer::default();
+        for cp in &sorted {
+            let now = self.now();
+            let taken = self
+                .state
+                .witness_append(node, cp, || {
+                    Ok(Receipt::sign(node, cp, now, &self.identity)?)
+                })
+                .map_err(|e| ApiError::internal(&e))?;
+            match taken {
+                Ok(receipt) => answer.receipts.push(receipt),
+                Err(refusal) => {
+                    let reason = refusal.to_string();
+                    warn!(node = %node, seq = cp.seq, reason = %reason, "audit checkpoint refused by the witness");
+                    self.record_or_refuse(AuditEvent::WitnessRefused {
+                        node: node.clone(),
+                        seq: cp.seq,
+                        reason: reason.clone(),
+                    })?;
+                    answer.refused.push(WitnessRefused {
+                        seq: cp.seq,
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(answer)
+    }
+
+    /// The receipts held for `node`.
+    pub(crate) fn witnessed(&self, node: &SpiffeId) -> Result<Vec<Receipt>, ApiError> {
+        self.state
+            .witnessed(node)
+            .map_err(|e| ApiError::internal(&e))
     }
 
     // The admin API.

@@ -13,6 +13,7 @@
 //! | `GET /v1/status` | CAs, nodes, pending tokens, recent SVIDs |
 //! | `GET /v1/bundle` | the trust bundle (PEM), for bootstrapping nodes |
 //! | `GET /v1/bundle/all` | every CA ever used, retired ones too (to verify old audit trails) |
+//! | `POST /v1/witness/export` | the countersigned audit checkpoints held for a node |
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -134,6 +135,10 @@ fn route(issuer: &Issuer, call: &Call) -> Result<(StatusCode, Vec<u8>), ApiError
             http::ok(&issuer.ca_step(&p["/v1/ca/".len()..], step.force)?)
         }
         (&Method::GET, "/v1/status") => http::ok(&issuer.status()?),
+        (&Method::POST, "/v1/witness/export") => {
+            let req: super::wire::WitnessExport = call.json()?;
+            http::ok(&issuer.witnessed(&req.node)?)
+        }
         (&Method::GET, "/v1/bundle") => {
             http::ok(&serde_json::json!({ "bundle": issuer.bundle_pem() }))
         }

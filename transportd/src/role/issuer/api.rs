@@ -10,6 +10,7 @@
 //! | `POST /v1/renew` | a node, by its SVID | signs a CSR for its next SVID |
 //! | `POST /v1/sync` | a node | bundle, revoked serials, its registration entries |
 //! | `POST /v1/workload` | a node | signs a CSR for one of its entries |
+//! | `POST /v1/witness` | a node | keeps its audit checkpoints append-only, countersigns |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -165,6 +166,7 @@ fn route(
         "/v1/renew" => http::ok(&issuer.renew(node, &call.json()?)?),
         "/v1/sync" => http::ok(&issuer.sync(node)?),
         "/v1/workload" => http::ok(&issuer.workload(node, &call.json()?)?),
+        "/v1/witness" => http::ok(&issuer.witness(node, &call.json()?)?),
         other => Err(ApiError::not_found(format!("no route {other}"))),
     }
 }

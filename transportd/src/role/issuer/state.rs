@@ -1,6 +1,7 @@
 //! The issuer's durable state, in SQLite: join tokens (hashes only), registration entries,
 //! nodes (attested, banned), the CAs and where each stands in a rollover, and the ledger of
-//! every SVID issued (serial, ID, expiry, which CA signed it, whether it was revoked).
+//! every SVID issued (serial, ID, expiry, which CA signed it, whether it was revoked), and
+//! the audit checkpoints it witnessed for nodes (append-only: one row per node and seq).
 //!
 //! The database runs in WAL mode with `synchronous = FULL`, so whatever a call returned is
 //! on disk: a crash or a restart keeps entries, unused tokens and the ledger. Each call is
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use certs::{RegistrationEntry, Selector, SpiffeId, TokenHash, TokenRecord, TokenRefusal};
+use libtransport::audit::{Receipt, WitnessDecision, WitnessRefusal, WitnessedCheckpoint};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// The issuer's database.
@@ -571,6 +573,79 @@ impl State {
     }
 }
 
+impl State {
+    // Witnessed checkpoints.
+
+    /// Takes `node`'s checkpoint `cp` if the append-only rule allows it: a new one above
+    /// every one held is countersigned (`countersign`) and kept; one identical to a held one
+    /// gets the receipt held; anything else is refused. Check and insert are one
+    /// transaction.
+    pub(crate) fn witness_append(
+        &self,
+        node: &SpiffeId,
+        cp: &WitnessedCheckpoint,
+        countersign: impl FnOnce() -> anyhow::Result<Receipt>,
+    ) -> anyhow::Result<Result<Receipt, WitnessRefusal>> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let held: Option<String> = tx
+            .query_row(
+                "SELECT receipt FROM witnessed WHERE node = ?1 AND seq = ?2",
+                params![node.as_str(), seq_sql(cp.seq)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let held: Option<Receipt> = held.map(|j| serde_json::from_str(&j)).transpose()?;
+        let last: Option<i64> = tx.query_row(
+            "SELECT MAX(seq) FROM witnessed WHERE node = ?1",
+            params![node.as_str()],
+            |r| r.get(0),
+        )?;
+        let decision = libtransport::audit::decide(
+            held.as_ref().map(Receipt::checkpoint).as_ref(),
+            last.map(|l| l.max(0) as u64),
+            cp,
+        );
+        match decision {
+            WitnessDecision::Held => Ok(Ok(held.context("held receipt")?)),
+            WitnessDecision::Refuse(r) => Ok(Err(r)),
+            WitnessDecision::Accept => {
+                let receipt = countersign()?;
+                tx.execute(
+                    "INSERT INTO witnessed (node, seq, prev, hash, witnessed_at, receipt)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        node.as_str(),
+                        seq_sql(cp.seq),
+                        cp.prev.to_hex(),
+                        cp.hash.to_hex(),
+                        receipt.witnessed_at,
+                        serde_json::to_string(&receipt)?
+                    ],
+                )?;
+                tx.commit()?;
+                Ok(Ok(receipt))
+            }
+        }
+    }
+
+    /// Every receipt held for `node`, by seq.
+    pub(crate) fn witnessed(&self, node: &SpiffeId) -> anyhow::Result<Vec<Receipt>> {
+        let db = self.db();
+        let mut q = db.prepare("SELECT receipt FROM witnessed WHERE node = ?1 ORDER BY seq")?;
+        let rows = q.query_map(params![node.as_str()], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(serde_json::from_str(&row?)?);
+        }
+        Ok(out)
+    }
+}
+
+fn seq_sql(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 fn secs(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -637,6 +712,15 @@ CREATE TABLE IF NOT EXISTS svids (
 CREATE INDEX IF NOT EXISTS svids_node ON svids(node);
 CREATE INDEX IF NOT EXISTS svids_ca ON svids(ca_serial);
 CREATE INDEX IF NOT EXISTS svids_not_after ON svids(not_after);
+CREATE TABLE IF NOT EXISTS witnessed (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    witnessed_at TEXT NOT NULL,
+    receipt TEXT NOT NULL,
+    PRIMARY KEY (node, seq)
+);
 ";
 
 #[cfg(test)]
@@ -649,6 +733,63 @@ mod tests {
 
     fn t(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+    }
+
+    #[test]
+    fn witnessed_checkpoints_are_append_only_and_survive_reopening() {
+        use libtransport::proto::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let node = id("spiffe://td/node/a");
+        let cp = |seq: u64, b: u8| WitnessedCheckpoint {
+            seq,
+            prev: Digest([b; 32]),
+            hash: Digest([b ^ 0xff; 32]),
+        };
+        let receipt = |c: &WitnessedCheckpoint| Receipt {
+            node: node.clone(),
+            seq: c.seq,
+            prev: c.prev,
+            hash: c.hash,
+            witnessed_at: "2027-01-01T00:00:00Z".into(),
+            witness: id("spiffe://td/issuer"),
+            alg: "ed25519".into(),
+            chain: Vec::new(),
+            signature: format!("{:02x}", c.prev.0[0]),
+        };
+        {
+            let s = State::open(&path).unwrap();
+            for c in [cp(5, 1), cp(10, 2)] {
+                let r = s.witness_append(&node, &c, || Ok(receipt(&c))).unwrap();
+                assert_eq!(r.unwrap().seq, c.seq);
+            }
+        }
+        let s = State::open(&path).unwrap();
+        // A retry gets the receipt held, without a new countersignature.
+        let again = s
+            .witness_append(&node, &cp(10, 2), || anyhow::bail!("must not sign"))
+            .unwrap();
+        assert_eq!(again.unwrap(), receipt(&cp(10, 2)));
+        // Another checkpoint for a held seq, or one below the latest: refused, nothing kept.
+        let never = || -> anyhow::Result<Receipt> { anyhow::bail!("must not sign") };
+        assert!(matches!(
+            s.witness_append(&node, &cp(10, 9), never).unwrap(),
+            Err(WitnessRefusal::Rewrite { .. })
+        ));
+        assert!(matches!(
+            s.witness_append(&node, &cp(7, 9), never).unwrap(),
+            Err(WitnessRefusal::Stale { last: 10, .. })
+        ));
+        // Another node's seqs are its own.
+        let other = id("spiffe://td/node/b");
+        let c = cp(3, 4);
+        assert!(
+            s.witness_append(&other, &c, || Ok(receipt(&c)))
+                .unwrap()
+                .is_ok()
+        );
+        let held: Vec<u64> = s.witnessed(&node).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(held, vec![5, 10]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! private key.
 
 use certs::{RegistrationEntry, Selector, SpiffeId};
+use libtransport::audit::{Receipt, WitnessedCheckpoint};
 use serde::{Deserialize, Serialize};
 
 /// ALPN of the agent API.
@@ -76,6 +77,37 @@ pub(crate) struct WorkloadSvid {
     pub(crate) svid: String,
 }
 
+/// `POST /v1/witness`: checkpoints of the caller's audit trail, for the issuer to witness.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WitnessRequest {
+    /// Oldest first.
+    pub(crate) checkpoints: Vec<WitnessedCheckpoint>,
+}
+
+/// The answer to a witness request.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WitnessAnswer {
+    /// Countersignatures of the checkpoints taken (or held already).
+    pub(crate) receipts: Vec<Receipt>,
+    /// Checkpoints refused, and why.
+    pub(crate) refused: Vec<WitnessRefused>,
+}
+
+/// A checkpoint the witness refused.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WitnessRefused {
+    /// Its seq.
+    pub(crate) seq: u64,
+    /// Why.
+    pub(crate) reason: String,
+}
+
+/// Most checkpoints one witness request may carry.
+pub(crate) const MAX_WITNESS_BATCH: usize = 256;
+
 // Admin API.
 
 /// `POST /v1/tokens`.
@@ -130,6 +162,14 @@ pub(crate) struct Banned {
     pub(crate) node: SpiffeId,
     /// Serials revoked with it.
     pub(crate) revoked: Vec<String>,
+}
+
+/// `POST /v1/witness/export`: the receipts held for a node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WitnessExport {
+    /// The node.
+    pub(crate) node: SpiffeId,
 }
 
 /// `POST /v1/ca/{prepare,activate,retire}`.
