@@ -223,13 +223,22 @@ async fn open_write(
             ctx.shared.stripes.writer(&key, open).await?
         }
     };
-    let have = writer
+    let (have, replaced) = writer
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|w| w.partial().have())
+        .as_mut()
+        .map(|w| (w.partial().have(), w.take_replaced()))
         // The push was committed on another part while this one opened.
         .ok_or(ErrorCode::Busy)?;
+    if let Some(r) = replaced {
+        debug!(
+            peer.id = %ctx.peer.id,
+            dataset = %r.dataset,
+            bytes = r.bytes,
+            "partial file of another manifest replaced"
+        );
+        record_or_refuse(&ctx.shared, partial_removed(r))?;
+    }
     let transfer = ctx.open(
         dataset,
         object,
@@ -238,6 +247,18 @@ async fn open_write(
         group,
     )?;
     respond(sink, Response::OpenedWrite { transfer, have }).await
+}
+
+/// The audit record of a partial file the store removed.
+pub(crate) fn partial_removed(r: crate::store::PartialRemoved) -> AuditEvent {
+    AuditEvent::PartialRemoved {
+        dataset: r.dataset,
+        object: r.object,
+        owner: r.owner.and_then(|o| certs::SpiffeId::parse(&o).ok()),
+        bytes: r.bytes,
+        age_secs: r.age.as_secs(),
+        reason: r.reason.as_str().to_owned(),
+    }
 }
 
 async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {
