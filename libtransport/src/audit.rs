@@ -345,6 +345,20 @@ pub enum AuditEvent {
     },
 }
 
+impl From<crate::store::PartialRemoved> for AuditEvent {
+    /// The record of a partial file the store removed.
+    fn from(r: crate::store::PartialRemoved) -> Self {
+        Self::PartialRemoved {
+            dataset: r.dataset,
+            object: r.object,
+            owner: r.owner.and_then(|o| SpiffeId::parse(&o).ok()),
+            bytes: r.bytes,
+            age_secs: r.age.as_secs(),
+            reason: r.reason.as_str().to_owned(),
+        }
+    }
+}
+
 /// What a node found wrong with its trail when it opened it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -14,6 +14,9 @@
 //! ([`Store::io_counters`]), so tests and operators can see that a file is hashed once per
 //! version and read once per pull.
 //!
+//! A push is received into a partial file beside its final name, one per (owner,
+//! dataset, object); partial files have a quota and an age limit (`store/pending.rs`).
+//!
 //! All methods here block; the server calls them from `spawn_blocking`.
 
 use std::collections::{HashMap, HashSet};

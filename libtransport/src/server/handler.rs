@@ -237,7 +237,7 @@ async fn open_write(
             bytes = r.bytes,
             "partial file of another manifest replaced"
         );
-        record_or_refuse(&ctx.shared, partial_removed(r))?;
+        record_or_refuse(&ctx.shared, r.into())?;
     }
     let transfer = ctx.open(
         dataset,
@@ -247,18 +247,6 @@ async fn open_write(
         group,
     )?;
     respond(sink, Response::OpenedWrite { transfer, have }).await
-}
-
-/// The audit record of a partial file the store removed.
-pub(crate) fn partial_removed(r: crate::store::PartialRemoved) -> AuditEvent {
-    AuditEvent::PartialRemoved {
-        dataset: r.dataset,
-        object: r.object,
-        owner: r.owner.and_then(|o| certs::SpiffeId::parse(&o).ok()),
-        bytes: r.bytes,
-        age_secs: r.age.as_secs(),
-        reason: r.reason.as_str().to_owned(),
-    }
 }
 
 async fn respond(sink: &mut FrameSink, r: Response) -> Result<(), Failure> {
