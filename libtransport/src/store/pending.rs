@@ -132,7 +132,7 @@ struct Key {
     name: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     owner: Option<String>,
     object: Option<Digest>,
@@ -226,6 +226,14 @@ impl Pending {
                 quota: limits.quota_bytes.min(limits.quota_bytes_per_identity),
             });
         }
+        // Made first, so that nothing can fail between marking the file in use and handing
+        // out the guard that lets go of it.
+        let mut guard = ClaimGuard {
+            pending: self.clone(),
+            dir: dir.try_clone()?,
+            key: key.clone(),
+            end: End::Unclaimed,
+        };
         let now = self.clock.now();
         let mut state = self.lock();
         if let Some(e) = state.entries.get_mut(&key)
@@ -234,8 +242,9 @@ impl Pending {
             // A resume: its claim is already counted.
             e.in_use = true;
             e.touched = now;
+            guard.end = End::Release;
             return Ok(Claimed {
-                guard: self.guard(key, dir)?,
+                guard,
                 replaced: None,
                 fresh: false,
             });
@@ -261,8 +270,8 @@ impl Pending {
         }
         // The file this name had: from the registry or, if the registry does not know it
         // (no sweep has looked yet), from its sidecar on disk.
-        let old = match state.entries.remove(&key) {
-            Some(e) => Some(e),
+        let old = match state.entries.get(&key) {
+            Some(e) => Some(e.clone()),
             None => on_disk(dir, &key, dataset, object)?,
         };
         let mut replaced = None;
@@ -278,8 +287,9 @@ impl Pending {
             }
             None => remove_files(dir, name)?,
         }
+        // Only now (the old files are gone) does the new claim take the old one's place.
         state.entries.insert(
-            key.clone(),
+            key,
             Entry {
                 owner: Some(owner.to_owned()),
                 object: Some(object.digest()),
@@ -289,19 +299,11 @@ impl Pending {
                 in_use: true,
             },
         );
+        guard.end = End::Release;
         Ok(Claimed {
-            guard: self.guard(key, dir)?,
+            guard,
             replaced,
             fresh,
-        })
-    }
-
-    fn guard(self: &Arc<Self>, key: Key, dir: &File) -> Result<ClaimGuard, StoreError> {
-        Ok(ClaimGuard {
-            pending: self.clone(),
-            dir: dir.try_clone()?,
-            key,
-            end: End::Release,
         })
     }
 
@@ -453,6 +455,8 @@ impl Pending {
 /// How a claim ends when its writer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
+    /// The claim was refused: nothing to undo.
+    Unclaimed,
     /// The push may resume: the file stays, and its age counts from now.
     Release,
     /// The object was committed: the file became the object; its sidecar goes.
@@ -482,8 +486,12 @@ impl ClaimGuard {
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
+        if self.end == End::Unclaimed {
+            return;
+        }
         let mut state = self.pending.lock();
         match self.end {
+            End::Unclaimed => {}
             End::Release => {
                 if let Some(e) = state.entries.get_mut(&self.key) {
                     e.in_use = false;
