@@ -1,7 +1,8 @@
 //! A real node's policy, audit trail and telemetry: policy commands, reload on change and
 //! on SIGHUP (a bad policy refused, the old one kept), `audit verify` catching tampering,
-//! the admin endpoint, no canary in any log, and a full audit disk stopping new transfers
-//! until space returns.
+//! the admin endpoint, no canary in any log, a full audit disk stopping new transfers
+//! until space returns, partial files of pushes held to a quota and an age (every removal
+//! audited), and a push into a full data disk.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
