@@ -136,6 +136,25 @@ pub enum AuditEvent {
         /// How long it took.
         duration_ms: u64,
     },
+    /// A partial file of a push was removed: untouched past the node's age limit
+    /// (`expired`), or its owner resumed the push with another manifest (`replaced`).
+    PartialRemoved {
+        /// Which dataset.
+        dataset: DatasetName,
+        /// The digest of the object's name (never the name); absent for a file left
+        /// without its sidecar, whose object is unknown.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        object: Option<Digest>,
+        /// Whose push it was, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner: Option<SpiffeId>,
+        /// What it claimed of the quota: the manifest's size.
+        bytes: u64,
+        /// How long it had been untouched.
+        age_secs: u64,
+        /// `expired` or `replaced`.
+        reason: String,
+    },
     /// An RDMA session was aborted because sealed chunks kept failing to open (tampered,
     /// replayed, misplaced or from another session); nothing unverified was used.
     RdmaAborted {
@@ -343,6 +362,20 @@ pub enum AuditEvent {
         /// hex.
         signature: String,
     },
+}
+
+impl From<crate::store::PartialRemoved> for AuditEvent {
+    /// The record of a partial file the store removed.
+    fn from(r: crate::store::PartialRemoved) -> Self {
+        Self::PartialRemoved {
+            dataset: r.dataset,
+            object: r.object,
+            owner: r.owner.and_then(|o| SpiffeId::parse(&o).ok()),
+            bytes: r.bytes,
+            age_secs: r.age.as_secs(),
+            reason: r.reason.as_str().to_owned(),
+        }
+    }
 }
 
 /// What a node found wrong with its trail when it opened it.

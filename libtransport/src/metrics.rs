@@ -399,6 +399,44 @@ impl Collector for StoreIo {
             let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
             gauge.encode(metric)?;
         }
+        let p = store.partial_usage();
+        for (name, help, value) in [
+            (
+                "partial_files_expired",
+                "Partial files of pushes removed because they were untouched past [limits] partial_max_age (each audited)",
+                p.expired,
+            ),
+            (
+                "partial_files_replaced",
+                "Partial files of pushes removed because their push resumed with another manifest (each audited)",
+                p.replaced,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        for (name, help, value) in [
+            (
+                "partial_files",
+                "Partial files of pushes on the node now",
+                p.files,
+            ),
+            (
+                "partial_claimed_bytes",
+                "Bytes the partial files of pushes claim now (their manifests' sizes)",
+                p.claimed_bytes,
+            ),
+            (
+                "partial_quota_bytes",
+                "The quota on what partial files of pushes may claim ([limits] partial_quota)",
+                p.quota_bytes,
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
         Ok(())
     }
 }
@@ -525,6 +563,13 @@ mod tests {
             text.contains("transportd_manifest_hashed_bytes_total 100000\n"),
             "{text}"
         );
+        for line in [
+            "transportd_partial_files 0\n",
+            "transportd_partial_files_expired_total 0\n",
+            "transportd_partial_files_replaced_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
         drop((reader, store));
         assert!(!m.encode().contains("store_read_bytes"));
     }

@@ -14,6 +14,9 @@
 //! ([`Store::io_counters`]), so tests and operators can see that a file is hashed once per
 //! version and read once per pull.
 //!
+//! A push is received into a partial file beside its final name, one per (owner,
+//! dataset, object); partial files have a quota and an age limit (`store/pending.rs`).
+//!
 //! All methods here block; the server calls them from `spawn_blocking`.
 
 use std::collections::{HashMap, HashSet};
@@ -34,9 +37,11 @@ use crate::proto::{DatasetName, Digest, Manifest, ManifestBuilder, ObjectEntry, 
 mod builds;
 mod fs;
 pub mod partial;
+mod pending;
 
 pub use builds::DEFAULT_MAX_MANIFEST_BUILDS;
 pub use partial::{ChunkWriter, PartialFile, WriteError};
+pub use pending::{PartialLimits, PartialRemoved, PartialUsage, RemovalReason, disk_bytes};
 
 /// The objects this node serves and receives.
 #[derive(Debug)]
@@ -48,11 +53,14 @@ pub struct Store {
     writing: Arc<Mutex<HashSet<(DatasetName, ObjectPath)>>>,
     io: Arc<IoCounters>,
     builds: builds::BuildGate,
+    pending: Arc<pending::Pending>,
 }
 
 impl Store {
     /// Opens a store over the datasets under `root`. `state_dir`, if given, keeps computed
     /// manifests across restarts. `chunk_bytes` is the preferred chunk size for manifests.
+    /// Partial files of pushes get [`PartialLimits::for_disk`] until
+    /// [`Store::with_partial_limits`] says otherwise.
     pub fn open(
         root: impl Into<PathBuf>,
         state_dir: Option<PathBuf>,
@@ -75,7 +83,16 @@ impl Store {
                 source: e,
             })?;
         }
+        let limits = PartialLimits::for_disk(&root).map_err(|e| StoreError::Root {
+            path: root.clone(),
+            source: e,
+        })?;
         Ok(Self {
+            pending: Arc::new(pending::Pending::new(
+                root.clone(),
+                limits,
+                Arc::new(crate::clock::SystemClock),
+            )),
             root,
             state_dir,
             chunk_bytes: chunk_bytes_for(0, chunk_bytes)
@@ -93,6 +110,39 @@ impl Store {
     pub fn with_max_manifest_builds(mut self, n: usize) -> Self {
         self.builds = builds::BuildGate::new(n);
         self
+    }
+
+    /// Sets the quota and age limit of partial files. Call it before the store is used.
+    pub fn with_partial_limits(mut self, limits: PartialLimits) -> Self {
+        let clock = self.pending.clock();
+        self.pending = Arc::new(pending::Pending::new(self.root.clone(), limits, clock));
+        self
+    }
+
+    /// Sets the clock partial files' ages are judged by. Call it before the store is used.
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        let limits = self.pending.limits();
+        self.pending = Arc::new(pending::Pending::new(self.root.clone(), limits, clock));
+        self
+    }
+
+    /// The quota and age limit of partial files.
+    pub fn partial_limits(&self) -> PartialLimits {
+        self.pending.limits()
+    }
+
+    /// What partial files claim now, and how many were removed.
+    pub fn partial_usage(&self) -> PartialUsage {
+        self.pending.usage()
+    }
+
+    /// Removes every partial file that no writer has open and that has been untouched for
+    /// longer than [`PartialLimits::max_age`], and returns what it removed, for the audit
+    /// trail. Blocking. The first call also walks the whole data directory for partial
+    /// files left by an earlier run (directories only, not file contents): a node calls it
+    /// once before it serves, so their claims count from the start, then periodically.
+    pub fn sweep_partials(&self) -> Vec<PartialRemoved> {
+        self.pending.sweep()
     }
 
     /// What this store has read and hashed since it was opened.
@@ -181,7 +231,10 @@ impl Store {
 
     /// Starts (or resumes) receiving an object. `owner` scopes the temporary file, so one
     /// identity never resumes another's upload. Fails with `Conflict` while another transfer
-    /// writes the same object.
+    /// writes the same object, and with `OverQuota` or `QuotaFull`, before touching any
+    /// file, if the manifest's size does not fit the partial-file quota. A partial file the
+    /// same owner left for this object with another manifest is removed (see
+    /// [`ObjectWriter::take_replaced`]); one with the same manifest is resumed.
     pub fn open_write(
         &self,
         dataset: &DatasetName,
@@ -205,16 +258,43 @@ impl Store {
         let dir = self.dataset_dir(dataset)?;
         let parent = fs::create_parent_beneath(&dir, object).map_err(not_found)?;
         let final_name = object.segments().last().unwrap_or_default().to_owned();
-        let mut h = blake3::Hasher::new_derive_key(PARTIAL_CONTEXT);
-        for part in [owner, dataset.as_str(), object.as_str()] {
-            h.update(&(part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        h.update(&manifest.root().0);
-        let tmp_name = format!("{RESERVED_PREFIX}-partial-{}", &h.finalize().to_hex()[..32]);
-        let partial = Arc::new(PartialFile::open(parent, tmp_name, final_name, manifest)?);
+        let tmp_name = pending::partial_name(owner, dataset, object);
+        let claimed = self.pending.claim(
+            dataset,
+            object,
+            &parent,
+            &tmp_name,
+            owner,
+            manifest.root(),
+            manifest.size(),
+        )?;
+        let opened = (|| {
+            if claimed.fresh {
+                pending::write_meta(
+                    &parent,
+                    &tmp_name,
+                    owner,
+                    dataset,
+                    object,
+                    manifest.root(),
+                    manifest.size(),
+                )?;
+            }
+            PartialFile::open(parent, tmp_name, final_name, manifest)
+        })();
+        let partial = match opened {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                if claimed.fresh {
+                    claimed.guard.abandon();
+                }
+                return Err(e.into());
+            }
+        };
         Ok(ObjectWriter {
             partial,
+            claim: Some(claimed.guard),
+            replaced: claimed.replaced,
             _guard: guard,
         })
     }
@@ -435,10 +515,13 @@ impl ObjectReader {
     }
 }
 
-/// An object being received; holds the object's write lock until dropped.
+/// An object being received; holds the object's write lock, and its partial file's claim on
+/// the quota, until dropped.
 #[derive(Debug)]
 pub struct ObjectWriter {
     partial: Arc<PartialFile>,
+    claim: Option<pending::ClaimGuard>,
+    replaced: Option<PartialRemoved>,
     _guard: WriteGuard,
 }
 
@@ -448,12 +531,21 @@ impl ObjectWriter {
         &self.partial
     }
 
+    /// The partial file of another manifest this push replaced, once (for the audit
+    /// trail).
+    pub fn take_replaced(&mut self) -> Option<PartialRemoved> {
+        self.replaced.take()
+    }
+
     /// Makes the object durable under its name. Blocking. Fails with `Incomplete` if a
     /// chunk is missing or a chunk writer is still running.
-    pub fn commit(self) -> Result<Arc<Manifest>, WriteError> {
+    pub fn commit(mut self) -> Result<Arc<Manifest>, WriteError> {
         let m = self.partial.manifest().clone();
         let partial = Arc::into_inner(self.partial).ok_or(WriteError::Incomplete)?;
         partial.commit()?;
+        if let Some(c) = self.claim.take() {
+            c.committed();
+        }
         Ok(m)
     }
 }
@@ -497,6 +589,28 @@ pub enum StoreError {
     /// The object cannot be described by one manifest.
     #[error(transparent)]
     Manifest(#[from] crate::proto::ManifestError),
+    /// A push larger than the partial-file quota (the node's, or one identity's): it
+    /// can never be received here.
+    #[error(
+        "a push of {size} bytes is larger than the receiver's quota for partial files ({quota} bytes): split the object, or ask the operator to raise [limits] partial_quota"
+    )]
+    OverQuota {
+        /// The object's size.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// Partial files of other pushes already claim so much of the quota that this push
+    /// does not fit now.
+    #[error(
+        "the receiver's quota for partial files has {free} bytes free, not the {size} this push needs: retry once other pushes finish or expire"
+    )]
+    QuotaFull {
+        /// The object's size.
+        size: u64,
+        /// What the quota has left.
+        free: u64,
+    },
     /// The file system failed.
     #[error("storage: {0}")]
     Io(#[from] io::Error),
@@ -646,9 +760,6 @@ pub fn digest_file(path: &Path) -> io::Result<Digest> {
     }
     Ok(Digest(h.finalize().into()))
 }
-
-/// Key-derivation context for temporary file names.
-const PARTIAL_CONTEXT: &str = "transportd 2026-11 partial file name v1";
 
 /// Marks a persisted manifest file, version 1.
 const PERSIST_MAGIC: &[u8; 8] = b"TPDMAN01";

@@ -67,14 +67,18 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(FetchError::Corrupt(_)) = cause.downcast_ref::<FetchError>() {
             return 65;
         }
-        if let Some(PushError::Corrupt(_)) = cause.downcast_ref::<PushError>() {
-            return 65;
-        }
-        if let Some(r) = cause.downcast_ref::<RequestError>() {
+        let request = match cause.downcast_ref::<PushError>() {
+            Some(PushError::Corrupt(_)) => return 65,
+            // A transparent variant: the chain goes on past the request error.
+            Some(PushError::Request(r)) => Some(r),
+            _ => cause.downcast_ref::<RequestError>(),
+        };
+        if let Some(r) = request {
             return match r.code() {
                 Some(ErrorCode::NotFound) => 66,
                 Some(ErrorCode::Corrupt) => 65,
                 Some(ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::AuditUnavailable) => 75,
+                Some(ErrorCode::NoSpace) => 73,
                 Some(_) => 1,
                 None if r.is_connection() => 69,
                 None => 1,

@@ -35,8 +35,78 @@ pub(crate) struct NodeConfig {
     pub(crate) chunk_bytes: u32,
     /// Manifests the store computes at once (`limits.max_manifest_builds`).
     pub(crate) max_manifest_builds: usize,
+    /// Limits on partial files of pushes, before the data disk's size is known.
+    pub(crate) partials: PartialSpec,
     /// BLAKE3 of the configuration file's bytes.
     pub(crate) digest: Digest,
+}
+
+/// The `[limits] partial_*` settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PartialSpec {
+    pub(crate) quota: Share,
+    pub(crate) quota_per_identity: Share,
+    pub(crate) max_age: std::time::Duration,
+}
+
+impl Default for PartialSpec {
+    fn default() -> Self {
+        Self {
+            quota: Share::Disk(25.0),
+            quota_per_identity: Share::Disk(12.5),
+            max_age: libtransport::store::PartialLimits::DEFAULT_MAX_AGE,
+        }
+    }
+}
+
+impl PartialSpec {
+    /// The limits for a data disk of `disk` bytes.
+    pub(crate) fn resolve(&self, disk: u64) -> libtransport::store::PartialLimits {
+        libtransport::store::PartialLimits {
+            quota_bytes: self.quota.of(disk),
+            quota_bytes_per_identity: self.quota_per_identity.of(disk),
+            max_age: self.max_age,
+        }
+    }
+}
+
+/// A size: in bytes, or a share of the data disk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Share {
+    Bytes(u64),
+    /// Percent of the file system holding the store's root.
+    Disk(f64),
+}
+
+impl Share {
+    fn parse(text: &str) -> Result<Self, String> {
+        if let Some(p) = text.trim().strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(Self::Disk(p)),
+                _ => Err(format!(
+                    "{text:?}: give a share of the data disk from 0% (exclusive) to 100%"
+                )),
+            };
+        }
+        match text.parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => Ok(Self::Bytes(b.as_u64())),
+            _ => Err(format!(
+                "{text:?}: give a size (\"200GiB\") or a share of the data disk (\"25%\")"
+            )),
+        }
+    }
+
+    fn of(self, disk: u64) -> u64 {
+        match self {
+            Self::Bytes(b) => b,
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
+            Self::Disk(p) => (disk as f64 * p / 100.0) as u64,
+        }
+    }
 }
 
 /// Where the node's access policy comes from.
@@ -203,6 +273,10 @@ impl NodeConfig {
             t.max_connections_per_identity(n)
                 .map_err(|e| range("max_connections_per_identity", e))?;
         }
+        if let Some(size) = l.max_memory {
+            t.max_memory_bytes(size.as_u64())
+                .map_err(|e| range("max_memory", e))?;
+        }
         if let Some(n) = l.max_requests_per_identity {
             t.max_requests_per_identity(n)
                 .map_err(|e| range("max_requests_per_identity", e))?;
@@ -259,6 +333,20 @@ impl NodeConfig {
         }
         if let Some(m) = l.max_mtu {
             t.mtu(1200, m).map_err(|e| range("max_mtu", e))?;
+        }
+        let mut partials = PartialSpec::default();
+        if let Some(q) = &l.partial_quota {
+            partials.quota = Share::parse(q).map_err(|e| invalid("limits.partial_quota", &e))?;
+        }
+        if let Some(q) = &l.partial_quota_per_identity {
+            partials.quota_per_identity =
+                Share::parse(q).map_err(|e| invalid("limits.partial_quota_per_identity", &e))?;
+        }
+        if let Some(d) = l.partial_max_age {
+            if d < std::time::Duration::from_secs(1) {
+                return Err(invalid("limits.partial_max_age", "must be at least 1s"));
+            }
+            partials.max_age = d;
         }
         let abs = |p: &Path| {
             if p.is_absolute() {
@@ -368,6 +456,7 @@ impl NodeConfig {
             transport: t,
             chunk_bytes,
             max_manifest_builds,
+            partials,
         })
     }
 
@@ -555,6 +644,21 @@ dir = "audit"
             c.max_manifest_builds,
             libtransport::store::DEFAULT_MAX_MANIFEST_BUILDS
         );
+        assert_eq!(c.partials, PartialSpec::default());
+        assert_eq!(parse(MINIMAL).unwrap().partials, PartialSpec::default());
+        let l = c.partials.resolve(1 << 40);
+        assert_eq!(
+            (l.quota_bytes, l.quota_bytes_per_identity, l.max_age),
+            (1 << 38, 1 << 37, std::time::Duration::from_secs(86_400))
+        );
+        let text = format!(
+            "{MINIMAL}\n[limits]\npartial_quota = \"10GiB\"\npartial_quota_per_identity = \"50%\"\npartial_max_age = \"2h\"\n"
+        );
+        let l = parse(&text).unwrap().partials.resolve(1 << 40);
+        assert_eq!(
+            (l.quota_bytes, l.quota_bytes_per_identity, l.max_age),
+            (10 << 30, 1 << 39, std::time::Duration::from_secs(7200))
+        );
         let text = format!(
             "{MINIMAL}\n[limits]\nmax_handshakes = 8\nmax_handshakes_per_source = 2\nmax_connections_per_identity = 3\nmax_requests_per_identity = 5\nmax_manifest_builds = 1\nhandshake_timeout = \"3s\"\n"
         );
@@ -570,7 +674,13 @@ dir = "audit"
         ] {
             assert!(t.contains(field), "{field}: {t}");
         }
-        for bad in ["max_manifest_builds = 0", "max_requests_per_identity = 0"] {
+        let t = parse(&format!("{MINIMAL}\n[limits]\nmax_memory = \"256MiB\"\n")).unwrap();
+        assert!(format!("{:?}", t.transport).contains("max_memory_bytes: 268435456,"));
+        for bad in [
+            "max_manifest_builds = 0",
+            "max_requests_per_identity = 0",
+            "max_memory = \"1MiB\"",
+        ] {
             let e = parse(&format!("{MINIMAL}\n[limits]\n{bad}\n")).unwrap_err();
             let field = bad.split(' ').next().unwrap();
             assert!(e.to_string().contains(&format!("limits.{field}")), "{e}");
@@ -721,6 +831,18 @@ dir = "audit"
             (
                 format!("{MINIMAL}\n[limits]\nhandshake_timeout = \"0s\"\n"),
                 "limits.handshake_timeout",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\npartial_quota = \"150%\"\n"),
+                "limits.partial_quota",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\npartial_quota_per_identity = \"lots\"\n"),
+                "limits.partial_quota_per_identity",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\npartial_max_age = \"0s\"\n"),
+                "limits.partial_max_age",
             ),
             (
                 format!(

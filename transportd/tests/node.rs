@@ -1,10 +1,12 @@
 //! A real node's policy, audit trail and telemetry: policy commands, reload on change and
 //! on SIGHUP (a bad policy refused, the old one kept), `audit verify` catching tampering,
-//! the admin endpoint, no canary in any log, and a full audit disk stopping new transfers
-//! until space returns.
+//! the admin endpoint, no canary in any log, a full audit disk stopping new transfers
+//! until space returns, partial files of pushes held to a quota and an age (every removal
+//! audited), and a push into a full data disk.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -454,7 +456,7 @@ fn a_full_audit_disk_stops_new_transfers_until_space_returns() {
         .stdin(std::process::Stdio::null());
     let node = Node::start_with(&site, wrapper);
     // Its view of the directory, through its own mount namespace.
-    let inside = std::path::PathBuf::from(format!(
+    let inside = PathBuf::from(format!(
         "/proc/{}/root{}",
         node.child.id(),
         audit_dir.display()
@@ -590,4 +592,325 @@ fn logs_come_as_json_lines_when_asked_and_a_bad_format_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected plain or json"));
+}
+
+const LOADER: &str = "spiffe://hospital.example/gpu/loader";
+
+/// Leaves a partial file of the loader's push of `object` (in `checkpoints`) as an
+/// interrupted push would: `chunks` of its chunks written. Returns the file's path.
+fn leave_partial(site: &Site, object: &str, len: usize, seed: u64, chunks: u32) -> PathBuf {
+    use libtransport::proto::{ChunkIndex, DatasetName, Manifest, ObjectPath};
+    let data = libtransport::test_util::random_bytes(len, seed);
+    let m = std::sync::Arc::new(Manifest::of_bytes(&data, 1 << 20).unwrap());
+    let store =
+        libtransport::store::Store::open(site.path("storage/datasets"), None, 1 << 20).unwrap();
+    let w = store
+        .open_write(
+            &DatasetName::new("checkpoints").unwrap(),
+            &ObjectPath::new(object).unwrap(),
+            m.clone(),
+            LOADER,
+        )
+        .unwrap();
+    for i in 0..chunks {
+        let r = m.chunk_range(ChunkIndex(i)).unwrap();
+        w.partial()
+            .write_chunk(
+                ChunkIndex(i),
+                &[data[r.start as usize..r.end as usize].to_vec().into()],
+            )
+            .unwrap();
+    }
+    drop(w);
+    let dir = site
+        .path("storage/datasets/checkpoints")
+        .join(object)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    partial_files(&dir).pop().expect("a partial file")
+}
+
+/// The partial files (not their sidecars) in `dir`.
+fn partial_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_str().unwrap();
+            n.starts_with(".transportd-partial-") && !n.ends_with(".meta")
+        })
+        .collect()
+}
+
+fn push(site: &Site, node: &Node, src: &std::path::Path, dest: &str) -> std::process::Output {
+    let mut args = vec!["push".to_owned()];
+    args.extend(client(site, "loader", node, "tcp"));
+    args.extend(["--retries".into(), "0".into(), p(src).into(), dest.into()]);
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn metric(node: &Node, name: &str) -> f64 {
+    let (_, metrics) = node.admin_get("/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+fn removals(site: &Site) -> Vec<Value> {
+    trail(site)
+        .into_iter()
+        .filter(|r| r["event"] == "partial_removed")
+        .collect()
+}
+
+fn digest_of(object: &str) -> String {
+    libtransport::proto::ObjectPath::new(object)
+        .unwrap()
+        .digest()
+        .to_hex()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_files_are_held_to_a_quota_and_an_age_and_every_removal_is_audited() {
+    let site = Site::new();
+    let limits = |age: &str, quota: &str| {
+        format!(
+            "{NODE_TOML}partial_quota = \"{quota}\"\npartial_quota_per_identity = \"{quota}\"\npartial_max_age = \"{age}\"\n"
+        )
+    };
+    std::fs::write(site.config(), limits("1h", "4MiB")).unwrap();
+    // An earlier run left two partial files: one two days old, one fresh (3 MiB).
+    let old = leave_partial(&site, "old/left.bin", 1 << 20, 1, 1);
+    let two_days = libtransport::clock::Clock::now(&libtransport::clock::SystemClock)
+        - Duration::from_secs(2 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_days)
+        .unwrap();
+    let fresh = leave_partial(&site, "ckpt/l2.bin", 3 << 20, 2, 1);
+    let mut node = Node::start(&site);
+
+    // The old one went at start, before the node served, with a record naming its dataset,
+    // object digest (not its name), owner, size and age.
+    assert!(!old.exists() && fresh.exists());
+    let r = removals(&site);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["reason"], "expired");
+    assert_eq!(r[0]["dataset"], "checkpoints");
+    assert_eq!(r[0]["object"], digest_of("old/left.bin"));
+    assert_eq!(r[0]["owner"], LOADER);
+    assert_eq!(r[0]["bytes"], 1 << 20);
+    assert!(r[0]["age_secs"].as_u64().unwrap() >= 2 * 86_400, "{r:?}");
+    assert!(!r[0].to_string().contains("left.bin"), "{r:?}");
+
+    // A push larger than the quota is refused up front, as too large: nothing is written.
+    let big = site.path("gpu/big.ckpt");
+    write_data(&big, 5 << 20, 3);
+    let out = push(&site, &node, &big, "checkpoints/new/big.ckpt");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("quota for partial files"), "{err}");
+    let new_dir = site.path("storage/datasets/checkpoints/new");
+    assert!(!new_dir.join("big.ckpt").exists());
+    assert!(partial_files(&new_dir).is_empty());
+    // One that fits the quota but not what the fresh partial file leaves of it: no space
+    // (exit 73), nothing written either.
+    let mid = site.path("gpu/mid.ckpt");
+    write_data(&mid, 2 << 20, 4);
+    let out = push(&site, &node, &mid, "checkpoints/new/mid.ckpt");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(err.contains("no space left on the receiver"), "{err}");
+    assert!(!new_dir.join("mid.ckpt").exists());
+    assert!(partial_files(&new_dir).is_empty());
+    // What is left fits.
+    let small = site.path("gpu/small.ckpt");
+    write_data(&small, 1 << 20, 5);
+    assert!(
+        push(&site, &node, &small, "checkpoints/new/small.ckpt")
+            .status
+            .success()
+    );
+    assert_eq!(
+        metric(&node, "transportd_partial_claimed_bytes"),
+        (3 << 20) as f64
+    );
+
+    // The fresh file's push resumed with another manifest (the file changed): the old
+    // partial file is replaced, not orphaned, and the replacement is recorded.
+    let changed = site.path("gpu/l2.ckpt");
+    let data = write_data(&changed, 2 << 20, 6);
+    let out = push(&site, &node, &changed, "checkpoints/ckpt/l2.bin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = site.path("storage/datasets/checkpoints/ckpt/l2.bin");
+    assert_eq!(std::fs::read(&stored).unwrap(), data);
+    let names: Vec<_> = std::fs::read_dir(stored.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["l2.bin"],
+        "the old partial file is gone with its sidecar"
+    );
+    let r = removals(&site);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[1]["reason"], "replaced");
+    assert_eq!(r[1]["object"], digest_of("ckpt/l2.bin"));
+    assert_eq!(r[1]["owner"], LOADER);
+    assert_eq!(r[1]["bytes"], 3 << 20);
+    assert_eq!(metric(&node, "transportd_partial_files_expired_total"), 1.0);
+    assert_eq!(
+        metric(&node, "transportd_partial_files_replaced_total"),
+        1.0
+    );
+    assert_eq!(metric(&node, "transportd_partial_files"), 0.0);
+    node.stop();
+
+    // The periodic sweep, with a 2 s age: a push that takes longer than that (four 4 MiB
+    // chunks at 3 MiB/s) is never swept while it runs, and an interrupted one is swept
+    // soon after.
+    std::fs::write(site.config(), limits("2s", "64MiB")).unwrap();
+    let node = Node::start(&site);
+    let lib = common::library_client(&site, &node.tcp, libtransport::Path::Tcp).await;
+    let slow = site.path("gpu/slow.ckpt");
+    let data = write_data(&slow, 16 << 20, 7);
+    let paced = |progress| libtransport::PushOptions {
+        parallel: Some(1),
+        retry: libtransport::RetryPolicy::none(),
+        progress,
+        max_rate: Some(3 << 20),
+        connections: Some(1),
+    };
+    let ckpts = libtransport::proto::DatasetName::new("checkpoints").unwrap();
+    let target = libtransport::proto::ObjectPath::new("run/slow.ckpt").unwrap();
+    let report = lib
+        .push_file(&ckpts, &target, &slow, &paced(None))
+        .await
+        .unwrap();
+    assert!(report.elapsed > Duration::from_secs(3), "{report:?}");
+    assert_eq!(
+        std::fs::read(site.path("storage/datasets/checkpoints/run/slow.ckpt")).unwrap(),
+        data
+    );
+    assert_eq!(removals(&site).len(), 2, "nothing swept while in use");
+
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = started.clone();
+    let progress: common::Progress = std::sync::Arc::new(move |done, _| {
+        if done > 0 {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let cut = libtransport::proto::ObjectPath::new("run/cut.ckpt").unwrap();
+    let task = tokio::spawn(async move {
+        let _ = lib
+            .push_file(&ckpts, &cut, &slow, &paced(Some(progress)))
+            .await;
+    });
+    while !started.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client goes away mid-push (its connection with it).
+    task.abort();
+    let _ = task.await;
+    let run_dir = site.path("storage/datasets/checkpoints/run");
+    tokio::task::spawn_blocking(move || {
+        wait_until("the interrupted push's partial file to be swept", || {
+            removals(&site).len() == 3
+        });
+        let r = removals(&site);
+        assert_eq!(r[2]["reason"], "expired");
+        assert_eq!(r[2]["object"], digest_of("run/cut.ckpt"));
+        assert_eq!(r[2]["bytes"], 16 << 20);
+        assert!(partial_files(&run_dir).is_empty());
+        assert!(!run_dir.join("cut.ckpt").exists());
+        assert_eq!(metric(&node, "transportd_partial_files_expired_total"), 1.0);
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs root (mount namespaces): run with --ignored"]
+fn a_push_into_a_full_data_disk_gets_no_space_and_completes_once_space_returns() {
+    let site = Site::new();
+    let ckpts = site.path("storage/datasets/checkpoints");
+    // The node runs in its own mount namespace with an 8 MiB tmpfs as the `checkpoints`
+    // dataset.
+    let mut wrapper = std::process::Command::new("unshare");
+    wrapper.args(["--mount", "--propagation", "private", "sh", "-c"]);
+    wrapper.arg("mount -t tmpfs -o size=8m,mode=0755 transportd-data \"$0\" && exec \"$@\"");
+    wrapper
+        .arg(&ckpts)
+        .arg(env!("CARGO_BIN_EXE_transportd"))
+        .stdin(std::process::Stdio::null());
+    let node = Node::start_with(&site, wrapper);
+    let inside = PathBuf::from(format!("/proc/{}/root{}", node.child.id(), ckpts.display()));
+    std::fs::write(inside.join("probe"), b"x").unwrap();
+    assert!(
+        !ckpts.join("probe").exists(),
+        "the tmpfs is visible outside the namespace"
+    );
+    std::fs::remove_file(inside.join("probe")).unwrap();
+
+    // Fill the disk.
+    let filler = inside.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 << 10];
+    loop {
+        if let Err(e) = std::io::Write::write_all(&mut f, &block) {
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            break;
+        }
+    }
+    // ... but for 1 MiB: the push starts, and its chunk writes run out of space.
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - (1 << 20)).unwrap();
+    drop(f);
+    let src = site.path("gpu/step-1.ckpt");
+    let data = write_data(&src, 3 << 20, 9);
+    let out = push(&site, &node, &src, "checkpoints/run/step-1.ckpt");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(err.contains("no space left on the receiver"), "{err}");
+    let run_dir = inside.join("run");
+    assert!(!run_dir.join("step-1.ckpt").exists());
+    // The partial file is kept for a resume, claiming its manifest's size within the
+    // quota (the age limit removes it if the push never comes back).
+    assert_eq!(partial_files(&run_dir).len(), 1);
+    assert_eq!(
+        metric(&node, "transportd_partial_claimed_bytes"),
+        (3 << 20) as f64
+    );
+    assert!(
+        metric(&node, "transportd_partial_claimed_bytes")
+            <= metric(&node, "transportd_partial_quota_bytes")
+    );
+
+    // Space returns: the same push completes, with no restart, and leaves only the object.
+    std::fs::remove_file(&filler).unwrap();
+    let out = push(&site, &node, &src, "checkpoints/run/step-1.ckpt");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(run_dir.join("step-1.ckpt")).unwrap(), data);
+    let names: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["step-1.ckpt"]);
+    assert_eq!(metric(&node, "transportd_partial_files"), 0.0);
 }

@@ -661,7 +661,9 @@ impl ErrorCode {
         match self {
             Self::Protocol => "protocol violation",
             Self::Version => "no protocol version in common",
-            Self::TooLarge => "request exceeds a limit",
+            Self::TooLarge => {
+                "request exceeds a limit (for a push: larger than the receiver's quota for partial files)"
+            }
             Self::NotFound => "not found or not permitted",
             Self::Range => "byte range outside the object",
             Self::Busy => "server busy, retry later",
@@ -671,7 +673,9 @@ impl ErrorCode {
             Self::UnknownTransfer => "unknown transfer",
             Self::Changed => "object changed since its manifest was taken",
             Self::Unavailable => "server cannot accept new work now",
-            Self::NoSpace => "no space left on the receiver",
+            Self::NoSpace => {
+                "no space left on the receiver (its disk, or its quota for partial files of pushes in progress, is full): push again once space is freed; chunks already stored are kept"
+            }
             Self::Cancelled => "cancelled",
             Self::Internal => "internal server error",
             Self::AuditUnavailable => {

@@ -35,6 +35,10 @@ pub(crate) fn store_code(e: StoreError) -> ErrorCode {
         StoreError::Conflict => ErrorCode::Conflict,
         StoreError::Corrupt => ErrorCode::Corrupt,
         StoreError::Manifest(_) => ErrorCode::TooLarge,
+        // Can never fit: the same code as any other limit the request exceeds.
+        StoreError::OverQuota { .. } => ErrorCode::TooLarge,
+        // Does not fit now: like a full disk, it may once space is given back.
+        StoreError::QuotaFull { .. } => ErrorCode::NoSpace,
         StoreError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => ErrorCode::NoSpace,
         other => {
             tracing::warn!(error = %other, "store failure");

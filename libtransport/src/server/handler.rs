@@ -224,13 +224,22 @@ async fn open_write(
             ctx.shared.stripes.writer(&key, open).await?
         }
     };
-    let have = writer
+    let (have, replaced) = writer
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|w| w.partial().have())
+        .as_mut()
+        .map(|w| (w.partial().have(), w.take_replaced()))
         // The push was committed on another part while this one opened.
         .ok_or(ErrorCode::Busy)?;
+    if let Some(r) = replaced {
+        debug!(
+            peer.id = %ctx.peer.id,
+            dataset = %r.dataset,
+            bytes = r.bytes,
+            "partial file of another manifest replaced"
+        );
+        record_or_refuse(&ctx.shared, r.into())?;
+    }
     let transfer = ctx.open(
         dataset,
         object,

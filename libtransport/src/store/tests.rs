@@ -1,4 +1,6 @@
 use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::time::Duration;
 
 use super::*;
 use crate::proto::manifest::MIN_CHUNK_BYTES;
@@ -280,4 +282,330 @@ fn manifest_builds_are_capped_and_requests_that_waited_for_one_object_hash_it_on
     });
     assert!(roots.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(store.io_counters().bytes_hashed, 300_000);
+}
+
+/// A store over `f`'s data with a small quota and a clock the test moves.
+fn limited(
+    f: &Fixture,
+    quota: u64,
+    per_identity: u64,
+) -> (Store, Arc<crate::test_util::ManualClock>) {
+    let clock = Arc::new(crate::test_util::ManualClock::new(
+        crate::clock::Clock::now(&crate::clock::SystemClock),
+    ));
+    let store = Store::open(f.tmp.path().join("data"), None, MIN_CHUNK_BYTES)
+        .unwrap()
+        .with_partial_limits(PartialLimits {
+            quota_bytes: quota,
+            quota_bytes_per_identity: per_identity,
+            max_age: Duration::from_secs(3600),
+        })
+        .with_clock(clock.clone());
+    (store, clock)
+}
+
+fn manifest_of(len: usize, seed: u8) -> (Vec<u8>, Arc<Manifest>) {
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    let m = Arc::new(Manifest::of_bytes(&data, MIN_CHUNK_BYTES).unwrap());
+    (data, m)
+}
+
+fn write_first_chunk(w: &ObjectWriter, data: &[u8]) {
+    let r = w.partial().manifest().chunk_range(ChunkIndex(0)).unwrap();
+    w.partial()
+        .write_chunk(
+            ChunkIndex(0),
+            &[Bytes::copy_from_slice(&data[..r.end as usize])],
+        )
+        .unwrap();
+}
+
+/// Names of the store's files (partial files and sidecars) in `dir`.
+fn reserved_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with(RESERVED_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+const A: &str = "spiffe://td/a";
+const B: &str = "spiffe://td/b";
+
+#[test]
+fn partial_files_claim_their_manifests_size_within_the_quotas() {
+    let f = fixture();
+    // 500 kB for all pushes, 300 kB for one identity's.
+    let (store, _) = limited(&f, 500_000, 300_000);
+    let (data, big) = manifest_of(250_000, 3);
+    let (_, small) = manifest_of(100_000, 5);
+    let (_, huge) = manifest_of(400_000, 7);
+
+    // Larger than a quota: refused for good, and no file is made.
+    assert!(matches!(
+        store.open_write(&ds("empty"), &obj("x/huge.bin"), huge.clone(), A),
+        Err(StoreError::OverQuota {
+            size: 400_000,
+            quota: 300_000
+        })
+    ));
+    assert!(
+        !f.tmp.path().join("data/empty/x").exists()
+            || reserved_in(&f.tmp.path().join("data/empty/x")).is_empty()
+    );
+
+    let w1 = store
+        .open_write(&ds("empty"), &obj("x/1.bin"), big.clone(), A)
+        .unwrap();
+    write_first_chunk(&w1, &data);
+    assert_eq!(store.partial_usage().claimed_bytes, 250_000);
+    // A's second push would take A past its 300 kB: refused now (it may fit later).
+    assert!(matches!(
+        store.open_write(&ds("empty"), &obj("x/2.bin"), small.clone(), A),
+        Err(StoreError::QuotaFull {
+            size: 100_000,
+            free: 50_000
+        })
+    ));
+    // B has its own share, but the node's quota is what is left after A's.
+    let w2 = store
+        .open_write(&ds("empty"), &obj("x/2.bin"), big.clone(), B)
+        .unwrap();
+    assert_eq!(store.partial_usage().claimed_bytes, 500_000);
+    assert!(matches!(
+        store.open_write(&ds("empty"), &obj("x/3.bin"), small.clone(), B),
+        Err(StoreError::QuotaFull { free: 0, .. })
+    ));
+    // A refused push left no file behind.
+    let names = reserved_in(&f.tmp.path().join("data/empty/x"));
+    assert_eq!(
+        names.len(),
+        4,
+        "two partial files and their sidecars: {names:?}"
+    );
+    // Pre-sizing took no more than the claim.
+    for n in names.iter().filter(|n| !n.ends_with(".meta")) {
+        let len = std::fs::metadata(f.tmp.path().join("data/empty/x").join(n))
+            .unwrap()
+            .len();
+        assert_eq!(len, 250_000);
+    }
+
+    // Dropping a writer keeps its claim (the push may resume), and a resume with the same
+    // manifest is let in even while the quota is full: its bytes are already counted.
+    drop(w1);
+    assert_eq!(store.partial_usage().claimed_bytes, 500_000);
+    let w1 = store
+        .open_write(&ds("empty"), &obj("x/1.bin"), big.clone(), A)
+        .unwrap();
+    assert_eq!(w1.partial().have().count(), 1, "the written chunk is kept");
+    drop(w2);
+
+    // A commit gives its claim back, and leaves only the object.
+    let mut w1 = w1;
+    for i in 1..big.chunk_count() {
+        let r = big.chunk_range(ChunkIndex(i)).unwrap();
+        w1.partial()
+            .write_chunk(
+                ChunkIndex(i),
+                &[Bytes::copy_from_slice(
+                    &data[r.start as usize..r.end as usize],
+                )],
+            )
+            .unwrap();
+    }
+    assert!(w1.take_replaced().is_none());
+    w1.commit().unwrap();
+    let usage = store.partial_usage();
+    assert_eq!((usage.files, usage.claimed_bytes), (1, 250_000));
+    assert_eq!(
+        std::fs::read(f.tmp.path().join("data/empty/x/1.bin")).unwrap(),
+        data
+    );
+    let names = reserved_in(&f.tmp.path().join("data/empty/x"));
+    assert_eq!(
+        names.len(),
+        2,
+        "only B's partial file and sidecar: {names:?}"
+    );
+    // Now A's second push fits.
+    store
+        .open_write(&ds("empty"), &obj("x/2.bin"), small, A)
+        .unwrap();
+}
+
+#[test]
+fn a_resume_with_another_manifest_replaces_the_partial_file() {
+    let f = fixture();
+    let (store, clock) = limited(&f, 1 << 30, 1 << 30);
+    let target = obj("ckpt/model.bin");
+    let (d1, m1) = manifest_of(200_000, 3);
+    let (_, m2) = manifest_of(150_000, 11);
+    let w = store
+        .open_write(&ds("empty"), &target, m1.clone(), A)
+        .unwrap();
+    write_first_chunk(&w, &d1);
+    drop(w);
+    let dir = f.tmp.path().join("data/empty/ckpt");
+    let before = reserved_in(&dir);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // Another owner's push of the same object has a file of its own and replaces nothing.
+    let mut other = store
+        .open_write(&ds("empty"), &target, m2.clone(), B)
+        .unwrap();
+    assert!(other.take_replaced().is_none());
+    drop(other);
+    assert_eq!(reserved_in(&dir).len(), 4);
+
+    clock.advance(Duration::from_secs(90));
+    let mut w = store
+        .open_write(&ds("empty"), &target, m2.clone(), A)
+        .unwrap();
+    let r = w.take_replaced().expect("the old partial file is reported");
+    assert_eq!(r.reason, RemovalReason::Replaced);
+    assert_eq!(r.dataset, ds("empty"));
+    assert_eq!(r.object, Some(target.digest()));
+    assert_eq!(r.owner.as_deref(), Some(A));
+    assert_eq!(r.bytes, 200_000);
+    assert_eq!(r.age, Duration::from_secs(90));
+    assert!(w.take_replaced().is_none(), "reported once");
+    // Nothing of the old manifest is kept, and the file is sized for the new one.
+    assert_eq!(w.partial().have().count(), 0);
+    let now = reserved_in(&dir);
+    assert_eq!(now.len(), 4, "the same name, not a second file: {now:?}");
+    assert!(before.iter().all(|n| now.contains(n)), "{now:?}");
+    let len = std::fs::metadata(dir.join(&before[0])).unwrap().len();
+    assert_eq!(len, 150_000);
+    let usage = store.partial_usage();
+    assert_eq!(
+        (usage.files, usage.claimed_bytes, usage.replaced),
+        (2, 300_000, 1)
+    );
+    drop(w);
+
+    // The same happens when the registry does not know the file yet (a store opened
+    // after a restart, before any sweep): the sidecar on disk names the old manifest.
+    let (fresh, _) = limited(&f, 1 << 30, 1 << 30);
+    let mut w = fresh
+        .open_write(&ds("empty"), &target, m1.clone(), A)
+        .unwrap();
+    let r = w.take_replaced().expect("found from the sidecar");
+    assert_eq!((r.bytes, r.owner.as_deref()), (150_000, Some(A)));
+    drop(w);
+    // ... and a resume with the same manifest keeps the file and its chunks.
+    let w = fresh.open_write(&ds("empty"), &target, m1, A).unwrap();
+    write_first_chunk(&w, &d1);
+    drop(w);
+    let (again, _) = limited(&f, 1 << 30, 1 << 30);
+    let (_, m1_again) = manifest_of(200_000, 3);
+    let mut w = again
+        .open_write(&ds("empty"), &target, m1_again, A)
+        .unwrap();
+    assert!(w.take_replaced().is_none());
+    assert_eq!(w.partial().have().count(), 1);
+}
+
+#[test]
+fn the_sweep_removes_partial_files_past_their_age_but_never_one_in_use() {
+    let f = fixture();
+    let (store, clock) = limited(&f, 1 << 30, 1 << 30);
+    let (d, m) = manifest_of(200_000, 3);
+    let dir = f.tmp.path().join("data/empty/run");
+    // The first sweep finds the fixture's stray file (no sidecar: unattributed).
+    assert!(store.sweep_partials().is_empty());
+    assert_eq!(store.partial_usage().files, 1);
+
+    let idle = store
+        .open_write(&ds("empty"), &obj("run/idle.bin"), m.clone(), A)
+        .unwrap();
+    write_first_chunk(&idle, &d);
+    drop(idle);
+    let busy = store
+        .open_write(&ds("empty"), &obj("run/busy.bin"), m.clone(), B)
+        .unwrap();
+    clock.advance(Duration::from_secs(3599));
+    assert!(store.sweep_partials().is_empty(), "not yet an hour");
+    assert_eq!(reserved_in(&dir).len(), 4);
+
+    clock.advance(Duration::from_secs(2));
+    let mut removed = store.sweep_partials();
+    removed.sort_by_key(|r| r.object.is_none());
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    let r = &removed[0];
+    assert_eq!(r.reason, RemovalReason::Expired);
+    assert_eq!(r.dataset, ds("empty"));
+    assert_eq!(r.object, Some(obj("run/idle.bin").digest()));
+    assert_eq!(r.owner.as_deref(), Some(A));
+    assert_eq!(r.bytes, 200_000);
+    assert_eq!(r.age, Duration::from_secs(3601));
+    // The stray file: its dataset and length, no owner or object.
+    assert_eq!(
+        (
+            &removed[1].dataset,
+            removed[1].owner.as_ref(),
+            removed[1].object,
+            removed[1].bytes
+        ),
+        (&ds("scans"), None, None, 3)
+    );
+    assert!(
+        !f.tmp
+            .path()
+            .join("data/scans/.transportd-partial-x")
+            .exists()
+    );
+    // The busy one stays, however old: its writer is open.
+    let names = reserved_in(&dir);
+    assert_eq!(names.len(), 2, "{names:?}");
+    clock.advance(Duration::from_secs(100 * 3600));
+    assert!(store.sweep_partials().is_empty());
+    // Once let go, its age counts from then.
+    drop(busy);
+    assert!(store.sweep_partials().is_empty());
+    clock.advance(Duration::from_secs(3601));
+    let removed = store.sweep_partials();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].owner.as_deref(), Some(B));
+    assert!(reserved_in(&dir).is_empty());
+    let usage = store.partial_usage();
+    assert_eq!((usage.files, usage.claimed_bytes, usage.expired), (0, 0, 3));
+}
+
+#[test]
+fn partial_files_left_by_an_earlier_run_are_found_counted_and_aged() {
+    let f = fixture();
+    let (d, m) = manifest_of(200_000, 3);
+    {
+        let (store, _) = limited(&f, 1 << 30, 1 << 30);
+        let w = store
+            .open_write(&ds("empty"), &obj("a/b/left.bin"), m.clone(), A)
+            .unwrap();
+        write_first_chunk(&w, &d);
+    }
+    // A restart: the first sweep finds the file, attributes it by its sidecar and counts
+    // its claim; its age is its mtime's.
+    let (store, clock) = limited(&f, 250_000, 250_000);
+    assert!(store.sweep_partials().is_empty());
+    let usage = store.partial_usage();
+    assert_eq!((usage.files, usage.claimed_bytes), (2, 200_003));
+    let (_, other) = manifest_of(100_000, 5);
+    assert!(matches!(
+        store.open_write(&ds("empty"), &obj("c.bin"), other.clone(), B),
+        Err(StoreError::QuotaFull { .. })
+    ));
+    clock.advance(Duration::from_secs(3601));
+    let removed = store.sweep_partials();
+    assert_eq!(removed.len(), 2);
+    let r = removed.iter().find(|r| r.owner.is_some()).unwrap();
+    assert_eq!(r.object, Some(obj("a/b/left.bin").digest()));
+    assert!(r.age >= Duration::from_secs(3601));
+    assert!(reserved_in(&f.tmp.path().join("data/empty/a/b")).is_empty());
+    store
+        .open_write(&ds("empty"), &obj("c.bin"), other, B)
+        .unwrap();
 }

@@ -133,11 +133,16 @@ pub(crate) struct LimitsFile {
     pub(crate) max_streams: Option<u32>,
     pub(crate) max_transfers: Option<u32>,
     pub(crate) chunk_size: Option<bytesize::ByteSize>,
+    pub(crate) max_memory: Option<bytesize::ByteSize>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) idle_timeout: Option<std::time::Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) io_timeout: Option<std::time::Duration>,
     pub(crate) max_mtu: Option<u16>,
+    pub(crate) partial_quota: Option<String>,
+    pub(crate) partial_quota_per_identity: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) partial_max_age: Option<std::time::Duration>,
 }
 
 /// Durations written as "60s", "5m" (humantime).
@@ -215,6 +220,10 @@ max_requests_per_identity = 1024    # requests one SPIFFE ID may have in flight 
                            # connections; more are told "busy" (transportd_requests_busy_total)
 max_manifest_builds = 4    # manifests computed at once (each reads and hashes a whole object
                            # the first time it is asked for); more requests wait their turn
+max_memory = "1GiB"        # object bytes held in memory to send, across all connections (at
+                           # least 16MiB; one SPIFFE ID may hold a quarter of it): reads past
+                           # it wait. Besides it, each connection's TLS layer holds up to
+                           # 4MiB, and QUIC what its peer has not yet acknowledged
 max_handshakes = 256       # handshakes of peers not yet authenticated, a budget apart from
                            # max_connections: attempts past it are closed at once, before any
                            # TLS work, and only counted (transportd_handshakes_shed_total),
@@ -230,6 +239,17 @@ chunk_size = "4MiB"        # chunk size of manifests this node builds
 idle_timeout = "60s"       # longest silence a connection survives
 io_timeout = "60s"         # longest a stream may make no progress
 max_mtu = 1452             # QUIC path-MTU ceiling; raise on jumbo-frame networks
+partial_quota = "25%"      # what the partial files of pushes being received may claim
+                           # together, counted by their manifests' sizes (what a finished
+                           # push takes): a size ("200GiB") or a share of the file system
+                           # holding store.root. A push that would go past it is refused up
+                           # front: "no space" while other pushes hold the room, "too
+                           # large" if it could never fit
+partial_quota_per_identity = "12.5%"  # of that, what one SPIFFE ID's pushes may claim
+partial_max_age = "24h"    # a partial file no push has touched for this long is removed
+                           # (at start, then checked every second; never while a push has
+                           # it open; each removal is audited as partial_removed); an
+                           # interrupted push can resume until then
 "#;
 
 /// An annotated example policy, printed by `transportd policy example`.

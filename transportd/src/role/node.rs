@@ -116,15 +116,31 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         rules: policy.rules().len(),
     })?;
     let policy = PolicyHandle::new(Arc::new(policy));
-    let store = Store::open(&cfg.store_root, cfg.state_dir.clone(), cfg.chunk_bytes)
-        .context("opening the store")?
-        .with_max_manifest_builds(cfg.max_manifest_builds);
+    let disk = libtransport::store::disk_bytes(&cfg.store_root)
+        .with_context(|| format!("store.root {}", cfg.store_root.display()))?;
+    let limits = cfg.partials.resolve(disk);
+    let store = Arc::new(
+        Store::open(&cfg.store_root, cfg.state_dir.clone(), cfg.chunk_bytes)
+            .context("opening the store")?
+            .with_max_manifest_builds(cfg.max_manifest_builds)
+            .with_partial_limits(limits)
+            .with_clock(clock.clone()),
+    );
+    info!(
+        quota_bytes = limits.quota_bytes,
+        per_identity_bytes = limits.quota_bytes_per_identity,
+        max_age_secs = limits.max_age.as_secs(),
+        "partial files of pushes: limits"
+    );
+    // Partial files an earlier run left: found (their claims count from the first push)
+    // and, if past their age, removed, before anything is served.
+    node.sweep_partials(&store).await?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_audit_trail_breaks(audit.breaks_on_record());
     let config = ServerConfig::builder()
         .identity(identity.clone())
         .policy(policy.clone())
-        .store(Arc::new(store))
+        .store(store.clone())
         .audit(audit.clone())
         .metrics(metrics.clone())
         .transport(cfg.transport.clone())
@@ -172,6 +188,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let witness_task = witness.clone().map(|w| tokio::spawn(w.run()));
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+
     let mut watched = PolicyWatch::new(&cfg.policy);
     loop {
         tokio::select! {
@@ -185,6 +202,10 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 if let Err(e) = audit.tick() {
                     warn!(error = %e, "audit checkpoint failed");
+                }
+                // The registry in memory: no disk walk after the first sweep.
+                if let Err(e) = node.sweep_partials(&store).await {
+                    warn!(error = %e, "partial files removed without an audit record");
                 }
                 if watched.changed() {
                     info!("policy file changed: reloading");
@@ -229,6 +250,25 @@ impl Node {
                 event,
             })
             .context("writing the audit trail")
+    }
+
+    /// Removes partial files past their age, recording each removal.
+    async fn sweep_partials(&self, store: &Arc<Store>) -> anyhow::Result<()> {
+        let s = store.clone();
+        let removed = tokio::task::spawn_blocking(move || s.sweep_partials())
+            .await
+            .context("sweeping partial files")?;
+        for r in removed {
+            info!(
+                dataset = %r.dataset,
+                object.digest = %r.object.map(|d| d.short()).unwrap_or_default(),
+                bytes = r.bytes,
+                age_secs = r.age.as_secs(),
+                "partial file removed: untouched past partial_max_age"
+            );
+            self.record(r.into())?;
+        }
+        Ok(())
     }
 
     fn identity_loaded(&self, identity: &IdentityHandle) -> anyhow::Result<()> {

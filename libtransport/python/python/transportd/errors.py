@@ -19,7 +19,7 @@ TooLarge             the object is over the caller's limit or the buffer's size
 OutOfRange           a byte range outside the object
 Changed              the object changed during the pull; pull it again
 Conflict             another transfer is writing the object
-NoSpace              the receiving disk is full
+NoSpace              the receiving disk, or its quota for pushes in progress, is full
 Unreachable          the node could not be reached (retriable)
 ConnectionLost       the connection failed mid-way (retriable)
 ProtocolError        the node broke the protocol, or speaks another version
@@ -139,7 +139,10 @@ class Conflict(TransportError):
 
 
 class NoSpace(TransportError):
-    """The receiving disk is full."""
+    """The receiving disk, or its quota for partial files of pushes in progress, is full.
+
+    Push again once space is freed: chunks the node already stored are kept.
+    """
 
     code = "no_space"
 
