@@ -20,6 +20,18 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 venv=$target/python/venv
 python=${PYTHON:-python3}
 
+# The venv lives in cargo's target directory. Made before cargo's first build (the test
+# command makes it in the background while the Rust builds start), the directory gets the
+# cache-directory tag cargo would have written, which tools (and netlab, to find where its
+# artifacts go) look for.
+if [ ! -e "$target/CACHEDIR.TAG" ]; then
+    mkdir -p "$target"
+    printf '%s\n' 'Signature: 8a477f597d28d172789f06886806bc55' \
+        '# This file is a cache directory tag created by cargo.' \
+        '# For information about cache directory tags see https://bford.info/cachedir/' \
+        >"$target/CACHEDIR.TAG"
+fi
+
 started=$(date +%s)
 step() { echo "== [python $(( $(date +%s) - started )) s] $*"; }
 

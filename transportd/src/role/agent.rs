@@ -273,6 +273,10 @@ impl Agent {
         let bundle = TrustBundle::from_pem(&answer.bundle).context("the issuer's bundle")?;
         persist(&self.cfg.data_dir, &svid, &bundle)?;
         let previous = creds.svid().serial().to_owned();
+        // The renewal's bundle may be the first news of a CA added or retired: the trail
+        // records that change as a sync would, so it is never missing from the record.
+        let trust_changed = bundle.cas() != creds.bundle().cas();
+        let cas = bundle.cas().len();
         let fresh = Credentials::new(svid.clone(), bundle)?.with_revoked(creds.revoked().clone());
         self.identity.update(fresh);
         info!(peer.id = %id, serial = %svid.serial(), "node SVID rotated");
@@ -286,6 +290,17 @@ impl Agent {
                 not_after: svid.not_after(),
             },
         );
+        if trust_changed {
+            info!(cas, "trust updated (with the renewed SVID)");
+            record(
+                audit,
+                &*self.clock,
+                AuditEvent::TrustUpdated {
+                    cas,
+                    revoked: creds.revoked().len(),
+                },
+            );
+        }
         Ok(())
     }
 
