@@ -129,7 +129,10 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_push_into_a_full_disk_raises_no_space_and_commits_nothing(
     site: Site, full_disk: Path, path: str
 ) -> None:
-    n = site.start_node(f"full-{path}", root=full_disk)
+    # A quota on partial files above the disk's size, so the push gets past the node's
+    # up-front check (a quarter of this 2 MiB disk by default) to the disk itself.
+    quota = {"partial_quota": "64MiB", "partial_quota_per_identity": "64MiB"}
+    n = site.start_node(f"full-{path}", root=full_disk, limits=quota)
     try:
         with connect(site, n.addr(path), path) as c:
             # The control: a small object fits.
