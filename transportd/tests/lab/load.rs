@@ -80,8 +80,19 @@ fn half_open_and_stalled_connections_do_not_stop_a_good_client() {
                 let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
                 if i >= 200 {
                     // A TLS record header promising 512 bytes of handshake, and 5 of them.
-                    c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03])
-                        .unwrap();
+                    // Those past the source's share may be reset before the write lands.
+                    if let Err(e) =
+                        c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03])
+                    {
+                        assert!(
+                            matches!(
+                                e.kind(),
+                                std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::BrokenPipe
+                            ),
+                            "stalled hello {i}: {e}"
+                        );
+                    }
                 }
                 held.push(c);
             }
