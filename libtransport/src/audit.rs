@@ -60,6 +60,28 @@ pub enum AuditEvent {
         path: Path,
         /// Why.
         reason: String,
+        /// The kind of refusal (`timeout`, `certificate`, `alpn`, ...), as
+        /// `connections_refused` counts them.
+        class: String,
+    },
+    /// Refusals before authentication beyond the first of a window, from one source over
+    /// one transport and of one kind, counted rather than recorded one by one (see
+    /// [`crate::TransportConfig::refusal_window`]).
+    ConnectionsRefused {
+        /// The source: an IPv4 address, or the /64 prefix of an IPv6 one.
+        source: std::net::IpAddr,
+        /// The transport.
+        path: Path,
+        /// The kind of refusal (`timeout`, `certificate`, `alpn`, ...).
+        class: String,
+        /// How many, besides the one recorded on its own when the window opened.
+        count: u64,
+        /// The first of them.
+        #[serde(serialize_with = "rfc3339")]
+        first: SystemTime,
+        /// The last of them.
+        #[serde(serialize_with = "rfc3339")]
+        last: SystemTime,
     },
     /// An established connection was closed because the peer's credentials ended: its
     /// SVID expired while connected, or its serial was revoked.

@@ -33,6 +33,8 @@ pub struct TransportConfig {
     pub(crate) parallel_chunks: u32,
     pub(crate) chunk_bytes: u32,
     pub(crate) handshake_timeout: Duration,
+    pub(crate) refusal_window: Duration,
+    pub(crate) address_validation: AddressValidation,
     pub(crate) idle_timeout: Duration,
     pub(crate) keep_alive: Duration,
     pub(crate) io_timeout: Duration,
@@ -43,6 +45,23 @@ pub struct TransportConfig {
     pub(crate) socket_buffer_bytes: usize,
     pub(crate) rdma: RdmaMode,
     pub(crate) rdma_required: bool,
+}
+
+/// When a QUIC server asks a client to prove its address (a Retry: one more round trip)
+/// before any handshake work. Until an address is proven, RFC 9000 lets a server send at
+/// most three times what it received from it; a server that answers an unproven Initial
+/// with its first flight and its retransmissions can go past that (one datagram past it,
+/// with quinn), which makes it an amplifier for spoofed sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressValidation {
+    /// Every new QUIC client proves its address first (the default): replies to an
+    /// address never heard from again stay within the three-times limit.
+    #[default]
+    Always,
+    /// Only once half the handshake budget is in use, or the source's share of it is:
+    /// one round trip less per new connection, at the cost of the limit above.
+    UnderLoad,
 }
 
 /// Whether bulk transfers may move by RDMA. Either way the control channel is QUIC, and
@@ -75,6 +94,8 @@ impl Default for TransportConfig {
             parallel_chunks: 8,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             handshake_timeout: Duration::from_secs(10),
+            refusal_window: Duration::from_secs(60),
+            address_validation: AddressValidation::default(),
             idle_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(5),
             io_timeout: Duration::from_secs(60),
@@ -200,6 +221,25 @@ impl TransportConfig {
     /// ([`TransportConfig::max_handshakes`]).
     pub fn handshake_timeout(&mut self, d: Duration) -> &mut Self {
         self.handshake_timeout = d;
+        self
+    }
+
+    /// On a server, how refusals before authentication reach the audit trail (default
+    /// 60 s): of the refusals from one source (an IPv4 address or IPv6 /64), over one
+    /// transport and of one kind (timed out, certificate, ALPN, ...), the first in each
+    /// window is recorded on its own (`connection_refused`) and the rest are counted into one
+    /// `connections_refused` record when the window ends (and at shutdown), so a sender that
+    /// is not anyone cannot flood the trail, and no refusal goes unrecorded. Zero records
+    /// each one on its own.
+    pub fn refusal_window(&mut self, d: Duration) -> &mut Self {
+        self.refusal_window = d;
+        self
+    }
+
+    /// On a QUIC server, when clients must prove their address before any handshake work
+    /// (default [`AddressValidation::Always`]).
+    pub fn address_validation(&mut self, v: AddressValidation) -> &mut Self {
+        self.address_validation = v;
         self
     }
 

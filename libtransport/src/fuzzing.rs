@@ -798,6 +798,7 @@ mod seeds {
                 addr,
                 path: Via::Tcp,
                 reason: "TLS: peer sent no certificates".into(),
+                class: "certificate".into(),
             },
             AuditEvent::Authorization {
                 peer: peer.clone(),

@@ -73,7 +73,9 @@ pub use client::{
     Client, FetchOptions, FetchReport, PushOptions, PushReport, QuicPathStats, RetryPolicy,
     TransferOptions, default_stripes,
 };
-pub use config::{ClientConfig, PolicyHandle, RdmaMode, ServerConfig, TransportConfig};
+pub use config::{
+    AddressValidation, ClientConfig, PolicyHandle, RdmaMode, ServerConfig, TransportConfig,
+};
 pub use error::{ConnectError, FetchError, PushError, Rejection, RequestError};
 pub use identity::{Credentials, IdentityHandle, Peer};
 pub use server::{Server, ServerHandle};

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::audit::AuditEvent;
-use crate::config::ServerConfig;
+use crate::config::{AddressValidation, ServerConfig};
 use crate::identity::{CredentialsEnd, Peer, peer_credentials_end, verify_peer};
 use crate::proto::ErrorCode;
 use crate::proto::connection::ServerHello;
@@ -46,11 +46,13 @@ mod handler;
 mod memory;
 mod pool;
 mod rdma;
+mod refusals;
 mod shared;
 mod stripes;
 
 use admission::{Budget, Full, ShedLog, Source, Ticket};
 use conn::ConnCtx;
+use refusals::RefusalTally;
 use shared::{Shared, record};
 
 /// A server bound to its addresses, not yet serving.
@@ -105,6 +107,7 @@ impl Server {
             t.max_requests_per_identity as usize,
         );
         let memory = memory::MemoryBudget::new(t.max_memory_bytes);
+        let refusals = RefusalTally::new(t.refusal_window, refusals::MAX_TALLIES);
         config.metrics.observe_store(&config.store);
         Self {
             shared: Arc::new(Shared {
@@ -115,6 +118,7 @@ impl Server {
                 requests,
                 memory,
                 shed_log: ShedLog::new(SHED_LOG_PERIOD),
+                refusals,
                 next_conn: AtomicU64::new(1),
                 stop: watch::Sender::new(false),
                 buffers: Arc::default(),
@@ -149,6 +153,7 @@ impl Server {
         for listener in self.listeners {
             tasks.spawn(accept(self.shared.clone(), listener));
         }
+        tasks.spawn(report_refusals(self.shared.clone()));
         info!(quic = ?quic_addr, tcp = ?tcp_addr, "listening");
         ServerHandle {
             shared: self.shared,
@@ -192,6 +197,7 @@ impl ServerHandle {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        report_refusals_open(&self.shared);
     }
 }
 
@@ -199,6 +205,7 @@ impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.shared.stop.send_replace(true);
         self.tasks.abort_all();
+        report_refusals_open(&self.shared);
     }
 }
 
@@ -245,7 +252,8 @@ async fn accept(shared: Arc<Shared>, mut listener: Box<dyn Listener>) {
             continue;
         }
         let proven = incoming.address_validated();
-        let admitted = (proven || !shared.handshakes.under_pressure())
+        let lenient = shared.config.transport.address_validation == AddressValidation::UnderLoad;
+        let admitted = (proven || (lenient && !shared.handshakes.under_pressure()))
             .then(|| shared.handshakes.admit(Source::of(addr.ip(), proven)));
         let ticket = match admitted {
             Some(Ok(t)) => t,
@@ -496,19 +504,70 @@ fn accepted(shared: &Shared, peer: &Peer) {
 }
 
 fn refused(shared: &Shared, addr: SocketAddr, path: Path, refusal: Refusal) {
-    info!(reason = %refusal.reason, "connection refused");
     shared
         .config
         .metrics
         .handshake_failed(refusal.class.as_str());
+    let clock = &shared.config.clock;
+    let noted = shared.refusals.note(
+        Source::of(addr.ip(), true),
+        path,
+        refusal.class,
+        clock.instant(),
+        clock.now(),
+    );
+    if let Some(ended) = noted.ended {
+        record(shared, ended);
+    }
+    if !noted.record {
+        // Counted into its source's `connections_refused` record when the window ends.
+        debug!(reason = %refusal.reason, "connection refused");
+        return;
+    }
+    info!(reason = %refusal.reason, "connection refused");
     record(
         shared,
         AuditEvent::ConnectionRefused {
             addr,
             path,
             reason: refusal.reason,
+            class: refusal.class.as_str().to_owned(),
         },
     );
+}
+
+/// Records the counts of refusals before authentication as their windows end, and every
+/// count still open when the server stops (see `server/refusals.rs`).
+async fn report_refusals(shared: Arc<Shared>) {
+    let mut stop = shared.stop.subscribe();
+    if shared.config.transport.refusal_window.is_zero() {
+        // Every refusal is recorded on its own: nothing is ever counted.
+        return;
+    }
+    loop {
+        let clock = &shared.config.clock;
+        // A refusal noted meanwhile opens a window no earlier than one window from now.
+        let wait = shared
+            .refusals
+            .next_due(clock.instant())
+            .unwrap_or(shared.config.transport.refusal_window)
+            .max(Duration::from_millis(100));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        for event in shared.refusals.due(shared.config.clock.instant()) {
+            record(&shared, event);
+        }
+    }
+    report_refusals_open(&shared);
+}
+
+/// Records the counts of every refusal window still open (the server is stopping).
+fn report_refusals_open(shared: &Shared) {
+    for event in shared.refusals.drain() {
+        record(shared, event);
+    }
 }
 
 /// Shortest time between two log lines about attempts shed for want of handshake budget.

@@ -229,6 +229,22 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Refusals before authentication that `events` account for: each `ConnectionRefused`
+/// recorded on its own, plus the counts of `ConnectionsRefused` (see
+/// [`TransportConfig::refusal_window`]), of one kind (`"timeout"`, `"certificate"`, ...) or
+/// of every kind.
+pub fn refusals_accounted(events: &[AuditEvent], class: Option<&str>) -> u64 {
+    let wanted = |c: &str| class.is_none_or(|want| want == c);
+    events
+        .iter()
+        .map(|e| match e {
+            AuditEvent::ConnectionRefused { class, .. } if wanted(class) => 1,
+            AuditEvent::ConnectionsRefused { class, count, .. } if wanted(class) => *count,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// A server on loopback (QUIC and TCP) over a temporary store.
 #[derive(Debug)]
 pub struct TestServer {

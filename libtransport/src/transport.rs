@@ -156,7 +156,7 @@ pub struct Refusal {
 }
 
 /// The kinds of handshake failure, as metrics count them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RefusalClass {
     /// No handshake within the time allowed.

@@ -22,7 +22,11 @@ const CANARY: &[u8] = b"PHI-CANARY-4f1c: patient 0042, MRN 881-22-1907";
 const GRANTS: &[(&str, &str, bool, bool)] = &[("/gpu/loader", "scans", true, true)];
 
 async fn server(pki: &TestPki) -> TestServer {
-    let s = TestServer::start(pki, GRANTS).await;
+    // Every refusal on its own in the trail (a window would count repeats from one source),
+    // so each case can find its own.
+    let mut t = TransportConfig::default();
+    t.refusal_window(std::time::Duration::ZERO);
+    let s = TestServer::start_with(pki, GRANTS, t).await;
     s.put("scans", "shard-0.bin", CANARY);
     s
 }

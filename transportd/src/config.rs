@@ -308,6 +308,15 @@ impl NodeConfig {
             }
             t.handshake_timeout(d);
         }
+        if let Some(v) = l.address_validation {
+            t.address_validation(v);
+        }
+        if let Some(d) = l.refusal_window {
+            if d > std::time::Duration::from_secs(3600) {
+                return Err(invalid("limits.refusal_window", "must be at most 1h"));
+            }
+            t.refusal_window(d);
+        }
         if let Some(n) = l.max_streams {
             t.max_streams(n).map_err(|e| range("max_streams", e))?;
         }
@@ -660,7 +669,7 @@ dir = "audit"
             (10 << 30, 1 << 39, std::time::Duration::from_secs(7200))
         );
         let text = format!(
-            "{MINIMAL}\n[limits]\nmax_handshakes = 8\nmax_handshakes_per_source = 2\nmax_connections_per_identity = 3\nmax_requests_per_identity = 5\nmax_manifest_builds = 1\nhandshake_timeout = \"3s\"\n"
+            "{MINIMAL}\n[limits]\nmax_handshakes = 8\nmax_handshakes_per_source = 2\nmax_connections_per_identity = 3\nmax_requests_per_identity = 5\nmax_manifest_builds = 1\nhandshake_timeout = \"3s\"\nrefusal_window = \"5s\"\naddress_validation = \"under_load\"\n"
         );
         let c = parse(&text).unwrap();
         assert_eq!(c.max_manifest_builds, 1);
@@ -671,6 +680,8 @@ dir = "audit"
             "max_connections_per_identity: 3,",
             "max_requests_per_identity: 5,",
             "handshake_timeout: 3s,",
+            "refusal_window: 5s,",
+            "address_validation: UnderLoad,",
         ] {
             assert!(t.contains(field), "{field}: {t}");
         }
@@ -831,6 +842,10 @@ dir = "audit"
             (
                 format!("{MINIMAL}\n[limits]\nhandshake_timeout = \"0s\"\n"),
                 "limits.handshake_timeout",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nrefusal_window = \"2h\"\n"),
+                "limits.refusal_window",
             ),
             (
                 format!("{MINIMAL}\n[limits]\npartial_quota = \"150%\"\n"),

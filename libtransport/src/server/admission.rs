@@ -138,6 +138,11 @@ impl Source {
         };
         Self { prefix, proven }
     }
+
+    /// The address, or its /64 for IPv6.
+    pub(crate) fn prefix(&self) -> IpAddr {
+        self.prefix
+    }
 }
 
 /// A log line about shed peers at most once per period, with how many were shed since the

@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(super) requests: Arc<Budget<SpiffeId>>,
     /// Rate-limits the log line about shed attempts.
     pub(super) shed_log: ShedLog,
+    /// Refusals before authentication, tallied so they cannot flood the trail.
+    pub(super) refusals: super::refusals::RefusalTally,
     pub(super) next_conn: AtomicU64,
     /// Flips to true on shutdown: accept no more connections or requests.
     pub(super) stop: watch::Sender<bool>,

@@ -11,9 +11,9 @@ use std::time::Duration;
 use libtransport::audit::AuditEvent;
 use libtransport::metrics::Metrics;
 use libtransport::test_util::sim::SimNet;
-use libtransport::test_util::{TestServer, trace_init};
+use libtransport::test_util::{TestServer, refusals_accounted, trace_init};
 use libtransport::transport::{BoxFuture, Handshaken, Incoming, Listener, Path, Refusal};
-use libtransport::{Server, ServerHandle};
+use libtransport::{AddressValidation, Server, ServerHandle};
 use tokio::sync::mpsc;
 
 use super::tuned;
@@ -21,7 +21,7 @@ use super::tuned;
 #[tokio::test(start_paused = true)]
 async fn stalled_handshakes_hold_their_sources_share_until_the_deadline_and_the_rest_are_shed() {
     let _trace = trace_init();
-    let (server, _handle, attempts) = start(40, 16).await;
+    let (server, handle, attempts) = start(40, 16, AddressValidation::UnderLoad).await;
     let metrics = server.config.metrics().clone();
     // 100 attempts from one source, then 30 from as many others.
     for _ in 0..100 {
@@ -36,19 +36,51 @@ async fn stalled_handshakes_hold_their_sources_share_until_the_deadline_and_the_
     assert_eq!(shed(&metrics, "budget"), 6, "{}", metrics.encode());
     assert_eq!(refusals(&server), 0, "shed attempts were audited");
 
-    // At the handshake deadline every held place comes back, each refusal audited once.
+    // At the handshake deadline every held place comes back. The first refusal of each
+    // source is recorded on its own: source 1's (it held 16) and the 24 others'.
     tokio::time::advance(Duration::from_secs(10)).await;
     settle(|| metric(&metrics, "transportd_handshakes_in_progress") == 0).await;
-    assert_eq!(refusals(&server), 40);
+    assert_eq!(refusals(&server), 25);
     // And the crowded source is let in again.
     attempts.send(Attempt::from(source(1), true)).unwrap();
     settle(|| metric(&metrics, "transportd_handshakes_in_progress") == 1).await;
+    // Source 1's other 15 are counted into one record, written at the latest when the
+    // server stops: every refusal is accounted for, once.
+    handle.shutdown(Duration::ZERO).await;
+    let events = server.audit.events();
+    assert_eq!(refusals_accounted(&events, Some("timeout")), 40);
+    let counted: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::ConnectionsRefused {
+                source: s, count, ..
+            } => Some((*s, *count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(counted, [(source(1), 15)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_default_every_unproven_address_is_asked_to_prove_it_and_takes_no_place() {
+    let _trace = trace_init();
+    let (server, _handle, attempts) = start(40, 16, AddressValidation::default()).await;
+    let metrics = server.config.metrics().clone();
+    for i in 0..30 {
+        attempts.send(Attempt::from(source(i), false)).unwrap();
+    }
+    settle(|| metric(&metrics, "transportd_quic_address_retries_total") == 30).await;
+    assert_eq!(metric(&metrics, "transportd_handshakes_in_progress"), 0);
+    // A proven address gets a place.
+    attempts.send(Attempt::from(source(1), true)).unwrap();
+    settle(|| metric(&metrics, "transportd_handshakes_in_progress") == 1).await;
+    assert_eq!(shed(&metrics, "per_source") + shed(&metrics, "budget"), 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn unproven_addresses_are_asked_to_prove_them_once_half_the_budget_is_held() {
     let _trace = trace_init();
-    let (server, _handle, attempts) = start(40, 16).await;
+    let (server, _handle, attempts) = start(40, 16, AddressValidation::UnderLoad).await;
     let metrics = server.config.metrics().clone();
     for i in 0..30 {
         attempts.send(Attempt::from(source(i), false)).unwrap();
@@ -64,7 +96,7 @@ async fn unproven_addresses_are_asked_to_prove_them_once_half_the_budget_is_held
 #[tokio::test(start_paused = true)]
 async fn attempts_spoofing_a_hosts_address_do_not_use_up_its_share() {
     let _trace = trace_init();
-    let (server, _handle, attempts) = start(40, 16).await;
+    let (server, _handle, attempts) = start(40, 16, AddressValidation::UnderLoad).await;
     let metrics = server.config.metrics().clone();
     // 20 unproven attempts with host 1's address: 16 take places, the rest are asked to
     // prove it (never shed, so the host's genuine attempt would be asked too, not refused).
@@ -83,12 +115,14 @@ async fn attempts_spoofing_a_hosts_address_do_not_use_up_its_share() {
 async fn start(
     max_handshakes: u32,
     per_source: u32,
+    validation: AddressValidation,
 ) -> (TestServer, ServerHandle, mpsc::UnboundedSender<Attempt>) {
     let pki = certs::test_util::TestPki::new("hospital.example");
     let mut t = tuned(64 << 10);
     t.max_handshakes(max_handshakes).expect("budget");
     t.max_handshakes_per_source(per_source).expect("share");
     t.handshake_timeout(Duration::from_secs(10));
+    t.address_validation(validation);
     // The test server only lends its configuration (audit trail, metrics, identity).
     let server = TestServer::start_sim(&pki, &[], t, &SimNet::new(1)).await;
     let (tx, rx) = mpsc::unbounded_channel();

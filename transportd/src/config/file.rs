@@ -130,6 +130,9 @@ pub(crate) struct LimitsFile {
     pub(crate) max_handshakes_per_source: Option<u32>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) handshake_timeout: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) refusal_window: Option<std::time::Duration>,
+    pub(crate) address_validation: Option<libtransport::AddressValidation>,
     pub(crate) max_streams: Option<u32>,
     pub(crate) max_transfers: Option<u32>,
     pub(crate) chunk_size: Option<bytesize::ByteSize>,
@@ -227,12 +230,24 @@ max_memory = "1GiB"        # object bytes held in memory to send, across all con
 max_handshakes = 256       # handshakes of peers not yet authenticated, a budget apart from
                            # max_connections: attempts past it are closed at once, before any
                            # TLS work, and only counted (transportd_handshakes_shed_total),
-                           # not audited one by one; QUIC peers are asked to prove their
-                           # address (Retry) once half of it is in use
+                           # not audited one by one
 max_handshakes_per_source = 64     # of those, how many one IPv4 address or IPv6 /64 may hold
                            # (QUIC attempts from addresses not yet proven count apart, and
                            # past it are asked to Retry rather than refused)
 handshake_timeout = "10s"  # longest a handshake may take, and hold its place (1s to 60s)
+address_validation = "always"  # QUIC clients prove their address (a Retry: one round
+                           # trip more per new connection) before any handshake work, so
+                           # replies to a spoofed source stay within RFC 9000's 3x of what it
+                           # sent; "under_load": only once half of max_handshakes is in use
+                           # (or the source's share is), saving the round trip at the cost
+                           # of that limit (quinn may send one datagram past it)
+refusal_window = "60s"     # handshakes refused before the peer is authenticated (timed out,
+                           # certificate, ALPN): of those from one source, over one transport
+                           # and of one kind, the first in each window is audited on its own
+                           # (connection_refused, with its reason) and the rest are counted
+                           # into one connections_refused record when the window ends, so an
+                           # unauthenticated sender cannot flood the trail and no refusal
+                           # goes unrecorded; "0s" audits each one on its own (at most 1h)
 max_streams = 64           # requests in flight per connection
 max_transfers = 64         # open transfers per connection
 chunk_size = "4MiB"        # chunk size of manifests this node builds

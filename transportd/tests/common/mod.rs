@@ -169,6 +169,7 @@ actions = ["read", "write"]
 
 [limits]
 chunk_size = "1MiB"
+refusal_window = "1s"
 "#;
 
 /// Starts a role (node, issuer) with debug logs into `log` and reads the one JSON line it

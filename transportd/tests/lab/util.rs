@@ -130,6 +130,51 @@ impl LabSite {
     pub fn trail(&self) -> Vec<Value> {
         libtransport::audit::query(&self.site.path("storage/audit"), &Default::default()).unwrap()
     }
+
+    /// Polls the trail (up to `within`) until refusals before authentication from `ip`, of
+    /// kind `class` or of any kind, account for `want`; returns how many they account for.
+    /// The node records the first of a refusal window on its own and counts the rest into
+    /// one `connections_refused` record at the window's end (NODE_TOML sets it to 1 s).
+    #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+    pub fn wait_refusals(
+        &self,
+        ip: impl Into<std::net::IpAddr>,
+        class: Option<&str>,
+        want: u64,
+        within: Duration,
+    ) -> u64 {
+        let ip = ip.into();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let n = refusals_from(&self.trail(), ip, class);
+            if n >= want || std::time::Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Refusals before authentication from `ip` that `trail` accounts for: each
+/// `connection_refused` on its own, plus the counts of `connections_refused`.
+pub fn refusals_from(trail: &[Value], ip: impl Into<std::net::IpAddr>, class: Option<&str>) -> u64 {
+    let ip = ip.into();
+    let kind = |r: &Value| class.is_none_or(|c| r["class"] == c);
+    let from = |a: &Value| {
+        a.as_str()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|a| a.ip() == ip)
+    };
+    trail
+        .iter()
+        .map(|r| match r["event"].as_str() {
+            Some("connection_refused") if kind(r) && from(&r["addr"]) => 1,
+            Some("connections_refused") if kind(r) && r["source"] == ip.to_string().as_str() => {
+                r["count"].as_u64().unwrap_or(0)
+            }
+            _ => 0,
+        })
+        .sum()
 }
 
 fn count_listening(log: &str) -> usize {
