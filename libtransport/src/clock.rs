@@ -44,3 +44,12 @@ impl rustls::time_provider::TimeProvider for RustlsTime {
         ))
     }
 }
+
+/// Seconds from `now` until `then` (negative once `then` has passed), as gauges report
+/// time left.
+pub fn seconds_until(now: SystemTime, then: SystemTime) -> f64 {
+    match then.duration_since(now) {
+        Ok(left) => left.as_secs_f64(),
+        Err(past) => -past.duration().as_secs_f64(),
+    }
+}

@@ -44,6 +44,8 @@ pub struct Metrics {
     last_witnessed: Gauge,
     witness_refusals: Gauge,
     svid_expiry: Gauge<f64, AtomicU64>,
+    issuer_unreachable: Gauge<f64, AtomicU64>,
+    workload_svid_expiry: Gauge<f64, AtomicU64>,
     duration: Family<DirectionLabel, Histogram, fn() -> Histogram>,
     store: Arc<StoreIo>,
 }
@@ -160,6 +162,18 @@ impl Metrics {
             "Seconds until this node's SVID expires (negative: expired)",
             svid_expiry.clone(),
         );
+        let issuer_unreachable = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "issuer_unreachable_seconds",
+            "Seconds since this node's agent last failed to reach its issuer without reaching it since (0: reachable, or no agent); meanwhile it serves on what it holds",
+            issuer_unreachable.clone(),
+        );
+        let workload_svid_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "workload_svid_expiry_seconds",
+            "Seconds until the soonest of the workload SVIDs this node's agent serves expires (negative: expired; 0 when it serves none)",
+            workload_svid_expiry.clone(),
+        );
         let duration: Family<DirectionLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 12)));
         registry.register(
@@ -188,6 +202,8 @@ impl Metrics {
             last_witnessed,
             witness_refusals,
             svid_expiry,
+            issuer_unreachable,
+            workload_svid_expiry,
             duration,
             store,
         }
@@ -338,6 +354,14 @@ impl Metrics {
     /// Sets the seconds until the node's SVID expires.
     pub fn set_svid_expiry(&self, seconds: f64) {
         self.svid_expiry.set(seconds);
+    }
+
+    /// Sets how the node's agent stands with its issuer: seconds it has been unreachable
+    /// (0 when reachable), and seconds until the soonest workload SVID it serves expires
+    /// (0 when it serves none).
+    pub fn set_issuer_status(&self, unreachable_seconds: f64, workload_svid_expiry: f64) {
+        self.issuer_unreachable.set(unreachable_seconds);
+        self.workload_svid_expiry.set(workload_svid_expiry);
     }
 }
 

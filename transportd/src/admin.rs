@@ -21,6 +21,8 @@ use libtransport::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::role::agent::AgentStatus;
+
 /// What the endpoint reports on.
 #[derive(Debug, Clone)]
 pub(crate) struct State {
@@ -31,6 +33,8 @@ pub(crate) struct State {
     /// The audit checkpoints waiting for the witness, and how long they may wait before
     /// `/readyz` says so; `None` without a witness.
     pub(crate) witness: Option<(WitnessQueue, std::time::Duration)>,
+    /// How the node's agent stands with its issuer; `None` without an agent.
+    pub(crate) agent: Option<Arc<AgentStatus>>,
 }
 
 /// The running endpoint.
@@ -78,6 +82,15 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             state.metrics.set_svid_expiry(svid_expiry_seconds(state));
+            if let Some(agent) = &state.agent {
+                let now = state.clock.now();
+                state.metrics.set_issuer_status(
+                    agent
+                        .issuer_unreachable_for(now)
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                    agent.workload_svids_expiry(now).unwrap_or(0.0),
+                );
+            }
             if let Some((q, _)) = &state.witness {
                 let s = q.status();
                 state.metrics.set_audit_witness(
@@ -116,6 +129,9 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             if let Some((q, lag)) = &state.witness {
                 detail.push_str(&witness_detail(&q.status(), *lag, state.clock.instant()));
             }
+            if let Some(agent) = &state.agent {
+                detail.push_str(&offline_detail(agent, svid_expiry_seconds(state), state));
+            }
             if problems.is_empty() {
                 text(StatusCode::OK, format!("ready\n{detail}"))
             } else {
@@ -130,6 +146,25 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "not found: try /metrics, /healthz or /readyz\n".into(),
         ),
     }
+}
+
+/// The `/readyz` line of a node whose issuer is unreachable: how long it has been, and how
+/// long what the node serves on stays valid.
+fn offline_detail(agent: &AgentStatus, node_svid_left: f64, state: &State) -> String {
+    let now = state.clock.now();
+    let Some(down) = agent.issuer_unreachable_for(now) else {
+        return String::new();
+    };
+    let secs = |s: f64| s.max(0.0) as u64;
+    let workloads = match agent.workload_svids_expiry(now) {
+        Some(left) => format!("the soonest workload SVID for {}s", secs(left)),
+        None => "no workload SVIDs".to_owned(),
+    };
+    format!(
+        "issuer unreachable for {}s; serving on what this node holds: its SVID valid for {}s, {workloads}\n",
+        down.as_secs(),
+        secs(node_svid_left),
+    )
 }
 
 /// `/readyz` lines about the witness: checkpoints waiting longer than `lag`, refusals.
@@ -161,11 +196,7 @@ fn witness_detail(s: &WitnessStatus, lag: std::time::Duration, now: std::time::I
 
 fn svid_expiry_seconds(state: &State) -> f64 {
     let not_after = state.identity.current().svid().not_after();
-    let now = state.clock.now();
-    match not_after.duration_since(now) {
-        Ok(left) => left.as_secs_f64(),
-        Err(past) => -past.duration().as_secs_f64(),
-    }
+    libtransport::clock::seconds_until(state.clock.now(), not_after)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
-use common::{bin, json, p, rand_suffix, spawn_ready, write_data};
+use common::{bin, json, metric, p, rand_suffix, spawn_ready, write_data};
 use libtransport::clock::{Clock, SystemClock};
 use serde_json::Value;
 
@@ -920,6 +920,16 @@ fn a_node_restarted_while_the_issuer_is_down_keeps_its_revocations_and_workload_
         Duration::from_secs(10),
         || rogue_ls(&storage).status.code() == Some(77),
     );
+    // While the issuer answers, the GPU node says nothing of serving offline.
+    let (_, ready) = gpu.admin_get("/readyz");
+    assert!(!ready.contains("issuer unreachable"), "{ready}");
+    assert_eq!(
+        metric(
+            &gpu.admin_get("/metrics").1,
+            "transportd_issuer_unreachable_seconds"
+        ),
+        Some(0.0)
+    );
     // The issuer goes away, then both nodes restart.
     d.crash_issuer();
     let (storage_dir, gpu_dir) = (storage.dir.clone(), gpu.dir.clone());
@@ -941,6 +951,29 @@ fn a_node_restarted_while_the_issuer_is_down_keeps_its_revocations_and_workload_
         &["ls", "--node", &storage.quic, "--path", "quic", "scans"],
     );
     assert!(ls.status.success(), "{}", stderr(&ls));
+    // And it says how long it can go on so: in `/readyz` (still ready) and the metrics.
+    let mut ready = String::new();
+    wait_for(
+        "the GPU node to report the issuer unreachable",
+        Duration::from_secs(20),
+        || {
+            let (code, body) = gpu.admin_get("/readyz");
+            ready = body;
+            code == 200 && ready.contains("issuer unreachable for")
+        },
+    );
+    let left = |what: &str| -> u64 {
+        let after = ready
+            .split(what)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{what}: {ready}"));
+        after[..after.find('s').unwrap()].parse().unwrap()
+    };
+    assert!(left("its SVID valid for ") > 1800, "{ready}");
+    assert!(left("the soonest workload SVID for ") > 1800, "{ready}");
+    let metrics = gpu.admin_get("/metrics").1;
+    assert!(metric(&metrics, "transportd_issuer_unreachable_seconds").unwrap() > 0.0);
+    assert!(metric(&metrics, "transportd_workload_svid_expiry_seconds").unwrap() > 1800.0);
     // Control: without the kept revocations a restarted node would take the rogue back.
     storage.stop();
     drop(storage);

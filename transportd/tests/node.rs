@@ -654,10 +654,7 @@ fn push(site: &Site, node: &Node, src: &std::path::Path, dest: &str) -> std::pro
 
 fn metric(node: &Node, name: &str) -> f64 {
     let (_, metrics) = node.admin_get("/metrics");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    common::metric(&metrics, name).unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 fn removals(site: &Site) -> Vec<Value> {

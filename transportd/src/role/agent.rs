@@ -121,6 +121,10 @@ pub(crate) async fn bootstrap(
         issuer,
         identity: identity.clone(),
         clock,
+        status: Arc::new(AgentStatus {
+            failing_since: std::sync::Mutex::new(None),
+            view: view_tx.subscribe(),
+        }),
         view: view_tx,
         sync_interval: std::sync::Mutex::new(sync_interval),
     });
@@ -140,6 +144,52 @@ pub(crate) struct Agent {
     clock: Arc<dyn Clock>,
     view: watch::Sender<Arc<WorkloadView>>,
     sync_interval: std::sync::Mutex<Duration>,
+    status: Arc<AgentStatus>,
+}
+
+/// How the agent stands with its issuer, for `/metrics` and `/readyz`: while the issuer
+/// cannot be reached the node serves on what it holds (its SVID, the kept workload SVIDs
+/// and revocations), for as long as they stay valid.
+#[derive(Debug)]
+pub(crate) struct AgentStatus {
+    /// When the issuer first failed to answer since it last did.
+    failing_since: std::sync::Mutex<Option<SystemTime>>,
+    view: ViewWatch,
+}
+
+impl AgentStatus {
+    /// How long the issuer has been unreachable, if it is.
+    pub(crate) fn issuer_unreachable_for(&self, now: SystemTime) -> Option<Duration> {
+        let since = *self
+            .failing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.map(|t| now.duration_since(t).unwrap_or_default())
+    }
+
+    /// Seconds until the soonest workload SVID served expires (negative: expired), if any
+    /// is served.
+    pub(crate) fn workload_svids_expiry(&self, now: SystemTime) -> Option<f64> {
+        self.view
+            .borrow()
+            .svids
+            .iter()
+            .map(|w| w.svid.not_after())
+            .min()
+            .map(|t| libtransport::clock::seconds_until(now, t))
+    }
+
+    fn reached(&self, ok: bool, now: SystemTime) {
+        let mut since = self
+            .failing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            *since = None;
+        } else {
+            since.get_or_insert(now);
+        }
+    }
 }
 
 impl Agent {
@@ -156,6 +206,11 @@ impl Agent {
     /// The configuration.
     pub(crate) fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// How it stands with its issuer.
+    pub(crate) fn status(&self) -> Arc<AgentStatus> {
+        self.status.clone()
     }
 
     /// Keeps everything current until the task is dropped. The first sync runs at once, so
@@ -179,6 +234,7 @@ impl Agent {
                         self.node_renewal_time()
                     }
                     Err(e) => {
+                        self.status.reached(false, now);
                         let svid_end = self.identity.current().svid().not_after();
                         warn!(error = %format!("{e:#}"), "node SVID renewal failed; retrying");
                         now + certs::retry_in(svid_end, now)
@@ -186,8 +242,18 @@ impl Agent {
                 };
             }
             if self.clock.instant() >= next_sync {
-                if let Err(e) = self.sync(&mut state, &*audit).await {
-                    warn!(error = %format!("{e:#}"), "sync with the issuer failed; retrying");
+                let synced = self.sync(&mut state, &*audit).await;
+                self.status.reached(synced.is_ok(), self.clock.now());
+                if let Err(e) = synced {
+                    let left = self
+                        .status
+                        .workload_svids_expiry(self.clock.now())
+                        .map(|s| s.max(0.0) as u64);
+                    warn!(
+                        error = %format!("{e:#}"),
+                        workload_svids_valid_for_s = left,
+                        "sync with the issuer failed; serving on what this node holds; retrying"
+                    );
                 }
                 next_sync = self.clock.instant() + self.interval();
             }

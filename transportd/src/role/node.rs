@@ -91,6 +91,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     node.identity_loaded(&identity)?;
     // The agent keeps the identity current from here on, and serves local workloads.
     let mut agent_task = None;
+    let agent_status = agent.as_ref().map(|a| a.status());
     let mut workload_api = None;
     if let Some(agent) = agent {
         let sink: Arc<dyn AuditSink> = audit.clone();
@@ -160,6 +161,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
                         .as_ref()
                         .zip(cfg.witness.as_ref())
                         .map(|(w, t)| (w.queue.clone(), t.lag)),
+                    agent: agent_status,
                 },
             )
             .await

@@ -325,3 +325,9 @@ pub fn kill_at_a_third(node: &Node) -> (Arc<AtomicBool>, Progress) {
     });
     (killed, progress)
 }
+
+/// The value of an unlabelled metric in a Prometheus text exposition, if it is there.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
