@@ -1205,6 +1205,63 @@ fn a_trail_rebuilt_with_the_nodes_key_fails_against_its_witness_which_refuses_th
     assert!(body.contains("audit witness refused"), "{body}");
 }
 
+/// Only nodes' checkpoints are witnessed: a node configured with a workload's SVID (here
+/// the loader's, from the Workload API) is refused, the refusal is in the issuer's trail,
+/// and nothing of it is kept. Control: the storage node beside it is witnessed.
+#[test]
+fn the_witness_refuses_checkpoints_from_a_workloads_svid() {
+    let d = Domain::start("1h");
+    let (_storage, gpu) = storage_and_gpu(&d);
+    let dir = d.path("impostor");
+    std::fs::create_dir_all(dir.join("datasets/scans")).unwrap();
+    let fetched = as_workload(
+        &gpu,
+        &["workload", "fetch", "--out", p(&dir.join("identity"))],
+    );
+    assert!(fetched.status.success(), "{}", stderr(&fetched));
+    let witness = format!(
+        "[audit]\ndir = \"audit\"\nwitness = \"{}\"\nwitness_id = \"{}\"\n",
+        d.issuer_addr,
+        id("/issuer")
+    );
+    let toml = common::NODE_TOML.replace("[audit]\ndir = \"audit\"\n", &witness);
+    assert!(toml.contains("witness_id"));
+    std::fs::write(dir.join("node.toml"), toml).unwrap();
+    let mut cmd = bin();
+    cmd.current_dir(&dir)
+        .args(["node", "--config", p(&dir.join("node.toml"))]);
+    let log = dir.join("node.log");
+    let (mut impostor, _) = spawn_ready(cmd, &log).unwrap();
+    let refused = || {
+        d.issuer_trail("witness_refused")
+            .iter()
+            .any(|r| r["node"] == id("/gpu/loader"))
+    };
+    let start = SystemClock.instant();
+    while !refused() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no refusal at the issuer; the node's log: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let refusal = d.issuer_trail("witness_refused");
+    assert!(
+        refusal[0]["reason"].as_str().unwrap().contains("workload"),
+        "{refusal:?}"
+    );
+    assert!(witnessed(&d, "/gpu/loader").0.is_empty());
+    // The control: a node's checkpoints are kept.
+    wait_for(
+        "the storage node's checkpoints",
+        Duration::from_secs(20),
+        || !witnessed(&d, "/node/storage").0.is_empty(),
+    );
+    impostor.kill().unwrap();
+    impostor.wait().unwrap();
+}
+
 #[test]
 fn checkpoints_wait_while_the_issuer_is_down_and_reach_it_when_it_is_back() {
     let mut d = Domain::start("1h");

@@ -187,6 +187,19 @@ impl Issuer {
         e
     }
 
+    /// Refuses a whole witness request from a caller whose checkpoints are never kept;
+    /// recorded once per request, under the newest checkpoint it carried.
+    fn refuse_witness(&self, node: &SpiffeId, req: &WitnessRequest, e: ApiError) -> ApiError {
+        info!(node = %node, reason = %e.message, "audit checkpoints refused");
+        let seq = req.checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
+        let _ = self.record(AuditEvent::WitnessRefused {
+            node: node.clone(),
+            seq,
+            reason: e.message.clone(),
+        });
+        e
+    }
+
     fn record_ca(&self, c: &CaChange) -> anyhow::Result<()> {
         info!(change = c.change, serial = %c.serial, "CA changed");
         self.record(AuditEvent::CaChanged {
@@ -420,17 +433,17 @@ impl Issuer {
         if let Some(n) = self.state.node(node).map_err(|e| ApiError::internal(&e))?
             && n.banned_at.is_some()
         {
-            return Err(self.refuse(
-                Some(node),
-                None,
+            return Err(self.refuse_witness(
+                node,
+                req,
                 ApiError::forbidden(format!("node {node} is banned")),
             ));
         }
         let entries = self.state.entries().map_err(|e| ApiError::internal(&e))?;
         if entries.iter().any(|e| e.spiffe_id == *node) || *node == self.id {
-            return Err(self.refuse(
-                Some(node),
-                None,
+            return Err(self.refuse_witness(
+                node,
+                req,
                 ApiError::forbidden(format!(
                     "{node} is a workload (or the issuer): only nodes' audit checkpoints are \
                      witnessed"
