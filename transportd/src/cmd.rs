@@ -78,7 +78,7 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
                 Some(ErrorCode::NotFound) => 66,
                 Some(ErrorCode::Corrupt) => 65,
                 Some(ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::AuditUnavailable) => 75,
-                Some(ErrorCode::NoSpace) => 73,
+                Some(ErrorCode::NoSpace | ErrorCode::TooLarge) => 73,
                 Some(_) => 1,
                 None if r.is_connection() => 69,
                 None => 1,

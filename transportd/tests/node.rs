@@ -706,12 +706,13 @@ async fn partial_files_are_held_to_a_quota_and_an_age_and_every_removal_is_audit
     assert!(r[0]["age_secs"].as_u64().unwrap() >= 2 * 86_400, "{r:?}");
     assert!(!r[0].to_string().contains("left.bin"), "{r:?}");
 
-    // A push larger than the quota is refused up front, as too large: nothing is written.
+    // A push larger than the quota is refused up front, as too large (exit 73, as for no
+    // space): nothing is written.
     let big = site.path("gpu/big.ckpt");
     write_data(&big, 5 << 20, 3);
     let out = push(&site, &node, &big, "checkpoints/new/big.ckpt");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(73), "{err}");
     assert!(err.contains("quota for partial files"), "{err}");
     let new_dir = site.path("storage/datasets/checkpoints/new");
     assert!(!new_dir.join("big.ckpt").exists());
