@@ -1,5 +1,5 @@
-//! `transportd._native.Client`: a blocking client over `libtransport::Client`, and the
-//! small value types its methods return.
+//! `transportd._native.Client`: a blocking client over `libtransport::Client`. The value
+//! types its methods return are in `reports.rs`.
 //!
 //! Every method that touches the network or the disk runs on the module's runtime with
 //! the GIL released (`runtime::block_on`). Names are checked here, before anything is
@@ -15,6 +15,7 @@ use tokio::runtime::Runtime;
 use crate::buffer::{Buffer, WritableBuffer};
 use crate::error::Failure;
 use crate::ops::{self, Connect, DEFAULT_MAX_BYTES, Inner};
+use crate::reports::{FetchReport, ObjectEntry, ObjectStat, PushReport};
 use crate::runtime::{block_on, runtime};
 
 /// A connection to one node, authenticated by our SVID, re-established on demand.
@@ -221,166 +222,6 @@ impl Client {
         ops::usable(self.pid, "Client")?;
         crate::log::refresh(py);
         Ok(())
-    }
-}
-
-/// One object of a listing.
-#[pyclass(module = "transportd._native", frozen, get_all)]
-pub(crate) struct ObjectEntry {
-    /// Path within the dataset.
-    path: String,
-    /// Size in bytes.
-    size: u64,
-}
-
-impl From<libtransport::proto::ObjectEntry> for ObjectEntry {
-    fn from(e: libtransport::proto::ObjectEntry) -> Self {
-        Self {
-            path: e.path.as_str().to_owned(),
-            size: e.size,
-        }
-    }
-}
-
-#[pymethods]
-impl ObjectEntry {
-    fn __repr__(&self) -> String {
-        format!("ObjectEntry(path={:?}, size={})", self.path, self.size)
-    }
-}
-
-/// An object's manifest, in brief.
-#[pyclass(module = "transportd._native", frozen, get_all)]
-pub(crate) struct ObjectStat {
-    /// Size in bytes.
-    size: u64,
-    /// Bytes per chunk (the last may be shorter).
-    chunk_bytes: u32,
-    /// Chunks in the object.
-    chunk_count: u32,
-    /// The BLAKE3 root over the chunks' hashes, hex.
-    root: String,
-}
-
-impl From<&libtransport::proto::Manifest> for ObjectStat {
-    fn from(m: &libtransport::proto::Manifest) -> Self {
-        Self {
-            size: m.size(),
-            chunk_bytes: m.chunk_bytes(),
-            chunk_count: m.chunk_count(),
-            root: m.root().to_hex(),
-        }
-    }
-}
-
-#[pymethods]
-impl ObjectStat {
-    fn __repr__(&self) -> String {
-        format!(
-            "ObjectStat(size={}, chunk_bytes={}, chunk_count={}, root={:?})",
-            self.size, self.chunk_bytes, self.chunk_count, self.root
-        )
-    }
-}
-
-/// What a pull did.
-#[pyclass(module = "transportd._native", frozen, get_all)]
-pub(crate) struct FetchReport {
-    /// The server's SPIFFE ID.
-    server: String,
-    /// `quic`, `tcp` or `rdma`.
-    path: String,
-    /// Object size.
-    size: u64,
-    /// Bytes received over the network (less than `size` when resuming).
-    fetched_bytes: u64,
-    /// Chunks in the object.
-    chunks: u32,
-    /// Chunks already present and verified before this pull.
-    chunks_reused: u32,
-    /// Chunks fetched by this pull.
-    chunks_fetched: u32,
-    /// The object's BLAKE3 root, hex.
-    root: String,
-    /// Wall time in seconds.
-    elapsed: f64,
-    /// Reconnections needed.
-    retries: u32,
-}
-
-impl From<libtransport::FetchReport> for FetchReport {
-    fn from(r: libtransport::FetchReport) -> Self {
-        Self {
-            server: r.server.to_string(),
-            path: r.path.as_str().to_owned(),
-            size: r.size,
-            fetched_bytes: r.fetched_bytes,
-            chunks: r.chunks,
-            chunks_reused: r.chunks_reused,
-            chunks_fetched: r.chunks_fetched,
-            root: r.root.to_hex(),
-            elapsed: r.elapsed.as_secs_f64(),
-            retries: r.retries,
-        }
-    }
-}
-
-#[pymethods]
-impl FetchReport {
-    fn __repr__(&self) -> String {
-        format!(
-            "FetchReport(size={}, path={:?}, root={:?}, elapsed={:.3})",
-            self.size, self.path, self.root, self.elapsed
-        )
-    }
-}
-
-/// What a push did.
-#[pyclass(module = "transportd._native", frozen, get_all)]
-pub(crate) struct PushReport {
-    /// The server's SPIFFE ID.
-    server: String,
-    /// `quic` or `tcp`.
-    path: String,
-    /// Object size.
-    size: u64,
-    /// Bytes sent over the network (less than `size` when resuming).
-    sent_bytes: u64,
-    /// Chunks in the object.
-    chunks: u32,
-    /// Chunks the server already held.
-    chunks_skipped: u32,
-    /// The object's BLAKE3 root as the server committed it, hex.
-    root: String,
-    /// Wall time in seconds, including hashing the source.
-    elapsed: f64,
-    /// Reconnections needed.
-    retries: u32,
-}
-
-impl From<libtransport::PushReport> for PushReport {
-    fn from(r: libtransport::PushReport) -> Self {
-        Self {
-            server: r.server.to_string(),
-            path: r.path.to_string(),
-            size: r.size,
-            sent_bytes: r.sent_bytes,
-            chunks: r.chunks,
-            chunks_skipped: r.chunks_skipped,
-            root: r.root.to_hex(),
-            elapsed: r.elapsed.as_secs_f64(),
-            retries: r.retries,
-        }
-    }
-}
-
-#[pymethods]
-impl PushReport {
-    fn __repr__(&self) -> String {
-        format!(
-            "PushReport(size={}, path={:?}, root={:?}, elapsed={:.3})",
-            self.size, self.path, self.root, self.elapsed
-        )
     }
 }
 

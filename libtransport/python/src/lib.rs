@@ -22,7 +22,7 @@
 //!   cache (`transportd.cache`, pure Python like the PyTorch datasets of
 //!   `transportd.pytorch`) can check its entries against the node's root.
 //! * The two clients make the same calls (`ops.rs`); the asyncio one hands them to the event
-//!   loop as awaitables (`aio.rs`).
+//!   loop as awaitables (`aio.rs`). Both return the value types of `reports.rs`.
 //! * libtransport's `tracing` events go to Python's `logging` (`log.rs`), only those Python
 //!   would keep.
 
@@ -35,6 +35,7 @@ mod error;
 mod identity;
 mod log;
 mod ops;
+mod reports;
 mod runtime;
 mod verify;
 
@@ -45,10 +46,10 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     log::install(m.py());
     m.add_class::<client::Client>()?;
     m.add_class::<aio::AsyncClient>()?;
-    m.add_class::<client::ObjectEntry>()?;
-    m.add_class::<client::ObjectStat>()?;
-    m.add_class::<client::FetchReport>()?;
-    m.add_class::<client::PushReport>()?;
+    m.add_class::<reports::ObjectEntry>()?;
+    m.add_class::<reports::ObjectStat>()?;
+    m.add_class::<reports::FetchReport>()?;
+    m.add_class::<reports::PushReport>()?;
     m.add_class::<buffer::Buffer>()?;
     m.add_function(wrap_pyfunction!(client::object_digest, m)?)?;
     m.add_function(wrap_pyfunction!(verify::manifest_root, m)?)?;

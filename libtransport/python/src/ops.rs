@@ -23,9 +23,9 @@ use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 
 use crate::buffer::Buffer;
-use crate::client::{FetchReport, ObjectEntry, ObjectStat, PushReport};
 use crate::error::{self, Failure};
 use crate::identity::IdentitySource;
+use crate::reports::{FetchReport, ObjectEntry, ObjectStat, PushReport};
 
 /// The library's client, shared by a Python client and the calls it has in flight.
 pub(crate) type Inner = Arc<Shared>;
