@@ -49,6 +49,7 @@
 
 pub mod audit;
 pub mod blocking;
+pub mod cache;
 pub mod client;
 pub mod clock;
 pub mod config;
