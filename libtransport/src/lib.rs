@@ -61,6 +61,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod server;
+pub mod sidecar;
 pub mod store;
 pub mod tls;
 pub mod transport;

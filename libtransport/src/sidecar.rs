@@ -1,0 +1,234 @@
+//! The wire of a sidecar's local data API: what processes on a GPU node send to the node's
+//! daemon over its Unix socket, and what comes back.
+//!
+//! A frame is a 4-byte big-endian length, a JSON header of that length, then as many raw
+//! bytes as the header's `body` says (small reads come inline that way). Whole objects do
+//! not cross the socket: the answer carries a file descriptor instead (`SCM_RIGHTS`, sent
+//! with the frame's first byte), a sealed read-only memory file the caller maps or reads.
+//! Headers are small and bounded ([`MAX_HEADER`]), and so are inline bodies
+//! ([`MAX_INLINE`]); anything past those is refused before it is allocated.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+/// Longest header accepted, in bytes.
+pub const MAX_HEADER: u32 = 64 << 10;
+/// Longest body that comes inline; larger answers come as a descriptor.
+pub const MAX_INLINE: u64 = 1 << 20;
+
+/// What a local caller asks. Names are the same as on the network (`dataset`, `object`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum LocalRequest {
+    /// The objects of a dataset under a prefix.
+    List {
+        /// The dataset.
+        dataset: String,
+        /// Only paths starting with it.
+        #[serde(default)]
+        prefix: String,
+    },
+    /// An object's size and manifest root.
+    Stat {
+        /// The dataset.
+        dataset: String,
+        /// The object.
+        object: String,
+    },
+    /// Bytes `start..end` of an object, inline (at most [`MAX_INLINE`]).
+    Read {
+        /// The dataset.
+        dataset: String,
+        /// The object.
+        object: String,
+        /// First byte.
+        start: u64,
+        /// One past the last.
+        end: u64,
+    },
+    /// A whole object, as a sealed read-only memory file.
+    Fetch {
+        /// The dataset.
+        dataset: String,
+        /// The object.
+        object: String,
+    },
+    /// Objects the caller will want next: fetched into the cache meanwhile.
+    Prefetch {
+        /// `(dataset, object)` pairs, in the order wanted.
+        objects: Vec<(String, String)>,
+    },
+}
+
+/// The answer's header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum LocalAnswer {
+    /// A listing.
+    Listing {
+        /// `(path, size)` of each object.
+        objects: Vec<(String, u64)>,
+    },
+    /// An object's size and root.
+    Stat {
+        /// Size in bytes.
+        size: u64,
+        /// Manifest root, hex.
+        root: String,
+    },
+    /// The bytes follow the header (`body` of them).
+    Inline {
+        /// How many.
+        body: u64,
+    },
+    /// The object is in the descriptor that came with the frame.
+    Mapped {
+        /// Its size.
+        size: u64,
+        /// Its manifest root, hex.
+        root: String,
+        /// Served from the node's cache (true) or fetched for this call.
+        cached: bool,
+    },
+    /// Prefetching started for this many objects.
+    Prefetching {
+        /// How many.
+        count: u64,
+    },
+    /// Refused or failed.
+    Error {
+        /// The stable code (`not_found`, `permission_denied`, `busy`, ...).
+        code: String,
+        /// In words, for the caller (never another caller's names).
+        message: String,
+    },
+}
+
+/// A frame that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The socket failed or closed.
+    #[error("local socket: {0}")]
+    Io(#[from] io::Error),
+    /// A header or body past its limit, or not JSON of the expected shape.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Writes one frame: `header`, then `body` (its length must be what the header says), with
+/// `fd` passed along the first byte.
+pub fn send_frame<H: Serialize>(
+    sock: &UnixStream,
+    header: &H,
+    body: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<(), FrameError> {
+    let json = serde_json::to_vec(header).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = u32::try_from(json.len())
+        .ok()
+        .filter(|n| *n <= MAX_HEADER)
+        .ok_or_else(|| FrameError::Malformed(format!("header of {} bytes", json.len())))?;
+    let prefix = len.to_be_bytes();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    let iov = [
+        IoSlice::new(&prefix),
+        IoSlice::new(&json),
+        IoSlice::new(body),
+    ];
+    let total = prefix.len() + json.len() + body.len();
+    let sent = rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL)
+        .map_err(io::Error::from)?;
+    // The descriptor went with the first bytes; the rest, if the socket took less, plainly.
+    let mut skip = sent.min(total);
+    let mut w = sock;
+    for part in [&prefix[..], &json, body] {
+        let n = skip.min(part.len());
+        skip -= n;
+        w.write_all(&part[n..])?;
+    }
+    Ok(())
+}
+
+/// Reads one frame: its header, its body (at most `max_body` bytes, else refused), and the
+/// descriptor that came with it, if any.
+pub fn recv_frame<H: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+    body_len: impl Fn(&H) -> u64,
+    max_body: u64,
+) -> Result<(H, Vec<u8>, Option<OwnedFd>), FrameError> {
+    let mut prefix = [0u8; 4];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut prefix)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fd = None;
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            for f in fds {
+                // More than one descriptor is not this protocol: keep the first, close the rest.
+                fd.get_or_insert(f);
+            }
+        }
+    }
+    if got.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(FrameError::Malformed("too many descriptors".into()));
+    }
+    if got.bytes == 0 {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    let mut r = sock;
+    r.read_exact(&mut prefix[got.bytes..])?;
+    let len = u32::from_be_bytes(prefix);
+    if len > MAX_HEADER {
+        return Err(FrameError::Malformed(format!("header of {len} bytes")));
+    }
+    let mut json = vec![0u8; len as usize];
+    r.read_exact(&mut json)?;
+    let header: H =
+        serde_json::from_slice(&json).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let n = body_len(&header);
+    if n > max_body {
+        return Err(FrameError::Malformed(format!(
+            "body of {n} bytes (at most {max_body})"
+        )));
+    }
+    let mut body = vec![0u8; n as usize];
+    r.read_exact(&mut body)?;
+    Ok((header, body, fd))
+}
+
+/// The body length a request's header announces (requests carry none).
+pub fn request_body(_: &LocalRequest) -> u64 {
+    0
+}
+
+/// The body length an answer's header announces.
+pub fn answer_body(a: &LocalAnswer) -> u64 {
+    match a {
+        LocalAnswer::Inline { body } => *body,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests;
