@@ -13,7 +13,8 @@ use serde_json::Value;
 mod common;
 
 use common::{
-    NODE_TOML, Node, Site, client, json, kill_at_a_third, library_client, ok, p, run, write_data,
+    NODE_TOML, Node, Site, client, intact_chunks, json, kill_at_a_third, library_client, ok, p,
+    partial_in, run, write_data,
 };
 
 #[test]
@@ -620,4 +621,93 @@ fn a_pull_into_the_callers_memory_allocates_nothing_of_the_objects_size() {
             "{e}"
         );
     });
+}
+
+/// Kills a paced client command once `at_least` chunks landed (see
+/// [`common::kill_once_landed`]), then flips one bit in the first intact chunk. Returns the
+/// chunks still intact (the flipped one excluded).
+fn kill_mid_transfer_and_flip_a_bit(
+    cmd: std::process::Command,
+    find: impl Fn() -> Option<std::path::PathBuf>,
+    data: &[u8],
+    chunk: usize,
+    at_least: usize,
+) -> usize {
+    let file = common::kill_once_landed(cmd, &find, data, chunk, at_least);
+    let intact = intact_chunks(&file, data, chunk);
+    let victim = intact[0];
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[victim * chunk + chunk / 2] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+    assert_eq!(intact_chunks(&file, data, chunk).len(), intact.len() - 1);
+    intact.len() - 1
+}
+
+/// A client killed mid-transfer leaves a partial file (its own for a pull, the node's for
+/// a push); one bit of a chunk it had verified flips on disk before the transfer is run
+/// again. The resume re-hashes what is on disk, so that chunk crosses the network again and
+/// the result is byte-identical; every other intact chunk is kept.
+#[test]
+fn a_bit_flipped_in_a_partial_file_is_not_trusted_by_the_resume() {
+    let site = Site::new();
+    let data = write_data(&site.path("storage/datasets/scans/big.bin"), 16 << 20, 21);
+    let node = Node::start(&site);
+
+    // Pull side: the client's `.NAME.transportd-partial`, 1 MiB chunks.
+    let gpu = site.path("gpu");
+    std::fs::create_dir_all(&gpu).unwrap();
+    let dest = gpu.join("big.bin");
+    let pull = || {
+        let mut c = common::bin();
+        c.arg("pull")
+            .args(client(&site, "loader", &node, "tcp"))
+            .args(["--json", "scans/big.bin", p(&dest)]);
+        c
+    };
+    let partial = gpu.join(".big.bin.transportd-partial");
+    let kept =
+        kill_mid_transfer_and_flip_a_bit(pull(), || Some(partial.clone()), &data, 1 << 20, 4);
+    let out = pull().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out);
+    assert_eq!(r["verified"], true, "{r}");
+    let report = &r["objects"][0]["report"];
+    assert_eq!(report["chunks"], 16, "{report}");
+    assert_eq!(report["chunks_reused"], kept as u64, "{report}");
+    assert_eq!(digest_file(&dest).unwrap(), Digest::of(&data));
+
+    // Push side: the node's `.transportd-partial-*`, 4 MiB chunks.
+    let src = gpu.join("step-1.ckpt");
+    let data = write_data(&src, 32 << 20, 22);
+    let push = || {
+        let mut c = common::bin();
+        c.arg("push")
+            .args(client(&site, "loader", &node, "tcp"))
+            .args(["--json", p(&src), "checkpoints/run/step-1.ckpt"]);
+        c
+    };
+    let dir = site.path("storage/datasets/checkpoints/run");
+    let kept = kill_mid_transfer_and_flip_a_bit(
+        push(),
+        || partial_in(&dir, ".transportd-partial-"),
+        &data,
+        4 << 20,
+        2,
+    );
+    let stored = dir.join("step-1.ckpt");
+    assert!(!stored.exists(), "a partial object became visible");
+    let out = push().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = &json(&out)["objects"][0]["report"];
+    assert_eq!(report["chunks"], 8, "{report}");
+    assert_eq!(report["chunks_skipped"], kept as u64, "{report}");
+    assert_eq!(digest_file(&stored).unwrap(), Digest::of(&data));
 }

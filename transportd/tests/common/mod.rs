@@ -324,3 +324,63 @@ pub fn kill_at_a_third(node: &Node) -> (Arc<AtomicBool>, Progress) {
     });
     (killed, progress)
 }
+
+/// The chunks of `chunk` bytes that `file` holds exactly as `data` has them.
+pub fn intact_chunks(file: &Path, data: &[u8], chunk: usize) -> Vec<usize> {
+    let held = std::fs::read(file).unwrap_or_default();
+    data.chunks(chunk)
+        .enumerate()
+        .filter(|(i, c)| held.get(i * chunk..i * chunk + c.len()) == Some(*c))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The partial file in `dir` whose name starts with `prefix` (not a sidecar), if any.
+pub fn partial_in(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        (n.starts_with(prefix) && !n.ends_with(".meta")).then(|| e.path())
+    })
+}
+
+/// Runs a client command paced to 4 MiB/s, one chunk at a time over one connection, until
+/// the partial file that `find` locates holds `at_least` intact chunks of `data`, then kills
+/// it with SIGKILL. Returns the partial file's path.
+pub fn kill_once_landed(
+    mut cmd: Command,
+    find: impl Fn() -> Option<PathBuf>,
+    data: &[u8],
+    chunk: usize,
+    at_least: usize,
+) -> PathBuf {
+    let mut child = cmd
+        .args([
+            "--parallel",
+            "1",
+            "--connections",
+            "1",
+            "--max-rate",
+            "4MiB",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if find().is_some_and(|f| intact_chunks(&f, data, chunk).len() >= at_least) {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the transfer ended before it could be interrupted"
+        );
+        #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+        let now = std::time::Instant::now();
+        assert!(now < deadline, "no {at_least} chunks landed within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    find().unwrap()
+}
