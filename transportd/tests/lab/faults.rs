@@ -340,3 +340,117 @@ fn a_link_cut_past_the_idle_timeout_mid_pull_reconnects_and_resumes_where_it_was
         "the canary crossed the wire"
     );
 }
+
+/// Frames in `wire` (Ethernet, IPv4) sent to or from `addr`.
+fn frames_with(wire: &netlab::Pcap, addr: std::net::Ipv4Addr) -> usize {
+    let a = addr.octets();
+    wire.frames()
+        .iter()
+        .filter(|f| f.len() >= 34 && (f[26..30] == a || f[30..34] == a))
+        .count()
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn a_quic_pull_survives_the_clients_address_and_port_changing_mid_transfer() {
+    let mut s = LabSite::new("rebind", &[], |t| t);
+    let (canary, object) = canary_object(&s, 64 << 20);
+    s.start_node();
+    slow(&s, 200);
+    let gpu = s.host("gpu");
+    let node_ip = s.host("storage").addr();
+    // The address the client moves to: a free one in the lab's subnet, on its own link.
+    let moved = s.lab.subnet().host_addr(200).unwrap();
+    let sh = |cmd: &str| {
+        let out = gpu.command("sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&format!(
+        "ip addr add {moved}/{} dev {}",
+        s.lab.subnet().prefix_len(),
+        gpu.interface()
+    ));
+    let capture = s.lab.capture().unwrap();
+    let dest = s.site.path("rebind.bin");
+    let pull = s.client_process(
+        "gpu",
+        "loader",
+        "pull",
+        &[
+            "--path",
+            "quic",
+            "--connections",
+            "1",
+            "--json",
+            &object,
+            p(&dest),
+        ],
+    );
+    wait_landed(&s.site.path(""), ".rebind.bin.transportd-partial", 8 << 20);
+    // The client's port, as the node saw it at accept.
+    let port = s
+        .node()
+        .log()
+        .lines()
+        .find_map(|l| {
+            let rest = l.split_once(&format!("peer.addr={}:", gpu.addr()))?.1;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u16>()
+                .ok()
+        })
+        .expect("the node logged the client's address");
+    // A NAT rebinding, statelessly: from now on the client's datagrams leave from
+    // {moved}:40000, and replies to that are handed back to its socket.
+    sh(&format!(
+        "nft -f - <<'EOF'
+table ip rebind {{
+  chain out {{
+    type filter hook postrouting priority 300;
+    ip daddr {node_ip} udp dport 7443 ip saddr set {moved} udp sport set 40000
+  }}
+  chain in {{
+    type filter hook prerouting priority -300;
+    ip saddr {node_ip} udp sport 7443 udp dport 40000 udp dport set {port}
+  }}
+}}
+EOF"
+    ));
+    let status = wait_exit(&pull, Duration::from_secs(120));
+    assert!(status.success(), "{}", pull.log());
+    assert_eq!(
+        digest_file(&dest).unwrap(),
+        digest_file(&s.dataset_file(&object)).unwrap()
+    );
+    let r = report(&pull.log());
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["objects"][0]["report"]["retries"], 0, "{r}");
+    let wire = capture.stop().unwrap();
+    // The node did follow the client to its new address.
+    assert!(
+        frames_with(&wire, moved) > 100,
+        "no traffic on the new path"
+    );
+    assert!(
+        !wire.contains(canary.as_bytes()),
+        "the canary crossed the wire"
+    );
+
+    // One connection, one identity, one complete transfer: the move changed nothing the
+    // trail says about the peer.
+    let trail = s.trail();
+    let accepted: Vec<_> = trail
+        .iter()
+        .filter(|r| r["event"] == "connection_accepted")
+        .collect();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0]["peer"], "spiffe://hospital.example/gpu/loader");
+    let ended: Vec<_> = trail.iter().filter(|r| r["event"] == "transfer").collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["peer"], accepted[0]["peer"]);
+    assert_eq!(ended[0]["outcome"], "complete", "{ended:?}");
+}
