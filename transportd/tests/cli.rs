@@ -633,7 +633,7 @@ fn kill_mid_transfer_and_flip_a_bit(
     chunk: usize,
     at_least: usize,
 ) -> usize {
-    let file = common::kill_once_landed(cmd, &find, data, chunk, at_least);
+    let file = common::kill_once_landed(cmd, &find, data, chunk, at_least, false);
     let intact = intact_chunks(&file, data, chunk);
     let victim = intact[0];
     let mut bytes = std::fs::read(&file).unwrap();

@@ -1013,6 +1013,7 @@ fn descriptors_return_to_baseline_after_hostile_input() {
             &data,
             1 << 20,
             2,
+            false,
         );
     }
 

@@ -343,15 +343,30 @@ pub fn partial_in(dir: &Path, prefix: &str) -> Option<PathBuf> {
     })
 }
 
+/// The chunks of `chunk` bytes that `file` holds in part: not intact (see
+/// [`intact_chunks`]), but with data written (a pre-sized partial file reads zeros where
+/// nothing was written, and `data` is random).
+pub fn half_chunks(file: &Path, data: &[u8], chunk: usize) -> Vec<usize> {
+    let held = std::fs::read(file).unwrap_or_default();
+    let intact = intact_chunks(file, data, chunk);
+    held.chunks(chunk)
+        .enumerate()
+        .filter(|(i, c)| !intact.contains(i) && c.iter().any(|b| *b != 0))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Runs a client command paced to 4 MiB/s, one chunk at a time over one connection, until
-/// the partial file that `find` locates holds `at_least` intact chunks of `data`, then kills
-/// it with SIGKILL. Returns the partial file's path.
+/// the partial file that `find` locates holds `at_least` intact chunks of `data` (and, if
+/// `mid_chunk`, a chunk written in part), then kills it with SIGKILL. Returns the partial
+/// file's path.
 pub fn kill_once_landed(
     mut cmd: Command,
     find: impl Fn() -> Option<PathBuf>,
     data: &[u8],
     chunk: usize,
     at_least: usize,
+    mid_chunk: bool,
 ) -> PathBuf {
     let mut child = cmd
         .args([
@@ -368,7 +383,10 @@ pub fn kill_once_landed(
     #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        if find().is_some_and(|f| intact_chunks(&f, data, chunk).len() >= at_least) {
+        if find().is_some_and(|f| {
+            intact_chunks(&f, data, chunk).len() >= at_least
+                && (!mid_chunk || !half_chunks(&f, data, chunk).is_empty())
+        }) {
             break;
         }
         assert!(

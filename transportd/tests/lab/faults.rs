@@ -7,7 +7,7 @@ use libtransport::proto::Digest;
 use libtransport::store::digest_file;
 use netlab::{Direction, Rate};
 
-use crate::common::{p, write_data};
+use crate::common::{half_chunks, intact_chunks, p, partial_in, write_data};
 use crate::util::{LabSite, report, wait_exit, wait_landed, wait_until};
 
 /// The idle timeout both ends use in the scenarios that outlast it: short, so a cut past it
@@ -453,4 +453,134 @@ EOF"
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0]["peer"], accepted[0]["peer"]);
     assert_eq!(ended[0]["outcome"], "complete", "{ended:?}");
+}
+
+/// Waits until the node's partial file in `dir` holds at least one chunk of `data` whole
+/// and another in part (chunks of `chunk` bytes): a push caught in the middle of a chunk.
+/// Returns the file.
+fn wait_mid_chunk(dir: &std::path::Path, data: &[u8], chunk: usize) -> std::path::PathBuf {
+    let mut found = None;
+    wait_until("a chunk half received", Duration::from_secs(60), || {
+        found = partial_in(dir, ".transportd-partial-").filter(|f| {
+            !intact_chunks(f, data, chunk).is_empty() && !half_chunks(f, data, chunk).is_empty()
+        });
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// Waits until the node's trail holds `n` ends of pushes (`transfer`, direction `in`).
+fn wait_push_ends(s: &LabSite, n: usize) {
+    wait_until(
+        "the node ends the cut push",
+        Duration::from_secs(30),
+        || {
+            s.trail()
+                .iter()
+                .filter(|r| r["event"] == "transfer" && r["direction"] == "in")
+                .count()
+                >= n
+        },
+    );
+}
+
+/// The node's last push (of 32 MiB) completed with every chunk but the `kept` ones it held
+/// whole: the half chunk was received again in full.
+fn last_push_sent_all_but(s: &LabSite, kept: u64, chunk: usize) {
+    let trail = s.trail();
+    let last = trail
+        .iter()
+        .rfind(|r| r["event"] == "transfer" && r["direction"] == "in")
+        .unwrap();
+    assert_eq!(last["outcome"], "complete", "{last}");
+    assert_eq!(
+        last["bytes"].as_u64().unwrap(),
+        (32 << 20) - kept * chunk as u64,
+        "the half chunk counted: {last}"
+    );
+}
+
+#[test]
+#[ignore = "netlab: needs root"]
+fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
+    let mut s = LabSite::new("push_cut", &[], |t| t);
+    s.start_node();
+    slow(&s, 100);
+    let chunk = 4 << 20;
+    let dir = s.dataset_file("checkpoints/run");
+    let stored = dir.join("step-1.ckpt");
+    let node_ip = s.host("storage").addr();
+    let gpu = s.host("gpu");
+    let nft = |script: &str| {
+        let out = gpu
+            .command("sh")
+            .args(["-c", &format!("nft -f - <<'EOF'\n{script}\nEOF")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let push = |src: &std::path::Path| {
+        s.client_process(
+            "gpu",
+            "loader",
+            "push",
+            &[
+                "--path",
+                "tcp",
+                "--json",
+                p(src),
+                "checkpoints/run/step-1.ckpt",
+            ],
+        )
+    };
+
+    // A reset: once a chunk is half received, the client's host answers whatever the
+    // node sends with a TCP reset. The client keeps retrying; the reset ends when the
+    // node has ended the push.
+    let src = s.site.path("step-1.ckpt");
+    let data = write_data(&src, 32 << 20, 7);
+    let first = push(&src);
+    let partial = wait_mid_chunk(&dir, &data, chunk);
+    nft(&format!(
+        "table ip rst {{
+  chain in {{
+    type filter hook input priority 0;
+    ip saddr {node_ip} tcp sport 7443 reject with tcp reset
+  }}
+}}"
+    ));
+    wait_push_ends(&s, 1);
+    nft("delete table ip rst");
+    let kept = intact_chunks(&partial, &data, chunk).len() as u64;
+    assert!(!half_chunks(&partial, &data, chunk).is_empty());
+    assert!(!stored.exists(), "a partial object became visible");
+    let status = wait_exit(&first, Duration::from_secs(120));
+    assert!(status.success(), "{}", first.log());
+    let r = &report(&first.log())["objects"][0]["report"];
+    assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
+    last_push_sent_all_but(&s, kept, chunk);
+    assert_eq!(digest_file(&stored).unwrap(), Digest::of(&data));
+
+    // A FIN: the client dies (SIGKILL) in the middle of a chunk of a new version of the
+    // object, and the same push run again completes.
+    std::fs::remove_file(&stored).unwrap();
+    let data = write_data(&src, 32 << 20, 8);
+    let second = push(&src);
+    let partial = wait_mid_chunk(&dir, &data, chunk);
+    second.kill().unwrap();
+    wait_push_ends(&s, 2);
+    let kept = intact_chunks(&partial, &data, chunk).len() as u64;
+    assert!(!half_chunks(&partial, &data, chunk).is_empty());
+    assert!(!stored.exists(), "a partial object became visible");
+    let third = push(&src);
+    let status = wait_exit(&third, Duration::from_secs(120));
+    assert!(status.success(), "{}", third.log());
+    let r = &report(&third.log())["objects"][0]["report"];
+    assert_eq!(r["chunks_skipped"], kept, "the half chunk counted: {r}");
+    last_push_sent_all_but(&s, kept, chunk);
+    assert_eq!(digest_file(&stored).unwrap(), Digest::of(&data));
 }
