@@ -711,3 +711,85 @@ fn a_bit_flipped_in_a_partial_file_is_not_trusted_by_the_resume() {
     assert_eq!(report["chunks_skipped"], kept as u64, "{report}");
     assert_eq!(digest_file(&stored).unwrap(), Digest::of(&data));
 }
+
+/// `transportd` run with its wall clock moved by `offset` (libfaketime's `[+-]N[smhd]`,
+/// preloaded: the `faketime` wrapper would stand between the test and the process it
+/// kills); monotonic time is left alone.
+fn skewed(offset: &str) -> std::process::Command {
+    let lib = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|l| l.exists())
+        .expect("libfaketime (Debian package faketime; scripts/test.sh installs it)");
+    let mut c = common::bin();
+    c.env("LD_PRELOAD", lib)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c
+}
+
+/// Clock skew between nodes (libfaketime moves one process's wall clock). A client or a
+/// node whose clock is four minutes off either way still works: SVIDs start a tenth of
+/// their lifetime before issuance (5 minutes for the default hour). One whose clock is
+/// two days off is refused with an error that names the clock, on the side that notices.
+#[test]
+fn minutes_of_clock_skew_still_work_and_days_get_an_error_naming_the_clock() {
+    let site = Site::new();
+    let data = write_data(&site.path("storage/datasets/scans/a.bin"), 100_000, 41);
+    let dest = site.path("a.bin");
+    let pull = |mut c: std::process::Command, node: &Node, path: &str| {
+        let _ = std::fs::remove_file(&dest);
+        c.arg("pull")
+            .args(client(&site, "loader", node, path))
+            .args(["--retries", "0", "scans/a.bin", p(&dest)])
+            .output()
+            .unwrap()
+    };
+    let works = |out: std::process::Output, what: &str| {
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), data, "{what}");
+    };
+    let refused = |out: std::process::Output, what: &str, says: &str| {
+        assert_eq!(out.status.code(), Some(77), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says) && err.contains("clock"), "{what}: {err}");
+    };
+
+    // The client's clock is off; the node's is right.
+    let node = Node::start(&site);
+    for path in ["quic", "tcp"] {
+        for off in ["-4m", "+4m"] {
+            works(
+                pull(skewed(off), &node, path),
+                &format!("client {off} {path}"),
+            );
+        }
+        refused(
+            pull(skewed("-2d"), &node, path),
+            &format!("client -2d {path}"),
+            "is not valid until",
+        );
+        refused(
+            pull(skewed("+2d"), &node, path),
+            &format!("client +2d {path}"),
+            "expired at",
+        );
+    }
+    drop(node);
+
+    // The node's clock is off; the client's is right.
+    let node = Node::start_with(&site, skewed("-4m"));
+    works(pull(common::bin(), &node, "quic"), "node -4m");
+    drop(node);
+    let node = Node::start_with(&site, skewed("+2d"));
+    refused(
+        pull(common::bin(), &node, "quic"),
+        "node +2d",
+        "by the server's clock",
+    );
+}

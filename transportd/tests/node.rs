@@ -1001,6 +1001,7 @@ fn descriptors_return_to_baseline_after_hostile_input() {
         || fds(pid) >= baseline + 20,
     );
     let during = fds(pid);
+    eprintln!("node descriptors: {baseline} at rest, {during} with hostile connections held");
     drop(held);
 
     // Clients killed mid-pull, one on each path.

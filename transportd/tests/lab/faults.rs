@@ -539,8 +539,8 @@ fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
     };
 
     // A reset: once a chunk is half received, the client's host answers whatever the
-    // node sends with a TCP reset. The client keeps retrying; the reset ends when the
-    // node has ended the push.
+    // node sends with a TCP reset. The client keeps retrying; the resets stop once the
+    // node has ended the push and its partial file is measured.
     let src = s.site.path("step-1.ckpt");
     let data = write_data(&src, 32 << 20, 7);
     let first = push(&src);
@@ -554,10 +554,11 @@ fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
 }}"
     ));
     wait_push_ends(&s, 1);
-    nft("delete table ip rst");
+    // Measured while the reset still keeps the client's retries out.
     let kept = intact_chunks(&partial, &data, chunk).len() as u64;
     assert!(!half_chunks(&partial, &data, chunk).is_empty());
     assert!(!stored.exists(), "a partial object became visible");
+    nft("delete table ip rst");
     let status = wait_exit(&first, Duration::from_secs(120));
     assert!(status.success(), "{}", first.log());
     let r = &report(&first.log())["objects"][0]["report"];
