@@ -356,10 +356,31 @@ pub fn half_chunks(file: &Path, data: &[u8], chunk: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The number of chunks of `data` the partial file holds whole, and whether it holds one in
+/// part, once they stop changing (data still queued when a connection went may land after
+/// its transfer ended), within 30 s.
+pub fn settled(partial: &Path, data: &[u8], chunk: usize) -> (u64, bool) {
+    let look = || {
+        (
+            intact_chunks(partial, data, chunk).len() as u64,
+            !half_chunks(partial, data, chunk).is_empty(),
+        )
+    };
+    let mut last = look();
+    for _ in 0..150 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = look();
+        if std::mem::replace(&mut last, now) == now {
+            return now;
+        }
+    }
+    panic!("{} kept changing for 30 s", partial.display());
+}
+
 /// Runs a client command paced to 4 MiB/s, one chunk at a time over one connection, until
 /// the partial file that `find` locates holds `at_least` intact chunks of `data` (and, if
 /// `mid_chunk`, a chunk written in part), then kills it with SIGKILL. Returns the partial
-/// file's path.
+/// file's path once it has [`settled`].
 pub fn kill_once_landed(
     mut cmd: Command,
     find: impl Fn() -> Option<PathBuf>,
@@ -400,5 +421,7 @@ pub fn kill_once_landed(
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    find().unwrap()
+    let file = find().unwrap();
+    settled(&file, data, chunk);
+    file
 }

@@ -7,7 +7,7 @@ use libtransport::proto::Digest;
 use libtransport::store::digest_file;
 use netlab::{Direction, Rate};
 
-use crate::common::{half_chunks, intact_chunks, p, partial_in, write_data};
+use crate::common::{half_chunks, intact_chunks, p, partial_in, settled, write_data};
 use crate::util::{LabSite, report, wait_exit, wait_landed, wait_until};
 
 /// The idle timeout both ends use in the scenarios that outlast it: short, so a cut past it
@@ -341,6 +341,20 @@ fn a_link_cut_past_the_idle_timeout_mid_pull_reconnects_and_resumes_where_it_was
     );
 }
 
+/// Loads an nftables `script` on `host`.
+fn nft(host: &netlab::Host, script: &str) {
+    let out = host
+        .command("sh")
+        .args(["-c", &format!("nft -f - <<'EOF'\n{script}\nEOF")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Frames in `wire` (Ethernet, IPv4) sent to or from `addr`.
 fn frames_with(wire: &netlab::Pcap, addr: std::net::Ipv4Addr) -> usize {
     let a = addr.octets();
@@ -406,9 +420,10 @@ fn a_quic_pull_survives_the_clients_address_and_port_changing_mid_transfer() {
         .expect("the node logged the client's address");
     // A NAT rebinding, statelessly: from now on the client's datagrams leave from
     // {moved}:40000, and replies to that are handed back to its socket.
-    sh(&format!(
-        "nft -f - <<'EOF'
-table ip rebind {{
+    nft(
+        gpu,
+        &format!(
+            "table ip rebind {{
   chain out {{
     type filter hook postrouting priority 300;
     ip daddr {node_ip} udp dport 7443 ip saddr set {moved} udp sport set 40000
@@ -417,9 +432,9 @@ table ip rebind {{
     type filter hook prerouting priority -300;
     ip saddr {node_ip} udp sport 7443 udp dport 40000 udp dport set {port}
   }}
-}}
-EOF"
-    ));
+}}"
+        ),
+    );
     let status = wait_exit(&pull, Duration::from_secs(120));
     assert!(status.success(), "{}", pull.log());
     assert_eq!(
@@ -455,6 +470,9 @@ EOF"
     assert_eq!(ended[0]["outcome"], "complete", "{ended:?}");
 }
 
+/// The size of the objects pushed in the mid-chunk scenarios: four chunks of 4 MiB.
+const SIZE: usize = 16 << 20;
+
 /// Waits until the node's partial file in `dir` holds at least one chunk of `data` whole
 /// and another in part (chunks of `chunk` bytes): a push caught in the middle of a chunk.
 /// Returns the file.
@@ -484,7 +502,7 @@ fn wait_push_ends(s: &LabSite, n: usize) {
     );
 }
 
-/// The node's last push (of 32 MiB) completed with every chunk but the `kept` ones it held
+/// The node's last push (of SIZE) completed with every chunk but the `kept` ones it held
 /// whole: the half chunk was received again in full.
 fn last_push_sent_all_but(s: &LabSite, kept: u64, chunk: usize) {
     let trail = s.trail();
@@ -495,7 +513,7 @@ fn last_push_sent_all_but(s: &LabSite, kept: u64, chunk: usize) {
     assert_eq!(last["outcome"], "complete", "{last}");
     assert_eq!(
         last["bytes"].as_u64().unwrap(),
-        (32 << 20) - kept * chunk as u64,
+        SIZE as u64 - kept * chunk as u64,
         "the half chunk counted: {last}"
     );
 }
@@ -505,24 +523,27 @@ fn last_push_sent_all_but(s: &LabSite, kept: u64, chunk: usize) {
 fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
     let mut s = LabSite::new("push_cut", &[], |t| t);
     s.start_node();
-    slow(&s, 100);
+    // One chunk at a time (see the pushes below), slowly, with a small send buffer on the
+    // client's host (which a process killed with SIGKILL still drains before its FIN): what
+    // is in flight when the cut comes stays far below a chunk, so the chunk under way is
+    // cut in its middle.
+    slow(&s, 40);
+    let out = s
+        .host("gpu")
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_wmem=4096 16384 131072"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let chunk = 4 << 20;
     let dir = s.dataset_file("checkpoints/run");
     let stored = dir.join("step-1.ckpt");
     let node_ip = s.host("storage").addr();
     let gpu = s.host("gpu");
-    let nft = |script: &str| {
-        let out = gpu
-            .command("sh")
-            .args(["-c", &format!("nft -f - <<'EOF'\n{script}\nEOF")])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let push = |src: &std::path::Path| {
         s.client_process(
             "gpu",
@@ -531,6 +552,10 @@ fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
             &[
                 "--path",
                 "tcp",
+                "--parallel",
+                "1",
+                "--connections",
+                "1",
                 "--json",
                 p(src),
                 "checkpoints/run/step-1.ckpt",
@@ -542,23 +567,26 @@ fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
     // node sends with a TCP reset. The client keeps retrying; the resets stop once the
     // node has ended the push and its partial file is measured.
     let src = s.site.path("step-1.ckpt");
-    let data = write_data(&src, 32 << 20, 7);
+    let data = write_data(&src, SIZE, 7);
     let first = push(&src);
     let partial = wait_mid_chunk(&dir, &data, chunk);
-    nft(&format!(
-        "table ip rst {{
+    nft(
+        gpu,
+        &format!(
+            "table ip rst {{
   chain in {{
     type filter hook input priority 0;
     ip saddr {node_ip} tcp sport 7443 reject with tcp reset
   }}
 }}"
-    ));
+        ),
+    );
     wait_push_ends(&s, 1);
     // Measured while the reset still keeps the client's retries out.
-    let kept = intact_chunks(&partial, &data, chunk).len() as u64;
-    assert!(!half_chunks(&partial, &data, chunk).is_empty());
+    let (kept, half) = settled(&partial, &data, chunk);
+    assert!(half, "no chunk was left half received");
     assert!(!stored.exists(), "a partial object became visible");
-    nft("delete table ip rst");
+    nft(gpu, "delete table ip rst");
     let status = wait_exit(&first, Duration::from_secs(120));
     assert!(status.success(), "{}", first.log());
     let r = &report(&first.log())["objects"][0]["report"];
@@ -569,13 +597,13 @@ fn a_push_reset_or_closed_in_the_middle_of_a_chunk_keeps_no_half_chunk() {
     // A FIN: the client dies (SIGKILL) in the middle of a chunk of a new version of the
     // object, and the same push run again completes.
     std::fs::remove_file(&stored).unwrap();
-    let data = write_data(&src, 32 << 20, 8);
+    let data = write_data(&src, SIZE, 8);
     let second = push(&src);
     let partial = wait_mid_chunk(&dir, &data, chunk);
     second.kill().unwrap();
     wait_push_ends(&s, 2);
-    let kept = intact_chunks(&partial, &data, chunk).len() as u64;
-    assert!(!half_chunks(&partial, &data, chunk).is_empty());
+    let (kept, half) = settled(&partial, &data, chunk);
+    assert!(half, "no chunk was left half received");
     assert!(!stored.exists(), "a partial object became visible");
     let third = push(&src);
     let status = wait_exit(&third, Duration::from_secs(120));
