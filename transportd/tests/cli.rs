@@ -793,3 +793,23 @@ fn minutes_of_clock_skew_still_work_and_days_get_an_error_naming_the_clock() {
         "by the server's clock",
     );
 }
+
+/// `--idle-timeout` below the node's own minimum (5 s) is refused before connecting.
+#[test]
+fn an_idle_timeout_below_five_seconds_is_refused() {
+    let site = Site::new();
+    let out = run(&[
+        "pull",
+        "--node",
+        "127.0.0.1:9",
+        "--identity",
+        p(&site.path("loader")),
+        "--idle-timeout",
+        "4s",
+        "scans/a.bin",
+        p(&site.path("a.bin")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--idle-timeout must be at least 5s"), "{err}");
+}
