@@ -19,9 +19,10 @@ quick=0
 # rdma-sys, whose bindings bindgen generates at build time): libibverbs-dev, librdmacm-dev,
 # libclang-dev, clang and pkg-config; python3 (3.11 or later) and python3-venv for the
 # Python package's venv (maturin, pytest, numpy and ruff come from PyPI into it) and
-# py-spiffe's (the Workload API's interoperability test).
+# py-spiffe's (the Workload API's interoperability test); faketime (libfaketime) for the
+# clock-skew test, which moves one process's wall clock.
 packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux
-    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3 python3-venv)
+    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3 python3-venv faketime)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

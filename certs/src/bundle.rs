@@ -202,13 +202,19 @@ pub enum BundleError {
     },
 }
 
+fn unix(t: UnixTime) -> SystemTime {
+    svid::system_time(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
+}
+
 fn chain_error(e: webpki::Error) -> SvidError {
     match e {
-        webpki::Error::CertExpired { not_after, .. } => SvidError::Expired {
-            not_after: svid::system_time(i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX)),
+        webpki::Error::CertExpired { not_after, time } => SvidError::Expired {
+            not_after: unix(not_after),
+            now: unix(time),
         },
-        webpki::Error::CertNotValidYet { not_before, .. } => SvidError::NotYetValid {
-            not_before: svid::system_time(i64::try_from(not_before.as_secs()).unwrap_or(i64::MAX)),
+        webpki::Error::CertNotValidYet { not_before, time } => SvidError::NotYetValid {
+            not_before: unix(not_before),
+            now: unix(time),
         },
         // A CA of the bundle with the same name as the real issuer, whose key did not sign
         // the chain, means the same thing to us: no CA of ours vouches for it.

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::bundle::TrustBundle;
 use crate::issue::{
-    BACKDATE, CaError, CryptoError, CsrError, IssueError, IssueParams, Issued, MAX_SVID_TTL,
+    CaError, CryptoError, CsrError, IssueError, IssueParams, Issued, MAX_SVID_TTL, backdate,
 };
 use crate::key::{Csr, KeyAlgorithm};
 use crate::svid::{PemError, parse_ca_cert};
@@ -67,7 +67,7 @@ impl Ca {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         p.subject_alt_names = vec![uri_san(&td.id())?];
-        p.not_before = (now - BACKDATE).into();
+        p.not_before = (now - backdate(params.validity)).into();
         p.not_after = (now + params.validity).into();
         p.serial_number = Some(random_serial()?);
         p.use_authority_key_identifier_extension = false;
@@ -178,7 +178,7 @@ impl Ca {
                 not_after: self.not_after,
             });
         }
-        let not_before = (now - BACKDATE).max(self.not_before);
+        let not_before = (now - backdate(params.ttl)).max(self.not_before);
         let not_after = (now + params.ttl).min(self.not_after);
         let spki =
             rcgen::SubjectPublicKeyInfo::from_der(csr.spki()).map_err(CsrError::PublicKey)?;

@@ -215,6 +215,10 @@ pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Longest SVID lifetime we issue.
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Certificates start this much before issuance, to tolerate small clock differences between
-/// nodes (as SPIRE does).
-pub(crate) const BACKDATE: Duration = Duration::from_secs(10);
+/// How long before issuance a certificate valid for `ttl` starts, so a peer whose clock is
+/// behind the issuer's still accepts it: a tenth of the lifetime, between 10 s and 5 minutes
+/// (an SVID of the default hour tolerates a clock 5 minutes behind). Bounded by the
+/// lifetime, because renewal at half-life counts from the start.
+pub(crate) fn backdate(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_secs(10), Duration::from_secs(5 * 60))
+}

@@ -177,17 +177,32 @@ pub enum SvidError {
     /// A certificate could not be parsed.
     #[error("malformed certificate: {0}")]
     Malformed(#[source] MalformedCert),
-    /// A certificate in the chain has expired.
-    #[error("certificate expired at {}", rfc3339(*not_after))]
+    /// A certificate in the chain has expired. The message names the clock it was judged
+    /// by: the usual cause of a certificate that should be current is a clock that is off.
+    #[error(
+        "certificate expired at {} by this machine's clock, which reads {}: if the clock is \
+         wrong, correct it",
+        rfc3339(*not_after),
+        rfc3339(*now)
+    )]
     Expired {
         /// Its expiry.
         not_after: SystemTime,
+        /// The time it was verified at (this machine's clock).
+        now: SystemTime,
     },
-    /// A certificate in the chain is not valid yet.
-    #[error("certificate is not valid until {}", rfc3339(*not_before))]
+    /// A certificate in the chain is not valid yet (see [`SvidError::Expired`]).
+    #[error(
+        "certificate is not valid until {} by this machine's clock, which reads {}: if the \
+         clock is wrong, correct it",
+        rfc3339(*not_before),
+        rfc3339(*now)
+    )]
     NotYetValid {
         /// Its start of validity.
         not_before: SystemTime,
+        /// The time it was verified at (this machine's clock).
+        now: SystemTime,
     },
     /// The chain does not lead to a CA in the trust bundle.
     #[error("certificate is not signed by a CA of the trust bundle")]

@@ -214,9 +214,10 @@ impl Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::CertificateExpired => {
-                f.write_str("our certificate has expired or is not yet valid")
-            }
+            Self::CertificateExpired => f.write_str(
+                "our certificate has expired or is not yet valid by the server's clock (if it \
+                 is current, that clock or this machine's is wrong)",
+            ),
             Self::Revoked => f.write_str("our certificate has been revoked"),
             Self::UnknownCa => {
                 f.write_str("our certificate is not signed by a CA the server trusts")

@@ -525,6 +525,11 @@ pub(crate) struct ConnArgs {
     /// Transport: QUIC, TLS over TCP, or QUIC falling back to TCP when UDP is blocked.
     #[arg(long, value_enum, default_value_t = PathArg::Auto)]
     pub(crate) path: PathArg,
+    /// Longest silence a QUIC connection survives before it is given up as dead (and a
+    /// transfer reconnects and resumes), e.g. `10s`; at least 5s. Match the node's
+    /// `[limits] idle_timeout`.
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub(crate) idle_timeout: humantime::Duration,
 }
 
 /// Options of pulls and pushes.

@@ -13,7 +13,8 @@ use serde_json::Value;
 mod common;
 
 use common::{
-    NODE_TOML, Node, Site, client, json, kill_at_a_third, library_client, ok, p, run, write_data,
+    NODE_TOML, Node, Site, client, intact_chunks, json, kill_at_a_third, library_client, ok, p,
+    partial_in, run, write_data,
 };
 
 #[test]
@@ -620,4 +621,195 @@ fn a_pull_into_the_callers_memory_allocates_nothing_of_the_objects_size() {
             "{e}"
         );
     });
+}
+
+/// Kills a paced client command once `at_least` chunks landed (see
+/// [`common::kill_once_landed`]), then flips one bit in the first intact chunk. Returns the
+/// chunks still intact (the flipped one excluded).
+fn kill_mid_transfer_and_flip_a_bit(
+    cmd: std::process::Command,
+    find: impl Fn() -> Option<std::path::PathBuf>,
+    data: &[u8],
+    chunk: usize,
+    at_least: usize,
+) -> usize {
+    let file = common::kill_once_landed(cmd, &find, data, chunk, at_least, false);
+    let intact = intact_chunks(&file, data, chunk);
+    let victim = intact[0];
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[victim * chunk + chunk / 2] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+    assert_eq!(intact_chunks(&file, data, chunk).len(), intact.len() - 1);
+    intact.len() - 1
+}
+
+/// A client killed mid-transfer leaves a partial file (its own for a pull, the node's for
+/// a push); one bit of a chunk it had verified flips on disk before the transfer is run
+/// again. The resume re-hashes what is on disk, so that chunk crosses the network again and
+/// the result is byte-identical; every other intact chunk is kept.
+#[test]
+fn a_bit_flipped_in_a_partial_file_is_not_trusted_by_the_resume() {
+    let site = Site::new();
+    let data = write_data(&site.path("storage/datasets/scans/big.bin"), 16 << 20, 21);
+    let node = Node::start(&site);
+
+    // Pull side: the client's `.NAME.transportd-partial`, 1 MiB chunks.
+    let gpu = site.path("gpu");
+    std::fs::create_dir_all(&gpu).unwrap();
+    let dest = gpu.join("big.bin");
+    let pull = || {
+        let mut c = common::bin();
+        c.arg("pull")
+            .args(client(&site, "loader", &node, "tcp"))
+            .args(["--json", "scans/big.bin", p(&dest)]);
+        c
+    };
+    let partial = gpu.join(".big.bin.transportd-partial");
+    let kept =
+        kill_mid_transfer_and_flip_a_bit(pull(), || Some(partial.clone()), &data, 1 << 20, 4);
+    let out = pull().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out);
+    assert_eq!(r["verified"], true, "{r}");
+    let report = &r["objects"][0]["report"];
+    assert_eq!(report["chunks"], 16, "{report}");
+    assert_eq!(report["chunks_reused"], kept as u64, "{report}");
+    assert_eq!(digest_file(&dest).unwrap(), Digest::of(&data));
+
+    // Push side: the node's `.transportd-partial-*`, 4 MiB chunks.
+    let src = gpu.join("step-1.ckpt");
+    let data = write_data(&src, 32 << 20, 22);
+    let push = || {
+        let mut c = common::bin();
+        c.arg("push")
+            .args(client(&site, "loader", &node, "tcp"))
+            .args(["--json", p(&src), "checkpoints/run/step-1.ckpt"]);
+        c
+    };
+    let dir = site.path("storage/datasets/checkpoints/run");
+    let kept = kill_mid_transfer_and_flip_a_bit(
+        push(),
+        || partial_in(&dir, ".transportd-partial-"),
+        &data,
+        4 << 20,
+        2,
+    );
+    let stored = dir.join("step-1.ckpt");
+    assert!(!stored.exists(), "a partial object became visible");
+    let out = push().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = &json(&out)["objects"][0]["report"];
+    assert_eq!(report["chunks"], 8, "{report}");
+    assert_eq!(report["chunks_skipped"], kept as u64, "{report}");
+    assert_eq!(digest_file(&stored).unwrap(), Digest::of(&data));
+}
+
+/// `transportd` run with its wall clock moved by `offset` (libfaketime's `[+-]N[smhd]`,
+/// preloaded: the `faketime` wrapper would stand between the test and the process it
+/// kills); monotonic time is left alone.
+fn skewed(offset: &str) -> std::process::Command {
+    let lib = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|l| l.exists())
+        .expect("libfaketime (Debian package faketime; scripts/test.sh installs it)");
+    let mut c = common::bin();
+    c.env("LD_PRELOAD", lib)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c
+}
+
+/// Clock skew between nodes (libfaketime moves one process's wall clock). A client or a
+/// node whose clock is four minutes off either way still works: SVIDs start a tenth of
+/// their lifetime before issuance (5 minutes for the default hour). One whose clock is
+/// two days off is refused with an error that names the clock, on the side that notices.
+#[test]
+fn minutes_of_clock_skew_still_work_and_days_get_an_error_naming_the_clock() {
+    let site = Site::new();
+    let data = write_data(&site.path("storage/datasets/scans/a.bin"), 100_000, 41);
+    let dest = site.path("a.bin");
+    let pull = |mut c: std::process::Command, node: &Node, path: &str| {
+        let _ = std::fs::remove_file(&dest);
+        c.arg("pull")
+            .args(client(&site, "loader", node, path))
+            .args(["--retries", "0", "scans/a.bin", p(&dest)])
+            .output()
+            .unwrap()
+    };
+    let works = |out: std::process::Output, what: &str| {
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), data, "{what}");
+    };
+    let refused = |out: std::process::Output, what: &str, says: &str| {
+        assert_eq!(out.status.code(), Some(77), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says) && err.contains("clock"), "{what}: {err}");
+    };
+
+    // The client's clock is off; the node's is right.
+    let node = Node::start(&site);
+    for path in ["quic", "tcp"] {
+        for off in ["-4m", "+4m"] {
+            works(
+                pull(skewed(off), &node, path),
+                &format!("client {off} {path}"),
+            );
+        }
+        refused(
+            pull(skewed("-2d"), &node, path),
+            &format!("client -2d {path}"),
+            "is not valid until",
+        );
+        refused(
+            pull(skewed("+2d"), &node, path),
+            &format!("client +2d {path}"),
+            "expired at",
+        );
+    }
+    drop(node);
+
+    // The node's clock is off; the client's is right.
+    let node = Node::start_with(&site, skewed("-4m"));
+    works(pull(common::bin(), &node, "quic"), "node -4m");
+    drop(node);
+    let node = Node::start_with(&site, skewed("+2d"));
+    refused(
+        pull(common::bin(), &node, "quic"),
+        "node +2d",
+        "by the server's clock",
+    );
+}
+
+/// `--idle-timeout` below the node's own minimum (5 s) is refused before connecting.
+#[test]
+fn an_idle_timeout_below_five_seconds_is_refused() {
+    let site = Site::new();
+    let out = run(&[
+        "pull",
+        "--node",
+        "127.0.0.1:9",
+        "--identity",
+        p(&site.path("loader")),
+        "--idle-timeout",
+        "4s",
+        "scans/a.bin",
+        p(&site.path("a.bin")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--idle-timeout must be at least 5s"), "{err}");
 }

@@ -912,3 +912,131 @@ fn a_push_into_a_full_data_disk_gets_no_space_and_completes_once_space_returns()
     assert_eq!(names, ["step-1.ckpt"]);
     assert_eq!(metric(&node, "transportd_partial_files"), 0.0);
 }
+
+/// Open file descriptors of process `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A forged QUIC Initial: a valid long header (version 1, random connection IDs) and a
+/// random payload no key opens, padded to 1200 bytes.
+fn forged_initial(seed: u64) -> Vec<u8> {
+    let noise = libtransport::test_util::random_bytes(1200, seed);
+    let mut d = vec![0xc3, 0, 0, 0, 1, 8];
+    d.extend_from_slice(&noise[..8]);
+    d.push(8);
+    d.extend_from_slice(&noise[8..16]);
+    d.push(0); // No token.
+    let rest = 1200 - d.len() - 2;
+    d.extend_from_slice(&(0x4000u16 | rest as u16).to_be_bytes());
+    d.extend_from_slice(&noise[16..16 + rest]);
+    d
+}
+
+/// The node's descriptors return to where they were at rest after hostile input: garbage
+/// bytes on TCP, TLS handshakes abandoned half-way, forged QUIC Initials, and clients
+/// killed mid-pull on both paths. The control: while the hostile connections are held, the
+/// count is above the baseline, so the poll that waits for the return would see a leak.
+#[test]
+fn descriptors_return_to_baseline_after_hostile_input() {
+    use std::io::Write;
+    let site = Site::new();
+    // A short idle timeout, so the QUIC connection of a killed client ends in seconds.
+    let toml = NODE_TOML.replace(
+        "chunk_size = \"1MiB\"",
+        "chunk_size = \"1MiB\"\nidle_timeout = \"5s\"",
+    );
+    std::fs::write(site.config(), toml).unwrap();
+    let data = write_data(&site.path("storage/datasets/scans/big.bin"), 16 << 20, 31);
+    let node = Node::start(&site);
+    let pid = node.child.id();
+    let gpu = site.path("gpu");
+    std::fs::create_dir_all(&gpu).unwrap();
+    let pull = |path: &str, dest: &std::path::Path| {
+        let mut c = bin();
+        c.arg("pull")
+            .args(client(&site, "loader", &node, path))
+            .args(["scans/big.bin", p(dest)]);
+        c
+    };
+    // One pull on each path first, so whatever the node opens once and keeps is open.
+    for path in ["quic", "tcp"] {
+        let out = pull(path, &gpu.join(format!("warm-{path}.bin")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let baseline = fds(pid);
+
+    // Held: garbage on TCP, and ClientHellos cut off half-way (the record promises more).
+    let mut held = Vec::new();
+    for i in 0..20u64 {
+        let mut s = std::net::TcpStream::connect(&node.tcp).unwrap();
+        s.write_all(&libtransport::test_util::random_bytes(300, i))
+            .unwrap();
+        held.push(s);
+        let mut s = std::net::TcpStream::connect(&node.tcp).unwrap();
+        s.write_all(&[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ])
+        .unwrap();
+        held.push(s);
+    }
+    // Forged Initials from one UDP socket.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200 {
+        udp.send_to(&forged_initial(1000 + i), &node.quic).unwrap();
+    }
+    // The control: the hostile connections show in the count.
+    wait_until(
+        "the held connections to show in the node's descriptors",
+        || fds(pid) >= baseline + 20,
+    );
+    let during = fds(pid);
+    eprintln!("node descriptors: {baseline} at rest, {during} with hostile connections held");
+    drop(held);
+
+    // Clients killed mid-pull, one on each path.
+    for path in ["quic", "tcp"] {
+        let dest = gpu.join(format!("killed-{path}.bin"));
+        let partial = gpu.join(format!(".killed-{path}.bin.transportd-partial"));
+        common::kill_once_landed(
+            pull(path, &dest),
+            || Some(partial.clone()),
+            &data,
+            1 << 20,
+            2,
+            false,
+        );
+    }
+
+    // Back to the baseline (the killed QUIC client's connection ends at the idle timeout).
+    #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now_fds = fds(pid);
+        if now_fds <= baseline {
+            break;
+        }
+        #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+        let now = std::time::Instant::now();
+        assert!(
+            now < deadline,
+            "{now_fds} descriptors open 60 s after the hostile input ({baseline} at rest, {during} during)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And the node still serves.
+    let out = pull("tcp", &gpu.join("after.bin")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -367,6 +367,11 @@ pub(crate) async fn connect(
     let (identity, workload) = identity_for(conn).await?;
     let mut transport = TransportConfig::default();
     transport.rdma(rdma);
+    let idle = Duration::from(conn.idle_timeout);
+    if idle < Duration::from_secs(5) {
+        anyhow::bail!("--idle-timeout must be at least 5s");
+    }
+    transport.idle_timeout(idle);
     if let Some(p) = parallel {
         transport.parallel_chunks(p).context("--parallel")?;
     }

@@ -331,3 +331,104 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The chunks of `chunk` bytes that `file` holds exactly as `data` has them.
+pub fn intact_chunks(file: &Path, data: &[u8], chunk: usize) -> Vec<usize> {
+    let held = std::fs::read(file).unwrap_or_default();
+    data.chunks(chunk)
+        .enumerate()
+        .filter(|(i, c)| held.get(i * chunk..i * chunk + c.len()) == Some(*c))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The partial file in `dir` whose name starts with `prefix` (not a sidecar), if any.
+pub fn partial_in(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        (n.starts_with(prefix) && !n.ends_with(".meta")).then(|| e.path())
+    })
+}
+
+/// The chunks of `chunk` bytes that `file` holds in part: not intact (see
+/// [`intact_chunks`]), but with data written (a pre-sized partial file reads zeros where
+/// nothing was written, and `data` is random).
+pub fn half_chunks(file: &Path, data: &[u8], chunk: usize) -> Vec<usize> {
+    let held = std::fs::read(file).unwrap_or_default();
+    let intact = intact_chunks(file, data, chunk);
+    held.chunks(chunk)
+        .enumerate()
+        .filter(|(i, c)| !intact.contains(i) && c.iter().any(|b| *b != 0))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The number of chunks of `data` the partial file holds whole, and whether it holds one in
+/// part, once they stop changing (data still queued when a connection went may land after
+/// its transfer ended), within 30 s.
+pub fn settled(partial: &Path, data: &[u8], chunk: usize) -> (u64, bool) {
+    let look = || {
+        (
+            intact_chunks(partial, data, chunk).len() as u64,
+            !half_chunks(partial, data, chunk).is_empty(),
+        )
+    };
+    let mut last = look();
+    for _ in 0..150 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = look();
+        if std::mem::replace(&mut last, now) == now {
+            return now;
+        }
+    }
+    panic!("{} kept changing for 30 s", partial.display());
+}
+
+/// Runs a client command paced to 4 MiB/s, one chunk at a time over one connection, until
+/// the partial file that `find` locates holds `at_least` intact chunks of `data` (and, if
+/// `mid_chunk`, a chunk written in part), then kills it with SIGKILL. Returns the partial
+/// file's path once it has [`settled`].
+pub fn kill_once_landed(
+    mut cmd: Command,
+    find: impl Fn() -> Option<PathBuf>,
+    data: &[u8],
+    chunk: usize,
+    at_least: usize,
+    mid_chunk: bool,
+) -> PathBuf {
+    let mut child = cmd
+        .args([
+            "--parallel",
+            "1",
+            "--connections",
+            "1",
+            "--max-rate",
+            "4MiB",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if find().is_some_and(|f| {
+            intact_chunks(&f, data, chunk).len() >= at_least
+                && (!mid_chunk || !half_chunks(&f, data, chunk).is_empty())
+        }) {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the transfer ended before it could be interrupted"
+        );
+        #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+        let now = std::time::Instant::now();
+        assert!(now < deadline, "no {at_least} chunks landed within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let file = find().unwrap();
+    settled(&file, data, chunk);
+    file
+}
