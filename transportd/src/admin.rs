@@ -78,6 +78,7 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             state.metrics.set_svid_expiry(svid_expiry_seconds(state));
+            state.metrics.set_audit_writable(state.audit.is_healthy());
             if let Some((q, _)) = &state.witness {
                 let s = q.status();
                 state.metrics.set_audit_witness(
@@ -99,7 +100,9 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 problems.push("the node's SVID has expired");
             }
             if !state.audit.is_healthy() {
-                problems.push("the audit trail cannot be written");
+                problems.push(
+                    "the audit trail cannot be written (new transfers are refused until it can)",
+                );
             }
             // Serving goes on over a broken trail, but its breaks are said wherever anyone
             // looks: here, in the metrics, the log and the trail itself.
