@@ -20,9 +20,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 
 /// What the disk does with operations that change it.
@@ -75,7 +75,11 @@ impl FaultyFs {
 
     /// Sets what the disk does from now on; operations blocked by [`Mode::Hang`] go on.
     pub fn set(&self, mode: Mode) {
-        *self.switch.mode.lock().unwrap_or_else(PoisonError::into_inner) = mode;
+        *self
+            .switch
+            .mode
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = mode;
         self.switch.changed.notify_all();
     }
 }
@@ -109,10 +113,7 @@ impl Switch {
     fn gate(&self) -> Result<(), Errno> {
         let mut m = self.mode.lock().unwrap_or_else(PoisonError::into_inner);
         while *m == Mode::Hang {
-            m = self
-                .changed
-                .wait(m)
-                .unwrap_or_else(PoisonError::into_inner);
+            m = self.changed.wait(m).unwrap_or_else(PoisonError::into_inner);
         }
         if *m == Mode::Fail {
             return Err(Errno::EIO);

@@ -397,7 +397,9 @@ impl NodeConfig {
             audit.checkpoint_interval = every;
         }
         if let Some(bound) = f.audit.write_timeout {
-            if bound < std::time::Duration::from_millis(100) || bound > std::time::Duration::from_secs(60) {
+            if bound < std::time::Duration::from_millis(100)
+                || bound > std::time::Duration::from_secs(60)
+            {
                 return Err(invalid("audit.write_timeout", "must be from 100ms to 60s"));
             }
             audit.write_timeout = bound;

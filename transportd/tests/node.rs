@@ -470,17 +470,7 @@ fn a_full_audit_disk_stops_new_transfers_until_space_returns() {
         "the tmpfs is visible outside the namespace"
     );
 
-    let pull = |dest: &str| {
-        let mut args = vec!["pull".to_owned()];
-        args.extend(client(&site, "loader", &node, "tcp"));
-        args.extend([
-            "--retries".into(),
-            "0".into(),
-            "scans/a.bin".into(),
-            p(&site.path(dest)).into(),
-        ]);
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let pull = |dest: &str| pull_once(&site, &node, dest);
     assert!(pull("before.bin").status.success());
 
     // Fill the disk.

@@ -5,25 +5,46 @@
 //!   DIR/audit-000002.jsonl   the chain continues across segments
 //!   DIR/checkpoint.json      the latest checkpoint's seq and hash, replaced atomically
 //!   DIR/.lock                held by the one process that appends
+//!   DIR/synced               the last fsynced record's seq and hash, rewritten in place
 //! ```
 //!
-//! Each record is one `write` of a whole line with `O_APPEND`. A write that fails (disk full,
-//! permissions) is cut back off the file, the chain does not advance, and the error goes to
-//! the caller, who refuses the work it was about: the trail fails closed. The next write that
-//! succeeds makes the sink healthy again. Checkpoints, signed with the node's SVID key, are
-//! written when the sink opens, by [`FileSink::tick`] (call it every second or so: it signs
-//! once `checkpoint_interval` has passed since the last one with records after it), when a
-//! segment is sealed, and by [`FileSink::close`] at shutdown; each is fsynced and recorded
-//! in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches it, and, with
-//! [`FileSinkConfig::witness`], queued for a witness off the node (`audit/witness.rs`).
-//! Segments are sealed by size and age and never deleted by the daemon.
+//! Records are written by a thread of the sink's own, the writer, never by the caller:
+//! [`AuditSink::record`] encodes its record (the one allocation, with room ahead for the
+//! chain's `seq` and `prev`), queues it, and waits for the writer to link and append it
+//! (and, with [`FsyncSchedule::Record`], fsync it) for at most
+//! [`FileSinkConfig::write_timeout`]. Each record is one `write` of a whole line with
+//! `O_APPEND`; a write that fails is cut back off the file and the chain does not advance.
+//!
+//! **Stalls.** When a write or fsync fails (full, EIO) or a caller's wait runs out (a disk
+//! that does not answer), or the queue ([`FileSinkConfig::queue`]) is full, the trail is
+//! stalled: that caller gets [`AuditError::Unavailable`] and refuses the work its record was
+//! about (the trail fails closed), [`AuditSink::is_healthy`] turns false, and from then on
+//! every new record is refused at once without being queued. The writer keeps trying the
+//! record it holds (pausing up to a second between attempts) and never drops one: records
+//! queued before the stall are written when the disk answers again, and then an
+//! `audit_stalled` record (since when, how long, what failed first, how many records were
+//! refused, which were written late) is the probe whose success ends the stall. Only a
+//! sink closed while its disk still fails gives up the records it holds (logged).
+//!
+//! **Checkpoints**, signed with the node's SVID key, are written by the writer when the sink
+//! opens, once `checkpoint_interval` has passed since the last one with records after it
+//! ([`FileSink::tick`] only wakes the writer), when a segment is sealed, by
+//! [`FileSink::checkpoint`], and by [`FileSink::close`] at shutdown; each is fsynced and
+//! recorded in `checkpoint.json`, so a trail cut back past a checkpoint no longer matches
+//! it, and, with [`FileSinkConfig::witness`], queued for a witness off the node
+//! (`audit/witness.rs`). Segments are sealed by size and age and never deleted by the
+//! daemon. Records are fsynced on [`FileSinkConfig::fsync`]'s schedule, and after every
+//! fsync `synced` names the last record on disk for sure.
 //!
 //! On open the sink checks the trail from the latest checkpoint to its end: records cut off
 //! after it, a record there changed, a half-written last line, or records without a
 //! `checkpoint.json` are never papered over. Each break is logged, kept in
 //! [`FileSink::breaks`] for the node's metrics and `/readyz`, and recorded as a
 //! `trail_broken` record (naming the old checkpoint) before the sink's first checkpoint, so
-//! `audit verify` reports it after any number of restarts.
+//! `audit verify` reports it after any number of restarts. A trail that ends before the
+//! record `synced` names was cut after its records reached the disk: a `cut` break. A trail
+//! with records after its latest checkpoint was not closed (a crash, a kill, a power cut):
+//! an `unclean_stop` record says so, with the last record found and the last fsynced.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -563,6 +584,11 @@ impl AuditSink for FileSink {
                 "a record was not written within audit.write_timeout (the disk fails or does not answer)",
             ));
         }
+        if st.failed.as_ref().is_some_and(|(t, _)| *t == ticket) {
+            return Err(AuditError::Unavailable(
+                "the trail closed before the record was written",
+            ));
+        }
         Ok(())
     }
 
@@ -587,7 +613,7 @@ impl Writer {
     /// The writer's loop: jobs in order; when idle, what the clock asks for.
     fn run(mut self) {
         loop {
-            let (job, tick) = {
+            let job = {
                 let mut st = self.shared.lock();
                 if st.queue.is_empty() && !st.tick {
                     st = self
@@ -597,7 +623,9 @@ impl Writer {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                (st.queue.pop_front(), std::mem::take(&mut st.tick))
+                // `tick` only wakes the writer early: the clock decides below.
+                st.tick = false;
+                st.queue.pop_front()
             };
             match job {
                 Some((ticket, Job::Line(mut buf))) => {
@@ -607,13 +635,18 @@ impl Writer {
                             dir = %self.cfg.dir.display(),
                             "audit record lost at shutdown: the trail cannot be written"
                         );
-                    }
-                    // With `record`, the records queued behind it share its fsync.
-                    if self.cfg.fsync == FsyncSchedule::Record && self.queue_is_idle() {
+                        self.finish(
+                            ticket,
+                            Some("the trail closed before the record was written".into()),
+                        );
+                    } else if self.cfg.fsync != FsyncSchedule::Record {
+                        self.finish(ticket, None);
+                    } else if self.queue_is_idle() {
+                        // With `record`, the records queued behind one share its fsync.
                         self.sync_retrying();
+                        self.finish(ticket, None);
                     }
-                    self.finish(ticket, None);
-                    // Its caller may have given up; or the next will, behind it.
+                    // Else the next job (a record, a checkpoint) fsyncs and answers for it.
                 }
                 Some((ticket, Job::Checkpoint)) => {
                     let r = self.checkpoint().err().map(|e| e.to_string());
@@ -638,12 +671,11 @@ impl Writer {
             let due = self.chain.next_seq() > self.sealed_seq + 1
                 && now.saturating_duration_since(self.last_checkpoint)
                     >= self.cfg.checkpoint_interval;
-            // `tick` only wakes the writer early: the same test decides.
-            let _ = tick;
-            if due && self.shared.healthy.load(Ordering::Relaxed) {
-                if let Err(e) = self.checkpoint() {
-                    tracing::warn!(error = %e, "audit checkpoint failed");
-                }
+            if due
+                && self.shared.healthy.load(Ordering::Relaxed)
+                && let Err(e) = self.checkpoint()
+            {
+                tracing::warn!(error = %e, "audit checkpoint failed");
             }
             if let (FsyncSchedule::Interval(every), Some(since)) =
                 (self.cfg.fsync, self.unsynced_since)
@@ -736,6 +768,16 @@ impl Writer {
             let Some(s) = &st.stall else { return };
             (s.since, s.began, s.refused, s.error.clone(), s.late)
         };
+        // Records written and not fsynced must reach the disk first: a disk that takes
+        // writes but fails fsyncs is still stalled.
+        if self.cfg.fsync != FsyncSchedule::Checkpoint
+            && self.unsynced_since.is_some()
+            && let Err(e) = self.sync()
+        {
+            tracing::debug!(error = %e, "audit trail still not writable");
+            std::thread::sleep(RETRY_MAX);
+            return;
+        }
         let now = self.clock.instant();
         let record = AuditRecord {
             time: self.clock.now(),
@@ -749,13 +791,16 @@ impl Writer {
                 error,
             },
         };
-        let written = self.write_record(&record).map_err(|e| e.to_string()).and_then(|()| {
-            if self.cfg.fsync == FsyncSchedule::Record {
-                self.sync().map_err(|e| e.to_string())
-            } else {
-                Ok(())
-            }
-        });
+        let written = self
+            .write_record(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                if self.cfg.fsync == FsyncSchedule::Record {
+                    self.sync().map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = written {
             tracing::debug!(error = %e, "audit trail still not writable");
             std::thread::sleep(RETRY_MAX);
@@ -809,7 +854,8 @@ impl Writer {
             return Err(e);
         }
         self.bytes += line.len() as u64;
-        self.unsynced_since.get_or_insert_with(|| self.clock.instant());
+        self.unsynced_since
+            .get_or_insert_with(|| self.clock.instant());
         Ok(())
     }
 
@@ -869,7 +915,10 @@ impl Writer {
         self.last_checkpoint = self.clock.instant();
         if let Some(q) = &self.cfg.witness {
             let hash = self.chain.prev();
-            q.push(WitnessedCheckpoint { seq, prev, hash }, self.last_checkpoint);
+            q.push(
+                WitnessedCheckpoint { seq, prev, hash },
+                self.last_checkpoint,
+            );
         }
         Ok(())
     }
@@ -1248,8 +1297,7 @@ mod tests {
 
     fn sink(dir: &Path, tune: impl FnOnce(&mut FileSinkConfig)) -> FileSink {
         let pki = certs::test_util::TestPki::new("hospital.example");
-        let signer: Arc<dyn Signer> =
-            Arc::new(crate::test_util::identity(&pki, "/node/storage"));
+        let signer: Arc<dyn Signer> = Arc::new(crate::test_util::identity(&pki, "/node/storage"));
         let mut cfg = FileSinkConfig::new(dir);
         cfg.checkpoint_interval = Duration::from_secs(3600);
         cfg.write_timeout = Duration::from_millis(300);
@@ -1314,7 +1362,10 @@ mod tests {
         assert_eq!(stall["late"], 1, "{stall}");
         let during = ev.iter().find(|r| r["reason"] == "during").unwrap();
         assert_eq!(stall["late_first_seq"], during["seq"]);
-        assert!(stall["error"].as_str().unwrap().contains("os error 5"), "{stall}");
+        assert!(
+            stall["error"].as_str().unwrap().contains("os error 5"),
+            "{stall}"
+        );
         assert!(stall["seq"].as_u64() > during["seq"].as_u64());
         super::super::verify(tmp.path(), None).unwrap();
     }
@@ -1445,7 +1496,6 @@ mod tests {
         }
         sink.close().unwrap();
     }
-
 
     /// A signer whose key cannot sign checkpoints.
     #[derive(Debug)]
