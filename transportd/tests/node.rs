@@ -990,7 +990,12 @@ fn recovers_and_records_the_stall(site: &Site, mut node: Node, error: &str) {
         .expect("an audit_stalled record");
     assert!(stall["refused"].as_u64().unwrap() >= 1, "{stall}");
     assert!(stall["error"].as_str().unwrap().contains(error), "{stall}");
-    ok(&["audit", "verify", p(&site.path("storage/audit"))]);
+    let out = ok(&["audit", "verify", p(&site.path("storage/audit"))]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("1 stall(s) of the trail's disk on record"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -1367,7 +1367,9 @@ mod tests {
             "{stall}"
         );
         assert!(stall["seq"].as_u64() > during["seq"].as_u64());
-        super::super::verify(tmp.path(), None).unwrap();
+        // A stall is not a break: the trail verifies, and the report counts it.
+        let report = super::super::verify(tmp.path(), None).unwrap();
+        assert_eq!((report.stalls, report.refused_in_stalls), (1, 6));
     }
 
     #[test]
@@ -1466,7 +1468,8 @@ mod tests {
         assert_eq!(unclean["last_seq"], last["seq"]);
         assert_eq!(unclean["synced_seq"], last["seq"]);
         assert_eq!(unclean["fsync"], "1s");
-        super::super::verify(&crashed, None).unwrap();
+        let report = super::super::verify(&crashed, None).unwrap();
+        assert_eq!(report.unclean_stops, 1);
 
         // Fsynced records cut off back to the checkpoint: without `synced` this looks
         // like a clean stop (the control), with it the cut is a break naming the records.
