@@ -579,3 +579,49 @@ impl fuser::Filesystem for Passthrough {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    #[ignore = "needs root (FUSE): run with --ignored"]
+    fn writes_pass_fail_with_eio_or_hang_until_switched_back() {
+        let tmp = std::env::temp_dir().join(format!("faultyfs-{}", std::process::id()));
+        let (backing, mnt) = (tmp.join("backing"), tmp.join("mnt"));
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let fs = FaultyFs::mount(&backing, &mnt).unwrap();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(mnt.join("log"))
+            .unwrap();
+        f.write_all(b"one\n").unwrap();
+        f.sync_data().unwrap();
+        assert_eq!(std::fs::read(backing.join("log")).unwrap(), b"one\n");
+
+        fs.set(Mode::Fail);
+        let e = f.write_all(b"two\n").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(5), "{e}");
+        assert_eq!(f.sync_data().unwrap_err().raw_os_error(), Some(5));
+
+        fs.set(Mode::Hang);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let r = f.write_all(b"three\n");
+            tx.send(()).unwrap();
+            r
+        });
+        // Still blocked well after the write was issued (the control for the wait below).
+        assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+        fs.set(Mode::Pass);
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(std::fs::read(backing.join("log")).unwrap(), b"one\nthree\n");
+        drop(fs);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
