@@ -165,7 +165,9 @@ if [ "$quick" = 1 ]; then
     echo "== skipped the fuzz runs (--quick)" >&2
 fi
 
-# Tests that need root: network namespaces (netlab), mount namespaces (a full audit disk).
+# Tests that need root: network namespaces (netlab), mount namespaces (a full audit disk),
+# FUSE (an audit disk that fails or hangs: netlab's faultyfs mounts through /dev/fuse itself,
+# no libfuse or fusermount needed).
 # Among the ignored tests too: py-spiffe, the SPIFFE Python client (grpc-core underneath),
 # against a node's Workload API, from a venv of its own.
 if [ "$(id -u)" = 0 ]; then

@@ -26,7 +26,9 @@ mod verify;
 mod witness;
 
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
-pub use file::{CheckpointSignature, FileSink, FileSinkConfig, SignError, Signer, TrailBreak};
+pub use file::{
+    CheckpointSignature, FileSink, FileSinkConfig, FsyncSchedule, SignError, Signer, TrailBreak,
+};
 pub use verify::{
     Query, VerifyError, VerifyReport, WitnessReport, query, read_receipts, verify, verify_witnessed,
 };
@@ -361,6 +363,43 @@ pub enum AuditEvent {
         /// The last record the trail held when the node opened it; this record follows it.
         last_seq: u64,
     },
+    /// The node found its trail not closed when it opened it: the process stopped without
+    /// its closing checkpoint (a crash, a kill, a power cut). Not a break: the records on
+    /// disk are whole. But records acknowledged after `last_seq` and not yet fsynced, if
+    /// any, were lost with the page cache: at most what the `fsync` schedule leaves
+    /// unsynced (nothing with `record`).
+    UncleanStop {
+        /// The last record the trail held; this record follows it.
+        last_seq: u64,
+        /// The last record known fsynced (the `synced` file), if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        synced_seq: Option<u64>,
+        /// The fsync schedule in force now (`record`, `checkpoint`, or a duration).
+        fsync: String,
+    },
+    /// The trail could not be written for a while (a disk that failed or stopped
+    /// answering): new records were refused, and the work they were about with them.
+    /// Written by the node once the trail is writable again, after the records that had
+    /// been queued when the stall began.
+    AuditStalled {
+        /// When the stall began.
+        #[serde(serialize_with = "rfc3339")]
+        since: SystemTime,
+        /// How long it lasted.
+        duration_ms: u64,
+        /// Records refused meanwhile (each refused the work it was about; records of
+        /// refused connections and denials among them are not in the trail).
+        refused: u64,
+        /// Records that were waiting when the stall began, written late (before this
+        /// record); the work of those whose caller gave up waiting was refused.
+        late: u64,
+        /// The first of them.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        late_first_seq: Option<u64>,
+        /// What failed first (the I/O error, or the wait that ran out); never record
+        /// contents.
+        error: String,
+    },
     /// A witness refused a node's checkpoint (issuer trail): it conflicts with the one held
     /// for its seq, or goes back before the latest held. Either means the node's trail was
     /// rewritten or cut back after it was witnessed.
@@ -471,6 +510,9 @@ pub enum AuditError {
     /// A checkpoint could not be signed.
     #[error("audit checkpoint: {0}")]
     Sign(#[from] SignError),
+    /// The record was not written in time, or the trail's writer is stalled or closed.
+    #[error("audit trail: {0}")]
+    Unavailable(&'static str),
 }
 
 /// Discards everything. For embedding where the host application keeps its own trail.

@@ -40,6 +40,7 @@ pub struct Metrics {
     chunk_failures: Counter,
     audit_errors: Counter,
     audit_breaks: Gauge,
+    audit_writable: Gauge,
     unwitnessed: Gauge,
     last_witnessed: Gauge,
     witness_refusals: Gauge,
@@ -138,6 +139,12 @@ impl Metrics {
             "Breaks on record in this node's audit trail (records cut off, changed or torn, found when it started); `transportd audit verify` fails while there are any",
             audit_breaks.clone(),
         );
+        let audit_writable = Gauge::default();
+        registry.register(
+            "audit_writable",
+            "1 while the audit trail can be written; 0 while its disk fails or does not answer within audit.write_timeout (new transfers are refused meanwhile)",
+            audit_writable.clone(),
+        );
         let unwitnessed = Gauge::default();
         registry.register(
             "audit_checkpoints_unwitnessed",
@@ -198,6 +205,7 @@ impl Metrics {
             chunk_failures,
             audit_errors,
             audit_breaks,
+            audit_writable,
             unwitnessed,
             last_witnessed,
             witness_refusals,
@@ -335,6 +343,11 @@ impl Metrics {
     /// An audit record could not be written.
     pub fn audit_error(&self) {
         self.audit_errors.inc();
+    }
+
+    /// Sets whether the audit trail can be written now.
+    pub fn set_audit_writable(&self, writable: bool) {
+        self.audit_writable.set(i64::from(writable));
     }
 
     /// Sets the breaks on record in the node's audit trail.

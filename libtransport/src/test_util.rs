@@ -216,6 +216,9 @@ pub fn rebuild_trail(
         "hash": prev.to_hex(),
     });
     std::fs::write(dir.join("checkpoint.json"), head.to_string()).expect("checkpoint.json");
+    // And, as an insider would, the note of the last fsynced record, which would otherwise
+    // give a trail cut back away at the next start.
+    let _ = std::fs::remove_file(dir.join("synced"));
     changed_at
 }
 

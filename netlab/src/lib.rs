@@ -82,6 +82,7 @@ pub use nix::sys::signal::Signal;
 mod capture;
 mod cmd;
 mod fault;
+pub mod faultyfs;
 mod fs;
 mod lab;
 mod link;

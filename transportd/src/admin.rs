@@ -91,6 +91,7 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     agent.workload_svids_expiry(now).unwrap_or(0.0),
                 );
             }
+            state.metrics.set_audit_writable(state.audit.is_healthy());
             if let Some((q, _)) = &state.witness {
                 let s = q.status();
                 state.metrics.set_audit_witness(
@@ -112,7 +113,9 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 problems.push("the node's SVID has expired");
             }
             if !state.audit.is_healthy() {
-                problems.push("the audit trail cannot be written");
+                problems.push(
+                    "the audit trail cannot be written (new transfers are refused until it can)",
+                );
             }
             // Serving goes on over a broken trail, but its breaks are said wherever anyone
             // looks: here, in the metrics, the log and the trail itself.

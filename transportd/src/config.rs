@@ -405,6 +405,18 @@ impl NodeConfig {
             }
             audit.checkpoint_interval = every;
         }
+        if let Some(bound) = f.audit.write_timeout {
+            if bound < std::time::Duration::from_millis(100)
+                || bound > std::time::Duration::from_secs(60)
+            {
+                return Err(invalid("audit.write_timeout", "must be from 100ms to 60s"));
+            }
+            audit.write_timeout = bound;
+        }
+        if let Some(fsync) = &f.audit.fsync {
+            audit.fsync = libtransport::audit::FsyncSchedule::parse(fsync)
+                .map_err(|e| invalid("audit.fsync", &e))?;
+        }
         let witness_id = f
             .audit
             .witness_id
@@ -629,6 +641,11 @@ dir = "audit"
         assert_eq!(c.admin, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.audit.dir, Path::new("/var/log/transportd/audit"));
         assert_eq!(c.audit.segment_max_bytes, 64 << 20);
+        assert_eq!(c.audit.write_timeout, std::time::Duration::from_secs(2));
+        assert_eq!(
+            c.audit.fsync,
+            libtransport::audit::FsyncSchedule::Interval(std::time::Duration::from_secs(1))
+        );
         // The example policy is valid too.
         assert_eq!(Policy::parse(POLICY_EXAMPLE).unwrap().rules().len(), 4);
         let m = parse(MINIMAL).unwrap();
@@ -871,6 +888,14 @@ dir = "audit"
                     "dir = \"audit\"\nsegment_size = \"1KiB\"",
                 ),
                 "audit.segment_size",
+            ),
+            (
+                MINIMAL.replace("dir = \"audit\"", "dir = \"audit\"\nfsync = \"sometimes\""),
+                "audit.fsync",
+            ),
+            (
+                MINIMAL.replace("dir = \"audit\"", "dir = \"audit\"\nwrite_timeout = \"0s\""),
+                "audit.write_timeout",
             ),
         ];
         for (text, field) in cases {

@@ -470,17 +470,7 @@ fn a_full_audit_disk_stops_new_transfers_until_space_returns() {
         "the tmpfs is visible outside the namespace"
     );
 
-    let pull = |dest: &str| {
-        let mut args = vec!["pull".to_owned()];
-        args.extend(client(&site, "loader", &node, "tcp"));
-        args.extend([
-            "--retries".into(),
-            "0".into(),
-            "scans/a.bin".into(),
-            p(&site.path(dest)).into(),
-        ]);
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let pull = |dest: &str| pull_once(&site, &node, dest);
     assert!(pull("before.bin").status.success());
 
     // Fill the disk.
@@ -1039,4 +1029,121 @@ fn descriptors_return_to_baseline_after_hostile_input() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// One pull of `scans/a.bin` by the loader over TLS/TCP, no retries, into `dest`.
+fn pull_once(site: &Site, node: &Node, dest: &str) -> std::process::Output {
+    let mut args = vec!["pull".to_owned()];
+    args.extend(client(site, "loader", node, "tcp"));
+    args.extend([
+        "--retries".into(),
+        "0".into(),
+        "scans/a.bin".into(),
+        p(&site.path(dest)).into(),
+    ]);
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// A node whose audit directory is a disk that fails or hangs on demand (netlab's FUSE
+/// `faultyfs`, served by this test process), with `write_timeout = "1s"`.
+fn node_on_a_faulty_audit_disk() -> (Site, netlab::faultyfs::FaultyFs, Node) {
+    let site = site_with_policy_file();
+    write_data(&site.path("storage/datasets/scans/a.bin"), 10_000, 1);
+    let backing = site.path("audit-disk");
+    let mount = site.path("storage/audit");
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir_all(&mount).unwrap();
+    let toml = std::fs::read_to_string(site.config()).unwrap().replace(
+        "dir = \"audit\"",
+        "dir = \"audit\"\nwrite_timeout = \"1s\"\nfsync = \"record\"",
+    );
+    std::fs::write(site.config(), toml).unwrap();
+    let disk = netlab::faultyfs::FaultyFs::mount(&backing, &mount).unwrap();
+    let node = Node::start_with(&site, bin());
+    assert!(
+        backing.join("checkpoint.json").exists(),
+        "the node's trail is not on the faulty disk"
+    );
+    (site, disk, node)
+}
+
+/// A pull while the audit disk is faulty: refused with the audit-unavailable error within
+/// a generous deadline (the bound is 1 s), nothing written; `/readyz` and the metric say so
+/// while the node keeps answering.
+fn refused_while_the_disk_is_faulty(site: &Site, node: &Node) {
+    #[allow(clippy::disallowed_methods)] // A deadline, not a measurement.
+    let started = std::time::Instant::now();
+    let out = pull_once(site, node, "during.bin");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("audit trail cannot be written"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    assert!(!site.path("during.bin").exists());
+    let (code, body) = node.admin_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("audit trail cannot be written"), "{body}");
+    let (_, metrics) = node.admin_get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "transportd_audit_writable 0"),
+        "{metrics}"
+    );
+}
+
+/// Recovery without a restart, and the stall on record: `audit verify` passes (a stall is
+/// not a break) and the trail says what failed and how many records were refused.
+fn recovers_and_records_the_stall(site: &Site, mut node: Node, error: &str) {
+    wait_until("/readyz to recover", || node.admin_get("/readyz").0 == 200);
+    let out = pull_once(site, &node, "after.bin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, metrics) = node.admin_get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "transportd_audit_writable 1"),
+        "{metrics}"
+    );
+    node.stop();
+    let records = trail(site);
+    let stall = records
+        .iter()
+        .find(|r| r["event"] == "audit_stalled")
+        .expect("an audit_stalled record");
+    assert!(stall["refused"].as_u64().unwrap() >= 1, "{stall}");
+    assert!(stall["error"].as_str().unwrap().contains(error), "{stall}");
+    let out = ok(&["audit", "verify", p(&site.path("storage/audit"))]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("1 stall(s) of the trail's disk on record"),
+        "{said}"
+    );
+}
+
+#[test]
+#[ignore = "needs root (FUSE): run with --ignored"]
+fn an_audit_disk_that_fails_refuses_new_transfers_until_it_works_again() {
+    let (site, disk, node) = node_on_a_faulty_audit_disk();
+    assert!(pull_once(&site, &node, "before.bin").status.success());
+    disk.set(netlab::faultyfs::Mode::Fail);
+    refused_while_the_disk_is_faulty(&site, &node);
+    disk.set(netlab::faultyfs::Mode::Pass);
+    recovers_and_records_the_stall(&site, node, "os error 5");
+}
+
+#[test]
+#[ignore = "needs root (FUSE): run with --ignored"]
+fn an_audit_disk_that_stops_answering_refuses_new_transfers_within_the_bound() {
+    let (site, disk, node) = node_on_a_faulty_audit_disk();
+    assert!(pull_once(&site, &node, "before.bin").status.success());
+    disk.set(netlab::faultyfs::Mode::Hang);
+    refused_while_the_disk_is_faulty(&site, &node);
+    // A second one is refused as well (at once: the writer is known to be stuck).
+    refused_while_the_disk_is_faulty(&site, &node);
+    disk.set(netlab::faultyfs::Mode::Pass);
+    recovers_and_records_the_stall(&site, node, "write_timeout");
 }

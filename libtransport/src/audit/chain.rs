@@ -7,7 +7,7 @@
 //! [`checkpoint_message`] for its own `seq` and `prev`, so the signer vouches for every
 //! line before it.
 
-use serde::Serialize;
+use std::io::Write;
 
 use super::{AuditError, AuditRecord};
 use crate::proto::Digest;
@@ -62,18 +62,60 @@ impl Chain {
     /// chain as it stands after it. `self` is unchanged, so a line that fails to reach
     /// the disk leaves the chain where it was.
     pub fn encode(&self, record: &AuditRecord) -> Result<(Vec<u8>, Self), AuditError> {
-        let line = serde_json::to_vec(&Line {
-            seq: self.next_seq,
-            prev: self.prev.to_hex(),
-            record,
-        })
-        .map_err(AuditError::Encode)?;
+        let mut buf = unlinked(record)?;
+        let (start, next) = self.link(&mut buf);
+        buf.pop();
+        buf.drain(..start);
+        Ok((buf, next))
+    }
+
+    /// Links a record that [`unlinked`] encoded as the next line: writes `seq` and `prev`
+    /// into the room ahead of it, and returns where the line starts in `buf` (it runs to
+    /// the end, newline included) with the chain as it stands after it.
+    pub(crate) fn link(&self, buf: &mut [u8]) -> (usize, Self) {
+        let mut prefix = [0u8; PREFIX_ROOM + 1];
+        let len = {
+            let mut w = &mut prefix[..];
+            // The room fits the longest prefix (a 20-digit seq); the writes cannot fail.
+            let _ = write!(w, "{{\"seq\":{},\"prev\":\"", self.next_seq);
+            let _ = w.write_all(&hex_digest(&self.prev));
+            let _ = w.write_all(b"\",");
+            PREFIX_ROOM + 1 - w.len()
+        };
+        // The record's own `{` at PREFIX_ROOM gives way to the prefix, which opens the line.
+        let start = PREFIX_ROOM + 1 - len;
+        buf[start..=PREFIX_ROOM].copy_from_slice(&prefix[..len]);
+        let end = buf.len() - 1;
         let next = Self {
             next_seq: self.next_seq.saturating_add(1),
-            prev: hash_line(&line),
+            prev: hash_line(&buf[start..end]),
         };
-        Ok((line, next))
+        (start, next)
     }
+}
+
+/// Room ahead of an unlinked record for its line's prefix, `{"seq":N,"prev":"HEX",`
+/// (N of up to 20 digits), less the record's own `{`.
+pub(crate) const PREFIX_ROOM: usize = r#"{"seq":,"prev":"","#.len() + 20 + 64 - 1;
+
+/// A record encoded as JSON, its newline after it and room ahead for the chain's prefix:
+/// the caller's one allocation for a record; [`Chain::link`] makes it a line in place.
+pub(crate) fn unlinked(record: &AuditRecord) -> Result<Vec<u8>, AuditError> {
+    let mut buf = Vec::with_capacity(PREFIX_ROOM + 384);
+    buf.resize(PREFIX_ROOM, b' ');
+    serde_json::to_writer(&mut buf, record).map_err(AuditError::Encode)?;
+    buf.push(b'\n');
+    Ok(buf)
+}
+
+fn hex_digest(d: &Digest) -> [u8; 64] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in d.0.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+    }
+    out
 }
 
 /// The hash of a line's exact bytes (without its newline).
@@ -88,14 +130,6 @@ pub fn checkpoint_message(seq: u64, prev: &Digest) -> Vec<u8> {
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(&prev.0);
     m
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    seq: u64,
-    prev: String,
-    #[serde(flatten)]
-    record: &'a AuditRecord,
 }
 
 #[cfg(test)]
@@ -137,6 +171,17 @@ mod tests {
         );
         // Encoding does not move the chain it was called on.
         assert_eq!(c.next_seq(), 2);
+    }
+
+    #[test]
+    fn the_longest_sequence_number_fits_the_room_ahead_of_a_record() {
+        let c = Chain::resume(u64::MAX - 1, Digest([0xa7; 32]));
+        let (line, next) = c.encode(&record(1)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["seq"], u64::MAX);
+        assert_eq!(v["prev"], "a7".repeat(32));
+        assert_eq!(v["reason"], "line 1: nope");
+        assert_eq!(next.prev(), hash_line(&line));
     }
 
     #[test]

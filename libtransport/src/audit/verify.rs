@@ -44,6 +44,12 @@ pub struct VerifyReport {
     pub last_checkpoint: u64,
     /// Records after the latest checkpoint (not yet sealed by a signature).
     pub unsealed: u64,
+    /// `audit_stalled` records: times the trail could not be written for a while.
+    pub stalls: u64,
+    /// Records refused during those stalls, added up.
+    pub refused_in_stalls: u64,
+    /// `unclean_stop` records: starts after a stop without the closing checkpoint.
+    pub unclean_stops: u64,
     /// True if checkpoint signers' chains were verified against a trust bundle.
     pub signers_verified: bool,
 }
@@ -134,6 +140,13 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<VerifyReport, 
                     field("detail")
                 ),
             ));
+        }
+        if rec.event == "audit_stalled" {
+            report.stalls += 1;
+            report.refused_in_stalls += rec.value["refused"].as_u64().unwrap_or(0);
+        }
+        if rec.event == "unclean_stop" {
+            report.unclean_stops += 1;
         }
         if rec.event == "checkpoint" {
             check_signature(&raw, &rec, bundle)?;

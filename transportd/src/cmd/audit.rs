@@ -104,6 +104,20 @@ pub(crate) fn verify_cmd(
             report.unsealed, report.last_checkpoint
         );
     }
+    if report.stalls > 0 {
+        println!(
+            "  {} stall(s) of the trail's disk on record (audit_stalled): {} records refused \
+             meanwhile, with the work they were about",
+            report.stalls, report.refused_in_stalls
+        );
+    }
+    if report.unclean_stops > 0 {
+        println!(
+            "  {} start(s) after an unclean stop on record (unclean_stop): records acknowledged \
+             just before each and not yet fsynced may have been lost",
+            report.unclean_stops
+        );
+    }
     if let Some(w) = &witnessed {
         println!(
             "  matches its witness: {} witnessed checkpoints, the latest seq {}{}",

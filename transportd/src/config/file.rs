@@ -82,6 +82,9 @@ pub(crate) struct AuditFile {
     pub(crate) segment_age: Option<std::time::Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) checkpoint_interval: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) write_timeout: Option<std::time::Duration>,
+    pub(crate) fsync: Option<String>,
     pub(crate) witness: Option<String>,
     pub(crate) witness_id: Option<String>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -191,6 +194,15 @@ dir = "/var/log/transportd/audit"
 segment_size = "64MiB"     # optional: a segment is sealed at this size
 segment_age = "1d"         # optional: ... or at this age
 checkpoint_interval = "10s"  # optional: a signed checkpoint at most this long after records
+fsync = "1s"               # optional: when records reach the disk for sure: "record" (before
+                           # each is acknowledged; the trail loses nothing acknowledged in a
+                           # power cut), a duration (at most this long after a record: a power
+                           # cut loses at most that much), or "checkpoint" (with each signed
+                           # checkpoint). A loss is recorded at the next start (unclean_stop)
+write_timeout = "2s"       # optional: longest a request waits for its audit record to be
+                           # written (100ms to 60s); past it, or while the trail's disk fails
+                           # or hangs, new transfers are refused (audit unavailable) until
+                           # the disk answers again, and the stall is recorded (audit_stalled)
 witness = "off"            # optional: who else keeps each checkpoint, append-only, and
                            # countersigns it, so a trail rebuilt on this node is caught
                            # (`audit verify --witness`): "issuer" (the default with
