@@ -261,9 +261,15 @@ async fn a_cancelled_tcp_read_stops_early_and_the_connection_serves_on() {
     let server = TestServer::start(&pki, GRANTS).await;
     let len = MAX_READ_BYTES as usize;
     server.put("scans", "huge.bin", &vec![0x5a; len]);
-    let mut s = tcp_session(server.addr(Path::Tcp), &pki.svid("/gpu/loader")).await;
+    // Every wait is bounded, so a stall fails here naming its step rather than at the
+    // runner's limit.
+    let mut s = within(
+        "the session",
+        tcp_session(server.addr(Path::Tcp), &pki.svid("/gpu/loader")),
+    )
+    .await;
     let Some(Response::OpenedRead { transfer, .. }) =
-        tcp_call(&mut s, 1, &open_read("huge.bin")).await
+        within("the open", tcp_call(&mut s, 1, &open_read("huge.bin"))).await
     else {
         panic!("no transfer opened");
     };
@@ -272,19 +278,27 @@ async fn a_cancelled_tcp_read_stops_early_and_the_connection_serves_on() {
         offset: 0,
         len: len as u64,
     };
-    s.write_all(&frame_bytes(FrameKind::Request, 3, read.encode()))
+    within(
+        "the read request",
+        s.write_all(&frame_bytes(FrameKind::Request, 3, read.encode())),
+    )
+    .await
+    .unwrap();
+    let first = within("the first data frame", read_frame(&mut s))
         .await
+        .unwrap()
         .unwrap();
-    let first = read_frame(&mut s).await.unwrap().unwrap();
     assert_eq!((first.kind, first.stream), (FrameKind::Data, 3));
-    s.write_all(&frame_bytes(FrameKind::Cancel, 3, Bytes::new()))
-        .await
-        .unwrap();
+    within(
+        "the cancel",
+        s.write_all(&frame_bytes(FrameKind::Cancel, 3, Bytes::new())),
+    )
+    .await
+    .unwrap();
     let mut got = first.payload.len();
     let last = loop {
-        let f = timeout(Duration::from_secs(30), read_frame(&mut s))
+        let f = within("the cancelled read's end", read_frame(&mut s))
             .await
-            .expect("the cancelled read never ended")
             .unwrap()
             .expect("connection closed");
         match f.kind {
@@ -303,11 +317,24 @@ async fn a_cancelled_tcp_read_stops_early_and_the_connection_serves_on() {
         offset: 0,
         len: 10,
     };
-    s.write_all(&frame_bytes(FrameKind::Request, 5, small.encode()))
+    within(
+        "the small read request",
+        s.write_all(&frame_bytes(FrameKind::Request, 5, small.encode())),
+    )
+    .await
+    .unwrap();
+    let f = within("the small read's data", read_frame(&mut s))
         .await
+        .unwrap()
         .unwrap();
-    let f = read_frame(&mut s).await.unwrap().unwrap();
     assert_eq!((f.kind, &f.payload[..]), (FrameKind::Data, &[0x5a; 10][..]));
+}
+
+/// Awaits `fut` for at most 30 s, failing the test with `what` past that.
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    timeout(Duration::from_secs(30), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 30 s"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
