@@ -239,30 +239,38 @@ impl SealedCache {
         }
     }
 
-    /// Reserves `bytes` of the budget, evicting least recently used entries nobody reads.
+    /// Reserves `bytes` of the budget, evicting least recently used entries nobody reads
+    /// (their files are removed once the lock is let go).
     fn make_room(&self, bytes: u64) -> bool {
         if bytes > self.inner.budget {
             return false;
         }
-        let mut s = self.inner.lock();
-        while s.used + bytes > self.inner.budget {
-            let victim = s
-                .entries
-                .iter()
-                .filter(|(_, m)| m.readers == 0)
-                .min_by_key(|(_, m)| m.last_used)
-                .map(|(root, _)| *root);
-            let Some(root) = victim else {
-                return false;
-            };
-            if let Some(m) = s.entries.remove(&root) {
+        let mut evicted = Vec::new();
+        let fits = {
+            let mut s = self.inner.lock();
+            loop {
+                if s.used + bytes <= self.inner.budget {
+                    s.used += bytes;
+                    break true;
+                }
+                let victim = s
+                    .entries
+                    .iter()
+                    .filter(|(_, m)| m.readers == 0)
+                    .min_by_key(|(_, m)| m.last_used)
+                    .map(|(root, _)| *root);
+                let Some(m) = victim.and_then(|root| s.entries.remove(&root)) else {
+                    break false;
+                };
                 s.used -= m.sealed_bytes;
                 s.evictions += 1;
-                let _ = std::fs::remove_file(self.inner.path_of(m.id));
+                evicted.push(self.inner.path_of(m.id));
             }
+        };
+        for path in evicted {
+            let _ = std::fs::remove_file(path);
         }
-        s.used += bytes;
-        true
+        fits
     }
 
     fn write_sealed(
@@ -400,11 +408,16 @@ impl CacheEntry {
 
     /// Drops the entry whose chunk `i` did not open, and says so.
     fn tampered(&self, i: u32) -> CacheError {
-        let mut s = self.cache.lock();
-        if s.entries.get(&self.root).is_some_and(|m| m.id == self.id)
-            && let Some(m) = s.entries.remove(&self.root)
-        {
-            s.used -= m.sealed_bytes;
+        let dropped = {
+            let mut s = self.cache.lock();
+            let held = s.entries.get(&self.root).is_some_and(|m| m.id == self.id);
+            let m = held.then(|| s.entries.remove(&self.root)).flatten();
+            if let Some(m) = &m {
+                s.used -= m.sealed_bytes;
+            }
+            m
+        };
+        if let Some(m) = dropped {
             let _ = std::fs::remove_file(self.cache.path_of(m.id));
         }
         CacheError::Tampered {

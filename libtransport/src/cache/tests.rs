@@ -10,6 +10,16 @@ fn object(len: usize, seed: u64) -> (Manifest, Vec<u8>) {
     (Manifest::of_bytes(&data, CHUNK).unwrap(), data)
 }
 
+/// The one file in `dir`.
+fn only_file(dir: &Path) -> PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.remove(0)
+}
+
 /// Every file under `dir` whose bytes contain `needle`.
 fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -97,12 +107,7 @@ fn an_entry_changed_on_disk_does_not_open_and_is_dropped() {
     let cache = SealedCache::open(dir.path(), 64 << 20).unwrap();
     let (m, data) = object(200_000, 4);
     assert!(cache.insert(&m, &data).unwrap());
-    let file = std::fs::read_dir(dir.path())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let file = only_file(dir.path());
     let f = OpenOptions::new()
         .write(true)
         .read(true)
@@ -126,12 +131,7 @@ fn an_entry_changed_on_disk_does_not_open_and_is_dropped() {
     // Chunks swapped between two places of one entry do not open either.
     let (m2, data2) = object(200_000, 5);
     assert!(cache.insert(&m2, &data2).unwrap());
-    let file = std::fs::read_dir(dir.path())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let file = only_file(dir.path());
     let mut sealed = std::fs::read(&file).unwrap();
     let one = (CHUNK as usize) + 28;
     let (a, b) = sealed.split_at_mut(one);
