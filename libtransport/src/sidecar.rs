@@ -19,6 +19,9 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The environment variable that names a sidecar's socket to clients that honour it.
+pub const SOCKET_ENV: &str = "TRANSPORTD_SIDECAR_SOCKET";
+
 /// Longest header accepted, in bytes.
 pub const MAX_HEADER: u32 = 64 << 10;
 /// Longest body that comes inline; larger answers come as a descriptor.
@@ -28,8 +31,17 @@ pub const MAX_INLINE: u64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum LocalRequest {
+    /// The datasets the caller may see.
+    Datasets {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+    },
     /// The objects of a dataset under a prefix.
     List {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
         /// The dataset.
         dataset: String,
         /// Only paths starting with it.
@@ -38,6 +50,9 @@ pub enum LocalRequest {
     },
     /// An object's size and manifest root.
     Stat {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
         /// The dataset.
         dataset: String,
         /// The object.
@@ -45,6 +60,9 @@ pub enum LocalRequest {
     },
     /// Bytes `start..end` of an object, inline (at most [`MAX_INLINE`]).
     Read {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
         /// The dataset.
         dataset: String,
         /// The object.
@@ -56,6 +74,20 @@ pub enum LocalRequest {
     },
     /// A whole object, as a sealed read-only memory file.
     Fetch {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        /// The dataset.
+        dataset: String,
+        /// The object.
+        object: String,
+    },
+    /// Stores the file that comes with the request (a regular file or a memfd, read from
+    /// its start) as `object` of `dataset` on the storage node, as the caller.
+    Push {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
         /// The dataset.
         dataset: String,
         /// The object.
@@ -63,6 +95,9 @@ pub enum LocalRequest {
     },
     /// Objects the caller will want next: fetched into the cache meanwhile.
     Prefetch {
+        /// The storage node (one of the sidecar's; default its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
         /// `(dataset, object)` pairs, in the order wanted.
         objects: Vec<(String, String)>,
     },
@@ -72,6 +107,11 @@ pub enum LocalRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub enum LocalAnswer {
+    /// The datasets.
+    Datasets {
+        /// Their names.
+        names: Vec<String>,
+    },
     /// A listing.
     Listing {
         /// `(path, size)` of each object.
@@ -83,6 +123,10 @@ pub enum LocalAnswer {
         size: u64,
         /// Manifest root, hex.
         root: String,
+        /// Chunk size of the manifest.
+        chunk_bytes: u64,
+        /// Chunks.
+        chunks: u64,
     },
     /// The bytes follow the header (`body` of them).
     Inline {
@@ -98,6 +142,13 @@ pub enum LocalAnswer {
         /// Served from the node's cache (true) or fetched for this call.
         cached: bool,
     },
+    /// The pushed object is stored and durable on the storage node.
+    Pushed {
+        /// Its size.
+        size: u64,
+        /// Its manifest root, hex.
+        root: String,
+    },
     /// Prefetching started for this many objects.
     Prefetching {
         /// How many.
@@ -105,7 +156,12 @@ pub enum LocalAnswer {
     },
     /// Refused or failed.
     Error {
-        /// The stable code (`not_found`, `permission_denied`, `busy`, ...).
+        /// The stable code: a storage node's answer keeps its wire label (`not_found`, which
+        /// also covers "not permitted", `busy`, `corrupt`, `changed`, `no_space`, ...); the
+        /// sidecar's own are `permission_denied` (the caller matches no registration entry),
+        /// `unreachable` (the storage node cannot be reached), `unavailable` (the sidecar
+        /// cannot serve now: its audit trail, its identities), `too_large`, `range` and
+        /// `invalid` (a request it does not take).
         code: String,
         /// In words, for the caller (never another caller's names).
         message: String,

@@ -18,6 +18,7 @@ fn a_fetch_answer_hands_over_a_sealed_memfd_and_only_its_header_crosses_the_sock
     send_frame(
         &caller,
         &LocalRequest::Fetch {
+            node: None,
             dataset: "scans".into(),
             object: "a.bin".into(),
         },
