@@ -315,6 +315,36 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// A local caller's request to the sidecar's data API (node trail): who asked, for
+    /// what, whence it was served, and how it ended.
+    LocalRequest {
+        /// The caller's SPIFFE ID, once attested.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<SpiffeId>,
+        /// Its process ID, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Its user ID.
+        uid: u32,
+        /// The request: `datasets`, `list`, `stat`, `read`, `fetch`, `push`, `prefetch`.
+        op: String,
+        /// The storage node it went to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        /// The dataset.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dataset: Option<DatasetName>,
+        /// The object (the first of a prefetch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        object: Option<ObjectPath>,
+        /// Bytes handed to the caller (or pushed for it).
+        bytes: u64,
+        /// `memory` (a mapping already held), `cache` (opened from the sealed cache),
+        /// `network` (fetched from the storage node for this call), or `none`.
+        source: String,
+        /// `ok`, or the error code the caller got.
+        outcome: String,
+    },
     /// A configuration file was loaded.
     ConfigLoaded {
         /// The file.

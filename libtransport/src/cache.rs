@@ -356,23 +356,10 @@ impl CacheEntry {
     /// (`F_SEAL_WRITE`, `F_SEAL_GROW`, `F_SEAL_SHRINK`, `F_SEAL_SEAL`): a descriptor to pass
     /// to a local reader, which maps it read-only.
     pub fn to_memfd(&self) -> Result<OwnedFd, CacheError> {
-        use rustix::fs::{MemfdFlags, SealFlags};
-        let fd = rustix::fs::memfd_create(
-            "transportd-cache",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(io::Error::from)?;
-        rustix::fs::ftruncate(&fd, self.manifest.size()).map_err(io::Error::from)?;
-        let file = File::from(fd);
+        let file = new_memfd(self.manifest.size())?;
         // A chunk at a time straight into the file, so memory holds one chunk.
         self.open_chunks(|at, plain| std::os::unix::fs::FileExt::write_all_at(&file, plain, at))?;
-        let fd = OwnedFd::from(file);
-        rustix::fs::fcntl_add_seals(
-            &fd,
-            SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
-        )
-        .map_err(io::Error::from)?;
-        Ok(fd)
+        Ok(seal_memfd(file)?)
     }
 
     /// Opens the entry's chunks in order, handing each to `put` with its offset in the
@@ -425,6 +412,37 @@ impl CacheEntry {
             chunk: i,
         }
     }
+}
+
+/// `data` in an anonymous memory file sealed against any change, as
+/// [`CacheEntry::to_memfd`] gives: for objects handed to local readers straight from a
+/// fetch.
+pub fn sealed_memfd(data: &[u8]) -> io::Result<OwnedFd> {
+    let file = new_memfd(data.len() as u64)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, data, 0)?;
+    seal_memfd(file)
+}
+
+/// An anonymous memory file of `size` bytes that can be sealed.
+fn new_memfd(size: u64) -> io::Result<File> {
+    use rustix::fs::MemfdFlags;
+    let fd = rustix::fs::memfd_create(
+        "transportd-object",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    rustix::fs::ftruncate(&fd, size)?;
+    Ok(File::from(fd))
+}
+
+/// Seals a memory file against writes, growth, shrinking and further seals.
+fn seal_memfd(file: File) -> io::Result<OwnedFd> {
+    use rustix::fs::SealFlags;
+    let fd = OwnedFd::from(file);
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(fd)
 }
 
 impl Drop for CacheEntry {

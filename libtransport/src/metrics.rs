@@ -49,6 +49,7 @@ pub struct Metrics {
     workload_svid_expiry: Gauge<f64, AtomicU64>,
     duration: Family<DirectionLabel, Histogram, fn() -> Histogram>,
     store: Arc<StoreIo>,
+    sidecar: Arc<SidecarCounters>,
 }
 
 impl Default for Metrics {
@@ -190,6 +191,8 @@ impl Metrics {
         );
         let store = Arc::new(StoreIo::default());
         registry.register_collector(Box::new(store.clone()));
+        let sidecar = Arc::new(SidecarCounters::default());
+        registry.register_collector(Box::new(SidecarIo(sidecar.clone())));
         Self {
             registry,
             bytes,
@@ -214,7 +217,14 @@ impl Metrics {
             workload_svid_expiry,
             duration,
             store,
+            sidecar,
         }
+    }
+
+    /// The sidecar's counters, which it updates; exported once a sidecar has
+    /// [`SidecarCounters::enable`]d them.
+    pub fn sidecar(&self) -> Arc<SidecarCounters> {
+        self.sidecar.clone()
     }
 
     /// Exports `store`'s counters from now on (a server calls this with its store). The
@@ -381,6 +391,129 @@ impl Metrics {
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// What a sidecar's local data API did: its cache's hits and misses, bytes handed to local
+/// callers by where they came from, and its callers. Lock-free; read at each scrape.
+#[derive(Debug, Default)]
+pub struct SidecarCounters {
+    enabled: std::sync::atomic::AtomicBool,
+    /// Objects handed over from memory or the sealed cache.
+    pub hits: AtomicU64,
+    /// Objects that had to be fetched from a storage node.
+    pub misses: AtomicU64,
+    /// Bytes handed to callers from memory (a mapping already held).
+    pub bytes_memory: AtomicU64,
+    /// Bytes handed to callers from the sealed cache.
+    pub bytes_cache: AtomicU64,
+    /// Bytes handed to callers after a fetch from a storage node.
+    pub bytes_network: AtomicU64,
+    /// Bytes written to callers through the local socket itself (headers, inline reads).
+    pub socket_bytes: AtomicU64,
+    /// Entries the sealed cache evicted to make room.
+    pub evictions: AtomicU64,
+    /// Sealed bytes the cache holds on disk.
+    pub cache_bytes: AtomicU64,
+    /// Local callers connected now.
+    pub callers: AtomicU64,
+    /// Local requests refused: the caller matched no registration entry.
+    pub denied: AtomicU64,
+}
+
+impl SidecarCounters {
+    /// Exports these counters from now on.
+    pub fn enable(&self) {
+        self.enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The sidecar counters' collector.
+#[derive(Debug)]
+struct SidecarIo(Arc<SidecarCounters>);
+
+impl Collector for SidecarIo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.0;
+        if !c.enabled.load(Relaxed) {
+            return Ok(());
+        }
+        for (name, help, value) in [
+            (
+                "sidecar_cache_hits",
+                "Objects the sidecar handed over from memory or its sealed cache",
+                c.hits.load(Relaxed),
+            ),
+            (
+                "sidecar_cache_misses",
+                "Objects the sidecar fetched from a storage node for a local caller",
+                c.misses.load(Relaxed),
+            ),
+            (
+                "sidecar_cache_evictions",
+                "Entries the sidecar's sealed cache removed to make room",
+                c.evictions.load(Relaxed),
+            ),
+            (
+                "sidecar_local_denied",
+                "Local requests refused because the caller matched no registration entry",
+                c.denied.load(Relaxed),
+            ),
+            (
+                "sidecar_socket_bytes",
+                "Bytes written to local callers through the sidecar's socket (headers, inline reads)",
+                c.socket_bytes.load(Relaxed),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        let family = ConstFamily([
+            ("memory", c.bytes_memory.load(Relaxed)),
+            ("cache", c.bytes_cache.load(Relaxed)),
+            ("network", c.bytes_network.load(Relaxed)),
+        ]);
+        let metric = encoder.encode_descriptor(
+            "sidecar_handed_bytes",
+            "Object bytes the sidecar handed to local callers, by where they came from",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        family.encode(metric)?;
+        for (name, help, value) in [
+            (
+                "sidecar_cache_bytes",
+                "Sealed bytes the sidecar's cache holds on disk",
+                c.cache_bytes.load(Relaxed),
+            ),
+            (
+                "sidecar_local_callers",
+                "Local callers connected to the sidecar now",
+                c.callers.load(Relaxed),
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters labelled by where the bytes came from.
+struct ConstFamily([(&'static str, u64); 3]);
+
+impl ConstFamily {
+    fn encode(&self, mut metric: prometheus_client::encoding::MetricEncoder<'_>) -> fmt::Result {
+        for (source, value) in self.0 {
+            let labels = [("source", source)];
+            let enc = metric.encode_family(&labels)?;
+            ConstCounter::new(value).encode(enc)?;
+        }
+        Ok(())
     }
 }
 

@@ -181,13 +181,13 @@ pub enum FrameError {
 }
 
 /// Writes one frame: `header`, then `body` (its length must be what the header says), with
-/// `fd` passed along the first byte.
+/// `fd` passed along the first byte. Returns the bytes written to the socket.
 pub fn send_frame<H: Serialize>(
     sock: &UnixStream,
     header: &H,
     body: &[u8],
     fd: Option<BorrowedFd<'_>>,
-) -> Result<(), FrameError> {
+) -> Result<u64, FrameError> {
     let json = serde_json::to_vec(header).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = u32::try_from(json.len())
         .ok()
@@ -217,7 +217,7 @@ pub fn send_frame<H: Serialize>(
         skip -= n;
         w.write_all(&part[n..])?;
     }
-    Ok(())
+    Ok(total as u64)
 }
 
 /// Reads one frame: its header, its body (at most `max_body` bytes, else refused), and the

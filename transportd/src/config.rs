@@ -37,8 +37,35 @@ pub(crate) struct NodeConfig {
     pub(crate) max_manifest_builds: usize,
     /// Limits on partial files of pushes, before the data disk's size is known.
     pub(crate) partials: PartialSpec,
+    /// The sidecar's local data API; `None` when the node serves none.
+    pub(crate) sidecar: Option<SidecarConfig>,
     /// BLAKE3 of the configuration file's bytes.
     pub(crate) digest: Digest,
+}
+
+/// The `[sidecar]` section, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct SidecarConfig {
+    /// The local data API's socket.
+    pub(crate) socket: PathBuf,
+    /// The socket's group, as a gid; `None` keeps the daemon's.
+    pub(crate) group: Option<u32>,
+    /// Storage nodes, `HOST:PORT`, as callers name them; the first is the default.
+    pub(crate) storage: Vec<String>,
+    /// The SPIFFE ID storage nodes must present; `None`: any of the trust domain.
+    pub(crate) storage_id: Option<SpiffeId>,
+    /// Paths to try, in order.
+    pub(crate) paths: Vec<libtransport::Path>,
+    /// Where the sealed cache lives.
+    pub(crate) cache_dir: PathBuf,
+    /// Its byte budget.
+    pub(crate) cache_bytes: u64,
+    /// Bytes of objects held open in memory for hand-off.
+    pub(crate) memory_bytes: u64,
+    /// Largest object fetched whole.
+    pub(crate) max_object: u64,
+    /// How long a storage node's decision is reused.
+    pub(crate) decision_ttl: std::time::Duration,
 }
 
 /// The `[limits] partial_*` settings.
@@ -463,6 +490,16 @@ impl NodeConfig {
             }),
             (None, Some(a)) => IdentitySource::Agent(agent_config(a, &abs)?),
         };
+        let sidecar = match (&f.sidecar, &identity) {
+            (None, _) => None,
+            (Some(_), IdentitySource::Files(_)) => {
+                return Err(invalid(
+                    "sidecar",
+                    "needs an [agent] section: the sidecar acts with the SVIDs the agent holds for its workloads",
+                ));
+            }
+            (Some(sc), IdentitySource::Agent(a)) => Some(sidecar_config(sc, a, &abs)?),
+        };
         Ok(Self {
             identity,
             quic: f.listen.quic,
@@ -473,6 +510,7 @@ impl NodeConfig {
             policy,
             admin,
             witness,
+            sidecar,
             digest: Digest::of(text.as_bytes()),
             transport: t,
             chunk_bytes,
@@ -595,6 +633,93 @@ fn agent_config(
         workload_socket: a.workload_socket.as_deref().map(abs),
     })
 }
+
+fn sidecar_config(
+    sc: &file::SidecarFile,
+    agent: &AgentConfig,
+    abs: &dyn Fn(&Path) -> PathBuf,
+) -> Result<SidecarConfig, ConfigError> {
+    if sc.storage.is_empty() {
+        return Err(invalid(
+            "sidecar.storage",
+            "list at least one storage node, as HOST:PORT",
+        ));
+    }
+    if let Some(bad) = sc.storage.iter().find(|s| !s.contains(':')) {
+        return Err(invalid(
+            "sidecar.storage",
+            &format!("{bad:?}: give HOST:PORT"),
+        ));
+    }
+    let paths = match sc.path.as_deref().unwrap_or("quic") {
+        "quic" => vec![libtransport::Path::Quic],
+        "tcp" => vec![libtransport::Path::Tcp],
+        "auto" => vec![libtransport::Path::Quic, libtransport::Path::Tcp],
+        other => {
+            return Err(invalid(
+                "sidecar.path",
+                &format!("{other:?}: give \"quic\", \"tcp\" or \"auto\""),
+            ));
+        }
+    };
+    let group = match sc.group.as_deref() {
+        None => None,
+        Some(g) => Some(resolve_group(g).map_err(|e| invalid("sidecar.group", &e))?),
+    };
+    let cache_bytes = sc.cache_size.map_or(DEFAULT_SIDECAR_CACHE, |b| b.as_u64());
+    let memory_bytes = sc
+        .memory_size
+        .map_or(DEFAULT_SIDECAR_MEMORY, |b| b.as_u64());
+    let max_object = sc
+        .max_object
+        .map_or(DEFAULT_SIDECAR_MAX_OBJECT, |b| b.as_u64());
+    if memory_bytes == 0 || cache_bytes == 0 || max_object == 0 {
+        return Err(invalid(
+            "sidecar",
+            "cache_size, memory_size and max_object must be more than 0",
+        ));
+    }
+    let decision_ttl = sc.decision_ttl.unwrap_or(DEFAULT_DECISION_TTL);
+    if decision_ttl > std::time::Duration::from_secs(300) {
+        return Err(invalid(
+            "sidecar.decision_ttl",
+            "at most 5m: a storage node's refusal must reach callers soon",
+        ));
+    }
+    Ok(SidecarConfig {
+        socket: abs(&sc.socket),
+        group,
+        storage: sc.storage.clone(),
+        storage_id: sc.storage_id.clone(),
+        paths,
+        cache_dir: sc
+            .cache_dir
+            .as_deref()
+            .map_or_else(|| agent.data_dir.join("sidecar-cache"), abs),
+        cache_bytes,
+        memory_bytes,
+        max_object,
+        decision_ttl,
+    })
+}
+
+/// A group name or number as a gid.
+fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("{g:?}: no such group on this machine")),
+        Err(e) => Err(format!("{g:?}: {e}")),
+    }
+}
+
+/// The sidecar's defaults.
+const DEFAULT_SIDECAR_CACHE: u64 = 64 << 30;
+const DEFAULT_SIDECAR_MEMORY: u64 = 4 << 30;
+const DEFAULT_SIDECAR_MAX_OBJECT: u64 = 16 << 30;
+const DEFAULT_DECISION_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The admin address when the file does not say: loopback only.
 fn default_admin() -> SocketAddr {
@@ -782,6 +907,75 @@ dir = "audit"
         assert!(
             matches!(parse(&no_issuer), Err(ConfigError::Invalid { field, .. }) if field == "audit.witness")
         );
+    }
+
+    #[test]
+    fn a_sidecar_needs_an_agent_and_storage_and_takes_its_defaults_from_it() {
+        let files =
+            "[identity]\nsvid = \"svid.pem\"\nkey = \"/keys/svid.key\"\nbundle = \"bundle.pem\"\n";
+        let agent = "[agent]\nissuer = \"issuer:8443\"\nbundle = \"boot.pem\"\njoin_token_file = \"token\"\ndata_dir = \"agent\"\n";
+        let sidecar = |extra: &str| {
+            format!(
+                "\n[sidecar]\nsocket = \"run/data.sock\"\nstorage = [\"storage:7443\"]\n{extra}"
+            )
+        };
+        let with_agent = MINIMAL.replace(files, agent);
+        let c = parse(&format!("{with_agent}{}", sidecar(""))).unwrap();
+        let sc = c.sidecar.unwrap();
+        assert_eq!(sc.socket, Path::new("/etc/transportd/run/data.sock"));
+        assert_eq!(
+            sc.cache_dir,
+            Path::new("/etc/transportd/agent/sidecar-cache")
+        );
+        assert_eq!(sc.paths, vec![libtransport::Path::Quic]);
+        assert_eq!(sc.decision_ttl, DEFAULT_DECISION_TTL);
+        assert_eq!((sc.group, sc.cache_bytes), (None, DEFAULT_SIDECAR_CACHE));
+        let sc = parse(&format!(
+            "{with_agent}{}",
+            sidecar(
+                "group = \"0\"\npath = \"auto\"\ndecision_ttl = \"0s\"\ncache_size = \"1GiB\"\n"
+            )
+        ))
+        .unwrap()
+        .sidecar
+        .unwrap();
+        assert_eq!(sc.group, Some(0));
+        assert_eq!(sc.paths.len(), 2);
+        assert!(sc.decision_ttl.is_zero());
+        assert_eq!(sc.cache_bytes, 1 << 30);
+        // Refused: without an agent, without storage, with a bad path, group or TTL.
+        for (text, field) in [
+            (format!("{MINIMAL}{}", sidecar("")), "sidecar"),
+            (
+                format!("{with_agent}\n[sidecar]\nsocket = \"s\"\nstorage = []\n"),
+                "sidecar.storage",
+            ),
+            (
+                format!("{with_agent}\n[sidecar]\nsocket = \"s\"\nstorage = [\"storage\"]\n"),
+                "sidecar.storage",
+            ),
+            (
+                format!("{with_agent}{}", sidecar("path = \"udp\"\n")),
+                "sidecar.path",
+            ),
+            (
+                format!(
+                    "{with_agent}{}",
+                    sidecar("group = \"no-such-group-here\"\n")
+                ),
+                "sidecar.group",
+            ),
+            (
+                format!("{with_agent}{}", sidecar("decision_ttl = \"1h\"\n")),
+                "sidecar.decision_ttl",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { field: f, .. } if f == field),
+                "{field}: {e}"
+            );
+        }
     }
 
     #[test]

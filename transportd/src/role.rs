@@ -3,4 +3,5 @@
 pub(crate) mod agent;
 pub(crate) mod issuer;
 pub(crate) mod node;
+pub(crate) mod sidecar;
 pub(crate) mod witness;

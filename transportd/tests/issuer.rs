@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "issuer/sidecar.rs"]
+mod sidecar;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};

@@ -102,11 +102,26 @@ impl Client {
         src: &FsPath,
         opts: &PushOptions,
     ) -> Result<PushReport, PushError> {
+        let src = src.to_path_buf();
+        let file = tokio::task::spawn_blocking(move || File::open(&src))
+            .await
+            .map_err(|e| PushError::Local(std::io::Error::other(e)))??;
+        self.push_open_file(dataset, object, file, opts).await
+    }
+
+    /// Pushes an open file (read from its start, by position: its offset is left alone) as
+    /// `object` of `dataset`: for a file handed over as a descriptor, such as a sidecar's
+    /// caller's.
+    pub async fn push_open_file(
+        &self,
+        dataset: &DatasetName,
+        object: &ObjectPath,
+        file: File,
+        opts: &PushOptions,
+    ) -> Result<PushReport, PushError> {
         let started = self.config().clock.instant();
         let preferred = self.config().transport.chunk_bytes;
-        let src = src.to_path_buf();
         let (file, manifest) = tokio::task::spawn_blocking(move || {
-            let file = File::open(&src)?;
             let len = file.metadata()?.len();
             let m = crate::store::compute_manifest(&file, len, preferred).map_err(|e| match e {
                 crate::store::StoreError::Manifest(m) => PushError::Manifest(m),

@@ -25,6 +25,24 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) limits: LimitsFile,
     pub(crate) rdma: Option<RdmaFile>,
+    pub(crate) sidecar: Option<SidecarFile>,
+}
+
+/// The sidecar's local data API (needs `[agent]`: it acts with its workloads' SVIDs).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SidecarFile {
+    pub(crate) socket: PathBuf,
+    pub(crate) group: Option<String>,
+    pub(crate) storage: Vec<String>,
+    pub(crate) storage_id: Option<SpiffeId>,
+    pub(crate) path: Option<String>,
+    pub(crate) cache_dir: Option<PathBuf>,
+    pub(crate) cache_size: Option<bytesize::ByteSize>,
+    pub(crate) memory_size: Option<bytesize::ByteSize>,
+    pub(crate) max_object: Option<bytesize::ByteSize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) decision_ttl: Option<std::time::Duration>,
 }
 
 /// Whether transfers may move by RDMA.
@@ -175,6 +193,24 @@ pub(crate) const EXAMPLE: &str = r#"# transportd node configuration. Relative pa
 #                                   # or join_token_env = "TRANSPORTD_JOIN_TOKEN"
 # data_dir = "/var/lib/transportd/agent"   # keeps the node SVID (mode 0600) across restarts
 # workload_socket = "/run/transportd/workload.sock"   # SPIFFE Workload API for local workloads
+#
+# The sidecar: a local data API for training processes on this node (needs [agent]).
+# Callers are attested as the Workload API attests them; the node fetches for each with that
+# caller's own workload SVID, keeps one encrypted cache for all, and hands objects over as
+# sealed read-only memory files.
+# [sidecar]
+# socket = "/run/transportd/data.sock"   # mode 0660
+# group = "train"                        # optional: the socket's group (name or number)
+# storage = ["storage-1.hospital.example:7443"]   # storage nodes; requests name one, the
+#                                        # first is the default
+# storage_id = "spiffe://hospital.example/storage/1"   # optional: insist on this server ID
+# path = "quic"                          # quic, tcp or auto (QUIC, then TLS/TCP)
+# cache_dir = "/var/lib/transportd/sidecar-cache"   # default: <agent data_dir>/sidecar-cache;
+#                                        # AES-256-GCM sealed, key in memory only
+# cache_size = "64GiB"                   # sealed bytes on disk at most
+# memory_size = "4GiB"                   # objects held open in memory for hand-off at most
+# max_object = "16GiB"                   # larger objects are refused (read ranges instead)
+# decision_ttl = "30s"                   # reuse a storage node's yes for this long (0s: never)
 # ... or from files you renew yourself (not both):
 [identity]
 svid = "svid.pem"          # our X.509-SVID, certificate chain with the leaf first

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::admin;
 use crate::config::{IdentitySource, NodeConfig, PolicySource};
 use crate::role::agent::{self, IssuerClient, workload_api};
+use crate::role::sidecar;
 use crate::role::witness::Witness;
 
 /// Runs a node with the configuration at `path`.
@@ -93,6 +94,8 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let mut agent_task = None;
     let agent_status = agent.as_ref().map(|a| a.status());
     let mut workload_api = None;
+    let mut sidecar_api = None;
+    let metrics = Arc::new(Metrics::new());
     if let Some(agent) = agent {
         let sink: Arc<dyn AuditSink> = audit.clone();
         if let Some(socket) = agent.config().workload_socket.clone() {
@@ -106,6 +109,22 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("agent.workload_socket {}", socket.display()))?,
+            );
+        }
+        if let Some(sc) = cfg.sidecar.clone() {
+            let socket = sc.socket.clone();
+            sidecar_api = Some(
+                sidecar::serve(
+                    sc,
+                    agent.node_id(),
+                    agent.view(),
+                    identity.clone(),
+                    sink.clone(),
+                    clock.clone(),
+                    metrics.sidecar(),
+                )
+                .await
+                .with_context(|| format!("sidecar.socket {}", socket.display()))?,
             );
         }
         agent_task = Some(tokio::spawn(agent.run(sink)));
@@ -136,7 +155,6 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     // Partial files an earlier run left: found (their claims count from the first push)
     // and, if past their age, removed, before anything is served.
     node.sweep_partials(&store).await?;
-    let metrics = Arc::new(Metrics::new());
     metrics.set_audit_trail_breaks(audit.breaks_on_record());
     let config = ServerConfig::builder()
         .identity(identity.clone())
@@ -177,6 +195,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         "tcp": server.tcp_addr().map(|a| a.to_string()),
         "admin": admin.as_ref().map(|a| a.addr.to_string()),
         "workload_socket": workload_api.as_ref().map(|w| w.path().display().to_string()),
+        "sidecar_socket": sidecar_api.as_ref().map(|s| s.path().display().to_string()),
     });
     // Signals are ours before anyone learns we are up.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -220,6 +239,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     if let Some(w) = workload_api {
         w.shutdown().await;
     }
+    drop(sidecar_api);
     if let Some(t) = agent_task {
         t.abort();
     }

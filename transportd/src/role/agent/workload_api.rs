@@ -381,7 +381,11 @@ fn bundles_answer(
 
 /// The SVIDs of the view's entries that `workload`, on `node`, is entitled to, in the
 /// view's order (the first is the default).
-fn granted<'a>(view: &'a WorkloadView, node: &SpiffeId, workload: &Workload) -> Vec<&'a Svid> {
+pub(crate) fn granted<'a>(
+    view: &'a WorkloadView,
+    node: &SpiffeId,
+    workload: &Workload,
+) -> Vec<&'a Svid> {
     let entries: Vec<RegistrationEntry> = view.svids.iter().map(|s| s.entry.clone()).collect();
     let matched = certs::entries_for(&entries, node, workload);
     view.svids
@@ -462,7 +466,7 @@ fn jwt_unimplemented() -> Status {
 
 /// Makes way for our socket: creates the directory, removes a stale socket, refuses
 /// anything else.
-fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
+pub(crate) fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -1,0 +1,371 @@
+//! The sidecar: a node's local data API for the training processes on it.
+//!
+//! A Unix socket beside the Workload API's (mode 0660, group as configured). Each request
+//! is attested as the Workload API attests a call (peer uid, gid and executable, the
+//! process pinned by a pidfd so that a reused pid cannot borrow another's entry) and mapped
+//! to the SPIFFE ID of the caller's registration entry; a caller that matches none gets
+//! `permission_denied` and nothing else.
+//!
+//! The node then acts *as that workload*: it reaches storage nodes with the workload SVID
+//! its agent holds for the entry ([`upstream`]), so the storage node's policy decides and
+//! its trail records the workload, as if the loader had connected itself. Whole objects
+//! land in one cache shared by all callers (sealed at rest, see
+//! [`libtransport::cache::SealedCache`]) and are handed over as sealed read-only memory
+//! files passed with `SCM_RIGHTS`; an object already handed out stays mapped in memory
+//! (within a byte budget) for the next caller. A cached object is given to a caller only
+//! after the storage node said yes to that caller's identity for that object.
+//!
+//! Every request is recorded in the node's trail (`local_request`: caller, uid, pid,
+//! request, dataset, object, bytes, whence, outcome) before its answer goes out: no record,
+//! no answer.
+//!
+//! Connections are served on threads of their own (blocking frames; the network work runs
+//! on the node's runtime), at most [`MAX_CALLERS`] at once.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use anyhow::Context;
+use certs::SpiffeId;
+use libtransport::IdentityHandle;
+use libtransport::audit::{AuditEvent, AuditRecord, AuditSink};
+use libtransport::clock::Clock;
+use libtransport::metrics::SidecarCounters;
+use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::sidecar::{
+    FrameError, LocalAnswer, LocalRequest, recv_frame, request_body, send_frame,
+};
+use tokio::net::UnixListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::config::SidecarConfig;
+use crate::role::agent::peercred::PeerCred;
+use crate::role::agent::view::ViewWatch;
+use crate::role::agent::workload_api::{granted, prepare_socket_path};
+
+mod upstream;
+
+use upstream::Upstreams;
+
+/// Local callers connected at once; more wait to be accepted.
+const MAX_CALLERS: usize = 256;
+
+/// Objects one prefetch hint may name; the rest are ignored.
+const MAX_PREFETCH: usize = 256;
+
+/// Serves the local data API on `cfg.socket` until the handle is dropped.
+pub(crate) async fn serve(
+    cfg: SidecarConfig,
+    node: SpiffeId,
+    view: ViewWatch,
+    node_identity: IdentityHandle,
+    audit: Arc<dyn AuditSink>,
+    clock: Arc<dyn Clock>,
+    counters: Arc<SidecarCounters>,
+) -> anyhow::Result<SidecarHandle> {
+    let socket = cfg.socket.clone();
+    prepare_socket_path(&socket)?;
+    let upstreams = Upstreams::open(
+        &cfg,
+        view.clone(),
+        node_identity,
+        clock.clone(),
+        counters.clone(),
+    )
+    .await
+    .with_context(|| format!("sidecar.cache_dir {}", cfg.cache_dir.display()))?;
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("binding the sidecar socket {}", socket.display()))?;
+    if let Some(gid) = cfg.group {
+        std::os::unix::fs::chown(&socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("opening {} to its group", socket.display()))?;
+    counters.enable();
+    let shared = Arc::new(Shared {
+        node,
+        view,
+        audit,
+        clock,
+        counters,
+        upstreams,
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let limit = Arc::new(Semaphore::new(MAX_CALLERS));
+    let task = tokio::spawn(accept_loop(listener, limit, shared));
+    info!(path = %socket.display(), "sidecar data API listening");
+    Ok(SidecarHandle { path: socket, task })
+}
+
+/// The running data API. Dropping it stops accepting and removes the socket; connections
+/// already open end when their callers close them or the process exits.
+#[derive(Debug)]
+pub(crate) struct SidecarHandle {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SidecarHandle {
+    /// The socket.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SidecarHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Shared {
+    node: SpiffeId,
+    view: ViewWatch,
+    audit: Arc<dyn AuditSink>,
+    clock: Arc<dyn Clock>,
+    counters: Arc<SidecarCounters>,
+    upstreams: Upstreams,
+    runtime: tokio::runtime::Handle,
+}
+
+async fn accept_loop(listener: UnixListener, limit: Arc<Semaphore>, shared: Arc<Shared>) {
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "sidecar cannot accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let cred = match PeerCred::capture(&stream) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "sidecar caller without peer credentials: closed");
+                continue;
+            }
+        };
+        let stream = match stream.into_std().and_then(|s| {
+            s.set_nonblocking(false)?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "sidecar connection unusable");
+                continue;
+            }
+        };
+        debug!(pid = cred.pid, uid = cred.uid, "sidecar connection");
+        let shared = shared.clone();
+        // A thread per caller: frames are blocking reads, and a thread outside the
+        // runtime's blocking pool never holds the runtime's shutdown up.
+        let spawned = std::thread::Builder::new()
+            .name("transportd-sidecar".into())
+            .spawn(move || serve_caller(&shared, &stream, &cred, permit));
+        if let Err(e) = spawned {
+            warn!(error = %e, "sidecar cannot start a caller's thread");
+        }
+    }
+}
+
+/// Serves one connection's requests in order until the caller closes it.
+fn serve_caller(
+    shared: &Shared,
+    sock: &StdUnixStream,
+    cred: &PeerCred,
+    _permit: OwnedSemaphorePermit,
+) {
+    shared.counters.callers.fetch_add(1, Relaxed);
+    loop {
+        let (req, _, fd) = match recv_frame::<LocalRequest>(sock, request_body, 0) {
+            Ok(f) => f,
+            Err(FrameError::Io(_)) => break,
+            Err(FrameError::Malformed(why)) => {
+                debug!(pid = cred.pid, reason = %why, "malformed sidecar request");
+                let _ = answer(
+                    shared,
+                    sock,
+                    &error("invalid", "malformed request"),
+                    &[],
+                    None,
+                );
+                break;
+            }
+            Err(_) => break,
+        };
+        if !shared.serve_one(sock, cred, req, fd) {
+            break;
+        }
+    }
+    shared.counters.callers.fetch_sub(1, Relaxed);
+}
+
+impl Shared {
+    /// Serves one request; false when the connection should end.
+    fn serve_one(
+        &self,
+        sock: &StdUnixStream,
+        cred: &PeerCred,
+        req: LocalRequest,
+        fd: Option<OwnedFd>,
+    ) -> bool {
+        let mut record = Record::of(&req, cred);
+        // Attestation first, for every request: the process behind the socket now.
+        let identity = match cred.attest() {
+            Ok(workload) => {
+                let view = self.view.borrow().clone();
+                let svids = granted(&view, &self.node, &workload);
+                svids.first().map(|s| ((*s).clone(), view.bundle.clone()))
+            }
+            Err(why) => {
+                debug!(pid = cred.pid, reason = %why, "sidecar caller not attested");
+                None
+            }
+        };
+        let Some((svid, bundle)) = identity else {
+            self.counters.denied.fetch_add(1, Relaxed);
+            record.outcome = "permission_denied";
+            let a = error(
+                "permission_denied",
+                "this process matches no registration entry of this node: ask for an entry \
+                 for its uid and executable (`transportd issuer entry create`)",
+            );
+            // A refused caller gets its answer and the connection ends.
+            if self.record(&record).is_ok() {
+                let _ = answer(self, sock, &a, &[], None);
+            }
+            return false;
+        };
+        record.id = Some(svid.id().clone());
+        let result = self
+            .runtime
+            .block_on(self.upstreams.serve(&svid, &bundle, req, fd));
+        let (header, body, fd) = match result {
+            Ok(served) => {
+                record.bytes = served.bytes;
+                record.source = served.source;
+                record.node = served.node.clone();
+                (served.answer, served.body, served.fd)
+            }
+            Err(f) => {
+                record.outcome = f.code;
+                record.node = f.node.clone();
+                (error(f.code, &f.message), Vec::new(), None)
+            }
+        };
+        if self.record(&record).is_err() {
+            let a = error(
+                "unavailable",
+                "the node's audit trail cannot record this request now; retry later",
+            );
+            return answer(self, sock, &a, &[], None).is_ok();
+        }
+        answer(self, sock, &header, &body, fd.as_ref().map(|f| f.as_fd())).is_ok()
+    }
+
+    fn record(&self, r: &Record) -> Result<(), ()> {
+        self.audit
+            .record(&AuditRecord {
+                time: self.clock.now(),
+                event: AuditEvent::LocalRequest {
+                    id: r.id.clone(),
+                    pid: r.pid,
+                    uid: r.uid,
+                    op: r.op.to_owned(),
+                    node: r.node.clone(),
+                    dataset: r.dataset.clone(),
+                    object: r.object.clone(),
+                    bytes: r.bytes,
+                    source: r.source.to_owned(),
+                    outcome: r.outcome.to_owned(),
+                },
+            })
+            .map_err(|e| warn!(error = %e, "audit trail unavailable: refusing a sidecar answer"))
+    }
+}
+
+/// Writes an answer and counts what crossed the socket.
+fn answer(
+    shared: &Shared,
+    sock: &StdUnixStream,
+    header: &LocalAnswer,
+    body: &[u8],
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), FrameError> {
+    let sent = send_frame(sock, header, body, fd)?;
+    shared.counters.socket_bytes.fetch_add(sent, Relaxed);
+    Ok(())
+}
+
+fn error(code: &str, message: &str) -> LocalAnswer {
+    LocalAnswer::Error {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+/// One request's line in the trail, filled in as it is served.
+#[derive(Debug)]
+struct Record {
+    id: Option<SpiffeId>,
+    pid: Option<u32>,
+    uid: u32,
+    op: &'static str,
+    node: Option<String>,
+    dataset: Option<DatasetName>,
+    object: Option<ObjectPath>,
+    bytes: u64,
+    source: &'static str,
+    outcome: &'static str,
+}
+
+impl Record {
+    fn of(req: &LocalRequest, cred: &PeerCred) -> Self {
+        let (op, dataset, object) = match req {
+            LocalRequest::Datasets { .. } => ("datasets", None, None),
+            LocalRequest::List { dataset, .. } => ("list", Some(dataset.as_str()), None),
+            LocalRequest::Stat {
+                dataset, object, ..
+            } => ("stat", Some(dataset.as_str()), Some(object.as_str())),
+            LocalRequest::Read {
+                dataset, object, ..
+            } => ("read", Some(dataset.as_str()), Some(object.as_str())),
+            LocalRequest::Fetch {
+                dataset, object, ..
+            } => ("fetch", Some(dataset.as_str()), Some(object.as_str())),
+            LocalRequest::Push {
+                dataset, object, ..
+            } => ("push", Some(dataset.as_str()), Some(object.as_str())),
+            LocalRequest::Prefetch { objects, .. } => (
+                "prefetch",
+                objects.first().map(|o| o.0.as_str()),
+                objects.first().map(|o| o.1.as_str()),
+            ),
+        };
+        Self {
+            id: None,
+            pid: cred.pid,
+            uid: cred.uid,
+            op,
+            node: None,
+            // Names that do not parse are refused later; the trail keeps valid ones only.
+            dataset: dataset.and_then(|d| DatasetName::new(d).ok()),
+            object: object.and_then(|o| ObjectPath::new(o).ok()),
+            bytes: 0,
+            source: "none",
+            outcome: "ok",
+        }
+    }
+}
