@@ -39,8 +39,15 @@ def exact(n):
     return out
 
 for req in args:
-    h = json.dumps(json.loads(req)).encode()
-    sock.sendall(struct.pack(">I", len(h)) + h)
+    req = json.loads(req)
+    send = req.pop("_file", None)
+    h = json.dumps(req).encode()
+    frame = struct.pack(">I", len(h)) + h
+    if send is None:
+        sock.sendall(frame)
+    else:
+        with open(send, "rb") as f:
+            socket.send_fds(sock, [frame], [f.fileno()])
     try:
         first, fds, _, _ = socket.recv_fds(sock, 4, 1)
         if not first:
@@ -242,7 +249,8 @@ fn eight_local_readers_get_one_pull_from_storage_as_the_workload_and_no_copy_thr
 }
 
 #[test]
-fn unregistered_callers_get_permission_denied_and_denied_workloads_not_found_even_when_cached() {
+fn unregistered_callers_get_permission_denied_and_denied_workloads_not_found_even_when_cached_or_pushing()
+ {
     let d = Domain::start("1h");
     let s = SidecarSite::start(&d);
     write_data(&s.storage.dir.join("datasets/scans/a.bin"), 3 << 20, 32);
@@ -283,6 +291,32 @@ fn unregistered_callers_get_permission_denied_and_denied_workloads_not_found_eve
         s.metric("transportd_sidecar_local_denied_total"),
         denied + 1.0
     );
+    // Pushes too go as the caller: the reader's is stored, the intruder's refused.
+    let src = d.path("upload.bin");
+    let data = write_data(&src, (2 << 20) + 5, 34);
+    let push = |object: &str| {
+        format!(
+            r#"{{"op":"push","dataset":"scans","object":"{object}","_file":"{}"}}"#,
+            p(&src)
+        )
+    };
+    let out = s.call("intruder", &[&push("intruded.bin")]);
+    assert_eq!(answers(&out)[0]["answer"]["code"], "not_found");
+    assert!(!s.storage.dir.join("datasets/scans/intruded.bin").exists());
+    let out = s.call("reader", &[&push("pushed.bin")]);
+    let a = &answers(&out)[0];
+    assert_eq!(a["answer"]["answer"], "pushed", "{a}");
+    assert_eq!(a["answer"]["size"], data.len() as u64);
+    let stored = std::fs::read(s.storage.dir.join("datasets/scans/pushed.bin")).unwrap();
+    assert!(stored == data, "the pushed object differs");
+    let writes: Vec<Value> = s
+        .storage
+        .trail("transfer")
+        .into_iter()
+        .filter(|r| r["object"] == "pushed.bin" && r["direction"] == "in")
+        .collect();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(writes[0]["peer"], id("/gpu/loader"));
 }
 
 #[test]
