@@ -667,6 +667,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sidecar_counters_are_exported_once_a_sidecar_enables_them() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = Metrics::new();
+        let c = m.sidecar();
+        c.hits.fetch_add(7, Relaxed);
+        assert!(
+            !m.encode().contains("sidecar"),
+            "exported without a sidecar"
+        );
+        c.enable();
+        c.misses.fetch_add(1, Relaxed);
+        c.bytes_network.fetch_add(100, Relaxed);
+        c.callers.fetch_add(2, Relaxed);
+        let text = m.encode();
+        for line in [
+            "transportd_sidecar_cache_hits_total 7",
+            "transportd_sidecar_cache_misses_total 1",
+            "transportd_sidecar_handed_bytes_total{source=\"network\"} 100",
+            "transportd_sidecar_handed_bytes_total{source=\"memory\"} 0",
+            "transportd_sidecar_local_callers 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
+
+    #[test]
     fn counters_move_and_encode_with_bounded_labels() {
         let m = Metrics::new();
         m.transfer_ended(

@@ -254,6 +254,15 @@ impl Shared {
             .block_on(self.upstreams.serve(&svid, &bundle, req, fd));
         let (header, body, fd) = match result {
             Ok(served) => {
+                let handed = match served.source {
+                    "memory" => Some(&self.counters.bytes_memory),
+                    "cache" => Some(&self.counters.bytes_cache),
+                    "network" => Some(&self.counters.bytes_network),
+                    _ => None,
+                };
+                if let Some(c) = handed {
+                    c.fetch_add(served.bytes, Relaxed);
+                }
                 record.bytes = served.bytes;
                 record.source = served.source;
                 record.node = served.node.clone();

@@ -244,6 +244,13 @@ fn eight_local_readers_get_one_pull_from_storage_as_the_workload_and_no_copy_thr
     assert_eq!(network, 1, "{local:?}");
     assert_eq!(s.metric("transportd_sidecar_cache_misses_total"), 1.0);
     assert_eq!(s.metric("transportd_sidecar_cache_hits_total"), 7.0);
+    let handed = |source: &str| {
+        s.metric(&format!(
+            "transportd_sidecar_handed_bytes_total{{source=\"{source}\"}}"
+        ))
+    };
+    assert_eq!(handed("network"), data.len() as f64);
+    assert_eq!(handed("memory"), 7.0 * data.len() as f64);
     let socket_bytes = s.metric("transportd_sidecar_socket_bytes_total");
     assert!(socket_bytes < 8.0 * 1024.0, "{socket_bytes}");
 }

@@ -39,6 +39,10 @@ use crate::role::agent::view::ViewWatch;
 /// Prefetches running at once; hints past them wait.
 const PREFETCH_AT_ONCE: usize = 4;
 
+/// Prefetches waiting or running at most, for all callers; hints past it are dropped (a
+/// hint is a hint), and the answer's count says how many were taken.
+const PREFETCH_QUEUE: usize = 1024;
+
 /// Decisions held at most; past it, expired ones go, then all.
 const MAX_DECISIONS: usize = 100_000;
 
@@ -103,6 +107,8 @@ struct Inner {
     /// MiB of objects being fetched into memory at once.
     fetching: Arc<Semaphore>,
     prefetching: Arc<Semaphore>,
+    /// Prefetches waiting or running.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A connection for one (workload, storage node), made on first use.
@@ -146,6 +152,7 @@ impl Upstreams {
             inflight: Mutex::default(),
             fetching: Arc::new(Semaphore::new(mib as usize)),
             prefetching: Arc::new(Semaphore::new(PREFETCH_AT_ONCE)),
+            queued: Arc::default(),
         })))
     }
 
@@ -406,10 +413,15 @@ impl Inner {
                     let (Ok(ds), Ok(obj)) = (dataset_name(&dataset), object_path(&object)) else {
                         continue;
                     };
+                    if self.queued.fetch_add(1, Relaxed) >= PREFETCH_QUEUE {
+                        self.queued.fetch_sub(1, Relaxed);
+                        break;
+                    }
                     count += 1;
                     let (me, id, node, client) =
                         (me.clone(), id.clone(), node.to_owned(), client.clone());
                     tokio::spawn(async move {
+                        let _queued = Dequeue(me.0.queued.clone());
                         let Ok(_turn) = me.0.prefetching.clone().acquire_owned().await else {
                             return;
                         };
@@ -571,6 +583,15 @@ impl Inner {
         let fd = Arc::new(fd);
         lock(&self.memory).insert(root, fd.clone(), size);
         Ok((fd, "network"))
+    }
+}
+
+/// Takes a prefetch off the queue's count when it ends, however it ends.
+struct Dequeue(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Dequeue {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -744,4 +765,37 @@ fn push_failure(e: PushError) -> Failure {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd() -> Arc<OwnedFd> {
+        Arc::new(sealed_memfd(b"x").unwrap())
+    }
+
+    fn root(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    #[test]
+    fn the_memory_tier_keeps_its_budget_dropping_the_least_recently_used() {
+        let mut t = MemoryTier::new(100);
+        t.insert(root(1), memfd(), 40);
+        t.insert(root(2), memfd(), 40);
+        // 1 is used again, so 2 is the one to go for 3.
+        assert!(t.get(&root(1)).is_some());
+        t.insert(root(3), memfd(), 40);
+        assert!(t.get(&root(2)).is_none());
+        assert!(t.get(&root(1)).is_some() && t.get(&root(3)).is_some());
+        assert_eq!(t.used, 80);
+        // Larger than the whole budget: not held at all, and nothing evicted for it.
+        t.insert(root(4), memfd(), 101);
+        assert!(t.get(&root(4)).is_none());
+        assert_eq!(t.used, 80);
+        // The same root twice is held once.
+        t.insert(root(1), memfd(), 40);
+        assert_eq!(t.used, 80);
+    }
 }
