@@ -179,6 +179,16 @@ impl Client {
         Ok(Answer::manifest(self.call(&req).await?)?)
     }
 
+    /// Waits for the server's access policy to differ from epoch `known` (0: any), or
+    /// for the server's hold to end (about 15 s), and returns its epoch then. A caller that
+    /// reuses the server's decisions (a sidecar) keeps one of these outstanding, and drops
+    /// the decisions whenever the epoch moves.
+    pub async fn policy_watch(&self, known: u64) -> Result<u64, RequestError> {
+        Ok(Answer::policy(
+            self.call(&Request::PolicyWatch { known }).await?,
+        )?)
+    }
+
     /// Closes the connection (and those striped transfers used).
     pub fn close(&self) {
         self.current().close();

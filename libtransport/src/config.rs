@@ -352,19 +352,43 @@ fn in_range(field: &'static str, v: u32, min: u32, max: u32) -> Result<u32, Conf
 #[derive(Debug, Clone)]
 pub struct PolicyHandle {
     tx: Arc<watch::Sender<Arc<dyn Authorizer>>>,
+    /// The policy's epoch: random at start (so that a restarted server's differs from
+    /// any before), moved on by every update; never 0.
+    epoch: Arc<watch::Sender<u64>>,
 }
 
 impl PolicyHandle {
     /// Starts publishing `policy`.
     pub fn new(policy: Arc<dyn Authorizer>) -> Self {
+        let mut start = [0u8; 8];
+        // A fresh random start; if the system cannot give one, the time will do.
+        if aws_lc_rs::rand::fill(&mut start).is_err() {
+            start = u64::try_from(
+                std::time::UNIX_EPOCH
+                    .elapsed()
+                    .unwrap_or_default()
+                    .as_nanos()
+                    & u128::from(u64::MAX),
+            )
+            .unwrap_or(1)
+            .to_be_bytes();
+        }
         Self {
             tx: Arc::new(watch::Sender::new(policy)),
+            epoch: Arc::new(watch::Sender::new(u64::from_be_bytes(start).max(1))),
         }
     }
 
     /// Replaces the policy for every request from now on.
     pub fn update(&self, policy: Arc<dyn Authorizer>) {
         self.tx.send_replace(policy);
+        self.epoch
+            .send_modify(|e| *e = e.checked_add(1).unwrap_or(1).max(1));
+    }
+
+    /// The policy's epoch, to watch for changes (see `Request::PolicyWatch`).
+    pub fn epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 
     /// The policy in force.

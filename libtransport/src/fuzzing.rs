@@ -723,6 +723,12 @@ mod seeds {
                     transfer: TransferId(1),
                 },
             ),
+            (
+                "policy-watch",
+                Request::PolicyWatch {
+                    known: 0x0123_4567_89ab_cdef,
+                },
+            ),
         ]
     }
 
@@ -774,6 +780,7 @@ mod seeds {
                 },
             ),
             ("closed", Response::Closed),
+            ("policy", Response::Policy { epoch: 42 }),
         ]
     }
 

@@ -219,3 +219,51 @@ fn accepted_connections(server: &TestServer) -> usize {
         .filter(|e| matches!(e, AuditEvent::ConnectionAccepted { .. }))
         .count()
 }
+
+/// A peer that reuses the server's decisions learns of every policy change: a watch with
+/// an old epoch answers at once, one with the current epoch is held until the policy
+/// changes and then answers with a new epoch, and the new policy is the one in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_watch_answers_when_the_policy_changes_and_not_before() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    let server = TestServer::start(&pki, &[("/gpu/loader", "scans", true, false)]).await;
+    server.put("scans", "a.bin", &random_bytes(1000, 2));
+    let client = Client::connect(
+        client_config(&pki, "/gpu/loader"),
+        server.addr(Path::Quic),
+        Path::Quic,
+    )
+    .await
+    .unwrap();
+    let (scans, a) = (
+        DatasetName::new("scans").unwrap(),
+        ObjectPath::new("a.bin").unwrap(),
+    );
+    client.stat(&scans, &a).await.unwrap();
+    let first = client.policy_watch(0).await.unwrap();
+    assert_ne!(first, 0);
+    // Held while nothing changes.
+    let client = std::sync::Arc::new(client);
+    let c = client.clone();
+    let mut held = tokio::spawn(async move { c.policy_watch(first).await });
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut held).await;
+    assert!(early.is_err(), "answered with no change: {early:?}");
+    // The loader loses its rule.
+    server
+        .config
+        .policy()
+        .update(std::sync::Arc::new(libtransport::policy::AccessList::new()));
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), held)
+        .await
+        .expect("the watch was not answered after the change")
+        .unwrap()
+        .unwrap();
+    assert_ne!(next, first);
+    let denied = client.stat(&scans, &a).await.unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(libtransport::proto::ErrorCode::NotFound),
+        "{denied}"
+    );
+}

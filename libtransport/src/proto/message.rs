@@ -193,6 +193,13 @@ pub enum Request {
         /// Which chunk.
         chunk: ChunkIndex,
     },
+    /// Answered when the server's access policy is no longer the one `known` names (at
+    /// once if it is not), or after a while with the same epoch: a peer that reuses the
+    /// server's decisions keeps one of these open to learn of every policy change.
+    PolicyWatch {
+        /// The epoch the caller knows; 0 for none.
+        known: u64,
+    },
     /// Completes a write transfer: the object appears under its name, durably.
     Commit {
         /// The transfer.
@@ -309,6 +316,10 @@ impl Request {
                 manifest.encode(&mut b);
                 b.put_slice(group);
             }
+            Self::PolicyWatch { known } => {
+                b.put_u8(13);
+                b.put_u64(*known);
+            }
         }
         b.freeze()
     }
@@ -375,6 +386,7 @@ impl Request {
                     .try_into()
                     .map_err(|_| DecodeError::Truncated)?,
             },
+            13 => Self::PolicyWatch { known: get_u64(r)? },
             t => return Err(DecodeError::Tag(t)),
         };
         finish(r)?;
@@ -396,6 +408,7 @@ impl Request {
             Self::Commit { .. } => "commit",
             Self::Close { .. } => "close",
             Self::RdmaOpen { .. } => "rdma-open",
+            Self::PolicyWatch { .. } => "policy-watch",
         }
     }
 }
@@ -446,6 +459,12 @@ pub enum Response {
     },
     /// Answer to `Close`.
     Closed,
+    /// Answer to `PolicyWatch`: the epoch of the server's access policy now. Epochs differ
+    /// whenever policies may (a restarted server starts a new one).
+    Policy {
+        /// The epoch.
+        epoch: u64,
+    },
     /// Answer to `RdmaOpen`: the session is set up on the sender's side.
     RdmaAccepted {
         /// The session's ID: the context of its key derivation.
@@ -503,6 +522,10 @@ impl Response {
                 b.put_u8(9);
                 b.put_slice(session);
                 put_bytes16(&mut b, info);
+            }
+            Self::Policy { epoch } => {
+                b.put_u8(10);
+                b.put_u64(*epoch);
             }
         }
         b.freeze()
@@ -567,6 +590,7 @@ impl Response {
                     info: Bytes::copy_from_slice(take(r, n)?),
                 }
             }
+            10 => Self::Policy { epoch: get_u64(r)? },
             t => return Err(DecodeError::Tag(t)),
         };
         finish(r)?;
@@ -838,6 +862,7 @@ mod tests {
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
             Just(Request::ListDatasets),
+            any::<u64>().prop_map(|known| Request::PolicyWatch { known }),
             (
                 dataset(),
                 "[a-z/]{0,10}",
@@ -936,6 +961,7 @@ mod tests {
             any::<u32>().prop_map(|c| Response::ChunkStored(ChunkIndex(c))),
             any::<[u8; 32]>().prop_map(|r| Response::Committed { root: Digest(r) }),
             Just(Response::Closed),
+            any::<u64>().prop_map(|epoch| Response::Policy { epoch }),
         ]
     }
 
@@ -1182,7 +1208,7 @@ mod tests {
                 ..
             } => str_len(dataset.as_str()) + str_len(object.as_str()) + manifest.encoded_len() + 16,
             Request::WriteChunk { .. } => 8 + 4,
-            Request::Commit { .. } | Request::Close { .. } => 8,
+            Request::Commit { .. } | Request::Close { .. } | Request::PolicyWatch { .. } => 8,
             Request::RdmaOpen { offer, .. } => 8 + offer.encoded_len(),
         }
     }
@@ -1207,6 +1233,7 @@ mod tests {
             Response::Committed { .. } => 32,
             Response::Closed => 0,
             Response::RdmaAccepted { info, .. } => 16 + 2 + info.len(),
+            Response::Policy { .. } => 8,
         }
     }
 }

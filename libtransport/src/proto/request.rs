@@ -39,6 +39,14 @@ impl Answer {
         }
     }
 
+    /// `PolicyWatch`: the server's policy epoch.
+    pub fn policy(r: Response) -> Result<u64, UnexpectedResponse> {
+        match r {
+            Response::Policy { epoch } => Ok(epoch),
+            other => Err(UnexpectedResponse::of(&other)),
+        }
+    }
+
     /// `Stat`: the object's manifest.
     pub fn manifest(r: Response) -> Result<Manifest, UnexpectedResponse> {
         match r {

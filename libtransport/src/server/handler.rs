@@ -73,6 +73,10 @@ pub(crate) async fn handle(ctx: Arc<ConnCtx>, first: Option<Frame>, mut stream: 
     }
 }
 
+/// How long a `PolicyWatch` is held when nothing changes: short enough that a node
+/// stopping or a peer gone frees it soon, long enough to cost little.
+const POLICY_WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn decode(frame: &Frame) -> Result<Request, DecodeError> {
     if frame.kind != FrameKind::Request {
         return Err(DecodeError::Tag(frame.kind as u8));
@@ -164,6 +168,20 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
         }
         Request::Commit { transfer } => commit(ctx, transfer, &mut s.sink).await,
         Request::RdmaOpen { transfer, offer } => super::rdma::serve(ctx, transfer, offer, s).await,
+        Request::PolicyWatch { known } => {
+            let mut epoch = ctx.shared.config.policy.epoch();
+            let mut stop = ctx.shared.stop.subscribe();
+            if *epoch.borrow_and_update() == known {
+                // Held until the policy changes, the node stops, or a while has passed.
+                tokio::select! {
+                    _ = epoch.changed() => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                    () = tokio::time::sleep(POLICY_WATCH_HOLD) => {}
+                }
+            }
+            let now = *epoch.borrow();
+            respond(&mut s.sink, Response::Policy { epoch: now }).await
+        }
         Request::Close { transfer } => {
             let t = ctx.remove(transfer)?;
             let outcome = match &t.kind {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use libtransport::clock::{Clock, SystemClock};
 use serde_json::Value;
 
 use super::{AgentNode, Domain, id, p, stderr, wait_for, write_data};
@@ -324,6 +325,54 @@ fn unregistered_callers_get_permission_denied_and_denied_workloads_not_found_eve
         .collect();
     assert_eq!(writes.len(), 1, "{writes:?}");
     assert_eq!(writes[0]["peer"], id("/gpu/loader"));
+}
+
+/// A decision is reused for its TTL (30 s here), but never past a policy change the storage
+/// node reports: once the reader's rule is gone, its next fetch of the object it holds in
+/// memory is refused, well inside the TTL.
+#[test]
+fn a_storage_policy_change_reaches_callers_at_once_though_their_decision_is_fresh() {
+    let d = Domain::start("1h");
+    let s = SidecarSite::start(&d);
+    write_data(&s.storage.dir.join("datasets/scans/b.bin"), 2 << 20, 35);
+    let started = SystemClock.instant();
+    let out = s.call("reader", &[&fetch("b.bin"), &fetch("b.bin")]);
+    let got = answers(&out);
+    assert!(
+        got.iter().all(|a| a["answer"]["answer"] == "mapped"),
+        "{got:?}"
+    );
+    // The storage node drops the reader's rule (its config carries the rules; SIGHUP
+    // reloads them).
+    let config = s.storage.dir.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without = text.replace(
+        &format!("peer = \"{}\"", id("/gpu/loader")),
+        &format!("peer = \"{}\"", id("/gpu/someone-else")),
+    );
+    assert_ne!(text, without);
+    std::fs::write(&config, without).unwrap();
+    let loaded = s.storage.trail("policy_loaded").len();
+    let pid = rustix::process::Pid::from_raw(s.storage.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    wait_for(
+        "the storage node's new policy",
+        Duration::from_secs(10),
+        || s.storage.trail("policy_loaded").len() > loaded,
+    );
+    wait_for(
+        "the refusal at the sidecar",
+        Duration::from_secs(10),
+        || {
+            let out = s.call("reader", &[&fetch("b.bin")]);
+            answers(&out)[0]["answer"]["code"] == "not_found"
+        },
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(25),
+        "only after {took:?}: the TTL, not the change"
+    );
 }
 
 #[test]

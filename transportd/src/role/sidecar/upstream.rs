@@ -4,9 +4,11 @@
 //!
 //! An object is served to a caller only after the storage node said yes to that caller's
 //! identity for that object: a `stat` with the caller's SVID, whose answer (the manifest)
-//! is reused for [`SidecarConfig::decision_ttl`]. A `not_found` from a storage node drops
-//! every decision held for that identity there (the node's policy may have changed), and a
-//! push drops every decision on the object pushed. The manifest's root then names the
+//! is reused for [`SidecarConfig::decision_ttl`], and never past a policy change the
+//! storage node reports: each storage node's policy epoch is watched (`PolicyWatch`, one
+//! outstanding per node), every change of epoch drops that node's decisions, and while the
+//! watch is down no decision is reused at all. A `not_found` drops every decision held for
+//! that identity there, and a push drops every decision on the object pushed. The manifest's root then names the
 //! object in memory and in the cache, so a hit is the very content that node authorized.
 //!
 //! Objects several callers want at once are fetched once: the first fetches (holding the
@@ -101,7 +103,9 @@ struct Inner {
     cache: SealedCache,
     identities: Mutex<HashMap<SpiffeId, IdentityHandle>>,
     clients: Mutex<HashMap<(SpiffeId, String), Pooled>>,
-    decisions: Mutex<HashMap<DecisionKey, (Arc<Manifest>, Instant)>>,
+    decisions: Mutex<HashMap<DecisionKey, Decision>>,
+    /// Per storage node, what its policy watch says.
+    watches: Mutex<HashMap<String, NodeWatch>>,
     memory: Mutex<MemoryTier>,
     inflight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// MiB of objects being fetched into memory at once.
@@ -116,6 +120,29 @@ type Pooled = Arc<OnceCell<Arc<Client>>>;
 
 /// Whose yes, from which node, for which object.
 type DecisionKey = (SpiffeId, String, DatasetName, ObjectPath);
+
+/// A storage node's yes: the manifest it gave, when, and under which watch generation.
+#[derive(Debug, Clone)]
+struct Decision {
+    manifest: Arc<Manifest>,
+    at: Instant,
+    generation: u64,
+}
+
+/// What the sidecar knows of a storage node's policy. Decisions are reused only while the
+/// watch is live and its generation is the one they were made under; the generation moves
+/// whenever the node reports another policy epoch and whenever the watch is lost or
+/// regained.
+#[derive(Debug, Default)]
+struct NodeWatch {
+    started: bool,
+    live: bool,
+    epoch: u64,
+    generation: u64,
+}
+
+/// How long a lost policy watch waits before asking again, at most.
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Upstreams {
     /// Opens the cache (emptying what an earlier run left: its key is gone).
@@ -148,6 +175,7 @@ impl Upstreams {
             identities: Mutex::default(),
             clients: Mutex::default(),
             decisions: Mutex::default(),
+            watches: Mutex::default(),
             memory: Mutex::new(MemoryTier::new(cfg.memory_bytes)),
             inflight: Mutex::default(),
             fetching: Arc::new(Semaphore::new(mib as usize)),
@@ -231,10 +259,52 @@ impl Upstreams {
                 .await
                 .map_err(connect_failure)?;
             debug!(peer.id = %svid.id(), node, "sidecar connected to a storage node as a workload");
-            Ok(Arc::new(client))
+            let client = Arc::new(client);
+            self.watch(node, &client);
+            Ok(client)
         })
         .await
         .cloned()
+    }
+
+    /// Starts the policy watch on `node` (once per node) over `client`'s connection: it
+    /// keeps a `PolicyWatch` outstanding and drops the node's decisions whenever the epoch
+    /// moves or the watch is lost.
+    fn watch(&self, node: &str, client: &Arc<Client>) {
+        {
+            let mut w = lock(&self.0.watches);
+            let w = w.entry(node.to_owned()).or_default();
+            if w.started {
+                return;
+            }
+            w.started = true;
+        }
+        let (me, node, client) = (Arc::downgrade(&self.0), node.to_owned(), client.clone());
+        tokio::spawn(async move {
+            let mut known = 0;
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                let got = client.policy_watch(known).await;
+                let Some(inner) = me.upgrade() else { return };
+                match got {
+                    Ok(epoch) => {
+                        if inner.watched(&node, Some(epoch)) {
+                            info!(node, "storage node's policy changed: its decisions dropped");
+                        }
+                        known = epoch;
+                        backoff = Duration::from_millis(250);
+                    }
+                    Err(e) => {
+                        inner.watched(&node, None);
+                        debug!(node, error = %e, "policy watch lost; decisions not reused until it is back");
+                        drop(inner);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(WATCH_RETRY_MAX);
+                        known = 0;
+                    }
+                }
+            }
+        });
     }
 
     /// The identity handle of a workload, brought up to date with its newest SVID and the
@@ -451,24 +521,63 @@ impl Inner {
     ) -> Result<Arc<Manifest>, Failure> {
         let key = (id.clone(), node.to_owned(), ds.clone(), obj.clone());
         let now = self.clock.instant();
-        if let Some((m, at)) = lock(&self.decisions).get(&key)
-            && now.saturating_duration_since(*at) < self.ttl
+        // The generation before asking: a change reported while the stat is out makes
+        // this answer stale at once.
+        let (live, generation) = {
+            let w = lock(&self.watches);
+            w.get(node).map_or((false, 0), |w| (w.live, w.generation))
+        };
+        if live
+            && let Some(d) = lock(&self.decisions).get(&key)
+            && d.generation == generation
+            && now.saturating_duration_since(d.at) < self.ttl
         {
-            return Ok(m.clone());
+            return Ok(d.manifest.clone());
         }
         let m = Arc::new(client.stat(ds, obj).await.map_err(request_failure)?);
         let mut d = lock(&self.decisions);
         if d.len() >= MAX_DECISIONS {
             let ttl = self.ttl;
-            d.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+            d.retain(|_, d| now.saturating_duration_since(d.at) < ttl);
             if d.len() >= MAX_DECISIONS {
                 d.clear();
             }
         }
         if !self.ttl.is_zero() {
-            d.insert(key, (m.clone(), now));
+            d.insert(
+                key,
+                Decision {
+                    manifest: m.clone(),
+                    at: now,
+                    generation,
+                },
+            );
         }
         Ok(m)
+    }
+
+    /// Takes a policy watch's answer (`None`: the watch failed); true when `node`'s
+    /// decisions were dropped for a change of epoch.
+    fn watched(&self, node: &str, epoch: Option<u64>) -> bool {
+        let changed = {
+            let mut w = lock(&self.watches);
+            let w = w.entry(node.to_owned()).or_default();
+            let moved = epoch.is_some_and(|e| w.live && w.epoch != e);
+            let changed = match epoch {
+                Some(e) => !w.live || w.epoch != e,
+                None => w.live,
+            };
+            if changed {
+                w.generation += 1;
+            }
+            w.live = epoch.is_some();
+            w.epoch = epoch.unwrap_or(0);
+            (changed, moved)
+        };
+        if changed.0 {
+            lock(&self.decisions).retain(|(_, n, _, _), _| n != node);
+        }
+        changed.1
     }
 
     /// Drops the decisions held for `id` at `node`.
