@@ -19,6 +19,10 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod client;
+
+pub use client::{SidecarClient, SidecarError};
+
 /// The environment variable that names a sidecar's socket to clients that honour it.
 pub const SOCKET_ENV: &str = "TRANSPORTD_SIDECAR_SOCKET";
 
@@ -227,6 +231,17 @@ pub fn recv_frame<H: for<'de> Deserialize<'de>>(
     body_len: impl Fn(&H) -> u64,
     max_body: u64,
 ) -> Result<(H, Vec<u8>, Option<OwnedFd>), FrameError> {
+    recv_frame_counted(sock, body_len, max_body, &mut 0)
+}
+
+/// [`recv_frame`], adding to `counted` every byte read from the socket (also those of a
+/// frame that fails part-way), so a caller can show what crossed it.
+pub fn recv_frame_counted<H: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+    body_len: impl Fn(&H) -> u64,
+    max_body: u64,
+    counted: &mut u64,
+) -> Result<(H, Vec<u8>, Option<OwnedFd>), FrameError> {
     let mut prefix = [0u8; 4];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -252,7 +267,8 @@ pub fn recv_frame<H: for<'de> Deserialize<'de>>(
     if got.bytes == 0 {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
-    let mut r = sock;
+    *counted += got.bytes as u64;
+    let mut r = Counted { sock, counted };
     r.read_exact(&mut prefix[got.bytes..])?;
     let len = u32::from_be_bytes(prefix);
     if len > MAX_HEADER {
@@ -271,6 +287,20 @@ pub fn recv_frame<H: for<'de> Deserialize<'de>>(
     let mut body = vec![0u8; n as usize];
     r.read_exact(&mut body)?;
     Ok((header, body, fd))
+}
+
+/// A socket's reads, counted.
+struct Counted<'a> {
+    sock: &'a UnixStream,
+    counted: &'a mut u64,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (&mut &*self.sock).read(buf)?;
+        *self.counted += n as u64;
+        Ok(n)
+    }
 }
 
 /// The body length a request's header announces (requests carry none).
