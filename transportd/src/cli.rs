@@ -496,9 +496,16 @@ pub(crate) enum WorkloadCommand {
 /// How a client command reaches a node and proves who it is.
 #[derive(Debug, Args)]
 pub(crate) struct ConnArgs {
-    /// The node, `HOST:PORT`.
-    #[arg(long, short = 'n')]
-    pub(crate) node: String,
+    /// The node, `HOST:PORT`. With --sidecar: which of the sidecar's storage nodes to ask
+    /// (default: its first).
+    #[arg(long, short = 'n', required_unless_present = "sidecar")]
+    pub(crate) node: Option<String>,
+    /// Go through this node's sidecar socket instead of connecting ourselves: the node
+    /// attests this process (its uid and executable) and acts with that workload's SVID,
+    /// fetching each object once for all its callers; no identity options are needed (nor
+    /// used). Objects come as sealed memory files, not through the socket.
+    #[arg(long, env = env::SIDECAR_SOCKET, value_name = "SOCKET")]
+    pub(crate) sidecar: Option<PathBuf>,
     /// Directory holding svid.pem, svid.key and bundle.pem (as `ca issue` writes them).
     #[arg(long, env = env::IDENTITY_DIR)]
     pub(crate) identity: Option<PathBuf>,

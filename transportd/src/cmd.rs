@@ -13,6 +13,7 @@ pub(crate) mod ca;
 pub(crate) mod client;
 pub(crate) mod issuer;
 pub(crate) mod policy;
+pub(crate) mod sidecar;
 pub(crate) mod workload;
 
 /// `transportd config check FILE`.
@@ -55,6 +56,17 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if cause.is::<libtransport::audit::VerifyError>() {
             return 65;
+        }
+        if let Some(e) = cause.downcast_ref::<libtransport::sidecar::SidecarError>() {
+            return match e.code() {
+                "permission_denied" | "unauthenticated" | "server_not_trusted" => 77,
+                "not_found" => 66,
+                "corrupt" | "protocol" => 65,
+                "busy" | "unavailable" | "audit_unavailable" => 75,
+                "no_space" | "too_large" => 73,
+                "unreachable" => 69,
+                _ => 1,
+            };
         }
         if let Some(c) = cause.downcast_ref::<ConnectError>() {
             return match c {

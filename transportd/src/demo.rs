@@ -108,13 +108,23 @@ pub(crate) async fn run(size: u64, keep: Option<PathBuf>, json_out: bool) -> any
             quic: field(&ready, "quic")?,
             tcp: field(&ready, "tcp")?,
         };
+        // The GPU node's sidecar reaches the storage node as its workloads.
+        write_node_config(&dir, "gpu", &issuer_addr, &gpu_sidecar(&addrs.quic))?;
         let (gpu, ready) = Role::start(&dir, "gpu", &["node", "--config"], "node.toml").await?;
         let socket = PathBuf::from(field(&ready, "workload_socket")?);
+        let sidecar = PathBuf::from(field(&ready, "sidecar_socket")?);
+        let admin = field(&ready, "admin")?;
         let nodes = [storage, gpu];
         say("the data loader takes its SVID from the GPU node's Workload API");
         let run = async {
             wait_for_workload_svid(&socket, &loader_id).await?;
-            exercise(&dir, &addrs, &socket, &sources, size, &say).await
+            let mut report = exercise(&dir, &addrs, &socket, &sources, size, &say).await?;
+            report["sidecar"] =
+                through_sidecar(&dir, &sidecar, &admin, &sources, size, &say).await?;
+            if report["sidecar"]["verified"].as_bool() != Some(true) {
+                report["verified"] = json!(false);
+            }
+            Ok::<_, anyhow::Error>(report)
         }
         .await;
         for mut n in nodes {
@@ -265,6 +275,97 @@ async fn exercise(
             "verified": push_ok,
         },
     }))
+}
+
+/// The data loader's workers pull the dataset through the GPU node's sidecar, twice: the
+/// first pull reaches the storage node (as the loader's identity), the second is served
+/// from the node's sealed cache. Reports each pull and what the sidecar's metrics counted.
+async fn through_sidecar(
+    dir: &Path,
+    sidecar: &Path,
+    admin: &str,
+    sources: &[(String, PathBuf, u64)],
+    size: u64,
+    say: &impl Fn(&str),
+) -> anyhow::Result<Value> {
+    let mut pulls = Vec::new();
+    let mut ok = true;
+    for (i, what) in ["first", "second"].into_iter().enumerate() {
+        say(&format!(
+            "a data loader worker pulls the dataset through the GPU node's sidecar ({what} time)"
+        ));
+        let dest = dir.join(format!("gpu/data/sidecar-{i}"));
+        let started = SystemClock.instant();
+        let exe = std::env::current_exe().context("locating the transportd binary")?;
+        let out = Command::new(exe)
+            .arg("pull")
+            .arg("--sidecar")
+            .arg(sidecar)
+            .args(["--json", "scans"])
+            .arg(&dest)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("starting the data loader's pull through the sidecar")?;
+        if !out.status.success() {
+            bail!(
+                "the data loader's pull through the sidecar failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let report: Value =
+            serde_json::from_slice(&out.stdout).context("reading the sidecar pull's report")?;
+        let command_secs = started.elapsed().as_secs_f64();
+        let secs = transfer_seconds(&report).unwrap_or(command_secs);
+        let mut same = report["verified"].as_bool() == Some(true);
+        for (name, src, _) in sources {
+            same &= same_bytes(src, &dest.join(name)).await?;
+        }
+        ok &= same;
+        let objects = report["objects"].as_array().cloned().unwrap_or_default();
+        let cached = objects
+            .iter()
+            .filter(|o| o["report"]["cached"].as_bool() == Some(true))
+            .count();
+        pulls.push(json!({
+            "seconds": round3(secs),
+            "gbps": round3(size as f64 / secs / 1e9),
+            "objects": objects.len(),
+            "from_cache": cached,
+            "socket_bytes": report["socket_bytes"],
+            "verified": same,
+        }));
+    }
+    let metrics = admin_get(admin, "/metrics").await.unwrap_or_default();
+    // Counters, whole numbers in the exposition's float text.
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    Ok(json!({
+        "verified": ok,
+        "pulls": pulls,
+        "cache_hits": metric("transportd_sidecar_cache_hits_total"),
+        "cache_misses": metric("transportd_sidecar_cache_misses_total"),
+        "from_storage_bytes": metric("transportd_sidecar_handed_bytes_total{source=\"network\"}"),
+    }))
+}
+
+/// `GET path` from an admin endpoint; the body.
+async fn admin_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default())
 }
 
 /// Runs a client command as the data loader (its own process, its SVID from the GPU node's
@@ -427,7 +528,6 @@ async fn prepare_identities(
         .await?;
     std::fs::create_dir_all(dir.join("loader"))?;
     write_node_config(dir, "storage", issuer_addr, &storage_policy())?;
-    write_node_config(dir, "gpu", issuer_addr, "")?;
     Ok(())
 }
 
@@ -481,6 +581,18 @@ actions = ["read"]
 peer = "spiffe://{TRUST_DOMAIN}{LOADER}"
 dataset = "checkpoints"
 actions = ["read", "write"]
+"#
+    )
+}
+
+/// The GPU node's `[sidecar]`: the storage node at `storage`, a small cache.
+fn gpu_sidecar(storage: &str) -> String {
+    format!(
+        r#"[sidecar]
+socket = "run/data.sock"
+storage = ["{storage}"]
+cache_size = "8GiB"
+memory_size = "2GiB"
 "#
     )
 }
@@ -627,6 +739,34 @@ fn print_report(r: &Value, temporary: bool) {
         push["ratio_to_bare_tcp"].as_f64().unwrap_or(0.0),
         verdict(&push["verified"])
     );
+    let sc = &r["sidecar"];
+    for (i, p) in sc["pulls"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "  {} {} in {:.2} s = {:.2} GB/s, {} of {} objects from the node's cache, {} bytes \
+             through the socket, {}",
+            if i == 0 {
+                "via sidecar   "
+            } else {
+                "  again       "
+            },
+            human(r["dataset"]["bytes"].as_u64().unwrap_or(0)),
+            p["seconds"].as_f64().unwrap_or(0.0),
+            p["gbps"].as_f64().unwrap_or(0.0),
+            p["from_cache"],
+            p["objects"],
+            p["socket_bytes"],
+            verdict(&p["verified"])
+        );
+    }
+    if sc.is_object() {
+        println!(
+            "  sidecar cache  {} hits, {} misses; {} fetched from the storage node (as the \
+             loader), once",
+            sc["cache_hits"],
+            sc["cache_misses"],
+            human(sc["from_storage_bytes"].as_u64().unwrap_or(0)),
+        );
+    }
     for (i, node) in TRAILS.into_iter().enumerate() {
         let t = &r["audit"][node];
         println!(

@@ -23,3 +23,5 @@ pub(crate) const IDENTITY_DIR: &str = "TRANSPORTD_IDENTITY";
 pub(crate) const SPIFFE_ENDPOINT_SOCKET: &str = libtransport::workload::ENDPOINT_ENV;
 /// A join token for the node agent, when the configuration names no token file.
 pub(crate) const JOIN_TOKEN: &str = "TRANSPORTD_JOIN_TOKEN";
+/// The sidecar's socket: client commands go through the node's sidecar when it is set.
+pub(crate) const SIDECAR_SOCKET: &str = libtransport::sidecar::SOCKET_ENV;

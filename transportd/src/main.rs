@@ -133,19 +133,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 json,
             },
         ),
-        Command::Ls { conn, target, json } => cmd::client::ls(&conn, target.as_deref(), json).await,
+        Command::Ls { conn, target, json } => match conn.sidecar.clone() {
+            Some(socket) => cmd::sidecar::ls(&conn, &socket, target.as_deref(), json).await,
+            None => cmd::client::ls(&conn, target.as_deref(), json).await,
+        },
         Command::Pull {
             conn,
             source,
             dest,
             transfer,
-        } => cmd::client::pull(&conn, &source, &dest, &transfer).await,
+        } => match conn.sidecar.clone() {
+            Some(socket) => cmd::sidecar::pull(&conn, &socket, &source, &dest, transfer.json).await,
+            None => cmd::client::pull(&conn, &source, &dest, &transfer).await,
+        },
         Command::Push {
             conn,
             src,
             dest,
             transfer,
-        } => cmd::client::push(&conn, &src, &dest, &transfer).await,
+        } => match conn.sidecar.clone() {
+            Some(socket) => cmd::sidecar::push(&conn, &socket, &src, &dest, transfer.json).await,
+            None => cmd::client::push(&conn, &src, &dest, &transfer).await,
+        },
         Command::Demo { size, keep, json } => demo::run(size.as_u64(), keep, json).await,
         Command::Workload(WorkloadCommand::Fetch {
             socket,

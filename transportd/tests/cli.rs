@@ -45,6 +45,17 @@ fn demo_moves_64mib_over_both_paths_and_verifies() {
         assert_eq!(p["bytes"], 64 << 20);
     }
     assert_eq!(report["push"]["verified"], true);
+    // Through the GPU node's sidecar: the first pull fetched every shard from storage, the
+    // second was all from the node's cache; the storage node served the bytes once.
+    let sc = &report["sidecar"];
+    assert_eq!(sc["verified"], true, "{sc}");
+    let pulls = sc["pulls"].as_array().unwrap();
+    assert_eq!(pulls.len(), 2);
+    let shards = report["dataset"]["shards"].as_u64().unwrap();
+    assert_eq!(pulls[0]["from_cache"], 0, "{sc}");
+    assert_eq!(pulls[1]["from_cache"], shards, "{sc}");
+    assert_eq!(sc["cache_misses"], shards, "{sc}");
+    assert_eq!(sc["from_storage_bytes"], 64 << 20, "{sc}");
 }
 
 #[test]

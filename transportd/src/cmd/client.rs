@@ -146,40 +146,7 @@ pub(crate) async fn push(
     dest: &str,
     args: &TransferArgs,
 ) -> anyhow::Result<()> {
-    let (dataset, target) = split_target(dest)?;
-    let meta = std::fs::metadata(src).with_context(|| format!("reading {}", src.display()))?;
-    let jobs: Vec<(PathBuf, ObjectPath, u64)> = if meta.is_dir() {
-        let mut files = Vec::new();
-        walk(src, src, &mut files)?;
-        files
-            .into_iter()
-            .map(|(path, rel, size)| {
-                let name = match &target {
-                    Some(prefix) => format!("{}/{rel}", prefix.trim_end_matches('/')),
-                    None => rel,
-                };
-                Ok((
-                    path,
-                    ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?,
-                    size,
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?
-    } else {
-        let name = match target {
-            Some(t) => t,
-            None => src
-                .file_name()
-                .and_then(|n| n.to_str())
-                .context("source file name is not UTF-8")?
-                .to_owned(),
-        };
-        vec![(
-            src.to_path_buf(),
-            ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?,
-            meta.len(),
-        )]
-    };
+    let (dataset, jobs) = push_jobs(src, dest)?;
     let client = connect(
         conn,
         args.audit.as_deref(),
@@ -224,6 +191,52 @@ pub(crate) async fn push(
     }
     client.close();
     Ok(())
+}
+
+/// One file of a push: where it is, the object it becomes, its size.
+pub(crate) type PushJob = (PathBuf, ObjectPath, u64);
+
+/// What a push of `src` to `dest` (`DATASET[/OBJECT or PREFIX]`) sends: each file, its
+/// object path, its size.
+pub(crate) fn push_jobs(
+    src: &Path,
+    dest: &str,
+) -> anyhow::Result<(DatasetName, Vec<PushJob>)> {
+    let (dataset, target) = split_target(dest)?;
+    let meta = std::fs::metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    let jobs: Vec<(PathBuf, ObjectPath, u64)> = if meta.is_dir() {
+        let mut files = Vec::new();
+        walk(src, src, &mut files)?;
+        files
+            .into_iter()
+            .map(|(path, rel, size)| {
+                let name = match &target {
+                    Some(prefix) => format!("{}/{rel}", prefix.trim_end_matches('/')),
+                    None => rel,
+                };
+                Ok((
+                    path,
+                    ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?,
+                    size,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        let name = match target {
+            Some(t) => t,
+            None => src
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("source file name is not UTF-8")?
+                .to_owned(),
+        };
+        vec![(
+            src.to_path_buf(),
+            ObjectPath::new(&name).with_context(|| format!("object path {name:?}"))?,
+            meta.len(),
+        )]
+    };
+    Ok((dataset, jobs))
 }
 
 fn print_pulls(
@@ -392,7 +405,11 @@ pub(crate) async fn connect(
         builder = builder.audit(Arc::new(sink));
     }
     let config = builder.build();
-    let addr = resolve(&conn.node).await?;
+    let node = conn
+        .node
+        .as_deref()
+        .context("give the node to connect to: --node HOST:PORT")?;
+    let addr = resolve(node).await?;
     // A busy node or a network hiccup at connect time is retried like one mid-transfer.
     let mut attempts = Attempts::new(RetryPolicy::with_attempts(retries));
     loop {
@@ -413,9 +430,7 @@ pub(crate) async fn connect(
             Err(e) => {
                 let attempt = attempts.failures();
                 let Some(delay) = connect_retry(&mut attempts, e.is_retriable()) else {
-                    return Err(
-                        anyhow::Error::new(e).context(format!("connecting to {}", conn.node))
-                    );
+                    return Err(anyhow::Error::new(e).context(format!("connecting to {node}")));
                 };
                 tracing::warn!(error = %e, attempt, "connecting failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -449,7 +464,7 @@ async fn resolve(node: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// `DATASET` or `DATASET/REST`.
-fn split_target(t: &str) -> anyhow::Result<(DatasetName, Option<String>)> {
+pub(crate) fn split_target(t: &str) -> anyhow::Result<(DatasetName, Option<String>)> {
     let (d, rest) = match t.split_once('/') {
         Some((d, r)) if !r.is_empty() => (d, Some(r.to_owned())),
         Some((d, _)) => (d, None),

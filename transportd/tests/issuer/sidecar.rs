@@ -10,7 +10,7 @@ use std::time::Duration;
 use libtransport::clock::{Clock, SystemClock};
 use serde_json::Value;
 
-use super::{AgentNode, Domain, id, p, stderr, wait_for, write_data};
+use super::{AgentNode, Domain, bin, id, p, stderr, wait_for, write_data};
 use crate::common::metric;
 
 /// A local caller: sends one request per argument (JSON), prints one JSON line per answer
@@ -112,7 +112,13 @@ impl SidecarSite {
         }
         let script = d.path("caller.py");
         std::fs::write(&script, CALLER).unwrap();
-        for (who, exe) in [("/gpu/loader", "reader"), ("/gpu/intruder", "intruder")] {
+        // The loader runs as a Python program, or as `transportd pull --sidecar`.
+        let cli = std::fs::canonicalize(env!("CARGO_BIN_EXE_transportd")).unwrap();
+        for (who, exe) in [
+            ("/gpu/loader", bin.join("reader")),
+            ("/gpu/loader", cli),
+            ("/gpu/intruder", bin.join("intruder")),
+        ] {
             d.admin_ok(&[
                 "entry",
                 "create",
@@ -121,7 +127,7 @@ impl SidecarSite {
                 "--parent-id",
                 &id("/node/gpu-0"),
                 "--selector",
-                &format!("unix:path:{}", bin.join(exe).display()),
+                &format!("unix:path:{}", exe.display()),
             ]);
         }
         let allow = format!(
@@ -426,13 +432,31 @@ fn no_plaintext_reaches_the_nodes_disk_and_a_restart_empties_the_cache() {
     assert_eq!(transfers_of(&s.storage, "canary.bin").len(), 2);
 }
 
+/// `transportd pull --sidecar` (the Rust client, `SidecarClient`): a sidecar killed in the
+/// middle of its fetch leaves the command a typed, retriable error (exit 75, saying to
+/// retry), and the same command succeeds once the node is back.
 #[test]
 fn a_sidecar_killed_mid_fetch_leaves_its_caller_a_clear_loss_and_serves_once_restarted() {
     let d = Domain::start("1h");
     let mut s = SidecarSite::start(&d);
     let file = s.storage.dir.join("datasets/scans/big.bin");
-    write_data(&file, 512 << 20, 33);
-    let caller = s.caller("reader", &[&fetch("big.bin")]).spawn().unwrap();
+    let data = write_data(&file, 512 << 20, 33);
+    let dest = d.path("pulled/big.bin");
+    let pull = || {
+        let mut c = bin();
+        c.args([
+            "pull",
+            "--sidecar",
+            &s.socket,
+            "--json",
+            "scans/big.bin",
+            p(&dest),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c
+    };
+    let caller = pull().spawn().unwrap();
     // Killed while the storage node is still sending.
     wait_for("the fetch under way", Duration::from_secs(30), || {
         let (_, body) = s.storage.admin_get("/metrics");
@@ -441,17 +465,20 @@ fn a_sidecar_killed_mid_fetch_leaves_its_caller_a_clear_loss_and_serves_once_res
     let _ = s.gpu.child.kill();
     let _ = s.gpu.child.wait();
     let out = caller.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert_eq!(answers(&out)[0]["answer"], "lost");
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not running or was restarted, retry"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dest.exists(), "a partial object under its name");
     s.gpu = AgentNode::start(&s.gpu.dir);
     wait_for(
-        "the same fetch after the restart",
+        "the same pull after the restart",
         Duration::from_secs(60),
-        || {
-            let out = s.call("reader", &["--expect", p(&file), &fetch("big.bin")]);
-            out.status.success() && answers(&out)[0]["identical"] == true
-        },
+        || pull().output().unwrap().status.success(),
     );
+    assert!(std::fs::read(&dest).unwrap() == data, "bytes differ");
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
