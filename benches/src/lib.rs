@@ -21,4 +21,5 @@ pub mod plaintext;
 pub mod rdma_plain;
 pub mod report;
 pub mod setup;
+pub mod sidecar;
 pub mod stats;

@@ -123,6 +123,51 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "bare_server")]
         bare_cert: Option<PathBuf>,
     },
+    /// N local readers of one object through a GPU node's sidecar, against N direct
+    /// clients, with the real `transportd` binaries (an issuer, a storage node, two GPU
+    /// nodes with sidecars): network bytes per reader, aggregate GB/s and CPU s/GB, the
+    /// hand-off rate of hits held in memory, and of hits opened from the sealed disk cache
+    /// against one core's AES-256-GCM open rate, measured in the same run.
+    Sidecar {
+        /// Size of the object.
+        #[arg(long, default_value = "256MiB")]
+        size: bytesize::ByteSize,
+        /// Readers at once.
+        #[arg(long, default_value_t = 8)]
+        readers: u32,
+        /// Fetches per reader in the phases that hit the cache.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// The `transportd` binary (default: the one beside this binary; build it in the
+        /// same profile, e.g. `cargo build --release -p transportd`).
+        #[arg(long)]
+        transportd: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A `sidecar` run's reader through the sidecar (run by `sidecar`).
+    #[command(hide = true)]
+    SidecarReader {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        object: String,
+        #[arg(long)]
+        rounds: u32,
+    },
+    /// A `sidecar` run's direct reader (run by `sidecar`).
+    #[command(hide = true)]
+    DirectReader {
+        #[arg(long)]
+        node: SocketAddr,
+        #[arg(long)]
+        workload_socket: PathBuf,
+        #[arg(long)]
+        object: String,
+        #[arg(long)]
+        rounds: u32,
+    },
     /// A server and a client on two netlab hosts (network namespaces joined by a bridge):
     /// the modes cross a wire with a real MTU. Needs root.
     Lab {
@@ -247,6 +292,45 @@ fn main() -> anyhow::Result<()> {
         };
         let doc = benches::lab::run(&args)?;
         return finish(&doc, &format!("lab-mtu{mtu}"), run);
+    }
+    if let Command::Sidecar {
+        size,
+        readers,
+        rounds,
+        transportd,
+        json,
+    } = &cli.command
+    {
+        // The daemons and readers are processes of their own; this one only drives them.
+        let bench = std::env::current_exe().context("locating transport-bench")?;
+        let transportd = match transportd {
+            Some(t) => t.clone(),
+            None => bench.with_file_name("transportd"),
+        };
+        if !transportd.exists() {
+            bail!(
+                "no transportd binary at {}: build it in the same profile (cargo build --release -p transportd) or pass --transportd",
+                transportd.display()
+            );
+        }
+        let machine = report::machine(&benches::host::measure(std::time::Duration::from_millis(
+            300,
+        ))?);
+        let mut doc = benches::sidecar::run(&benches::sidecar::Params {
+            size: size.as_u64(),
+            readers: *readers,
+            rounds: *rounds,
+            transportd,
+            bench,
+        })?;
+        doc["machine"] = machine;
+        if *json {
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        } else {
+            print!("{}", benches::sidecar::table(&doc));
+            println!("{}", report::host_line(&doc["machine"]));
+        }
+        return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -398,6 +482,18 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             finish(&doc, "client", &run)
         }
         Command::Lab { .. } => bail!("lab runs without a runtime"),
+        Command::Sidecar { .. } => bail!("sidecar runs without a runtime"),
+        Command::SidecarReader {
+            socket,
+            object,
+            rounds,
+        } => benches::sidecar::sidecar_reader(&socket, &object, rounds).await,
+        Command::DirectReader {
+            node,
+            workload_socket,
+            object,
+            rounds,
+        } => benches::sidecar::direct_reader(node, &workload_socket, &object, rounds).await,
     }
 }
 

@@ -198,10 +198,7 @@ pub(crate) type PushJob = (PathBuf, ObjectPath, u64);
 
 /// What a push of `src` to `dest` (`DATASET[/OBJECT or PREFIX]`) sends: each file, its
 /// object path, its size.
-pub(crate) fn push_jobs(
-    src: &Path,
-    dest: &str,
-) -> anyhow::Result<(DatasetName, Vec<PushJob>)> {
+pub(crate) fn push_jobs(src: &Path, dest: &str) -> anyhow::Result<(DatasetName, Vec<PushJob>)> {
     let (dataset, target) = split_target(dest)?;
     let meta = std::fs::metadata(src).with_context(|| format!("reading {}", src.display()))?;
     let jobs: Vec<(PathBuf, ObjectPath, u64)> = if meta.is_dir() {

@@ -208,7 +208,9 @@ pub(crate) const EXAMPLE: &str = r#"# transportd node configuration. Relative pa
 # cache_dir = "/var/lib/transportd/sidecar-cache"   # default: <agent data_dir>/sidecar-cache;
 #                                        # AES-256-GCM sealed, key in memory only
 # cache_size = "64GiB"                   # sealed bytes on disk at most
-# memory_size = "4GiB"                   # objects held open in memory for hand-off at most
+# memory_size = "4GiB"                   # objects held open in memory for hand-off, and
+#                                        # being fetched, at most (a larger one is handed
+#                                        # over, not kept)
 # max_object = "16GiB"                   # larger objects are refused (read ranges instead)
 # decision_ttl = "30s"                   # reuse a storage node's yes for this long (0s: never)
 # ... or from files you renew yourself (not both):

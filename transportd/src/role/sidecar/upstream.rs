@@ -110,6 +110,8 @@ struct Inner {
     inflight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// MiB of objects being fetched into memory at once.
     fetching: Arc<Semaphore>,
+    /// Its size.
+    fetch_mib: u32,
     prefetching: Arc<Semaphore>,
     /// Prefetches waiting or running.
     queued: Arc<std::sync::atomic::AtomicUsize>,
@@ -155,8 +157,10 @@ impl Upstreams {
     ) -> anyhow::Result<Self> {
         let (dir, budget) = (cfg.cache_dir.clone(), cfg.cache_bytes);
         let cache = tokio::task::spawn_blocking(move || SealedCache::open(&dir, budget)).await??;
-        let whole_limit = cfg.max_object.min(cfg.memory_bytes);
-        let mib = u32::try_from(whole_limit.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        let whole_limit = cfg.max_object;
+        let mib = u32::try_from(cfg.memory_bytes.div_ceil(1 << 20))
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS as u32);
         info!(
             cache_bytes = cfg.cache_bytes,
             memory_bytes = cfg.memory_bytes,
@@ -179,6 +183,7 @@ impl Upstreams {
             memory: Mutex::new(MemoryTier::new(cfg.memory_bytes)),
             inflight: Mutex::default(),
             fetching: Arc::new(Semaphore::new(mib as usize)),
+            fetch_mib: mib,
             prefetching: Arc::new(Semaphore::new(PREFETCH_AT_ONCE)),
             queued: Arc::default(),
         })))
@@ -654,9 +659,11 @@ impl Inner {
             None => {}
         }
         self.counters.misses.fetch_add(1, Relaxed);
+        // Objects being fetched hold at most the memory budget at once; one larger than
+        // the whole budget waits until it has the budget to itself.
         let mib = u32::try_from(size.div_ceil(1 << 20))
             .unwrap_or(u32::MAX)
-            .max(1);
+            .clamp(1, self.fetch_mib);
         let _room = self
             .fetching
             .acquire_many(mib)
