@@ -153,7 +153,9 @@ impl SidecarClient {
         let (dataset, object) = ops::names(dataset, object)?;
         let mut dest = WritableBuffer::get(buffer)?;
         let started = SystemClock.instant();
-        let fut = self.inner.fetch_into(&dataset, &object, dest.as_mut_slice());
+        let fut = self
+            .inner
+            .fetch_into(&dataset, &object, dest.as_mut_slice());
         let done = block_on(py, &self.rt, fut)?.map_err(fail)?;
         Ok(FetchReport::sidecar(&self.server_id(), &done, started))
     }
