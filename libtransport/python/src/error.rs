@@ -8,6 +8,11 @@
 //! library's own `is_retriable`, except that a `Busy` always is (the node said "not now";
 //! the library leaves a full transfer table to its caller). Messages are the library's `Display`, which names no
 //! object and carries no payload.
+//!
+//! A sidecar's failures (`sidecar`) keep the sidecar's code as `code`; the storage node's
+//! codes it passes on become the classes the direct client gives them, and two classes are
+//! the sidecar's own: `PermissionDenied` (no registration entry for this process) and
+//! `SidecarUnavailable` (its socket missing or closed mid-call: retriable).
 
 use std::borrow::Cow;
 
