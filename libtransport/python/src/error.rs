@@ -8,11 +8,19 @@
 //! library's own `is_retriable`, except that a `Busy` always is (the node said "not now";
 //! the library leaves a full transfer table to its caller). Messages are the library's `Display`, which names no
 //! object and carries no payload.
+//!
+//! A sidecar's failures (`sidecar`) keep the sidecar's code as `code`; the storage node's
+//! codes it passes on become the classes the direct client gives them, and two classes are
+//! the sidecar's own: `PermissionDenied` (no registration entry for this process) and
+//! `SidecarUnavailable` (its socket missing or closed mid-call: retriable).
+
+use std::borrow::Cow;
 
 use libtransport::error::{
     ConnectError, FetchError, LostKind, PushError, Rejection, RequestError, StreamError, TlsFailure,
 };
 use libtransport::proto::{ErrorCode, NameError};
+use libtransport::sidecar::SidecarError;
 use libtransport::workload::WorkloadError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -21,7 +29,7 @@ use pyo3::types::PyDict;
 #[derive(Debug)]
 pub(crate) struct Failure {
     class: Class,
-    code: &'static str,
+    code: Cow<'static, str>,
     wire_code: Option<u16>,
     retriable: bool,
     message: String,
@@ -47,6 +55,8 @@ enum Class {
     Protocol,
     Local,
     InvalidName,
+    PermissionDenied,
+    SidecarUnavailable,
 }
 
 impl Class {
@@ -69,15 +79,17 @@ impl Class {
             Self::Protocol => "ProtocolError",
             Self::Local => "LocalError",
             Self::InvalidName => "InvalidName",
+            Self::PermissionDenied => "PermissionDenied",
+            Self::SidecarUnavailable => "SidecarUnavailable",
         }
     }
 }
 
 impl Failure {
-    fn new(class: Class, code: &'static str, message: impl ToString) -> Self {
+    fn new(class: Class, code: impl Into<Cow<'static, str>>, message: impl ToString) -> Self {
         Self {
             class,
-            code,
+            code: code.into(),
             wire_code: None,
             retriable: class == Class::Busy,
             message: message.to_string(),
@@ -110,7 +122,7 @@ impl From<Failure> for PyErr {
 fn exception(py: Python<'_>, f: &Failure) -> PyResult<PyErr> {
     let class = py.import("transportd.errors")?.getattr(f.class.name())?;
     let kwargs = PyDict::new(py);
-    kwargs.set_item("code", f.code)?;
+    kwargs.set_item("code", f.code.as_ref())?;
     kwargs.set_item("wire_code", f.wire_code)?;
     kwargs.set_item("retriable", f.retriable)?;
     let exc = class.call((f.message.as_str(),), Some(&kwargs))?;
@@ -246,6 +258,45 @@ fn remote(code: ErrorCode, e: &RequestError) -> Failure {
         wire_code: Some(code as u16),
         ..Failure::new(class, code.label(), e)
     }
+}
+
+/// A sidecar call that failed. The sidecar's own codes keep their labels, and a storage
+/// node's codes it passes on map to the classes the direct client gives them.
+pub(crate) fn sidecar(e: &SidecarError) -> Failure {
+    let retriable = e.is_retriable();
+    let class = match e {
+        SidecarError::NoSocket => Class::Local,
+        SidecarError::PermissionDenied { .. } => Class::PermissionDenied,
+        SidecarError::NotFound { .. } => Class::NotFound,
+        SidecarError::TooLarge { .. } => Class::TooLarge,
+        SidecarError::NotSealed { .. } | SidecarError::Protocol(_) => Class::Protocol,
+        SidecarError::Unavailable(_) => Class::SidecarUnavailable,
+        SidecarError::Local(io) if io.kind() == std::io::ErrorKind::StorageFull => Class::NoSpace,
+        SidecarError::Local(_) => Class::Local,
+        SidecarError::Refused { code, .. } => match code.as_str() {
+            "busy" | "unavailable" | "audit_unavailable" => Class::Busy,
+            "unreachable" => Class::Unreachable,
+            "corrupt" => Class::Corrupt,
+            "too_large" => Class::TooLarge,
+            "range" => Class::OutOfRange,
+            "changed" => Class::Changed,
+            "conflict" => Class::Conflict,
+            "no_space" => Class::NoSpace,
+            "cancelled" => Class::ConnectionLost,
+            "invalid" | "protocol" | "version" | "incomplete" | "unknown_transfer" => {
+                Class::Protocol
+            }
+            _ => Class::Transport,
+        },
+        _ => Class::Transport,
+    };
+    let code = match e {
+        SidecarError::Local(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            Cow::Borrowed("no_space")
+        }
+        _ => Cow::Owned(e.code().to_owned()),
+    };
+    Failure::new(class, code, e).retriable(retriable)
 }
 
 /// The code of a refusal by the server's TLS alert.

@@ -9,7 +9,9 @@ SPIFFE identity, over QUIC or TLS/TCP with mutual TLS, every chunk BLAKE3-verifi
 The network and disk work runs in Rust (libtransport) with the GIL released. Errors are the
 typed exceptions of :mod:`transportd.errors`. Tensors by byte range out of safetensors files,
 and checkpoints pushed atomically for readers: :mod:`transportd.tensors`. ``transportd://``
-for fsspec, pandas and pyarrow: :mod:`transportd.fs`.
+for fsspec, pandas and pyarrow: :mod:`transportd.fs`. On a GPU node whose ``transportd node``
+serves a sidecar, :meth:`Client.sidecar` makes the same calls through it (no identity of
+our own: the sidecar knows this process by its uid and executable).
 """
 
 from . import errors
@@ -36,8 +38,10 @@ from .errors import (
     NoSpace,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ProtocolError,
     ServerNotTrusted,
+    SidecarUnavailable,
     TooLarge,
     TransportError,
     Unauthenticated,
@@ -69,9 +73,11 @@ __all__ = [
     "ObjectEntry",
     "ObjectStat",
     "OutOfRange",
+    "PermissionDenied",
     "ProtocolError",
     "PushReport",
     "ServerNotTrusted",
+    "SidecarUnavailable",
     "TooLarge",
     "TransportError",
     "Unauthenticated",

@@ -24,7 +24,10 @@ from .errors import TransportError
 if TYPE_CHECKING:
     from typing_extensions import Buffer as BufferLike
 
-__all__ = ["Client"]
+__all__ = ["SIDECAR_SOCKET_ENV", "Client", "sidecar_socket"]
+
+SIDECAR_SOCKET_ENV = "TRANSPORTD_SIDECAR_SOCKET"
+"""The environment variable naming the sidecar's socket (:meth:`Client.sidecar`)."""
 
 _log = logging.getLogger("transportd")
 
@@ -48,7 +51,12 @@ class Client:
 
     Every call blocks with the GIL released; Ctrl-C cancels it. Use one client per process:
     a client made before a fork (DataLoader workers) refuses to run in the child.
+
+    On a GPU node whose ``transportd node`` serves a sidecar, :meth:`Client.sidecar` gives a
+    client making the same calls through it.
     """
+
+    _native: _native.Client | _native.SidecarClient
 
     def __init__(
         self,
@@ -89,15 +97,61 @@ class Client:
             _ms(started),
         )
 
+    @classmethod
+    def sidecar(cls, path: PathLike | None = None, *, node: str | None = None) -> Client:
+        """A client whose calls the sidecar of this machine answers: ``transportd node``
+        serving its local data API on the Unix socket ``path`` (by default
+        ``$TRANSPORTD_SIDECAR_SOCKET``; :class:`ValueError` if neither names one).
+
+        No identity of our own: the sidecar knows this process by its uid, gid and executable
+        (one that matches no registration entry gets
+        :class:`~transportd.errors.PermissionDenied`) and fetches with this workload's SVID.
+        ``node`` names the storage node to ask (one of the sidecar's; by default its first).
+        The calls are this class's: :meth:`fetch` maps the sealed memory file the sidecar
+        hands over (no copy), :meth:`read_range` asks in pieces of at most 1 MiB. A sidecar
+        that is not running (or restarted mid-call) raises the retriable
+        :class:`~transportd.errors.SidecarUnavailable`.
+        """
+        socket = sidecar_socket(path)
+        started = time.monotonic()
+        client = cls.__new__(cls)
+        try:
+            client._native = _native.SidecarClient(socket, node=node)
+        except TransportError as e:
+            _log.warning("connecting to the sidecar at %s failed: %s (code %s)", socket, e, e.code)
+            raise
+        _log.info("connected to the sidecar at %s in %d ms", socket, _ms(started))
+        return client
+
     @property
     def server_id(self) -> str:
-        """The node's SPIFFE ID, as its SVID proved it."""
+        """The node's SPIFFE ID, as its SVID proved it (through a sidecar: ``sidecar:`` and
+        its socket's path)."""
         return self._native.server_id
 
     @property
     def path(self) -> str:
-        """The transport in use: ``"quic"`` or ``"tcp"``."""
+        """The transport in use: ``"quic"`` or ``"tcp"`` (``"sidecar"`` through one)."""
         return self._native.path
+
+    @property
+    def bytes_through_socket(self) -> int | None:
+        """Through a sidecar, the bytes read from its socket so far (frames and inline reads,
+        never a handed-over object's contents); ``None`` for a direct client."""
+        native = self._native
+        if isinstance(native, _native.SidecarClient):
+            return native.bytes_through_socket
+        return None
+
+    def prefetch(self, objects: list[tuple[str, str]]) -> int:
+        """Through a sidecar: asks it to fetch ``objects`` (``(dataset, object)`` pairs, in
+        the order wanted) into its cache meanwhile; returns how many it took on. A direct
+        client has no cache to fill (:class:`TypeError`)."""
+        native = self._native
+        if not isinstance(native, _native.SidecarClient):
+            raise TypeError("prefetch needs a sidecar client (Client.sidecar)")
+        pairs = list(objects)
+        return self._call("prefetch", None, None, lambda: native.prefetch(pairs))
 
     def list_datasets(self) -> list[str]:
         """Datasets this identity may see."""
@@ -233,6 +287,21 @@ class Client:
                 _ms(started),
             )
         return result
+
+
+def sidecar_socket(path: PathLike | None = None) -> str:
+    """The sidecar's socket: ``path``, else ``$TRANSPORTD_SIDECAR_SOCKET``;
+    :class:`ValueError` if neither names one."""
+    if path is not None:
+        socket = os.fspath(path)
+    else:
+        socket = os.environ.get(SIDECAR_SOCKET_ENV, "")
+    if not socket:
+        raise ValueError(
+            f"no sidecar socket: pass path= or set {SIDECAR_SOCKET_ENV} to the path of the "
+            "node's sidecar socket"
+        )
+    return socket
 
 
 def _fs(p: PathLike | None) -> str | None:

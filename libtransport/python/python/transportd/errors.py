@@ -11,6 +11,8 @@ class                raised when
 ===================  =================================================================
 Unauthenticated      the node refused our SVID (expired, revoked, another CA...)
 ServerNotTrusted     we refused the node's SVID (an Unauthenticated)
+PermissionDenied     a sidecar: this process (uid, executable) matches no registration
+                     entry, so it has no identity there (an Unauthenticated)
 IdentityError        our own identity could not be loaded (files, Workload API)
 NotFound             no such dataset or object, *or* this identity may not access it
 Busy                 the node cannot take the work now (limits, audit trail); retriable
@@ -22,10 +24,17 @@ Conflict             another transfer is writing the object
 NoSpace              the receiving disk, or its quota for pushes in progress, is full
 Unreachable          the node could not be reached (retriable)
 ConnectionLost       the connection failed mid-way (retriable)
+SidecarUnavailable   a sidecar's socket is missing, refuses, or closed mid-call: the
+                     sidecar is not running or was restarted (a ConnectionLost; retriable)
 ProtocolError        the node broke the protocol, or speaks another version
 LocalError           something failed on this side (a file, the runtime)
 InvalidName          a dataset name or object path that is not valid (a ValueError)
 ===================  =================================================================
+
+Through a sidecar (:meth:`transportd.Client.sidecar`), the storage node's codes the sidecar
+passes on raise the classes above (``busy`` and the sidecar's own ``unavailable``:
+:class:`Busy`; ``unreachable``: :class:`Unreachable`); a memory file handed over without its
+seals, or an answer that is not the protocol's, is a :class:`ProtocolError`.
 """
 
 from __future__ import annotations
@@ -42,8 +51,10 @@ __all__ = [
     "NoSpace",
     "NotFound",
     "OutOfRange",
+    "PermissionDenied",
     "ProtocolError",
     "ServerNotTrusted",
+    "SidecarUnavailable",
     "TooLarge",
     "TransportError",
     "Unauthenticated",
@@ -87,6 +98,14 @@ class ServerNotTrusted(Unauthenticated):
     """We refused the node's SVID (not of our trust bundle, or not the expected ID)."""
 
     code = "server_not_trusted"
+
+
+class PermissionDenied(Unauthenticated):
+    """A sidecar has no registration entry this process (its uid, gid and executable)
+    matches, so it has no identity there: ask the node's operator for a registration entry
+    for this uid and executable."""
+
+    code = "permission_denied"
 
 
 class IdentityError(TransportError):
@@ -158,6 +177,14 @@ class ConnectionLost(TransportError):
     """The connection failed during the call."""
 
     code = "connection_lost"
+    retriable = True
+
+
+class SidecarUnavailable(ConnectionLost):
+    """A sidecar's socket is missing, refuses connections, or closed during the call: the
+    sidecar is not running or was restarted. Retry (a new connection is made)."""
+
+    code = "unavailable"
     retriable = True
 
 

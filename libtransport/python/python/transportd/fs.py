@@ -95,6 +95,11 @@ class TransportdFileSystem(AbstractFileSystem):  # type: ignore[misc] # fsspec i
 
     ``node`` is ``HOST:PORT``; a URL's node fills it in. The other arguments are
     :class:`transportd.Client`'s. Nothing connects until the first call.
+
+    ``sidecar=True`` goes through this machine's sidecar (its socket from
+    ``$TRANSPORTD_SIDECAR_SOCKET``), ``sidecar="/path/to.sock"`` through the one at that
+    socket (:meth:`transportd.Client.sidecar`); ``node`` then names the sidecar's storage
+    node, if any, and the identity arguments are not used.
     """
 
     protocol = PROTOCOL
@@ -114,10 +119,12 @@ class TransportdFileSystem(AbstractFileSystem):  # type: ignore[misc] # fsspec i
         server_id: str | None = None,
         path: Literal["auto", "quic", "tcp"] = "auto",
         connect_timeout: float | None = None,
+        sidecar: bool | PathLike = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.node = node
+        self.sidecar: bool | str = sidecar if isinstance(sidecar, bool) else os.fspath(sidecar)
         self._connect_args: dict[str, Any] = {
             "identity": identity,
             "svid": svid,
@@ -138,6 +145,11 @@ class TransportdFileSystem(AbstractFileSystem):  # type: ignore[misc] # fsspec i
         """The connection for this process: made on first use, and again after a fork."""
         with self._lock:
             if self._conn is None or self._conn_pid != os.getpid():
+                if self.sidecar is not False:
+                    socket = None if self.sidecar is True else self.sidecar
+                    self._conn = Client.sidecar(socket, node=self.node or None)
+                    self._conn_pid = os.getpid()
+                    return self._conn
                 if not self.node:
                     raise ValueError(
                         "no node to connect to: name it in the URL "

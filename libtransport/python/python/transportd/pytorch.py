@@ -115,6 +115,11 @@ class Connection:
     """How to reach a node: :class:`~transportd.Client`'s arguments, picklable.
 
     :meth:`client` gives this process's client for it, connecting on first use.
+
+    ``sidecar=True`` goes through this machine's sidecar instead (its socket from
+    ``$TRANSPORTD_SIDECAR_SOCKET``), ``sidecar="/path/to.sock"`` through the one at that
+    socket (:meth:`transportd.Client.sidecar`): ``node``, if not empty, then names the
+    sidecar's storage node to ask, and the identity arguments are not used.
     """
 
     node: str
@@ -127,18 +132,25 @@ class Connection:
     server_id: str | None = None
     path: Literal["auto", "quic", "tcp"] = "auto"
     connect_timeout: float | None = None
+    sidecar: bool | str | os.PathLike[str] = False
 
     def __post_init__(self) -> None:
         for name in ("identity", "svid", "key", "bundle"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, os.fspath(value))
+        if not isinstance(self.sidecar, bool):
+            object.__setattr__(self, "sidecar", os.fspath(self.sidecar))
 
     def client(self) -> Client:
         """This process's client for the connection (made on first use, then kept)."""
         with _clients_lock:
             client = _clients.get(self)
-            if client is None:
+            if client is None and self.sidecar is not False:
+                socket = None if self.sidecar is True else self.sidecar
+                client = Client.sidecar(socket, node=self.node or None)
+                _clients[self] = client
+            elif client is None:
                 client = Client(
                     self.node,
                     identity=self.identity,

@@ -696,3 +696,83 @@ fn pieces_cover_the_range_in_order_and_none_is_longer_than_the_limit() {
         vec![u64::MAX - 2..u64::MAX]
     );
 }
+
+#[tokio::test]
+async fn answers_that_do_not_hold_what_they_claim_are_refused() {
+    let _trace = trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.sock");
+    let _s = Sidecar::start(
+        &path,
+        Arc::new(|sock, req, _| {
+            match req {
+                // One byte short of the read.
+                LocalRequest::Read { start, end, .. } => {
+                    let body = vec![0u8; (end - start - 1) as usize];
+                    let a = LocalAnswer::Inline {
+                        body: body.len() as u64,
+                    };
+                    send_frame(sock, &a, &body, None).unwrap();
+                }
+                // A whole object, but no file with it.
+                LocalRequest::Fetch { .. } => answer(
+                    sock,
+                    &LocalAnswer::Mapped {
+                        size: 10,
+                        root: Digest([1; 32]).to_hex(),
+                        cached: false,
+                    },
+                ),
+                // Names that are not names.
+                LocalRequest::Datasets { .. } => answer(
+                    sock,
+                    &LocalAnswer::Datasets {
+                        names: vec!["../etc".into()],
+                    },
+                ),
+                LocalRequest::List { .. } => answer(
+                    sock,
+                    &LocalAnswer::Listing {
+                        objects: vec![("/abs/path".into(), 1)],
+                    },
+                ),
+                // Another size than was pushed.
+                LocalRequest::Push { .. } => answer(
+                    sock,
+                    &LocalAnswer::Pushed {
+                        size: 2,
+                        root: Digest([1; 32]).to_hex(),
+                    },
+                ),
+                other => panic!("{other:?}"),
+            }
+            true
+        }),
+    );
+    let client = SidecarClient::connect(&path).await.unwrap();
+    let (d, o) = scans();
+    let protocol = |e: SidecarError, what: &str| {
+        assert!(
+            matches!(e, SidecarError::Protocol(ref m) if m.contains(what)),
+            "{e} (wanted {what})"
+        );
+    };
+    protocol(
+        client.read_range(&d, &o, 0..100).await.unwrap_err(),
+        "answered with 99",
+    );
+    protocol(
+        client.fetch(&d, &o, 100).await.unwrap_err(),
+        "without a file",
+    );
+    protocol(client.list_datasets().await.unwrap_err(), "dataset name");
+    protocol(
+        client.list_objects(&d, "").await.unwrap_err(),
+        "object path",
+    );
+    let e = client
+        .push_bytes(&d, &o, Bytes::from_static(b"abc"))
+        .await
+        .unwrap_err();
+    protocol(e, "answered as 2");
+}
