@@ -392,3 +392,58 @@ fn a_server_stopped_with_sigterm_removes_its_synthetic_object() {
     assert!(status.success(), "{status}");
     assert_eq!(served(), 0, "the synthetic object outlived its server");
 }
+
+/// `sidecar` with the real `transportd` binary (built beside this one, as a workspace build
+/// does): every phase reported, and what the storage node sent is what the phases promise,
+/// counted from its metrics: each direct reader pulled the object itself, the sidecar pulled
+/// it once for all its readers, and hits pulled nothing.
+#[test]
+fn sidecar_reports_its_phases_and_pulls_once_for_all_readers() {
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_transport-bench"));
+    assert!(
+        bench.with_file_name("transportd").exists(),
+        "build the transportd binary too (cargo build --workspace, or cargo test --workspace)"
+    );
+    let size: u64 = 6 << 20;
+    let out = Command::new(bench)
+        .args([
+            "sidecar",
+            "--size",
+            "6MiB",
+            "--readers",
+            "3",
+            "--rounds",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let phases = doc["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["direct", "sidecar-cold", "sidecar-memory", "sidecar-disk"]
+    );
+    let net = |i: usize| phases[i]["network_bytes_per_reader"].as_f64().unwrap();
+    assert_eq!(net(0), size as f64, "{doc}");
+    assert_eq!(net(1), size as f64 / 3.0, "{doc}");
+    assert_eq!((net(2), net(3)), (0.0, 0.0), "{doc}");
+    assert_eq!(phases[2]["fetches"], 6);
+    for p in phases {
+        for k in ["aggregate_gbps", "cpu_s_per_gb", "per_fetch_gbps"] {
+            assert!(p[k].as_f64().unwrap() > 0.0, "{p}");
+        }
+    }
+    assert!(doc["aes_256_gcm_open_gbps"].as_f64().unwrap() > 0.0);
+    assert!(doc["targets"].is_object());
+    assert!(doc["machine"]["one_core"].is_object());
+}

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_workload import ISSUER_TOML
 
 import transportd
+from conftest import TD, random_bytes, run, spawn_ready
 from transportd.errors import ConnectionLost, NotFound
-
-from .conftest import TD, random_bytes, run, spawn_ready
 
 NODE = """
 [agent]
@@ -102,10 +102,7 @@ def node_dir(d: Path, name: str, token: str, bundle: str, issuer: str, extra: st
 def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
     root = tmp_path_factory.mktemp("sidecar")
     (root / "issuer").mkdir()
-    (root / "issuer/issuer.toml").write_text(
-        f'trust_domain = "{TD}"\nlisten = "127.0.0.1:0"\ndata_dir = "data"\n'
-        '[ca]\nttl = "12h"\n[svid]\nttl = "1h"\nsync_interval = "1s"\n[audit]\ndir = "audit"\n'
-    )
+    (root / "issuer/issuer.toml").write_text(ISSUER_TOML.format(td=TD))
     issuer, ready = spawn_ready(
         ["issuer", "--config", str(root / "issuer/issuer.toml")], root / "issuer.log"
     )
@@ -209,7 +206,7 @@ def store_read_bytes(d: Domain) -> float:
 def test_a_sidecar_killed_mid_fetch_gives_a_retriable_error_and_the_call_then_succeeds(
     domain: Domain,
 ) -> None:
-    data = random_bytes(384 << 20, 73)
+    data = np.random.default_rng(73).bytes(384 << 20)
     write(domain, "scans/big.bin", data)
     c = transportd.Client.sidecar(domain.socket)
     before = store_read_bytes(domain)
@@ -218,7 +215,7 @@ def test_a_sidecar_killed_mid_fetch_gives_a_retriable_error_and_the_call_then_su
     def fetch() -> None:
         try:
             c.fetch("scans", "big.bin")
-        except BaseException as e:  # noqa: BLE001 - what the call raised is the result
+        except BaseException as e:
             failure.append(e)
 
     t = threading.Thread(target=fetch)
