@@ -15,6 +15,8 @@
 //! * `sidecar-cold`: N readers fetch it through the sidecar at once, the cache empty;
 //! * `sidecar-memory`: the same readers again, `rounds` times each: hits held in memory
 //!   (the hand-off is a mapping; its rate is per fetch, the median over all);
+//! * `sidecar-memory-1`: one reader alone, `rounds` times: the hand-off's own rate, which
+//!   the 5 GB/s target is about;
 //! * `sidecar-disk`: one reader, `rounds` times, on the node whose hits come from the sealed
 //!   disk cache, against one core's AES-256-GCM open rate measured in the same run.
 
@@ -66,11 +68,14 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         &Reader::Sidecar(&site.gpu_socket),
         p.rounds,
     )?);
-    // The disk node: one fetch fills its cache, then every fetch opens the sealed entry.
+    // One reader alone: the hand-off's own rate, not its share among a crowd of readers.
     let one = Params {
         readers: 1,
         ..p.clone()
     };
+    let memory = Reader::Sidecar(&site.gpu_socket);
+    phases.push(site.phase("sidecar-memory-1", &one, &memory, p.rounds)?);
+    // The disk node: one fetch fills its cache, then every fetch opens the sealed entry.
     site.phase("warm", &one, &Reader::Sidecar(&site.disk_socket), 1)?;
     phases.push(site.phase(
         "sidecar-disk",
@@ -97,7 +102,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     let targets = json!({
         "network_bytes_per_reader_at_most_direct_over_n":
             net("sidecar-cold") <= net("direct") / n + 1.0,
-        "memory_hit_at_least_5_gbps": per_fetch("sidecar-memory") >= 5.0,
+        "memory_hit_at_least_5_gbps": per_fetch("sidecar-memory-1") >= 5.0,
         "disk_hit_at_least_0_8_of_aes_256_gcm_open": per_fetch("sidecar-disk") >= 0.8 * open,
     });
     drop(site);

@@ -431,12 +431,18 @@ fn sidecar_reports_its_phases_and_pulls_once_for_all_readers() {
         .collect();
     assert_eq!(
         names,
-        ["direct", "sidecar-cold", "sidecar-memory", "sidecar-disk"]
+        [
+            "direct",
+            "sidecar-cold",
+            "sidecar-memory",
+            "sidecar-memory-1",
+            "sidecar-disk"
+        ]
     );
     let net = |i: usize| phases[i]["network_bytes_per_reader"].as_f64().unwrap();
     assert_eq!(net(0), size as f64, "{doc}");
     assert_eq!(net(1), size as f64 / 3.0, "{doc}");
-    assert_eq!((net(2), net(3)), (0.0, 0.0), "{doc}");
+    assert_eq!((net(2), net(3), net(4)), (0.0, 0.0, 0.0), "{doc}");
     assert_eq!(phases[2]["fetches"], 6);
     for p in phases {
         for k in ["aggregate_gbps", "cpu_s_per_gb", "per_fetch_gbps"] {
