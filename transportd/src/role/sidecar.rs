@@ -81,9 +81,10 @@ pub(crate) async fn serve(
     .with_context(|| format!("sidecar.cache_dir {}", cfg.cache_dir.display()))?;
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("binding the sidecar socket {}", socket.display()))?;
-    if let Some(gid) = cfg.group {
+    if let Some(group) = &cfg.group {
+        let gid = resolve_group(group).context("sidecar.group")?;
         std::os::unix::fs::chown(&socket, None, Some(gid))
-            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+            .with_context(|| format!("giving {} to group {group}", socket.display()))?;
     }
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("opening {} to its group", socket.display()))?;
@@ -305,6 +306,18 @@ impl Shared {
     }
 }
 
+/// A group name or number as a gid.
+fn resolve_group(g: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => anyhow::bail!("{g:?}: no such group on this machine"),
+        Err(e) => anyhow::bail!("{g:?}: {e}"),
+    }
+}
+
 /// Writes an answer and counts what crossed the socket.
 fn answer(
     shared: &Shared,
@@ -376,5 +389,18 @@ impl Record {
             source: "none",
             outcome: "ok",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_resolve_by_number_or_name_and_unknown_names_are_refused() {
+        assert_eq!(resolve_group("4242").unwrap(), 4242);
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        let e = resolve_group("no-such-group-here").unwrap_err();
+        assert!(e.to_string().contains("no such group"), "{e}");
     }
 }
