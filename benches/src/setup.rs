@@ -205,7 +205,8 @@ fn issue(ca: &Ca, path: &str) -> anyhow::Result<(Svid, TrustBundle)> {
     Ok((svid, ca.bundle()))
 }
 
-fn write_object(path: &Path, len: u64) -> std::io::Result<()> {
+/// Writes the bench's object: `len` pseudo-random bytes (a BLAKE3 output stream).
+pub fn write_object(path: &Path, len: u64) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut xof = blake3::Hasher::new()

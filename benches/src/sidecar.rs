@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::stats::process_cpu_time;
+use crate::setup::write_object;
+use crate::stats::{children_cpu_time, process_cpu_time};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -347,7 +348,7 @@ impl Site {
                 .filter_map(|pid| process_cpu_time(*pid))
                 .sum::<Duration>()
         };
-        let (net0, cpu0, kids0) = (sent()?, daemons(), children_cpu());
+        let (net0, cpu0, kids0) = (sent()?, daemons(), children_cpu_time());
         let started = Instant::now();
         let mut readers = Vec::new();
         for _ in 0..p.readers {
@@ -392,7 +393,7 @@ impl Site {
             );
         }
         let wall = started.elapsed().as_secs_f64();
-        let cpu = (daemons() - cpu0 + (children_cpu() - kids0)).as_secs_f64();
+        let cpu = (daemons() - cpu0 + (children_cpu_time() - kids0)).as_secs_f64();
         let fetches = u64::from(p.readers) * u64::from(rounds);
         let gb = (fetches * p.size) as f64 / 1e9;
         per_fetch.sort_by(f64::total_cmp);
@@ -409,20 +410,6 @@ impl Site {
             "per_fetch_gbps": round3(p.size as f64 / median / 1e9),
             "seconds": round3(wall),
         }))
-    }
-}
-
-/// CPU time of this process's children that have been waited for.
-fn children_cpu() -> Duration {
-    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
-        Ok(u) => {
-            let tv = |t: nix::sys::time::TimeVal| {
-                Duration::from_secs(t.tv_sec().max(0) as u64)
-                    + Duration::from_micros(t.tv_usec().max(0) as u64)
-            };
-            tv(u.user_time()) + tv(u.system_time())
-        }
-        Err(_) => Duration::ZERO,
     }
 }
 
@@ -483,25 +470,6 @@ pub fn aes_256_gcm_open_gbps(budget: Duration) -> anyhow::Result<f64> {
     }
     let open = (best_both - best_restore).max(best_both / 100.0);
     Ok((CHUNKS * CHUNK) as f64 / open / 1e9)
-}
-
-/// Writes `len` pseudo-random bytes.
-fn write_object(path: &Path, len: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut xof = blake3::Hasher::new()
-        .update(b"sidecar bench")
-        .finalize_xof();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.flush()?;
-    Ok(())
 }
 
 fn field(v: &Value, k: &str) -> anyhow::Result<String> {

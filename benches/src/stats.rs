@@ -6,7 +6,16 @@ use hdrhistogram::Histogram;
 
 /// CPU time (user + system) this process has used so far, all threads.
 pub fn cpu_time() -> Duration {
-    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+    rusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+}
+
+/// CPU time (user + system) of this process's children that have been waited for.
+pub fn children_cpu_time() -> Duration {
+    rusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+}
+
+fn rusage(who: nix::sys::resource::UsageWho) -> Duration {
+    match nix::sys::resource::getrusage(who) {
         Ok(u) => {
             let tv = |t: nix::sys::time::TimeVal| {
                 Duration::from_secs(t.tv_sec().max(0) as u64)

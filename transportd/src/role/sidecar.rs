@@ -70,15 +70,9 @@ pub(crate) async fn serve(
 ) -> anyhow::Result<SidecarHandle> {
     let socket = cfg.socket.clone();
     prepare_socket_path(&socket)?;
-    let upstreams = Upstreams::open(
-        &cfg,
-        view.clone(),
-        node_identity,
-        clock.clone(),
-        counters.clone(),
-    )
-    .await
-    .with_context(|| format!("sidecar.cache_dir {}", cfg.cache_dir.display()))?;
+    let upstreams = Upstreams::open(&cfg, node_identity, clock.clone(), counters.clone())
+        .await
+        .with_context(|| format!("sidecar.cache_dir {}", cfg.cache_dir.display()))?;
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("binding the sidecar socket {}", socket.display()))?;
     if let Some(group) = &cfg.group {

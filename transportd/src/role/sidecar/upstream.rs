@@ -36,7 +36,6 @@ use tokio::sync::{OnceCell, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config::SidecarConfig;
-use crate::role::agent::view::ViewWatch;
 
 /// Prefetches running at once; hints past them wait.
 const PREFETCH_AT_ONCE: usize = 4;
@@ -150,7 +149,6 @@ impl Upstreams {
     /// Opens the cache (emptying what an earlier run left: its key is gone).
     pub(super) async fn open(
         cfg: &SidecarConfig,
-        _view: ViewWatch,
         node_identity: IdentityHandle,
         clock: Arc<dyn Clock>,
         counters: Arc<SidecarCounters>,
