@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use libtransport::proto::{DatasetName, Digest, ObjectPath};
 use libtransport::store::digest_file;
@@ -14,7 +15,7 @@ mod common;
 
 use common::{
     NODE_TOML, Node, Site, client, intact_chunks, json, kill_at_a_third, library_client, ok, p,
-    partial_in, run, write_data,
+    partial_in, run, wait_for, write_data,
 };
 
 #[test]
@@ -301,9 +302,15 @@ fn client_commands_against_a_node() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
 
     // The audit trail names who moved what; the debug log never names the object or
-    // carries its bytes.
-    let records =
-        libtransport::audit::query(&site.path("storage/audit"), &Default::default()).unwrap();
+    // carries its bytes. The node may note the refusal just after the client has left.
+    let query = || libtransport::audit::query(&site.path("storage/audit"), &Default::default());
+    wait_for("the refusal in the trail", Duration::from_secs(10), || {
+        query()
+            .unwrap()
+            .iter()
+            .any(|r| r["event"] == "connection_refused")
+    });
+    let records = query().unwrap();
     let transfers: Vec<&Value> = records
         .iter()
         .filter(|r| r["event"] == "transfer")

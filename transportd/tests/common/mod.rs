@@ -432,3 +432,13 @@ pub fn kill_once_landed(
     settled(&file, data, chunk);
     file
 }
+
+/// Polls `f` every 200 ms until it holds, failing the test after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> bool) {
+    use libtransport::clock::Clock as _;
+    let start = libtransport::clock::SystemClock.instant();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
