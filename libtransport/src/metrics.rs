@@ -419,6 +419,10 @@ pub struct SidecarCounters {
     pub callers: AtomicU64,
     /// Local requests refused: the caller matched no registration entry.
     pub denied: AtomicU64,
+    /// Local callers turned away because the sidecar served as many as it takes at once.
+    pub busy: AtomicU64,
+    /// Local connections closed for idling, or for stalling in the middle of a request.
+    pub timeouts: AtomicU64,
 }
 
 impl SidecarCounters {
@@ -460,6 +464,16 @@ impl Collector for SidecarIo {
                 "sidecar_local_denied",
                 "Local requests refused because the caller matched no registration entry",
                 c.denied.load(Relaxed),
+            ),
+            (
+                "sidecar_local_busy",
+                "Local callers the sidecar turned away because it served as many as it takes",
+                c.busy.load(Relaxed),
+            ),
+            (
+                "sidecar_local_timeouts",
+                "Local connections the sidecar closed for idling or stalling mid-request",
+                c.timeouts.load(Relaxed),
             ),
             (
                 "sidecar_socket_bytes",

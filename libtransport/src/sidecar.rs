@@ -31,6 +31,10 @@ pub const MAX_HEADER: u32 = 64 << 10;
 /// Longest body that comes inline; larger answers come as a descriptor.
 pub const MAX_INLINE: u64 = 1 << 20;
 
+/// How often a sidecar tells a caller that its request is still being served
+/// ([`LocalAnswer::Working`]), so that a caller can tell a long fetch from a hung daemon.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a local caller asks. Names are the same as on the network (`dataset`, `object`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -158,6 +162,9 @@ pub enum LocalAnswer {
         /// How many.
         count: u64,
     },
+    /// Not an answer: the request is still being served (sent every [`HEARTBEAT`] while
+    /// it is). The answer follows.
+    Working,
     /// Refused or failed.
     Error {
         /// The stable code: a storage node's answer keeps its wire label (`not_found`, which

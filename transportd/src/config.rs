@@ -67,6 +67,10 @@ pub(crate) struct SidecarConfig {
     pub(crate) max_object: u64,
     /// How long a storage node's decision is reused.
     pub(crate) decision_ttl: std::time::Duration,
+    /// How long a local connection may sit between requests before it is closed.
+    pub(crate) idle_timeout: std::time::Duration,
+    /// Local callers served at once; more are answered `busy`.
+    pub(crate) max_callers: usize,
 }
 
 /// The `[limits] partial_*` settings.
@@ -688,6 +692,20 @@ fn sidecar_config(
             "at most 5m: a storage node's refusal must reach callers soon",
         ));
     }
+    let idle_timeout = sc.idle_timeout.unwrap_or(DEFAULT_SIDECAR_IDLE);
+    if idle_timeout < std::time::Duration::from_secs(1) {
+        return Err(invalid(
+            "sidecar.idle_timeout",
+            "at least 1s (clients keep idle connections up to 60s and notice a closed one)",
+        ));
+    }
+    let max_callers = sc.max_callers.unwrap_or(DEFAULT_SIDECAR_CALLERS);
+    if !(1..=4096).contains(&max_callers) {
+        return Err(invalid(
+            "sidecar.max_callers",
+            "between 1 and 4096 (each caller is served by a thread of its own)",
+        ));
+    }
     Ok(SidecarConfig {
         socket: abs(&sc.socket),
         group,
@@ -702,10 +720,14 @@ fn sidecar_config(
         memory_bytes,
         max_object,
         decision_ttl,
+        idle_timeout,
+        max_callers,
     })
 }
 
-/// The sidecar's defaults.
+/// The sidecar's defaults. Idle connections: twice what clients keep them for.
+const DEFAULT_SIDECAR_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+const DEFAULT_SIDECAR_CALLERS: usize = 256;
 const DEFAULT_SIDECAR_CACHE: u64 = 64 << 30;
 const DEFAULT_SIDECAR_MEMORY: u64 = 4 << 30;
 const DEFAULT_SIDECAR_MAX_OBJECT: u64 = 16 << 30;
@@ -920,10 +942,15 @@ dir = "audit"
         assert_eq!(sc.paths, vec![libtransport::Path::Quic]);
         assert_eq!(sc.decision_ttl, DEFAULT_DECISION_TTL);
         assert_eq!((sc.group, sc.cache_bytes), (None, DEFAULT_SIDECAR_CACHE));
+        assert_eq!(
+            (sc.idle_timeout, sc.max_callers),
+            (DEFAULT_SIDECAR_IDLE, DEFAULT_SIDECAR_CALLERS)
+        );
         let sc = parse(&format!(
             "{with_agent}{}",
             sidecar(
-                "group = \"0\"\npath = \"auto\"\ndecision_ttl = \"0s\"\ncache_size = \"1GiB\"\n"
+                "group = \"0\"\npath = \"auto\"\ndecision_ttl = \"0s\"\ncache_size = \"1GiB\"\n\
+                 idle_timeout = \"5s\"\nmax_callers = 3\n"
             )
         ))
         .unwrap()
@@ -933,7 +960,12 @@ dir = "audit"
         assert_eq!(sc.paths.len(), 2);
         assert!(sc.decision_ttl.is_zero());
         assert_eq!(sc.cache_bytes, 1 << 30);
-        // Refused: without an agent, without storage, with a bad path, an empty group, a long TTL.
+        assert_eq!(
+            (sc.idle_timeout, sc.max_callers),
+            (std::time::Duration::from_secs(5), 3)
+        );
+        // Refused: without an agent, without storage, with a bad path, an empty group, a long
+        // TTL, a sub-second idle timeout, no callers or too many.
         for (text, field) in [
             (format!("{MINIMAL}{}", sidecar("")), "sidecar"),
             (
@@ -955,6 +987,18 @@ dir = "audit"
             (
                 format!("{with_agent}{}", sidecar("decision_ttl = \"1h\"\n")),
                 "sidecar.decision_ttl",
+            ),
+            (
+                format!("{with_agent}{}", sidecar("idle_timeout = \"0s\"\n")),
+                "sidecar.idle_timeout",
+            ),
+            (
+                format!("{with_agent}{}", sidecar("max_callers = 0\n")),
+                "sidecar.max_callers",
+            ),
+            (
+                format!("{with_agent}{}", sidecar("max_callers = 5000\n")),
+                "sidecar.max_callers",
             ),
         ] {
             let e = parse(&text).unwrap_err();

@@ -270,7 +270,7 @@ pub(crate) fn sidecar(e: &SidecarError) -> Failure {
         SidecarError::NotFound { .. } => Class::NotFound,
         SidecarError::TooLarge { .. } => Class::TooLarge,
         SidecarError::NotSealed { .. } | SidecarError::Protocol(_) => Class::Protocol,
-        SidecarError::Unavailable(_) => Class::SidecarUnavailable,
+        SidecarError::Unavailable(_) | SidecarError::NoAnswer { .. } => Class::SidecarUnavailable,
         SidecarError::Local(io) if io.kind() == std::io::ErrorKind::StorageFull => Class::NoSpace,
         SidecarError::Local(_) => Class::Local,
         SidecarError::Refused { code, .. } => match code.as_str() {

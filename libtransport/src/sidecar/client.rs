@@ -14,9 +14,14 @@
 //!   [`SidecarClient::read_range`] is several requests on one connection.
 //! * **Pushes hand over a descriptor**: a sealed memfd holding the bytes, or the opened file.
 //! * **Connections**: blocking `UnixStream`s, used on tokio's blocking threads, one request
-//!   at a time each; a few idle ones are kept for the next calls. A connection on which
-//!   anything failed mid-exchange is dropped, never reused; an idle one the daemon closed
-//!   (it restarted) is noticed and dropped before use.
+//!   at a time each; a few idle ones are kept for the next calls, for at most
+//!   [`MAX_IDLE_AGE`] (the daemon closes connections idle longer than that). A connection
+//!   on which anything failed mid-exchange is dropped, never reused; an idle one the daemon
+//!   closed (it restarted) is noticed and dropped before use.
+//! * **A hung daemon is noticed**: while it serves a request the daemon says so every
+//!   [`HEARTBEAT`](super::HEARTBEAT); a call that hears nothing for the answer timeout
+//!   ([`DEFAULT_ANSWER_TIMEOUT`], [`SidecarClient::with_answer_timeout`]) fails with
+//!   [`SidecarError::NoAnswer`], retriable, however long the fetch behind it takes.
 //! * Every byte read from the socket is counted ([`SidecarClient::bytes_through_socket`]).
 //!
 //! Not here: the wire itself (the parent module), the daemon's side of it.
@@ -31,6 +36,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rustix::fs::{MemfdFlags, SealFlags};
@@ -40,6 +46,7 @@ use super::{
     FrameError, LocalAnswer, LocalRequest, MAX_INLINE, SOCKET_ENV, answer_body, recv_frame_counted,
     send_frame,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::proto::{DatasetName, Digest, ObjectEntry, ObjectPath};
 
 /// A client of a sidecar's local data API. Clones share the idle connections and the byte
@@ -49,7 +56,17 @@ pub struct SidecarClient {
     shared: Arc<Shared>,
     /// The storage node every request names (`None`: the sidecar's first).
     node: Option<String>,
+    /// How long a call waits hearing nothing from the daemon.
+    answer_timeout: Duration,
 }
+
+/// How long a call waits by default while the daemon sends nothing, not even that it is
+/// still working (it says so every [`HEARTBEAT`](super::HEARTBEAT)).
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an idle connection is kept for the next call. The daemon closes connections
+/// idle for twice as long, so a kept one is still open.
+pub const MAX_IDLE_AGE: Duration = Duration::from_secs(60);
 
 /// An object's size and manifest layout, as the sidecar states them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +155,16 @@ pub enum SidecarError {
     /// is not running or was restarted: retry.
     #[error("the sidecar is not running or was restarted, retry: {0}")]
     Unavailable(#[source] io::Error),
+    /// The daemon took the connection but sent nothing, not even that it was still
+    /// working, for this long: it is hung or overloaded. Retriable (code `unavailable`).
+    #[error(
+        "the sidecar sent nothing for {after:?}: it is hung or overloaded; retry, and if it \
+         persists look at the node's transportd (its log and /readyz)"
+    )]
+    NoAnswer {
+        /// How long the call waited.
+        after: Duration,
+    },
     /// The sidecar broke the protocol (a malformed or unexpected answer).
     #[error("sidecar protocol: {0}")]
     Protocol(String),
@@ -158,7 +185,22 @@ impl SidecarClient {
         let s = shared.clone();
         let sock = blocking(move || s.open()).await?;
         shared.put_idle(sock);
-        Ok(Self { shared, node: None })
+        Ok(Self {
+            shared,
+            node: None,
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
+        })
+    }
+
+    /// The same client (sharing connections), whose calls give up after `timeout` without
+    /// a word from the daemon ([`SidecarError::NoAnswer`]) instead of
+    /// [`DEFAULT_ANSWER_TIMEOUT`]. A timeout shorter than twice the daemon's
+    /// [`HEARTBEAT`](super::HEARTBEAT) may give up on a long fetch that is progressing.
+    pub fn with_answer_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            answer_timeout: timeout.max(Duration::from_millis(1)),
+            ..self.clone()
+        }
     }
 
     /// Connects to the socket `$TRANSPORTD_SIDECAR_SOCKET` names ([`SOCKET_ENV`]); without
@@ -181,8 +223,8 @@ impl SidecarClient {
     /// sidecar's) instead of the sidecar's first.
     pub fn with_node(&self, node: impl Into<String>) -> Self {
         Self {
-            shared: self.shared.clone(),
             node: Some(node.into()),
+            ..self.clone()
         }
     }
 
@@ -500,8 +542,8 @@ impl SidecarClient {
         &self,
         work: impl FnOnce(&mut Conn<'_>) -> Result<T, SidecarError> + Send + 'static,
     ) -> Result<T, SidecarError> {
-        let shared = self.shared.clone();
-        blocking(move || shared.run(work)).await
+        let (shared, timeout) = (self.shared.clone(), self.answer_timeout);
+        blocking(move || shared.run(timeout, work)).await
     }
 
     fn fetch_request(&self, dataset: &DatasetName, object: &ObjectPath) -> LocalRequest {
@@ -539,7 +581,7 @@ impl SidecarError {
             Self::Refused { code, .. } => code,
             Self::TooLarge { .. } => "too_large",
             Self::NotSealed { .. } | Self::Protocol(_) => "protocol",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::NoAnswer { .. } => "unavailable",
         }
     }
 
@@ -557,6 +599,7 @@ impl From<SidecarError> for io::Error {
             SidecarError::NotFound { .. } => io::ErrorKind::NotFound,
             SidecarError::PermissionDenied { .. } => io::ErrorKind::PermissionDenied,
             SidecarError::Unavailable(_) => io::ErrorKind::ConnectionAborted,
+            SidecarError::NoAnswer { .. } => io::ErrorKind::TimedOut,
             SidecarError::NoSocket => io::ErrorKind::InvalidInput,
             _ => io::ErrorKind::Other,
         };
@@ -568,7 +611,8 @@ impl From<SidecarError> for io::Error {
 #[derive(Debug)]
 struct Shared {
     socket: PathBuf,
-    idle: Mutex<Vec<UnixStream>>,
+    /// Idle connections, with when each went idle.
+    idle: Mutex<Vec<(UnixStream, Instant)>>,
     through: AtomicU64,
 }
 
@@ -577,16 +621,21 @@ impl Shared {
     /// call only if every exchange on it completed.
     fn run<T>(
         &self,
+        timeout: Duration,
         work: impl FnOnce(&mut Conn<'_>) -> Result<T, SidecarError>,
     ) -> Result<T, SidecarError> {
         let sock = match self.take_idle() {
             Some(s) => s,
             None => self.open()?,
         };
+        sock.set_read_timeout(Some(timeout))
+            .and_then(|()| sock.set_write_timeout(Some(timeout)))
+            .map_err(SidecarError::Local)?;
         let mut conn = Conn {
             sock,
             shared: self,
             in_step: true,
+            timeout,
         };
         let out = work(&mut conn);
         // A connection whose peer broke the protocol is not trusted with another request.
@@ -612,11 +661,13 @@ impl Shared {
         })
     }
 
-    /// An idle connection the daemon has not closed meanwhile.
+    /// An idle connection the daemon has not closed meanwhile, nor is about to (idle for
+    /// less than [`MAX_IDLE_AGE`]).
     fn take_idle(&self) -> Option<UnixStream> {
+        let now = SystemClock.instant();
         loop {
-            let sock = self.lock().pop()?;
-            if idle_and_open(&sock) {
+            let (sock, since) = self.lock().pop()?;
+            if now.saturating_duration_since(since) < MAX_IDLE_AGE && idle_and_open(&sock) {
                 return Some(sock);
             }
         }
@@ -625,11 +676,11 @@ impl Shared {
     fn put_idle(&self, sock: UnixStream) {
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
-            idle.push(sock);
+            idle.push((sock, SystemClock.instant()));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<UnixStream>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(UnixStream, Instant)>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -640,6 +691,8 @@ struct Conn<'a> {
     shared: &'a Shared,
     /// Every request sent so far was answered in full: the next may go on it.
     in_step: bool,
+    /// The socket's read and write timeout: how long the daemon may say nothing.
+    timeout: Duration,
 }
 
 impl Conn<'_> {
@@ -651,15 +704,40 @@ impl Conn<'_> {
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<(LocalAnswer, Vec<u8>, Option<OwnedFd>), SidecarError> {
         self.in_step = false;
-        send_frame(&self.sock, req, &[], fd).map_err(frame_error)?;
-        let mut counted = 0;
-        let got = recv_frame_counted(&self.sock, answer_body, MAX_INLINE, &mut counted);
-        self.shared.through.fetch_add(counted, Ordering::Relaxed);
-        let (answer, body, fd) = got.map_err(frame_error)?;
-        self.in_step = true;
-        match answer {
-            LocalAnswer::Error { code, message } => Err(refused(code, message)),
-            answer => Ok((answer, body, fd)),
+        send_frame(&self.sock, req, &[], fd).map_err(|e| self.silent(e))?;
+        loop {
+            let mut counted = 0;
+            let got = recv_frame_counted(&self.sock, answer_body, MAX_INLINE, &mut counted);
+            self.shared.through.fetch_add(counted, Ordering::Relaxed);
+            match got.map_err(|e| self.silent(e))? {
+                // The daemon is still at it: the timeout starts again.
+                (LocalAnswer::Working, _, _) => continue,
+                (LocalAnswer::Error { code, message }, _, _) => {
+                    self.in_step = true;
+                    return Err(refused(code, message));
+                }
+                answer => {
+                    self.in_step = true;
+                    return Ok(answer);
+                }
+            }
+        }
+    }
+
+    /// A frame that failed: the socket's timeout passing is the daemon saying nothing.
+    fn silent(&self, e: FrameError) -> SidecarError {
+        match e {
+            FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                SidecarError::NoAnswer {
+                    after: self.timeout,
+                }
+            }
+            e => frame_error(e),
         }
     }
 
@@ -886,6 +964,7 @@ fn unexpected(answer: &LocalAnswer) -> SidecarError {
         LocalAnswer::Mapped { .. } => "mapped",
         LocalAnswer::Pushed { .. } => "pushed",
         LocalAnswer::Prefetching { .. } => "prefetching",
+        LocalAnswer::Working => "working",
         LocalAnswer::Error { .. } => "error",
     };
     SidecarError::Protocol(format!("unexpected {kind} answer"))

@@ -43,6 +43,9 @@ pub(crate) struct SidecarFile {
     pub(crate) max_object: Option<bytesize::ByteSize>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) decision_ttl: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) idle_timeout: Option<std::time::Duration>,
+    pub(crate) max_callers: Option<usize>,
 }
 
 /// Whether transfers may move by RDMA.
@@ -213,6 +216,8 @@ pub(crate) const EXAMPLE: &str = r#"# transportd node configuration. Relative pa
 #                                        # over, not kept)
 # max_object = "16GiB"                   # larger objects are refused (read ranges instead)
 # decision_ttl = "30s"                   # reuse a storage node's yes for this long (0s: never)
+# idle_timeout = "2m"                    # close local connections idle this long
+# max_callers = 256                      # local callers served at once; more get `busy`
 # ... or from files you renew yourself (not both):
 [identity]
 svid = "svid.pem"          # our X.509-SVID, certificate chain with the leaf first

@@ -20,7 +20,13 @@
 //! no answer.
 //!
 //! Connections are served on threads of their own (blocking frames; the network work runs
-//! on the node's runtime), at most [`MAX_CALLERS`] at once.
+//! on the node's runtime), at most `sidecar.max_callers` at once; a caller past that is
+//! answered `busy` at once rather than left waiting. A connection idle for
+//! `sidecar.idle_timeout`, or that
+//! starts a request and stops part-way for [`FRAME_TIMEOUT`], is closed, so idle callers
+//! cannot keep the slots from others. While a request is served (a fetch from a storage
+//! node can take a while) the caller hears [`LocalAnswer::Working`] every [`HEARTBEAT`], so
+//! that its client can tell a slow answer from a hung daemon.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -37,7 +43,7 @@ use libtransport::clock::Clock;
 use libtransport::metrics::SidecarCounters;
 use libtransport::proto::{DatasetName, ObjectPath};
 use libtransport::sidecar::{
-    FrameError, LocalAnswer, LocalRequest, recv_frame, request_body, send_frame,
+    FrameError, HEARTBEAT, LocalAnswer, LocalRequest, recv_frame, request_body, send_frame,
 };
 use tokio::net::UnixListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,8 +58,11 @@ mod upstream;
 
 use upstream::Upstreams;
 
-/// Local callers connected at once; more wait to be accepted.
-const MAX_CALLERS: usize = 256;
+/// How long a request that has started may pause between its bytes.
+const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long an answer may wait for a caller that does not read it.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Objects one prefetch hint may name; the rest are ignored.
 const MAX_PREFETCH: usize = 256;
@@ -91,8 +100,9 @@ pub(crate) async fn serve(
         counters,
         upstreams,
         runtime: tokio::runtime::Handle::current(),
+        idle_timeout: cfg.idle_timeout,
     });
-    let limit = Arc::new(Semaphore::new(MAX_CALLERS));
+    let limit = Arc::new(Semaphore::new(cfg.max_callers));
     let task = tokio::spawn(accept_loop(listener, limit, shared));
     info!(path = %socket.display(), "sidecar data API listening");
     Ok(SidecarHandle { path: socket, task })
@@ -130,13 +140,12 @@ struct Shared {
     counters: Arc<SidecarCounters>,
     upstreams: Upstreams,
     runtime: tokio::runtime::Handle,
+    /// How long a connection may sit between requests.
+    idle_timeout: std::time::Duration,
 }
 
 async fn accept_loop(listener: UnixListener, limit: Arc<Semaphore>, shared: Arc<Shared>) {
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -154,6 +163,7 @@ async fn accept_loop(listener: UnixListener, limit: Arc<Semaphore>, shared: Arc<
         };
         let stream = match stream.into_std().and_then(|s| {
             s.set_nonblocking(false)?;
+            s.set_write_timeout(Some(WRITE_TIMEOUT))?;
             Ok(s)
         }) {
             Ok(s) => s,
@@ -161,6 +171,22 @@ async fn accept_loop(listener: UnixListener, limit: Arc<Semaphore>, shared: Arc<
                 warn!(error = %e, "sidecar connection unusable");
                 continue;
             }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Told at once (the caller reads it as the answer to its first request), not
+            // left waiting; the socket's buffer takes the frame without blocking.
+            shared.counters.busy.fetch_add(1, Relaxed);
+            debug!(
+                pid = cred.pid,
+                uid = cred.uid,
+                "sidecar full: caller turned away"
+            );
+            let a = error(
+                "busy",
+                "the sidecar serves as many local callers as it takes at once; retry shortly",
+            );
+            let _ = answer(&shared, &stream, &a, &[], None);
+            continue;
         };
         debug!(pid = cred.pid, uid = cred.uid, "sidecar connection");
         let shared = shared.clone();
@@ -184,9 +210,24 @@ fn serve_caller(
 ) {
     shared.counters.callers.fetch_add(1, Relaxed);
     loop {
+        match next_request(sock, shared.idle_timeout) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                shared.counters.timeouts.fetch_add(1, Relaxed);
+                debug!(pid = cred.pid, error = %e, "idle sidecar connection closed");
+                break;
+            }
+        }
         let (req, _, fd) = match recv_frame::<LocalRequest>(sock, request_body, 0) {
             Ok(f) => f,
-            Err(FrameError::Io(_)) => break,
+            Err(FrameError::Io(e)) => {
+                if is_timeout(&e) {
+                    shared.counters.timeouts.fetch_add(1, Relaxed);
+                    debug!(pid = cred.pid, "sidecar request stalled part-way: closed");
+                }
+                break;
+            }
             Err(FrameError::Malformed(why)) => {
                 debug!(pid = cred.pid, reason = %why, "malformed sidecar request");
                 let _ = answer(
@@ -244,9 +285,23 @@ impl Shared {
             return false;
         };
         record.id = Some(svid.id().clone());
-        let result = self
-            .runtime
-            .block_on(self.upstreams.serve(&svid, &bundle, req, fd));
+        let result = self.runtime.block_on(async {
+            let work = self.upstreams.serve(&svid, &bundle, req, fd);
+            tokio::pin!(work);
+            // The caller hears that the request is in hand until its answer comes; one that
+            // stopped reading stops hearing it (the answer will not reach it either).
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            beat.reset();
+            let mut listening = true;
+            loop {
+                tokio::select! {
+                    served = &mut work => break served,
+                    _ = beat.tick(), if listening => {
+                        listening = answer(self, sock, &LocalAnswer::Working, &[], None).is_ok();
+                    }
+                }
+            }
+        });
         let (header, body, fd) = match result {
             Ok(served) => {
                 let handed = match served.source {
@@ -298,6 +353,33 @@ impl Shared {
             })
             .map_err(|e| warn!(error = %e, "audit trail unavailable: refusing a sidecar answer"))
     }
+}
+
+/// Waits for the caller's next request: `Ok(true)` once its first byte is there (the rest
+/// must then follow within [`FRAME_TIMEOUT`], or `idle` if shorter), `Ok(false)` if the caller closed, an error
+/// if it sent nothing for `idle`.
+fn next_request(sock: &StdUnixStream, idle: std::time::Duration) -> std::io::Result<bool> {
+    sock.set_read_timeout(Some(idle))?;
+    let mut byte = [0u8; 1];
+    let n = match rustix::net::recv(sock, &mut byte, rustix::net::RecvFlags::PEEK) {
+        Ok((n, _)) => n,
+        Err(rustix::io::Errno::AGAIN) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle for the sidecar's idle timeout",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    sock.set_read_timeout(Some(FRAME_TIMEOUT.min(idle)))?;
+    Ok(n > 0)
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// A group name or number as a gid.

@@ -14,7 +14,8 @@ use super::{AgentNode, Domain, bin, id, p, stderr, wait_for, write_data};
 use crate::common::metric;
 
 /// A local caller: sends one request per argument (JSON), prints one JSON line per answer
-/// with what it learned (never the bytes), and how many bytes came through the socket.
+/// with what it learned (never the bytes), and how many bytes came through the socket;
+/// `{"working": N}` for each frame saying the request is still being served.
 /// For a mapped answer it maps the descriptor read-only, tries to write it (it must not
 /// be able to), and compares it with `--expect FILE` if given.
 const CALLER: &str = r#"
@@ -49,14 +50,20 @@ for req in args:
     else:
         with open(send, "rb") as f:
             socket.send_fds(sock, [frame], [f.fileno()])
+    beats = 0
     try:
-        first, fds, _, _ = socket.recv_fds(sock, 4, 1)
-        if not first:
-            raise EOFError("the sidecar closed the connection")
-        through += len(first)
-        prefix = first + exact(4 - len(first)) if len(first) < 4 else first
-        (n,) = struct.unpack(">I", prefix)
-        answer = json.loads(exact(n))
+        while True:
+            first, fds, _, _ = socket.recv_fds(sock, 4, 1)
+            if not first:
+                raise EOFError("the sidecar closed the connection")
+            through += len(first)
+            prefix = first + exact(4 - len(first)) if len(first) < 4 else first
+            (n,) = struct.unpack(">I", prefix)
+            answer = json.loads(exact(n))
+            if answer.get("answer") != "working":
+                break
+            beats += 1
+            print(json.dumps({"working": beats}), flush=True)
         body = exact(answer["body"]) if answer.get("answer") == "inline" else b""
     except (EOFError, ConnectionError) as e:
         print(json.dumps({"answer": "lost", "error": str(e)}), flush=True)
@@ -104,6 +111,11 @@ impl SidecarSite {
     /// `reader` may read `scans`; `intruder` has an entry but no rule; `stranger` has no
     /// entry at all.
     fn start(d: &Domain) -> Self {
+        Self::start_with(d, "")
+    }
+
+    /// [`SidecarSite::start`] with more `[sidecar]` settings.
+    fn start_with(d: &Domain, settings: &str) -> Self {
         let bin = d.path("bin");
         std::fs::create_dir_all(&bin).unwrap();
         let py = python();
@@ -137,7 +149,7 @@ impl SidecarSite {
         let storage = d.node_dir("storage", Some(&d.token("/node/storage")), &allow);
         let storage = AgentNode::start(&storage);
         let sidecar = format!(
-            "[sidecar]\nsocket = \"run/data.sock\"\nstorage = [\"{}\"]\nmemory_size = \"1GiB\"\ncache_size = \"2GiB\"\n",
+            "[sidecar]\nsocket = \"run/data.sock\"\nstorage = [\"{}\"]\nmemory_size = \"1GiB\"\ncache_size = \"2GiB\"\n{settings}",
             storage.quic
         );
         let gpu = d.node_dir("gpu-0", Some(&d.token("/node/gpu-0")), &sidecar);
@@ -182,10 +194,12 @@ impl SidecarSite {
     }
 }
 
+/// The answers a caller printed (its `working` lines left out).
 fn answers(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("working").is_none())
         .collect()
 }
 
@@ -501,4 +515,75 @@ fn contains(file: &Path, needle: &[u8]) -> bool {
     // Files past 1 GiB are not ours (the test writes none).
     let small = file.metadata().is_ok_and(|m| m.len() < 1 << 30);
     small && std::fs::read(file).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+}
+
+#[test]
+fn idle_or_stalled_callers_cannot_keep_others_out_and_a_slow_answer_is_heard_working() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let d = Domain::start("1h");
+    let s = SidecarSite::start_with(&d, "idle_timeout = \"1s\"\nmax_callers = 2\n");
+    let datasets = r#"{"op":"datasets"}"#;
+    let wait_closed = |c: &mut UnixStream| {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 64];
+        // End of file: the daemon closed it (a timeout here would be an error).
+        c.read(&mut b)
+            .expect("closed by the sidecar, not left open")
+    };
+    // Two connections that never ask take both slots...
+    wait_for("no caller connected", Duration::from_secs(10), || {
+        s.metric("transportd_sidecar_local_callers") == 0.0
+    });
+    let mut idle: Vec<UnixStream> = (0..2)
+        .map(|_| UnixStream::connect(&s.socket).unwrap())
+        .collect();
+    wait_for("both slots taken", Duration::from_secs(10), || {
+        s.metric("transportd_sidecar_local_callers") == 2.0
+    });
+    // ... so the next caller is told `busy` at once rather than left waiting ...
+    let turned = answers(&s.call("reader", &[datasets]));
+    assert_eq!(turned[0]["answer"]["code"], "busy", "{turned:?}");
+    assert!(s.metric("transportd_sidecar_local_busy_total") >= 1.0);
+    // ... until the sidecar closes the idle ones, after which callers are served again.
+    for c in &mut idle {
+        assert_eq!(wait_closed(c), 0);
+    }
+    wait_for("the slots given back", Duration::from_secs(10), || {
+        s.metric("transportd_sidecar_local_callers") == 0.0
+    });
+    let served = answers(&s.call("reader", &[datasets]));
+    assert_eq!(served[0]["answer"]["answer"], "datasets", "{served:?}");
+    // A request that stops part-way is closed too (within the idle timeout here).
+    let mut half = UnixStream::connect(&s.socket).unwrap();
+    half.write_all(&[0, 0]).unwrap();
+    assert_eq!(wait_closed(&mut half), 0);
+    assert!(s.metric("transportd_sidecar_local_timeouts_total") >= 3.0);
+
+    // The storage node stops answering (SIGSTOP) under a fetch: the caller keeps hearing
+    // that its request is in hand, and gets the object once the node answers again.
+    let file = s.storage.dir.join("datasets/scans/slow.bin");
+    write_data(&file, 1 << 20, 35);
+    let pid = rustix::process::Pid::from_raw(s.storage.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let mut slow = s
+        .caller("reader", &["--expect", p(&file), &fetch("slow.bin")])
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(slow.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["working"],
+        1,
+        "{first}"
+    );
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(slow.wait().unwrap().success(), "{rest}");
+    let last: Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
+    assert_eq!(last["answer"]["answer"], "mapped", "{rest}");
+    assert_eq!(last["identical"], true, "{rest}");
 }

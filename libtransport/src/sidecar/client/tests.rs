@@ -1,6 +1,7 @@
 //! The client against a small sidecar played by a thread of the test: a real Unix socket in
 //! a temporary directory, real frames, real sealed memory files (from the real cache).
 
+use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
@@ -775,4 +776,96 @@ async fn answers_that_do_not_hold_what_they_claim_are_refused() {
         .await
         .unwrap_err();
     protocol(e, "answered as 2");
+}
+
+/// A played sidecar that says it is working `beats` times, `every` apart, before it answers
+/// a prefetch (or, with `answers` false, says nothing more and keeps the connection open).
+fn slow_server(path: &Path, beats: u32, every: Duration, answers: bool) -> Sidecar {
+    Sidecar::start(
+        path,
+        Arc::new(move |sock, _, _| {
+            for _ in 0..beats {
+                std::thread::sleep(every);
+                answer(sock, &LocalAnswer::Working);
+            }
+            if answers {
+                answer(sock, &LocalAnswer::Prefetching { count: 1 });
+                return true;
+            }
+            // Hung: holds the connection, says nothing, until the test is over.
+            let mut byte = [0u8; 1];
+            let _ = (&mut &*sock).read(&mut byte);
+            false
+        }),
+    )
+}
+
+#[tokio::test]
+async fn a_daemon_saying_it_is_working_keeps_a_call_alive_past_the_answer_timeout() {
+    let _trace = trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.sock");
+    // Ten beats 100 ms apart: a second of work, five times the timeout of 200 ms.
+    let _s = slow_server(&path, 10, Duration::from_millis(100), true);
+    let client = SidecarClient::connect(&path)
+        .await
+        .unwrap()
+        .with_answer_timeout(Duration::from_millis(200));
+    let (d, o) = scans();
+    assert_eq!(client.prefetch(&[(d, o)]).await.unwrap(), 1);
+    // The beats crossed the socket and were counted, though no call returned them.
+    assert!(client.bytes_through_socket() > 10 * 4);
+}
+
+#[tokio::test]
+async fn a_daemon_that_says_nothing_is_given_up_on_as_retriable_no_answer() {
+    let _trace = trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.sock");
+    // Two beats, then silence: the call waits the timeout after the last beat, no more.
+    let _s = slow_server(&path, 2, Duration::from_millis(50), false);
+    let client = SidecarClient::connect(&path)
+        .await
+        .unwrap()
+        .with_answer_timeout(Duration::from_millis(300));
+    let (d, o) = scans();
+    let e = client
+        .prefetch(&[(d.clone(), o.clone())])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, SidecarError::NoAnswer { after } if after == Duration::from_millis(300)),
+        "{e:?}"
+    );
+    assert_eq!(e.code(), "unavailable");
+    assert!(e.is_retriable());
+    assert!(e.to_string().contains("hung or overloaded"), "{e}");
+    assert_eq!(io::Error::from(e).kind(), io::ErrorKind::TimedOut);
+}
+
+#[tokio::test]
+async fn a_connection_idle_past_its_age_is_not_used_again() {
+    let _trace = trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.sock");
+    let s = Sidecar::start(
+        &path,
+        Arc::new(|sock, _, _| {
+            answer(sock, &LocalAnswer::Prefetching { count: 1 });
+            true
+        }),
+    );
+    let client = SidecarClient::connect(&path).await.unwrap();
+    let (d, o) = scans();
+    assert_eq!(client.prefetch(&[(d.clone(), o.clone())]).await.unwrap(), 1);
+    assert_eq!(s.accepted(), 1);
+    // Age the idle connection past what the daemon keeps: the next call opens another.
+    for (_, since) in client.shared.lock().iter_mut() {
+        *since -= MAX_IDLE_AGE;
+    }
+    assert_eq!(client.prefetch(&[(d.clone(), o.clone())]).await.unwrap(), 1);
+    assert_eq!(s.accepted(), 2);
+    // A young one is reused.
+    assert_eq!(client.prefetch(&[(d, o)]).await.unwrap(), 1);
+    assert_eq!(s.accepted(), 2);
 }
