@@ -450,6 +450,8 @@ fn sidecar_reports_its_phases_and_pulls_once_for_all_readers() {
         }
     }
     assert!(doc["aes_256_gcm_open_gbps"].as_f64().unwrap() > 0.0);
+    // The kernel's huge-page setting for memory files goes with the figures.
+    assert!(doc["shmem_huge_pages"].is_string(), "{doc}");
     assert!(doc["targets"].is_object());
     assert!(doc["machine"]["one_core"].is_object());
 }

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ use crate::proto::manifest::{ChunkIndex, Manifest};
 const TAG_LEN: usize = 16;
 /// What names the cache's own files (and only those are removed on open).
 const SUFFIX: &str = "sealed";
+/// Most threads that open one entry's chunks at once.
+pub const OPEN_THREADS: usize = 4;
 
 /// Why the cache could not take or give an object.
 #[derive(Debug, thiserror::Error)]
@@ -346,7 +348,7 @@ impl CacheEntry {
                 want: self.manifest.size(),
             });
         }
-        self.open_chunks(|at, plain| {
+        self.open_chunks(0..self.manifest.chunk_count(), |at, plain| {
             out[at as usize..at as usize + plain.len()].copy_from_slice(plain);
             Ok(())
         })
@@ -355,27 +357,53 @@ impl CacheEntry {
     /// Opens the whole object into an anonymous memory file sealed against any change
     /// (`F_SEAL_WRITE`, `F_SEAL_GROW`, `F_SEAL_SHRINK`, `F_SEAL_SEAL`): a descriptor to pass
     /// to a local reader, which maps it read-only.
+    ///
+    /// The chunks are opened on up to [`OPEN_THREADS`] threads at once (as many as the
+    /// machine has cores), each taking a contiguous run of them, a chunk at a time straight
+    /// into the file, so memory holds one chunk per thread.
     pub fn to_memfd(&self) -> Result<OwnedFd, CacheError> {
         let file = new_memfd(self.manifest.size())?;
-        // A chunk at a time straight into the file, so memory holds one chunk.
-        self.open_chunks(|at, plain| std::os::unix::fs::FileExt::write_all_at(&file, plain, at))?;
+        let chunks = self.manifest.chunk_count();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(OPEN_THREADS)
+            .min(chunks as usize)
+            .max(1) as u32;
+        let put =
+            |at: u64, plain: &[u8]| std::os::unix::fs::FileExt::write_all_at(&file, plain, at);
+        let runs: Vec<_> = (0..threads)
+            .map(|t| chunks * t / threads..chunks * (t + 1) / threads)
+            .collect();
+        std::thread::scope(|scope| {
+            let (first, rest) = runs.split_first().expect("at least one run");
+            let others: Vec<_> = rest
+                .iter()
+                .map(|run| scope.spawn(|| self.open_chunks(run.clone(), put)))
+                .collect();
+            // This thread opens the first run; every run's error is waited for.
+            let mine = self.open_chunks(first.clone(), put);
+            others.into_iter().fold(mine, |got, h| {
+                let theirs = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                got.and(theirs)
+            })
+        })?;
         Ok(seal_memfd(file)?)
     }
 
-    /// Opens the entry's chunks in order, handing each to `put` with its offset in the
-    /// object.
+    /// Opens the entry's chunks `run`, in order, handing each to `put` with its offset in
+    /// the object.
     fn open_chunks(
         &self,
+        run: std::ops::Range<u32>,
         mut put: impl FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> Result<(), CacheError> {
         let m = &*self.manifest;
-        let mut f = File::open(self.cache.path_of(self.id))?;
+        let f = File::open(self.cache.path_of(self.id))?;
         let mut buf = Vec::with_capacity(m.chunk_bytes() as usize + NONCE_LEN + TAG_LEN);
-        for i in 0..m.chunk_count() {
+        for i in run {
             let r = chunk_range(m, i);
             buf.resize(NONCE_LEN + r.len() + TAG_LEN, 0);
-            f.seek(SeekFrom::Start(sealed_offset(m, i)))?;
-            f.read_exact(&mut buf)?;
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, sealed_offset(m, i))?;
             let (nonce, sealed) = buf.split_at_mut(NONCE_LEN);
             let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("nonce length");
             let aad = aad(&self.root, self.id, i);
@@ -421,6 +449,24 @@ pub fn sealed_memfd(data: &[u8]) -> io::Result<OwnedFd> {
     let file = new_memfd(data.len() as u64)?;
     std::os::unix::fs::FileExt::write_all_at(&file, data, 0)?;
     seal_memfd(file)
+}
+
+/// The kernel's setting for huge pages in memory files
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`, the chosen value: `never`,
+/// `within_size`, `always`, ...), if it can be read. With `never` (or `deny`) a memory file
+/// is filled a 4 KiB page at a time, which bounds how fast [`CacheEntry::to_memfd`] and
+/// [`sealed_memfd`] run (several times slower than with `within_size` on the machines
+/// measured; see the benchmark results).
+pub fn memfd_huge_pages() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").ok()?;
+    chosen_setting(&text)
+}
+
+/// The bracketed word of a sysfs choice (`always [never] deny`).
+fn chosen_setting(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let len = text[start..].find(']')?;
+    Some(text[start..start + len].to_owned())
 }
 
 /// An anonymous memory file of `size` bytes that can be sealed.

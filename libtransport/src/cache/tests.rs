@@ -182,3 +182,17 @@ fn the_budget_evicts_the_least_recently_used_and_never_an_entry_being_read() {
         "files on disk match the entries"
     );
 }
+
+#[test]
+fn the_kernels_huge_page_choice_is_the_bracketed_word() {
+    assert_eq!(
+        chosen_setting("always within_size advise [never] deny force\n").as_deref(),
+        Some("never")
+    );
+    assert_eq!(
+        chosen_setting("always [within_size] advise never deny force").as_deref(),
+        Some("within_size")
+    );
+    assert_eq!(chosen_setting("always never"), None);
+    assert_eq!(chosen_setting("[never"), None);
+}

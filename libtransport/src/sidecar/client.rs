@@ -821,8 +821,15 @@ impl SealedFile {
         // F_SEAL_SEAL (seals can neither be added nor taken off), and its length is `len`.
         // The mapping is read-only and private to the returned `Bytes`, which unmaps it
         // when its last clone drops.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&self.file) }
-            .map_err(SidecarError::Local)?;
+        // Populated up front (one call rather than a fault per page): a fetch is for all
+        // of the object.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(len)
+                .populate()
+                .map(&self.file)
+        }
+        .map_err(SidecarError::Local)?;
         Ok(Bytes::from_owner(map))
     }
 }

@@ -92,6 +92,18 @@ pub(crate) async fn serve(
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("opening {} to its group", socket.display()))?;
     counters.enable();
+    if let Some(huge) = libtransport::cache::memfd_huge_pages()
+        && matches!(huge.as_str(), "never" | "deny")
+    {
+        // Objects reach callers in memory files: 4 KiB pages make filling one from the
+        // cache or the network several times slower (see the benchmark results).
+        warn!(
+            shmem_enabled = %huge,
+            "the kernel gives memory files 4 KiB pages: set \
+             /sys/kernel/mm/transparent_hugepage/shmem_enabled to within_size for faster \
+             hand-offs of cached objects"
+        );
+    }
     let shared = Arc::new(Shared {
         node,
         view,
