@@ -345,6 +345,22 @@ pub enum AuditEvent {
         /// `ok`, or the error code the caller got.
         outcome: String,
     },
+    /// Local callers the sidecar could not attest (`permission_denied`), counted: the first
+    /// of a window is a [`AuditEvent::LocalRequest`] of its own, the others of the window
+    /// are this one record when it ends (node trail).
+    LocalRequestsRefused {
+        /// Their user ID; absent when the count is shared by callers of many uids.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// How many, besides the one recorded on its own.
+        count: u64,
+        /// The first of them.
+        #[serde(serialize_with = "rfc3339")]
+        first: SystemTime,
+        /// The last of them.
+        #[serde(serialize_with = "rfc3339")]
+        last: SystemTime,
+    },
     /// A configuration file was loaded.
     ConfigLoaded {
         /// The file.

@@ -46,7 +46,7 @@ mod handler;
 mod memory;
 mod pool;
 mod rdma;
-mod refusals;
+pub mod refusals;
 mod shared;
 mod stripes;
 

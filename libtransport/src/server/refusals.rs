@@ -12,8 +12,14 @@
 //!
 //! No I/O here: the server driver asks [`RefusalTally::note`] whether to record a refusal,
 //! and writes what [`RefusalTally::due`] and [`RefusalTally::drain`] return.
+//!
+//! The tally is generic over what refusals are kept apart by ([`TallyKey`]), so that other
+//! refusals of the same shape use it too: a sidecar tallies the local callers it cannot
+//! attest by their uid.
 
 use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -26,19 +32,50 @@ use crate::vocab::Path;
 /// Sources tallied on their own at once; more share one tally.
 pub(crate) const MAX_TALLIES: usize = 4096;
 
-/// Refusals before authentication, by source, transport and kind.
-#[derive(Debug)]
-pub(crate) struct RefusalTally {
-    window: Duration,
-    max_tallies: usize,
-    tallies: Mutex<HashMap<Key, Tally>>,
+/// What refusals are tallied apart by, and the record of a window's count.
+pub trait TallyKey: Copy + Eq + Hash + Debug {
+    /// The key that every key past the bound on tallies shares.
+    fn shared(self) -> Self;
+    /// The record of `count` refusals under this key (besides the one recorded on its own
+    /// when the window opened), the first at `first` and the last at `last`.
+    fn report(self, count: u64, first: SystemTime, last: SystemTime) -> AuditEvent;
 }
 
+/// Refusals tallied by key (before authentication: by source, transport and kind), the
+/// first of each window recorded on its own and the rest counted.
+#[derive(Debug)]
+pub struct RefusalTally<K = Key> {
+    window: Duration,
+    max_tallies: usize,
+    tallies: Mutex<HashMap<K, Tally>>,
+}
+
+/// A refusal before authentication's tally: its source, transport and kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
+pub struct Key {
     source: IpAddr,
     path: Path,
     class: RefusalClass,
+}
+
+impl TallyKey for Key {
+    fn shared(self) -> Self {
+        Self {
+            source: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            ..self
+        }
+    }
+
+    fn report(self, count: u64, first: SystemTime, last: SystemTime) -> AuditEvent {
+        AuditEvent::ConnectionsRefused {
+            source: self.source,
+            path: self.path,
+            class: self.class.as_str().to_owned(),
+            count,
+            first,
+            last,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -51,25 +88,16 @@ struct Tally {
 
 /// What to do with a refusal just noted.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Noted {
+pub struct Noted {
     /// Record it on its own: it opens its tally's window.
-    pub(crate) record: bool,
+    pub record: bool,
     /// The count of its tally's previous window, ended and not yet reported.
-    pub(crate) ended: Option<AuditEvent>,
+    pub ended: Option<AuditEvent>,
 }
 
-impl RefusalTally {
-    /// Windows of `window` (zero: every refusal is recorded on its own), at most
-    /// `max_tallies` sources tallied apart.
-    pub(crate) fn new(window: Duration, max_tallies: usize) -> Self {
-        Self {
-            window,
-            max_tallies: max_tallies.max(1),
-            tallies: Mutex::default(),
-        }
-    }
-
-    /// Notes a refusal from `source` at `at` (monotonic) / `now` (wall clock).
+impl RefusalTally<Key> {
+    /// Notes a refusal before authentication from `source` at `at` (monotonic) / `now`
+    /// (wall clock).
     pub(crate) fn note(
         &self,
         source: Source,
@@ -78,6 +106,28 @@ impl RefusalTally {
         at: Instant,
         now: SystemTime,
     ) -> Noted {
+        let key = Key {
+            source: source.prefix(),
+            path,
+            class,
+        };
+        self.note_key(key, at, now)
+    }
+}
+
+impl<K: TallyKey> RefusalTally<K> {
+    /// Windows of `window` (zero: every refusal is recorded on its own), at most
+    /// `max_tallies` keys tallied apart (the rest share [`TallyKey::shared`]).
+    pub fn new(window: Duration, max_tallies: usize) -> Self {
+        Self {
+            window,
+            max_tallies: max_tallies.max(1),
+            tallies: Mutex::default(),
+        }
+    }
+
+    /// Notes a refusal under `key` at `at` (monotonic) / `now` (wall clock).
+    pub fn note_key(&self, key: K, at: Instant, now: SystemTime) -> Noted {
         if self.window.is_zero() {
             return Noted {
                 record: true,
@@ -85,13 +135,9 @@ impl RefusalTally {
             };
         }
         let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut key = Key {
-            source: source.prefix(),
-            path,
-            class,
-        };
+        let mut key = key;
         if !tallies.contains_key(&key) && tallies.len() >= self.max_tallies {
-            key.source = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+            key = key.shared();
         }
         let mut ended = None;
         if let Some(t) = tallies.get_mut(&key) {
@@ -124,7 +170,7 @@ impl RefusalTally {
     }
 
     /// Ends the windows that have run their time by `at`: the counts to record.
-    pub(crate) fn due(&self, at: Instant) -> Vec<AuditEvent> {
+    pub fn due(&self, at: Instant) -> Vec<AuditEvent> {
         let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Vec::new();
         tallies.retain(|key, t| {
@@ -138,7 +184,7 @@ impl RefusalTally {
     }
 
     /// Ends every window (the server is stopping): the counts to record.
-    pub(crate) fn drain(&self) -> Vec<AuditEvent> {
+    pub fn drain(&self) -> Vec<AuditEvent> {
         let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
         tallies
             .drain()
@@ -147,7 +193,7 @@ impl RefusalTally {
     }
 
     /// How long until the earliest window ends, if any is open.
-    pub(crate) fn next_due(&self, at: Instant) -> Option<Duration> {
+    pub fn next_due(&self, at: Instant) -> Option<Duration> {
         let tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
         tallies
             .values()
@@ -160,15 +206,8 @@ impl RefusalTally {
 }
 
 impl Tally {
-    fn report(&self, key: Key) -> Option<AuditEvent> {
-        (self.counted > 0).then(|| AuditEvent::ConnectionsRefused {
-            source: key.source,
-            path: key.path,
-            class: key.class.as_str().to_owned(),
-            count: self.counted,
-            first: self.first,
-            last: self.last,
-        })
+    fn report<K: TallyKey>(&self, key: K) -> Option<AuditEvent> {
+        (self.counted > 0).then(|| key.report(self.counted, self.first, self.last))
     }
 }
 

@@ -704,7 +704,9 @@ impl Conn<'_> {
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<(LocalAnswer, Vec<u8>, Option<OwnedFd>), SidecarError> {
         self.in_step = false;
-        send_frame(&self.sock, req, &[], fd).map_err(|e| self.silent(e))?;
+        if let Err(e) = send_frame(&self.sock, req, &[], fd) {
+            return Err(self.unsent(e));
+        }
         loop {
             let mut counted = 0;
             let got = recv_frame_counted(&self.sock, answer_body, MAX_INLINE, &mut counted);
@@ -722,6 +724,25 @@ impl Conn<'_> {
                 }
             }
         }
+    }
+
+    /// A request that could not be sent. A daemon that turns a caller away (`busy`)
+    /// answers and closes without reading the request: its answer, if it left one, says
+    /// more than the broken pipe.
+    fn unsent(&self, e: FrameError) -> SidecarError {
+        let closed = matches!(&e, FrameError::Io(io) if matches!(
+            io.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ));
+        if closed {
+            let mut counted = 0;
+            let left = recv_frame_counted(&self.sock, answer_body, MAX_INLINE, &mut counted);
+            self.shared.through.fetch_add(counted, Ordering::Relaxed);
+            if let Ok((LocalAnswer::Error { code, message }, _, _)) = left {
+                return refused(code, message);
+            }
+        }
+        self.silent(e)
     }
 
     /// A frame that failed: the socket's timeout passing is the daemon saying nothing.

@@ -42,6 +42,7 @@ use libtransport::audit::{AuditEvent, AuditRecord, AuditSink};
 use libtransport::clock::Clock;
 use libtransport::metrics::SidecarCounters;
 use libtransport::proto::{DatasetName, ObjectPath};
+use libtransport::server::refusals::{RefusalTally, TallyKey};
 use libtransport::sidecar::{
     FrameError, HEARTBEAT, LocalAnswer, LocalRequest, recv_frame, request_body, send_frame,
 };
@@ -60,6 +61,13 @@ use upstream::Upstreams;
 
 /// How long a request that has started may pause between its bytes.
 const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refusals of callers that cannot be attested: the first per uid in each window is
+/// recorded on its own, the rest of the window counted into one record.
+const DENIED_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Uids tallied apart at once; callers of more share one count.
+const DENIED_TALLIES: usize = 1024;
 
 /// How long an answer may wait for a caller that does not read it.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -113,19 +121,44 @@ pub(crate) async fn serve(
         upstreams,
         runtime: tokio::runtime::Handle::current(),
         idle_timeout: cfg.idle_timeout,
+        denied: RefusalTally::new(DENIED_WINDOW, DENIED_TALLIES),
     });
     let limit = Arc::new(Semaphore::new(cfg.max_callers));
-    let task = tokio::spawn(accept_loop(listener, limit, shared));
+    let tasks = vec![
+        tokio::spawn(accept_loop(listener, limit, shared.clone())),
+        tokio::spawn(report_denied(shared.clone())),
+    ];
     info!(path = %socket.display(), "sidecar data API listening");
-    Ok(SidecarHandle { path: socket, task })
+    Ok(SidecarHandle {
+        path: socket,
+        tasks,
+        shared,
+    })
 }
 
-/// The running data API. Dropping it stops accepting and removes the socket; connections
-/// already open end when their callers close them or the process exits.
+/// Records the counts of refused callers as their windows end.
+async fn report_denied(shared: Arc<Shared>) {
+    loop {
+        let wait = shared
+            .denied
+            .next_due(shared.clock.instant())
+            .unwrap_or(DENIED_WINDOW)
+            .max(std::time::Duration::from_millis(100));
+        tokio::time::sleep(wait).await;
+        for event in shared.denied.due(shared.clock.instant()) {
+            let _ = shared.write(event);
+        }
+    }
+}
+
+/// The running data API. Dropping it stops accepting, records the counts of refused
+/// callers still open and removes the socket; connections already open end when their
+/// callers close them or the process exits.
 #[derive(Debug)]
 pub(crate) struct SidecarHandle {
     path: PathBuf,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl SidecarHandle {
@@ -137,8 +170,13 @@ impl SidecarHandle {
 
 impl Drop for SidecarHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&self.path);
+        for event in self.shared.denied.drain() {
+            let _ = self.shared.write(event);
+        }
     }
 }
 
@@ -154,6 +192,8 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     /// How long a connection may sit between requests.
     idle_timeout: std::time::Duration,
+    /// Callers refused for matching no entry, counted by uid.
+    denied: RefusalTally<Unattested>,
 }
 
 async fn accept_loop(listener: UnixListener, limit: Arc<Semaphore>, shared: Arc<Shared>) {
@@ -291,7 +331,17 @@ impl Shared {
                  for its uid and executable (`transportd issuer entry create`)",
             );
             // A refused caller gets its answer and the connection ends.
-            if self.record(&record).is_ok() {
+            let noted = self.denied.note_key(
+                Unattested(Some(cred.uid)),
+                self.clock.instant(),
+                self.clock.now(),
+            );
+            if let Some(ended) = noted.ended {
+                let _ = self.write(ended);
+            }
+            // The first of its uid's window is recorded on its own (no record, no answer);
+            // the rest are counted into one record when the window ends.
+            if !noted.record || self.record(&record).is_ok() {
                 let _ = answer(self, sock, &a, &[], None);
             }
             return false;
@@ -347,23 +397,52 @@ impl Shared {
     }
 
     fn record(&self, r: &Record) -> Result<(), ()> {
+        self.write(AuditEvent::LocalRequest {
+            id: r.id.clone(),
+            pid: r.pid,
+            uid: r.uid,
+            op: r.op.to_owned(),
+            node: r.node.clone(),
+            dataset: r.dataset.clone(),
+            object: r.object.clone(),
+            bytes: r.bytes,
+            source: r.source.to_owned(),
+            outcome: r.outcome.to_owned(),
+        })
+    }
+
+    fn write(&self, event: AuditEvent) -> Result<(), ()> {
         self.audit
             .record(&AuditRecord {
                 time: self.clock.now(),
-                event: AuditEvent::LocalRequest {
-                    id: r.id.clone(),
-                    pid: r.pid,
-                    uid: r.uid,
-                    op: r.op.to_owned(),
-                    node: r.node.clone(),
-                    dataset: r.dataset.clone(),
-                    object: r.object.clone(),
-                    bytes: r.bytes,
-                    source: r.source.to_owned(),
-                    outcome: r.outcome.to_owned(),
-                },
+                event,
             })
             .map_err(|e| warn!(error = %e, "audit trail unavailable: refusing a sidecar answer"))
+    }
+}
+
+/// Unattested callers' refusals are tallied by uid (`None`: the count shared past
+/// [`DENIED_TALLIES`] uids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Unattested(Option<u32>);
+
+impl TallyKey for Unattested {
+    fn shared(self) -> Self {
+        Self(None)
+    }
+
+    fn report(
+        self,
+        count: u64,
+        first: std::time::SystemTime,
+        last: std::time::SystemTime,
+    ) -> AuditEvent {
+        AuditEvent::LocalRequestsRefused {
+            uid: self.0,
+            count,
+            first,
+            last,
+        }
     }
 }
 
@@ -490,5 +569,30 @@ mod tests {
         assert_eq!(resolve_group("root").unwrap(), 0);
         let e = resolve_group("no-such-group-here").unwrap_err();
         assert!(e.to_string().contains("no such group"), "{e}");
+    }
+
+    #[test]
+    fn unattested_callers_are_counted_by_uid_and_past_the_bound_together() {
+        use libtransport::clock::SystemClock;
+        let t = RefusalTally::new(DENIED_WINDOW, 2);
+        let (at, now) = (SystemClock.instant(), SystemClock.now());
+        assert!(t.note_key(Unattested(Some(1000)), at, now).record);
+        for _ in 0..4 {
+            assert!(!t.note_key(Unattested(Some(1000)), at, now).record);
+        }
+        assert!(t.note_key(Unattested(Some(1001)), at, now).record);
+        // A third uid shares the count of every uid past the bound.
+        assert!(t.note_key(Unattested(Some(1002)), at, now).record);
+        assert!(!t.note_key(Unattested(Some(1003)), at, now).record);
+        let mut ended: Vec<_> = t
+            .due(at + DENIED_WINDOW)
+            .into_iter()
+            .map(|e| match e {
+                AuditEvent::LocalRequestsRefused { uid, count, .. } => (uid, count),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        ended.sort();
+        assert_eq!(ended, vec![(None, 1), (Some(1000), 4)]);
     }
 }

@@ -45,11 +45,14 @@ for req in args:
     send = req.pop("_file", None)
     h = json.dumps(req).encode()
     frame = struct.pack(">I", len(h)) + h
-    if send is None:
-        sock.sendall(frame)
-    else:
-        with open(send, "rb") as f:
-            socket.send_fds(sock, [frame], [f.fileno()])
+    try:
+        if send is None:
+            sock.sendall(frame)
+        else:
+            with open(send, "rb") as f:
+                socket.send_fds(sock, [frame], [f.fileno()])
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # turned away (busy): the answer it left is read below
     beats = 0
     try:
         while True:
@@ -345,6 +348,33 @@ fn unregistered_callers_get_permission_denied_and_denied_workloads_not_found_eve
         .collect();
     assert_eq!(writes.len(), 1, "{writes:?}");
     assert_eq!(writes[0]["peer"], id("/gpu/loader"));
+
+    // A caller with no entry that keeps asking is refused every time, but fills no trail:
+    // its uid's first refusal of the window is recorded on its own (above, or the loader's
+    // while its SVID was on the way: same uid), the rest are counted into one record,
+    // written when the window ends or, here, when the node stops. None goes unaccounted.
+    let flood: u32 = 20;
+    for _ in 0..flood {
+        let out = s.call("stranger", &[&fetch("a.bin")]);
+        assert_eq!(answers(&out)[0]["answer"]["code"], "permission_denied");
+    }
+    let refused = s.metric("transportd_sidecar_local_denied_total");
+    assert_eq!(refused, denied + 1.0 + f64::from(flood));
+    let mut s = s;
+    s.gpu.stop();
+    let alone = s
+        .gpu
+        .trail("local_request")
+        .iter()
+        .filter(|r| r["outcome"] == "permission_denied")
+        .count();
+    assert_eq!(alone, 1, "one record on its own per uid and window");
+    let counted = s.gpu.trail("local_requests_refused");
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert_eq!(counted[0]["uid"], rustix::process::geteuid().as_raw());
+    let count = counted[0]["count"].as_u64().unwrap();
+    assert!(count >= u64::from(flood), "{counted:?}");
+    assert_eq!(count + alone as u64, refused as u64, "{counted:?}");
 }
 
 /// A decision is reused for its TTL (30 s here), but never past a policy change the storage

@@ -869,3 +869,41 @@ async fn a_connection_idle_past_its_age_is_not_used_again() {
     assert_eq!(client.prefetch(&[(d, o)]).await.unwrap(), 1);
     assert_eq!(s.accepted(), 2);
 }
+
+#[test]
+fn a_caller_turned_away_before_it_asked_gets_the_busy_answer_not_a_broken_pipe() {
+    let (daemon, caller) = UnixStream::pair().unwrap();
+    answer(
+        &daemon,
+        &LocalAnswer::Error {
+            code: "busy".into(),
+            message: "full".into(),
+        },
+    );
+    // Closed without reading: the request's send fails with a broken pipe.
+    drop(daemon);
+    let shared = Shared {
+        socket: PathBuf::from("unused"),
+        idle: Mutex::new(Vec::new()),
+        through: AtomicU64::new(0),
+    };
+    let mut conn = Conn {
+        sock: caller,
+        shared: &shared,
+        in_step: true,
+        timeout: Duration::from_secs(5),
+    };
+    let (d, o) = scans();
+    let req = LocalRequest::Stat {
+        node: None,
+        dataset: d.as_str().into(),
+        object: o.as_str().into(),
+    };
+    let e = conn.exchange(&req, None).unwrap_err();
+    assert!(
+        matches!(&e, SidecarError::Refused { code, .. } if code == "busy"),
+        "{e:?}"
+    );
+    assert!(e.is_retriable());
+    assert!(!conn.in_step, "a connection turned away is not kept");
+}
