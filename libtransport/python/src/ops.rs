@@ -10,17 +10,18 @@
 //! same types: reports name the path `"sidecar"` and, having no manifest at hand, count
 //! no chunks; a fetch's bytes are the sidecar's sealed memory file, mapped.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use certs::SpiffeId;
 use libtransport::clock::{Clock, SystemClock};
 use libtransport::proto::{DatasetName, ObjectPath};
-use libtransport::sidecar::SidecarClient;
+use libtransport::sidecar::{SidecarClient, SidecarError};
 use libtransport::workload::WorkloadIdentity;
 use libtransport::{ClientConfig, FetchOptions, Path as Transport, PushOptions, TransportConfig};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -211,12 +212,8 @@ impl Inner {
                 .map(FetchReport::from)
                 .map_err(|e| error::fetch(&e)),
             Self::Sidecar(s) => {
-                let started = SystemClock.instant();
-                let done = s
-                    .fetch_into(dataset, object, dest)
+                self.timed(s.fetch_into(dataset, object, dest), FetchReport::sidecar)
                     .await
-                    .map_err(|e| error::sidecar(&e))?;
-                Ok(FetchReport::sidecar(&self.server_id(), &done, started))
             }
         }
     }
@@ -235,12 +232,8 @@ impl Inner {
                 .map(FetchReport::from)
                 .map_err(|e| error::fetch(&e)),
             Self::Sidecar(s) => {
-                let started = SystemClock.instant();
-                let done = s
-                    .fetch_to_file(dataset, object, dest)
+                self.timed(s.fetch_to_file(dataset, object, dest), FetchReport::sidecar)
                     .await
-                    .map_err(|e| error::sidecar(&e))?;
-                Ok(FetchReport::sidecar(&self.server_id(), &done, started))
             }
         }
     }
@@ -260,12 +253,8 @@ impl Inner {
                 .map(PushReport::from)
                 .map_err(|e| error::push(&e)),
             Self::Sidecar(s) => {
-                let started = SystemClock.instant();
-                let done = s
-                    .push_bytes(dataset, object, data)
+                self.timed(s.push_bytes(dataset, object, data), PushReport::sidecar)
                     .await
-                    .map_err(|e| error::sidecar(&e))?;
-                Ok(PushReport::sidecar(&self.server_id(), &done, started))
             }
         }
     }
@@ -285,14 +274,22 @@ impl Inner {
                 .map(PushReport::from)
                 .map_err(|e| error::push(&e)),
             Self::Sidecar(s) => {
-                let started = SystemClock.instant();
-                let done = s
-                    .push_file(dataset, object, src)
+                self.timed(s.push_file(dataset, object, src), PushReport::sidecar)
                     .await
-                    .map_err(|e| error::sidecar(&e))?;
-                Ok(PushReport::sidecar(&self.server_id(), &done, started))
             }
         }
+    }
+
+    /// A sidecar's whole-object call (`call`), timed, and the report `report` makes of its
+    /// answer (no manifest at hand: it counts no chunks).
+    async fn timed<T, R>(
+        &self,
+        call: impl Future<Output = Result<T, SidecarError>>,
+        report: fn(&str, &T, Instant) -> R,
+    ) -> Result<R, Failure> {
+        let started = SystemClock.instant();
+        let done = call.await.map_err(|e| error::sidecar(&e))?;
+        Ok(report(&self.server_id(), &done, started))
     }
 }
 

@@ -1,8 +1,9 @@
 """The asyncio client's sidecar mode (``AsyncClient.sidecar``) against the sidecar a thread of
 the test plays (``conftest.PlayedSidecar``: a real Unix socket, the wire's frames, real
 sealed memory files): every call answers as the blocking sidecar client's does, failures
-raise the same exceptions, and a cancelled call leaves the client usable, its connection
-taking no other call until the cancelled call's answer has been read off it.
+raise the same exceptions (the sidecar's codes are checked here for both clients), and a
+cancelled call leaves the client usable, its connection taking no other call until the
+cancelled call's answer has been read off it.
 
 The played sidecar answers from a thread of this process, so every call answered here also
 shows that the awaitable left the event loop and the GIL free while it waited."""
@@ -20,7 +21,6 @@ from typing import Any
 
 import pytest
 from test_aio import exported, until
-from test_sidecar import CODES
 
 import transportd
 from conftest import SEALS, Answer, PlayedSidecar, memfd, random_bytes
@@ -185,13 +185,25 @@ def calls(tmp_path: Path) -> dict[str, Callable[[Any], Any]]:
     }
 
 
+CODES = [
+    ("permission_denied", errors.PermissionDenied, False),
+    ("not_found", errors.NotFound, False),
+    ("busy", errors.Busy, True),
+    ("unavailable", errors.Busy, True),
+    ("unreachable", errors.Unreachable, True),
+    ("range", errors.OutOfRange, False),
+    ("invalid", errors.ProtocolError, False),
+]
+"""The sidecar's error codes, the classes they raise and whether those are retriable."""
+
+
 def failure(e: BaseException) -> tuple[object, ...]:
     assert isinstance(e, errors.TransportError), repr(e)
     return (type(e), e.code, e.wire_code, e.retriable, str(e))
 
 
 @pytest.mark.parametrize(("code", "cls", "retriable"), CODES)
-def test_every_call_raises_the_sidecars_codes_as_the_blocking_client_does(
+def test_every_call_of_both_clients_raises_the_sidecars_codes_as_their_classes(
     played: Played,
     sock_path: Path,
     tmp_path: Path,
@@ -215,6 +227,9 @@ def test_every_call_raises_the_sidecars_codes_as_the_blocking_client_does(
                 call(b)
             assert failure(e.value) == failure(be.value), name
         assert not (tmp_path / "dest.bin").exists()
+        if code == "permission_denied":
+            assert isinstance(e.value, errors.Unauthenticated)
+            assert "registration entry" in str(e.value)
 
     run(main)
 

@@ -97,39 +97,6 @@ def test_a_memory_file_without_its_write_seal_is_a_protocol_error(
         c.fetch("scans", "a.bin")
 
 
-CODES = [
-    ("permission_denied", errors.PermissionDenied, False),
-    ("not_found", errors.NotFound, False),
-    ("busy", errors.Busy, True),
-    ("unavailable", errors.Busy, True),
-    ("unreachable", errors.Unreachable, True),
-    ("range", errors.OutOfRange, False),
-    ("invalid", errors.ProtocolError, False),
-]
-"""The sidecar's error codes, the classes they raise and whether those are retriable."""
-
-
-@pytest.mark.parametrize(("code", "cls", "retriable"), CODES)
-def test_the_sidecars_codes_raise_the_clients_classes(
-    played: Callable[..., PlayedSidecar],
-    sock_path: Path,
-    code: str,
-    cls: type[errors.TransportError],
-    retriable: bool,
-) -> None:
-    def handler(_req: dict[str, Any], _fd: int | None) -> Answer:
-        return {"answer": "error", "code": code, "message": "refused in a test"}, b"", None
-
-    played(handler)
-    c = transportd.Client.sidecar(sock_path)
-    with pytest.raises(cls) as e:
-        c.stat("scans", "a.bin")
-    assert (e.value.code, e.value.retriable) == (code, retriable)
-    if code == "permission_denied":
-        assert isinstance(e.value, errors.Unauthenticated)
-        assert "registration entry" in str(e.value)
-
-
 def test_calls_pushes_and_prefetch_through_a_played_sidecar(
     played: Callable[..., PlayedSidecar], sock_path: Path, tmp_path: Path
 ) -> None:
