@@ -1,19 +1,21 @@
 //! `transportd._native.AsyncClient`: the client for asyncio. Each call returns an awaitable
 //! (pyo3-async-runtimes' `future_into_py`) whose work runs on the module's tokio runtime, the
 //! same calls as the blocking client's (`ops.rs`), so the event loop never waits on the
-//! network or the disk and never holds a lock of ours.
+//! network or the disk and never holds a lock of ours. Made by `connect`, it talks to a
+//! node; made by `sidecar`, to this machine's sidecar (`ops::Inner` has both).
 //!
 //! ```text
 //!   event loop (GIL)                   runtime (no GIL)
-//!   await c.read_range(...) ──spawn──▶ ops::read_range ──▶ libtransport::Client
-//!        ▲                                   │
+//!   await c.read_range(...) ──spawn──▶ Inner::read_range ──▶ libtransport::Client
+//!        ▲                                   │             or sidecar::SidecarClient
 //!        └── set_result (a blocking thread takes the GIL; the answer, or the
 //!            exception its Failure becomes, is made there)
 //! ```
 //!
 //! * One `libtransport::Client` serves every call of a client, concurrently: calls in flight
 //!   are requests on streams of its connection (a whole-object pull or push may also stripe
-//!   its chunks over a few more, as the blocking client's do).
+//!   its chunks over a few more, as the blocking client's do). Through a sidecar, each call
+//!   in flight has a connection to the sidecar of its own (idle ones are kept for the next).
 //! * The runtime is the module's own (`runtime.rs`), not pyo3-async-runtimes' process-wide
 //!   one: that one is set once per process, so a process forked from one that had it (a
 //!   DataLoader worker) would be left with a runtime whose threads stayed in the parent.
@@ -24,6 +26,15 @@
 //!   push to resume). Either way the node is told at once that the transfer is over
 //!   (libtransport closes a transfer whose future is dropped), so the object is not left
 //!   locked for writing and the connection's transfer table has room.
+//! * Through a sidecar, cancelling cannot stop what the sidecar was asked: the exchange runs
+//!   on a blocking thread (`SidecarClient` does every exchange there, on a connection that
+//!   thread owns), which the dropped future does not stop. It reads the answer whole, and
+//!   only then does its connection go back to the idle ones, so no later call is handed a
+//!   connection with a cancelled call's answer still on it; the answer is dropped (a
+//!   fetched object's mapping with it). So a cancelled push through a sidecar may
+//!   still be stored, and a cancelled `fetch_to_file` may still put its (complete) file in
+//!   place; a cancelled `fetch_into` writes nothing into the buffer (the copy from the
+//!   memory file comes after the answer, on the call's own task, which is gone).
 //! * `fetch_into` holds the caller's buffer exported until the Rust side has let go of it,
 //!   and says so through a callback, so the Python side returns, also on cancellation,
 //!   only once nothing writes into the buffer any more.
@@ -96,35 +107,53 @@ impl AsyncClient {
         let client_rt = rt.clone();
         spawn(py, &rt, async move {
             let inner = connect.run(client_rt.clone()).await?;
-            Ok(Self {
-                inner,
-                rt: client_rt,
-                pid: std::process::id(),
-            })
+            Ok(Self::made(inner, client_rt))
         })
     }
 
-    /// The server's SPIFFE ID, as its SVID proved it.
-    #[getter]
-    fn server_id(&self) -> String {
-        ops::server_id(&self.inner)
+    /// Connects to the sidecar listening at `socket`; `node` names the storage node every
+    /// call asks (one of the sidecar's; by default its first). The awaitable gives the
+    /// client.
+    #[staticmethod]
+    #[pyo3(signature = (socket, *, node=None))]
+    fn sidecar<'py>(
+        py: Python<'py>,
+        socket: PathBuf,
+        node: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::log::refresh(py);
+        let rt = runtime()?;
+        let client_rt = rt.clone();
+        spawn(py, &rt, async move {
+            let inner = Inner::sidecar(socket, node).await?;
+            Ok(Self::made(inner, client_rt))
+        })
     }
 
-    /// The transport in use: `"quic"` or `"tcp"`.
+    /// The server's SPIFFE ID, as its SVID proved it (`sidecar:` and the socket's path
+    /// through a sidecar).
+    #[getter]
+    fn server_id(&self) -> String {
+        self.inner.server_id()
+    }
+
+    /// The transport in use: `"quic"` or `"tcp"` (`"sidecar"` through one).
     #[getter]
     fn path(&self) -> String {
-        ops::path(&self.inner)
+        self.inner.path()
+    }
+
+    /// Through a sidecar, bytes read from its socket so far; `None` for a direct client.
+    #[getter]
+    fn bytes_through_socket(&self) -> Option<u64> {
+        self.inner.bytes_through_socket()
     }
 
     /// Datasets this identity may see.
     fn list_datasets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.usable(py)?;
         let inner = self.inner.clone();
-        spawn(
-            py,
-            &self.rt,
-            async move { ops::list_datasets(&inner).await },
-        )
+        spawn(py, &self.rt, async move { inner.list_datasets().await })
     }
 
     /// Objects of `dataset` whose path starts with `prefix`, in path order.
@@ -139,7 +168,7 @@ impl AsyncClient {
         let dataset = ops::dataset_name(dataset)?;
         let inner = self.inner.clone();
         spawn(py, &self.rt, async move {
-            ops::list_objects(&inner, &dataset, &prefix).await
+            inner.list_objects(&dataset, &prefix).await
         })
     }
 
@@ -153,9 +182,11 @@ impl AsyncClient {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
         let inner = self.inner.clone();
-        spawn(py, &self.rt, async move {
-            ops::stat(&inner, &dataset, &object).await
-        })
+        spawn(
+            py,
+            &self.rt,
+            async move { inner.stat(&dataset, &object).await },
+        )
     }
 
     /// Bytes `start..end` of an object, every chunk they touch verified.
@@ -172,7 +203,7 @@ impl AsyncClient {
         let (dataset, object) = ops::names(dataset, object)?;
         let inner = self.inner.clone();
         spawn(py, &self.rt, async move {
-            ops::read_range(&inner, &dataset, &object, start, end).await
+            inner.read_range(&dataset, &object, start, end).await
         })
     }
 
@@ -189,7 +220,7 @@ impl AsyncClient {
         let (dataset, object) = ops::names(dataset, object)?;
         let inner = self.inner.clone();
         spawn(py, &self.rt, async move {
-            ops::fetch(&inner, &dataset, &object, max_bytes).await
+            inner.fetch(&dataset, &object, max_bytes).await
         })
     }
 
@@ -215,7 +246,7 @@ impl AsyncClient {
             let mut held = held;
             // The pull borrows the buffer from `held`, so it is dropped (finished or
             // cancelled) before `held` releases the buffer.
-            ops::fetch_into(&inner, &dataset, &object, held.slice()).await
+            inner.fetch_into(&dataset, &object, held.slice()).await
         })
     }
 
@@ -232,7 +263,7 @@ impl AsyncClient {
         let (dataset, object) = ops::names(dataset, object)?;
         let inner = self.inner.clone();
         spawn(py, &self.rt, async move {
-            ops::fetch_to_file(&inner, &dataset, &object, &dest).await
+            inner.fetch_to_file(&dataset, &object, &dest).await
         })
     }
 
@@ -249,7 +280,7 @@ impl AsyncClient {
         let data = Bytes::from(data.to_vec(py)?);
         let inner = self.inner.clone();
         spawn(py, &self.rt, async move {
-            ops::push_bytes(&inner, &dataset, &object, data).await
+            inner.push_bytes(&dataset, &object, data).await
         })
     }
 
@@ -265,11 +296,28 @@ impl AsyncClient {
         let (dataset, object) = ops::names(dataset, object)?;
         let inner = self.inner.clone();
         spawn(py, &self.rt, async move {
-            ops::push_file(&inner, &dataset, &object, &src).await
+            inner.push_file(&dataset, &object, &src).await
         })
     }
 
-    /// Closes the connection; a later call reconnects. Calls in flight fail.
+    /// Through a sidecar: asks it to fetch `objects` (`(dataset, object)` pairs, in the
+    /// order wanted) into its cache meanwhile; the awaitable gives how many it took on.
+    /// `TypeError` for a direct client.
+    fn prefetch<'py>(
+        &self,
+        py: Python<'py>,
+        objects: Vec<(String, String)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.usable(py)?;
+        let sidecar = self.inner.sidecar_only("prefetch")?.clone();
+        let objects = ops::object_names(&objects)?;
+        spawn(py, &self.rt, async move {
+            ops::prefetch(&sidecar, &objects).await
+        })
+    }
+
+    /// Closes the connection; a later call reconnects. Calls in flight fail. Through a
+    /// sidecar, nothing to close.
     fn close(&self, py: Python<'_>) {
         if std::process::id() == self.pid {
             // Without the GIL: closing takes quinn's connection lock (see `ops::Shared`).
@@ -282,6 +330,14 @@ impl AsyncClient {
 }
 
 impl AsyncClient {
+    fn made(inner: Inner, rt: Arc<Runtime>) -> Self {
+        Self {
+            inner,
+            rt,
+            pid: std::process::id(),
+        }
+    }
+
     /// Refuses to run in a process forked after the client was made, and brings the level
     /// of the Rust side's logs up to date with Python's (`log.rs`).
     fn usable(&self, py: Python<'_>) -> Result<(), Failure> {

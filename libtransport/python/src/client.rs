@@ -1,5 +1,7 @@
-//! `transportd._native.Client`: a blocking client over `libtransport::Client`. The value
-//! types its methods return are in `reports.rs`.
+//! `transportd._native.Client`: the blocking client, over a node (`libtransport::Client`)
+//! or, made by `Client.sidecar`, over this machine's sidecar
+//! (`libtransport::sidecar::SidecarClient`): the same calls either way (`ops::Inner`). The
+//! value types its methods return are in `reports.rs`.
 //!
 //! Every method that touches the network or the disk runs on the module's runtime with
 //! the GIL released (`runtime::block_on`). Names are checked here, before anything is
@@ -18,7 +20,8 @@ use crate::ops::{self, Connect, DEFAULT_MAX_BYTES, Inner};
 use crate::reports::{FetchReport, ObjectEntry, ObjectStat, PushReport};
 use crate::runtime::{block_on, runtime};
 
-/// A connection to one node, authenticated by our SVID, re-established on demand.
+/// A connection to one node, authenticated by our SVID, re-established on demand; or a
+/// client of the sidecar at a Unix socket.
 #[pyclass(module = "transportd._native", frozen)]
 pub(crate) struct Client {
     inner: Inner,
@@ -65,29 +68,43 @@ impl Client {
         crate::log::refresh(py);
         let rt = runtime()?;
         let inner = block_on(py, &rt, connect.run(rt.clone()))??;
-        Ok(Self {
-            inner,
-            rt,
-            pid: std::process::id(),
-        })
+        Ok(Self::made(inner, rt))
     }
 
-    /// The server's SPIFFE ID, as its SVID proved it.
+    /// Connects to the sidecar listening at `socket`; `node` names the storage node every
+    /// call asks (one of the sidecar's; by default its first).
+    #[staticmethod]
+    #[pyo3(signature = (socket, *, node=None))]
+    fn sidecar(py: Python<'_>, socket: PathBuf, node: Option<String>) -> PyResult<Self> {
+        crate::log::refresh(py);
+        let rt = runtime()?;
+        let inner = block_on(py, &rt, Inner::sidecar(socket, node))??;
+        Ok(Self::made(inner, rt))
+    }
+
+    /// The server's SPIFFE ID, as its SVID proved it (`sidecar:` and the socket's path
+    /// through a sidecar).
     #[getter]
     fn server_id(&self) -> String {
-        ops::server_id(&self.inner)
+        self.inner.server_id()
     }
 
-    /// The transport in use: `"quic"` or `"tcp"`.
+    /// The transport in use: `"quic"` or `"tcp"` (`"sidecar"` through one).
     #[getter]
     fn path(&self) -> String {
-        ops::path(&self.inner)
+        self.inner.path()
+    }
+
+    /// Through a sidecar, bytes read from its socket so far; `None` for a direct client.
+    #[getter]
+    fn bytes_through_socket(&self) -> Option<u64> {
+        self.inner.bytes_through_socket()
     }
 
     /// Datasets this identity may see.
     fn list_datasets(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         self.usable(py)?;
-        Ok(block_on(py, &self.rt, ops::list_datasets(&self.inner))??)
+        Ok(block_on(py, &self.rt, self.inner.list_datasets())??)
     }
 
     /// Objects of `dataset` whose path starts with `prefix`, in path order.
@@ -100,7 +117,7 @@ impl Client {
     ) -> PyResult<Vec<ObjectEntry>> {
         self.usable(py)?;
         let dataset = ops::dataset_name(dataset)?;
-        let fut = ops::list_objects(&self.inner, &dataset, prefix);
+        let fut = self.inner.list_objects(&dataset, prefix);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -108,7 +125,7 @@ impl Client {
     fn stat(&self, py: Python<'_>, dataset: &str, object: &str) -> PyResult<ObjectStat> {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
-        let fut = ops::stat(&self.inner, &dataset, &object);
+        let fut = self.inner.stat(&dataset, &object);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -124,7 +141,7 @@ impl Client {
         self.usable(py)?;
         let (start, end) = ops::range(start, end)?;
         let (dataset, object) = ops::names(dataset, object)?;
-        let fut = ops::read_range(&self.inner, &dataset, &object, start, end);
+        let fut = self.inner.read_range(&dataset, &object, start, end);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -139,7 +156,7 @@ impl Client {
     ) -> PyResult<Buffer> {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
-        let fut = ops::fetch(&self.inner, &dataset, &object, max_bytes);
+        let fut = self.inner.fetch(&dataset, &object, max_bytes);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -154,7 +171,9 @@ impl Client {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
         let mut dest = WritableBuffer::get(buffer)?;
-        let fut = ops::fetch_into(&self.inner, &dataset, &object, dest.as_mut_slice());
+        let fut = self
+            .inner
+            .fetch_into(&dataset, &object, dest.as_mut_slice());
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -169,7 +188,7 @@ impl Client {
     ) -> PyResult<FetchReport> {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
-        let fut = ops::fetch_to_file(&self.inner, &dataset, &object, &dest);
+        let fut = self.inner.fetch_to_file(&dataset, &object, &dest);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -185,7 +204,7 @@ impl Client {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
         let data = bytes::Bytes::from(data.to_vec(py)?);
-        let fut = ops::push_bytes(&self.inner, &dataset, &object, data);
+        let fut = self.inner.push_bytes(&dataset, &object, data);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
@@ -199,11 +218,21 @@ impl Client {
     ) -> PyResult<PushReport> {
         self.usable(py)?;
         let (dataset, object) = ops::names(dataset, object)?;
-        let fut = ops::push_file(&self.inner, &dataset, &object, &src);
+        let fut = self.inner.push_file(&dataset, &object, &src);
         Ok(block_on(py, &self.rt, fut)??)
     }
 
-    /// Closes the connection; a later call reconnects.
+    /// Through a sidecar: asks it to fetch `objects` (`(dataset, object)` pairs, in the
+    /// order wanted) into its cache meanwhile; returns how many it took on. `TypeError`
+    /// for a direct client.
+    fn prefetch(&self, py: Python<'_>, objects: Vec<(String, String)>) -> PyResult<u64> {
+        self.usable(py)?;
+        let sidecar = self.inner.sidecar_only("prefetch")?;
+        let objects = ops::object_names(&objects)?;
+        Ok(block_on(py, &self.rt, ops::prefetch(sidecar, &objects))??)
+    }
+
+    /// Closes the connection; a later call reconnects (through a sidecar: nothing to do).
     fn close(&self, py: Python<'_>) {
         if std::process::id() == self.pid {
             // Without the GIL: closing takes quinn's connection lock (see `ops::Shared`).
@@ -216,6 +245,14 @@ impl Client {
 }
 
 impl Client {
+    fn made(inner: Inner, rt: Arc<Runtime>) -> Self {
+        Self {
+            inner,
+            rt,
+            pid: std::process::id(),
+        }
+    }
+
     /// Refuses to run in a process forked after the client was made, and brings the level
     /// of the Rust side's logs up to date with Python's (`log.rs`).
     fn usable(&self, py: Python<'_>) -> Result<(), Failure> {

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //!   Python (GIL held)                 Rust (GIL released)
-//!   transportd.Client ─────────▶ client::Client ──▶ runtime: block_on ─┐
-//!   transportd.AsyncClient ────▶ aio::AsyncClient ─▶ runtime: spawn ───┴▶ ops ─▶ libtransport::Client
-//!   transportd.Client.sidecar ─▶ sidecar::SidecarClient ─▶ runtime: block_on ─▶ libtransport::sidecar::SidecarClient
+//!   transportd.Client ──────▶ client::Client ──▶ runtime: block_on ─┐      ┌▶ libtransport::Client
+//!   transportd.AsyncClient ─▶ aio::AsyncClient ─▶ runtime: spawn ───┴▶ ops ┤   (connect)
+//!                                                                          └▶ libtransport::sidecar::
+//!                                                                             SidecarClient (.sidecar)
 //!        ▲   errors.py ◀── error (typed exceptions, stable codes)
 //!        ├── buffer::Buffer (fetch, read_range: the pulled bytes, no copy)
 //!        └── logging "transportd.native.*" ◀── log (libtransport's tracing events)
@@ -22,10 +23,11 @@
 //! * `manifest_root` (`verify.rs`) hashes local bytes as the node does, so the node-local
 //!   cache (`transportd.cache`, pure Python like the PyTorch datasets of
 //!   `transportd.pytorch`) can check its entries against the node's root.
-//! * `Client.sidecar` makes the blocking client's calls through a sidecar on this machine
-//!   (`sidecar.rs`): a fetch maps the sealed memory file the sidecar hands over.
 //! * The two clients make the same calls (`ops.rs`); the asyncio one hands them to the event
 //!   loop as awaitables (`aio.rs`). Both return the value types of `reports.rs`.
+//! * Each client talks to a node, or (made by `Client.sidecar`, `AsyncClient.sidecar`) to a
+//!   sidecar on this machine: `ops::Inner` writes each call once for both, and a fetch
+//!   through a sidecar maps the sealed memory file it hands over.
 //! * libtransport's `tracing` events go to Python's `logging` (`log.rs`), only those Python
 //!   would keep.
 
@@ -40,7 +42,6 @@ mod log;
 mod ops;
 mod reports;
 mod runtime;
-mod sidecar;
 mod verify;
 
 /// The extension module `transportd._native`.
@@ -50,7 +51,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     log::install(m.py());
     m.add_class::<client::Client>()?;
     m.add_class::<aio::AsyncClient>()?;
-    m.add_class::<sidecar::SidecarClient>()?;
     m.add_class::<reports::ObjectEntry>()?;
     m.add_class::<reports::ObjectStat>()?;
     m.add_class::<reports::FetchReport>()?;

@@ -1,5 +1,7 @@
 """Fixtures: a trust domain made with the real ``transportd`` binary (``ca init``, ``ca csr``,
-``ca issue``), a storage node with a policy, started as a child process, and identities.
+``ca issue``), a storage node with a policy, started as a child process, and identities; and
+a sidecar played by a thread of the test (``played``), for the sidecar mode's tests without a
+daemon.
 
 The binary is ``$TRANSPORTD_BIN``, else ``$CARGO_TARGET_DIR/debug/transportd``, else the
 workspace's ``target/debug/transportd`` (``test.sh`` builds it).
@@ -7,15 +9,18 @@ workspace's ``target/debug/transportd`` (``test.sh`` builds it).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,3 +304,111 @@ def node(site: Site) -> Iterator[Node]:
 def path(request: pytest.FixtureRequest) -> str:
     """Each test that takes it runs over QUIC and over TLS/TCP."""
     return request.param
+
+
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+Answer = tuple[dict[str, Any], bytes, int | None]
+"""An answer's header, inline body and descriptor to pass."""
+
+Handler = Callable[[dict[str, Any], int | None], Answer | None]
+"""Answers a request (and the descriptor that came with it); ``None`` hangs up unanswered, as
+a sidecar killed mid-call would."""
+
+
+def memfd(data: bytes, seals: int = SEALS) -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.pwrite(fd, data, 0)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def recv_exact(conn: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        part = conn.recv(n - len(out))
+        if not part:
+            raise EOFError
+        out += part
+    return out
+
+
+class PlayedSidecar:
+    """Answers each request with what ``handler(request, fd)`` gives. ``served`` lists each
+    request as it arrives: (its connection's number, from 0 in the order accepted; its op)."""
+
+    def __init__(self, path: Path, handler: Handler):
+        self.path = path
+        self.handler = handler
+        self.accepted = 0
+        self.served: list[tuple[int, str]] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, self.accepted), daemon=True).start()
+            self.accepted += 1
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            while True:
+                try:
+                    first, fds, _, _ = socket.recv_fds(conn, 4, 1)
+                    if not first:
+                        return
+                    prefix = first + recv_exact(conn, 4 - len(first))
+                    (n,) = struct.unpack(">I", prefix)
+                    req = json.loads(recv_exact(conn, n))
+                except (EOFError, OSError):
+                    return
+                self.served.append((number, req["op"]))
+                answer = self.handler(req, fds[0] if fds else None)
+                for f in fds:
+                    os.close(f)
+                if answer is None:
+                    return
+                header, body, fd = answer
+                frame = json.dumps(header).encode()
+                data = struct.pack(">I", len(frame)) + frame + body
+                try:
+                    if fd is None:
+                        conn.sendall(data)
+                    else:
+                        sent = socket.send_fds(conn, [data], [fd])
+                        conn.sendall(data[sent:])
+                except OSError:  # the client went away
+                    return
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "sidecar.sock"
+
+
+@pytest.fixture
+def played(sock_path: Path) -> Iterator[Callable[..., PlayedSidecar]]:
+    made: list[PlayedSidecar] = []
+
+    def start(handler: Handler) -> PlayedSidecar:
+        s = PlayedSidecar(sock_path, handler)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        s.close()

@@ -8,116 +8,18 @@ shows that the call waited with the GIL released (held, the sidecar could not an
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
-import json
 import os
-import socket
-import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import transportd
-from conftest import random_bytes
+from conftest import SEALS, Answer, Node, PlayedSidecar, Site, memfd, random_bytes
 from transportd import errors
-
-SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
-
-Answer = tuple[dict[str, Any], bytes, int | None]
-"""An answer's header, inline body and descriptor to pass."""
-
-
-def memfd(data: bytes, seals: int = SEALS) -> int:
-    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.pwrite(fd, data, 0)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
-
-
-def recv_exact(conn: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        part = conn.recv(n - len(out))
-        if not part:
-            raise EOFError
-        out += part
-    return out
-
-
-class PlayedSidecar:
-    """Answers each request with what ``handler(request, fd)`` gives."""
-
-    def __init__(self, path: Path, handler: Callable[[dict[str, Any], int | None], Answer]):
-        self.path = path
-        self.handler = handler
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    first, fds, _, _ = socket.recv_fds(conn, 4, 1)
-                    if not first:
-                        return
-                    prefix = first + recv_exact(conn, 4 - len(first))
-                    (n,) = struct.unpack(">I", prefix)
-                    req = json.loads(recv_exact(conn, n))
-                except (EOFError, OSError):
-                    return
-                header, body, fd = self.handler(req, fds[0] if fds else None)
-                for f in fds:
-                    os.close(f)
-                frame = json.dumps(header).encode()
-                data = struct.pack(">I", len(frame)) + frame + body
-                try:
-                    if fd is None:
-                        conn.sendall(data)
-                    else:
-                        sent = socket.send_fds(conn, [data], [fd])
-                        conn.sendall(data[sent:])
-                except OSError:  # the client went away
-                    return
-                finally:
-                    if fd is not None:
-                        os.close(fd)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.path.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path) -> Path:
-    return tmp_path / "sidecar.sock"
-
-
-@pytest.fixture
-def played(sock_path: Path) -> Iterator[Callable[..., PlayedSidecar]]:
-    made: list[PlayedSidecar] = []
-
-    def start(handler: Callable[[dict[str, Any], int | None], Answer]) -> PlayedSidecar:
-        s = PlayedSidecar(sock_path, handler)
-        made.append(s)
-        return s
-
-    yield start
-    for s in made:
-        s.close()
 
 
 def test_without_a_path_or_the_variable_the_error_says_to_set_it(
@@ -195,38 +97,6 @@ def test_a_memory_file_without_its_write_seal_is_a_protocol_error(
         c.fetch("scans", "a.bin")
 
 
-@pytest.mark.parametrize(
-    ("code", "cls", "retriable"),
-    [
-        ("permission_denied", errors.PermissionDenied, False),
-        ("not_found", errors.NotFound, False),
-        ("busy", errors.Busy, True),
-        ("unavailable", errors.Busy, True),
-        ("unreachable", errors.Unreachable, True),
-        ("range", errors.OutOfRange, False),
-        ("invalid", errors.ProtocolError, False),
-    ],
-)
-def test_the_sidecars_codes_raise_the_clients_classes(
-    played: Callable[..., PlayedSidecar],
-    sock_path: Path,
-    code: str,
-    cls: type[errors.TransportError],
-    retriable: bool,
-) -> None:
-    def handler(_req: dict[str, Any], _fd: int | None) -> Answer:
-        return {"answer": "error", "code": code, "message": "refused in a test"}, b"", None
-
-    played(handler)
-    c = transportd.Client.sidecar(sock_path)
-    with pytest.raises(cls) as e:
-        c.stat("scans", "a.bin")
-    assert (e.value.code, e.value.retriable) == (code, retriable)
-    if code == "permission_denied":
-        assert isinstance(e.value, errors.Unauthenticated)
-        assert "registration entry" in str(e.value)
-
-
 def test_calls_pushes_and_prefetch_through_a_played_sidecar(
     played: Callable[..., PlayedSidecar], sock_path: Path, tmp_path: Path
 ) -> None:
@@ -273,12 +143,21 @@ def test_calls_pushes_and_prefetch_through_a_played_sidecar(
         c.stat("scans", "../escape")
 
 
-def test_a_direct_client_has_no_prefetch() -> None:
-    c = transportd.Client.__new__(transportd.Client)
-    c._native = object()  # type: ignore[assignment] # stands for a direct client
-    with pytest.raises(TypeError, match="sidecar"):
-        c.prefetch([("scans", "a.bin")])
-    assert c.bytes_through_socket is None
+def test_a_direct_client_has_no_prefetch(site: Site, node: Node) -> None:
+    with transportd.Client(node.tcp, identity=site.identity("loader"), path="tcp") as c:
+        with pytest.raises(TypeError, match="sidecar"):
+            c.prefetch([("scans", "a.bin")])
+        assert c.bytes_through_socket is None
+
+    async def main() -> None:
+        async with await transportd.AsyncClient.connect(
+            node.tcp, identity=site.identity("loader"), path="tcp"
+        ) as a:
+            with pytest.raises(TypeError, match="sidecar"):
+                await a.prefetch([("scans", "a.bin")])
+            assert a.bytes_through_socket is None
+
+    asyncio.run(main())
 
 
 def test_fsspec_and_pytorch_switch_to_the_sidecar_with_one_argument(

@@ -1,9 +1,11 @@
 """The sidecar mode against a real GPU node: an issuer, a storage node and a GPU node whose
 ``[sidecar]`` serves this process (registered by its uid), all started from the real binary.
-The same calls as the direct client, with no identity of our own."""
+The same calls as the direct client, with no identity of our own; and the asyncio client's
+(``AsyncClient.sidecar``): the blocking one's answers, concurrent reads, cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_aio import until
 from test_workload import ISSUER_TOML
 
 import transportd
@@ -201,6 +204,135 @@ def store_read_bytes(d: Domain) -> float:
         if line.startswith("transportd_store_read_bytes_total "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_the_async_sidecar_client_answers_as_the_blocking_one(
+    domain: Domain, tmp_path: Path
+) -> None:
+    data = random_bytes((3 << 20) + 11, 74)
+    write(domain, "scans/ward-2/a.bin", data)
+    b = transportd.Client.sidecar(domain.socket)
+    src = tmp_path / "src.ckpt"
+    src.write_bytes(data[::-1])
+    stored = domain.root / "storage/datasets/checkpoints"
+
+    async def main() -> None:
+        async with await transportd.AsyncClient.sidecar(domain.socket) as c:
+            assert (c.path, c.server_id) == (b.path, b.server_id)
+            assert await c.list_datasets() == b.list_datasets()
+            listed = [(e.path, e.size) for e in await c.list_objects("scans", "ward-2/")]
+            assert listed == [(e.path, e.size) for e in b.list_objects("scans", "ward-2/")]
+            assert listed == [("ward-2/a.bin", len(data))]
+            s, bs = await c.stat("scans", "ward-2/a.bin"), b.stat("scans", "ward-2/a.bin")
+            fields = (s.size, s.chunk_bytes, s.chunk_count, s.root)
+            assert fields == (bs.size, bs.chunk_bytes, bs.chunk_count, bs.root)
+            assert s.size == len(data)
+            for start, end in [(5, 4000), (0, 3 << 20), (len(data) - 9, len(data))]:
+                got = bytes(await c.read_range("scans", "ward-2/a.bin", start, end))
+                assert got == bytes(b.read_range("scans", "ward-2/a.bin", start, end))
+                assert got == data[start:end]
+            got = await c.fetch("scans", "ward-2/a.bin")
+            assert memoryview(got) == memoryview(b.fetch("scans", "ward-2/a.bin")) == data
+            buf = bytearray(len(data) + 100)
+            view = await c.fetch_into("scans", "ward-2/a.bin", buf)
+            assert bytes(view) == data
+            del view
+            buf.append(0)  # the export ended with the call
+            report = await c.fetch_to_file("scans", "ward-2/a.bin", tmp_path / "a.bin")
+            b_report = b.fetch_to_file("scans", "ward-2/a.bin", tmp_path / "b.bin")
+            assert (tmp_path / "a.bin").read_bytes() == data
+            assert (report.server, report.path, report.size, report.root) == (
+                b_report.server,
+                b_report.path,
+                b_report.size,
+                b_report.root,
+            )
+            assert report.root == s.root
+            pushed = await c.push_bytes("checkpoints", "aio-1.ckpt", data)
+            b_pushed = b.push_bytes("checkpoints", "blocking-1.ckpt", data)
+            assert (
+                (pushed.size, pushed.root) == (b_pushed.size, b_pushed.root) == (len(data), s.root)
+            )
+            assert (stored / "aio-1.ckpt").read_bytes() == data
+            pushed = await c.push_file("checkpoints", "aio-2.ckpt", src)
+            assert pushed.root == b.push_file("checkpoints", "blocking-2.ckpt", src).root
+            assert (stored / "aio-2.ckpt").read_bytes() == data[::-1]
+            objects = [("scans", "ward-2/a.bin")]
+            assert await c.prefetch(objects) == b.prefetch(objects)
+            # Refused as the storage node refuses, with the blocking client's exceptions.
+            write(domain, "private/y.bin", b"y" * 1000)
+            with pytest.raises(NotFound) as e:
+                await c.fetch("private", "y.bin")
+            with pytest.raises(NotFound) as be:
+                b.fetch("private", "y.bin")
+            assert (e.value.code, e.value.retriable) == (be.value.code, be.value.retriable)
+            with pytest.raises(NotFound):
+                await c.push_bytes("scans", "nope.bin", b"no write rule for scans")
+
+    asyncio.run(asyncio.wait_for(main(), timeout=120))
+
+
+def test_32_concurrent_read_ranges_through_the_sidecar_are_exact(domain: Domain) -> None:
+    size = (6 << 20) + 11
+    data = random_bytes(size, 75)
+    write(domain, "scans/aio-series.bin", data)
+    # 32 ranges of varied lengths: small ones, ones across a 1 MiB boundary, and ones past
+    # the inline limit (several reads on one connection each).
+    ranges = [((i * size) // 32, (i * size) // 32 + 97 * i + 1) for i in range(16)]
+    ranges += [((i << 20) - 500 - i, min((i << 20) + 300 + i, size)) for i in range(1, 7)]
+    ranges += [(i * 300_000, i * 300_000 + (1 << 20) + 4096 * i) for i in range(10)]
+    assert len(ranges) == 32
+
+    async def main() -> None:
+        async with await transportd.AsyncClient.sidecar(domain.socket) as c:
+            got = await asyncio.gather(
+                *(c.read_range("scans", "aio-series.bin", s, e) for s, e in ranges)
+            )
+            assert [bytes(g) for g in got] == [data[s:e] for s, e in ranges]
+            # Inline reads: every byte crossed the socket.
+            through = c.bytes_through_socket
+            assert through is not None
+            assert through >= sum(e - s for s, e in ranges)
+
+    asyncio.run(asyncio.wait_for(main(), timeout=120))
+
+
+def test_a_task_cancelled_mid_fetch_leaves_the_async_sidecar_client_usable(
+    domain: Domain,
+) -> None:
+    size = 256 << 20
+    data = np.random.default_rng(76).bytes(size)
+    write(domain, "scans/big-aio.bin", data)
+
+    async def main() -> None:
+        async with await transportd.AsyncClient.sidecar(domain.socket) as c:
+            before = store_read_bytes(domain)
+            task = asyncio.create_task(c.fetch("scans", "big-aio.bin"))
+            await until(
+                "the fetch to reach the storage node",
+                lambda: store_read_bytes(domain) > before,
+                timeout=30,
+            )
+            assert not task.done()
+            assert task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The client goes on at once (the sidecar may still be fetching for the
+            # cancelled call).
+            got = await c.read_range("scans", "big-aio.bin", 5, 70_000)
+            assert bytes(got) == data[5:70_000]
+            # Then, each call with its own answer, also once the cancelled call's
+            # connection is back among the idle ones.
+            got = await c.fetch("scans", "big-aio.bin")
+            assert memoryview(got) == data
+            del got
+            for i in range(8):
+                start = i * (size // 8)
+                piece = await c.read_range("scans", "big-aio.bin", start, start + 4096)
+                assert bytes(piece) == data[start : start + 4096]
+                assert (await c.stat("scans", "big-aio.bin")).size == size
+
+    asyncio.run(asyncio.wait_for(main(), timeout=180))
 
 
 def test_a_sidecar_killed_mid_fetch_gives_a_retriable_error_and_the_call_then_succeeds(

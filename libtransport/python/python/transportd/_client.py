@@ -56,7 +56,7 @@ class Client:
     client making the same calls through it.
     """
 
-    _native: _native.Client | _native.SidecarClient
+    _native: _native.Client
 
     def __init__(
         self,
@@ -116,11 +116,11 @@ class Client:
         started = time.monotonic()
         client = cls.__new__(cls)
         try:
-            client._native = _native.SidecarClient(socket, node=node)
+            client._native = _native.Client.sidecar(socket, node=node)
         except TransportError as e:
-            _log.warning("connecting to the sidecar at %s failed: %s (code %s)", socket, e, e.code)
+            _sidecar_failed(socket, e)
             raise
-        _log.info("connected to the sidecar at %s in %d ms", socket, _ms(started))
+        _sidecar_connected(socket, started)
         return client
 
     @property
@@ -138,20 +138,14 @@ class Client:
     def bytes_through_socket(self) -> int | None:
         """Through a sidecar, the bytes read from its socket so far (frames and inline reads,
         never a handed-over object's contents); ``None`` for a direct client."""
-        native = self._native
-        if isinstance(native, _native.SidecarClient):
-            return native.bytes_through_socket
-        return None
+        return self._native.bytes_through_socket
 
     def prefetch(self, objects: list[tuple[str, str]]) -> int:
         """Through a sidecar: asks it to fetch ``objects`` (``(dataset, object)`` pairs, in
         the order wanted) into its cache meanwhile; returns how many it took on. A direct
         client has no cache to fill (:class:`TypeError`)."""
-        native = self._native
-        if not isinstance(native, _native.SidecarClient):
-            raise TypeError("prefetch needs a sidecar client (Client.sidecar)")
         pairs = list(objects)
-        return self._call("prefetch", None, None, lambda: native.prefetch(pairs))
+        return self._call("prefetch", None, None, lambda: self._native.prefetch(pairs))
 
     def list_datasets(self) -> list[str]:
         """Datasets this identity may see."""
@@ -302,6 +296,14 @@ def sidecar_socket(path: PathLike | None = None) -> str:
             "node's sidecar socket"
         )
     return socket
+
+
+def _sidecar_failed(socket: str, e: TransportError) -> None:
+    _log.warning("connecting to the sidecar at %s failed: %s (code %s)", socket, e, e.code)
+
+
+def _sidecar_connected(socket: str, started: float) -> None:
+    _log.info("connected to the sidecar at %s in %d ms", socket, _ms(started))
 
 
 def _fs(p: PathLike | None) -> str | None:

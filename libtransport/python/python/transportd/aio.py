@@ -21,6 +21,21 @@ arrived verified, and keeps what it has for a later push of the same object to r
 ``fetch_into`` returns, whether with a result, an error or a cancellation, only once nothing
 writes into the caller's buffer any more.
 
+On a GPU node whose ``transportd node`` serves a sidecar, ``await AsyncClient.sidecar()``
+gives a client making the same calls through it, as :meth:`transportd.Client.sidecar` does
+for the blocking client:
+
+>>> async def main() -> None:  # doctest: +SKIP
+...     async with await transportd.AsyncClient.sidecar() as c:  # $TRANSPORTD_SIDECAR_SOCKET
+...         shard = await c.fetch("scans", "train/shard-0001.bin")  # mapped, no copy
+
+Each call in flight through a sidecar has a connection to it of its own. A cancelled call
+cannot take back what the sidecar was asked: its answer is still read whole (on a thread of
+the package's runtime), so its connection is never reused with that answer pending, and then
+dropped; a cancelled push through a sidecar may still be stored, and a cancelled
+``fetch_to_file`` may still put its (complete) file in place. A cancelled ``fetch_into``
+writes nothing into the buffer.
+
 Errors are those of :mod:`transportd.errors`; logging is the blocking client's: the
 ``transportd`` logger, objects as digests only, and the Rust side's records under
 ``transportd.native``.
@@ -37,7 +52,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
 from . import _native
-from ._client import PathLike, _digest, _fs, _ms
+from ._client import (
+    PathLike,
+    _digest,
+    _fs,
+    _ms,
+    _sidecar_connected,
+    _sidecar_failed,
+    sidecar_socket,
+)
 from ._native import Buffer, FetchReport, ObjectEntry, ObjectStat, PushReport
 from .errors import TransportError
 
@@ -55,8 +78,9 @@ class AsyncClient:
     """A connection to one transportd node for asyncio, authenticated by our SVID.
 
     Make one with ``await AsyncClient.connect(node, ...)``, which takes the options of
-    :class:`transportd.Client`; use it as ``async with``. Calls may run concurrently from
-    any number of tasks. A client made before a fork refuses to run in the child.
+    :class:`transportd.Client`, or with ``await AsyncClient.sidecar()`` to go through this
+    machine's sidecar; use it as ``async with``. Calls may run concurrently from any number
+    of tasks. A client made before a fork refuses to run in the child.
     """
 
     def __init__(self, native: _native.AsyncClient, node: str) -> None:
@@ -107,15 +131,53 @@ class AsyncClient:
         )
         return cls(native, node)
 
+    @classmethod
+    async def sidecar(cls, path: PathLike | None = None, *, node: str | None = None) -> Self:
+        """A client whose calls the sidecar of this machine answers, as
+        :meth:`transportd.Client.sidecar` makes for the blocking client: ``transportd node``
+        serving its local data API on the Unix socket ``path`` (by default
+        ``$TRANSPORTD_SIDECAR_SOCKET``; :class:`ValueError` if neither names one).
+
+        No identity of our own: the sidecar knows this process by its uid, gid and executable
+        (one that matches no registration entry gets
+        :class:`~transportd.errors.PermissionDenied`). ``node`` names the storage node to ask
+        (one of the sidecar's; by default its first). :meth:`fetch` maps the sealed memory
+        file the sidecar hands over (no copy); a sidecar that is not running (or restarted
+        mid-call) raises the retriable :class:`~transportd.errors.SidecarUnavailable`.
+        """
+        socket = sidecar_socket(path)
+        started = time.monotonic()
+        try:
+            native = await _native.AsyncClient.sidecar(socket, node=node)
+        except TransportError as e:
+            _sidecar_failed(socket, e)
+            raise
+        _sidecar_connected(socket, started)
+        return cls(native, socket)
+
     @property
     def server_id(self) -> str:
-        """The node's SPIFFE ID, as its SVID proved it."""
+        """The node's SPIFFE ID, as its SVID proved it (through a sidecar: ``sidecar:`` and
+        its socket's path)."""
         return self._native.server_id
 
     @property
     def path(self) -> str:
-        """The transport in use: ``"quic"`` or ``"tcp"``."""
+        """The transport in use: ``"quic"`` or ``"tcp"`` (``"sidecar"`` through one)."""
         return self._native.path
+
+    @property
+    def bytes_through_socket(self) -> int | None:
+        """Through a sidecar, the bytes read from its socket so far (frames and inline reads,
+        never a handed-over object's contents); ``None`` for a direct client."""
+        return self._native.bytes_through_socket
+
+    async def prefetch(self, objects: list[tuple[str, str]]) -> int:
+        """Through a sidecar: asks it to fetch ``objects`` (``(dataset, object)`` pairs, in
+        the order wanted) into its cache meanwhile; returns how many it took on. A direct
+        client has no cache to fill (:class:`TypeError`)."""
+        pairs = list(objects)
+        return await self._call("prefetch", None, None, lambda: self._native.prefetch(pairs))
 
     async def list_datasets(self) -> list[str]:
         """Datasets this identity may see."""
@@ -212,7 +274,8 @@ class AsyncClient:
         )
 
     async def close(self) -> None:
-        """Closes the connection (a later call reconnects); calls in flight fail."""
+        """Closes the connection (a later call reconnects); calls in flight fail. Through a
+        sidecar there is nothing to close: idle connections go with the client."""
         self._native.close()
 
     async def __aenter__(self) -> Self:
