@@ -6,11 +6,11 @@
 //! with its reason in words (`connection_refused`); the others of the window are counted,
 //! and one `connections_refused` record carries the count when the window ends or the
 //! server stops. A tally whose window ends with nothing counted leaves nothing behind. The
-//! number of tallies is bounded: past [`MAX_TALLIES`] sources at once, further sources
+//! number of tallies is bounded: past `MAX_TALLIES` sources at once, further sources
 //! share one tally under the unspecified address, so memory stays bounded under a flood of
 //! spoofed sources, and the trail grows by at most one record per tally per window.
 //!
-//! No I/O here: the server driver asks [`RefusalTally::note`] whether to record a refusal,
+//! No I/O here: the server driver asks `RefusalTally::note` (or [`RefusalTally::note_key`]) whether to record a refusal,
 //! and writes what [`RefusalTally::due`] and [`RefusalTally::drain`] return.
 //!
 //! The tally is generic over what refusals are kept apart by ([`TallyKey`]), so that other
