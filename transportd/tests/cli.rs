@@ -202,9 +202,17 @@ fn generated_man_pages_render_and_completions_name_the_subcommands() {
     let out = ok(&["generate", "man", p(dir.path())]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("man pages in"));
     let main_pages = [
-        "transportd", "transportd-node", "transportd-issuer", "transportd-issuer-token-create",
-        "transportd-health", "transportd-pull", "transportd-push", "transportd-ls",
-        "transportd-audit-verify", "transportd-config-check", "transportd-workload-fetch",
+        "transportd",
+        "transportd-node",
+        "transportd-issuer",
+        "transportd-issuer-token-create",
+        "transportd-health",
+        "transportd-pull",
+        "transportd-push",
+        "transportd-ls",
+        "transportd-audit-verify",
+        "transportd-config-check",
+        "transportd-workload-fetch",
     ];
     // `man -l` (man-db) renders a page file; without it, the roff header must be there.
     let has_man = std::process::Command::new("man")
@@ -218,7 +226,10 @@ fn generated_man_pages_render_and_completions_name_the_subcommands() {
         let page = dir.path().join(format!("{name}.1"));
         let roff = std::fs::read_to_string(&page)
             .unwrap_or_else(|e| panic!("no man page {}: {e}", page.display()));
-        assert!(roff.starts_with(".ie \\n(.g .ds Aq") || roff.contains("\n.TH "), "{roff}");
+        assert!(
+            roff.starts_with(".ie \\n(.g .ds Aq") || roff.contains("\n.TH "),
+            "{roff}"
+        );
         assert!(roff.contains(&format!(".TH {name} 1")), "{name}: {roff}");
         if has_man {
             let shown = std::process::Command::new("man")
@@ -230,24 +241,42 @@ fn generated_man_pages_render_and_completions_name_the_subcommands() {
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&shown.stdout);
-            assert!(shown.status.success(), "man -l {name}: {}", String::from_utf8_lossy(&shown.stderr));
-            assert!(text.contains("NAME") && text.contains("SYNOPSIS"), "{name}: {text}");
+            assert!(
+                shown.status.success(),
+                "man -l {name}: {}",
+                String::from_utf8_lossy(&shown.stderr)
+            );
+            assert!(
+                text.contains("NAME") && text.contains("SYNOPSIS"),
+                "{name}: {text}"
+            );
         }
     }
     let node = std::fs::read_to_string(dir.path().join("transportd-node.1")).unwrap();
-    assert!(node.contains("SIGHUP"), "the node's page carries its help: {node}");
+    assert!(
+        node.contains("SIGHUP"),
+        "the node's page carries its help: {node}"
+    );
 
     let bash = ok(&["generate", "completions", "bash"]);
     let bash = String::from_utf8_lossy(&bash.stdout);
-    for sub in ["node", "issuer", "health", "pull", "push", "audit", "generate", "workload"] {
+    for sub in [
+        "node", "issuer", "health", "pull", "push", "audit", "generate", "workload",
+    ] {
         assert!(bash.contains(sub), "bash completion lacks {sub}");
     }
     assert!(bash.contains("complete -F _transportd"), "{bash}");
     for shell in ["zsh", "fish"] {
         let out = ok(&["generate", "completions", shell]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("health"), "{shell}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("health"),
+            "{shell}"
+        );
     }
-    assert_eq!(run(&["generate", "completions", "tcsh"]).status.code(), Some(64));
+    assert_eq!(
+        run(&["generate", "completions", "tcsh"]).status.code(),
+        Some(64)
+    );
 }
 
 #[test]

@@ -488,14 +488,24 @@ fn health_exits_75_with_the_reason_when_the_node_is_not_ready() {
     let _node = Node::start(&site);
     let config = p(&site.config()).to_owned();
     let mut last = (None, String::new(), String::new());
-    common::wait_for("health to report the expired SVID", Duration::from_secs(20), || {
-        last = health(&["--config", &config]);
-        last.0 == Some(75)
-    });
+    common::wait_for(
+        "health to report the expired SVID",
+        Duration::from_secs(20),
+        || {
+            last = health(&["--config", &config]);
+            last.0 == Some(75)
+        },
+    );
     let (_, stdout, stderr) = last;
     assert!(stdout.is_empty(), "{stdout}");
-    assert!(stderr.contains("not ready: the node's SVID has expired"), "{stderr}");
-    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "asked on loopback: {stderr}");
+    assert!(
+        stderr.contains("not ready: the node's SVID has expired"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port}")),
+        "asked on loopback: {stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
 

@@ -72,8 +72,8 @@ fn from_config(file: &Path) -> anyhow::Result<Target> {
         path: file.to_path_buf(),
         source: e,
     })?;
-    let is_issuer = toml::from_str::<toml::Table>(&text)
-        .is_ok_and(|t| t.contains_key("trust_domain"));
+    let is_issuer =
+        toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("trust_domain"));
     if is_issuer {
         let cfg = IssuerConfig::load(file)?;
         return Ok(Target::IssuerSocket(cfg.admin_socket));
@@ -131,9 +131,9 @@ async fn ask_node(addr: SocketAddr, timeout: Duration) -> Result<String, HealthE
 }
 
 async fn get_readyz(addr: SocketAddr) -> Result<(StatusCode, String), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("cannot connect: {e}; is the node running, and is this its [admin] listen?"))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        format!("cannot connect: {e}; is the node running, and is this its [admin] listen?")
+    })?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -162,11 +162,7 @@ async fn get_readyz(addr: SocketAddr) -> Result<(StatusCode, String), String> {
 async fn ask_issuer(socket: &Path, timeout: Duration) -> Result<String, HealthError> {
     let target = format!("issuer admin socket {}", socket.display());
     let client = AdminClient::new(socket.to_path_buf());
-    let call = client.call::<(), serde_json::Value>(
-        Method::GET,
-        "/v1/status",
-        None,
-    );
+    let call = client.call::<(), serde_json::Value>(Method::GET, "/v1/status", None);
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(_)) => Ok("ready\n".into()),
         Ok(Err(e)) => match e.downcast_ref::<AdminRefused>() {
