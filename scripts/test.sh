@@ -20,9 +20,11 @@ quick=0
 # libclang-dev, clang and pkg-config; python3 (3.11 or later) and python3-venv for the
 # Python package's venv (maturin, pytest, numpy and ruff come from PyPI into it) and
 # py-spiffe's (the Workload API's interoperability test); faketime (libfaketime) for the
-# clock-skew test, which moves one process's wall clock.
+# clock-skew test, which moves one process's wall clock; systemd for `systemd-analyze
+# verify` of the units in packaging/systemd (scripts/packaging.sh).
 packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux
-    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3 python3-venv faketime)
+    libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3 python3-venv faketime
+    systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -60,8 +62,9 @@ scratch=$(mktemp -d)
 # Background jobs run in sessions of their own, so that a failure here stops them all.
 background=""
 python_venv=""
+packaging_venv=""
 cleanup() {
-    for pid in $background $python_venv; do
+    for pid in $background $python_venv $packaging_venv; do
         kill -- "-$pid" 2>/dev/null || true
     done
     rm -rf "$scratch"
@@ -102,6 +105,9 @@ fi
 # unpacking, little CPU) is made in the background too, while the Rust builds run.
 start_background "$scratch/python-venv.log" libtransport/python/test.sh --venv-only
 python_venv=$job
+# kubernetes-validate's venv for the manifests' check (scripts/packaging.sh), likewise.
+start_background "$scratch/packaging-venv.log" scripts/packaging.sh --venv-only
+packaging_venv=$job
 # Waits for background job $1, whose output is in $2, and prints that output; fails if it did.
 await() {
     local status=0
@@ -148,6 +154,14 @@ else
     step "cargo test (every crate, feature rdma; the real transportd and transport-bench binaries)"
     cargo test --workspace --locked "${features[@]}"
 fi
+
+# Packaging: the systemd units (systemd-analyze verify), the Kubernetes manifests (their
+# schemas), the configurations in them, each with a negative control; on the binary the
+# tests just built.
+step "waiting for kubernetes-validate's venv"
+await "$packaging_venv" "$scratch/packaging-venv.log" "making kubernetes-validate's venv"
+step "scripts/packaging.sh (systemd units, Kubernetes manifests)"
+scripts/packaging.sh target/debug/transportd
 
 # The Python package (libtransport/python): its venv, the extension module built by maturin,
 # ruff, and pytest against real nodes over QUIC and TLS/TCP.

@@ -103,6 +103,43 @@ pub(crate) enum Command {
         #[command(flatten)]
         transfer: TransferArgs,
     },
+    /// Is a running node (or issuer) ready? Exits 0 if so, 75 if it answers but is not
+    /// ready (its reason on stderr), 69 if nothing answers: for probes.
+    ///
+    /// A node is asked `GET /readyz` on its admin endpoint (ready only with a valid SVID and
+    /// a writable audit trail); an issuer, over its admin socket, whether it serves. Give
+    /// the daemon's own configuration file, or the address itself.
+    ///
+    /// As a Kubernetes exec probe, in the node's container (the admin endpoint may stay on
+    /// loopback):
+    ///
+    ///     readinessProbe: {exec: {command: [transportd, health, --config, /etc/transportd/node.toml]}}
+    ///
+    /// With systemd, the units wait for the daemon's own `READY=1` (Type=notify); `health`
+    /// is for timers, scripts and monitoring:
+    ///
+    ///     transportd health --admin 127.0.0.1:9464 || systemctl status transportd-node
+    #[command(verbatim_doc_comment)]
+    Health {
+        /// The node's configuration file (its `[admin] listen` is asked), or the issuer's
+        /// (its `admin_socket`).
+        #[arg(long, short, conflicts_with_all = ["admin", "issuer_socket"], required_unless_present_any = ["admin", "issuer_socket"])]
+        config: Option<PathBuf>,
+        /// Or a node's admin endpoint, `HOST:PORT` (`0.0.0.0` is asked on loopback).
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "issuer_socket")]
+        admin: Option<std::net::SocketAddr>,
+        /// Or an issuer's admin socket (as its user or root).
+        #[arg(long, value_name = "PATH")]
+        issuer_socket: Option<PathBuf>,
+        /// Give up, as unreachable, after this long (probes have their own timeouts: keep
+        /// this below them).
+        #[arg(long, value_name = "DURATION", default_value = "5s")]
+        timeout: humantime::Duration,
+    },
+    /// Write shell completions or man pages, generated from this command line's own
+    /// definition (for packages: install them where the shell and `man` look).
+    #[command(subcommand)]
+    Generate(GenerateCommand),
     /// Show the whole thing working: a trust domain, a storage node and a GPU node on
     /// loopback as separate processes with their own SVIDs, a synthetic dataset pulled over
     /// QUIC/mTLS and TLS/TCP, a checkpoint pushed back, everything verified; each path's
@@ -118,6 +155,24 @@ pub(crate) enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GenerateCommand {
+    /// Print the completion script for a shell on stdout, e.g.
+    /// `transportd generate completions bash > /usr/share/bash-completion/completions/transportd`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for `transportd` and one for each of its subcommands
+    /// (`transportd-node.1`, `transportd-issuer-token-create.1`, ...) into a directory, e.g.
+    /// `/usr/share/man/man1`.
+    Man {
+        /// The directory (created if missing).
+        dir: PathBuf,
     },
 }
 

@@ -1,4 +1,5 @@
-//! One-shot commands: CA management, configuration checks, and the client commands.
+//! One-shot commands: CA management, configuration checks, health probes, the client
+//! commands, and the shell completions and man pages.
 
 use std::path::Path;
 
@@ -11,6 +12,8 @@ use crate::config::{ConfigError, NodeConfig};
 pub(crate) mod audit;
 pub(crate) mod ca;
 pub(crate) mod client;
+pub(crate) mod generate;
+pub(crate) mod health;
 pub(crate) mod issuer;
 pub(crate) mod policy;
 pub(crate) mod sidecar;
@@ -43,6 +46,12 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if cause.is::<ConfigError>() {
             return 78;
+        }
+        if let Some(h) = cause.downcast_ref::<health::HealthError>() {
+            return match h {
+                health::HealthError::NotReady { .. } => 75,
+                health::HealthError::Unreachable { .. } => 69,
+            };
         }
         if let Some(w) = cause.downcast_ref::<libtransport::workload::WorkloadError>() {
             use libtransport::workload::WorkloadError as W;

@@ -1,6 +1,7 @@
 //! transportd: the node daemon and its commands. `main` parses the command line, starts
 //! logging, and maps failures to exit codes: 64 usage, 65 data failed verification,
-//! 69 a node could not be reached, 77 refused or not permitted, 78 configuration, 1 other.
+//! 69 a node could not be reached, 75 try again later (busy, not ready), 77 refused or not
+//! permitted, 78 configuration, 1 other.
 
 #![forbid(unsafe_code)]
 
@@ -15,10 +16,14 @@ mod config;
 mod demo;
 mod env;
 mod fsutil;
+mod notify;
 mod role;
 mod telemetry;
 
-use cli::{AuditCommand, CaCommand, Cli, Command, ConfigCommand, PolicyCommand, WorkloadCommand};
+use cli::{
+    AuditCommand, CaCommand, Cli, Command, ConfigCommand, GenerateCommand, PolicyCommand,
+    WorkloadCommand,
+};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -155,6 +160,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Some(socket) => cmd::sidecar::push(&conn, &socket, &src, &dest, transfer.json).await,
             None => cmd::client::push(&conn, &src, &dest, &transfer).await,
         },
+        Command::Health {
+            config,
+            admin,
+            issuer_socket,
+            timeout,
+        } => {
+            let target = match (config, admin, issuer_socket) {
+                (Some(c), _, _) => cmd::health::Target::Config(c),
+                (None, Some(a), _) => cmd::health::Target::Admin(a),
+                (None, None, Some(s)) => cmd::health::Target::IssuerSocket(s),
+                // clap requires one of the three.
+                (None, None, None) => anyhow::bail!("give --config, --admin or --issuer-socket"),
+            };
+            cmd::health::run(target, timeout.into()).await
+        }
+        Command::Generate(GenerateCommand::Completions { shell }) => {
+            cmd::generate::completions(shell, &mut std::io::stdout())
+        }
+        Command::Generate(GenerateCommand::Man { dir }) => cmd::generate::man(&dir),
         Command::Demo { size, keep, json } => demo::run(size.as_u64(), keep, json).await,
         Command::Workload(WorkloadCommand::Fetch {
             socket,

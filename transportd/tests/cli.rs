@@ -1,5 +1,6 @@
-//! The real `transportd` binary: the demo, the CA and config commands, a node with client
-//! commands against it, and a pull that resumes after the serving process was killed.
+//! The real `transportd` binary: the demo, the CA and config commands, the generated man
+//! pages and completions, a node with client commands against it, and a pull that resumes
+//! after the serving process was killed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
@@ -191,6 +192,91 @@ fn help_teaches_and_usage_errors_exit_64() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("interruption"));
     assert_eq!(run(&["pull"]).status.code(), Some(64));
     assert_eq!(run(&["no-such-command"]).status.code(), Some(64));
+}
+
+/// `generate man` writes a page for the command and for every subcommand, each a page
+/// `man` renders; `generate completions` names the subcommands for each shell.
+#[test]
+fn generated_man_pages_render_and_completions_name_the_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&["generate", "man", p(dir.path())]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("man pages in"));
+    let main_pages = [
+        "transportd",
+        "transportd-node",
+        "transportd-issuer",
+        "transportd-issuer-token-create",
+        "transportd-health",
+        "transportd-pull",
+        "transportd-push",
+        "transportd-ls",
+        "transportd-audit-verify",
+        "transportd-config-check",
+        "transportd-workload-fetch",
+    ];
+    // `man -l` (man-db) renders a page file; without it, the roff header must be there.
+    let has_man = std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_man {
+        println!("`man` is not installed: checking the pages' roff headers only");
+    }
+    for name in main_pages {
+        let page = dir.path().join(format!("{name}.1"));
+        let roff = std::fs::read_to_string(&page)
+            .unwrap_or_else(|e| panic!("no man page {}: {e}", page.display()));
+        assert!(
+            roff.starts_with(".ie \\n(.g .ds Aq") || roff.contains("\n.TH "),
+            "{roff}"
+        );
+        assert!(roff.contains(&format!(".TH {name} 1")), "{name}: {roff}");
+        if has_man {
+            let shown = std::process::Command::new("man")
+                .arg("-l")
+                .arg(&page)
+                .env("MANPAGER", "cat")
+                .env("MANWIDTH", "100")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&shown.stdout);
+            assert!(
+                shown.status.success(),
+                "man -l {name}: {}",
+                String::from_utf8_lossy(&shown.stderr)
+            );
+            assert!(
+                text.contains("NAME") && text.contains("SYNOPSIS"),
+                "{name}: {text}"
+            );
+        }
+    }
+    let node = std::fs::read_to_string(dir.path().join("transportd-node.1")).unwrap();
+    assert!(
+        node.contains("SIGHUP"),
+        "the node's page carries its help: {node}"
+    );
+
+    let bash = ok(&["generate", "completions", "bash"]);
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    for sub in [
+        "node", "issuer", "health", "pull", "push", "audit", "generate", "workload",
+    ] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+    }
+    assert!(bash.contains("complete -F _transportd"), "{bash}");
+    for shell in ["zsh", "fish"] {
+        let out = ok(&["generate", "completions", shell]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("health"),
+            "{shell}"
+        );
+    }
+    assert_eq!(
+        run(&["generate", "completions", "tcsh"]).status.code(),
+        Some(64)
+    );
 }
 
 #[test]

@@ -425,8 +425,35 @@ fn the_issuer_keeps_entries_tokens_and_ledger_across_a_crash() {
     let status_before: Value = json(&d.admin_ok(&["status", "--json"]));
     assert!(!status_before["recent_svids"].as_array().unwrap().is_empty());
 
+    // `health --config issuer.toml` asks the issuer's admin socket: ready while it serves,
+    // also after a stray SIGHUP (which it ignores), 69 while it is down.
+    let health = |d: &Domain| {
+        let out = bin()
+            .args(["health", "--config", p(&d.config())])
+            .output()
+            .unwrap();
+        (out.status.code(), stderr(&out))
+    };
+    assert_eq!(health(&d), (Some(0), String::new()));
+    let pid = d.issuer.as_ref().unwrap().id() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    assert_eq!(health(&d), (Some(0), String::new()));
+    let child = d.issuer.as_mut().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the issuer"
+    );
+
     d.crash_issuer();
+    let (code, said) = health(&d);
+    assert_eq!(code, Some(69), "{said}");
+    assert!(said.contains("issuer admin socket"), "{said}");
     d.start_issuer();
+    assert_eq!(health(&d).0, Some(0));
 
     let list: Value = json(&d.admin_ok(&["entry", "list", "--json"]));
     assert_eq!(list.as_array().unwrap().len(), 1);

@@ -2,7 +2,8 @@
 //! on SIGHUP (a bad policy refused, the old one kept), `audit verify` catching tampering,
 //! the admin endpoint, no canary in any log, a full audit disk stopping new transfers
 //! until space returns, partial files of pushes held to a quota and an age (every removal
-//! audited), and a push into a full data disk.
+//! audited), a push into a full data disk, and what probes and systemd see: `transportd
+//! health` and the `sd_notify` messages.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly.
 
@@ -374,6 +375,138 @@ fn the_admin_endpoint_reports_health_and_counters_that_move() {
         .parse()
         .unwrap();
     assert!(expiry > 3000.0 && expiry <= 3600.0, "{expiry}");
+}
+
+/// `transportd health` against one node's admin endpoint: `(exit code, stdout, stderr)`.
+fn health(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["health", "--timeout", "5s"];
+    all.extend_from_slice(args);
+    let out = run(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The next `sd_notify` datagram, or panics after 15 s.
+fn notified(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("a message on NOTIFY_SOCKET within 15 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// A node under a service manager (`NOTIFY_SOCKET` is a datagram socket this test binds)
+/// says READY=1 once it serves, RELOADING=1 and READY=1 around a SIGHUP reload, and
+/// STOPPING=1 on SIGTERM; `health` says 0 while it serves and 69 once it is gone (and for
+/// a port nothing listens on), and a configuration with the admin endpoint off is a
+/// configuration error (78).
+#[test]
+fn a_node_tells_systemd_and_health_how_it_stands() {
+    let site = Site::new();
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut cmd = bin();
+    cmd.env("NOTIFY_SOCKET", &notify_path);
+    let mut node = Node::start_with(&site, cmd);
+    let ready = notified(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready.contains("STATUS=serving as spiffe://hospital.example/node/storage"),
+        "{ready}"
+    );
+
+    let (code, stdout, stderr) = health(&["--admin", &node.admin]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "ready\n");
+
+    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let reloading = notified(&socket);
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let again = notified(&socket);
+    assert!(again.lines().any(|l| l == "READY=1"), "{again}");
+
+    let admin = node.admin.clone();
+    node.stop();
+    let stopping = notified(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+
+    let (code, _, stderr) = health(&["--admin", &admin]);
+    assert_eq!(code, Some(69), "a stopped node: {stderr}");
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+
+    let off = std::fs::read_to_string(site.config())
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"off\"");
+    std::fs::write(site.config(), off).unwrap();
+    let (code, _, stderr) = health(&["--config", p(&site.config())]);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("admin.listen"), "{stderr}");
+    assert_eq!(run(&["health"]).status.code(), Some(64));
+}
+
+/// A node that serves but is not ready: its SVID (3 s) expired. `health`, given the node's
+/// own configuration file, exits 75 with `/readyz`'s reason on one line of stderr.
+#[test]
+fn health_exits_75_with_the_reason_when_the_node_is_not_ready() {
+    let site = Site::new();
+    // A fixed admin port, so that `--config` finds the node: one free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = std::fs::read_to_string(site.config()).unwrap().replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"0.0.0.0:{port}\""),
+    );
+    std::fs::write(site.config(), toml).unwrap();
+    let identity = site.path("storage/identity");
+    ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        p(&site.path("ca")),
+        "--id",
+        "spiffe://hospital.example/node/storage",
+        "--csr",
+        p(&identity.join("svid.csr")),
+        "--out",
+        p(&identity),
+        "--ttl",
+        "3s",
+    ]);
+    let _node = Node::start(&site);
+    let config = p(&site.config()).to_owned();
+    let mut last = (None, String::new(), String::new());
+    common::wait_for(
+        "health to report the expired SVID",
+        Duration::from_secs(20),
+        || {
+            last = health(&["--config", &config]);
+            last.0 == Some(75)
+        },
+    );
+    let (_, stdout, stderr) = last;
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("not ready: the node's SVID has expired"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port}")),
+        "asked on loopback: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
 
 #[test]

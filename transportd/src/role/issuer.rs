@@ -109,6 +109,9 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     // Signals are ours before anyone learns we are up.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // Nothing of the issuer is reloadable (its configuration, CA and state need a
+    // restart), but a stray SIGHUP (`kill -HUP`, a reload by habit) must not end it.
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let ready = serde_json::json!({
         "event": "listening",
         "id": id.as_str(),
@@ -117,12 +120,16 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     });
     println!("{ready}");
     info!(id = %id, listen = %api.addr, "issuer started");
+    crate::notify::ready(&format!("issuing as {id}"));
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => {
+                warn!("SIGHUP: the issuer re-reads nothing; restart it to apply a changed configuration");
+            }
             _ = tick.tick() => {
                 if let Err(e) = audit.tick() {
                     warn!(error = %e, "audit checkpoint failed");
@@ -134,6 +141,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     info!("stopping");
+    crate::notify::stopping();
     api.task.abort();
     admin.stop();
     audit.close().context("sealing the audit trail")?;

@@ -204,6 +204,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     // One line on stdout for whoever started us (scripts, the demo): where we listen.
     println!("{ready}");
     info!(id = %id, "node started");
+    crate::notify::ready(&format!("serving as {id}"));
     let handle = server.spawn();
     let witness = witness.map(Arc::new);
     let witness_task = witness.clone().map(|w| tokio::spawn(w.run()));
@@ -217,8 +218,10 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 info!("SIGHUP: reloading identity and policy");
+                crate::notify::reloading();
                 node.reload(path, &identity, &policy);
                 watched = PolicyWatch::new(&cfg.policy);
+                crate::notify::ready(&format!("serving as {id}"));
             }
             _ = tick.tick() => {
                 if let Err(e) = audit.tick() {
@@ -236,6 +239,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     info!("stopping: finishing in-flight requests");
+    crate::notify::stopping();
     if let Some(w) = workload_api {
         w.shutdown().await;
     }
