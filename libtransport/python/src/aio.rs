@@ -32,9 +32,10 @@
 //!   only then does its connection go back to the idle ones, so no later call is handed a
 //!   connection with a cancelled call's answer still on it; the answer is dropped (a
 //!   fetched object's mapping with it). So a cancelled push through a sidecar may
-//!   still be stored, and a cancelled `fetch_to_file` may still put its (complete) file in
-//!   place; a cancelled `fetch_into` writes nothing into the buffer (the copy from the
-//!   memory file comes after the answer, on the call's own task, which is gone).
+//!   still be stored; a cancelled `fetch_to_file` puts nothing in place (`SidecarClient`
+//!   checks, before the rename, that its call is still awaited), and a cancelled
+//!   `fetch_into` writes nothing into the buffer (the copy from the memory file comes
+//!   after the answer, on the call's own task, which is gone).
 //! * `fetch_into` holds the caller's buffer exported until the Rust side has let go of it,
 //!   and says so through a callback, so the Python side returns, also on cancellation,
 //!   only once nothing writes into the buffer any more.

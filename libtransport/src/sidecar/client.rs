@@ -34,7 +34,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -435,12 +435,22 @@ impl SidecarClient {
     ) -> Result<SidecarFetch, SidecarError> {
         let req = self.fetch_request(dataset, object);
         let dest = dest.to_path_buf();
+        // The work runs on a blocking thread, which a dropped call does not stop: the
+        // file is put in place only if the call is still awaited by then.
+        let wanted = Arc::new(AtomicBool::new(true));
+        let _dropped = Unwanted(wanted.clone());
         self.with_conn(move |conn| {
             // Made first, so an unwritable destination fails before the sidecar works.
             let mut tmp = TempFile::beside(&dest)?;
             let (sealed, done) = conn.fetch(&req)?;
             let data = sealed.map()?;
             tmp.file.write_all(&data).map_err(SidecarError::Local)?;
+            if !wanted.load(Ordering::SeqCst) {
+                return Err(SidecarError::Local(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the call was cancelled: nothing was put in place",
+                )));
+            }
             tmp.persist(&dest)?;
             Ok(done)
         })
@@ -852,6 +862,15 @@ impl SealedFile {
         }
         .map_err(SidecarError::Local)?;
         Ok(Bytes::from_owner(map))
+    }
+}
+
+/// Clears its flag when dropped: a call's future was dropped (cancelled) or finished.
+struct Unwanted(Arc<AtomicBool>);
+
+impl Drop for Unwanted {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

@@ -32,9 +32,9 @@ for the blocking client:
 Each call in flight through a sidecar has a connection to it of its own. A cancelled call
 cannot take back what the sidecar was asked: its answer is still read whole (on a thread of
 the package's runtime), so its connection is never reused with that answer pending, and then
-dropped; a cancelled push through a sidecar may still be stored, and a cancelled
-``fetch_to_file`` may still put its (complete) file in place. A cancelled ``fetch_into``
-writes nothing into the buffer.
+dropped; a cancelled push through a sidecar may still be stored. A cancelled
+``fetch_to_file`` puts nothing in place, and a cancelled ``fetch_into`` writes nothing into
+the buffer.
 
 Errors are those of :mod:`transportd.errors`; logging is the blocking client's: the
 ``transportd`` logger, objects as digests only, and the Rust side's records under

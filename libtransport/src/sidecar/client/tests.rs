@@ -907,3 +907,62 @@ fn a_caller_turned_away_before_it_asked_gets_the_busy_answer_not_a_broken_pipe()
     assert!(e.is_retriable());
     assert!(!conn.in_step, "a connection turned away is not kept");
 }
+
+#[tokio::test]
+async fn a_cancelled_fetch_to_file_puts_nothing_in_place() {
+    let _trace = trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.sock");
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("a.bin");
+    let data = random_bytes(1 << 20, 9);
+    let (fd, _) = cached_memfd(&data);
+    let fd = Arc::new(fd);
+    // The sidecar holds its answer until the test lets it go.
+    let (asked_tx, asked) = mpsc::channel::<()>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let (asked_tx, go_rx) = (Mutex::new(asked_tx), Mutex::new(go_rx));
+    let size = data.len() as u64;
+    let _s = Sidecar::start(
+        &path,
+        Arc::new(move |sock, _, _| {
+            asked_tx.lock().unwrap().send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+            let a = LocalAnswer::Mapped {
+                size,
+                root: Digest([7; 32]).to_hex(),
+                cached: true,
+            };
+            answer_fd(sock, &a, &fd);
+            true
+        }),
+    );
+    let client = SidecarClient::connect(&path).await.unwrap();
+    let (d, o) = scans();
+    let call = {
+        let (client, dest) = (client.clone(), dest.clone());
+        tokio::spawn(async move { client.fetch_to_file(&d, &o, &dest).await })
+    };
+    tokio::task::spawn_blocking(move || asked.recv().unwrap())
+        .await
+        .unwrap();
+    // Cancelled while the sidecar works; then the answer comes.
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    go.send(()).unwrap();
+    // The blocking thread finishes the exchange and gives the connection back.
+    let start = SystemClock.instant();
+    while client.shared.lock().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the exchange never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!dest.exists(), "a cancelled call put its file in place");
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "a file was left"
+    );
+}
