@@ -85,14 +85,15 @@ pub enum AuditEvent {
         #[serde(serialize_with = "rfc3339")]
         last: SystemTime,
     },
-    /// An established connection was closed because the peer's credentials ended: its
-    /// SVID expired while connected, or its serial was revoked.
+    /// An established connection was closed because the peer's credentials ended (its
+    /// SVID expired while connected, or its serial was revoked), or because it reached its
+    /// maximum age (automatic logoff).
     ConnectionClosed {
         /// The peer's SPIFFE ID.
         peer: SpiffeId,
         /// Its SVID's serial.
         serial: String,
-        /// Why (`svid expired`, `svid revoked`).
+        /// Why (`svid expired`, `svid revoked`, `max age`).
         reason: String,
     },
     /// An authorization decision (a denial reads as "not found" to the peer).

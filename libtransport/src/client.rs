@@ -218,7 +218,8 @@ impl Client {
     }
 
     /// The current connection, re-established if it has ended or is due for renewal (an
-    /// SVID on it is about to expire). Requests in flight on a renewed connection go on;
+    /// SVID on it is about to expire, it reached its maximum age, or the server is retiring
+    /// it). Requests in flight on a renewed connection go on;
     /// it closes once the last of them lets go of it.
     pub(crate) async fn connection(&self) -> Result<Arc<Connection>, ConnectError> {
         let current = self.current();
@@ -231,14 +232,15 @@ impl Client {
         if current.is_usable() {
             return Ok(current);
         }
-        if current.is_closed() {
-            tracing::info!(path = %self.path(), "reconnecting");
-        } else {
-            tracing::info!(
+        match current.due() {
+            _ if current.is_closed() => tracing::info!(path = %self.path(), "reconnecting"),
+            Some(due) => tracing::info!(
                 path = %self.path(),
                 peer.id = %current.peer.id,
-                "renewing the connection: an SVID on it is about to expire"
-            );
+                reason = due.reason(),
+                "renewing the connection"
+            ),
+            None => {}
         }
         let mut fresh = establish(&self.config, &*self.connector, self.addr).await?;
         fresh.succeed(&current);

@@ -38,6 +38,8 @@ pub struct TransportConfig {
     pub(crate) idle_timeout: Duration,
     pub(crate) keep_alive: Duration,
     pub(crate) io_timeout: Duration,
+    pub(crate) max_connection_age: Duration,
+    pub(crate) connection_age_grace: Duration,
     pub(crate) stream_window: u32,
     pub(crate) connection_window: u32,
     pub(crate) initial_mtu: u16,
@@ -99,6 +101,8 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(5),
             io_timeout: Duration::from_secs(60),
+            max_connection_age: DEFAULT_MAX_CONNECTION_AGE,
+            connection_age_grace: Duration::from_secs(30),
             stream_window: 2 << 20,
             connection_window: 8 << 20,
             initial_mtu: 1200,
@@ -262,6 +266,34 @@ impl TransportConfig {
         self
     }
 
+    /// The longest a connection is used (default 1 h, [`DEFAULT_MAX_CONNECTION_AGE`]: the
+    /// default SVID lifetime), the automatic logoff of HIPAA's 164.312(a)(2)(iii). A server
+    /// retires a connection at this age, counted from its accept, and never later than its
+    /// own SVID's lifetime: it tells the peer to take new requests elsewhere, lets requests
+    /// in flight finish within [`TransportConfig::connection_age_grace`], then closes the
+    /// connection and records the closure (`connection_closed`, reason `max age`). A client
+    /// makes a fresh connection (a new handshake, which checks the peer's current SVID and
+    /// revocations again) for requests once its connection reaches this age or the server
+    /// retires it; a transfer goes on over the fresh one from its verified chunks. Zero is
+    /// refused.
+    pub fn max_connection_age(&mut self, d: Duration) -> Result<&mut Self, ConfigError> {
+        if d.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "max_connection_age",
+            });
+        }
+        self.max_connection_age = d;
+        Ok(self)
+    }
+
+    /// How long a server lets requests in flight on a connection it retires at its
+    /// [`TransportConfig::max_connection_age`] finish before it closes the connection
+    /// (default 30 s: a chunk in flight need not be cut).
+    pub fn connection_age_grace(&mut self, d: Duration) -> &mut Self {
+        self.connection_age_grace = d;
+        self
+    }
+
     /// The QUIC flow-control window per stream.
     pub fn stream_window(&self) -> u32 {
         self.stream_window
@@ -334,7 +366,16 @@ pub enum ConfigError {
         /// Largest allowed.
         max: u64,
     },
+    /// The value must not be zero.
+    #[error("{field} must not be zero")]
+    Zero {
+        /// Which knob.
+        field: &'static str,
+    },
 }
+
+/// The default [`TransportConfig::max_connection_age`]: the default SVID lifetime (1 h).
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 
 fn in_range(field: &'static str, v: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
     if (min..=max).contains(&v) {

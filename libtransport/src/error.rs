@@ -525,6 +525,9 @@ pub enum LostKind {
     Stream,
     /// Every stream number of the TLS/TCP connection is spent: reconnect.
     StreamsExhausted,
+    /// The server is retiring the connection (it reached its maximum age): open new
+    /// streams on a fresh one.
+    GoingAway,
     /// This side is the server, which opens no streams.
     ServerOpensNoStreams,
     /// The connection had ended and a new one could not be made.
@@ -538,6 +541,7 @@ impl fmt::Display for LostKind {
             Self::Quic(c) => write!(f, "{c}"),
             Self::Stream => f.write_str("the stream is closed"),
             Self::StreamsExhausted => f.write_str("stream numbers exhausted; reconnect"),
+            Self::GoingAway => f.write_str("the server is retiring the connection; reconnect"),
             Self::ServerOpensNoStreams => f.write_str("a server opens no streams"),
             Self::Reconnect(e) => write!(f, "{e}"),
         }

@@ -30,6 +30,7 @@ pub struct Metrics {
     bytes: Family<PathDirection, Counter>,
     transfers: Family<TransferLabels, Counter>,
     connections: Family<PathLabel, Gauge>,
+    aged_out: Counter,
     handshake_failures: Family<ReasonLabel, Counter>,
     handshakes_shed: Family<ReasonLabel, Counter>,
     handshakes: Gauge,
@@ -79,6 +80,12 @@ impl Metrics {
             "connections_active",
             "Authenticated connections open now",
             connections.clone(),
+        );
+        let aged_out = Counter::default();
+        registry.register(
+            "connections_aged_out",
+            "Connections closed because they reached their maximum age (limits.max_connection_age: automatic logoff); their clients go on over fresh handshakes",
+            aged_out.clone(),
         );
         let handshake_failures = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -198,6 +205,7 @@ impl Metrics {
             bytes,
             transfers,
             connections,
+            aged_out,
             handshake_failures,
             handshakes_shed,
             handshakes,
@@ -281,6 +289,11 @@ impl Metrics {
             .clone();
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    /// A connection was closed because it reached its maximum age.
+    pub fn connection_aged_out(&self) {
+        self.aged_out.inc();
     }
 
     /// A connection was refused before any request; `reason` is a short class.

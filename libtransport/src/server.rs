@@ -16,6 +16,15 @@
 //! injected clock) or its serial is revoked (new credentials published on the
 //! [`crate::IdentityHandle`] list it), the requests in flight are cut, the connection is
 //! closed (QUIC: with a close code of its own) and the closure is audited.
+//!
+//! Nor does it last longer than its maximum age (automatic logoff:
+//! [`crate::TransportConfig::max_connection_age`], counted from the accept, never more than
+//! the lifetime of the server's own SVID). Then the server takes no new requests on it
+//! (it tells the client with `GoAway`, and answers `Unavailable` to requests still
+//! arriving), lets those in flight finish within
+//! [`crate::TransportConfig::connection_age_grace`], closes it (QUIC: with the close code
+//! [`crate::transport::CLOSE_MAX_AGE`]) and audits the closure (reason `max age`); the client
+//! goes on over a fresh handshake.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -308,6 +317,9 @@ async fn serve(
     ticket: Ticket<Source>,
 ) {
     let addr = incoming.remote_addr();
+    // The connection's age counts from its accept.
+    let age = max_age(&shared);
+    let retire = tokio::time::sleep(age);
     let timeout = shared.config.transport.handshake_timeout;
     let handshaking = shared.config.metrics.handshake_started();
     let handshaken = match tokio::time::timeout(timeout, incoming.handshake()).await {
@@ -341,23 +353,46 @@ async fn serve(
     let Some(conn) = handshaken.hello(hello, timeout).await else {
         return;
     };
-    serve_requests(shared, conn, peer).await;
+    serve_requests(shared, conn, peer, retire).await;
 }
 
-/// Runs the requests of an authenticated connection until it ends, the server stops, or
-/// the peer's credentials end.
-async fn serve_requests(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Peer) {
+/// The age at which the server retires a connection: the configured maximum, no longer than
+/// the lifetime of the server's own SVID (where the trust domain issues shorter-lived SVIDs,
+/// connections are retired as often as they rotate).
+fn max_age(shared: &Shared) -> Duration {
+    let configured = shared.config.transport.max_connection_age;
+    let creds = shared.config.identity.current();
+    let svid = creds.svid();
+    match svid.not_after().duration_since(svid.not_before()) {
+        Ok(lifetime) if !lifetime.is_zero() => configured.min(lifetime),
+        _ => configured,
+    }
+}
+
+/// Runs the requests of an authenticated connection until it ends, the server stops, the
+/// peer's credentials end, or `retire` fires (the connection reached its maximum age).
+async fn serve_requests(
+    shared: Arc<Shared>,
+    conn: Arc<dyn Connection>,
+    peer: Peer,
+    retire: tokio::time::Sleep,
+) {
     let io = shared.config.transport.io_timeout;
     let ctx = Arc::new(ConnCtx::new(shared.clone(), peer, conn.clone()));
     let mut requests = JoinSet::new();
     let mut stop = shared.stop.subscribe();
     let ended = credentials_end(&shared, &ctx.peer);
-    tokio::pin!(ended);
+    tokio::pin!(ended, retire);
+    let mut aged = false;
     let cut = loop {
         let accepted = tokio::select! {
             a = conn.accept() => a,
             _ = stop.wait_for(|s| *s) => break None,
             end = &mut ended => break Some(end),
+            () = &mut retire => {
+                aged = true;
+                break None;
+            }
         };
         let Some(IncomingStream { first, stream }) = accepted else {
             break None;
@@ -391,6 +426,10 @@ async fn serve_requests(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Pe
         }
         while requests.try_join_next().is_some() {}
     };
+    if aged {
+        // The peer opens its next requests on a fresh connection.
+        conn.go_away();
+    }
     // Requests arriving from now on are turned away; those in flight finish.
     let refusing = conn.clone();
     let refuse = tokio::spawn(async move {
@@ -398,12 +437,21 @@ async fn serve_requests(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Pe
             let _ = s.stream.sink.send_error(ErrorCode::Unavailable).await;
         }
     });
-    let cut = end_requests(&mut requests, io, cut, ended).await;
+    let grace = if aged {
+        shared.config.transport.connection_age_grace
+    } else {
+        io
+    };
+    let cut = end_requests(&mut requests, grace, cut, ended).await;
     refuse.abort();
     match cut {
         Some(end) => {
             conn.close(Close::Credentials(end));
             closed_for_credentials(&shared, &ctx.peer, end);
+        }
+        None if aged => {
+            conn.close(Close::MaxAge);
+            aged_out(&shared, &ctx.peer);
         }
         None => conn.close(Close::Shutdown),
     }
@@ -416,19 +464,20 @@ async fn credentials_end(shared: &Shared, peer: &Peer) -> CredentialsEnd {
     peer_credentials_end(&peer.serial, peer.not_after, &*shared.config.clock, creds).await
 }
 
-/// Ends a connection's requests. Those in flight may finish (within the I/O timeout)
-/// unless the peer's credentials end first (`cut`, or `ended` meanwhile): then they are cut
-/// at once, and the reason is returned.
+/// Ends a connection's requests. Those in flight may finish (within `within`: the I/O
+/// timeout, or the grace of a connection retired at its maximum age) unless the peer's
+/// credentials end first (`cut`, or `ended` meanwhile): then they are cut at once, and the
+/// reason is returned.
 async fn end_requests(
     requests: &mut JoinSet<()>,
-    io_timeout: Duration,
+    within: Duration,
     cut: Option<CredentialsEnd>,
     ended: Pin<&mut impl Future<Output = CredentialsEnd>>,
 ) -> Option<CredentialsEnd> {
     let cut = match cut {
         Some(end) => Some(end),
         None => tokio::select! {
-            () = finish_requests(requests, io_timeout) => None,
+            () = finish_requests(requests, within) => None,
             end = ended => Some(end),
         },
     };
@@ -452,10 +501,25 @@ fn closed_for_credentials(shared: &Shared, peer: &Peer, end: CredentialsEnd) {
     );
 }
 
-/// Lets requests in flight finish (each is bounded by the I/O timeout), then ends the rest.
-async fn finish_requests(requests: &mut JoinSet<()>, io_timeout: Duration) {
+/// Audits a connection closed because it reached its maximum age.
+fn aged_out(shared: &Shared, peer: &Peer) {
+    info!(peer.id = %peer.id, "connection closed: it reached its maximum age");
+    shared.config.metrics.connection_aged_out();
+    record(
+        shared,
+        AuditEvent::ConnectionClosed {
+            peer: peer.id.clone(),
+            serial: peer.serial.clone(),
+            reason: Close::MaxAge.reason().to_owned(),
+        },
+    );
+}
+
+/// Lets requests in flight finish (each is bounded by the I/O timeout) for up to `within`,
+/// then ends the rest.
+async fn finish_requests(requests: &mut JoinSet<()>, within: Duration) {
     let all = async { while requests.join_next().await.is_some() {} };
-    if tokio::time::timeout(io_timeout, all).await.is_err() {
+    if tokio::time::timeout(within, all).await.is_err() {
         requests.abort_all();
     }
 }

@@ -263,6 +263,20 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Tells the peer this side takes no new requests on the connection (a server retiring
+    /// it at its maximum age): the peer opens its next streams on a fresh connection, and
+    /// those in flight go on. QUIC sends a `GoAway` frame on a stream the server opens for
+    /// it, TLS/TCP on stream 0. Transports that cannot say so do nothing; the peer learns
+    /// at the close.
+    fn go_away(&self) {}
+
+    /// Whether the peer is retiring the connection: it sent `GoAway`, or closed the
+    /// connection saying it reached its maximum age. New requests then go on a fresh
+    /// connection.
+    fn is_going_away(&self) -> bool {
+        false
+    }
+
     /// Fills `out` from the TLS session's keying-material exporter (RFC 8446 section 7.5)
     /// under `label` and `context`: the same bytes at both ends, never on the wire.
     fn export_keying_material(
@@ -295,6 +309,8 @@ pub enum Close {
     Shutdown,
     /// The peer's credentials ended while connected.
     Credentials(CredentialsEnd),
+    /// The connection reached its maximum age (the server retires it).
+    MaxAge,
 }
 
 impl Close {
@@ -304,9 +320,15 @@ impl Close {
             Self::Done => "closed by client",
             Self::Shutdown => "server shutting down",
             Self::Credentials(end) => end.reason(),
+            Self::MaxAge => "max age",
         }
     }
 }
+
+/// The application close code of a connection closed at its maximum age ([`Close::MaxAge`]),
+/// for transports that carry one: beside [`CredentialsEnd::close_code`]'s, outside the
+/// `u16` range of [`ErrorCode`], so it is never mistaken for another reason.
+pub const CLOSE_MAX_AGE: u32 = 0x1_0003;
 
 /// The TLS session of a connection cannot export keying material (it has none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -1,7 +1,9 @@
 //! Credentials that end while they are in use, over real QUIC and TLS/TCP sockets: a revoked
 //! serial is refused at the handshake both ways; a connection whose peer is revoked, or
 //! whose peer's SVID expires, is closed promptly, the closure audited and the reconnection
-//! refused by the handshake. SVID rotation during paced transfers and a client closing its
+//! refused by the handshake. A connection older than its maximum age (automatic logoff) is
+//! retired, by the server or by the client, and transfers on it resume byte-identical on a
+//! fresh handshake. SVID rotation during paced transfers and a client closing its
 //! connections to a server it revokes are driver logic, tested over the in-memory transport
 //! in virtual time (`tests/sim/credentials.rs`).
 
@@ -337,4 +339,156 @@ async fn a_connection_closes_when_the_clients_svid_expires() {
         assert!(refused, "reconnecting was not refused for the expired SVID");
     }
     assert_eq!(accepted(&server.audit.events(), &loader).len(), 2);
+}
+
+/// [`small_chunks`], with connections retired at `age` and 1 s for requests in flight.
+fn aging(age: Duration) -> TransportConfig {
+    let mut t = small_chunks();
+    t.max_connection_age(age).unwrap();
+    t.connection_age_grace(Duration::from_secs(1));
+    t
+}
+
+/// Paced to about 1 s for 1 MiB, over one connection and 4 streams.
+fn slow() -> FetchOptions {
+    FetchOptions {
+        parallel: Some(4),
+        max_rate: Some(1 << 20),
+        connections: Some(1),
+        ..FetchOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_maximum_age_is_closed_and_its_transfers_resume_byte_identical() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    // The server retires connections after half a second; the client would keep them for
+    // an hour (the default), so every retirement seen is the server's.
+    let server = TestServer::start_with(&pki, GRANTS, aging(Duration::from_millis(500))).await;
+    let size = 1 << 20;
+    let pulled = random_bytes(size, 11);
+    server.put("scans", "big.bin", &pulled);
+    let scans = DatasetName::new("scans").unwrap();
+    let big = ObjectPath::new("big.bin").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let loader = pki.id(LOADER);
+
+    for (i, path) in [Path::Quic, Path::Tcp].into_iter().enumerate() {
+        let client = Client::connect(config(identity(&pki, LOADER)), server.addr(path), path)
+            .await
+            .unwrap();
+        // A pull, paced over about two maximum ages.
+        let before = server.audit.events().len();
+        let dest = out.path().join(format!("{path}.bin"));
+        let report = within(
+            Duration::from_secs(30),
+            "the pull",
+            client.fetch_to_file(&scans, &big, &dest, &slow()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            blake3::hash(&std::fs::read(&dest).unwrap()),
+            blake3::hash(&pulled),
+            "over {path}: the pulled object differs"
+        );
+        assert_eq!(
+            report.retries, 0,
+            "over {path}: a retirement counted as a failure"
+        );
+        let aged = server
+            .audit
+            .wait_for(|e| closed(&e[before..], &loader, "max age") >= 1)
+            .await;
+        let new = &server.audit.events()[before..];
+        assert!(aged, "over {path}: no connection retired for age: {new:?}");
+        assert!(
+            !accepted(new, &loader).is_empty(),
+            "over {path}: the pull did not go on over a new connection: {new:?}"
+        );
+
+        // A push, the same way.
+        let pushed = random_bytes(size, 12 + i as u64);
+        let src = out.path().join(format!("{path}-up.bin"));
+        std::fs::write(&src, &pushed).unwrap();
+        let up = ObjectPath::new(&format!("up-{path}.bin")).unwrap();
+        let before = server.audit.events().len();
+        let report = within(
+            Duration::from_secs(30),
+            "the push",
+            client.push_file(&scans, &up, &src, &slow()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            report.retries, 0,
+            "over {path}: a retirement counted as a failure"
+        );
+        let stored = std::fs::read(server.data_dir().join("scans").join(up.as_str())).unwrap();
+        assert_eq!(
+            blake3::hash(&stored),
+            blake3::hash(&pushed),
+            "over {path}: the pushed object differs"
+        );
+        let aged = server
+            .audit
+            .wait_for(|e| closed(&e[before..], &loader, "max age") >= 1)
+            .await;
+        let new = &server.audit.events()[before..];
+        assert!(aged, "over {path}: no connection retired for age: {new:?}");
+        assert!(
+            !accepted(new, &loader).is_empty(),
+            "over {path}: the push did not go on over a new connection: {new:?}"
+        );
+    }
+    // Each transfer saw a retirement of its own, each counted.
+    let retired = closed(&server.audit.events(), &loader, "max age");
+    assert!(retired >= 4, "{retired} retirements");
+    let metrics = server.config.metrics().encode();
+    let aged_out: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("transportd_connections_aged_out_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(aged_out >= retired, "retirements not counted: {metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_renews_its_connections_at_its_own_maximum_age() {
+    let _trace = trace_init();
+    let pki = TestPki::new("hospital.example");
+    // The server keeps connections for an hour (the default); the client renews its own
+    // after a quarter of a second.
+    let server = TestServer::start_with(&pki, GRANTS, small_chunks()).await;
+    let size = 1 << 20;
+    let data = random_bytes(size, 21);
+    server.put("scans", "big.bin", &data);
+    let client_config = ClientConfig::builder()
+        .identity(identity(&pki, LOADER))
+        .transport(aging(Duration::from_millis(250)))
+        .build();
+    let client = Client::connect(client_config, server.addr(Path::Tcp), Path::Tcp)
+        .await
+        .unwrap();
+    let got = within(
+        Duration::from_secs(30),
+        "the pull",
+        client.fetch(
+            &DatasetName::new("scans").unwrap(),
+            &ObjectPath::new("big.bin").unwrap(),
+            size as u64,
+            &slow(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(blake3::hash(&got), blake3::hash(&data));
+    let events = server.audit.events();
+    let loader = pki.id(LOADER);
+    assert!(
+        accepted(&events, &loader).len() >= 3,
+        "the client kept a connection past its maximum age: {events:?}"
+    );
+    assert_eq!(closed(&events, &loader, "max age"), 0, "{events:?}");
 }

@@ -372,6 +372,13 @@ impl NodeConfig {
             }
             t.io_timeout(d);
         }
+        if let Some(d) = l.max_connection_age {
+            if d.as_secs() < 1 {
+                return Err(invalid("limits.max_connection_age", "must be at least 1s"));
+            }
+            t.max_connection_age(d)
+                .map_err(|e| range("max_connection_age", e))?;
+        }
         if let Some(m) = l.max_mtu {
             t.mtu(1200, m).map_err(|e| range("max_mtu", e))?;
         }
@@ -839,6 +846,15 @@ dir = "audit"
         ] {
             assert!(t.contains(field), "{field}: {t}");
         }
+        let t = parse(&format!(
+            "{MINIMAL}\n[limits]\nmax_connection_age = \"15m\"\n"
+        ))
+        .unwrap();
+        assert!(
+            format!("{:?}", t.transport).contains("max_connection_age: 900s,"),
+            "{:?}",
+            t.transport
+        );
         let t = parse(&format!("{MINIMAL}\n[limits]\nmax_memory = \"256MiB\"\n")).unwrap();
         assert!(format!("{:?}", t.transport).contains("max_memory_bytes: 268435456,"));
         for bad in [
@@ -1100,6 +1116,14 @@ dir = "audit"
             (
                 format!("{MINIMAL}\n[limits]\npartial_max_age = \"0s\"\n"),
                 "limits.partial_max_age",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_connection_age = \"0s\"\n"),
+                "limits.max_connection_age",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_connection_age = \"500ms\"\n"),
+                "limits.max_connection_age",
             ),
             (
                 format!(

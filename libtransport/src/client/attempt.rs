@@ -149,7 +149,8 @@ where
 
 /// Decides what a transfer does after an attempt that ended for a renewal (`failed` none)
 /// or failed (`failed`: whether its error is retriable). A retriable failure on a connection
-/// that ended with its credentials (`used`) counts as a renewal too.
+/// that ended with its credentials, or that the server retired (`used`), counts as a renewal
+/// too.
 fn after_attempt(
     attempts: &mut Attempts,
     failed: Option<bool>,
@@ -160,7 +161,7 @@ fn after_attempt(
         None => AttemptEnd::Renewal,
         Some(retriable) => AttemptEnd::Failed {
             retriable,
-            credentials_ended: used.is_some_and(Connection::ended_by_credentials),
+            connection_retired: used.is_some_and(Connection::ended_for_renewal),
         },
     };
     attempts.next(end, progress)

@@ -1,10 +1,11 @@
 //! One established, authenticated connection of a client: how it is made (the transport's
 //! handshake, then the server's SVID verified and the renewal schedule set), when it is due
-//! for a fresh handshake, and how it is closed once the server's credentials end.
+//! for a fresh handshake (an SVID on it near its end, the connection at its maximum age, or
+//! the server retiring it), and how it is closed once the server's credentials end.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use certs::Usage;
 
@@ -44,6 +45,30 @@ struct Renewal {
     /// From then on the server's SVID is; none when this connection already replaced one
     /// for that and the server presented the same SVID again (it has not rotated yet).
     peer_at: Option<SystemTime>,
+    /// From then on the connection is older than `max_connection_age`.
+    aged_at: Option<Instant>,
+}
+
+/// Why a connection is due for a fresh one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// An SVID on it is about to expire.
+    Svid,
+    /// It reached the maximum connection age.
+    Age,
+    /// The server is retiring it (it reached the server's maximum age).
+    Retired,
+}
+
+impl Due {
+    /// In words, for log lines.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::Svid => "an SVID on it is about to expire",
+            Self::Age => "it reached its maximum age",
+            Self::Retired => "the server is retiring it",
+        }
+    }
 }
 
 impl Renewal {
@@ -53,6 +78,11 @@ impl Renewal {
         let now = self.clock.now();
         let ours = now >= self.own_at && self.identity.current().svid().serial() != self.own_serial;
         ours || self.peer_at.is_some_and(|at| now >= at)
+    }
+
+    /// Whether the connection has reached its maximum age.
+    fn is_aged(&self) -> bool {
+        self.aged_at.is_some_and(|at| self.clock.instant() >= at)
     }
 
     /// Whether either SVID is near its end (whether or not a newer one exists).
@@ -89,17 +119,35 @@ impl Connection {
         !self.is_closed() && !self.is_due_for_renewal()
     }
 
-    /// Whether new requests should go on a fresh connection because an SVID on this one is
-    /// about to expire (see [`Renewal::is_due`]).
+    /// Whether new requests should go on a fresh connection: an SVID on this one is about
+    /// to expire (see [`Renewal::is_due`]), it reached its maximum age, or the server is
+    /// retiring it.
     pub(crate) fn is_due_for_renewal(&self) -> bool {
-        self.renewal.is_due()
+        self.due().is_some()
     }
 
-    /// Whether the connection has ended because credentials on it ended, or as good as: we
-    /// or the server closed it for an expired or revoked SVID (QUIC says so in its close
+    /// Why new requests should go on a fresh connection, if they should.
+    pub(crate) fn due(&self) -> Option<Due> {
+        if self.inner.is_going_away() {
+            Some(Due::Retired)
+        } else if self.renewal.is_due() {
+            Some(Due::Svid)
+        } else if self.renewal.is_aged() {
+            Some(Due::Age)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the connection has ended, or is ending, for a reason a fresh one cures: the
+    /// server is retiring it at its maximum age (it said `GoAway`, or closed saying so), or
+    /// we or the server closed it for an expired or revoked SVID (QUIC says so in its close
     /// code; TLS/TCP does not, so there an SVID near or past its end stands for it). A
     /// transfer then goes on, on a fresh connection, without counting a failure.
-    pub(crate) fn ended_by_credentials(&self) -> bool {
+    pub(crate) fn ended_for_renewal(&self) -> bool {
+        if self.inner.is_going_away() {
+            return true;
+        }
         if !self.is_closed() {
             return false;
         }
@@ -159,6 +207,10 @@ pub(super) async fn establish(
         own_serial: svid.serial().to_owned(),
         own_at: svid.not_after() - renewal_margin(own_life),
         peer_at: Some(verified.not_after - renewal_margin(peer_left)),
+        aged_at: config
+            .clock
+            .instant()
+            .checked_add(config.transport.max_connection_age),
     };
     Ok(Connection {
         inner: established.connection,

@@ -67,18 +67,20 @@ pub enum AttemptEnd {
     /// It stopped between chunks because its connection became due for renewal.
     Renewal,
     /// It failed. `retriable`: the error may pass (a network failure, a busy server);
-    /// `credentials_ended`: its connection had ended because an SVID on it ended (or was
-    /// about to), which makes a retriable failure a renewal.
+    /// `connection_retired`: its connection had ended, or was ending, for a reason a fresh
+    /// connection cures (an SVID on it ended or was about to, or the server retired it at
+    /// its maximum age), which makes a retriable failure a renewal.
     Failed {
         /// Whether the error may pass.
         retriable: bool,
-        /// Whether the connection ended with its credentials.
-        credentials_ended: bool,
+        /// Whether the connection ended (or was ending) for a reason a fresh one cures.
+        connection_retired: bool,
     },
 }
 
 /// Counts a transfer's attempts. Failures count against its [`RetryPolicy`]; attempts that
-/// ended because an SVID on their connection ended (or was about to) do not, as long as
+/// ended because an SVID on their connection ended (or was about to), or because the
+/// server retired the connection at its maximum age, do not, as long as
 /// the transfer makes progress between them (so a connection that keeps failing that way
 /// still runs out of attempts).
 #[derive(Debug, Clone)]
@@ -114,8 +116,8 @@ impl Attempts {
             AttemptEnd::Renewal => (true, true),
             AttemptEnd::Failed {
                 retriable,
-                credentials_ended,
-            } => (retriable && credentials_ended, retriable),
+                connection_retired,
+            } => (retriable && connection_retired, retriable),
         };
         if progress > self.progress {
             self.progress = progress;
@@ -187,7 +189,7 @@ mod tests {
 
     const FAILED: AttemptEnd = AttemptEnd::Failed {
         retriable: true,
-        credentials_ended: false,
+        connection_retired: false,
     };
 
     #[test]
@@ -214,7 +216,7 @@ mod tests {
         let mut a = Attempts::new(RetryPolicy::with_attempts(5));
         let fatal = AttemptEnd::Failed {
             retriable: false,
-            credentials_ended: true,
+            connection_retired: true,
         };
         assert_eq!(a.next(fatal, 0), Next::GiveUp);
         assert_eq!(a.failures(), 0);
@@ -230,7 +232,7 @@ mod tests {
         // A failure on a connection whose credentials ended counts as a renewal too.
         let ended = AttemptEnd::Failed {
             retriable: true,
-            credentials_ended: true,
+            connection_retired: true,
         };
         assert_eq!(a.next(ended, 11), Next::Renew);
     }

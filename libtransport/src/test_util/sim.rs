@@ -545,6 +545,10 @@ impl Connection for SimConn {
         }
     }
 
+    fn is_going_away(&self) -> bool {
+        matches!(*self.state.closed.borrow(), Some(Close::MaxAge))
+    }
+
     fn export_keying_material(
         &self,
         out: &mut [u8],

@@ -20,10 +20,13 @@
 //! with one of them; the server forgets a stream before queueing its last frame, so the
 //! client may reuse the slot once it has read that frame. A client abandons a stream with
 //! `Cancel` and keeps its slot until the server's last frame for it arrives. Frames for
-//! forgotten streams are dropped.
+//! forgotten streams are dropped. A server retiring the connection (its maximum age) sends
+//! `GoAway` on stream 0: the client opens no further streams on it, and those in flight go
+//! on until the server closes.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -58,6 +61,8 @@ pub(crate) struct Shared {
     timeout: Duration,
     /// Flips to true when the connection ends, waking the reader and the writer.
     closed: watch::Sender<bool>,
+    /// Client: set once the server said `GoAway` (it takes no new streams here).
+    going_away: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +146,11 @@ impl MuxClient {
             .acquire_owned()
             .await
             .map_err(|_| self.shared.lost())?;
+        if self.shared.going_away.load(Ordering::Relaxed) {
+            return Err(StreamError::ConnectionLost(LostConnection::new(
+                LostKind::GoingAway,
+            )));
+        }
         let mut next = self.next_id.lock().await;
         // A place in the write queue first, so the number is spent only if the frame goes.
         let queued = self
@@ -184,6 +194,10 @@ impl Connection for MuxClient {
     fn is_closed(&self) -> bool {
         self.shared.is_closed()
     }
+
+    fn is_going_away(&self) -> bool {
+        self.shared.going_away.load(Ordering::Relaxed)
+    }
 }
 
 /// The server's handle on a multiplexed connection: new streams arrive, with their
@@ -219,6 +233,18 @@ impl Connection for MuxServer {
 
     fn is_closed(&self) -> bool {
         self.shared.is_closed()
+    }
+
+    fn go_away(&self) {
+        // Queued behind the frames already queued, at once where there is room, so a close
+        // right after (no requests in flight) still sends it first.
+        let frame = Frame::new(FrameKind::GoAway, 0, Bytes::new());
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.shared.out.try_send(frame) {
+            let (out, timeout) = (self.shared.out.clone(), self.shared.timeout);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(timeout, out.send(frame)).await;
+            });
+        }
     }
 }
 
@@ -458,6 +484,7 @@ where
         out: out_tx,
         timeout,
         closed: watch::Sender::new(false),
+        going_away: AtomicBool::new(false),
     });
     let writer = write_loop(wr, out_rx, shared.clone());
     (shared, FrameReader::new(rd, read_buffer), writer)
@@ -515,7 +542,13 @@ async fn route(
                     .map(|c| c.describe())
                     .unwrap_or("malformed error")
             )),
-            (_, FrameKind::GoAway) => Err("peer is going away".into()),
+            (Role::Client, FrameKind::GoAway) => {
+                // Streams in flight go on; new ones go on a fresh connection.
+                debug!("server is retiring the connection");
+                shared.going_away.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            (Role::Server, FrameKind::GoAway) => Err("peer is going away".into()),
             (_, k) => Err(format!("protocol violation: {k:?} frame on stream 0")),
         };
     }
@@ -848,5 +881,88 @@ mod tests {
         let f = s.source.recv().await.unwrap().unwrap();
         assert_eq!(&f.payload[..], b"last");
         assert!(!client.is_closed());
+    }
+
+    /// A server retiring the connection says `GoAway`: the client opens no further streams
+    /// on it, while a stream in flight still gets its answer; then the server closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn go_away_stops_new_streams_but_not_those_in_flight() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let limits = ServerHello {
+            max_streams: 4,
+            max_transfers: 1,
+            chunk_bytes: 1 << 20,
+        };
+        let t = Duration::from_secs(10);
+        let server = tokio::spawn(serve(b, limits, t, t, TLS_READ_BUFFER));
+        let answer = hello(&mut a).await.unwrap().unwrap();
+        let ack = crate::proto::connection::handle_answer(&answer).unwrap();
+        let client = start_client(a, &ack, t, TLS_READ_BUFFER);
+        let server = server.await.unwrap().expect("hello accepted");
+        let mut in_flight = client.open(Bytes::from_static(b"first")).await.unwrap();
+        let IncomingStream { mut stream, .. } = server.accept().await.unwrap();
+        assert!(!client.is_going_away());
+
+        server.go_away();
+        let heard = tokio::time::timeout(t, async {
+            while !client.is_going_away() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(heard.is_ok(), "GoAway never reached the client");
+        assert!(!client.is_closed(), "GoAway closed the connection");
+        match client.open(Bytes::from_static(b"second")).await {
+            Err(StreamError::ConnectionLost(lost)) => {
+                assert!(matches!(lost.kind, LostKind::GoingAway), "{lost}");
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a stream opened after GoAway"),
+        }
+        stream
+            .sink
+            .send(FrameKind::Response, Bytes::from_static(b"answer"))
+            .await
+            .unwrap();
+        let f = in_flight.source.recv().await.unwrap().unwrap();
+        assert_eq!(&f.payload[..], b"answer");
+
+        // With nothing in flight the server closes at once: GoAway still goes first.
+        server.close(Close::MaxAge);
+        let closed = tokio::time::timeout(t, async {
+            while !client.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the close never reached the client");
+    }
+
+    /// `GoAway` then a close, with nothing between: the client hears the `GoAway` before
+    /// the connection ends, so it knows the close was a retirement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn go_away_right_before_the_close_still_arrives() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let limits = ServerHello {
+            max_streams: 4,
+            max_transfers: 1,
+            chunk_bytes: 1 << 20,
+        };
+        let t = Duration::from_secs(10);
+        let server = tokio::spawn(serve(b, limits, t, t, TLS_READ_BUFFER));
+        let answer = hello(&mut a).await.unwrap().unwrap();
+        let ack = crate::proto::connection::handle_answer(&answer).unwrap();
+        let client = start_client(a, &ack, t, TLS_READ_BUFFER);
+        let server = server.await.unwrap().expect("hello accepted");
+        server.go_away();
+        server.close(Close::MaxAge);
+        let closed = tokio::time::timeout(t, async {
+            while !client.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the close never reached the client");
+        assert!(client.is_going_away(), "the client missed the GoAway");
     }
 }

@@ -6,6 +6,7 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -14,6 +15,7 @@ use quinn::{
     Runtime, UdpPoller, VarInt,
 };
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
 
 use std::time::Duration;
 
@@ -21,10 +23,10 @@ use bytes::{Bytes, BytesMut};
 use rustls::pki_types::CertificateDer;
 
 use super::{
-    BoxFuture, Close, Connection, Connector, Established, FrameSink, FrameSource, Handshaken,
-    Incoming, IncomingStream, Listener, LostConnection, LostKind, NoKeyingMaterial, Path,
-    PeerProof, QuicClose, QuicPathStats, Received, RecvFrames, Refusal, RequestStream, SendFrames,
-    StreamError,
+    BoxFuture, CLOSE_MAX_AGE, Close, Connection, Connector, Established, FrameSink, FrameSource,
+    Handshaken, Incoming, IncomingStream, Listener, LostConnection, LostKind, NoKeyingMaterial,
+    Path, PeerProof, QuicClose, QuicPathStats, Received, RecvFrames, Refusal, RequestStream,
+    SendFrames, StreamError,
 };
 use crate::clock::Clock;
 use crate::config::TransportConfig;
@@ -168,9 +170,10 @@ fn client_config(
 
 fn transport_config(cfg: &TransportConfig, server: bool) -> io::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // Only clients open streams; each carries one request.
+    // Only clients open request streams, each carrying one request; a server may open one
+    // unidirectional stream, to say `GoAway` when it retires the connection.
     t.max_concurrent_bidi_streams(VarInt::from_u32(if server { cfg.max_streams } else { 0 }));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_concurrent_uni_streams(VarInt::from_u32(if server { 0 } else { 1 }));
     t.max_idle_timeout(Some(
         IdleTimeout::try_from(cfg.idle_timeout).map_err(io::Error::other)?,
     ));
@@ -258,10 +261,7 @@ impl QuicConnector {
     async fn establish(&self, addr: SocketAddr) -> Result<Established, ConnectError> {
         let (conn, chain, ack) = self.handshake(addr).await?;
         Ok(Established {
-            connection: Arc::new(QuicConnection {
-                conn,
-                timeout: self.transport.io_timeout,
-            }),
+            connection: Arc::new(QuicConnection::client(conn, self.transport.io_timeout)),
             proof: PeerProof::chain(chain),
             ack,
         })
@@ -456,10 +456,7 @@ impl Handshaken for QuicHandshaken {
 
     fn busy(self: Box<Self>, timeout: Duration) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let conn = QuicConnection {
-                conn: self.conn,
-                timeout: self.io_timeout.min(timeout),
-            };
+            let conn = QuicConnection::server(self.conn, self.io_timeout.min(timeout));
             let answer = async {
                 let (send, recv) = conn.conn.accept_bi().await.ok()?;
                 let mut stream = conn.stream(send, recv);
@@ -484,10 +481,7 @@ impl Handshaken for QuicHandshaken {
         timeout: Duration,
     ) -> BoxFuture<'static, Option<Arc<dyn Connection>>> {
         Box::pin(async move {
-            let conn = QuicConnection {
-                conn: self.conn,
-                timeout: self.io_timeout,
-            };
+            let conn = QuicConnection::server(self.conn, self.io_timeout);
             // The client's first stream carries Hello.
             let first = tokio::time::timeout(timeout, conn.conn.accept_bi()).await;
             let Ok(Ok((send, recv))) = first else {
@@ -529,9 +523,37 @@ async fn send_answer(sink: &mut FrameSink, frame: Option<&Frame>) -> bool {
 struct QuicConnection {
     conn: quinn::Connection,
     timeout: Duration,
+    /// Client: set once the server said `GoAway` (on the one stream it may open).
+    going_away: Arc<AtomicBool>,
+    /// Client: dropped with the connection, which ends the task listening for `GoAway` (it
+    /// holds a handle of the connection, which would otherwise keep it open).
+    _listening: Option<oneshot::Sender<()>>,
 }
 
 impl QuicConnection {
+    /// The server's end.
+    fn server(conn: quinn::Connection, timeout: Duration) -> Self {
+        Self {
+            conn,
+            timeout,
+            going_away: Arc::default(),
+            _listening: None,
+        }
+    }
+
+    /// The client's end, listening for the server's `GoAway`.
+    fn client(conn: quinn::Connection, timeout: Duration) -> Self {
+        let going_away = Arc::new(AtomicBool::new(false));
+        let (listening, dropped) = oneshot::channel();
+        tokio::spawn(hear_go_away(conn.clone(), going_away.clone(), dropped));
+        Self {
+            conn,
+            timeout,
+            going_away,
+            _listening: Some(listening),
+        }
+    }
+
     fn stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) -> RequestStream {
         RequestStream {
             sink: FrameSink::new(Box::new(QuicSend(send)), self.timeout),
@@ -543,6 +565,11 @@ impl QuicConnection {
 impl Connection for QuicConnection {
     fn open(&self, request: Bytes) -> BoxFuture<'_, Result<RequestStream, StreamError>> {
         Box::pin(async move {
+            if self.going_away.load(Ordering::Relaxed) {
+                return Err(StreamError::ConnectionLost(LostConnection::new(
+                    LostKind::GoingAway,
+                )));
+            }
             let (send, recv) = self
                 .conn
                 .open_bi()
@@ -568,6 +595,7 @@ impl Connection for QuicConnection {
         let code = match reason {
             Close::Done | Close::Shutdown => VarInt::from_u32(0),
             Close::Credentials(end) => VarInt::from_u32(end.close_code()),
+            Close::MaxAge => VarInt::from_u32(CLOSE_MAX_AGE),
         };
         let words: &[u8] = match reason {
             Close::Done => b"done",
@@ -581,14 +609,30 @@ impl Connection for QuicConnection {
     }
 
     fn closed_for_credentials(&self) -> Option<CredentialsEnd> {
-        match self.conn.close_reason()? {
-            ConnectionError::ApplicationClosed(close) => {
-                u32::try_from(close.error_code.into_inner())
-                    .ok()
-                    .and_then(CredentialsEnd::from_close_code)
+        self.close_code().and_then(CredentialsEnd::from_close_code)
+    }
+
+    fn go_away(&self) {
+        let (conn, timeout) = (self.conn.clone(), self.timeout);
+        // The stream waits for the client's leave to open it (older clients give none);
+        // either way the task ends with the connection.
+        tokio::spawn(async move {
+            let say = async {
+                let send = conn.open_uni().await.ok()?;
+                let mut sink = FrameSink::new(Box::new(QuicSend(send)), timeout);
+                sink.send(FrameKind::GoAway, Bytes::new()).await.ok()?;
+                sink.finish();
+                Some(())
+            };
+            tokio::select! {
+                _ = say => {}
+                _ = conn.closed() => {}
             }
-            _ => None,
-        }
+        });
+    }
+
+    fn is_going_away(&self) -> bool {
+        self.going_away.load(Ordering::Relaxed) || self.close_code() == Some(CLOSE_MAX_AGE)
     }
 
     fn export_keying_material(
@@ -617,6 +661,41 @@ impl Connection for QuicConnection {
             received_datagrams: stats.udp_rx.datagrams,
             received_bytes: stats.udp_rx.bytes,
         })
+    }
+}
+
+impl QuicConnection {
+    /// The application close code the peer closed the connection with, if it did.
+    fn close_code(&self) -> Option<u32> {
+        match self.conn.close_reason()? {
+            ConnectionError::ApplicationClosed(close) => {
+                u32::try_from(close.error_code.into_inner()).ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Client: waits for the server's `GoAway` on the one unidirectional stream it may open,
+/// and notes it in `going_away`; ends once the connection does or `dropped` fires.
+async fn hear_go_away(
+    conn: quinn::Connection,
+    going_away: Arc<AtomicBool>,
+    dropped: oneshot::Receiver<()>,
+) {
+    let hear = async {
+        let mut recv = conn.accept_uni().await.ok()?;
+        let frame = quic_recv(&mut recv).await.ok()??;
+        (frame.kind == FrameKind::GoAway).then_some(())
+    };
+    tokio::select! {
+        heard = hear => {
+            if heard.is_some() {
+                tracing::debug!("server is retiring the connection");
+                going_away.store(true, Ordering::Relaxed);
+            }
+        }
+        _ = dropped => {}
     }
 }
 
@@ -933,6 +1012,48 @@ mod tests {
         (c.unwrap(), s.unwrap(), client, server)
     }
 
+    /// A server retiring a connection says `GoAway` on the one stream it may open: the
+    /// client opens no further requests there though the connection is still up. A client
+    /// that did not hear it learns the same from the close code of the retirement.
+    #[tokio::test]
+    async fn the_servers_go_away_reaches_the_client_and_so_does_a_retiring_close() {
+        let pki = TestPki::new("hospital.example");
+        let t = Duration::from_secs(10);
+        let (c, s, _ce, _se) = pair(&pki).await;
+        let (client, server) = (QuicConnection::client(c, t), QuicConnection::server(s, t));
+        assert!(!client.is_going_away());
+        server.go_away();
+        let heard = tokio::time::timeout(t, async {
+            while !client.is_going_away() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(heard.is_ok(), "GoAway never reached the client");
+        assert!(!client.is_closed(), "GoAway closed the connection");
+        match client.open(Bytes::from_static(b"request")).await {
+            Err(StreamError::ConnectionLost(lost)) => {
+                assert!(matches!(lost.kind, LostKind::GoingAway), "{lost}");
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a stream opened after GoAway"),
+        }
+
+        // A client end that cannot hear GoAway (built as a server's) reads the close code.
+        let (c, s, _ce2, _se2) = pair(&pki).await;
+        let (deaf, server) = (QuicConnection::server(c, t), QuicConnection::server(s, t));
+        server.close(Close::MaxAge);
+        let closed = tokio::time::timeout(t, async {
+            while !deaf.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the close never reached the client");
+        assert!(deaf.is_going_away());
+        assert_eq!(deaf.closed_for_credentials(), None);
+    }
+
     /// With a jumbo ceiling on both sides, path-MTU discovery reaches it (loopback carries
     /// 65 535-byte frames): each side accepts datagrams that large, so the peer probes that far.
     /// With quinn's default acceptance (1472) both stop at 1472.
@@ -1041,10 +1162,7 @@ mod tests {
         conn: &quinn::Connection,
         session: [u8; 16],
     ) -> Result<SessionKeys, NoKeyingMaterial> {
-        let conn = QuicConnection {
-            conn: conn.clone(),
-            timeout: Duration::from_secs(10),
-        };
+        let conn = QuicConnection::server(conn.clone(), Duration::from_secs(10));
         crate::transport::rdma_keys(&conn, session)
     }
 

@@ -504,8 +504,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String, u64)>) -> anyho
 fn connect_retry(attempts: &mut Attempts, retriable: bool) -> Option<Duration> {
     let failed = AttemptEnd::Failed {
         retriable,
-        // Nothing is connected yet, so no credentials of a connection can have ended.
-        credentials_ended: false,
+        // Nothing is connected yet, so no connection can have been retired.
+        connection_retired: false,
     };
     match attempts.next(failed, 0) {
         Next::Retry(delay) => Some(delay),

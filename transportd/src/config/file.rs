@@ -165,6 +165,8 @@ pub(crate) struct LimitsFile {
     pub(crate) idle_timeout: Option<std::time::Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub(crate) io_timeout: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) max_connection_age: Option<std::time::Duration>,
     pub(crate) max_mtu: Option<u16>,
     pub(crate) partial_quota: Option<String>,
     pub(crate) partial_quota_per_identity: Option<String>,
@@ -308,6 +310,14 @@ max_transfers = 64         # open transfers per connection
 chunk_size = "4MiB"        # chunk size of manifests this node builds
 idle_timeout = "60s"       # longest silence a connection survives
 io_timeout = "60s"         # longest a stream may make no progress
+max_connection_age = "1h"  # automatic logoff: a connection is retired at this age (at
+                           # least 1s; never later than the lifetime of this node's SVID).
+                           # The node takes no new requests on it, gives those in flight
+                           # 30s, closes it and audits connection_closed (reason "max
+                           # age"; transportd_connections_aged_out_total); clients go on
+                           # over a fresh handshake, transfers from their verified chunks
+                           # (clients also renew their own at their maximum age, 1h by
+                           # default)
 max_mtu = 1452             # QUIC path-MTU ceiling; raise on jumbo-frame networks
 partial_quota = "25%"      # what the partial files of pushes being received may claim
                            # together, counted by their manifests' sizes (what a finished
