@@ -385,6 +385,117 @@ pub enum AuditEvent {
         /// Why, with the line.
         reason: String,
     },
+    /// An operator gave an emergency (break-glass) grant on the node's admin socket. It
+    /// allows what it names from now (or from its approval, if `pending`) until
+    /// `expires_at`, over the policy's deny rules too.
+    EmergencyGranted {
+        /// The grant's ID.
+        grant: String,
+        /// The one peer it is for.
+        peer: SpiffeId,
+        /// The one dataset it is for.
+        dataset: DatasetName,
+        /// What it allows.
+        actions: Vec<Action>,
+        /// Only objects under this prefix, if set.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        object_prefix: Option<String>,
+        /// Its time to live, seconds.
+        ttl_secs: u64,
+        /// When it expires.
+        #[serde(serialize_with = "rfc3339")]
+        expires_at: SystemTime,
+        /// Why, as the operator gave it.
+        reason: String,
+        /// The operator's user ID (the admin socket's peer credentials).
+        operator_uid: u32,
+        /// True if it allows nothing until a second operator approves it.
+        pending: bool,
+    },
+    /// A second operator approved a pending emergency grant; it allows what it names from
+    /// now until its expiry.
+    EmergencyApproved {
+        /// The grant's ID.
+        grant: String,
+        /// The peer it is for.
+        peer: SpiffeId,
+        /// The dataset it is for.
+        dataset: DatasetName,
+        /// The approving operator's user ID.
+        operator_uid: u32,
+        /// The granting operator's user ID.
+        granted_by: u32,
+        /// When it expires.
+        #[serde(serialize_with = "rfc3339")]
+        expires_at: SystemTime,
+    },
+    /// An access the policy alone would have denied was allowed by an emergency grant
+    /// (besides the `authorization` record, whose rule is `emergency:<grant>`).
+    EmergencyUsed {
+        /// The grant's ID.
+        grant: String,
+        /// Who used it.
+        peer: SpiffeId,
+        /// For what.
+        action: Action,
+        /// Which dataset.
+        dataset: DatasetName,
+        /// Which object, if named.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        object: Option<ObjectPath>,
+        /// The grant's reason.
+        reason: String,
+    },
+    /// An emergency grant's time passed: it allows nothing from `expires_at` on (judged at
+    /// every decision; this record follows within about a second, or at the node's next
+    /// start if it was down then).
+    EmergencyExpired {
+        /// The grant's ID.
+        grant: String,
+        /// The peer it was for.
+        peer: SpiffeId,
+        /// The dataset it was for.
+        dataset: DatasetName,
+        /// When it expired.
+        #[serde(serialize_with = "rfc3339")]
+        expires_at: SystemTime,
+        /// The grant's reason.
+        reason: String,
+        /// False if it was still waiting for approval, so never allowed anything.
+        approved: bool,
+    },
+    /// An operator revoked an emergency grant before its expiry.
+    EmergencyRevoked {
+        /// The grant's ID.
+        grant: String,
+        /// The peer it was for.
+        peer: SpiffeId,
+        /// The dataset it was for.
+        dataset: DatasetName,
+        /// The revoking operator's user ID.
+        operator_uid: u32,
+        /// The grant's reason.
+        reason: String,
+    },
+    /// An emergency grant, approval or revocation was refused: a TTL over the node's
+    /// maximum, an empty reason, an operator approving their own grant, an unknown ID.
+    EmergencyRefused {
+        /// What was asked: `grant`, `approve` or `revoke`.
+        op: String,
+        /// The grant's ID, if the request named one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        grant: Option<String>,
+        /// The peer, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peer: Option<SpiffeId>,
+        /// The dataset, if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dataset: Option<DatasetName>,
+        /// The operator's user ID.
+        operator_uid: u32,
+        /// Why it was refused.
+        error: String,
+    },
     /// A segment of the trail was closed; a checkpoint follows this record and the record
     /// after that starts a new segment.
     SegmentSealed {

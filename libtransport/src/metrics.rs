@@ -38,6 +38,8 @@ pub struct Metrics {
     busy: Family<ReasonLabel, Counter>,
     requests_busy: Counter,
     denials: Family<DenialLabels, Counter>,
+    emergency_active: Gauge,
+    emergency_uses: Counter,
     chunk_failures: Counter,
     audit_errors: Counter,
     audit_breaks: Gauge,
@@ -129,6 +131,18 @@ impl Metrics {
             "Requests the policy denied, by action and reason (deny_rule: a deny rule matched; no_rule: default deny)",
             denials.clone(),
         );
+        let emergency_active = Gauge::default();
+        registry.register(
+            "emergency_grants_active",
+            "Emergency (break-glass) grants allowing access now: approved and not expired",
+            emergency_active.clone(),
+        );
+        let emergency_uses = Counter::default();
+        registry.register(
+            "emergency_uses",
+            "Accesses the policy alone would have denied that an emergency grant allowed (each is audited as emergency_used)",
+            emergency_uses.clone(),
+        );
         let chunk_failures = Counter::default();
         registry.register(
             "chunk_verification_failures",
@@ -213,6 +227,8 @@ impl Metrics {
             busy,
             requests_busy,
             denials,
+            emergency_active,
+            emergency_uses,
             chunk_failures,
             audit_errors,
             audit_breaks,
@@ -356,6 +372,17 @@ impl Metrics {
                 reason: if by_rule { "deny_rule" } else { "no_rule" }.into(),
             })
             .inc();
+    }
+
+    /// Sets how many emergency grants allow access now.
+    pub fn set_emergency_grants_active(&self, n: usize) {
+        self.emergency_active
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An emergency grant allowed an access the policy alone would have denied.
+    pub fn emergency_used(&self) {
+        self.emergency_uses.inc();
     }
 
     /// A received chunk failed verification.

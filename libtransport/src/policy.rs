@@ -4,7 +4,9 @@
 //! [`Access`]. The decision is pure: no I/O, no clock. [`Policy`] is the engine a node
 //! runs: data classes and allow/deny rules from a TOML file (`policy/file.rs`), with the
 //! precedence documented in `policy/rules.rs`. [`AccessList`] is a minimal allow-list for
-//! embedding. Anything an authorizer does not explicitly allow is denied.
+//! embedding. [`EmergencyAccess`] lays an operator's time-bound emergency grants
+//! (`policy/emergency.rs`) over any of them. Anything an authorizer does not explicitly
+//! allow is denied.
 
 use std::fmt;
 
@@ -12,9 +14,11 @@ use certs::SpiffeId;
 
 use crate::proto::{DatasetName, ObjectPath};
 
+mod emergency;
 mod file;
 mod rules;
 
+pub use emergency::{EmergencyAccess, EmergencyGrant, EmergencyGrants};
 pub use file::PolicyError;
 pub use rules::{
     ClassDeclaration, DataClass, Effect, Explanation, MatchedRule, Pattern, Policy, Rule,
@@ -45,6 +49,14 @@ pub enum Decision {
         /// Which rule allowed it.
         rule: String,
     },
+    /// Allowed by an emergency grant the policy itself would not have allowed
+    /// ([`EmergencyAccess`]): every such use must reach the audit trail.
+    Emergency {
+        /// The grant's ID.
+        grant: String,
+        /// The reason the operator gave for it.
+        reason: String,
+    },
     /// Denied, and why.
     Deny {
         /// The rule that denied it; none for the default deny.
@@ -57,7 +69,17 @@ pub enum Decision {
 impl Decision {
     /// True if allowed.
     pub fn is_allow(&self) -> bool {
-        matches!(self, Self::Allow { .. })
+        matches!(self, Self::Allow { .. } | Self::Emergency { .. })
+    }
+
+    /// The rule that allowed or denied it, as records quote it: an emergency grant as
+    /// `emergency:<id>`; none for the default deny.
+    pub fn rule(&self) -> Option<String> {
+        match self {
+            Self::Allow { rule } => Some(rule.clone()),
+            Self::Emergency { grant, .. } => Some(format!("emergency:{grant}")),
+            Self::Deny { rule, .. } => rule.clone(),
+        }
     }
 }
 

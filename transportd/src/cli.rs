@@ -457,7 +457,103 @@ pub(crate) enum PolicyCommand {
     },
     /// Print an annotated example policy.
     Example,
+    /// Give emergency (break-glass) access on a running node: one peer may read one
+    /// dataset for a bounded time, over the policy (deny rules included).
+    ///
+    /// The grant goes through the node's admin socket (the node's user, root, or
+    /// `[emergency] group`); the node records it with the reason and your uid, records
+    /// every access it allows (`emergency_used`), and ends it by itself when the TTL
+    /// passes (`emergency_expired`). It allows exactly what it names: read and list of
+    /// the dataset (`--write` adds writes; `--prefix` narrows it to objects under a
+    /// path). With `[emergency] require_approval = true` it allows nothing until another
+    /// operator (another uid) runs `transportd policy approve ID`.
+    #[command(after_help = GRANT_EXAMPLES)]
+    Grant {
+        #[command(flatten)]
+        target: NodeAdminTarget,
+        /// Required: this command gives emergency grants only, and says so.
+        #[arg(long, required = true)]
+        emergency: bool,
+        /// The one peer, an exact SPIFFE ID (no wildcards).
+        #[arg(long)]
+        peer: String,
+        /// The one dataset.
+        #[arg(long)]
+        dataset: String,
+        /// How long it lasts (`30m`, `4h`); at most the node's `[emergency] max_ttl`.
+        #[arg(long)]
+        ttl: humantime::Duration,
+        /// Why: one line, recorded with the grant and with every use. Name the case, not
+        /// the patient.
+        #[arg(long)]
+        reason: String,
+        /// Allow writes too.
+        #[arg(long)]
+        write: bool,
+        /// Only objects under this path (`patient-17/` or `patient-17`); listing the
+        /// dataset is then not allowed.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending emergency grant (needs another uid than the one who gave it).
+    Approve {
+        #[command(flatten)]
+        target: NodeAdminTarget,
+        /// The grant's ID (`eg-...`).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End an emergency grant before its TTL.
+    RevokeEmergency {
+        #[command(flatten)]
+        target: NodeAdminTarget,
+        /// The grant's ID (`eg-...`).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the emergency grants a node holds: pending and active.
+    ListEmergency {
+        #[command(flatten)]
+        target: NodeAdminTarget,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// Which running node's admin socket to talk to.
+#[derive(Debug, Args)]
+pub(crate) struct NodeAdminTarget {
+    /// The node's configuration file (its `[emergency] socket` is read from it).
+    #[arg(
+        long,
+        short,
+        conflicts_with = "socket",
+        required_unless_present = "socket"
+    )]
+    pub(crate) config: Option<PathBuf>,
+    /// Or the admin socket itself.
+    #[arg(long)]
+    pub(crate) socket: Option<PathBuf>,
+}
+
+const GRANT_EXAMPLES: &str = "Examples:
+  # A clinician's viewer may read one study for 4 hours:
+  transportd policy grant --emergency --config /etc/transportd/node.toml \\
+      --peer spiffe://hospital.example/clinic/viewer --dataset ct-head \\
+      --prefix case-2291/ --ttl 4h --reason \"INC-4711: stroke workup, PACS down\"
+  transportd policy list-emergency --config /etc/transportd/node.toml
+  transportd policy approve eg-3f9c0a1b2c3d --config /etc/transportd/node.toml   # a second operator
+  transportd policy revoke-emergency eg-3f9c0a1b2c3d --config /etc/transportd/node.toml
+  # What it did:
+  transportd audit query /var/log/transportd/audit --event emergency_used --json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ActionArg {

@@ -63,6 +63,18 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 1,
             };
         }
+        if let Some(r) = cause.downcast_ref::<policy::emergency::Refused>() {
+            return match r.status {
+                400 => 64,
+                403 => 77,
+                404 => 66,
+                503 => 75,
+                _ => 1,
+            };
+        }
+        if cause.is::<policy::emergency::Unreachable>() {
+            return 69;
+        }
         if cause.is::<libtransport::audit::VerifyError>() {
             return 65;
         }

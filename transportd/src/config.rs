@@ -39,6 +39,8 @@ pub(crate) struct NodeConfig {
     pub(crate) partials: PartialSpec,
     /// The sidecar's local data API; `None` when the node serves none.
     pub(crate) sidecar: Option<SidecarConfig>,
+    /// Emergency grants and the admin socket that gives them.
+    pub(crate) emergency: EmergencyConfig,
     /// BLAKE3 of the configuration file's bytes.
     pub(crate) digest: Digest,
 }
@@ -71,6 +73,24 @@ pub(crate) struct SidecarConfig {
     pub(crate) idle_timeout: std::time::Duration,
     /// Local callers served at once; more are answered `busy`.
     pub(crate) max_callers: usize,
+}
+
+/// The `[emergency]` section, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EmergencyConfig {
+    /// The longest TTL a grant may have.
+    pub(crate) max_ttl: std::time::Duration,
+    /// Whether a grant waits for a second operator's approval.
+    pub(crate) require_approval: bool,
+    /// Where active grants are kept across restarts.
+    pub(crate) dir: PathBuf,
+    /// The admin socket.
+    pub(crate) socket: PathBuf,
+    /// Whether the file named the socket (a default path too long for a Unix socket is
+    /// skipped with a warning; a named one that cannot be bound stops the start).
+    pub(crate) socket_named: bool,
+    /// The socket's group (name or number); `None`: mode 0600, the node's user and root.
+    pub(crate) group: Option<String>,
 }
 
 /// The `[limits] partial_*` settings.
@@ -512,6 +532,12 @@ impl NodeConfig {
             }
             (Some(sc), IdentitySource::Agent(a)) => Some(sidecar_config(sc, a, &abs)?),
         };
+        let emergency = emergency_config(
+            f.emergency.as_ref(),
+            f.store.state_dir.as_deref().map(abs),
+            &abs(&f.audit.dir),
+            &abs,
+        )?;
         Ok(Self {
             identity,
             quic: f.listen.quic,
@@ -523,6 +549,7 @@ impl NodeConfig {
             admin,
             witness,
             sidecar,
+            emergency,
             digest: Digest::of(text.as_bytes()),
             transport: t,
             chunk_bytes,
@@ -732,6 +759,49 @@ fn sidecar_config(
     })
 }
 
+fn emergency_config(
+    e: Option<&file::EmergencyFile>,
+    state_dir: Option<PathBuf>,
+    audit_dir: &Path,
+    abs: &dyn Fn(&Path) -> PathBuf,
+) -> Result<EmergencyConfig, ConfigError> {
+    let dir = e
+        .and_then(|e| e.dir.as_deref())
+        .map(abs)
+        .or_else(|| state_dir.map(|d| d.join("emergency")))
+        .unwrap_or_else(|| audit_dir.join("emergency"));
+    let max_ttl = e
+        .and_then(|e| e.max_ttl)
+        .unwrap_or(DEFAULT_EMERGENCY_MAX_TTL);
+    if !(MIN_EMERGENCY_MAX_TTL..=MAX_EMERGENCY_MAX_TTL).contains(&max_ttl) {
+        return Err(invalid(
+            "emergency.max_ttl",
+            "between 1m and 7d: emergency access must end by itself",
+        ));
+    }
+    let group = match e.and_then(|e| e.group.as_deref()).map(str::trim) {
+        None => None,
+        Some("") => return Err(invalid("emergency.group", "give a group name or number")),
+        Some(g) => Some(g.to_owned()),
+    };
+    Ok(EmergencyConfig {
+        max_ttl,
+        require_approval: e.and_then(|e| e.require_approval).unwrap_or(false),
+        socket: e
+            .and_then(|e| e.socket.as_deref())
+            .map_or_else(|| dir.join("admin.sock"), abs),
+        socket_named: e.is_some_and(|e| e.socket.is_some()),
+        dir,
+        group,
+    })
+}
+
+/// Emergency grants last at most a day unless the file says otherwise; the setting itself
+/// is bounded so that no grant can be made to outlast a week.
+const DEFAULT_EMERGENCY_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+const MIN_EMERGENCY_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const MAX_EMERGENCY_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// The sidecar's defaults. Idle connections: twice what clients keep them for.
 const DEFAULT_SIDECAR_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
 const DEFAULT_SIDECAR_CALLERS: usize = 256;
@@ -775,6 +845,34 @@ root = "data"
 [audit]
 dir = "audit"
 "#;
+
+    #[test]
+    fn emergency_defaults_follow_the_node_dirs_and_a_ttl_bound_is_itself_bounded() {
+        let m = parse(MINIMAL).unwrap().emergency;
+        assert_eq!(m.dir, Path::new("/etc/transportd/audit/emergency"));
+        assert_eq!(
+            m.socket,
+            Path::new("/etc/transportd/audit/emergency/admin.sock")
+        );
+        assert_eq!(m.max_ttl, std::time::Duration::from_secs(24 * 3600));
+        assert!(!m.require_approval && m.group.is_none() && !m.socket_named);
+        let e = parse(EXAMPLE).unwrap().emergency;
+        assert_eq!(e.dir, Path::new("/var/lib/transportd/emergency"));
+        let set = format!(
+            "{MINIMAL}[emergency]\nmax_ttl = \"4h\"\nrequire_approval = true\n\
+             socket = \"/run/td/admin.sock\"\ngroup = \"oncall\"\n"
+        );
+        let c = parse(&set).unwrap().emergency;
+        assert_eq!(c.max_ttl, std::time::Duration::from_secs(4 * 3600));
+        assert!(c.require_approval);
+        assert_eq!(c.socket, Path::new("/run/td/admin.sock"));
+        assert!(c.socket_named);
+        assert_eq!(c.group.as_deref(), Some("oncall"));
+        for bad in ["30s", "8d"] {
+            let e = parse(&format!("{MINIMAL}[emergency]\nmax_ttl = \"{bad}\"\n")).unwrap_err();
+            assert!(e.to_string().contains("emergency.max_ttl"), "{e}");
+        }
+    }
 
     #[test]
     fn example_parses_and_paths_resolve_against_the_file() {

@@ -104,6 +104,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
             action,
             json,
         }),
+        Command::Policy(PolicyCommand::Grant {
+            target,
+            emergency: _,
+            peer,
+            dataset,
+            ttl,
+            reason,
+            write,
+            prefix,
+            json,
+        }) => {
+            let grant = cmd::policy::emergency::Grant {
+                peer,
+                dataset,
+                ttl: ttl.into(),
+                reason,
+                write,
+                prefix,
+            };
+            cmd::policy::emergency::grant(&target, grant, json).await
+        }
+        Command::Policy(PolicyCommand::Approve { target, id, json }) => {
+            cmd::policy::emergency::approve(&target, &id, json).await
+        }
+        Command::Policy(PolicyCommand::RevokeEmergency { target, id, json }) => {
+            cmd::policy::emergency::revoke(&target, &id, json).await
+        }
+        Command::Policy(PolicyCommand::ListEmergency { target, json }) => {
+            cmd::policy::emergency::list(&target, json).await
+        }
         Command::Policy(PolicyCommand::Example) => {
             print!("{}", config::POLICY_EXAMPLE);
             Ok(())

@@ -78,6 +78,7 @@ fn decide(p: &Policy, peer: &str, action: Action, dataset: &str, object: Option<
 fn rule_of(d: &Decision) -> Option<&str> {
     match d {
         Decision::Allow { rule } => Some(rule),
+        Decision::Emergency { grant, .. } => Some(grant),
         Decision::Deny { rule, .. } => rule.as_deref(),
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use super::shared::{Shared, record, record_or_refuse};
+use super::shared::{Shared, record, record_emergency_use, record_or_refuse};
 use super::stripes::{GroupKey, PartEnd, WriterSlot};
 use crate::audit::AuditEvent;
 use crate::identity::Peer;
@@ -111,7 +111,9 @@ impl ConnCtx {
             object,
         });
         let (kind, rule, reason) = match &decision {
-            Decision::Allow { rule } => (DecisionKind::Allow, Some(rule.clone()), None),
+            Decision::Allow { .. } | Decision::Emergency { .. } => {
+                (DecisionKind::Allow, decision.rule(), None)
+            }
             Decision::Deny { rule, reason } => {
                 tracing::info!(
                     peer.id = %self.peer.id,
@@ -135,7 +137,17 @@ impl ConnCtx {
                 reason,
             },
         )?;
-        if decision.is_allow() {
+        if let Decision::Emergency { grant, reason } = decision {
+            record_emergency_use(
+                &self.shared,
+                &self.peer.id,
+                action,
+                dataset,
+                object,
+                grant,
+                reason,
+            )
+        } else if decision.is_allow() {
             Ok(())
         } else {
             let by_rule = matches!(&decision, Decision::Deny { rule: Some(_), .. });

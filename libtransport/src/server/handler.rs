@@ -12,8 +12,9 @@ use tracing::{debug, trace};
 use super::conn::{ConnCtx, Transfer, TransferKind};
 use super::failure::{Failure, store_code};
 use super::memory::BlockPermit;
-use super::shared::record_or_refuse;
+use super::shared::{record_emergency_use, record_or_refuse};
 use crate::audit::AuditEvent;
+use crate::policy::Decision;
 use crate::proto::frame::MAX_DATA_PAYLOAD;
 use crate::proto::message::{MAX_LIST_ENTRIES, MAX_READ_BYTES};
 use crate::proto::{
@@ -90,20 +91,33 @@ async fn serve(ctx: &Arc<ConnCtx>, req: Request, s: &mut RequestStream) -> Resul
         Request::ListDatasets => {
             let all = blocking(move || store.datasets()).await?;
             let policy = ctx.shared.config.policy.current();
-            let visible: Vec<_> = all
-                .into_iter()
-                .filter(|d| {
-                    policy
-                        .decide(&crate::policy::Access {
-                            peer: &ctx.peer.id,
-                            action: Action::List,
-                            dataset: d,
-                            object: None,
-                        })
-                        .is_allow()
-                })
-                .take(MAX_LIST_ENTRIES)
-                .collect();
+            let mut visible = Vec::new();
+            for d in all {
+                if visible.len() == MAX_LIST_ENTRIES {
+                    break;
+                }
+                let decision = policy.decide(&crate::policy::Access {
+                    peer: &ctx.peer.id,
+                    action: Action::List,
+                    dataset: &d,
+                    object: None,
+                });
+                // A dataset shown only by an emergency grant is a use of the grant.
+                if let Decision::Emergency { grant, reason } = decision {
+                    record_emergency_use(
+                        &ctx.shared,
+                        &ctx.peer.id,
+                        Action::List,
+                        &d,
+                        None,
+                        grant,
+                        reason,
+                    )?;
+                    visible.push(d);
+                } else if decision.is_allow() {
+                    visible.push(d);
+                }
+            }
             record_or_refuse(
                 &ctx.shared,
                 AuditEvent::DatasetsListed {

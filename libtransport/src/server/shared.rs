@@ -10,7 +10,8 @@ use super::admission::{Budget, ShedLog, Source};
 use super::pool::BufferPool;
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::ServerConfig;
-use crate::proto::ErrorCode;
+use crate::proto::{DatasetName, ErrorCode, ObjectPath};
+use crate::vocab::Action;
 
 /// What every connection of a server shares.
 #[derive(Debug)]
@@ -37,6 +38,40 @@ pub(crate) struct Shared {
     pub(crate) buffers: Arc<BufferPool>,
     /// Striped pulls with parts open, across connections.
     pub(crate) stripes: super::stripes::StripeGroups,
+}
+
+/// Records one use of an emergency grant (an access the policy alone would deny) and counts
+/// it; a use that cannot be recorded is refused, like the decision itself.
+pub(crate) fn record_emergency_use(
+    shared: &Shared,
+    peer: &SpiffeId,
+    action: Action,
+    dataset: &DatasetName,
+    object: Option<&ObjectPath>,
+    grant: String,
+    reason: String,
+) -> Result<(), ErrorCode> {
+    // The reason is the operator's free text: the trail keeps it, the log does not.
+    tracing::info!(
+        peer.id = %peer,
+        dataset = %dataset,
+        action = %action,
+        grant = %grant,
+        "access allowed by an emergency grant"
+    );
+    record_or_refuse(
+        shared,
+        AuditEvent::EmergencyUsed {
+            grant,
+            peer: peer.clone(),
+            action,
+            dataset: dataset.clone(),
+            object: object.cloned(),
+            reason,
+        },
+    )?;
+    shared.config.metrics.emergency_used();
+    Ok(())
 }
 
 /// Records an event; a failure is counted and logged by the sink.

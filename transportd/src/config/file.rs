@@ -26,6 +26,19 @@ pub(crate) struct FileConfig {
     pub(crate) limits: LimitsFile,
     pub(crate) rdma: Option<RdmaFile>,
     pub(crate) sidecar: Option<SidecarFile>,
+    pub(crate) emergency: Option<EmergencyFile>,
+}
+
+/// Emergency (break-glass) grants and the node's admin socket that gives them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EmergencyFile {
+    #[serde(default, with = "humantime_serde_opt")]
+    pub(crate) max_ttl: Option<std::time::Duration>,
+    pub(crate) require_approval: Option<bool>,
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
+    pub(crate) group: Option<String>,
 }
 
 /// The sidecar's local data API (needs `[agent]`: it acts with its workloads' SVIDs).
@@ -267,6 +280,21 @@ file = "policy.toml"
 
 [admin]                    # optional; this is the default
 listen = "127.0.0.1:9464"  # /metrics (Prometheus), /healthz, /readyz; "off" to disable
+
+[emergency]                # optional; these are the defaults. Break-glass grants, given with
+                           # `transportd policy grant --emergency` (see its --help) on this
+                           # node's admin socket: one peer, one dataset, read (and --write),
+                           # for a TTL, over the policy (deny rules too); audited at grant,
+                           # every use and expiry
+max_ttl = "24h"            # longest TTL a grant may have (1m to 7d); longer ones are refused
+require_approval = false   # true: a grant allows nothing until a second operator (another
+                           # uid) runs `transportd policy approve ID`
+#dir = "/var/lib/transportd/emergency"  # active grants, kept across restarts; default:
+                           # <store.state_dir>/emergency, or <audit.dir>/emergency
+#socket = "/var/lib/transportd/emergency/admin.sock"  # default: <dir>/admin.sock (skipped,
+                           # with a warning, if that path is too long for a Unix socket);
+                           # mode 0600 (the node's user and root), or 0660 with group
+#group = "oncall"          # optional: operators of this group may use the socket too
 
 [rdma]                     # optional; this is the default
 mode = "auto"              # "auto": RDMA when both sides have a device (build feature `rdma`),

@@ -5,6 +5,9 @@
 //! Reloads: SIGHUP re-reads the identity files and the policy; a policy file is also
 //! re-read when it changes. Whatever does not validate is refused, audited, and the running
 //! identity or policy stays. Listeners, store and audit settings need a restart.
+//!
+//! Emergency grants (`node/emergency.rs`) lie over whichever policy is in force, so a
+//! reload keeps them; they are given on the node's admin socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use anyhow::Context;
 use libtransport::audit::{AuditEvent, AuditRecord, AuditSink, FileSink, WitnessQueue};
 use libtransport::clock::{Clock, SystemClock};
 use libtransport::metrics::Metrics;
+use libtransport::policy::EmergencyGrants;
 use libtransport::store::Store;
 use libtransport::{IdentityHandle, PolicyHandle, Server, ServerConfig};
 use tokio::signal::unix::{SignalKind, signal};
@@ -24,6 +28,11 @@ use crate::config::{IdentitySource, NodeConfig, PolicySource};
 use crate::role::agent::{self, IssuerClient, workload_api};
 use crate::role::sidecar;
 use crate::role::witness::Witness;
+
+mod emergency;
+
+use emergency::Emergency;
+pub(crate) use emergency::{GrantRequest, GrantView};
 
 /// Runs a node with the configuration at `path`.
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
@@ -81,9 +90,11 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         FileSink::open(audit_cfg, Arc::new(identity.clone()), clock.clone())
             .with_context(|| format!("opening the audit trail in {}", cfg.audit.dir.display()))?,
     );
+    let grants = Emergency::load(&cfg.emergency)?;
     let node = Node {
         audit: audit.clone(),
         clock: clock.clone(),
+        grants: grants.clone(),
     };
     node.record(AuditEvent::ConfigLoaded {
         source: path.display().to_string(),
@@ -135,7 +146,33 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         digest,
         rules: policy.rules().len(),
     })?;
-    let policy = PolicyHandle::new(Arc::new(policy));
+    let policy = PolicyHandle::new(Emergency::wrap(Arc::new(policy), &grants, &clock));
+    let emergency = Arc::new(Emergency::new(
+        cfg.emergency.clone(),
+        grants,
+        audit.clone(),
+        clock.clone(),
+        metrics.clone(),
+        policy.clone(),
+    ));
+    // Grants that expired while the node was down are recorded before anything is served.
+    emergency.tick();
+    let emergency_socket =
+        if cfg.emergency.socket_named || cfg.emergency.socket.as_os_str().len() < MAX_SOCKET_PATH {
+            Some(
+                emergency::serve(emergency.clone()).await.with_context(|| {
+                    format!("emergency.socket {}", cfg.emergency.socket.display())
+                })?,
+            )
+        } else {
+            // Grants already given still hold and expire; new ones need the socket.
+            warn!(
+                path = %cfg.emergency.socket.display(),
+                "the default emergency admin socket path is too long for a Unix socket; \
+                 set [emergency] socket to give emergency grants on this node"
+            );
+            None
+        };
     let disk = libtransport::store::disk_bytes(&cfg.store_root)
         .with_context(|| format!("store.root {}", cfg.store_root.display()))?;
     let limits = cfg.partials.resolve(disk);
@@ -196,6 +233,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         "admin": admin.as_ref().map(|a| a.addr.to_string()),
         "workload_socket": workload_api.as_ref().map(|w| w.path().display().to_string()),
         "sidecar_socket": sidecar_api.as_ref().map(|s| s.path().display().to_string()),
+        "admin_socket": emergency_socket.as_ref().map(|s| s.path().display().to_string()),
     });
     // Signals are ours before anyone learns we are up.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -224,6 +262,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
                 crate::notify::ready(&format!("serving as {id}"));
             }
             _ = tick.tick() => {
+                emergency.tick();
                 if let Err(e) = audit.tick() {
                     warn!(error = %e, "audit checkpoint failed");
                 }
@@ -244,6 +283,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         w.shutdown().await;
     }
     drop(sidecar_api);
+    drop(emergency_socket);
     if let Some(t) = agent_task {
         t.abort();
     }
@@ -266,6 +306,8 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
 struct Node {
     audit: Arc<FileSink>,
     clock: Arc<dyn Clock>,
+    /// Emergency grants, laid over every policy taken into use.
+    grants: Arc<EmergencyGrants>,
 }
 
 impl Node {
@@ -340,7 +382,7 @@ impl Node {
             Ok((p, digest, name)) => {
                 info!(rules = p.rules().len(), "policy reloaded");
                 let rules = p.rules().len();
-                policy.update(Arc::new(p));
+                policy.update(Emergency::wrap(Arc::new(p), &self.grants, &self.clock));
                 let _ = self.record(AuditEvent::PolicyLoaded {
                     source: name,
                     digest,
@@ -395,6 +437,9 @@ fn stamp(path: &Path) -> Option<(u64, SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.len(), m.modified().ok()?, m.ino()))
 }
+
+/// Longest path a Unix socket can be bound at (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 108;
 
 /// Checkpoints that wait for the witness at most; beyond, the oldest are dropped (a newer
 /// witnessed checkpoint vouches for everything before it). At the default interval of 10 s,

@@ -474,7 +474,7 @@ fn is_timeout(e: &std::io::Error) -> bool {
 }
 
 /// A group name or number as a gid.
-fn resolve_group(g: &str) -> anyhow::Result<u32> {
+pub(crate) fn resolve_group(g: &str) -> anyhow::Result<u32> {
     if let Ok(n) = g.parse::<u32>() {
         return Ok(n);
     }
