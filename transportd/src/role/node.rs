@@ -130,11 +130,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         agent_task = Some(tokio::spawn(agent.run(sink)));
     }
     let (policy, digest, source) = cfg.policy.load()?;
-    node.record(AuditEvent::PolicyLoaded {
-        source,
-        digest,
-        rules: policy.rules().len(),
-    })?;
+    node.record(AuditEvent::policy_loaded(source, digest, &policy))?;
     let policy = PolicyHandle::new(Arc::new(policy));
     let disk = libtransport::store::disk_bytes(&cfg.store_root)
         .with_context(|| format!("store.root {}", cfg.store_root.display()))?;
@@ -339,13 +335,9 @@ impl Node {
         match source.load() {
             Ok((p, digest, name)) => {
                 info!(rules = p.rules().len(), "policy reloaded");
-                let rules = p.rules().len();
+                let record = AuditEvent::policy_loaded(name, digest, &p);
                 policy.update(Arc::new(p));
-                let _ = self.record(AuditEvent::PolicyLoaded {
-                    source: name,
-                    digest,
-                    rules,
-                });
+                let _ = self.record(record);
             }
             Err(e) => {
                 error!(error = %e, "new policy refused; the previous one stays in force");
