@@ -21,10 +21,11 @@ quick=0
 # Python package's venv (maturin, pytest, numpy and ruff come from PyPI into it) and
 # py-spiffe's (the Workload API's interoperability test); faketime (libfaketime) for the
 # clock-skew test, which moves one process's wall clock; systemd for `systemd-analyze
-# verify` of the units in packaging/systemd (scripts/packaging.sh).
+# verify` of the units in packaging/systemd (scripts/packaging.sh); chromium to render the
+# audit evidence report headless (transportd/tests/report.rs).
 packages=(gcc make git iproute2 nftables tcpdump iputils-ping util-linux
     libibverbs-dev librdmacm-dev libclang-dev clang pkg-config python3 python3-venv faketime
-    systemd)
+    systemd chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -17,17 +17,23 @@ use std::time::SystemTime;
 use certs::SpiffeId;
 use serde::Serialize;
 
+use crate::policy::{DataClass, Policy};
 use crate::proto::{DatasetName, Digest, ObjectPath};
 use crate::vocab::{Action, Path, TransferPath};
 
 mod chain;
 mod file;
+mod report;
 mod verify;
 mod witness;
 
 pub use chain::{CHECKPOINT_CONTEXT, Chain, GENESIS, checkpoint_message, hash_line};
 pub use file::{
     CheckpointSignature, FileSink, FileSinkConfig, FsyncSchedule, SignError, Signer, TrailBreak,
+};
+pub use report::{
+    AccessRow, EvidenceReport, IdentityRow, NodeSection, NodeTrail, PolicyChange, RefusalRow,
+    ReportFilter, TimeBucket, TransferRow, WitnessCheck, evidence_report,
 };
 pub use verify::{
     Query, VerifyError, VerifyReport, WitnessReport, query, read_receipts, verify, verify_witnessed,
@@ -107,6 +113,9 @@ pub enum AuditEvent {
         /// Which object, if named.
         #[serde(skip_serializing_if = "Option::is_none")]
         object: Option<ObjectPath>,
+        /// The dataset's data class, where the policy declares one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        class: Option<DataClass>,
         /// `allow` or `deny`.
         decision: DecisionKind,
         /// The rule that decided; none for the default deny.
@@ -377,6 +386,16 @@ pub enum AuditEvent {
         digest: Digest,
         /// How many rules it holds.
         rules: usize,
+        /// The policy as canonical lines ([`crate::policy::Policy::lines`]): its class
+        /// declarations and rules, in file order, so a report can show what changed from
+        /// one load to the next. At most [`MAX_POLICY_LINES`] lines of at most
+        /// [`MAX_POLICY_LINE_BYTES`] each; longer ones are cut and end in `...`.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        policy: Vec<String>,
+        /// True if the policy had more than [`MAX_POLICY_LINES`] lines: the rest are not in
+        /// the record.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     /// A new policy was refused; the previous one stays in force.
     PolicyRefused {
@@ -583,6 +602,37 @@ pub enum AuditEvent {
     },
 }
 
+impl AuditEvent {
+    /// The record of `policy` taken into use, its lines bounded by [`MAX_POLICY_LINES`] and
+    /// [`MAX_POLICY_LINE_BYTES`].
+    pub fn policy_loaded(source: String, digest: Digest, policy: &Policy) -> Self {
+        let all = policy.lines();
+        let truncated = all.len() > MAX_POLICY_LINES;
+        let lines = all
+            .into_iter()
+            .take(MAX_POLICY_LINES)
+            .map(|mut l| {
+                if l.len() > MAX_POLICY_LINE_BYTES {
+                    let mut cut = MAX_POLICY_LINE_BYTES - 3;
+                    while !l.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    l.truncate(cut);
+                    l.push_str("...");
+                }
+                l
+            })
+            .collect();
+        Self::PolicyLoaded {
+            source,
+            digest,
+            rules: policy.rules().len(),
+            policy: lines,
+            truncated,
+        }
+    }
+}
+
 impl From<crate::store::PartialRemoved> for AuditEvent {
     /// The record of a partial file the store removed.
     fn from(r: crate::store::PartialRemoved) -> Self {
@@ -682,6 +732,12 @@ impl AuditSink for NoAudit {
         Ok(())
     }
 }
+
+/// Policy lines a `policy_loaded` record holds at most: enough for any policy a person
+/// writes, and a bound on the record's size (with [`MAX_POLICY_LINE_BYTES`], 1 MiB).
+pub const MAX_POLICY_LINES: usize = 1024;
+/// Bytes of one policy line a `policy_loaded` record holds at most.
+pub const MAX_POLICY_LINE_BYTES: usize = 1024;
 
 pub(crate) fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))

@@ -813,6 +813,7 @@ mod seeds {
                 action: Action::Read,
                 dataset: ds("ct-head"),
                 object: Some(obj("train/a.bin")),
+                class: Some(crate::policy::DataClass::Phi),
                 decision: DecisionKind::Allow,
                 rule: Some("loaders read".into()),
                 reason: None,

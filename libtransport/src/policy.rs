@@ -87,6 +87,13 @@ impl Decision {
 pub trait Authorizer: fmt::Debug + Send + Sync {
     /// Decides one access.
     fn decide(&self, access: &Access<'_>) -> Decision;
+
+    /// The data class the authorizer declares for `dataset`, if any; the audit trail
+    /// records it with each decision. None by default.
+    fn class_of(&self, dataset: &DatasetName) -> Option<DataClass> {
+        let _ = dataset;
+        None
+    }
 }
 
 /// The node config's allow-list: SPIFFE IDs mapped to datasets with read and/or write.

@@ -444,3 +444,181 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// When [`sample_trail`]'s first record was made: 2026-11-20T10:00:00Z.
+pub fn sample_trail_start() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_168_800)
+}
+
+/// Writes a known audit trail into `dir` with a [`crate::audit::FileSink`], signed by
+/// `spiffe://<pki>/node/storage`, one record a minute after [`sample_trail_start`], and
+/// closes it. It holds, in order: a policy load (`ct-*` is phi, `imagenet` public; GPU
+/// workloads read and list), the node's identity loaded, `gpu/0` allowed to read `ct-head`
+/// twice and a transfer of 1000 bytes over QUIC, `intruder` denied reading `ct-head` (no
+/// rule allows it), `gpu/1` allowed to list `imagenet` and a transfer of 500 bytes over
+/// TCP, a connection refused from 192.0.2.9 (no certificate), an SVID issued to `gpu/2`,
+/// the node's identity rotated, `node/bad` banned, a second policy load (adds a deny rule
+/// for `ct-secret`), and a policy refused.
+pub fn sample_trail(dir: &std::path::Path, pki: &TestPki) {
+    use crate::audit::{FileSink, FileSinkConfig, Signer};
+    use crate::policy::{DataClass, Policy};
+    use crate::proto::{Digest, ObjectPath};
+    use crate::vocab::{Action, DecisionKind, Direction, Outcome, Path, TransferPath};
+
+    let start = sample_trail_start();
+    let clock = Arc::new(ManualClock::new(start));
+    let signer: Arc<dyn Signer> = Arc::new(identity(pki, "/node/storage"));
+    let mut cfg = FileSinkConfig::new(dir);
+    cfg.checkpoint_interval = Duration::from_secs(24 * 3600);
+    let sink = FileSink::open(cfg, signer, clock.clone()).expect("opening the sample trail");
+    let td = pki.id("/node").trust_domain_name().to_owned();
+    let policy_v1 = format!(
+        r#"
+[[dataset]]
+name = "ct-*"
+class = "phi"
+
+[[dataset]]
+name = "imagenet"
+class = "public"
+
+[[rule]]
+name = "loaders read"
+subjects = ["spiffe://{td}/gpu/*"]
+datasets = ["ct-*", "imagenet"]
+actions = ["read", "list"]
+"#
+    );
+    let policy_v2 = format!(
+        "{policy_v1}
+[[rule]]
+name = \"no one reads ct-secret\"
+effect = \"deny\"
+subjects = [\"*\"]
+datasets = [\"ct-secret\"]
+actions = [\"read\"]
+"
+    );
+    let policy = |text: &str| Policy::parse(text).expect("sample policy");
+    let ds = |n: &str| DatasetName::new(n).expect("dataset name");
+    let obj = |n: &str| ObjectPath::new(n).expect("object path");
+    let node = pki.id("/node/storage");
+    let gpu0 = pki.id("/gpu/0");
+    let gpu1 = pki.id("/gpu/1");
+    let root = Digest([7; 32]);
+    let addr: SocketAddr = "192.0.2.9:5000".parse().expect("address");
+    let events = vec![
+        AuditEvent::policy_loaded(
+            "/etc/transportd/policy.toml".into(),
+            Digest::of(policy_v1.as_bytes()),
+            &policy(&policy_v1),
+        ),
+        AuditEvent::IdentityLoaded {
+            id: node.clone(),
+            serial: "01aa".into(),
+            not_after: start + Duration::from_secs(3600),
+        },
+        AuditEvent::Authorization {
+            peer: gpu0.clone(),
+            action: Action::Read,
+            dataset: ds("ct-head"),
+            object: Some(obj("train/a.bin")),
+            class: Some(DataClass::Phi),
+            decision: DecisionKind::Allow,
+            rule: Some("loaders read".into()),
+            reason: None,
+        },
+        AuditEvent::Authorization {
+            peer: gpu0.clone(),
+            action: Action::Read,
+            dataset: ds("ct-head"),
+            object: Some(obj("train/b.bin")),
+            class: Some(DataClass::Phi),
+            decision: DecisionKind::Allow,
+            rule: Some("loaders read".into()),
+            reason: None,
+        },
+        AuditEvent::Transfer {
+            peer: gpu0.clone(),
+            direction: Direction::Out,
+            dataset: ds("ct-head"),
+            object: obj("train/a.bin"),
+            bytes: 1000,
+            root,
+            path: TransferPath::Quic,
+            outcome: Outcome::Complete,
+            duration_ms: 5,
+        },
+        AuditEvent::Authorization {
+            peer: pki.id("/intruder"),
+            action: Action::Read,
+            dataset: ds("ct-head"),
+            object: Some(obj("train/a.bin")),
+            class: Some(DataClass::Phi),
+            decision: DecisionKind::Deny,
+            rule: None,
+            reason: Some("no rule allows it".into()),
+        },
+        AuditEvent::Authorization {
+            peer: gpu1.clone(),
+            action: Action::List,
+            dataset: ds("imagenet"),
+            object: None,
+            class: Some(DataClass::Public),
+            decision: DecisionKind::Allow,
+            rule: Some("loaders read".into()),
+            reason: None,
+        },
+        AuditEvent::Transfer {
+            peer: gpu1,
+            direction: Direction::Out,
+            dataset: ds("imagenet"),
+            object: obj("val/x.jpg"),
+            bytes: 500,
+            root,
+            path: TransferPath::Tcp,
+            outcome: Outcome::Complete,
+            duration_ms: 2,
+        },
+        AuditEvent::ConnectionRefused {
+            addr,
+            path: Path::Tcp,
+            reason: "TLS: peer sent no certificates".into(),
+            class: "certificate".into(),
+        },
+        AuditEvent::SvidIssued {
+            id: pki.id("/gpu/2"),
+            serial: "02bb".into(),
+            kind: "node".into(),
+            requester: None,
+            how: "join_token".into(),
+            not_after: start + Duration::from_secs(7200),
+        },
+        AuditEvent::IdentityRotated {
+            id: node,
+            serial: "03cc".into(),
+            previous: "01aa".into(),
+            not_after: start + Duration::from_secs(7200),
+        },
+        AuditEvent::NodeBanned {
+            node: pki.id("/node/bad"),
+            revoked: vec!["04dd".into()],
+        },
+        AuditEvent::policy_loaded(
+            "/etc/transportd/policy.toml".into(),
+            Digest::of(policy_v2.as_bytes()),
+            &policy(&policy_v2),
+        ),
+        AuditEvent::PolicyRefused {
+            source: "/etc/transportd/policy.toml".into(),
+            reason: "line 3: unknown field `subject`".into(),
+        },
+    ];
+    for (i, event) in events.into_iter().enumerate() {
+        clock.advance(Duration::from_secs(60));
+        let time = start + Duration::from_secs(60 * (i as u64 + 1));
+        sink.record(&AuditRecord { time, event })
+            .expect("writing the sample trail");
+    }
+    sink.close().expect("closing the sample trail");
+}

@@ -56,7 +56,7 @@ pub(crate) enum Command {
     /// Check, explain or print access policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Verify or search an audit trail.
+    /// Verify, search or report on audit trails.
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Use a SPIFFE Workload API as a workload does (SPIRE's agent, or the one `transportd
@@ -591,6 +591,64 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write an evidence report for a reviewer: one self-contained page (or JSON, or CSV)
+    /// of what the trails of one or more nodes say, each trail verified first.
+    ///
+    /// The HTML page loads nothing from the network (a Content-Security-Policy forbids
+    /// it) and holds: each trail's verification result, and its witness's where receipts
+    /// are given (a trail that fails is marked FAILED with the first broken record, and its
+    /// records are still shown); accesses by identity, dataset, data class and action;
+    /// refusals with their reasons; identity events (issued, loaded, rotated, banned);
+    /// policy loads with the lines that changed from the load before; transfers by path
+    /// with bytes; and charts of decisions over time and bytes by path. Object names are
+    /// left out (they can carry patient identifiers); `audit query` shows them.
+    ///
+    /// --dataset and --class narrow accesses, refusals of access and transfers; identity
+    /// events, policy loads and refused connections are about no dataset and stay. A
+    /// dataset's class is the one the node's policy declared when it decided the access.
+    ///
+    /// The report is written even when a trail fails; then the command exits 65.
+    #[command(after_help = "Examples:
+  transportd audit report /var/lib/transportd/audit --out report.html
+  transportd audit report node1/audit node2/audit --from 7d --class phi --out phi.html
+  transportd audit report audit --from 2026-11-01T00:00:00Z --to 2026-12-01T00:00:00Z \\
+      --dataset ct-head --witness receipts.jsonl --bundle bundle.pem --out nov.html
+  transportd audit report audit --format csv --out accesses.csv
+  transportd audit report audit --format json | jq '.nodes[].verified'")]
+    Report {
+        /// The trails' directories, one per node.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// From this time on: RFC 3339 (2026-11-25T10:00:00Z) or an age (2h, 7d).
+        #[arg(long)]
+        from: Option<String>,
+        /// Before this time: RFC 3339 or an age.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only accesses and transfers of this dataset.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Only accesses and transfers of datasets of this data class.
+        #[arg(long, value_enum)]
+        class: Option<ClassArg>,
+        /// Where to write the report (default: standard output).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// `html`: the page; `json`: the same data, for scripts; `csv`: one row per
+        /// identity, dataset, class and action (identity, dataset, class, action, allowed,
+        /// denied, first, last, nodes), for a spreadsheet.
+        #[arg(long, value_enum, default_value = "html")]
+        format: ReportFormat,
+        /// Also check checkpoint signers (and witnesses) against this trust bundle
+        /// (`transportd issuer bundle --all`).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Compare each trail with its witness's receipts (JSON lines from `transportd
+        /// issuer witness export`; repeat, or give one file for all nodes): each trail is
+        /// compared with the receipts naming the node that signed it.
+        #[arg(long, value_name = "RECEIPTS")]
+        witness: Vec<PathBuf>,
+    },
     /// Print the records of a trail that match every filter given (it does not verify).
     Query {
         /// The trail's directory.
@@ -614,6 +672,28 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A data class, as policies declare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ClassArg {
+    /// Protected health information.
+    Phi,
+    /// De-identified data derived from PHI.
+    Deidentified,
+    /// Public data.
+    Public,
+}
+
+/// What `audit report` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ReportFormat {
+    /// One self-contained HTML page.
+    Html,
+    /// The report's data as one JSON object.
+    Json,
+    /// Access rows as CSV.
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]

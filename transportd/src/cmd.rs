@@ -75,7 +75,9 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<policy::emergency::Unreachable>() {
             return 69;
         }
-        if cause.is::<libtransport::audit::VerifyError>() {
+        if cause.is::<libtransport::audit::VerifyError>()
+            || cause.is::<audit::report::TrailsFailed>()
+        {
             return 65;
         }
         if let Some(e) = cause.downcast_ref::<libtransport::sidecar::SidecarError>() {

@@ -149,6 +149,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cmd::audit::receipts(&dir, witness.as_deref(), witness_issuer.as_deref()).await?;
             cmd::audit::verify_cmd(&dir, bundle.as_deref(), receipts.as_deref(), json)
         }
+        Command::Audit(AuditCommand::Report {
+            dirs,
+            from,
+            to,
+            dataset,
+            class,
+            out,
+            format,
+            bundle,
+            witness,
+        }) => cmd::audit::report::report_cmd(&cmd::audit::report::ReportArgs {
+            dirs: &dirs,
+            from: from.as_deref(),
+            to: to.as_deref(),
+            dataset: dataset.as_deref(),
+            class,
+            out: out.as_deref(),
+            format,
+            bundle: bundle.as_deref(),
+            witness: &witness,
+        }),
         Command::Audit(AuditCommand::Query {
             dir,
             peer,

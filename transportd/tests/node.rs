@@ -192,7 +192,48 @@ fn a_node_reloads_its_policy_on_change_and_keeps_the_old_one_when_the_new_is_bad
             .count()
             >= 3
     });
+    // Listing the dataset is decided with its class, as the policy declares it.
+    let mut args = vec!["ls".to_owned()];
+    args.extend(client(&site, "loader", &node, "tcp"));
+    args.push("scans".into());
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     node.stop();
+    assert!(
+        trail(&site).iter().any(|r| r["event"] == "authorization"
+            && r["dataset"] == "scans"
+            && r["class"] == "phi"),
+        "no authorization of scans with its class"
+    );
+
+    // The loads hold the policy's lines: the report shows what each changed.
+    let report = json(&ok(&[
+        "audit",
+        "report",
+        p(&site.path("storage/audit")),
+        "--format",
+        "json",
+    ]));
+    let changes = report["policy_changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    let line = |who: &str| {
+        format!(
+            "allow \"loader reads scans\": subjects spiffe://hospital.example/{who}; datasets scans; actions list, read"
+        )
+    };
+    assert_eq!(
+        changes[1]["diff"],
+        serde_json::json!([
+            format!("- {}", line("gpu/*")),
+            format!("+ {}", line("gpu/trainer"))
+        ])
+    );
+    assert_eq!(
+        changes[2]["diff"],
+        serde_json::json!([
+            format!("- {}", line("gpu/trainer")),
+            format!("+ {}", line("gpu/*"))
+        ])
+    );
 }
 
 #[test]

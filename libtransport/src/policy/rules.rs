@@ -318,6 +318,53 @@ impl Policy {
             .map(|c| c.class)
     }
 
+    /// The policy as canonical lines, one per class declaration and rule, in file order:
+    /// `class phi: ct-*` and `allow "name": subjects ...; datasets ...; actions ...`. The
+    /// audit trail records them with each load (bounded, see
+    /// [`crate::audit::MAX_POLICY_LINES`]), so a report can show what changed between loads.
+    pub fn lines(&self) -> Vec<String> {
+        let join = |v: Vec<String>| v.join(", ");
+        let classes = self
+            .classes
+            .iter()
+            .map(|c| format!("class {}: {}", c.class, c.datasets.as_str()));
+        let rules = self.rules.iter().map(|r| {
+            let mut s = format!(
+                "{} {:?}: subjects {}",
+                r.effect,
+                r.name,
+                join(r.subjects.iter().map(ToString::to_string).collect())
+            );
+            if !r.except.is_empty() {
+                s += &format!(
+                    "; except {}",
+                    join(r.except.iter().map(ToString::to_string).collect())
+                );
+            }
+            s += &format!(
+                "; datasets {}",
+                join(r.datasets.iter().map(|p| p.as_str().to_owned()).collect())
+            );
+            if !r.objects.is_empty() {
+                s += &format!(
+                    "; objects {}",
+                    join(r.objects.iter().map(|p| p.as_str().to_owned()).collect())
+                );
+            }
+            if !r.classes.is_empty() {
+                s += &format!(
+                    "; classes {}",
+                    join(r.classes.iter().map(ToString::to_string).collect())
+                );
+            }
+            s + &format!(
+                "; actions {}",
+                join(r.actions.iter().map(ToString::to_string).collect())
+            )
+        });
+        classes.chain(rules).collect()
+    }
+
     /// Decides `access` and says why: every rule that matched and which one decided.
     pub fn explain(&self, access: &Access<'_>) -> Explanation {
         let class = self.class_of(access.dataset.as_str());
@@ -363,6 +410,10 @@ impl Policy {
 impl Authorizer for Policy {
     fn decide(&self, access: &Access<'_>) -> Decision {
         self.explain(access).decision
+    }
+
+    fn class_of(&self, dataset: &crate::proto::DatasetName) -> Option<DataClass> {
+        Self::class_of(self, dataset.as_str())
     }
 }
 

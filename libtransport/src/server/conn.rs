@@ -132,6 +132,7 @@ impl ConnCtx {
                 action,
                 dataset: dataset.clone(),
                 object: object.cloned(),
+                class: policy.class_of(dataset),
                 decision: kind,
                 rule,
                 reason,

@@ -1,4 +1,4 @@
-//! `transportd audit verify | query`.
+//! `transportd audit verify | query | report`.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -11,6 +11,8 @@ use libtransport::clock::{Clock, SystemClock};
 use crate::config::issuer::IssuerConfig;
 use crate::role::issuer::admin::AdminClient;
 use crate::role::issuer::wire::WitnessExport;
+
+pub(crate) mod report;
 
 /// The witness's receipts for the trail in `dir`: from a file (`--witness`), or from the
 /// running issuer (`--witness-issuer`) for the node whose key signed the trail.
@@ -210,7 +212,7 @@ pub(crate) fn query_cmd(dir: &Path, a: &QueryArgs<'_>) -> anyhow::Result<()> {
 }
 
 /// An RFC 3339 time, or an age such as `2h` counted back from `now`.
-fn when(s: &str, now: SystemTime) -> anyhow::Result<SystemTime> {
+pub(crate) fn when(s: &str, now: SystemTime) -> anyhow::Result<SystemTime> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
     }

@@ -141,11 +141,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         agent_task = Some(tokio::spawn(agent.run(sink)));
     }
     let (policy, digest, source) = cfg.policy.load()?;
-    node.record(AuditEvent::PolicyLoaded {
-        source,
-        digest,
-        rules: policy.rules().len(),
-    })?;
+    node.record(AuditEvent::policy_loaded(source, digest, &policy))?;
     let policy = PolicyHandle::new(Emergency::wrap(Arc::new(policy), &grants, &clock));
     let emergency = Arc::new(Emergency::new(
         cfg.emergency.clone(),
@@ -381,13 +377,9 @@ impl Node {
         match source.load() {
             Ok((p, digest, name)) => {
                 info!(rules = p.rules().len(), "policy reloaded");
-                let rules = p.rules().len();
+                let record = AuditEvent::policy_loaded(name, digest, &p);
                 policy.update(Emergency::wrap(Arc::new(p), &self.grants, &self.clock));
-                let _ = self.record(AuditEvent::PolicyLoaded {
-                    source: name,
-                    digest,
-                    rules,
-                });
+                let _ = self.record(record);
             }
             Err(e) => {
                 error!(error = %e, "new policy refused; the previous one stays in force");
