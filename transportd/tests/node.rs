@@ -1541,6 +1541,22 @@ fn an_emergency_grant_allows_exactly_what_it_names_until_its_ttl_and_leaves_its_
     // The reason stays out of the log.
     let log = std::fs::read_to_string(&node.log).unwrap();
     assert!(!log.contains("stroke workup"), "{log}");
+    // The evidence report lists the grant: its reason, operator, uses and expiry.
+    let report = run(&[
+        "audit",
+        "report",
+        p(&site.path("storage/audit")),
+        "--format",
+        "json",
+    ]);
+    let report: Value = serde_json::from_slice(&report.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&report.stderr)));
+    let rows = report["emergency"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["grant"], id.as_str());
+    assert_eq!(rows[0]["reason"], "INC-4711 stroke workup, PACS down");
+    assert_eq!(rows[0]["uses"], used.len());
+    assert_eq!(rows[0]["ended"], "expired");
 }
 
 #[test]

@@ -79,10 +79,45 @@ pub struct EvidenceReport {
     pub policy_changes: Vec<PolicyChange>,
     /// Ended transfers by path and direction.
     pub transfers: Vec<TransferRow>,
+    /// Emergency (break-glass) grants: given, approved, used, ended.
+    pub emergency: Vec<EmergencyRow>,
     /// Authorization decisions over time, in buckets of `bucket_secs`.
     pub timeline: Vec<TimeBucket>,
     /// The width of a timeline bucket, seconds.
     pub bucket_secs: u64,
+}
+
+/// One emergency (break-glass) grant on one node, from its records in the window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EmergencyRow {
+    /// The node that holds it.
+    pub node: String,
+    /// The grant's ID.
+    pub grant: String,
+    /// The one peer it is for.
+    pub peer: String,
+    /// The one dataset it is for.
+    pub dataset: String,
+    /// What it allows (empty if its grant record is outside the window).
+    pub actions: Vec<String>,
+    /// Why, as the operator gave it.
+    pub reason: String,
+    /// When it was given (empty if outside the window).
+    pub granted_at: String,
+    /// The granting operator's user ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub granted_by: Option<u64>,
+    /// The approving operator's user ID, where a second operator approved it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<u64>,
+    /// When it expires or expired.
+    pub expires_at: String,
+    /// Accesses it allowed.
+    pub uses: u64,
+    /// `expired` or `revoked`; empty if the window ends with it still in force.
+    pub ended: String,
+    /// When it ended.
+    pub ended_at: String,
 }
 
 /// How one trail verified.
@@ -305,6 +340,7 @@ struct Aggregates {
     identity: Vec<(SystemTime, IdentityRow)>,
     policy: Vec<(SystemTime, PolicyChange)>,
     transfers: BTreeMap<(String, String), TransferRow>,
+    emergency: BTreeMap<(String, String), EmergencyRow>,
     decisions: Vec<(SystemTime, bool)>,
 }
 
@@ -616,6 +652,66 @@ impl Aggregates {
                 row.complete += u64::from(s("outcome") == "complete");
                 row.bytes += r["bytes"].as_u64().unwrap_or(0);
             }
+            e if e.starts_with("emergency_") => self.emergency_event(node, time, e, r),
+            _ => {}
+        }
+    }
+
+    /// Follows one emergency grant through its records; refused grant requests go to the
+    /// refusals.
+    fn emergency_event(&mut self, node: &str, at: SystemTime, event: &str, r: &Value) {
+        let s = |k: &str| str_of(r, k).to_owned();
+        let time = s("time");
+        if event == "emergency_refused" {
+            let who = format!("operator uid {}", r["operator_uid"]);
+            let what = format!("emergency {} {}", s("op"), s("grant"))
+                .trim_end()
+                .to_owned();
+            self.refusals.push((
+                at,
+                RefusalRow {
+                    node: node.to_owned(),
+                    time,
+                    event: event.to_owned(),
+                    who,
+                    what,
+                    reason: s("error"),
+                    count: 1,
+                },
+            ));
+            return;
+        }
+        let row = self
+            .emergency
+            .entry((node.to_owned(), s("grant")))
+            .or_insert_with(|| EmergencyRow {
+                node: node.to_owned(),
+                grant: s("grant"),
+                peer: s("peer"),
+                dataset: s("dataset"),
+                reason: s("reason"),
+                expires_at: s("expires_at"),
+                ..EmergencyRow::default()
+            });
+        match event {
+            "emergency_granted" => {
+                row.actions = r["actions"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                row.granted_at = time;
+                row.granted_by = r["operator_uid"].as_u64();
+            }
+            "emergency_approved" => row.approved_by = r["operator_uid"].as_u64(),
+            "emergency_used" => row.uses += 1,
+            "emergency_expired" | "emergency_revoked" => {
+                row.ended = event.trim_start_matches("emergency_").to_owned();
+                row.ended_at = time;
+            }
             _ => {}
         }
     }
@@ -629,6 +725,7 @@ impl Aggregates {
         self.policy.sort_by_key(|(t, _)| *t);
         report.policy_changes = self.policy.into_iter().map(|(_, r)| r).collect();
         report.transfers = self.transfers.into_values().collect();
+        report.emergency = self.emergency.into_values().collect();
         (report.timeline, report.bucket_secs) = timeline(&self.decisions);
     }
 }

@@ -233,6 +233,10 @@ impl Authorizer for EmergencyAccess {
             None => decision,
         }
     }
+
+    fn class_of(&self, dataset: &DatasetName) -> Option<super::DataClass> {
+        self.policy.class_of(dataset)
+    }
 }
 
 fn under_prefix(object: &str, prefix: &str) -> bool {

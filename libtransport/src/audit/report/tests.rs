@@ -285,3 +285,107 @@ fn the_timeline_keeps_at_most_48_buckets() {
     assert!(buckets.len() <= 48);
     assert_eq!(buckets.iter().map(|b| b.allowed).sum::<u64>(), 50);
 }
+
+#[test]
+fn emergency_grants_are_listed_with_their_reason_approval_uses_and_end() {
+    use crate::audit::{AuditEvent, AuditRecord, AuditSink, FileSink, FileSinkConfig, Signer};
+    use crate::proto::DatasetName;
+    use crate::test_util::{ManualClock, identity};
+    use crate::vocab::Action;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("hospital.example");
+    let start = sample_trail_start();
+    let clock = Arc::new(ManualClock::new(start));
+    let signer: Arc<dyn Signer> = Arc::new(identity(&pki, "/node/storage"));
+    let sink = FileSink::open(FileSinkConfig::new(dir.path()), signer, clock.clone()).unwrap();
+    let peer = pki.id("/oncall/radiologist");
+    let ds = DatasetName::new("ct-head").unwrap();
+    let expires = start + Duration::from_secs(4 * 3600);
+    let used = || AuditEvent::EmergencyUsed {
+        grant: "g1".into(),
+        peer: peer.clone(),
+        action: Action::Read,
+        dataset: ds.clone(),
+        object: None,
+        reason: "stroke case 4411".into(),
+    };
+    let events = [
+        AuditEvent::EmergencyGranted {
+            grant: "g1".into(),
+            peer: peer.clone(),
+            dataset: ds.clone(),
+            actions: vec![Action::Read, Action::List],
+            object_prefix: None,
+            ttl_secs: 4 * 3600,
+            expires_at: expires,
+            reason: "stroke case 4411".into(),
+            operator_uid: 1001,
+            pending: true,
+        },
+        AuditEvent::EmergencyApproved {
+            grant: "g1".into(),
+            peer: peer.clone(),
+            dataset: ds.clone(),
+            operator_uid: 1002,
+            granted_by: 1001,
+            expires_at: expires,
+        },
+        used(),
+        used(),
+        AuditEvent::EmergencyRefused {
+            op: "approve".into(),
+            grant: Some("g2".into()),
+            peer: None,
+            dataset: None,
+            operator_uid: 1001,
+            error: "an operator cannot approve their own grant".into(),
+        },
+        AuditEvent::EmergencyExpired {
+            grant: "g1".into(),
+            peer: peer.clone(),
+            dataset: ds.clone(),
+            expires_at: expires,
+            reason: "stroke case 4411".into(),
+            approved: true,
+        },
+    ];
+    for (i, event) in events.into_iter().enumerate() {
+        let time = start + Duration::from_secs(60 * (i as u64 + 1));
+        clock.advance(Duration::from_secs(60));
+        sink.record(&AuditRecord { time, event }).unwrap();
+    }
+    sink.close().unwrap();
+
+    let r = report(&[dir.path()], &ReportFilter::default());
+    assert!(r.all_verified, "{:?}", r.nodes);
+    assert_eq!(r.emergency.len(), 1, "{:?}", r.emergency);
+    let g = &r.emergency[0];
+    assert_eq!(g.grant, "g1");
+    assert_eq!(g.peer, peer.to_string());
+    assert_eq!(g.dataset, "ct-head");
+    assert_eq!(g.actions, ["read", "list"]);
+    assert_eq!(g.reason, "stroke case 4411");
+    assert_eq!((g.granted_by, g.approved_by), (Some(1001), Some(1002)));
+    assert_eq!(g.uses, 2);
+    assert_eq!(g.ended, "expired");
+    assert!(!g.granted_at.is_empty() && !g.ended_at.is_empty());
+    let refused: Vec<_> = r
+        .refusals
+        .iter()
+        .filter(|f| f.event == "emergency_refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", r.refusals);
+    assert!(refused[0].reason.contains("own grant"), "{refused:?}");
+
+    // Another dataset's report holds none of it.
+    let other = report(
+        &[dir.path()],
+        &ReportFilter {
+            dataset: Some("imagenet".into()),
+            ..ReportFilter::default()
+        },
+    );
+    assert!(other.emergency.is_empty(), "{:?}", other.emergency);
+}

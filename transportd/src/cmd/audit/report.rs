@@ -317,6 +317,47 @@ fn html(r: &EvidenceReport) -> String {
         }),
     );
 
+    h.push_str("<h2>Emergency access</h2>\n<p>Break-glass grants: who gave them and why, who approved them, how often they were used, and how they ended.</p>\n");
+    table(
+        &mut h,
+        "emergency",
+        &[
+            "granted",
+            "node",
+            "grant",
+            "peer",
+            "dataset",
+            "actions",
+            "reason",
+            "by uid",
+            "approved by uid",
+            "expires",
+            "uses",
+            "ended",
+        ],
+        r.emergency.iter().map(|e| {
+            let uid = |u: Option<u64>| u.map(|u| u.to_string()).unwrap_or_default();
+            vec![
+                e.granted_at.clone(),
+                e.node.clone(),
+                e.grant.clone(),
+                e.peer.clone(),
+                e.dataset.clone(),
+                e.actions.join(", "),
+                e.reason.clone(),
+                uid(e.granted_by),
+                uid(e.approved_by),
+                e.expires_at.clone(),
+                e.uses.to_string(),
+                if e.ended.is_empty() {
+                    "in force at the window's end".to_owned()
+                } else {
+                    format!("{} {}", e.ended, e.ended_at)
+                },
+            ]
+        }),
+    );
+
     h.push_str("<h2>Policy changes</h2>\n<table id=\"policy\">\n<thead><tr><th>time</th><th>node</th><th>source</th><th>digest</th><th>rules</th><th>changes</th></tr></thead>\n<tbody>\n");
     if r.policy_changes.is_empty() {
         h.push_str("<tr><td colspan=\"6\" class=\"none\">none</td></tr>\n");
